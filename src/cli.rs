@@ -1,0 +1,333 @@
+//! The command line: parses flags, dispatches, and maps errors to exit codes
+//! (0 success, 1 runtime failure, 2 usage or config error).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, Overrides, Settings, StartPosition};
+use crate::daemon::{self, DryRun};
+use crate::preview::OutputFormat;
+use crate::rules::{testing, RuleSet};
+use crate::state::{DeadLetterReason, State};
+
+#[derive(Parser)]
+#[command(name = "gdpr-consumer", version, about = "Reads a Kinesis stream, runs compliance rules on every record, and calls the backend once per privacy request.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (or, with --dry-run, preview what it would do).
+    Run(RunArgs),
+    /// Check and test the rule scripts.
+    #[command(subcommand)]
+    Rules(RulesCommand),
+    /// Inspect or reset shard checkpoints.
+    #[command(subcommand)]
+    Checkpoints(CheckpointsCommand),
+    /// Inspect dead letters: records and requests that could not be settled.
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(DeadLettersCommand),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Config file (TOML).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Kinesis stream name (overrides [stream] name).
+    #[arg(long)]
+    stream: Option<String>,
+    /// Directory of *.rhai rules (overrides [rules] dir).
+    #[arg(long)]
+    rules_dir: Option<PathBuf>,
+    /// State file (overrides [state] path).
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Print what would be done; call no backend, write no state.
+    #[arg(long)]
+    dry_run: bool,
+    /// Where shards without a checkpoint start: trim-horizon, latest or an RFC 3339 time.
+    /// Dry-run defaults to trim-horizon.
+    #[arg(long, value_parser = parse_start)]
+    from: Option<StartPosition>,
+    /// Dry-run output format.
+    #[arg(long, value_enum, default_value = "human", requires = "dry_run")]
+    output: OutputFormat,
+    /// Dry-run: keep following the stream instead of exiting when caught up.
+    #[arg(long, requires = "dry_run")]
+    follow: bool,
+}
+
+fn parse_start(s: &str) -> Result<StartPosition, String> {
+    s.parse()
+}
+
+#[derive(Args)]
+struct RulesArgs {
+    /// Directory of *.rhai rules (default: [rules] dir of --config, else ./rules).
+    #[arg(long)]
+    rules_dir: Option<PathBuf>,
+    /// Config file: decisions must then name configured actions.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Compile every rule; report errors as file:line:col.
+    Check(RulesArgs),
+    /// Run every rule's test cases (NAME.test.json beside NAME.rhai).
+    Test(RulesArgs),
+}
+
+#[derive(Args)]
+struct StateArgs {
+    /// Config file whose [state] path to use.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// State file (overrides the config).
+    #[arg(long)]
+    state: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum CheckpointsCommand {
+    /// List every shard's checkpoint as JSON lines.
+    List(StateArgs),
+    /// Forget checkpoints so shards are read again from the start position.
+    Reset {
+        #[command(flatten)]
+        state: StateArgs,
+        /// Only this shard.
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        shard: Option<String>,
+        /// Every shard.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLettersCommand {
+    /// List dead letters as JSON lines (without payloads or params).
+    List(StateArgs),
+}
+
+/// A failure and the exit code it maps to.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl Failure {
+    fn usage(error: impl Into<anyhow::Error>) -> Self {
+        Self {
+            code: 2,
+            error: error.into(),
+        }
+    }
+    fn runtime(error: impl Into<anyhow::Error>) -> Self {
+        Self {
+            code: 1,
+            error: error.into(),
+        }
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Rules(RulesCommand::Check(args)) => rules_check(args),
+        Command::Rules(RulesCommand::Test(args)) => rules_test(args),
+        Command::Checkpoints(cmd) => checkpoints(cmd),
+        Command::DeadLetters(DeadLettersCommand::List(args)) => dead_letters(args),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(failure) => {
+            eprintln!("error: {:#}", failure.error);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GDPR_CONSUMER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn run(args: RunArgs) -> Result<u8, Failure> {
+    let dry_run = args.dry_run.then(|| DryRun {
+        format: args.output,
+        follow: args.follow,
+    });
+    let from = match (&args.from, args.dry_run) {
+        (Some(from), _) => Some(from.clone()),
+        // Dry-run previews everything the stream retains unless told otherwise.
+        (None, true) => Some(StartPosition::TrimHorizon),
+        (None, false) => None,
+    };
+    let overrides = Overrides {
+        stream: args.stream,
+        rules_dir: args.rules_dir,
+        state: args.state,
+        from,
+    };
+    let settings = Settings::resolve(args.config.as_deref(), overrides).map_err(Failure::usage)?;
+    let runtime = tokio::runtime::Runtime::new().map_err(Failure::runtime)?;
+    runtime
+        .block_on(daemon::run(settings, dry_run))
+        .map_err(|e| Failure {
+            code: e.exit_code(),
+            error: e.into(),
+        })?;
+    Ok(0)
+}
+
+/// Rules dir and the known action names for `rules check` / `rules test`.
+fn rules_setup(args: &RulesArgs) -> Result<(PathBuf, Option<std::collections::BTreeSet<String>>), Failure> {
+    let (config_dir, actions) = match &args.config {
+        Some(path) => {
+            let (dir, actions) = config::rules_context(path).map_err(Failure::usage)?;
+            (dir, Some(actions))
+        }
+        None => (None, None),
+    };
+    let dir = args
+        .rules_dir
+        .clone()
+        .or(config_dir)
+        .unwrap_or_else(|| PathBuf::from("rules"));
+    Ok((dir, actions))
+}
+
+fn rules_check(args: RulesArgs) -> Result<u8, Failure> {
+    let (dir, actions) = rules_setup(&args)?;
+    let mut out = std::io::stdout().lock();
+    match RuleSet::load(&dir, actions) {
+        Ok(set) => {
+            let _ = writeln!(out, "{} rules OK (hash {})", set.rules().len(), set.hash());
+            Ok(0)
+        }
+        Err(errors) => {
+            for e in &errors {
+                let _ = writeln!(out, "{e}");
+            }
+            let _ = writeln!(out, "{} error(s)", errors.len());
+            Ok(1)
+        }
+    }
+}
+
+fn rules_test(args: RulesArgs) -> Result<u8, Failure> {
+    let (dir, actions) = rules_setup(&args)?;
+    let mut out = std::io::stdout().lock();
+    let set = match RuleSet::load(&dir, actions) {
+        Ok(set) => set,
+        Err(errors) => {
+            for e in &errors {
+                let _ = writeln!(out, "{e}");
+            }
+            let _ = writeln!(out, "0 passed, 0 failed ({} rule error(s))", errors.len());
+            return Ok(1);
+        }
+    };
+    let report = match testing::run(&set) {
+        Ok(report) => report,
+        Err(errors) => {
+            for e in &errors {
+                let _ = writeln!(out, "{e}");
+            }
+            return Ok(1);
+        }
+    };
+    for f in &report.failures {
+        let _ = writeln!(
+            out,
+            "FAIL {} / {}\n  expected: {}\n  actual:   {}",
+            f.rule, f.case, f.expected, f.actual
+        );
+    }
+    for rule in &report.untested {
+        let _ = writeln!(out, "note: rule {rule} has no test cases ({rule}.test.json)");
+    }
+    let _ = writeln!(out, "{} passed, {} failed", report.passed, report.failures.len());
+    Ok(if report.failures.is_empty() { 0 } else { 1 })
+}
+
+fn open_state(args: &StateArgs) -> Result<State, Failure> {
+    let path = config::state_path(args.config.as_deref(), args.state.clone()).map_err(Failure::usage)?;
+    State::open_existing(&path).map_err(Failure::runtime)
+}
+
+fn checkpoints(cmd: CheckpointsCommand) -> Result<u8, Failure> {
+    match cmd {
+        CheckpointsCommand::List(args) => {
+            let state = open_state(&args)?;
+            let mut out = std::io::stdout().lock();
+            for (shard_id, cp) in state.checkpoints().map_err(Failure::runtime)? {
+                let line = serde_json::json!({
+                    "shard_id": shard_id,
+                    "sequence_number": cp.sequence_number,
+                    "shard_end": cp.shard_end,
+                });
+                let _ = writeln!(out, "{line}");
+            }
+            Ok(0)
+        }
+        CheckpointsCommand::Reset { state, shard, all } => {
+            let state = open_state(&state)?;
+            let shard = if all { None } else { shard.as_deref() };
+            let n = state.reset_checkpoints(shard).map_err(Failure::runtime)?;
+            println!("{n} checkpoint(s) reset");
+            Ok(0)
+        }
+    }
+}
+
+fn dead_letters(args: StateArgs) -> Result<u8, Failure> {
+    let state = open_state(&args)?;
+    let mut out = std::io::stdout().lock();
+    for (id, letter) in state.dead_letters().map_err(Failure::runtime)? {
+        let mut line = serde_json::json!({
+            "id": id,
+            "created_at": crate::decode::rfc3339(letter.created_at_ms as i64),
+            "shard_id": letter.shard_id,
+            "sequence_number": letter.sequence_number,
+            "sub_sequence_number": letter.sub_sequence_number,
+        });
+        let extra = match &letter.reason {
+            DeadLetterReason::RuleFailed { rule, error, .. } => serde_json::json!({
+                "kind": "rule_failed", "rule": rule, "error": error,
+            }),
+            DeadLetterReason::ActionFailed {
+                action,
+                error,
+                attempts,
+                retryable,
+                ..
+            } => serde_json::json!({
+                "kind": "action_failed", "action": action, "error": error,
+                "attempts": attempts, "retryable": retryable,
+            }),
+        };
+        if let (Some(line), serde_json::Value::Object(extra)) = (line.as_object_mut(), extra) {
+            line.extend(extra);
+        }
+        let _ = writeln!(out, "{line}");
+    }
+    Ok(0)
+}

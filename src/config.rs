@@ -1,0 +1,398 @@
+//! Configuration: the TOML file and the `run` flags, resolved into one [`Settings`].
+//!
+//! Paths in the file resolve against the file's directory; paths given as flags resolve
+//! against the working directory (the caller passes them already absolute or relative to it).
+//! Unknown keys are errors. Secrets never sit in the file: an action names the environment
+//! variable that holds its token.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::actions::{ActionSpec, UrlTemplate};
+
+const DEFAULT_STATE_PATH: &str = "gdpr-consumer.redb";
+
+/// Errors found while reading or resolving the configuration (exit code 2).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Where a shard with no checkpoint starts reading.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartPosition {
+    TrimHorizon,
+    Latest,
+    /// Milliseconds since the Unix epoch (an RFC 3339 time in the config or `--from`).
+    AtTimestamp(i64),
+}
+
+impl std::str::FromStr for StartPosition {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "trim-horizon" | "trim_horizon" | "TRIM_HORIZON" => Ok(Self::TrimHorizon),
+            "latest" | "LATEST" => Ok(Self::Latest),
+            other => {
+                let time = aws_smithy_types::DateTime::from_str(
+                    other,
+                    aws_smithy_types::date_time::Format::DateTime,
+                )
+                .map_err(|_| {
+                    format!(
+                        "invalid start position {other:?}: expected trim-horizon, latest or an RFC 3339 time"
+                    )
+                })?;
+                time.to_millis()
+                    .map(Self::AtTimestamp)
+                    .map_err(|e| format!("invalid start time {other:?}: {e}"))
+            }
+        }
+    }
+}
+
+/// The config file as written. Every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub stream: StreamSection,
+    #[serde(default)]
+    pub state: StateSection,
+    #[serde(default)]
+    pub rules: RulesSection,
+    #[serde(default)]
+    pub actions: BTreeMap<String, ActionSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamSection {
+    pub name: Option<String>,
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    pub start: Option<String>,
+    /// Pause between GetRecords calls on a shard that is caught up.
+    pub poll_interval_ms: Option<u64>,
+    /// How often the shard list is refreshed to find new shards (resharding).
+    pub shard_sync_interval_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSection {
+    pub path: Option<PathBuf>,
+    /// File holding the secret key for the keyed hashes in the state (generated when absent).
+    pub key_file: Option<PathBuf>,
+    /// Environment variable holding that key as hex; wins over `key_file`.
+    pub key_env: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesSection {
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionSection {
+    pub method: Option<String>,
+    pub url: String,
+    pub bearer_token_env: Option<String>,
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+    pub ca_file: Option<PathBuf>,
+    pub timeout_ms: Option<u64>,
+    pub max_attempts: Option<u32>,
+    pub initial_backoff_ms: Option<u64>,
+    pub max_backoff_ms: Option<u64>,
+}
+
+/// Flags of `run` that override the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub stream: Option<String>,
+    pub rules_dir: Option<PathBuf>,
+    pub state: Option<PathBuf>,
+    pub from: Option<StartPosition>,
+}
+
+/// Everything `run` needs, resolved and checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub stream: StreamSettings,
+    pub state_path: PathBuf,
+    pub key_file: PathBuf,
+    pub key_env: Option<String>,
+    pub rules_dir: PathBuf,
+    pub actions: BTreeMap<String, ActionSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    pub name: String,
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    pub start: StartPosition,
+    pub poll_interval: Duration,
+    pub shard_sync_interval: Duration,
+}
+
+impl FileConfig {
+    /// Reads and parses a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// Resolves a path from the config file against the file's directory.
+fn resolve(base: Option<&Path>, path: PathBuf) -> PathBuf {
+    match base {
+        Some(dir) if path.is_relative() => dir.join(path),
+        _ => path,
+    }
+}
+
+/// What `rules check` and `rules test` take from a config file: the rules dir (if set) and
+/// the names of the configured actions.
+pub fn rules_context(config: &Path) -> Result<(Option<PathBuf>, BTreeSet<String>), ConfigError> {
+    let file = FileConfig::load(config)?;
+    let base = config.parent();
+    let actions = resolve_actions(file.actions, base)?;
+    let dir = file.rules.dir.map(|d| resolve(base, d));
+    Ok((dir, actions.into_keys().collect()))
+}
+
+/// The state file for inspection commands: the flag, else the config's, else the default.
+pub fn state_path(config: Option<&Path>, flag: Option<PathBuf>) -> Result<PathBuf, ConfigError> {
+    if let Some(path) = flag {
+        return Ok(path);
+    }
+    let from_file = match config {
+        Some(path) => FileConfig::load(path)?
+            .state
+            .path
+            .map(|p| resolve(path.parent(), p)),
+        None => None,
+    };
+    Ok(from_file.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_PATH)))
+}
+
+fn resolve_actions(
+    actions: BTreeMap<String, ActionSection>,
+    base: Option<&Path>,
+) -> Result<BTreeMap<String, ActionSpec>, ConfigError> {
+    actions
+        .into_iter()
+        .map(|(name, raw)| {
+            let spec = resolve_action(&name, raw, base)?;
+            Ok((name, spec))
+        })
+        .collect()
+}
+
+fn resolve_action(
+    name: &str,
+    raw: ActionSection,
+    base: Option<&Path>,
+) -> Result<ActionSpec, ConfigError> {
+    let invalid = |msg: String| ConfigError::Invalid(format!("[actions.{name}]: {msg}"));
+    let method = raw.method.unwrap_or_else(|| "POST".into()).to_uppercase();
+    let method = reqwest::Method::from_bytes(method.as_bytes())
+        .map_err(|_| invalid(format!("invalid method {method:?}")))?;
+    let url = UrlTemplate::parse(&raw.url).map_err(|e| invalid(e.to_string()))?;
+    if url.is_insecure() && !raw.allow_insecure_http {
+        return Err(invalid(format!(
+            "url {:?} is http://; set allow_insecure_http = true to allow it (local testing only)",
+            raw.url
+        )));
+    }
+    let max_attempts = raw.max_attempts.unwrap_or(5);
+    if max_attempts == 0 {
+        return Err(invalid("max_attempts must be at least 1".into()));
+    }
+    Ok(ActionSpec {
+        name: name.to_owned(),
+        method,
+        url,
+        bearer_token_env: raw.bearer_token_env,
+        ca_file: raw.ca_file.map(|p| resolve(base, p)),
+        timeout: Duration::from_millis(raw.timeout_ms.unwrap_or(10_000)),
+        max_attempts,
+        initial_backoff: Duration::from_millis(raw.initial_backoff_ms.unwrap_or(200)),
+        max_backoff: Duration::from_millis(raw.max_backoff_ms.unwrap_or(30_000)),
+    })
+}
+
+impl Settings {
+    /// Reads the config file (if any) and applies the flags on top of it.
+    pub fn resolve(config: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
+        let file = match config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let base = config.and_then(Path::parent);
+
+        let name = overrides
+            .stream
+            .or(file.stream.name)
+            .ok_or_else(|| ConfigError::Invalid("no stream name: set [stream] name or pass --stream".into()))?;
+        let start = match overrides.from {
+            Some(start) => start,
+            None => match file.stream.start {
+                Some(s) => s
+                    .parse()
+                    .map_err(|e: String| ConfigError::Invalid(format!("[stream] start: {e}")))?,
+                None => StartPosition::TrimHorizon,
+            },
+        };
+        let poll_interval = Duration::from_millis(file.stream.poll_interval_ms.unwrap_or(1_000));
+        let shard_sync_interval =
+            Duration::from_millis(file.stream.shard_sync_interval_ms.unwrap_or(30_000));
+
+        let state_path = overrides
+            .state
+            .or_else(|| file.state.path.map(|p| resolve(base, p)))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_PATH));
+        let key_file = file
+            .state
+            .key_file
+            .map(|p| resolve(base, p))
+            .unwrap_or_else(|| {
+                let mut name = state_path.clone().into_os_string();
+                name.push(".key");
+                PathBuf::from(name)
+            });
+        let rules_dir = overrides
+            .rules_dir
+            .or_else(|| file.rules.dir.map(|p| resolve(base, p)))
+            .unwrap_or_else(|| PathBuf::from("rules"));
+
+        let actions = resolve_actions(file.actions, base)?;
+        if actions.is_empty() {
+            return Err(ConfigError::Invalid(
+                "no actions configured: add an [actions.NAME] section".into(),
+            ));
+        }
+
+        Ok(Settings {
+            stream: StreamSettings {
+                name,
+                region: file.stream.region,
+                endpoint_url: file.stream.endpoint_url,
+                start,
+                poll_interval,
+                shard_sync_interval,
+            },
+            state_path,
+            key_file,
+            key_env: file.state.key_env,
+            rules_dir,
+            actions,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIRST_USER_CONFIG: &str = r#"
+[stream]
+name = "client-events"
+endpoint_url = "http://127.0.0.1:4567"   # optional; otherwise the standard AWS chain decides
+region = "us-east-1"                     # optional; otherwise the standard AWS chain decides
+start = "trim-horizon"                   # or "latest", or an RFC 3339 time
+
+[state]
+path = "gdpr-consumer.redb"
+
+[rules]
+dir = "rules"
+
+[actions.anonymize_user]
+method = "POST"
+url = "https://backend.example.com/v1/users/{user_id}/anonymize"   # {name} = a decision param, percent-encoded
+bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environment variable
+# allow_insecure_http = true              # needed for an http:// URL (local testing only)
+"#;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn first_user_config_works_as_written() {
+        let (dir, path) = write(FIRST_USER_CONFIG);
+        let s = Settings::resolve(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(s.stream.name, "client-events");
+        assert_eq!(s.stream.start, StartPosition::TrimHorizon);
+        assert_eq!(s.state_path, dir.path().join("gdpr-consumer.redb"));
+        assert_eq!(s.key_file, dir.path().join("gdpr-consumer.redb.key"));
+        assert_eq!(s.rules_dir, dir.path().join("rules"));
+        assert_eq!(s.actions["anonymize_user"].method, reqwest::Method::POST);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let (_dir, path) = write(FIRST_USER_CONFIG);
+        let s = Settings::resolve(
+            Some(&path),
+            Overrides {
+                stream: Some("other".into()),
+                rules_dir: Some("r2".into()),
+                state: Some("s2.redb".into()),
+                from: Some(StartPosition::Latest),
+            },
+        )
+        .unwrap();
+        assert_eq!(s.stream.name, "other");
+        assert_eq!(s.rules_dir, PathBuf::from("r2"));
+        assert_eq!(s.state_path, PathBuf::from("s2.redb"));
+        assert_eq!(s.stream.start, StartPosition::Latest);
+    }
+
+    #[test]
+    fn unknown_keys_and_insecure_urls_are_errors() {
+        let (_d, path) = write("[stream]\nname = \"s\"\nshards = 4\n");
+        let err = Settings::resolve(Some(&path), Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("shards"), "{err}");
+
+        let (_d, path) =
+            write("[stream]\nname = \"s\"\n[actions.a]\nurl = \"http://h/x/{id}\"\n");
+        let err = Settings::resolve(Some(&path), Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("allow_insecure_http"), "{err}");
+    }
+
+    #[test]
+    fn start_positions_parse() {
+        assert_eq!("latest".parse(), Ok(StartPosition::Latest));
+        assert_eq!(
+            "2026-01-01T00:00:00Z".parse(),
+            Ok(StartPosition::AtTimestamp(1_767_225_600_000))
+        );
+        assert!("yesterday".parse::<StartPosition>().is_err());
+    }
+}

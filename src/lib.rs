@@ -1,0 +1,19 @@
+//! gdpr-consumer: reads a Kinesis stream, runs compliance rules (Rhai) on every record, and
+//! calls the backend once per privacy request, durably, with dead letters for what fails.
+//!
+//! Data flows one way:
+//! [`source`] → [`decode`] → [`rules`] → dedup ([`state`]) → [`actions`] → [`state`],
+//! wired per shard by [`pipeline`] and supervised by [`daemon`].
+
+pub mod actions;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod decode;
+pub mod keys;
+pub mod pipeline;
+pub mod preview;
+pub mod rules;
+pub mod shutdown;
+pub mod source;
+pub mod state;

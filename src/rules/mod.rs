@@ -1,0 +1,516 @@
+//! Rules: Rhai scripts that compliance staff write, one per `*.rhai` file.
+//!
+//! A rule defines `fn decide(record)` and returns `()` (not mine), a decision map or an array
+//! of them. A rule error is never "no match": the caller dead-letters the record.
+//! A compiled [`RuleSet`] is immutable, so a reload can swap in a new one between records.
+
+mod engine;
+pub mod testing;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use aho_corasick::AhoCorasick;
+use rhai::{CallFnOptions, Dynamic, Engine, Scope, AST};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::decode::{Data, Record};
+
+/// What a rule decided: call `action` for the request identified by `key`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Decision {
+    pub action: String,
+    pub key: String,
+    #[serde(default)]
+    pub params: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A place in a rule file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Location {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}", self.file.display(), self.line, self.column)
+    }
+}
+
+/// Errors of the rules stage. Each names the rule file and, where known, the line.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RuleError {
+    #[error("{0}: cannot read rules: {1}")]
+    Io(PathBuf, String),
+    #[error("{location}: {message}")]
+    Compile { location: Location, message: String },
+    #[error("{dir}: no rules (*.rhai files) found")]
+    Empty { dir: PathBuf },
+    /// `decide` failed on a record (runtime error, limit, `throw`).
+    #[error("{location}: rule {rule:?} failed: {message}")]
+    Runtime {
+        rule: String,
+        location: Location,
+        kind: String,
+        message: String,
+    },
+    /// `decide` returned something that is not a valid decision.
+    #[error("{file}: rule {rule:?} returned an invalid decision: {reason}", file = file.display())]
+    Decision {
+        rule: String,
+        file: PathBuf,
+        reason: String,
+    },
+}
+
+impl RuleError {
+    /// A description safe for logs: where and what kind, never values from the record.
+    pub fn log_summary(&self) -> String {
+        match self {
+            RuleError::Runtime { location, kind, .. } => format!("{location}: {kind}"),
+            RuleError::Decision { file, .. } => {
+                format!("{}: invalid decision", file.display())
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+/// One compiled rule.
+pub struct Rule {
+    pub name: String,
+    pub path: PathBuf,
+    ast: AST,
+    /// Literals of `const PREFILTER`: records whose bytes contain none are skipped.
+    prefilter: Option<AhoCorasick>,
+}
+
+/// What one rule made of one record.
+#[derive(Debug)]
+pub enum Verdict {
+    /// The prefilter ruled the record out without running the rule.
+    Skipped,
+    Decided(Vec<Decision>),
+    Failed(RuleError),
+}
+
+/// Every rule of a rules directory, compiled, in file-name order.
+pub struct RuleSet {
+    engine: Arc<Engine>,
+    rules: Vec<Rule>,
+    /// Action names decisions may use; `None` accepts any (rules check without a config).
+    actions: Option<BTreeSet<String>>,
+    hash: String,
+}
+
+impl RuleSet {
+    /// Compiles every `*.rhai` in `dir`. Returns every compile error, not just the first.
+    pub fn load(dir: &Path, actions: Option<BTreeSet<String>>) -> Result<Self, Vec<RuleError>> {
+        let engine = Arc::new(engine::sandboxed());
+        let files = rule_files(dir).map_err(|e| vec![e])?;
+        if files.is_empty() {
+            return Err(vec![RuleError::Empty { dir: dir.to_owned() }]);
+        }
+        let mut rules = Vec::new();
+        let mut errors = Vec::new();
+        let mut hasher = Sha256::new();
+        for path in files {
+            match compile(&engine, &path) {
+                Ok((rule, source)) => {
+                    hasher.update(rule.name.as_bytes());
+                    hasher.update([0]);
+                    hasher.update(source.as_bytes());
+                    hasher.update([0]);
+                    rules.push(rule);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(RuleSet {
+            engine,
+            rules,
+            actions,
+            hash: hex::encode(&hasher.finalize()[..8]),
+        })
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// A short hash of the rules' names and sources, to tell rule sets apart.
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
+    /// Runs every rule on a record, in order.
+    pub fn evaluate(&self, record: &Record) -> Vec<(&Rule, Verdict)> {
+        let escaped = has_json_escape(&record.bytes);
+        let input = record_to_dynamic(record);
+        self.rules
+            .iter()
+            .map(|rule| (rule, self.evaluate_one(rule, record, escaped, &input)))
+            .collect()
+    }
+
+    /// Runs one rule on a record (what `rules test` does per case).
+    pub fn evaluate_rule(&self, rule: &Rule, record: &Record) -> Verdict {
+        let escaped = has_json_escape(&record.bytes);
+        self.evaluate_one(rule, record, escaped, &record_to_dynamic(record))
+    }
+
+    fn evaluate_one(&self, rule: &Rule, record: &Record, escaped: bool, input: &Dynamic) -> Verdict {
+        if let Some(prefilter) = &rule.prefilter {
+            if !escaped && !prefilter.is_match(&record.bytes) {
+                return Verdict::Skipped;
+            }
+        }
+        let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
+        let result = self.engine.call_fn_with_options::<Dynamic>(
+            options,
+            &mut Scope::new(),
+            &rule.ast,
+            "decide",
+            (input.clone(),),
+        );
+        match result {
+            Ok(value) => match decisions_from(value, self.actions.as_ref()) {
+                Ok(decisions) => Verdict::Decided(decisions),
+                Err(reason) => Verdict::Failed(RuleError::Decision {
+                    rule: rule.name.clone(),
+                    file: rule.path.clone(),
+                    reason,
+                }),
+            },
+            Err(mut err) => {
+                let position = err.position();
+                let kind = engine::error_kind(&err);
+                err.clear_position();
+                Verdict::Failed(RuleError::Runtime {
+                    rule: rule.name.clone(),
+                    location: Location {
+                        file: rule.path.clone(),
+                        line: position.line().unwrap_or(0),
+                        column: position.position().unwrap_or(0),
+                    },
+                    kind,
+                    message: err.to_string(),
+                })
+            }
+        }
+    }
+}
+
+/// Whether the bytes hold a JSON `\u` escape, which a literal prefilter cannot see through.
+fn has_json_escape(bytes: &[u8]) -> bool {
+    bytes.windows(2).any(|w| w == b"\\u")
+}
+
+/// The `*.rhai` files of a directory, sorted by file name.
+fn rule_files(dir: &Path) -> Result<Vec<PathBuf>, RuleError> {
+    let io = |e: std::io::Error| RuleError::Io(dir.to_owned(), e.to_string());
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        if path.extension().is_some_and(|e| e == "rhai") && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn compile(engine: &Engine, path: &Path) -> Result<(Rule, String), RuleError> {
+    let source =
+        std::fs::read_to_string(path).map_err(|e| RuleError::Io(path.to_owned(), e.to_string()))?;
+    let at = |line: usize, column: usize, message: String| RuleError::Compile {
+        location: Location {
+            file: path.to_owned(),
+            line,
+            column,
+        },
+        message,
+    };
+    let ast = engine.compile(&source).map_err(|e| {
+        at(
+            e.1.line().unwrap_or(1),
+            e.1.position().unwrap_or(1),
+            e.0.to_string(),
+        )
+    })?;
+    if !ast
+        .iter_functions()
+        .any(|f| f.name == "decide" && f.params.len() == 1)
+    {
+        return Err(at(1, 1, "the rule must define `fn decide(record)`".into()));
+    }
+    let prefilter = prefilter(engine, &ast, &source)
+        .map_err(|(line, message)| at(line, 1, message))?;
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok((
+        Rule {
+            name,
+            path: path.to_owned(),
+            ast,
+            prefilter,
+        },
+        source,
+    ))
+}
+
+/// Reads `const PREFILTER = [...]` by running the rule's top level once.
+fn prefilter(engine: &Engine, ast: &AST, source: &str) -> Result<Option<AhoCorasick>, (usize, String)> {
+    let line = source
+        .lines()
+        .position(|l| l.contains("PREFILTER"))
+        .map_or(1, |i| i + 1);
+    let mut scope = Scope::new();
+    engine
+        .run_ast_with_scope(&mut scope, ast)
+        .map_err(|e| (e.position().line().unwrap_or(1), e.to_string()))?;
+    let Some(value) = scope.get("PREFILTER") else {
+        return Ok(None);
+    };
+    let expected = || (line, "PREFILTER must be an array of non-empty strings".to_owned());
+    let array = value.clone().into_array().map_err(|_| expected())?;
+    let mut literals = Vec::new();
+    for item in array {
+        let text = item.into_string().map_err(|_| expected())?;
+        if text.is_empty() {
+            return Err(expected());
+        }
+        literals.push(text);
+    }
+    if literals.is_empty() {
+        return Err((line, "PREFILTER is empty: it would skip every record".into()));
+    }
+    AhoCorasick::new(&literals)
+        .map(Some)
+        .map_err(|e| (line, format!("PREFILTER: {e}")))
+}
+
+/// Builds the read-only `record` map a rule receives.
+fn record_to_dynamic(record: &Record) -> Dynamic {
+    let data = match &record.data {
+        Data::Json(value) => rhai::serde::to_dynamic(value).unwrap_or(Dynamic::UNIT),
+        Data::Text(text) => Dynamic::from(text.clone()),
+        Data::Binary(bytes) => Dynamic::from_blob(bytes.clone()),
+    };
+    let mut map = rhai::Map::new();
+    map.insert("data".into(), data);
+    map.insert("partition_key".into(), record.partition_key.clone().into());
+    map.insert("sequence_number".into(), record.sequence_number.clone().into());
+    map.insert(
+        "sub_sequence_number".into(),
+        Dynamic::from_int(record.sub_sequence_number as rhai::INT),
+    );
+    map.insert("shard_id".into(), record.shard_id.clone().into());
+    map.insert("arrival_time".into(), record.arrival_time.clone().into());
+    map.insert("stream".into(), record.stream.clone().into());
+    // Shared: every rule gets the same map without a deep copy; read-only: no rule can
+    // change what the next one sees.
+    Dynamic::from_map(map).into_read_only().into_shared()
+}
+
+/// Validates what `decide` returned into typed decisions.
+fn decisions_from(value: Dynamic, actions: Option<&BTreeSet<String>>) -> Result<Vec<Decision>, String> {
+    if value.is_unit() {
+        return Ok(Vec::new());
+    }
+    if value.is_map() {
+        return Ok(vec![decision_from(value, actions)?]);
+    }
+    if value.is_array() {
+        let items = value.into_array().map_err(|t| t.to_string())?;
+        return items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| decision_from(item, actions).map_err(|e| format!("item {i}: {e}")))
+            .collect();
+    }
+    Err(format!(
+        "decide returned a {}; expected () for no match, a decision map or an array of them",
+        value.type_name()
+    ))
+}
+
+fn decision_from(value: Dynamic, actions: Option<&BTreeSet<String>>) -> Result<Decision, String> {
+    let Some(map) = value.clone().try_cast::<rhai::Map>() else {
+        return Err(format!("expected a decision map, got a {}", value.type_name()));
+    };
+    for field in map.keys() {
+        if !["action", "key", "params"].contains(&field.as_str()) {
+            return Err(format!(
+                "unknown field {field:?} (a decision has action, key and params)"
+            ));
+        }
+    }
+    let action = match map.get("action") {
+        Some(v) if v.is_string() => v.clone().into_string().unwrap_or_default(),
+        Some(v) if !v.is_unit() => return Err(format!("action is a {}, not a string", v.type_name())),
+        _ => return Err("missing action".into()),
+    };
+    if let Some(known) = actions {
+        if !known.contains(&action) {
+            let names: Vec<&str> = known.iter().map(String::as_str).collect();
+            return Err(format!(
+                "unknown action {action:?} (configured: {})",
+                names.join(", ")
+            ));
+        }
+    }
+    let key = match map.get("key") {
+        Some(v) if v.is_string() => v.clone().into_string().unwrap_or_default(),
+        Some(v) if v.is_int() => v.as_int().unwrap_or_default().to_string(),
+        Some(v) if !v.is_unit() => return Err(format!("key is a {}, not a string", v.type_name())),
+        _ => return Err("missing key (the request id used for dedup)".into()),
+    };
+    if key.is_empty() {
+        return Err("key is empty".into());
+    }
+    let params = match map.get("params") {
+        None => serde_json::Map::new(),
+        Some(v) if v.is_unit() => serde_json::Map::new(),
+        Some(v) if v.is_map() => match rhai::serde::from_dynamic::<serde_json::Value>(v) {
+            Ok(serde_json::Value::Object(m)) => m,
+            Ok(_) => return Err("params must be a map".into()),
+            Err(e) => return Err(format!("params: {e}")),
+        },
+        Some(v) => return Err(format!("params is a {}, not a map", v.type_name())),
+    };
+    Ok(Decision {
+        action,
+        key,
+        params,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ruleset(files: &[(&str, &str)], actions: &[&str]) -> Result<(tempfile::TempDir, RuleSet), Vec<RuleError>> {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let actions = Some(actions.iter().map(|s| s.to_string()).collect());
+        RuleSet::load(dir.path(), actions).map(|rs| (dir, rs))
+    }
+
+    fn record(json: &str) -> Record {
+        Record {
+            stream: "s".into(),
+            shard_id: "shardId-000000000000".into(),
+            sequence_number: "1".into(),
+            sub_sequence_number: 0,
+            partition_key: "pk".into(),
+            arrival_time: crate::decode::rfc3339(0),
+            bytes: json.as_bytes().to_vec(),
+            data: Data::from_bytes(json.as_bytes()),
+        }
+    }
+
+    const RULE: &str = r#"
+const PREFILTER = ["Delete User"];
+fn decide(record) {
+    let d = record.data;
+    if type_of(d) != "map" || d.type != "privacy_request" { return; }
+    #{ action: "anonymize_user", key: d.request_id, params: #{ user_id: d.user_id } }
+}
+"#;
+
+    #[test]
+    fn decides_and_prefilters() {
+        let (_d, rs) = ruleset(&[("gdpr.rhai", RULE)], &["anonymize_user"]).unwrap();
+        let hit = record(r#"{"type":"privacy_request","tags":["Delete User"],"request_id":"r-1","user_id":"u-1"}"#);
+        let verdicts = rs.evaluate(&hit);
+        match &verdicts[0].1 {
+            Verdict::Decided(d) => {
+                assert_eq!(d[0].key, "r-1");
+                assert_eq!(d[0].params["user_id"], "u-1");
+            }
+            other => panic!("{other:?}"),
+        }
+        let miss = record(r#"{"type":"privacy_request","request_id":"r-1","user_id":"u-1"}"#);
+        assert!(matches!(rs.evaluate(&miss)[0].1, Verdict::Skipped));
+        // An escape defeats the literal search, so the rule runs.
+        let escaped = record(r#"{"type":"privacy_request","tags":["Delete\u0020User"],"request_id":"r-2","user_id":"u-2"}"#);
+        assert!(matches!(rs.evaluate(&escaped)[0].1, Verdict::Decided(_)));
+    }
+
+    #[test]
+    fn a_missing_key_or_unknown_action_is_an_error_not_a_miss() {
+        let (_d, rs) = ruleset(&[("gdpr.rhai", RULE)], &["anonymize_user"]).unwrap();
+        let r = record(r#"{"type":"privacy_request","tags":["Delete User"],"user_id":"u-1"}"#);
+        assert!(matches!(&rs.evaluate(&r)[0].1, Verdict::Failed(RuleError::Decision { reason, .. }) if reason.contains("key")));
+
+        let (_d, rs) = ruleset(&[("x.rhai", "fn decide(r) { #{ action: \"nuke\", key: \"k\" } }")], &["anonymize_user"]).unwrap();
+        assert!(matches!(&rs.evaluate(&r)[0].1, Verdict::Failed(RuleError::Decision { reason, .. }) if reason.contains("nuke")));
+    }
+
+    #[test]
+    fn runtime_errors_carry_file_and_line() {
+        let (_d, rs) = ruleset(&[("boom.rhai", "fn decide(r) {\n  throw \"secret u-1\";\n}")], &["a"]).unwrap();
+        let verdicts = rs.evaluate(&record("{}"));
+        let Verdict::Failed(err) = &verdicts[0].1 else { panic!() };
+        let RuleError::Runtime { location, .. } = err else { panic!("{err:?}") };
+        assert_eq!(location.line, 2);
+        assert!(location.file.ends_with("boom.rhai"));
+        assert!(!err.log_summary().contains("u-1"), "{}", err.log_summary());
+    }
+
+    #[test]
+    fn compile_errors_are_all_reported_with_positions() {
+        let errs = ruleset(
+            &[("a.rhai", "fn decide(r) {\n  let x = ;\n}"), ("b.rhai", "fn other() {}"), ("c.rhai", RULE)],
+            &["anonymize_user"],
+        )
+        .err()
+        .unwrap();
+        assert_eq!(errs.len(), 2);
+        assert!(errs[0].to_string().contains("a.rhai:2:"), "{}", errs[0]);
+        assert!(errs[1].to_string().contains("decide"), "{}", errs[1]);
+    }
+
+    #[test]
+    fn the_sandbox_blocks_the_outside_and_bounds_work() {
+        for text in ["fn decide(r) { eval(\"1\") }", "import \"x\" as y;\nfn decide(r) { () }"] {
+            let errs = ruleset(&[("x.rhai", text)], &["a"]);
+            let failed = match errs {
+                Err(_) => true,
+                Ok((_d, rs)) => matches!(rs.evaluate(&record("{}"))[0].1, Verdict::Failed(_)),
+            };
+            assert!(failed, "{text}");
+        }
+        for text in ["fn decide(r) { sleep(1); }", "fn decide(r) { loop {} }", "fn decide(r) { let a = []; loop { a.push(1); } }", "fn f(x) { f(x) } fn decide(r) { f(1) }"] {
+            let (_d, rs) = ruleset(&[("x.rhai", text)], &["a"]).unwrap();
+            assert!(matches!(rs.evaluate(&record("{}"))[0].1, Verdict::Failed(_)), "{text}");
+        }
+    }
+
+    #[test]
+    fn record_is_read_only_between_rules() {
+        let (_d, rs) = ruleset(
+            &[
+                ("a.rhai", "fn decide(r) { r.data.type = \"changed\"; }"),
+                ("b.rhai", "fn decide(r) { if r.data.type == \"orig\" { #{action: \"a\", key: \"k\"} } }"),
+            ],
+            &["a"],
+        )
+        .unwrap();
+        let verdicts = rs.evaluate(&record(r#"{"type":"orig"}"#));
+        assert!(matches!(&verdicts[1].1, Verdict::Decided(d) if d.len() == 1), "{:?}", verdicts[1].1);
+    }
+}

@@ -1,0 +1,487 @@
+//! Kinesis source: shard discovery, lineage and per-shard readers (polling GetRecords).
+//!
+//! A child shard is read only after all its parents are read to their end, so records of one
+//! partition key keep their order across a split or merge.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_config::BehaviorVersion;
+use aws_sdk_kinesis::config::{Credentials, ProvideCredentials, Region};
+use aws_sdk_kinesis::error::ProvideErrorMetadata;
+use aws_sdk_kinesis::types::ShardIteratorType;
+use aws_sdk_kinesis::Client;
+
+use crate::config::{StartPosition, StreamSettings};
+use crate::shutdown::Shutdown;
+
+/// Most records one GetRecords call may return (the Kinesis maximum).
+const GET_RECORDS_LIMIT: i32 = 10_000;
+/// Kinesis allows 5 GetRecords calls per second per shard.
+const MIN_CALL_INTERVAL: Duration = Duration::from_millis(200);
+const MAX_FAULT_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Errors of the source stage, naming the stream or shard.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("stream {stream}: cannot list shards: {message}")]
+    ListShards { stream: String, message: String },
+    #[error("stream {stream}, shard {shard_id}: cannot get a shard iterator: {message}")]
+    Iterator {
+        stream: String,
+        shard_id: String,
+        message: String,
+    },
+    #[error("stream {stream}, shard {shard_id}: GetRecords failed: {message}")]
+    GetRecords {
+        stream: String,
+        shard_id: String,
+        message: String,
+    },
+}
+
+/// A record as read from a shard, before decoding.
+#[derive(Debug, Clone)]
+pub struct RawRecord {
+    pub sequence_number: String,
+    pub partition_key: String,
+    pub arrival_time_millis: i64,
+    pub data: Vec<u8>,
+}
+
+/// A shard and its lineage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardInfo {
+    pub id: String,
+    pub parents: Vec<String>,
+    /// A closed shard takes no new records; it ends after its last one.
+    pub closed: bool,
+}
+
+/// Where a shard reader starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Position {
+    /// Right after a record already handled (the checkpoint).
+    After(String),
+    Start(StartPosition),
+}
+
+/// How far a shard has been handled: every record up to `sequence_number` is settled.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    pub sequence_number: Option<String>,
+    /// The shard is closed and read to its end: its children may start.
+    pub shard_end: bool,
+}
+
+impl Checkpoint {
+    pub fn at(sequence_number: String) -> Self {
+        Self {
+            sequence_number: Some(sequence_number),
+            shard_end: false,
+        }
+    }
+
+    pub fn end(sequence_number: Option<String>) -> Self {
+        Self {
+            sequence_number,
+            shard_end: true,
+        }
+    }
+}
+
+/// What one GetRecords call brought.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub records: Vec<RawRecord>,
+    pub millis_behind_latest: Option<i64>,
+    /// The shard is closed and every record has been read.
+    pub shard_end: bool,
+}
+
+/// The Kinesis stream the daemon reads.
+pub struct KinesisSource {
+    client: Client,
+    stream: String,
+}
+
+impl KinesisSource {
+    /// Builds a client from the standard AWS chain, with the config's region and endpoint on
+    /// top. With an endpoint and no credentials, signs with placeholders (local emulators).
+    pub async fn connect(settings: &StreamSettings) -> Self {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        if let Some(region) = &settings.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        if let Some(url) = &settings.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        let sdk = loader.load().await;
+        let mut builder = aws_sdk_kinesis::config::Builder::from(&sdk);
+        if settings.endpoint_url.is_some() {
+            if sdk.region().is_none() {
+                tracing::warn!("no AWS region configured; using us-east-1 for the endpoint");
+                builder = builder.region(Region::new("us-east-1"));
+            }
+            let found = match sdk.credentials_provider() {
+                Some(provider) => provider.provide_credentials().await.is_ok(),
+                None => false,
+            };
+            if !found {
+                tracing::warn!(
+                    "no AWS credentials found; signing with placeholder credentials for endpoint_url"
+                );
+                builder = builder.credentials_provider(Credentials::new(
+                    "placeholder",
+                    "placeholder",
+                    None,
+                    None,
+                    "gdpr-consumer-placeholder",
+                ));
+            }
+        }
+        KinesisSource {
+            client: Client::from_conf(builder.build()),
+            stream: settings.name.clone(),
+        }
+    }
+
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// Lists every shard the stream still has, open or closed, following NextToken.
+    pub async fn list_shards(&self) -> Result<Vec<ShardInfo>, SourceError> {
+        let err = |message: String| SourceError::ListShards {
+            stream: self.stream.clone(),
+            message,
+        };
+        let mut shards = Vec::new();
+        let mut next_token: Option<String> = None;
+        loop {
+            // After the first page, AWS wants the token alone, without the stream name.
+            let request = match &next_token {
+                Some(token) => self.client.list_shards().next_token(token),
+                None => self.client.list_shards().stream_name(&self.stream),
+            };
+            let output = request.send().await.map_err(|e| err(describe(&e)))?;
+            for shard in output.shards() {
+                shards.push(ShardInfo {
+                    id: shard.shard_id().to_owned(),
+                    parents: shard
+                        .parent_shard_id()
+                        .into_iter()
+                        .chain(shard.adjacent_parent_shard_id())
+                        .map(str::to_owned)
+                        .collect(),
+                    closed: shard
+                        .sequence_number_range()
+                        .and_then(|r| r.ending_sequence_number())
+                        .is_some(),
+                });
+            }
+            match output.next_token() {
+                Some(token) if !token.is_empty() => next_token = Some(token.to_owned()),
+                _ => return Ok(shards),
+            }
+        }
+    }
+
+    async fn iterator(&self, shard_id: &str, position: &Position) -> Result<String, SourceError> {
+        let request = self
+            .client
+            .get_shard_iterator()
+            .stream_name(&self.stream)
+            .shard_id(shard_id);
+        let request = match position {
+            Position::After(seq) => request
+                .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+                .starting_sequence_number(seq),
+            Position::Start(StartPosition::TrimHorizon) => {
+                request.shard_iterator_type(ShardIteratorType::TrimHorizon)
+            }
+            Position::Start(StartPosition::Latest) => {
+                request.shard_iterator_type(ShardIteratorType::Latest)
+            }
+            Position::Start(StartPosition::AtTimestamp(millis)) => request
+                .shard_iterator_type(ShardIteratorType::AtTimestamp)
+                .timestamp(aws_smithy_types::DateTime::from_millis(*millis)),
+        };
+        let output = request.send().await.map_err(|e| SourceError::Iterator {
+            stream: self.stream.clone(),
+            shard_id: shard_id.to_owned(),
+            message: describe(&e),
+        })?;
+        output
+            .shard_iterator()
+            .map(str::to_owned)
+            .ok_or_else(|| SourceError::Iterator {
+                stream: self.stream.clone(),
+                shard_id: shard_id.to_owned(),
+                message: "no iterator returned".into(),
+            })
+    }
+}
+
+/// Renders an SDK error with its service code, without request details.
+fn describe<E, R>(e: &aws_sdk_kinesis::error::SdkError<E, R>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match e.as_service_error() {
+        Some(service) => format!(
+            "{}: {}",
+            service.code().unwrap_or("unknown error"),
+            service.message().unwrap_or("")
+        ),
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(cause) = source {
+                text.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            text
+        }
+    }
+}
+
+/// How a failed GetRecords call should be handled.
+enum Fault {
+    /// The iterator is too old: get a new one from the last position.
+    ExpiredIterator,
+    /// Throttling or a passing fault: wait and try again.
+    Transient,
+    /// Retrying cannot help (stream deleted, access denied).
+    Fatal,
+}
+
+fn classify<R>(e: &aws_sdk_kinesis::error::SdkError<aws_sdk_kinesis::operation::get_records::GetRecordsError, R>) -> Fault {
+    match e.as_service_error().and_then(|s| s.code()) {
+        Some("ExpiredIteratorException") => Fault::ExpiredIterator,
+        Some("ResourceNotFoundException" | "AccessDeniedException" | "InvalidArgumentException") => {
+            Fault::Fatal
+        }
+        _ => Fault::Transient,
+    }
+}
+
+/// Reads one shard batch by batch, keeping its place so an expired iterator or a passing
+/// fault never skips or repeats a record.
+pub struct ShardReader {
+    source: Arc<KinesisSource>,
+    shard_id: String,
+    position: Position,
+    iterator: Option<String>,
+    poll_interval: Duration,
+    last_call: Option<Instant>,
+    last_batch_empty: bool,
+}
+
+impl ShardReader {
+    pub fn new(source: Arc<KinesisSource>, shard_id: String, position: Position, poll_interval: Duration) -> Self {
+        Self {
+            source,
+            shard_id,
+            position,
+            iterator: None,
+            poll_interval,
+            last_call: None,
+            last_batch_empty: false,
+        }
+    }
+
+    /// The next batch, or `Ok(None)` when shutdown came first. Passing faults are retried
+    /// with backoff; only faults that retrying cannot mend are returned.
+    pub async fn next(&mut self, shutdown: &Shutdown) -> Result<Option<Batch>, SourceError> {
+        let mut fault_backoff = Duration::from_millis(100);
+        loop {
+            let pause = if self.last_batch_empty {
+                self.poll_interval
+            } else {
+                MIN_CALL_INTERVAL
+            };
+            if let Some(last) = self.last_call {
+                let wait = pause.saturating_sub(last.elapsed());
+                if shutdown.sleep(wait).await.is_err() {
+                    return Ok(None);
+                }
+            }
+            if shutdown.is_triggered() {
+                return Ok(None);
+            }
+            let iterator = match &self.iterator {
+                Some(it) => it.clone(),
+                None => match self.source.iterator(&self.shard_id, &self.position).await {
+                    Ok(it) => it,
+                    Err(e) => {
+                        tracing::warn!(shard_id = %self.shard_id, error = %e, "retrying");
+                        if shutdown.sleep(fault_backoff).await.is_err() {
+                            return Ok(None);
+                        }
+                        fault_backoff = (fault_backoff * 2).min(MAX_FAULT_BACKOFF);
+                        continue;
+                    }
+                },
+            };
+            self.last_call = Some(Instant::now());
+            let result = self
+                .source
+                .client
+                .get_records()
+                .shard_iterator(&iterator)
+                .limit(GET_RECORDS_LIMIT)
+                .send()
+                .await;
+            let output = match result {
+                Ok(output) => output,
+                Err(e) => {
+                    let message = describe(&e);
+                    match classify(&e) {
+                        Fault::ExpiredIterator => {
+                            tracing::info!(shard_id = %self.shard_id, "shard iterator expired; resuming from the last record read");
+                            self.iterator = None;
+                        }
+                        Fault::Transient => {
+                            tracing::warn!(shard_id = %self.shard_id, error = %message, "GetRecords failed; retrying");
+                            if shutdown.sleep(fault_backoff).await.is_err() {
+                                return Ok(None);
+                            }
+                            fault_backoff = (fault_backoff * 2).min(MAX_FAULT_BACKOFF);
+                        }
+                        Fault::Fatal => {
+                            return Err(SourceError::GetRecords {
+                                stream: self.source.stream.clone(),
+                                shard_id: self.shard_id.clone(),
+                                message,
+                            })
+                        }
+                    }
+                    continue;
+                }
+            };
+            let records: Vec<RawRecord> = output
+                .records()
+                .iter()
+                .map(|r| RawRecord {
+                    sequence_number: r.sequence_number().to_owned(),
+                    partition_key: r.partition_key().unwrap_or_default().to_owned(),
+                    arrival_time_millis: r
+                        .approximate_arrival_timestamp()
+                        .and_then(|t| t.to_millis().ok())
+                        .unwrap_or(0),
+                    data: r.data().as_ref().to_vec(),
+                })
+                .collect();
+            if let Some(last) = records.last() {
+                self.position = Position::After(last.sequence_number.clone());
+            }
+            self.iterator = output.next_shard_iterator().map(str::to_owned);
+            self.last_batch_empty = records.is_empty();
+            return Ok(Some(Batch {
+                records,
+                millis_behind_latest: output.millis_behind_latest(),
+                shard_end: self.iterator.is_none(),
+            }));
+        }
+    }
+}
+
+/// The shards that may start now, with where each starts.
+///
+/// A shard is ready when it is not finished, not already started, and every parent the
+/// stream still lists is finished. `checkpoint` gives a shard's stored progress.
+pub fn ready_shards(
+    shards: &[ShardInfo],
+    started: &HashSet<String>,
+    mut checkpoint: impl FnMut(&str) -> Option<Checkpoint>,
+    start: &StartPosition,
+) -> Vec<(ShardInfo, Position)> {
+    let listed: HashSet<&str> = shards.iter().map(|s| s.id.as_str()).collect();
+    let mut ready = Vec::new();
+    for shard in shards {
+        if started.contains(&shard.id) {
+            continue;
+        }
+        let own = checkpoint(&shard.id);
+        if own.as_ref().is_some_and(|c| c.shard_end) {
+            continue;
+        }
+        // A parent the stream no longer lists has aged out of retention: nothing to wait for.
+        let parents: Vec<_> = shard
+            .parents
+            .iter()
+            .filter(|p| listed.contains(p.as_str()))
+            .map(|p| checkpoint(p))
+            .collect();
+        if parents.iter().any(|c| !c.as_ref().is_some_and(|c| c.shard_end)) {
+            continue;
+        }
+        let position = match own.and_then(|c| c.sequence_number) {
+            Some(seq) => Position::After(seq),
+            // Continuing a lineage we have read: the child from its first record.
+            None if !parents.is_empty() => Position::Start(StartPosition::TrimHorizon),
+            None => Position::Start(start.clone()),
+        };
+        ready.push((shard.clone(), position));
+    }
+    ready
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn shard(id: &str, parents: &[&str], closed: bool) -> ShardInfo {
+        ShardInfo {
+            id: id.into(),
+            parents: parents.iter().map(|s| s.to_string()).collect(),
+            closed,
+        }
+    }
+
+    fn ids(ready: &[(ShardInfo, Position)]) -> Vec<&str> {
+        ready.iter().map(|(s, _)| s.id.as_str()).collect()
+    }
+
+    #[test]
+    fn children_wait_for_every_parent() {
+        let shards = vec![
+            shard("a", &[], true),
+            shard("b", &[], true),
+            shard("merged", &["a", "b"], false),
+            shard("c", &[], false),
+        ];
+        let mut cps: HashMap<&str, Checkpoint> = HashMap::new();
+        let start = StartPosition::Latest;
+        let get = |cps: &HashMap<&str, Checkpoint>, id: &str| cps.get(id).cloned();
+
+        let ready = ready_shards(&shards, &HashSet::new(), |id| get(&cps, id), &start);
+        assert_eq!(ids(&ready), ["a", "b", "c"]);
+
+        cps.insert("a", Checkpoint::end(Some("5".into())));
+        let ready = ready_shards(&shards, &HashSet::new(), |id| get(&cps, id), &start);
+        assert_eq!(ids(&ready), ["b", "c"], "the adjacent parent is not finished");
+
+        cps.insert("b", Checkpoint::end(None));
+        cps.insert("c", Checkpoint::at("7".into()));
+        let ready = ready_shards(&shards, &HashSet::new(), |id| get(&cps, id), &start);
+        assert_eq!(
+            ready,
+            vec![
+                (shards[2].clone(), Position::Start(StartPosition::TrimHorizon)),
+                (shards[3].clone(), Position::After("7".into())),
+            ]
+        );
+    }
+
+    #[test]
+    fn parents_gone_from_the_stream_do_not_block() {
+        let shards = vec![shard("child", &["expired"], false)];
+        let ready = ready_shards(&shards, &HashSet::new(), |_| None, &StartPosition::TrimHorizon);
+        assert_eq!(ready[0].1, Position::Start(StartPosition::TrimHorizon));
+    }
+}

@@ -1,0 +1,93 @@
+//! Commands that need no stream: rules check/test, config errors, the state lock.
+
+use std::time::Duration;
+
+use crate::support::*;
+
+fn workspace() -> Workspace {
+    Workspace::new("http://127.0.0.1:9", "events", "http://127.0.0.1:9")
+}
+
+#[test]
+fn shipped_rules_pass_check_and_test() {
+    let ws = workspace();
+    let dir = repo().join("rules");
+    let (code, out, _) = ws.run(&["rules", "check", "--rules-dir", dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out, _) = ws.run(&["rules", "test", "--rules-dir", dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.trim_end().ends_with(" passed, 0 failed"), "{out}");
+}
+
+#[test]
+fn rules_check_reports_file_line_col() {
+    let ws = workspace();
+    ws.write_rule("broken.rhai", "fn decide(record) {\n    let x = ;\n}\n");
+    let (code, out, _) = ws.run(&["rules", "check", "--rules-dir", "rules"]);
+    assert_eq!(code, 1);
+    let line = out.lines().find(|l| l.contains("broken.rhai")).unwrap();
+    assert!(line.starts_with("rules/broken.rhai:2:"), "{line}");
+}
+
+#[test]
+fn rules_test_shows_expected_and_actual() {
+    let ws = workspace();
+    ws.write_rule(
+        "acme_gdpr_delete_user.test.json",
+        r#"[{"name": "wrong key", "record": {"data": {"type": "privacy_request", "tags": ["GDPR", "Delete User"], "client": "acme", "request_id": "r-1", "user_id": "u-1"}},
+             "expect": {"action": "anonymize_user", "key": "r-2", "params": {"user_id": "u-1"}}},
+            {"name": "no match", "record": {"data": {"type": "page_view"}}, "expect": null}]"#,
+    );
+    let (code, out, _) = ws.run(&["rules", "test", "--rules-dir", "rules"]);
+    assert_eq!(code, 1);
+    assert!(out.contains("FAIL acme_gdpr_delete_user / wrong key"), "{out}");
+    assert!(out.contains(r#"expected: {"action":"anonymize_user","key":"r-2""#), "{out}");
+    assert!(out.contains(r#"actual:   {"action":"anonymize_user","key":"r-1""#), "{out}");
+    assert!(out.trim_end().ends_with("1 passed, 1 failed"), "{out}");
+}
+
+#[test]
+fn run_refuses_bad_setup_with_exit_2() {
+    let ws = workspace();
+    let config = ws.config();
+    let config = config.to_str().unwrap();
+    // A missing token variable.
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--config", config])
+        .env_remove("BACKEND_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("BACKEND_TOKEN"));
+
+    // Rules that fail their tests.
+    ws.write_rule("acme_gdpr_delete_user.test.json", r#"[{"name": "x", "record": {"data": {}}, "expect": {"action": "anonymize_user", "key": "k"}}]"#);
+    let (code, _, err) = ws.run(&["run", "--config", config]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("fail their tests"), "{err}");
+
+    // An http:// action without allow_insecure_http.
+    let text = std::fs::read_to_string(ws.config()).unwrap().replace("allow_insecure_http = true", "");
+    std::fs::write(ws.config(), text).unwrap();
+    let (code, _, err) = ws.run(&["run", "--config", config]);
+    assert_eq!(code, 2);
+    assert!(err.contains("allow_insecure_http"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_same_state_fails_clearly() {
+    let kinesis = Kinesalite::start();
+    create_stream(&kinesis.client(), "events", 1).await;
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    let first = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(30), "the first daemon to start", || {
+        first.stderr().contains("stream reachable")
+    })
+    .await;
+    let config = ws.config();
+    let (code, _, err) = tokio::task::block_in_place(|| ws.run(&["run", "--config", config.to_str().unwrap()]));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("in use by another gdpr-consumer"), "{err}");
+    assert!(first.stop().success());
+}

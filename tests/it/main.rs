@@ -1,0 +1,9 @@
+//! Integration tests: the built binary against kinesalite on loopback and a real HTTP
+//! backend on loopback, each started by the test on a free port.
+
+mod cli;
+mod dry_run;
+mod faults;
+mod pipeline;
+mod resharding;
+mod support;

@@ -1,0 +1,105 @@
+//! The main job end to end: every deletion request reaches the backend exactly once,
+//! across duplicates in the stream and restarts of the daemon.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::support::*;
+
+/// Checks every request the backend got and returns the request numbers N (of `r-N`).
+fn check_requests(received: &[Received]) -> Vec<usize> {
+    received
+        .iter()
+        .map(|r| {
+            let user = r
+                .path
+                .strip_prefix("/v1/users/")
+                .and_then(|p| p.strip_suffix("/anonymize"))
+                .unwrap_or_else(|| panic!("unexpected path {}", r.path));
+            let n: usize = user
+                .strip_prefix("del-user-")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("unexpected user {user}"));
+            assert_eq!(r.method, "POST");
+            assert_eq!(r.authorization.as_deref(), Some(format!("Bearer {TOKEN}").as_str()));
+            assert_eq!(r.content_type.as_deref(), Some("application/json"));
+            assert_eq!(r.body, format!(r#"{{"user_id":"del-user-{n}"}}"#));
+            let expected_key = hex::encode(Sha256::digest(format!("anonymize_user\nr-{n}")));
+            assert_eq!(r.idempotency_key.as_deref(), Some(expected_key.as_str()));
+            n
+        })
+        .collect()
+}
+
+fn assert_each_once(numbers: &[usize], count: usize) {
+    let unique: HashSet<_> = numbers.iter().collect();
+    assert_eq!(unique.len(), numbers.len(), "a request was sent twice: {numbers:?}");
+    assert_eq!(numbers.len(), count, "requests received: {numbers:?}");
+    assert!(numbers.iter().all(|&n| n < count));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_reaches_the_backend_exactly_once() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 4).await;
+    let records = traffic(5_000, 50, 10);
+    assert_eq!(records.len(), 5_010);
+    put(&client, "events", &records).await;
+
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    let daemon = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(90), "50 requests", || backend.count() >= 50).await;
+    // Every shard caught up: the retried duplicates at the end have been read too.
+    wait_until(Duration::from_secs(60), "all 4 shards caught up", || {
+        caught_up_count(&daemon.stderr()) >= 4
+    })
+    .await;
+    let log = daemon.stderr();
+    assert!(daemon.stop().success());
+
+    assert_each_once(&check_requests(&backend.received()), 50);
+    assert!(ws.dead_letters().is_empty());
+    // The log names no user and no request.
+    assert!(!log.contains("del-user-"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_neither_loses_nor_repeats_a_request() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 4).await;
+    put(&client, "events", &traffic(5_000, 50, 10)).await;
+
+    // A slow backend, so the stop lands halfway.
+    let backend = Backend::with_behaviour(Duration::from_millis(60), |_, _| 200).await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+
+    let first = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(90), "some requests", || backend.count() >= 15).await;
+    let status = first.stop();
+    assert!(status.success(), "SIGTERM must exit 0: {status}");
+    let halfway = backend.count();
+    assert!(halfway < 50, "the stop came too late to test anything ({halfway})");
+
+    let second = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(90), "all requests", || backend.count() >= 50).await;
+    wait_until(Duration::from_secs(60), "all shards caught up", || {
+        caught_up_count(&second.stderr()) >= 4
+    })
+    .await;
+    assert!(second.stop().success());
+    assert_each_once(&check_requests(&backend.received()), 50);
+
+    // Nothing new on the stream: a third run sends nothing.
+    let third = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(60), "all shards caught up", || {
+        caught_up_count(&third.stderr()) >= 4
+    })
+    .await;
+    assert!(third.stop().success());
+    assert_eq!(backend.count(), 50);
+}

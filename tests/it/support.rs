@@ -1,0 +1,427 @@
+//! Test harness: kinesalite on loopback, a recording backend, the daemon binary.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::{PutRecordsRequestEntry, StreamStatus};
+use aws_sdk_kinesis::Client;
+
+pub const TOKEN: &str = "test-token-7f3a";
+pub const BIN: &str = env!("CARGO_BIN_EXE_gdpr-consumer");
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A kinesalite process on a free loopback port, killed on drop.
+pub struct Kinesalite {
+    child: Child,
+    pub endpoint: String,
+}
+
+impl Kinesalite {
+    pub fn start() -> Self {
+        let dir = repo().join("tools/kinesalite");
+        assert!(
+            dir.join("node_modules/kinesalite").exists(),
+            "kinesalite is not installed: run `npm ci --prefix tools/kinesalite` (scripts/test.sh does)"
+        );
+        let mut child = Command::new("node")
+            .arg(dir.join("start-loopback.js"))
+            .env("KINESALITE_PORT", "0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start node (is Node.js installed?)");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("listening ")
+            .unwrap_or_else(|| panic!("unexpected kinesalite output {line:?}"));
+        Kinesalite {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        let conf = aws_sdk_kinesis::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url(&self.endpoint)
+            .credentials_provider(Credentials::new("AKIDTEST", "secret", None, None, "test"))
+            .build();
+        Client::from_conf(conf)
+    }
+}
+
+impl Drop for Kinesalite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn create_stream(client: &Client, name: &str, shards: i32) {
+    client
+        .create_stream()
+        .stream_name(name)
+        .shard_count(shards)
+        .send()
+        .await
+        .unwrap();
+    wait_active(client, name).await;
+}
+
+pub async fn wait_active(client: &Client, name: &str) {
+    for _ in 0..200 {
+        let out = client
+            .describe_stream_summary()
+            .stream_name(name)
+            .send()
+            .await
+            .unwrap();
+        if out.stream_description_summary().unwrap().stream_status() == &StreamStatus::Active {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("stream {name} did not become ACTIVE");
+}
+
+/// Writes records in batches of 500, in order, and checks none failed.
+pub async fn put(client: &Client, stream: &str, records: &[(String, Vec<u8>)]) {
+    for chunk in records.chunks(500) {
+        let entries = chunk
+            .iter()
+            .map(|(pk, data)| {
+                PutRecordsRequestEntry::builder()
+                    .partition_key(pk)
+                    .data(Blob::new(data.clone()))
+                    .build()
+                    .unwrap()
+            })
+            .collect::<Vec<_>>();
+        let out = client
+            .put_records()
+            .stream_name(stream)
+            .set_records(Some(entries))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(out.failed_record_count(), Some(0));
+    }
+}
+
+/// A deletion request the shipped rule matches.
+pub fn deletion(request_id: &str, user_id: &str) -> serde_json::Value {
+    serde_json::json!({
+        "type": "privacy_request", "tags": ["GDPR", "Delete User"], "client": "acme",
+        "request_id": request_id, "user_id": user_id,
+    })
+}
+
+/// Mixed traffic: page views, orders, logins, text log lines, and privacy requests the rule
+/// must not match. Deterministic for a seed.
+pub fn unrelated_event(i: usize) -> (String, Vec<u8>) {
+    let user = format!("u-{}", (i * 7919) % 1000);
+    let data = match i % 10 {
+        0..=4 => serde_json::json!({"type": "page_view", "client": "acme", "user_id": user, "path": format!("/products/{}", i % 97), "referrer": "https://search.example/?q=shoes", "ua": "Mozilla/5.0"}).to_string(),
+        5 | 6 => serde_json::json!({"type": "order", "client": "acme", "user_id": user, "order_id": format!("o-{i}"), "total_cents": (i * 37) % 10_000, "items": [{"sku": "sku-1", "qty": 1}]}).to_string(),
+        7 => serde_json::json!({"type": "login", "client": "globex", "user_id": user, "ok": i % 3 != 0}).to_string(),
+        8 => format!("{} INFO GET /api/v1/items/{} 200 12ms", 1_700_000_000 + i, i % 50),
+        _ => match i % 3 {
+            // Privacy requests the rule must leave alone: another client, CCPA, an export.
+            0 => serde_json::json!({"type": "privacy_request", "tags": ["GDPR", "Delete User"], "client": "globex", "request_id": format!("g-{i}"), "user_id": user}).to_string(),
+            1 => serde_json::json!({"type": "privacy_request", "tags": ["CCPA", "Delete User"], "client": "acme", "request_id": format!("c-{i}"), "user_id": user}).to_string(),
+            _ => serde_json::json!({"type": "privacy_request", "tags": ["GDPR", "Export Data"], "client": "acme", "request_id": format!("e-{i}"), "user_id": user}).to_string(),
+        },
+    };
+    (user, data.into_bytes())
+}
+
+/// `total` events with `deletions` acme GDPR deletion requests spread evenly among them
+/// (request ids `r-N`, users `del-user-N`), then the first `duplicates` of those requests
+/// written again under another partition key (a producer retry, maybe on another shard).
+pub fn traffic(total: usize, deletions: usize, duplicates: usize) -> Vec<(String, Vec<u8>)> {
+    let every = total / deletions;
+    let mut records: Vec<_> = (0..total)
+        .map(|i| {
+            let n = i / every;
+            if i % every == every / 2 && n < deletions {
+                let user = format!("del-user-{n}");
+                let data = deletion(&format!("r-{n}"), &user).to_string().into_bytes();
+                (user, data)
+            } else {
+                unrelated_event(i)
+            }
+        })
+        .collect();
+    for n in 0..duplicates {
+        let user = format!("del-user-{n}");
+        let data = deletion(&format!("r-{n}"), &user).to_string().into_bytes();
+        records.push((format!("{user}-retry"), data));
+    }
+    records
+}
+
+/// One request the backend received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    pub authorization: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub content_type: Option<String>,
+    pub body: String,
+}
+
+type Behaviour = dyn Fn(&Received, usize) -> u16 + Send + Sync;
+
+/// A real HTTP server on loopback standing in for the client's backend. It records every
+/// request; `behaviour(request, earlier attempts at the same path)` picks the status.
+pub struct Backend {
+    pub url: String,
+    received: Arc<Mutex<Vec<Received>>>,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+impl Backend {
+    pub async fn start() -> Self {
+        Self::with_behaviour(Duration::ZERO, |_, _| 200).await
+    }
+
+    /// A backend that takes `delay` to answer each request, with the status `behaviour` picks.
+    pub async fn with_behaviour(
+        delay: Duration,
+        behaviour: impl Fn(&Received, usize) -> u16 + Send + Sync + 'static,
+    ) -> Self {
+        let received: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let behaviour: Arc<Behaviour> = Arc::new(behaviour);
+        let log = received.clone();
+        let app = axum::Router::new().fallback(
+            move |method: axum::http::Method, uri: axum::http::Uri, headers: axum::http::HeaderMap, body: String| {
+                let log = log.clone();
+                let behaviour = behaviour.clone();
+                async move {
+                    let header = |name: &str| {
+                        headers
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned)
+                    };
+                    let request = Received {
+                        method: method.to_string(),
+                        path: uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+                        authorization: header("authorization"),
+                        idempotency_key: header("idempotency-key"),
+                        content_type: header("content-type"),
+                        body,
+                    };
+                    tokio::time::sleep(delay).await;
+                    let status = {
+                        let mut log = log.lock().unwrap();
+                        let earlier = log.iter().filter(|r| r.path == request.path).count();
+                        let status = behaviour(&request, earlier);
+                        log.push(request);
+                        status
+                    };
+                    axum::http::StatusCode::from_u16(status).unwrap()
+                }
+            },
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Backend {
+            url,
+            received,
+            _server: server,
+        }
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+}
+
+/// A test's working directory: config, rules, state.
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+}
+
+impl Workspace {
+    /// A config for `stream` against `endpoint`, its one action posting to `backend`, with
+    /// the shipped rules copied in.
+    pub fn new(endpoint: &str, stream: &str, backend: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = dir.path().join("rules");
+        std::fs::create_dir(&rules).unwrap();
+        for entry in std::fs::read_dir(repo().join("rules")).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, rules.join(path.file_name().unwrap())).unwrap();
+        }
+        let config = format!(
+            r#"
+[stream]
+name = "{stream}"
+endpoint_url = "{endpoint}"
+region = "us-east-1"
+start = "trim-horizon"
+poll_interval_ms = 100
+shard_sync_interval_ms = 500
+
+[state]
+path = "state.redb"
+
+[rules]
+dir = "rules"
+
+[actions.anonymize_user]
+method = "POST"
+url = "{backend}/v1/users/{{user_id}}/anonymize"
+bearer_token_env = "BACKEND_TOKEN"
+allow_insecure_http = true
+initial_backoff_ms = 20
+max_backoff_ms = 200
+max_attempts = 4
+timeout_ms = 5000
+"#
+        );
+        std::fs::write(dir.path().join("config.toml"), config).unwrap();
+        Workspace { dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.path("config.toml")
+    }
+
+    pub fn write_rule(&self, name: &str, text: &str) {
+        std::fs::write(self.path("rules").join(name), text).unwrap();
+    }
+
+    /// Starts `gdpr-consumer run --config config.toml` with `extra` flags.
+    pub fn start_daemon(&self, extra: &[&str]) -> Daemon {
+        let log = self.path(&format!("daemon-{}.log", rand_suffix()));
+        let child = command(&self.config())
+            .arg("run")
+            .arg("--config")
+            .arg(self.config())
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Daemon { child, log }
+    }
+
+    /// Runs a command of the binary to its end: (exit code, stdout, stderr).
+    pub fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let out = command(&self.config()).args(args).output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// The dead letters as JSON values (the daemon must be stopped).
+    pub fn dead_letters(&self) -> Vec<serde_json::Value> {
+        let config = self.config();
+        let (code, out, err) = self.run(&["dead-letters", "list", "--config", config.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+        out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+}
+
+fn rand_suffix() -> String {
+    format!("{:?}", Instant::now()).replace(|c: char| !c.is_ascii_alphanumeric(), "")
+}
+
+/// The binary with a hermetic environment: static AWS credentials, the backend token.
+fn command(config: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(config.parent().unwrap())
+        .env("BACKEND_TOKEN", TOKEN)
+        .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
+        .env("AWS_SECRET_ACCESS_KEY", "secret")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_ENDPOINT_URL")
+        .env_remove("AWS_ENDPOINT_URL_KINESIS")
+        .env("GDPR_CONSUMER_LOG", "info");
+    cmd
+}
+
+/// A running daemon; killed on drop if still running.
+pub struct Daemon {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn stop(mut self) -> ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "daemon did not stop on SIGTERM:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `cond` until it holds, or fails with `what` after `timeout`.
+pub async fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Lines of a daemon log that say a shard caught up.
+pub fn caught_up_count(log: &str) -> usize {
+    log.lines().filter(|l| l.contains("shard caught up")).count()
+}

@@ -9,11 +9,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::shutdown::Shutdown;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use rand::Rng;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use crate::shutdown::Shutdown;
 
 use crate::rules::Decision;
 
@@ -32,7 +32,9 @@ pub enum ActionError {
     /// The decision cannot be turned into a request: the rule's fault, not the backend's.
     #[error("decision for action {action:?}: {reason}")]
     Decision { action: String, reason: String },
-    #[error("action {action:?}: environment variable {var} is not set (it holds the bearer token)")]
+    #[error(
+        "action {action:?}: environment variable {var} is not set (it holds the bearer token)"
+    )]
     MissingToken { action: String, var: String },
     #[error("action {action:?}: cannot use ca_file {path}: {reason}")]
     CaFile {
@@ -141,16 +143,22 @@ impl UrlTemplate {
 /// The text a param contributes to a URL, or why it cannot.
 fn component(name: &str, value: Option<&Value>) -> Result<String, String> {
     let text = match value {
-        None | Some(Value::Null) => return Err(format!("param {name:?} is missing (the URL needs it)")),
+        None | Some(Value::Null) => {
+            return Err(format!("param {name:?} is missing (the URL needs it)"))
+        }
         Some(Value::String(s)) => s.clone(),
         Some(Value::Number(n)) => n.to_string(),
         Some(Value::Bool(b)) => b.to_string(),
         Some(Value::Array(_) | Value::Object(_)) => {
-            return Err(format!("param {name:?} is a map or an array; a URL needs a single value"))
+            return Err(format!(
+                "param {name:?} is a map or an array; a URL needs a single value"
+            ))
         }
     };
     if text.is_empty() || text == "." || text == ".." {
-        return Err(format!("param {name:?} is {text:?}, which cannot stand in a URL"));
+        return Err(format!(
+            "param {name:?} is {text:?}, which cannot stand in a URL"
+        ));
     }
     Ok(text)
 }
@@ -233,14 +241,19 @@ pub struct ActionSet {
 impl ActionSet {
     /// Builds the actions. With `read_tokens`, each action's token variable must be set
     /// (the daemon); without, requests are prepared with a redacted token (dry-run).
-    pub fn new(specs: &BTreeMap<String, ActionSpec>, read_tokens: bool) -> Result<Self, ActionError> {
+    pub fn new(
+        specs: &BTreeMap<String, ActionSpec>,
+        read_tokens: bool,
+    ) -> Result<Self, ActionError> {
         let mut actions = BTreeMap::new();
         for (name, spec) in specs {
             let token = match (&spec.bearer_token_env, read_tokens) {
-                (Some(var), true) => Some(std::env::var(var).map_err(|_| ActionError::MissingToken {
-                    action: name.clone(),
-                    var: var.clone(),
-                })?),
+                (Some(var), true) => {
+                    Some(std::env::var(var).map_err(|_| ActionError::MissingToken {
+                        action: name.clone(),
+                        var: var.clone(),
+                    })?)
+                }
                 (Some(_), false) => Some(String::new()),
                 (None, _) => None,
             };
@@ -256,7 +269,8 @@ impl ActionSet {
                     reason,
                 };
                 let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
-                let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| ca_err(e.to_string()))?;
+                let cert =
+                    reqwest::Certificate::from_pem(&pem).map_err(|e| ca_err(e.to_string()))?;
                 builder = builder.add_root_certificate(cert);
             }
             let client = builder.build().map_err(|source| ActionError::Client {
@@ -284,14 +298,15 @@ impl ActionSet {
                 action: decision.action.clone(),
                 reason: "no such action in the config".into(),
             })?;
-        let url = action
-            .spec
-            .url
-            .render(&decision.params)
-            .map_err(|reason| ActionError::Decision {
-                action: decision.action.clone(),
-                reason,
-            })?;
+        let url =
+            action
+                .spec
+                .url
+                .render(&decision.params)
+                .map_err(|reason| ActionError::Decision {
+                    action: decision.action.clone(),
+                    reason,
+                })?;
         Ok(PreparedRequest {
             action: decision.action.clone(),
             method: action.spec.method.clone(),
@@ -445,11 +460,13 @@ mod tests {
         let t = UrlTemplate::parse("https://b.example.com/v1/users/{user_id}/anonymize?c={client}")
             .unwrap();
         assert_eq!(
-            t.render(&params(json!({"user_id": "u-123", "client": "a b"}))).unwrap(),
+            t.render(&params(json!({"user_id": "u-123", "client": "a b"})))
+                .unwrap(),
             "https://b.example.com/v1/users/u-123/anonymize?c=a%20b"
         );
         assert_eq!(
-            t.render(&params(json!({"user_id": "../admin?x=1#", "client": 7}))).unwrap(),
+            t.render(&params(json!({"user_id": "../admin?x=1#", "client": 7})))
+                .unwrap(),
             "https://b.example.com/v1/users/..%2Fadmin%3Fx%3D1%23/anonymize?c=7"
         );
     }
@@ -457,7 +474,14 @@ mod tests {
     #[test]
     fn bad_values_are_decision_errors() {
         let t = UrlTemplate::parse("https://h/u/{id}").unwrap();
-        for bad in [json!({}), json!({"id": ""}), json!({"id": ".."}), json!({"id": "."}), json!({"id": [1]}), json!({"id": {"a": 1}})] {
+        for bad in [
+            json!({}),
+            json!({"id": ""}),
+            json!({"id": ".."}),
+            json!({"id": "."}),
+            json!({"id": [1]}),
+            json!({"id": {"a": 1}}),
+        ] {
             assert!(t.render(&params(bad.clone())).is_err(), "{bad}");
         }
     }

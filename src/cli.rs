@@ -1,7 +1,7 @@
 //! The command line: parses flags, dispatches, and maps errors to exit codes
 //! (0 success, 1 runtime failure, 2 usage or config error).
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -14,7 +14,11 @@ use crate::rules::{testing, RuleSet};
 use crate::state::{DeadLetterReason, State};
 
 #[derive(Parser)]
-#[command(name = "gdpr-consumer", version, about = "Reads a Kinesis stream, runs compliance rules on every record, and calls the backend once per privacy request.")]
+#[command(
+    name = "gdpr-consumer",
+    version,
+    about = "Reads a Kinesis stream, runs compliance rules on every record, and calls the backend once per privacy request."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -160,17 +164,20 @@ pub fn main() -> ExitCode {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("GDPR_CONSUMER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("GDPR_CONSUMER_LOG").unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn")
+        });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
 }
 
 fn run(args: RunArgs) -> Result<u8, Failure> {
-    let dry_run = args.dry_run.then(|| DryRun {
+    let dry_run = args.dry_run.then_some(DryRun {
         format: args.output,
         follow: args.follow,
     });
@@ -198,7 +205,9 @@ fn run(args: RunArgs) -> Result<u8, Failure> {
 }
 
 /// Rules dir and the known action names for `rules check` / `rules test`.
-fn rules_setup(args: &RulesArgs) -> Result<(PathBuf, Option<std::collections::BTreeSet<String>>), Failure> {
+fn rules_setup(
+    args: &RulesArgs,
+) -> Result<(PathBuf, Option<std::collections::BTreeSet<String>>), Failure> {
     let (config_dir, actions) = match &args.config {
         Some(path) => {
             let (dir, actions) = config::rules_context(path).map_err(Failure::usage)?;
@@ -262,14 +271,23 @@ fn rules_test(args: RulesArgs) -> Result<u8, Failure> {
         );
     }
     for rule in &report.untested {
-        let _ = writeln!(out, "note: rule {rule} has no test cases ({rule}.test.json)");
+        let _ = writeln!(
+            out,
+            "note: rule {rule} has no test cases ({rule}.test.json)"
+        );
     }
-    let _ = writeln!(out, "{} passed, {} failed", report.passed, report.failures.len());
+    let _ = writeln!(
+        out,
+        "{} passed, {} failed",
+        report.passed,
+        report.failures.len()
+    );
     Ok(if report.failures.is_empty() { 0 } else { 1 })
 }
 
 fn open_state(args: &StateArgs) -> Result<State, Failure> {
-    let path = config::state_path(args.config.as_deref(), args.state.clone()).map_err(Failure::usage)?;
+    let path =
+        config::state_path(args.config.as_deref(), args.state.clone()).map_err(Failure::usage)?;
     State::open_existing(&path).map_err(Failure::runtime)
 }
 
@@ -304,7 +322,7 @@ fn dead_letters(args: StateArgs) -> Result<u8, Failure> {
     for (id, letter) in state.dead_letters().map_err(Failure::runtime)? {
         let mut line = serde_json::json!({
             "id": id,
-            "created_at": crate::decode::rfc3339(letter.created_at_ms as i64),
+            "created_at": crate::clock::rfc3339(letter.created_at_ms as i64),
             "shard_id": letter.shard_id,
             "sequence_number": letter.sequence_number,
             "sub_sequence_number": letter.sub_sequence_number,

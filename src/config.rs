@@ -252,10 +252,9 @@ impl Settings {
         };
         let base = config.and_then(Path::parent);
 
-        let name = overrides
-            .stream
-            .or(file.stream.name)
-            .ok_or_else(|| ConfigError::Invalid("no stream name: set [stream] name or pass --stream".into()))?;
+        let name = overrides.stream.or(file.stream.name).ok_or_else(|| {
+            ConfigError::Invalid("no stream name: set [stream] name or pass --stream".into())
+        })?;
         let start = match overrides.from {
             Some(start) => start,
             None => match file.stream.start {
@@ -380,8 +379,7 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
         let err = Settings::resolve(Some(&path), Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("shards"), "{err}");
 
-        let (_d, path) =
-            write("[stream]\nname = \"s\"\n[actions.a]\nurl = \"http://h/x/{id}\"\n");
+        let (_d, path) = write("[stream]\nname = \"s\"\n[actions.a]\nurl = \"http://h/x/{id}\"\n");
         let err = Settings::resolve(Some(&path), Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("allow_insecure_http"), "{err}");
     }

@@ -86,7 +86,11 @@ pub fn load_rules(settings: &Settings) -> Result<RuleSet, RunError> {
 /// Runs the daemon (or the dry-run) to the end.
 pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunError> {
     let rules = load_rules(&settings)?;
-    tracing::info!(rules = rules.rules().len(), hash = rules.hash(), "rules loaded");
+    tracing::info!(
+        rules = rules.rules().len(),
+        hash = rules.hash(),
+        "rules loaded"
+    );
     let actions = ActionSet::new(&settings.actions, dry_run.is_none())?;
     let sink = match &dry_run {
         Some(options) => Sink::Preview(Preview::new(
@@ -124,13 +128,14 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
 
 fn spawn_signal_handler(shutdown: Shutdown) {
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -151,7 +156,11 @@ async fn supervise(
     let shutdown = pipeline.shutdown.clone();
     // The stream must be reachable at start: a wrong name or endpoint is reported at once.
     let mut shards = source.list_shards().await?;
-    tracing::info!(stream = source.stream(), shards = shards.len(), "stream reachable");
+    tracing::info!(
+        stream = source.stream(),
+        shards = shards.len(),
+        "stream reachable"
+    );
     let mut started: HashSet<String> = HashSet::new();
     let mut workers: JoinSet<(String, Result<ShardExit, PipelineError>)> = JoinSet::new();
     let mut outcome = Ok(());
@@ -175,7 +184,7 @@ async fn supervise(
             break;
         }
         for (shard, position) in ready {
-            tracing::info!(shard_id = %shard.id, ?position, "starting shard");
+            tracing::info!(shard_id = %shard.id, %position, "starting shard");
             started.insert(shard.id.clone());
             let reader = ShardReader::new(
                 source.clone(),

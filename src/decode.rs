@@ -5,6 +5,7 @@
 
 use serde_json::Value;
 
+use crate::clock::rfc3339;
 use crate::source::RawRecord;
 
 /// The decoded payload.
@@ -43,13 +44,6 @@ impl Data {
     }
 }
 
-/// Formats milliseconds since the Unix epoch as RFC 3339 UTC.
-pub fn rfc3339(millis: i64) -> String {
-    aws_smithy_types::DateTime::from_millis(millis)
-        .fmt(aws_smithy_types::date_time::Format::DateTime)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned())
-}
-
 /// Decodes one record read from a shard into the logical records it carries.
 pub fn decode(stream: &str, shard_id: &str, raw: RawRecord) -> Vec<Record> {
     let data = Data::from_bytes(&raw.data);
@@ -79,12 +73,9 @@ mod tests {
             Data::from_bytes(b"GET /index.html 200"),
             Data::Text("GET /index.html 200".into())
         );
-        assert_eq!(Data::from_bytes(&[0xff, 0x00]), Data::Binary(vec![0xff, 0x00]));
-    }
-
-    #[test]
-    fn arrival_time_is_rfc3339_utc() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(1_767_225_600_123), "2026-01-01T00:00:00.123Z");
+        assert_eq!(
+            Data::from_bytes(&[0xff, 0x00]),
+            Data::Binary(vec![0xff, 0x00])
+        );
     }
 }

@@ -26,7 +26,9 @@ impl Keys {
     /// Loads the key from `env` if named, else from `file`, generating the file if absent.
     pub fn load_or_create(env: Option<&str>, file: &Path) -> Result<Self, KeyError> {
         if let Some(var) = env {
-            let bad = || KeyError::BadEnv { var: var.to_owned() };
+            let bad = || KeyError::BadEnv {
+                var: var.to_owned(),
+            };
             let text = std::env::var(var).map_err(|_| bad())?;
             let secret = hex::decode(text.trim()).map_err(|_| bad())?;
             if secret.len() < 32 {

@@ -9,13 +9,14 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::actions::{ActionSet, Outcome};
+use crate::clock::now_ms;
 use crate::decode::{self, Record};
 use crate::keys::Keys;
 use crate::preview::Preview;
 use crate::rules::{Decision, Rule, RuleError, RuleSet, Verdict};
 use crate::shutdown::Shutdown;
 use crate::source::{Checkpoint, Position, ShardReader, SourceError};
-use crate::state::{now_ms, DeadLetter, DeadLetterReason, State, StateError};
+use crate::state::{DeadLetter, DeadLetterReason, State, StateError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -89,7 +90,12 @@ impl Pipeline {
     }
 
     /// Reads and handles one shard until it ends, catches up (dry-run) or shutdown.
-    pub async fn run_shard(&self, mut reader: ShardReader, shard_id: &str, start: Position) -> Result<ShardExit, PipelineError> {
+    pub async fn run_shard(
+        &self,
+        mut reader: ShardReader,
+        shard_id: &str,
+        start: Position,
+    ) -> Result<ShardExit, PipelineError> {
         let mut checkpointed = match start {
             Position::After(seq) => Some(seq),
             Position::Start(_) => None,
@@ -179,7 +185,13 @@ impl Pipeline {
 
     /// A rule failed on the record: never "no match". The record is dead-lettered.
     /// `decided`: the rule returned a decision that the actions stage rejected.
-    fn rule_failed(&self, record: &Record, rule: &str, error: RuleError, decided: bool) -> Result<(), PipelineError> {
+    fn rule_failed(
+        &self,
+        record: &Record,
+        rule: &str,
+        error: RuleError,
+        decided: bool,
+    ) -> Result<(), PipelineError> {
         tracing::warn!(
             shard_id = %record.shard_id,
             sequence_number = %record.sequence_number,
@@ -204,7 +216,12 @@ impl Pipeline {
         }
     }
 
-    fn dead_letter(&self, state: &State, record: &Record, reason: DeadLetterReason) -> Result<(), PipelineError> {
+    fn dead_letter(
+        &self,
+        state: &State,
+        record: &Record,
+        reason: DeadLetterReason,
+    ) -> Result<(), PipelineError> {
         let letter = DeadLetter {
             created_at_ms: now_ms(),
             stream: record.stream.clone(),
@@ -230,7 +247,12 @@ impl Pipeline {
     }
 
     /// Carries out one decision: dedup, then the backend call, then the state.
-    async fn act(&self, record: &Record, rule: &Rule, decision: Decision) -> Result<Settled, PipelineError> {
+    async fn act(
+        &self,
+        record: &Record,
+        rule: &Rule,
+        decision: Decision,
+    ) -> Result<Settled, PipelineError> {
         let request = match self.actions.prepare(&decision) {
             Ok(request) => request,
             Err(e) => {
@@ -252,13 +274,18 @@ impl Pipeline {
             Sink::Live { state, keys } => (state, keys),
         };
         let id = keys.request_id(&decision.action, &decision.key);
-        if state.is_done(&id).map_err(|e| self.state_error(record, e))? {
+        if state
+            .is_done(&id)
+            .map_err(|e| self.state_error(record, e))?
+        {
             tracing::debug!(shard_id = %record.shard_id, sequence_number = %record.sequence_number, action = %decision.action, "request already done; skipping duplicate");
             return Ok(Settled::Yes);
         }
         match self.actions.send(&request, &self.shutdown).await {
             Outcome::Done { status, attempts } => {
-                state.mark_done(&id).map_err(|e| self.state_error(record, e))?;
+                state
+                    .mark_done(&id)
+                    .map_err(|e| self.state_error(record, e))?;
                 tracing::info!(shard_id = %record.shard_id, sequence_number = %record.sequence_number, rule, action = %decision.action, status, attempts, "action done");
                 Ok(Settled::Yes)
             }

@@ -49,7 +49,11 @@ pub struct Preview {
 }
 
 impl Preview {
-    pub fn new(format: OutputFormat, follow: bool, rule_names: impl IntoIterator<Item = String>) -> Self {
+    pub fn new(
+        format: OutputFormat,
+        follow: bool,
+        rule_names: impl IntoIterator<Item = String>,
+    ) -> Self {
         let mut tally = Tally::default();
         for name in rule_names {
             tally.rules.insert(name, RuleSummary::default());
@@ -113,7 +117,13 @@ impl Preview {
     }
 
     /// Prints one would-be action.
-    pub fn would_act(&self, rule: &str, decision: &Decision, request: &PreparedRequest, record: &Record) {
+    pub fn would_act(
+        &self,
+        rule: &str,
+        decision: &Decision,
+        request: &PreparedRequest,
+        record: &Record,
+    ) {
         let duplicate = {
             let mut tally = self.tally.lock().unwrap();
             *tally.actions.entry(decision.action.clone()).or_default() += 1;
@@ -147,7 +157,8 @@ impl Preview {
                 format!("{line}\n")
             }
             OutputFormat::Human => {
-                let mut block = format!(
+                let mut block =
+                    format!(
                     "rule: {rule}\naction: {}\nkey: {}{}\nshard: {}\nsequence number: {}\n{} {}\n",
                     decision.action,
                     decision.key,

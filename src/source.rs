@@ -91,6 +91,19 @@ impl Checkpoint {
     }
 }
 
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Position::After(seq) => write!(f, "after {seq}"),
+            Position::Start(StartPosition::TrimHorizon) => f.write_str("trim-horizon"),
+            Position::Start(StartPosition::Latest) => f.write_str("latest"),
+            Position::Start(StartPosition::AtTimestamp(ms)) => {
+                write!(f, "at {}", crate::clock::rfc3339(*ms))
+            }
+        }
+    }
+}
+
 /// What one GetRecords call brought.
 #[derive(Debug, Default)]
 pub struct Batch {
@@ -258,12 +271,17 @@ enum Fault {
     Fatal,
 }
 
-fn classify<R>(e: &aws_sdk_kinesis::error::SdkError<aws_sdk_kinesis::operation::get_records::GetRecordsError, R>) -> Fault {
+fn classify<R>(
+    e: &aws_sdk_kinesis::error::SdkError<
+        aws_sdk_kinesis::operation::get_records::GetRecordsError,
+        R,
+    >,
+) -> Fault {
     match e.as_service_error().and_then(|s| s.code()) {
         Some("ExpiredIteratorException") => Fault::ExpiredIterator,
-        Some("ResourceNotFoundException" | "AccessDeniedException" | "InvalidArgumentException") => {
-            Fault::Fatal
-        }
+        Some(
+            "ResourceNotFoundException" | "AccessDeniedException" | "InvalidArgumentException",
+        ) => Fault::Fatal,
         _ => Fault::Transient,
     }
 }
@@ -281,7 +299,12 @@ pub struct ShardReader {
 }
 
 impl ShardReader {
-    pub fn new(source: Arc<KinesisSource>, shard_id: String, position: Position, poll_interval: Duration) -> Self {
+    pub fn new(
+        source: Arc<KinesisSource>,
+        shard_id: String,
+        position: Position,
+        poll_interval: Duration,
+    ) -> Self {
         Self {
             source,
             shard_id,
@@ -416,7 +439,10 @@ pub fn ready_shards(
             .filter(|p| listed.contains(p.as_str()))
             .map(|p| checkpoint(p))
             .collect();
-        if parents.iter().any(|c| !c.as_ref().is_some_and(|c| c.shard_end)) {
+        if parents
+            .iter()
+            .any(|c| !c.as_ref().is_some_and(|c| c.shard_end))
+        {
             continue;
         }
         let position = match own.and_then(|c| c.sequence_number) {
@@ -464,7 +490,11 @@ mod tests {
 
         cps.insert("a", Checkpoint::end(Some("5".into())));
         let ready = ready_shards(&shards, &HashSet::new(), |id| get(&cps, id), &start);
-        assert_eq!(ids(&ready), ["b", "c"], "the adjacent parent is not finished");
+        assert_eq!(
+            ids(&ready),
+            ["b", "c"],
+            "the adjacent parent is not finished"
+        );
 
         cps.insert("b", Checkpoint::end(None));
         cps.insert("c", Checkpoint::at("7".into()));
@@ -472,7 +502,10 @@ mod tests {
         assert_eq!(
             ready,
             vec![
-                (shards[2].clone(), Position::Start(StartPosition::TrimHorizon)),
+                (
+                    shards[2].clone(),
+                    Position::Start(StartPosition::TrimHorizon)
+                ),
                 (shards[3].clone(), Position::After("7".into())),
             ]
         );
@@ -481,7 +514,12 @@ mod tests {
     #[test]
     fn parents_gone_from_the_stream_do_not_block() {
         let shards = vec![shard("child", &["expired"], false)];
-        let ready = ready_shards(&shards, &HashSet::new(), |_| None, &StartPosition::TrimHorizon);
+        let ready = ready_shards(
+            &shards,
+            &HashSet::new(),
+            |_| None,
+            &StartPosition::TrimHorizon,
+        );
         assert_eq!(ready[0].1, Position::Start(StartPosition::TrimHorizon));
     }
 }

@@ -6,11 +6,11 @@
 //! after the decisions of the records it covers are settled here.
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use crate::clock::now_ms;
 use crate::source::Checkpoint;
 
 const SCHEMA_VERSION: u64 = 1;
@@ -78,13 +78,6 @@ pub struct DeadLetter {
     pub partition_key: String,
     #[serde(flatten)]
     pub reason: DeadLetterReason,
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 pub struct State {
@@ -171,7 +164,11 @@ impl State {
             .transpose()
     }
 
-    pub fn set_checkpoint(&self, shard_id: &str, checkpoint: &Checkpoint) -> Result<(), StateError> {
+    pub fn set_checkpoint(
+        &self,
+        shard_id: &str,
+        checkpoint: &Checkpoint,
+    ) -> Result<(), StateError> {
         let err = self.db_err("cannot write checkpoint");
         let bytes = serde_json::to_vec(checkpoint).expect("a checkpoint serializes");
         let tx = self.db.begin_write().map_err(|e| err(e.into()))?;
@@ -239,7 +236,10 @@ impl State {
         let tx = self.db.begin_write().map_err(|e| err(e.into()))?;
         let id = {
             let mut table = tx.open_table(DEAD_LETTERS).map_err(|e| err(e.into()))?;
-            let last = table.last().map_err(|e| err(e.into()))?.map(|(k, _)| k.value());
+            let last = table
+                .last()
+                .map_err(|e| err(e.into()))?
+                .map(|(k, _)| k.value());
             let id = last.map_or(1, |k| k + 1);
             table
                 .insert(id, bytes.as_slice())
@@ -262,7 +262,11 @@ impl State {
         Ok(out)
     }
 
-    fn parse<T: serde::de::DeserializeOwned>(&self, what: &'static str, bytes: &[u8]) -> Result<T, StateError> {
+    fn parse<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &'static str,
+        bytes: &[u8],
+    ) -> Result<T, StateError> {
         serde_json::from_slice(bytes).map_err(|e| StateError::Corrupt {
             path: self.path.clone(),
             what,
@@ -281,7 +285,8 @@ mod tests {
         let path = dir.path().join("s.redb");
         {
             let s = State::open(&path).unwrap();
-            s.set_checkpoint("shard-1", &Checkpoint::at("42".into())).unwrap();
+            s.set_checkpoint("shard-1", &Checkpoint::at("42".into()))
+                .unwrap();
             s.mark_done(b"hash").unwrap();
             let letter = DeadLetter {
                 created_at_ms: 1,
@@ -300,7 +305,10 @@ mod tests {
             assert_eq!(s.add_dead_letter(&letter).unwrap(), 2);
         }
         let s = State::open(&path).unwrap();
-        assert_eq!(s.checkpoint("shard-1").unwrap(), Some(Checkpoint::at("42".into())));
+        assert_eq!(
+            s.checkpoint("shard-1").unwrap(),
+            Some(Checkpoint::at("42".into()))
+        );
         assert!(s.is_done(b"hash").unwrap());
         assert!(!s.is_done(b"other").unwrap());
         assert_eq!(s.dead_letters().unwrap().len(), 2);

@@ -114,7 +114,9 @@ impl RuleSet {
         let engine = Arc::new(engine::sandboxed());
         let files = rule_files(dir).map_err(|e| vec![e])?;
         if files.is_empty() {
-            return Err(vec![RuleError::Empty { dir: dir.to_owned() }]);
+            return Err(vec![RuleError::Empty {
+                dir: dir.to_owned(),
+            }]);
         }
         let mut rules = Vec::new();
         let mut errors = Vec::new();
@@ -167,7 +169,13 @@ impl RuleSet {
         self.evaluate_one(rule, record, escaped, &record_to_dynamic(record))
     }
 
-    fn evaluate_one(&self, rule: &Rule, record: &Record, escaped: bool, input: &Dynamic) -> Verdict {
+    fn evaluate_one(
+        &self,
+        rule: &Rule,
+        record: &Record,
+        escaped: bool,
+        input: &Dynamic,
+    ) -> Verdict {
         if let Some(prefilter) = &rule.prefilter {
             if !escaped && !prefilter.is_match(&record.bytes) {
                 return Verdict::Skipped;
@@ -252,8 +260,8 @@ fn compile(engine: &Engine, path: &Path) -> Result<(Rule, String), RuleError> {
     {
         return Err(at(1, 1, "the rule must define `fn decide(record)`".into()));
     }
-    let prefilter = prefilter(engine, &ast, &source)
-        .map_err(|(line, message)| at(line, 1, message))?;
+    let prefilter =
+        prefilter(engine, &ast, &source).map_err(|(line, message)| at(line, 1, message))?;
     let name = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -270,7 +278,11 @@ fn compile(engine: &Engine, path: &Path) -> Result<(Rule, String), RuleError> {
 }
 
 /// Reads `const PREFILTER = [...]` by running the rule's top level once.
-fn prefilter(engine: &Engine, ast: &AST, source: &str) -> Result<Option<AhoCorasick>, (usize, String)> {
+fn prefilter(
+    engine: &Engine,
+    ast: &AST,
+    source: &str,
+) -> Result<Option<AhoCorasick>, (usize, String)> {
     let line = source
         .lines()
         .position(|l| l.contains("PREFILTER"))
@@ -282,7 +294,12 @@ fn prefilter(engine: &Engine, ast: &AST, source: &str) -> Result<Option<AhoCoras
     let Some(value) = scope.get("PREFILTER") else {
         return Ok(None);
     };
-    let expected = || (line, "PREFILTER must be an array of non-empty strings".to_owned());
+    let expected = || {
+        (
+            line,
+            "PREFILTER must be an array of non-empty strings".to_owned(),
+        )
+    };
     let array = value.clone().into_array().map_err(|_| expected())?;
     let mut literals = Vec::new();
     for item in array {
@@ -293,7 +310,10 @@ fn prefilter(engine: &Engine, ast: &AST, source: &str) -> Result<Option<AhoCoras
         literals.push(text);
     }
     if literals.is_empty() {
-        return Err((line, "PREFILTER is empty: it would skip every record".into()));
+        return Err((
+            line,
+            "PREFILTER is empty: it would skip every record".into(),
+        ));
     }
     AhoCorasick::new(&literals)
         .map(Some)
@@ -310,7 +330,10 @@ fn record_to_dynamic(record: &Record) -> Dynamic {
     let mut map = rhai::Map::new();
     map.insert("data".into(), data);
     map.insert("partition_key".into(), record.partition_key.clone().into());
-    map.insert("sequence_number".into(), record.sequence_number.clone().into());
+    map.insert(
+        "sequence_number".into(),
+        record.sequence_number.clone().into(),
+    );
     map.insert(
         "sub_sequence_number".into(),
         Dynamic::from_int(record.sub_sequence_number as rhai::INT),
@@ -324,7 +347,10 @@ fn record_to_dynamic(record: &Record) -> Dynamic {
 }
 
 /// Validates what `decide` returned into typed decisions.
-fn decisions_from(value: Dynamic, actions: Option<&BTreeSet<String>>) -> Result<Vec<Decision>, String> {
+fn decisions_from(
+    value: Dynamic,
+    actions: Option<&BTreeSet<String>>,
+) -> Result<Vec<Decision>, String> {
     if value.is_unit() {
         return Ok(Vec::new());
     }
@@ -347,7 +373,10 @@ fn decisions_from(value: Dynamic, actions: Option<&BTreeSet<String>>) -> Result<
 
 fn decision_from(value: Dynamic, actions: Option<&BTreeSet<String>>) -> Result<Decision, String> {
     let Some(map) = value.clone().try_cast::<rhai::Map>() else {
-        return Err(format!("expected a decision map, got a {}", value.type_name()));
+        return Err(format!(
+            "expected a decision map, got a {}",
+            value.type_name()
+        ));
     };
     for field in map.keys() {
         if !["action", "key", "params"].contains(&field.as_str()) {
@@ -358,7 +387,9 @@ fn decision_from(value: Dynamic, actions: Option<&BTreeSet<String>>) -> Result<D
     }
     let action = match map.get("action") {
         Some(v) if v.is_string() => v.clone().into_string().unwrap_or_default(),
-        Some(v) if !v.is_unit() => return Err(format!("action is a {}, not a string", v.type_name())),
+        Some(v) if !v.is_unit() => {
+            return Err(format!("action is a {}, not a string", v.type_name()))
+        }
         _ => return Err("missing action".into()),
     };
     if let Some(known) = actions {
@@ -400,7 +431,10 @@ fn decision_from(value: Dynamic, actions: Option<&BTreeSet<String>>) -> Result<D
 mod tests {
     use super::*;
 
-    fn ruleset(files: &[(&str, &str)], actions: &[&str]) -> Result<(tempfile::TempDir, RuleSet), Vec<RuleError>> {
+    fn ruleset(
+        files: &[(&str, &str)],
+        actions: &[&str],
+    ) -> Result<(tempfile::TempDir, RuleSet), Vec<RuleError>> {
         let dir = tempfile::tempdir().unwrap();
         for (name, text) in files {
             std::fs::write(dir.path().join(name), text).unwrap();
@@ -416,7 +450,7 @@ mod tests {
             sequence_number: "1".into(),
             sub_sequence_number: 0,
             partition_key: "pk".into(),
-            arrival_time: crate::decode::rfc3339(0),
+            arrival_time: crate::clock::rfc3339(0),
             bytes: json.as_bytes().to_vec(),
             data: Data::from_bytes(json.as_bytes()),
         }
@@ -434,7 +468,9 @@ fn decide(record) {
     #[test]
     fn decides_and_prefilters() {
         let (_d, rs) = ruleset(&[("gdpr.rhai", RULE)], &["anonymize_user"]).unwrap();
-        let hit = record(r#"{"type":"privacy_request","tags":["Delete User"],"request_id":"r-1","user_id":"u-1"}"#);
+        let hit = record(
+            r#"{"type":"privacy_request","tags":["Delete User"],"request_id":"r-1","user_id":"u-1"}"#,
+        );
         let verdicts = rs.evaluate(&hit);
         match &verdicts[0].1 {
             Verdict::Decided(d) => {
@@ -446,7 +482,9 @@ fn decide(record) {
         let miss = record(r#"{"type":"privacy_request","request_id":"r-1","user_id":"u-1"}"#);
         assert!(matches!(rs.evaluate(&miss)[0].1, Verdict::Skipped));
         // An escape defeats the literal search, so the rule runs.
-        let escaped = record(r#"{"type":"privacy_request","tags":["Delete\u0020User"],"request_id":"r-2","user_id":"u-2"}"#);
+        let escaped = record(
+            r#"{"type":"privacy_request","tags":["Delete\u0020User"],"request_id":"r-2","user_id":"u-2"}"#,
+        );
         assert!(matches!(rs.evaluate(&escaped)[0].1, Verdict::Decided(_)));
     }
 
@@ -454,18 +492,37 @@ fn decide(record) {
     fn a_missing_key_or_unknown_action_is_an_error_not_a_miss() {
         let (_d, rs) = ruleset(&[("gdpr.rhai", RULE)], &["anonymize_user"]).unwrap();
         let r = record(r#"{"type":"privacy_request","tags":["Delete User"],"user_id":"u-1"}"#);
-        assert!(matches!(&rs.evaluate(&r)[0].1, Verdict::Failed(RuleError::Decision { reason, .. }) if reason.contains("key")));
+        assert!(
+            matches!(&rs.evaluate(&r)[0].1, Verdict::Failed(RuleError::Decision { reason, .. }) if reason.contains("key"))
+        );
 
-        let (_d, rs) = ruleset(&[("x.rhai", "fn decide(r) { #{ action: \"nuke\", key: \"k\" } }")], &["anonymize_user"]).unwrap();
-        assert!(matches!(&rs.evaluate(&r)[0].1, Verdict::Failed(RuleError::Decision { reason, .. }) if reason.contains("nuke")));
+        let (_d, rs) = ruleset(
+            &[(
+                "x.rhai",
+                "fn decide(r) { #{ action: \"nuke\", key: \"k\" } }",
+            )],
+            &["anonymize_user"],
+        )
+        .unwrap();
+        assert!(
+            matches!(&rs.evaluate(&r)[0].1, Verdict::Failed(RuleError::Decision { reason, .. }) if reason.contains("nuke"))
+        );
     }
 
     #[test]
     fn runtime_errors_carry_file_and_line() {
-        let (_d, rs) = ruleset(&[("boom.rhai", "fn decide(r) {\n  throw \"secret u-1\";\n}")], &["a"]).unwrap();
+        let (_d, rs) = ruleset(
+            &[("boom.rhai", "fn decide(r) {\n  throw \"secret u-1\";\n}")],
+            &["a"],
+        )
+        .unwrap();
         let verdicts = rs.evaluate(&record("{}"));
-        let Verdict::Failed(err) = &verdicts[0].1 else { panic!() };
-        let RuleError::Runtime { location, .. } = err else { panic!("{err:?}") };
+        let Verdict::Failed(err) = &verdicts[0].1 else {
+            panic!()
+        };
+        let RuleError::Runtime { location, .. } = err else {
+            panic!("{err:?}")
+        };
         assert_eq!(location.line, 2);
         assert!(location.file.ends_with("boom.rhai"));
         assert!(!err.log_summary().contains("u-1"), "{}", err.log_summary());
@@ -474,7 +531,11 @@ fn decide(record) {
     #[test]
     fn compile_errors_are_all_reported_with_positions() {
         let errs = ruleset(
-            &[("a.rhai", "fn decide(r) {\n  let x = ;\n}"), ("b.rhai", "fn other() {}"), ("c.rhai", RULE)],
+            &[
+                ("a.rhai", "fn decide(r) {\n  let x = ;\n}"),
+                ("b.rhai", "fn other() {}"),
+                ("c.rhai", RULE),
+            ],
             &["anonymize_user"],
         )
         .err()
@@ -486,7 +547,10 @@ fn decide(record) {
 
     #[test]
     fn the_sandbox_blocks_the_outside_and_bounds_work() {
-        for text in ["fn decide(r) { eval(\"1\") }", "import \"x\" as y;\nfn decide(r) { () }"] {
+        for text in [
+            "fn decide(r) { eval(\"1\") }",
+            "import \"x\" as y;\nfn decide(r) { () }",
+        ] {
             let errs = ruleset(&[("x.rhai", text)], &["a"]);
             let failed = match errs {
                 Err(_) => true,
@@ -494,9 +558,17 @@ fn decide(record) {
             };
             assert!(failed, "{text}");
         }
-        for text in ["fn decide(r) { sleep(1); }", "fn decide(r) { loop {} }", "fn decide(r) { let a = []; loop { a.push(1); } }", "fn f(x) { f(x) } fn decide(r) { f(1) }"] {
+        for text in [
+            "fn decide(r) { sleep(1); }",
+            "fn decide(r) { loop {} }",
+            "fn decide(r) { let a = []; loop { a.push(1); } }",
+            "fn f(x) { f(x) } fn decide(r) { f(1) }",
+        ] {
             let (_d, rs) = ruleset(&[("x.rhai", text)], &["a"]).unwrap();
-            assert!(matches!(rs.evaluate(&record("{}"))[0].1, Verdict::Failed(_)), "{text}");
+            assert!(
+                matches!(rs.evaluate(&record("{}"))[0].1, Verdict::Failed(_)),
+                "{text}"
+            );
         }
     }
 
@@ -505,12 +577,19 @@ fn decide(record) {
         let (_d, rs) = ruleset(
             &[
                 ("a.rhai", "fn decide(r) { r.data.type = \"changed\"; }"),
-                ("b.rhai", "fn decide(r) { if r.data.type == \"orig\" { #{action: \"a\", key: \"k\"} } }"),
+                (
+                    "b.rhai",
+                    "fn decide(r) { if r.data.type == \"orig\" { #{action: \"a\", key: \"k\"} } }",
+                ),
             ],
             &["a"],
         )
         .unwrap();
         let verdicts = rs.evaluate(&record(r#"{"type":"orig"}"#));
-        assert!(matches!(&verdicts[1].1, Verdict::Decided(d) if d.len() == 1), "{:?}", verdicts[1].1);
+        assert!(
+            matches!(&verdicts[1].1, Verdict::Decided(d) if d.len() == 1),
+            "{:?}",
+            verdicts[1].1
+        );
     }
 }

@@ -10,7 +10,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{Decision, Location, Rule, RuleError, RuleSet, Verdict};
-use crate::decode::{rfc3339, Data, Record};
+use crate::clock::rfc3339;
+use crate::decode::{Data, Record};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -40,9 +40,18 @@ fn rules_test_shows_expected_and_actual() {
     );
     let (code, out, _) = ws.run(&["rules", "test", "--rules-dir", "rules"]);
     assert_eq!(code, 1);
-    assert!(out.contains("FAIL acme_gdpr_delete_user / wrong key"), "{out}");
-    assert!(out.contains(r#"expected: {"action":"anonymize_user","key":"r-2""#), "{out}");
-    assert!(out.contains(r#"actual:   {"action":"anonymize_user","key":"r-1""#), "{out}");
+    assert!(
+        out.contains("FAIL acme_gdpr_delete_user / wrong key"),
+        "{out}"
+    );
+    assert!(
+        out.contains(r#"expected: {"action":"anonymize_user","key":"r-2""#),
+        "{out}"
+    );
+    assert!(
+        out.contains(r#"actual:   {"action":"anonymize_user","key":"r-1""#),
+        "{out}"
+    );
     assert!(out.trim_end().ends_with("1 passed, 1 failed"), "{out}");
 }
 
@@ -52,7 +61,7 @@ fn run_refuses_bad_setup_with_exit_2() {
     let config = ws.config();
     let config = config.to_str().unwrap();
     // A missing token variable.
-    let out = std::process::Command::new(BIN)
+    let out = std::process::Command::new(bin())
         .args(["run", "--config", config])
         .env_remove("BACKEND_TOKEN")
         .output()
@@ -67,7 +76,9 @@ fn run_refuses_bad_setup_with_exit_2() {
     assert!(err.contains("fail their tests"), "{err}");
 
     // An http:// action without allow_insecure_http.
-    let text = std::fs::read_to_string(ws.config()).unwrap().replace("allow_insecure_http = true", "");
+    let text = std::fs::read_to_string(ws.config())
+        .unwrap()
+        .replace("allow_insecure_http = true", "");
     std::fs::write(ws.config(), text).unwrap();
     let (code, _, err) = ws.run(&["run", "--config", config]);
     assert_eq!(code, 2);
@@ -86,7 +97,8 @@ async fn a_second_daemon_on_the_same_state_fails_clearly() {
     })
     .await;
     let config = ws.config();
-    let (code, _, err) = tokio::task::block_in_place(|| ws.run(&["run", "--config", config.to_str().unwrap()]));
+    let (code, _, err) =
+        tokio::task::block_in_place(|| ws.run(&["run", "--config", config.to_str().unwrap()]));
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("in use by another gdpr-consumer"), "{err}");
     assert!(first.stop().success());

@@ -24,8 +24,14 @@ async fn backend_faults_are_retried_and_refusals_dead_lettered() {
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
     let daemon = ws.start_daemon(&[]);
     // 4 requests × 3 attempts + 1 refused.
-    wait_until(Duration::from_secs(60), "13 attempts", || backend.count() >= 13).await;
-    wait_until(Duration::from_secs(30), "caught up", || caught_up_count(&daemon.stderr()) >= 1).await;
+    wait_until(Duration::from_secs(60), "13 attempts", || {
+        backend.count() >= 13
+    })
+    .await;
+    wait_until(Duration::from_secs(30), "caught up", || {
+        caught_up_count(&daemon.stderr()) >= 1
+    })
+    .await;
     assert!(daemon.stop().success());
 
     let received = backend.received();
@@ -37,10 +43,18 @@ async fn backend_faults_are_retried_and_refusals_dead_lettered() {
             .collect();
         assert_eq!(attempts.len(), 3, "del-user-{n}");
         // A retry is the same request: the backend can recognise it.
-        assert!(attempts.iter().all(|a| a.idempotency_key == attempts[0].idempotency_key));
+        assert!(attempts
+            .iter()
+            .all(|a| a.idempotency_key == attempts[0].idempotency_key));
     }
     // The refusal is not retried: an operator must look at it.
-    assert_eq!(received.iter().filter(|r| r.path.contains("/del-user-2/")).count(), 1);
+    assert_eq!(
+        received
+            .iter()
+            .filter(|r| r.path.contains("/del-user-2/"))
+            .count(),
+        1
+    );
 
     let letters = ws.dead_letters();
     assert_eq!(letters.len(), 1, "{letters:?}");
@@ -86,8 +100,14 @@ async fn records_a_rule_throws_on_are_dead_lettered_and_the_rest_handled() {
 "#,
     );
     let mut daemon = ws.start_daemon(&[]);
-    wait_until(Duration::from_secs(60), "20 requests", || backend.count() >= 20).await;
-    wait_until(Duration::from_secs(30), "caught up", || caught_up_count(&daemon.stderr()) >= 2).await;
+    wait_until(Duration::from_secs(60), "20 requests", || {
+        backend.count() >= 20
+    })
+    .await;
+    wait_until(Duration::from_secs(30), "caught up", || {
+        caught_up_count(&daemon.stderr()) >= 2
+    })
+    .await;
     assert!(daemon.is_running(), "a throwing rule took the daemon down");
     let log = daemon.stderr();
     assert!(daemon.stop().success());
@@ -95,7 +115,9 @@ async fn records_a_rule_throws_on_are_dead_lettered_and_the_rest_handled() {
     assert_eq!(backend.count(), 20);
     let letters = ws.dead_letters();
     assert_eq!(letters.len(), throwing);
-    assert!(letters.iter().all(|l| l["kind"] == "rule_failed" && l["rule"] == "zz_fragile"));
+    assert!(letters
+        .iter()
+        .all(|l| l["kind"] == "rule_failed" && l["rule"] == "zz_fragile"));
     let error = letters[0]["error"].as_str().unwrap();
     assert!(error.contains("zz_fragile.rhai:4:"), "{error}");
     // The log says where the rule failed, but not the value it threw.

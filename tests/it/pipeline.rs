@@ -23,7 +23,10 @@ fn check_requests(received: &[Received]) -> Vec<usize> {
                 .and_then(|n| n.parse().ok())
                 .unwrap_or_else(|| panic!("unexpected user {user}"));
             assert_eq!(r.method, "POST");
-            assert_eq!(r.authorization.as_deref(), Some(format!("Bearer {TOKEN}").as_str()));
+            assert_eq!(
+                r.authorization.as_deref(),
+                Some(format!("Bearer {TOKEN}").as_str())
+            );
             assert_eq!(r.content_type.as_deref(), Some("application/json"));
             assert_eq!(r.body, format!(r#"{{"user_id":"del-user-{n}"}}"#));
             let expected_key = hex::encode(Sha256::digest(format!("anonymize_user\nr-{n}")));
@@ -35,7 +38,11 @@ fn check_requests(received: &[Received]) -> Vec<usize> {
 
 fn assert_each_once(numbers: &[usize], count: usize) {
     let unique: HashSet<_> = numbers.iter().collect();
-    assert_eq!(unique.len(), numbers.len(), "a request was sent twice: {numbers:?}");
+    assert_eq!(
+        unique.len(),
+        numbers.len(),
+        "a request was sent twice: {numbers:?}"
+    );
     assert_eq!(numbers.len(), count, "requests received: {numbers:?}");
     assert!(numbers.iter().all(|&n| n < count));
 }
@@ -52,7 +59,10 @@ async fn every_request_reaches_the_backend_exactly_once() {
     let backend = Backend::start().await;
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
     let daemon = ws.start_daemon(&[]);
-    wait_until(Duration::from_secs(90), "50 requests", || backend.count() >= 50).await;
+    wait_until(Duration::from_secs(90), "50 requests", || {
+        backend.count() >= 50
+    })
+    .await;
     // Every shard caught up: the retried duplicates at the end have been read too.
     wait_until(Duration::from_secs(60), "all 4 shards caught up", || {
         caught_up_count(&daemon.stderr()) >= 4
@@ -79,14 +89,23 @@ async fn a_restart_neither_loses_nor_repeats_a_request() {
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
 
     let first = ws.start_daemon(&[]);
-    wait_until(Duration::from_secs(90), "some requests", || backend.count() >= 15).await;
+    wait_until(Duration::from_secs(90), "some requests", || {
+        backend.count() >= 15
+    })
+    .await;
     let status = first.stop();
     assert!(status.success(), "SIGTERM must exit 0: {status}");
     let halfway = backend.count();
-    assert!(halfway < 50, "the stop came too late to test anything ({halfway})");
+    assert!(
+        halfway < 50,
+        "the stop came too late to test anything ({halfway})"
+    );
 
     let second = ws.start_daemon(&[]);
-    wait_until(Duration::from_secs(90), "all requests", || backend.count() >= 50).await;
+    wait_until(Duration::from_secs(90), "all requests", || {
+        backend.count() >= 50
+    })
+    .await;
     wait_until(Duration::from_secs(60), "all shards caught up", || {
         caught_up_count(&second.stderr()) >= 4
     })

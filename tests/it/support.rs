@@ -12,7 +12,16 @@ use aws_sdk_kinesis::types::{PutRecordsRequestEntry, StreamStatus};
 use aws_sdk_kinesis::Client;
 
 pub const TOKEN: &str = "test-token-7f3a";
-pub const BIN: &str = env!("CARGO_BIN_EXE_gdpr-consumer");
+
+/// The binary under test (the demo, an example, names it in `GDPR_CONSUMER_BIN`).
+pub fn bin() -> PathBuf {
+    match option_env!("CARGO_BIN_EXE_gdpr-consumer") {
+        Some(path) => PathBuf::from(path),
+        None => std::env::var_os("GDPR_CONSUMER_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo().join("target/debug/gdpr-consumer")),
+    }
+}
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -136,7 +145,7 @@ pub fn unrelated_event(i: usize) -> (String, Vec<u8>) {
     let data = match i % 10 {
         0..=4 => serde_json::json!({"type": "page_view", "client": "acme", "user_id": user, "path": format!("/products/{}", i % 97), "referrer": "https://search.example/?q=shoes", "ua": "Mozilla/5.0"}).to_string(),
         5 | 6 => serde_json::json!({"type": "order", "client": "acme", "user_id": user, "order_id": format!("o-{i}"), "total_cents": (i * 37) % 10_000, "items": [{"sku": "sku-1", "qty": 1}]}).to_string(),
-        7 => serde_json::json!({"type": "login", "client": "globex", "user_id": user, "ok": i % 3 != 0}).to_string(),
+        7 => serde_json::json!({"type": "login", "client": "globex", "user_id": user, "ok": !i.is_multiple_of(3)}).to_string(),
         8 => format!("{} INFO GET /api/v1/items/{} 200 12ms", 1_700_000_000 + i, i % 50),
         _ => match i % 3 {
             // Privacy requests the rule must leave alone: another client, CCPA, an export.
@@ -208,7 +217,10 @@ impl Backend {
         let behaviour: Arc<Behaviour> = Arc::new(behaviour);
         let log = received.clone();
         let app = axum::Router::new().fallback(
-            move |method: axum::http::Method, uri: axum::http::Uri, headers: axum::http::HeaderMap, body: String| {
+            move |method: axum::http::Method,
+                  uri: axum::http::Uri,
+                  headers: axum::http::HeaderMap,
+                  body: String| {
                 let log = log.clone();
                 let behaviour = behaviour.clone();
                 async move {
@@ -220,7 +232,10 @@ impl Backend {
                     };
                     let request = Received {
                         method: method.to_string(),
-                        path: uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+                        path: uri
+                            .path_and_query()
+                            .map(|p| p.to_string())
+                            .unwrap_or_default(),
                         authorization: header("authorization"),
                         idempotency_key: header("idempotency-key"),
                         content_type: header("content-type"),
@@ -306,6 +321,11 @@ timeout_ms = 5000
         Workspace { dir }
     }
 
+    /// Keeps the directory after the workspace is dropped (the demo leaves it to inspect).
+    pub fn keep(self) -> PathBuf {
+        self.dir.keep()
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -346,9 +366,12 @@ timeout_ms = 5000
     /// The dead letters as JSON values (the daemon must be stopped).
     pub fn dead_letters(&self) -> Vec<serde_json::Value> {
         let config = self.config();
-        let (code, out, err) = self.run(&["dead-letters", "list", "--config", config.to_str().unwrap()]);
+        let (code, out, err) =
+            self.run(&["dead-letters", "list", "--config", config.to_str().unwrap()]);
         assert_eq!(code, 0, "{err}");
-        out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 }
 
@@ -358,7 +381,7 @@ fn rand_suffix() -> String {
 
 /// The binary with a hermetic environment: static AWS credentials, the backend token.
 fn command(config: &Path) -> Command {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     cmd.current_dir(config.parent().unwrap())
         .env("BACKEND_TOKEN", TOKEN)
         .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
@@ -395,7 +418,11 @@ impl Daemon {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "daemon did not stop on SIGTERM:\n{}", self.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not stop on SIGTERM:\n{}",
+                self.stderr()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -423,5 +450,7 @@ pub async fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() ->
 
 /// Lines of a daemon log that say a shard caught up.
 pub fn caught_up_count(log: &str) -> usize {
-    log.lines().filter(|l| l.contains("shard caught up")).count()
+    log.lines()
+        .filter(|l| l.contains("shard caught up"))
+        .count()
 }

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Every test: installs the pinned Kinesis emulator (kinesalite, from npm, per its lockfile),
+# then runs the unit and integration tests. The tests start kinesalite and a backend
+# themselves, on free loopback ports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+npm ci --prefix tools/kinesalite --no-audit --no-fund --loglevel=error
+cargo test --all-targets
+cargo fmt --all -- --check
+cargo clippy --all-targets -- -D warnings

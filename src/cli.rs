@@ -326,10 +326,14 @@ fn dead_letters(args: StateArgs) -> Result<u8, Failure> {
             "shard_id": letter.shard_id,
             "sequence_number": letter.sequence_number,
             "sub_sequence_number": letter.sub_sequence_number,
+            "arrival_time": letter.arrival_time,
+            "rule": letter.rule,
+            "rule_file": letter.rule_file,
+            "rules_hash": letter.rules_hash,
         });
         let extra = match &letter.reason {
-            DeadLetterReason::RuleFailed { rule, error, .. } => serde_json::json!({
-                "kind": "rule_failed", "rule": rule, "error": error,
+            DeadLetterReason::RuleFailed { error, .. } => serde_json::json!({
+                "kind": "rule_failed", "error": error,
             }),
             DeadLetterReason::ActionFailed {
                 action,

@@ -7,7 +7,9 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
 use tokio::task::JoinSet;
 
 use crate::actions::{ActionError, ActionSet};
@@ -15,7 +17,7 @@ use crate::config::{ConfigError, Settings};
 use crate::keys::{KeyError, Keys};
 use crate::pipeline::{Pipeline, PipelineError, ShardExit, Sink};
 use crate::preview::{OutputFormat, Preview};
-use crate::rules::{testing, RuleError, RuleSet};
+use crate::rules::reload::{self, load_tested, LoadFailure, Rules};
 use crate::shutdown::Shutdown;
 use crate::source::{ready_shards, KinesisSource, ShardReader, SourceError};
 use crate::state::{State, StateError};
@@ -31,10 +33,8 @@ pub struct DryRun {
 pub enum RunError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("the rules cannot be used:\n{}", list(.0))]
-    Rules(Vec<RuleError>),
-    #[error("the rules fail their tests ({failed} failed, {passed} passed); run `gdpr-consumer rules test` for details")]
-    RuleTests { passed: usize, failed: usize },
+    #[error("the rules in {dir} cannot be used:\n{failure}", dir = .0.display(), failure = .1)]
+    Rules(PathBuf, LoadFailure),
     #[error(transparent)]
     Actions(#[from] ActionError),
     #[error(transparent)]
@@ -49,19 +49,11 @@ pub enum RunError {
     WorkerPanicked(String),
 }
 
-fn list(errors: &[RuleError]) -> String {
-    errors
-        .iter()
-        .map(|e| format!("  {e}"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 impl RunError {
     /// 2 for what the user must fix in the config or rules before starting; 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            RunError::Config(_) | RunError::Rules(_) | RunError::RuleTests { .. } => 2,
+            RunError::Config(_) | RunError::Rules(..) | RunError::Keys(_) => 2,
             RunError::Actions(ActionError::Client { .. }) => 1,
             RunError::Actions(_) => 2,
             _ => 1,
@@ -69,23 +61,11 @@ impl RunError {
     }
 }
 
-/// Loads the rules and refuses them unless they compile and pass their tests.
-pub fn load_rules(settings: &Settings) -> Result<RuleSet, RunError> {
-    let names = settings.actions.keys().cloned().collect();
-    let rules = RuleSet::load(&settings.rules_dir, Some(names)).map_err(RunError::Rules)?;
-    let report = testing::run(&rules).map_err(RunError::Rules)?;
-    if !report.failures.is_empty() {
-        return Err(RunError::RuleTests {
-            passed: report.passed,
-            failed: report.failures.len(),
-        });
-    }
-    Ok(rules)
-}
-
 /// Runs the daemon (or the dry-run) to the end.
 pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunError> {
-    let rules = load_rules(&settings)?;
+    let action_names: BTreeSet<String> = settings.actions.keys().cloned().collect();
+    let rules = load_tested(&settings.rules_dir, &action_names)
+        .map_err(|failure| RunError::Rules(settings.rules_dir.clone(), failure))?;
     tracing::info!(
         rules = rules.rules().len(),
         hash = rules.hash(),
@@ -112,9 +92,18 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
     let shutdown = Shutdown::new();
     spawn_signal_handler(shutdown.clone());
 
+    let rules = Arc::new(Rules::new(rules, settings.rules_dir.clone(), action_names));
+    if dry_run.is_none() {
+        let (rules, shutdown) = (rules.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = reload::watch(rules, shutdown).await {
+                tracing::error!(error = %e, "cannot watch the rules directory; hot reload is off");
+            }
+        });
+    }
     let pipeline = Arc::new(Pipeline {
         stream: settings.stream.name.clone(),
-        rules: Arc::new(ArcSwap::from_pointee(rules)),
+        rules,
         actions,
         sink,
         shutdown: shutdown.clone(),

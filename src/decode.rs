@@ -1,22 +1,14 @@
-//! Decode: a Kinesis record's bytes into what a rule sees as `record.data`.
+//! Decode: a Kinesis record's bytes into the logical records rules see.
 //!
-//! JSON payloads become JSON values, UTF-8 text that is not JSON stays a string, anything
-//! else is a BLOB. The decoded bytes are kept for the rules' literal prefilter.
+//! `record.data` is built only when some rule needs it ([`rule_data`]): JSON payloads become
+//! JSON values, UTF-8 text that is not JSON stays a string, anything else is a BLOB.
 
-use serde_json::Value;
+use rhai::Dynamic;
 
 use crate::clock::rfc3339;
 use crate::source::RawRecord;
 
-/// The decoded payload.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Data {
-    Json(Value),
-    Text(String),
-    Binary(Vec<u8>),
-}
-
-/// One logical record, as rules see it.
+/// One logical record.
 #[derive(Debug, Clone)]
 pub struct Record {
     pub stream: String,
@@ -27,26 +19,12 @@ pub struct Record {
     pub partition_key: String,
     /// RFC 3339 UTC.
     pub arrival_time: String,
-    /// The payload bytes the prefilter searches.
+    /// The decoded payload: what the prefilter searches and `record.data` is made from.
     pub bytes: Vec<u8>,
-    pub data: Data,
-}
-
-impl Data {
-    pub fn from_bytes(bytes: &[u8]) -> Data {
-        if let Ok(value) = serde_json::from_slice::<Value>(bytes) {
-            return Data::Json(value);
-        }
-        match std::str::from_utf8(bytes) {
-            Ok(text) => Data::Text(text.to_owned()),
-            Err(_) => Data::Binary(bytes.to_vec()),
-        }
-    }
 }
 
 /// Decodes one record read from a shard into the logical records it carries.
 pub fn decode(stream: &str, shard_id: &str, raw: RawRecord) -> Vec<Record> {
-    let data = Data::from_bytes(&raw.data);
     vec![Record {
         stream: stream.to_owned(),
         shard_id: shard_id.to_owned(),
@@ -55,8 +33,18 @@ pub fn decode(stream: &str, shard_id: &str, raw: RawRecord) -> Vec<Record> {
         partition_key: raw.partition_key,
         arrival_time: rfc3339(raw.arrival_time_millis),
         bytes: raw.data,
-        data,
     }]
+}
+
+/// The payload as a rule's `record.data`: JSON (null reads as `()`), else text, else a BLOB.
+pub fn rule_data(bytes: &[u8]) -> Dynamic {
+    if let Ok(value) = serde_json::from_slice::<Dynamic>(bytes) {
+        return value;
+    }
+    match std::str::from_utf8(bytes) {
+        Ok(text) => text.into(),
+        Err(_) => Dynamic::from_blob(bytes.to_vec()),
+    }
 }
 
 #[cfg(test)]
@@ -65,17 +53,16 @@ mod tests {
 
     #[test]
     fn json_text_and_binary() {
+        let json = rule_data(br#"{"type":"x","n":null,"big":18446744073709551615}"#);
+        let map = json.cast::<rhai::Map>();
+        assert_eq!(map["type"].clone().into_string().unwrap(), "x");
+        assert!(map["n"].is_unit());
+        assert!(map["big"].is_float());
         assert_eq!(
-            Data::from_bytes(br#"{"type":"x"}"#),
-            Data::Json(serde_json::json!({"type": "x"}))
+            rule_data(b"GET /index.html 200").into_string().unwrap(),
+            "GET /index.html 200"
         );
-        assert_eq!(
-            Data::from_bytes(b"GET /index.html 200"),
-            Data::Text("GET /index.html 200".into())
-        );
-        assert_eq!(
-            Data::from_bytes(&[0xff, 0x00]),
-            Data::Binary(vec![0xff, 0x00])
-        );
+        assert!(rule_data(&[0xff, 0x00]).is_blob());
+        assert!(rule_data(b"null").is_unit());
     }
 }

@@ -6,14 +6,13 @@
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
-
 use crate::actions::{ActionSet, Outcome};
 use crate::clock::now_ms;
 use crate::decode::{self, Record};
 use crate::keys::Keys;
 use crate::preview::Preview;
-use crate::rules::{Decision, Rule, RuleError, RuleSet, Verdict};
+use crate::rules::reload::Rules;
+use crate::rules::{Decision, Rule, RuleError, Verdict};
 use crate::shutdown::Shutdown;
 use crate::source::{Checkpoint, Position, ShardReader, SourceError};
 use crate::state::{DeadLetter, DeadLetterReason, State, StateError};
@@ -50,7 +49,7 @@ pub enum Sink {
 pub struct Pipeline {
     pub stream: String,
     /// Swapped whole by a reload; each record sees one rule set.
-    pub rules: Arc<ArcSwap<RuleSet>>,
+    pub rules: Arc<Rules>,
     pub actions: ActionSet,
     pub sink: Sink,
     pub shutdown: Shutdown,
@@ -156,20 +155,24 @@ impl Pipeline {
     async fn handle(&self, record: &Record) -> Result<Settled, PipelineError> {
         let rules = self.rules.load();
         for (rule, verdict) in rules.evaluate(record) {
+            let maker = Maker {
+                rule,
+                rules_hash: rules.hash(),
+            };
             let decisions = match verdict {
                 Verdict::Skipped => {
                     self.note(|p| p.rule_skipped(&rule.name));
                     continue;
                 }
                 Verdict::Failed(error) => {
-                    self.rule_failed(record, &rule.name, error, false)?;
+                    self.rule_failed(record, &maker, error, false)?;
                     continue;
                 }
                 Verdict::Decided(decisions) => decisions,
             };
             self.note(|p| p.rule_decided(&rule.name, decisions.len()));
             for decision in decisions {
-                if let Settled::No = self.act(record, rule, decision).await? {
+                if let Settled::No = self.act(record, &maker, decision).await? {
                     return Ok(Settled::No);
                 }
             }
@@ -188,10 +191,11 @@ impl Pipeline {
     fn rule_failed(
         &self,
         record: &Record,
-        rule: &str,
+        maker: &Maker,
         error: RuleError,
         decided: bool,
     ) -> Result<(), PipelineError> {
+        let rule = maker.rule.name.as_str();
         tracing::warn!(
             shard_id = %record.shard_id,
             sequence_number = %record.sequence_number,
@@ -207,8 +211,8 @@ impl Pipeline {
             Sink::Live { state, .. } => self.dead_letter(
                 state,
                 record,
+                maker,
                 DeadLetterReason::RuleFailed {
-                    rule: rule.to_owned(),
                     error: error.to_string(),
                     payload_hex: hex::encode(&record.bytes),
                 },
@@ -220,6 +224,7 @@ impl Pipeline {
         &self,
         state: &State,
         record: &Record,
+        maker: &Maker,
         reason: DeadLetterReason,
     ) -> Result<(), PipelineError> {
         let letter = DeadLetter {
@@ -229,6 +234,10 @@ impl Pipeline {
             sequence_number: record.sequence_number.clone(),
             sub_sequence_number: record.sub_sequence_number,
             partition_key: record.partition_key.clone(),
+            arrival_time: record.arrival_time.clone(),
+            rule: maker.rule.name.clone(),
+            rule_file: maker.rule.path.display().to_string(),
+            rules_hash: maker.rules_hash.to_owned(),
             reason,
         };
         let id = state
@@ -250,22 +259,22 @@ impl Pipeline {
     async fn act(
         &self,
         record: &Record,
-        rule: &Rule,
+        maker: &Maker<'_>,
         decision: Decision,
     ) -> Result<Settled, PipelineError> {
         let request = match self.actions.prepare(&decision) {
             Ok(request) => request,
             Err(e) => {
                 let error = RuleError::Decision {
-                    rule: rule.name.clone(),
-                    file: rule.path.clone(),
+                    rule: maker.rule.name.clone(),
+                    file: maker.rule.path.clone(),
                     reason: e.to_string(),
                 };
-                self.rule_failed(record, &rule.name, error, true)?;
+                self.rule_failed(record, maker, error, true)?;
                 return Ok(Settled::Yes);
             }
         };
-        let rule = rule.name.as_str();
+        let rule = maker.rule.name.as_str();
         let (state, keys) = match &self.sink {
             Sink::Preview(preview) => {
                 preview.would_act(rule, &decision, &request, record);
@@ -286,7 +295,7 @@ impl Pipeline {
                 state
                     .mark_done(&id)
                     .map_err(|e| self.state_error(record, e))?;
-                tracing::info!(shard_id = %record.shard_id, sequence_number = %record.sequence_number, rule, action = %decision.action, status, attempts, "action done");
+                tracing::info!(shard_id = %record.shard_id, sequence_number = %record.sequence_number, rule, rules_hash = maker.rules_hash, action = %decision.action, status, attempts, "action done");
                 Ok(Settled::Yes)
             }
             Outcome::Failed {
@@ -298,6 +307,7 @@ impl Pipeline {
                 self.dead_letter(
                     state,
                     record,
+                    maker,
                     DeadLetterReason::ActionFailed {
                         action: decision.action,
                         key: decision.key,
@@ -312,4 +322,10 @@ impl Pipeline {
             Outcome::Interrupted => Ok(Settled::No),
         }
     }
+}
+
+/// The rule behind a decision, and the rule set it belonged to (kept with every outcome).
+struct Maker<'a> {
+    rule: &'a Rule,
+    rules_hash: &'a str,
 }

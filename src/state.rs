@@ -52,7 +52,6 @@ pub enum StateError {
 pub enum DeadLetterReason {
     /// A rule failed on the record (or returned an invalid decision).
     RuleFailed {
-        rule: String,
         error: String,
         /// The record's payload, hex, so the record can be re-run later.
         payload_hex: String,
@@ -76,6 +75,11 @@ pub struct DeadLetter {
     pub sequence_number: String,
     pub sub_sequence_number: u64,
     pub partition_key: String,
+    pub arrival_time: String,
+    /// The rule that failed or made the decision, its file, and the hash of its rule set.
+    pub rule: String,
+    pub rule_file: String,
+    pub rules_hash: String,
     #[serde(flatten)]
     pub reason: DeadLetterReason,
 }
@@ -295,8 +299,11 @@ mod tests {
                 sequence_number: "43".into(),
                 sub_sequence_number: 0,
                 partition_key: "pk".into(),
+                arrival_time: "1970-01-01T00:00:00Z".into(),
+                rule: "r".into(),
+                rule_file: "rules/r.rhai".into(),
+                rules_hash: "abc".into(),
                 reason: DeadLetterReason::RuleFailed {
-                    rule: "r".into(),
                     error: "boom".into(),
                     payload_hex: "00".into(),
                 },

@@ -1,18 +1,46 @@
 //! The sandboxed Rhai engine: the standard library minus everything that reaches outside
-//! (no `eval`, `import`, `sleep` or printing), bounded in operations, depth and size.
+//! (no `eval`, `import`, `sleep` or printing), strict variables, bounded in operations,
+//! call depth, expression depth, data sizes and wall-clock time per call; plus a few pure
+//! helpers compliance staff need.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use rhai::packages::{
     ArithmeticPackage, BasicArrayPackage, BasicBlobPackage, BasicFnPackage, BasicIteratorPackage,
     BasicMapPackage, BasicMathPackage, BasicStringPackage, BitFieldPackage, LogicPackage,
     MoreStringPackage, Package,
 };
-use rhai::{Engine, EvalAltResult};
+use rhai::{Dynamic, Engine, EvalAltResult, Position};
+use sha2::{Digest, Sha256};
 
 /// Operations one `decide` call may run before it is stopped.
 pub const MAX_OPERATIONS: u64 = 200_000;
+/// Wall-clock time one `decide` call may take (collection growth can be slow per operation).
+pub const MAX_DURATION: Duration = Duration::from_millis(50);
+/// Largest string a rule may build (1 MiB).
+pub const MAX_STRING: usize = 1 << 20;
+/// Largest array or map a rule may build.
+pub const MAX_COLLECTION: usize = 10_000;
+/// Compiled regex patterns kept per thread.
+const REGEX_CACHE: usize = 256;
+
+thread_local! {
+    static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+    static REGEXES: RefCell<HashMap<String, regex::Regex>> = RefCell::new(HashMap::new());
+}
+
+/// Runs `f` (one rule call) under the wall-clock deadline.
+pub fn with_deadline<T>(f: impl FnOnce() -> T) -> T {
+    DEADLINE.with(|d| d.set(Some(Instant::now() + MAX_DURATION)));
+    let result = f();
+    DEADLINE.with(|d| d.set(None));
+    result
+}
 
 pub fn sandboxed() -> Engine {
-    // `new_raw` has no packages, no module resolver (so `import` fails) and prints nowhere.
+    // `new_raw` has no packages and no module resolver, so `import` fails.
     let mut engine = Engine::new_raw();
     // Not `LanguageCorePackage`: it holds `sleep`. Not the time package: rules are pure.
     engine.register_global_module(ArithmeticPackage::new().as_shared_module());
@@ -27,13 +55,76 @@ pub fn sandboxed() -> Engine {
     engine.register_global_module(BasicBlobPackage::new().as_shared_module());
     engine.register_global_module(BasicMapPackage::new().as_shared_module());
     engine.disable_symbol("eval");
+    // `print` and `debug` go nowhere: never to stdout, never payloads into logs.
+    engine.on_print(|_| {});
+    engine.on_debug(|_, _, _| {});
+    engine.set_strict_variables(true);
     engine.set_max_operations(MAX_OPERATIONS);
     engine.set_max_call_levels(32);
     engine.set_max_expr_depths(64, 32);
-    engine.set_max_string_size(2 * 1024 * 1024);
-    engine.set_max_array_size(100_000);
-    engine.set_max_map_size(100_000);
+    engine.set_max_string_size(MAX_STRING);
+    engine.set_max_array_size(MAX_COLLECTION);
+    engine.set_max_map_size(MAX_COLLECTION);
+    engine.on_progress(|operations| {
+        if operations % 256 != 0 {
+            return None;
+        }
+        DEADLINE.with(|d| match d.get() {
+            Some(deadline) if Instant::now() >= deadline => Some(Dynamic::from("deadline")),
+            _ => None,
+        })
+    });
+    register_helpers(&mut engine);
     engine
+}
+
+/// Pure helpers Rhai lacks. Each accepts `()` (a missing field) and answers `()` or false.
+fn register_helpers(engine: &mut Engine) {
+    engine.register_fn("regex_match", |text: &str, pattern: &str| {
+        with_regex(pattern, |re| re.is_match(text))
+    });
+    engine.register_fn("regex_match", |_: (), _: &str| false);
+    engine.register_fn("regex_capture", |text: &str, pattern: &str| {
+        with_regex(pattern, |re| match re.captures(text) {
+            Some(caps) => caps
+                .get(1)
+                .or_else(|| caps.get(0))
+                .map_or(Dynamic::UNIT, |m| m.as_str().into()),
+            None => Dynamic::UNIT,
+        })
+    });
+    engine.register_fn("regex_capture", |_: (), _: &str| ());
+    engine.register_fn("lower", |text: &str| text.to_lowercase());
+    engine.register_fn("lower", |_: ()| ());
+    engine.register_fn("trimmed", |text: &str| text.trim().to_owned());
+    engine.register_fn("trimmed", |_: ()| ());
+    engine.register_fn("sha256_hex", |text: &str| hex::encode(Sha256::digest(text)));
+}
+
+/// Compiles a pattern once per thread (bounded in size, so a hostile pattern fails fast).
+fn with_regex<T>(
+    pattern: &str,
+    f: impl FnOnce(&regex::Regex) -> T,
+) -> Result<T, Box<EvalAltResult>> {
+    REGEXES.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if !cache.contains_key(pattern) {
+            let re = regex::RegexBuilder::new(pattern)
+                .size_limit(1 << 20)
+                .build()
+                .map_err(|e| {
+                    Box::new(EvalAltResult::ErrorRuntime(
+                        format!("invalid regex: {e}").into(),
+                        Position::NONE,
+                    ))
+                })?;
+            if cache.len() >= REGEX_CACHE {
+                cache.clear();
+            }
+            cache.insert(pattern.to_owned(), re);
+        }
+        Ok(f(&cache[pattern]))
+    })
 }
 
 /// The kind of a runtime error, without any value it may quote (safe to log).
@@ -41,6 +132,7 @@ pub fn error_kind(err: &EvalAltResult) -> String {
     let kind = match err {
         EvalAltResult::ErrorRuntime(..) => "the rule threw an exception",
         EvalAltResult::ErrorTooManyOperations(..) => "too many operations",
+        EvalAltResult::ErrorTerminated(..) => "took too long",
         EvalAltResult::ErrorStackOverflow(..) => "call stack overflow",
         EvalAltResult::ErrorDataTooLarge(..) => "data too large",
         EvalAltResult::ErrorFunctionNotFound(..) => "function not found",

@@ -5,18 +5,20 @@
 //! A compiled [`RuleSet`] is immutable, so a reload can swap in a new one between records.
 
 mod engine;
+mod prefilter;
+pub mod reload;
 pub mod testing;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use aho_corasick::AhoCorasick;
 use rhai::{CallFnOptions, Dynamic, Engine, Scope, AST};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::decode::{Data, Record};
+use crate::decode::{rule_data, Record};
+use prefilter::Prefilter;
 
 /// What a rule decided: call `action` for the request identified by `key`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -87,7 +89,7 @@ pub struct Rule {
     pub path: PathBuf,
     ast: AST,
     /// Literals of `const PREFILTER`: records whose bytes contain none are skipped.
-    prefilter: Option<AhoCorasick>,
+    literals: Option<Vec<String>>,
 }
 
 /// What one rule made of one record.
@@ -103,6 +105,7 @@ pub enum Verdict {
 pub struct RuleSet {
     engine: Arc<Engine>,
     rules: Vec<Rule>,
+    prefilter: Prefilter,
     /// Action names decisions may use; `None` accepts any (rules check without a config).
     actions: Option<BTreeSet<String>>,
     hash: String,
@@ -138,6 +141,7 @@ impl RuleSet {
         }
         Ok(RuleSet {
             engine,
+            prefilter: Prefilter::new(rules.iter().map(|r| r.literals.as_deref())),
             rules,
             actions,
             hash: hex::encode(&hasher.finalize()[..8]),
@@ -153,42 +157,43 @@ impl RuleSet {
         &self.hash
     }
 
-    /// Runs every rule on a record, in order.
+    /// Runs every rule on a record, in order. The record is decoded for the rules only
+    /// if some rule's prefilter lets it through, and then once for all of them.
     pub fn evaluate(&self, record: &Record) -> Vec<(&Rule, Verdict)> {
-        let escaped = has_json_escape(&record.bytes);
-        let input = record_to_dynamic(record);
+        let eligible = self.prefilter.eligible(&record.bytes);
+        let mut input = None;
         self.rules
             .iter()
-            .map(|rule| (rule, self.evaluate_one(rule, record, escaped, &input)))
+            .zip(eligible)
+            .map(|(rule, eligible)| {
+                if !eligible {
+                    return (rule, Verdict::Skipped);
+                }
+                let input = input.get_or_insert_with(|| record_to_dynamic(record));
+                (rule, self.call(rule, input))
+            })
             .collect()
     }
 
-    /// Runs one rule on a record (what `rules test` does per case).
-    pub fn evaluate_rule(&self, rule: &Rule, record: &Record) -> Verdict {
-        let escaped = has_json_escape(&record.bytes);
-        self.evaluate_one(rule, record, escaped, &record_to_dynamic(record))
+    /// Runs one rule on a record, prefilter included (what `rules test` does per case).
+    pub fn evaluate_rule(&self, index: usize, record: &Record) -> Verdict {
+        if !self.prefilter.eligible(&record.bytes)[index] {
+            return Verdict::Skipped;
+        }
+        self.call(&self.rules[index], &record_to_dynamic(record))
     }
 
-    fn evaluate_one(
-        &self,
-        rule: &Rule,
-        record: &Record,
-        escaped: bool,
-        input: &Dynamic,
-    ) -> Verdict {
-        if let Some(prefilter) = &rule.prefilter {
-            if !escaped && !prefilter.is_match(&record.bytes) {
-                return Verdict::Skipped;
-            }
-        }
+    fn call(&self, rule: &Rule, input: &Dynamic) -> Verdict {
         let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
-        let result = self.engine.call_fn_with_options::<Dynamic>(
-            options,
-            &mut Scope::new(),
-            &rule.ast,
-            "decide",
-            (input.clone(),),
-        );
+        let result = engine::with_deadline(|| {
+            self.engine.call_fn_with_options::<Dynamic>(
+                options,
+                &mut Scope::new(),
+                &rule.ast,
+                "decide",
+                (input.clone(),),
+            )
+        });
         match result {
             Ok(value) => match decisions_from(value, self.actions.as_ref()) {
                 Ok(decisions) => Verdict::Decided(decisions),
@@ -215,11 +220,6 @@ impl RuleSet {
             }
         }
     }
-}
-
-/// Whether the bytes hold a JSON `\u` escape, which a literal prefilter cannot see through.
-fn has_json_escape(bytes: &[u8]) -> bool {
-    bytes.windows(2).any(|w| w == b"\\u")
 }
 
 /// The `*.rhai` files of a directory, sorted by file name.
@@ -260,8 +260,8 @@ fn compile(engine: &Engine, path: &Path) -> Result<(Rule, String), RuleError> {
     {
         return Err(at(1, 1, "the rule must define `fn decide(record)`".into()));
     }
-    let prefilter =
-        prefilter(engine, &ast, &source).map_err(|(line, message)| at(line, 1, message))?;
+    let literals = prefilter_literals(engine, &ast, &source)
+        .map_err(|(line, message)| at(line, 1, message))?;
     let name = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -271,18 +271,18 @@ fn compile(engine: &Engine, path: &Path) -> Result<(Rule, String), RuleError> {
             name,
             path: path.to_owned(),
             ast,
-            prefilter,
+            literals,
         },
         source,
     ))
 }
 
 /// Reads `const PREFILTER = [...]` by running the rule's top level once.
-fn prefilter(
+fn prefilter_literals(
     engine: &Engine,
     ast: &AST,
     source: &str,
-) -> Result<Option<AhoCorasick>, (usize, String)> {
+) -> Result<Option<Vec<String>>, (usize, String)> {
     let line = source
         .lines()
         .position(|l| l.contains("PREFILTER"))
@@ -315,20 +315,13 @@ fn prefilter(
             "PREFILTER is empty: it would skip every record".into(),
         ));
     }
-    AhoCorasick::new(&literals)
-        .map(Some)
-        .map_err(|e| (line, format!("PREFILTER: {e}")))
+    Ok(Some(literals))
 }
 
 /// Builds the read-only `record` map a rule receives.
 fn record_to_dynamic(record: &Record) -> Dynamic {
-    let data = match &record.data {
-        Data::Json(value) => rhai::serde::to_dynamic(value).unwrap_or(Dynamic::UNIT),
-        Data::Text(text) => Dynamic::from(text.clone()),
-        Data::Binary(bytes) => Dynamic::from_blob(bytes.clone()),
-    };
     let mut map = rhai::Map::new();
-    map.insert("data".into(), data);
+    map.insert("data".into(), rule_data(&record.bytes));
     map.insert("partition_key".into(), record.partition_key.clone().into());
     map.insert(
         "sequence_number".into(),
@@ -452,7 +445,6 @@ mod tests {
             partition_key: "pk".into(),
             arrival_time: crate::clock::rfc3339(0),
             bytes: json.as_bytes().to_vec(),
-            data: Data::from_bytes(json.as_bytes()),
         }
     }
 
@@ -570,6 +562,73 @@ fn decide(record) {
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn hostile_rules_cost_at_most_their_limits() {
+        let cases = [
+            "fn decide(r) { let s = \"x\"; loop { s += s; } }",
+            "fn decide(r) { let a = []; loop { a.push(\"xxxxxxxxxxxxxxxx\"); } }",
+            "fn decide(r) { let m = #{}; let i = 0; loop { m[`k${i}`] = i; i += 1; } }",
+        ];
+        for text in cases {
+            let (_d, rs) =
+                ruleset(&[("x.rhai", text)], &["a"]).unwrap_or_else(|e| panic!("{text}: {e:?}"));
+            let started = std::time::Instant::now();
+            assert!(
+                matches!(rs.evaluate(&record("{}"))[0].1, Verdict::Failed(_)),
+                "{text}"
+            );
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(2),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn undefined_variables_are_compile_errors() {
+        let errs = ruleset(&[("x.rhai", "fn decide(r) {\n  recrod.data\n}")], &["a"])
+            .err()
+            .unwrap();
+        assert!(
+            errs[0]
+                .to_string()
+                .contains("x.rhai:2:3: Undefined variable: recrod"),
+            "{}",
+            errs[0]
+        );
+    }
+
+    #[test]
+    fn helpers_work_and_tolerate_missing_fields() {
+        let (_d, rs) = ruleset(
+            &[(
+                "h.rhai",
+                r#"fn decide(r) {
+    let d = r.data;
+    if !regex_match(d.email, "^[^@]+@example\\.com$") { return; }
+    if regex_match(d.missing, "x") || lower(d.missing) != () { throw "missing fields must read as ()"; }
+    #{ action: "a", key: sha256_hex(lower(trimmed(d.email))), params: #{ ticket: regex_capture(d.note, "ticket (T-\\d+)") } }
+}"#,
+            )],
+            &["a"],
+        )
+        .unwrap();
+        let verdicts = rs.evaluate(&record(r#"{"email":"jo@elsewhere.com"}"#));
+        assert!(
+            matches!(&verdicts[0].1, Verdict::Decided(d) if d.is_empty()),
+            "{:?}",
+            verdicts[0].1
+        );
+        let verdicts = rs.evaluate(&record(
+            r#"{"email":"jo@example.com","note":"see ticket T-42 please"}"#,
+        ));
+        let Verdict::Decided(d) = &verdicts[0].1 else {
+            panic!("{:?}", verdicts[0].1)
+        };
+        assert_eq!(d[0].key, hex::encode(Sha256::digest("jo@example.com")));
+        assert_eq!(d[0].params["ticket"], "T-42");
     }
 
     #[test]

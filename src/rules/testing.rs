@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{Decision, Location, Rule, RuleError, RuleSet, Verdict};
+use super::{Decision, Location, RuleError, RuleSet, Verdict};
 use crate::clock::rfc3339;
-use crate::decode::{Data, Record};
+use crate::decode::Record;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -98,7 +98,7 @@ pub fn test_file(rule_path: &Path) -> PathBuf {
 pub fn run(set: &RuleSet) -> Result<Report, Vec<RuleError>> {
     let mut report = Report::default();
     let mut errors = Vec::new();
-    for rule in set.rules() {
+    for (index, rule) in set.rules().iter().enumerate() {
         let path = test_file(&rule.path);
         if !path.exists() {
             report.untested.push(rule.name.clone());
@@ -107,7 +107,7 @@ pub fn run(set: &RuleSet) -> Result<Report, Vec<RuleError>> {
         match load_cases(&path) {
             Ok(cases) => {
                 for case in cases {
-                    run_case(set, rule, case, &mut report);
+                    run_case(set, index, case, &mut report);
                 }
             }
             Err(e) => errors.push(e),
@@ -133,7 +133,7 @@ fn load_cases(path: &Path) -> Result<Vec<Case>, RuleError> {
     })
 }
 
-fn run_case(set: &RuleSet, rule: &Rule, case: Case, report: &mut Report) {
+fn run_case(set: &RuleSet, index: usize, case: Case, report: &mut Report) {
     let r = case.record;
     let record = Record {
         stream: r.stream,
@@ -143,10 +143,9 @@ fn run_case(set: &RuleSet, rule: &Rule, case: Case, report: &mut Report) {
         partition_key: r.partition_key,
         arrival_time: r.arrival_time,
         bytes: serde_json::to_vec(&r.data).unwrap_or_default(),
-        data: Data::Json(r.data),
     };
     let expected = case.expect.into_list();
-    let actual = match set.evaluate_rule(rule, &record) {
+    let actual = match set.evaluate_rule(index, &record) {
         Verdict::Skipped => Ok(Vec::new()),
         Verdict::Decided(decisions) => Ok(decisions),
         Verdict::Failed(e) => Err(e.to_string()),
@@ -154,7 +153,7 @@ fn run_case(set: &RuleSet, rule: &Rule, case: Case, report: &mut Report) {
     match actual {
         Ok(actual) if actual == expected => report.passed += 1,
         actual => report.failures.push(Failure {
-            rule: rule.name.clone(),
+            rule: set.rules()[index].name.clone(),
             case: case.name,
             expected: decisions_json(&expected),
             actual: match actual {

@@ -73,7 +73,7 @@ fn run_refuses_bad_setup_with_exit_2() {
     ws.write_rule("acme_gdpr_delete_user.test.json", r#"[{"name": "x", "record": {"data": {}}, "expect": {"action": "anonymize_user", "key": "k"}}]"#);
     let (code, _, err) = ws.run(&["run", "--config", config]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("fail their tests"), "{err}");
+    assert!(err.contains("test failed: acme_gdpr_delete_user / x"), "{err}");
 
     // An http:// action without allow_insecure_http.
     let text = std::fs::read_to_string(ws.config())

@@ -322,6 +322,7 @@ timeout_ms = 5000
     }
 
     /// Keeps the directory after the workspace is dropped (the demo leaves it to inspect).
+    #[allow(dead_code)] // used by examples/demo.rs
     pub fn keep(self) -> PathBuf {
         self.dir.keep()
     }

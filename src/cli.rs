@@ -273,7 +273,7 @@ fn rules_test(args: RulesArgs) -> Result<u8, Failure> {
     for rule in &report.untested {
         let _ = writeln!(
             out,
-            "note: rule {rule} has no test cases ({rule}.test.json)"
+            "warning: rule {rule} has no test cases ({rule}.test.json)"
         );
     }
     let _ = writeln!(

@@ -40,7 +40,11 @@ pub struct Location {
 
 impl std::fmt::Display for Location {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}:{}", self.file.display(), self.line, self.column)
+        match self.line {
+            // Limits (operations, deadline) stop a rule wherever it is: no line to give.
+            0 => write!(f, "{}", self.file.display()),
+            line => write!(f, "{}:{}:{}", self.file.display(), line, self.column),
+        }
     }
 }
 
@@ -207,6 +211,13 @@ impl RuleSet {
                 let position = err.position();
                 let kind = engine::error_kind(&err);
                 err.clear_position();
+                let message = match *err {
+                    rhai::EvalAltResult::ErrorTerminated(..) => format!(
+                        "took longer than {} ms and was stopped",
+                        engine::MAX_DURATION.as_millis()
+                    ),
+                    _ => err.to_string(),
+                };
                 Verdict::Failed(RuleError::Runtime {
                     rule: rule.name.clone(),
                     location: Location {
@@ -215,7 +226,7 @@ impl RuleSet {
                         column: position.position().unwrap_or(0),
                     },
                     kind,
-                    message: err.to_string(),
+                    message,
                 })
             }
         }

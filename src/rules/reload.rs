@@ -76,6 +76,22 @@ pub fn load_tested(dir: &Path, actions: &BTreeSet<String>) -> Result<RuleSet, Lo
     Ok(set)
 }
 
+/// What asked for a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    DirectoryChanged,
+    Sighup,
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Cause::DirectoryChanged => "rules directory changed",
+            Cause::Sighup => "SIGHUP",
+        })
+    }
+}
+
 /// What the daemon reports about its rules.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RulesStatus {
@@ -126,7 +142,7 @@ impl Rules {
     }
 
     /// Compiles and tests the rules directory; installs the result only if all is well.
-    pub fn reload(&self, cause: &str) {
+    pub fn reload(&self, cause: Cause) {
         let result = load_tested(&self.dir, &self.actions);
         let mut status = self.status.lock().unwrap();
         match result {
@@ -139,10 +155,11 @@ impl Rules {
                 status.last_error = None;
                 status.reloads_ok += 1;
                 self.current.store(Arc::new(set));
-                if changed || was_stale {
-                    tracing::info!(cause, hash = %status.hash, rules = status.loaded, "rules reloaded");
+                // An operator's SIGHUP always gets an answer; an editor's temp file does not.
+                if changed || was_stale || cause == Cause::Sighup {
+                    tracing::info!(%cause, hash = %status.hash, rules = status.loaded, changed, "rules reloaded");
                 } else {
-                    tracing::debug!(cause, "rules unchanged");
+                    tracing::debug!(%cause, "rules unchanged");
                 }
             }
             Err(failure) => {
@@ -150,7 +167,7 @@ impl Rules {
                 status.last_error = Some(failure.to_string());
                 status.reloads_failed += 1;
                 tracing::error!(
-                    cause,
+                    %cause,
                     running = %status.hash,
                     "rules reload refused; the previous rules keep running and are stale:\n{failure}"
                 );
@@ -177,9 +194,9 @@ pub async fn watch(rules: Arc<Rules>, shutdown: Shutdown) -> Result<(), notify::
             Some(()) = changes.recv() => {
                 // Wait until the directory is quiet.
                 while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, changes.recv()).await {}
-                "rules directory changed"
+                Cause::DirectoryChanged
             }
-            Some(()) = hangup.recv() => "SIGHUP",
+            Some(()) = hangup.recv() => Cause::Sighup,
             _ = reminder.tick() => {
                 let status = rules.status();
                 if status.stale {

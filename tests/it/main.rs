@@ -6,4 +6,5 @@ mod dry_run;
 mod faults;
 mod pipeline;
 mod resharding;
+mod rules;
 mod support;

@@ -288,7 +288,9 @@ impl Workspace {
         std::fs::create_dir(&rules).unwrap();
         for entry in std::fs::read_dir(repo().join("rules")).unwrap() {
             let path = entry.unwrap().path();
-            std::fs::copy(&path, rules.join(path.file_name().unwrap())).unwrap();
+            if path.is_file() {
+                std::fs::copy(&path, rules.join(path.file_name().unwrap())).unwrap();
+            }
         }
         let config = format!(
             r#"
@@ -409,11 +411,7 @@ impl Daemon {
 
     /// Sends SIGTERM and waits for the exit.
     pub fn stop(mut self) -> ExitStatus {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        self.signal("TERM");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -426,6 +424,15 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Sends a signal by name (`HUP`, `TERM`, ...).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
     }
 
     pub fn is_running(&mut self) -> bool {

@@ -1,0 +1,224 @@
+//! Rules in the running daemon: hot reload that only installs a set that passes, and
+//! hostile rules that cost their limit and nothing more.
+
+use std::time::Duration;
+
+use aws_sdk_kinesis::Client;
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+fn vip(n: usize) -> Value {
+    json!({"type": "vip_request", "request_id": format!("v-{n}"), "user_id": format!("vip-{n}")})
+}
+
+const VIP_V1: &str = r#"const PREFILTER = ["vip_request"];
+fn decide(record) {
+    let d = record.data;
+    if type_of(d) != "map" || d.type != "vip_request" { return; }
+    #{ action: "anonymize_user", key: d.request_id, params: #{ user_id: d.user_id } }
+}
+"#;
+const VIP_V1_TEST: &str = r#"[{"name": "vip", "record": {"data": {"type": "vip_request", "request_id": "v-0", "user_id": "vip-0"}},
+  "expect": {"action": "anonymize_user", "key": "v-0", "params": {"user_id": "vip-0"}}}]"#;
+const VIP_V2: &str = r#"const PREFILTER = ["vip_request"];
+fn decide(record) {
+    let d = record.data;
+    if type_of(d) != "map" || d.type != "vip_request" { return; }
+    #{ action: "anonymize_user", key: d.request_id, params: #{ user_id: "edited-" + d.user_id } }
+}
+"#;
+const VIP_V2_TEST: &str = r#"[{"name": "vip edited", "record": {"data": {"type": "vip_request", "request_id": "v-0", "user_id": "vip-0"}},
+  "expect": {"action": "anonymize_user", "key": "v-0", "params": {"user_id": "edited-vip-0"}}}]"#;
+
+/// Writes `records` and then a marker request, and waits until the marker reaches the
+/// backend: on one shard, everything before it has been handled by then.
+async fn phase(client: &Client, backend: &Backend, marker: &mut usize, records: &[Value]) {
+    *marker += 1;
+    let mut batch: Vec<(String, Vec<u8>)> = records
+        .iter()
+        .map(|r| ("k".to_owned(), r.to_string().into_bytes()))
+        .collect();
+    let user = format!("marker-{marker}");
+    batch.push((
+        "k".to_owned(),
+        deletion(&user, &user).to_string().into_bytes(),
+    ));
+    put(client, "events", &batch).await;
+    let path = format!("/v1/users/{user}/anonymize");
+    wait_until(Duration::from_secs(30), &path.clone(), || {
+        backend.received().iter().any(|r| r.path == path)
+    })
+    .await;
+}
+
+fn got(backend: &Backend, user: &str) -> bool {
+    let path = format!("/v1/users/{user}/anonymize");
+    backend.received().iter().any(|r| r.path == path)
+}
+
+/// Waits for the next reload outcome in the log and returns the log from that line on.
+async fn next_reload(daemon: &Daemon, seen: &mut usize) -> String {
+    let outcomes = |log: &str| {
+        log.matches("rules reloaded").count() + log.matches("rules reload refused").count()
+    };
+    wait_until(Duration::from_secs(30), "a reload", || {
+        outcomes(&daemon.stderr()) > *seen
+    })
+    .await;
+    // Let a reload that the same edit triggered twice settle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = daemon.stderr();
+    *seen = outcomes(&log);
+    let last = log
+        .rfind("rules reloaded")
+        .max(log.rfind("rules reload refused"))
+        .unwrap();
+    let start = log[..last].rfind('\n').map_or(0, |i| i + 1);
+    log[start..].to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_reload_installs_only_rule_sets_that_pass() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    let daemon = ws.start_daemon(&[]);
+    let mut marker = 0;
+    let mut reloads = 0;
+
+    phase(&client, &backend, &mut marker, &[vip(1)]).await;
+    assert!(!got(&backend, "vip-1"), "no rule matches VIP requests yet");
+
+    // A new rule file starts matching new records.
+    ws.write_rule("vip.test.json", VIP_V1_TEST);
+    ws.write_rule("vip.rhai", VIP_V1);
+    let outcome = next_reload(&daemon, &mut reloads).await;
+    assert!(outcome.contains("rules reloaded"), "{outcome}");
+    phase(&client, &backend, &mut marker, &[vip(2)]).await;
+    assert!(got(&backend, "vip-2"));
+
+    // An edited rule changes behaviour.
+    ws.write_rule("vip.rhai", VIP_V2);
+    ws.write_rule("vip.test.json", VIP_V2_TEST);
+    let outcome = next_reload(&daemon, &mut reloads).await;
+    assert!(outcome.contains("rules reloaded"), "{outcome}");
+    phase(&client, &backend, &mut marker, &[vip(3)]).await;
+    assert!(got(&backend, "edited-vip-3"));
+
+    // A syntax error leaves the old set running, reported with file:line.
+    ws.write_rule("vip.rhai", "fn decide(record) {\n    let x = ;\n}\n");
+    let outcome = next_reload(&daemon, &mut reloads).await;
+    assert!(
+        outcome.contains("rules reload refused") && outcome.contains("stale"),
+        "{outcome}"
+    );
+    assert!(outcome.contains("vip.rhai:2:"), "{outcome}");
+    phase(&client, &backend, &mut marker, &[vip(4)]).await;
+    assert!(
+        got(&backend, "edited-vip-4"),
+        "the previous rules must keep running"
+    );
+
+    // A failing test case too.
+    ws.write_rule("vip.rhai", VIP_V1);
+    let outcome = next_reload(&daemon, &mut reloads).await;
+    assert!(outcome.contains("rules reload refused"), "{outcome}");
+    assert!(
+        outcome.contains("test failed: vip / vip edited"),
+        "{outcome}"
+    );
+    phase(&client, &backend, &mut marker, &[vip(5)]).await;
+    assert!(got(&backend, "edited-vip-5"));
+
+    // A later good edit loads.
+    ws.write_rule("vip.test.json", VIP_V1_TEST);
+    let outcome = next_reload(&daemon, &mut reloads).await;
+    assert!(outcome.contains("rules reloaded"), "{outcome}");
+    phase(&client, &backend, &mut marker, &[vip(6)]).await;
+    assert!(got(&backend, "vip-6"));
+
+    // Deleting the file removes the rule.
+    std::fs::remove_file(ws.path("rules/vip.rhai")).unwrap();
+    std::fs::remove_file(ws.path("rules/vip.test.json")).unwrap();
+    let outcome = next_reload(&daemon, &mut reloads).await;
+    assert!(outcome.contains("rules reloaded"), "{outcome}");
+    phase(&client, &backend, &mut marker, &[vip(7)]).await;
+    assert!(!got(&backend, "vip-7"));
+
+    // SIGHUP reloads too.
+    daemon.signal("HUP");
+    let outcome = next_reload(&daemon, &mut reloads).await;
+    assert!(outcome.contains("cause=SIGHUP"), "{outcome}");
+
+    assert!(daemon.stop().success());
+    assert!(ws.dead_letters().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_rules_cost_their_limit_and_nothing_more() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    ws.write_rule(
+        "hostile.rhai",
+        r#"fn decide(record) {
+    let d = record.data;
+    if type_of(d) != "map" { return; }
+    switch d.attack {
+        "loop" => { let n = 0; loop { n += 1; } }
+        "recursion" => { return deep(1); }
+        "big_string" => { let s = "x"; loop { s += s; } }
+        "big_array" => { let a = []; loop { a.push(a.len()); } }
+    }
+}
+fn deep(n) { deep(n + 1) }
+"#,
+    );
+    let attacks = ["loop", "recursion", "big_string", "big_array"];
+    let mut records = Vec::new();
+    for (n, attack) in attacks.iter().enumerate() {
+        // Each attack rides on a real deletion request: the other rule must still handle it.
+        let mut request = deletion(&format!("r-{n}"), &format!("del-user-{n}"));
+        request["attack"] = json!(attack);
+        records.push(("k".to_owned(), request.to_string().into_bytes()));
+        records.push(unrelated_event(n));
+    }
+    put(&client, "events", &records).await;
+    let mut daemon = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(60), "4 requests", || {
+        backend.count() >= 4
+    })
+    .await;
+    wait_until(Duration::from_secs(30), "caught up", || {
+        caught_up_count(&daemon.stderr()) >= 1
+    })
+    .await;
+    assert!(daemon.is_running());
+    assert!(daemon.stop().success());
+
+    assert_eq!(backend.count(), 4);
+    let letters = ws.dead_letters();
+    assert_eq!(letters.len(), 4, "{letters:?}");
+    assert!(letters
+        .iter()
+        .all(|l| l["rule"] == "hostile" && l["kind"] == "rule_failed"));
+    let errors: Vec<&str> = letters
+        .iter()
+        .map(|l| l["error"].as_str().unwrap())
+        .collect();
+    assert!(
+        errors
+            .iter()
+            .all(|e| e.contains("hostile.rhai") && e.contains("rule \"hostile\" failed")),
+        "{errors:?}"
+    );
+    let all = errors.join("\n");
+    for expected in ["Too many operations", "Stack overflow", "too large"] {
+        assert!(all.contains(expected), "{expected}: {errors:?}");
+    }
+}

@@ -7,9 +7,13 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::actions::ActionSet;
 use crate::config::{self, Overrides, Settings, StartPosition};
 use crate::daemon::{self, DryRun};
+use crate::decode::{self, Record, RecordJson};
+use crate::diff;
 use crate::preview::OutputFormat;
+use crate::preview::Preview;
 use crate::rules::{testing, RuleSet};
 use crate::state::{DeadLetterReason, State};
 
@@ -31,6 +35,10 @@ enum Command {
     /// Check and test the rule scripts.
     #[command(subcommand)]
     Rules(RulesCommand),
+    /// Run the rules over captured records (JSON lines) and print what they would do.
+    Preview(PreviewArgs),
+    /// Save records from the stream as JSON lines (for preview, rules diff and test cases).
+    Capture(CaptureArgs),
     /// Inspect or reset shard checkpoints.
     #[command(subcommand)]
     Checkpoints(CheckpointsCommand),
@@ -88,6 +96,62 @@ enum RulesCommand {
     Check(RulesArgs),
     /// Run every rule's test cases (NAME.test.json beside NAME.rhai).
     Test(RulesArgs),
+    /// Show the records whose decisions differ between two rule sets.
+    Diff(DiffArgs),
+}
+
+#[derive(Args)]
+struct PreviewArgs {
+    /// Directory of *.rhai rules.
+    #[arg(long)]
+    rules_dir: PathBuf,
+    /// Records as JSON lines (`capture` writes them): {"data": ..., "shard_id": ..., ...}.
+    #[arg(long)]
+    input: PathBuf,
+    /// Config file: decisions must name its actions, and requests are shown in full.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "human")]
+    output: OutputFormat,
+}
+
+#[derive(Args)]
+struct StreamArgs {
+    /// Config file whose [stream] to read.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Kinesis stream name (overrides [stream] name).
+    #[arg(long)]
+    stream: Option<String>,
+    /// Where to start: trim-horizon (default), latest or an RFC 3339 time.
+    #[arg(long, value_parser = parse_start, default_value = "trim-horizon")]
+    from: StartPosition,
+    /// Stop after this many records.
+    #[arg(long)]
+    limit: Option<u64>,
+}
+
+#[derive(Args)]
+struct CaptureArgs {
+    #[command(flatten)]
+    stream: StreamArgs,
+}
+
+#[derive(Args)]
+struct DiffArgs {
+    /// The new rules.
+    #[arg(long)]
+    rules_dir: PathBuf,
+    /// The rules to compare against (e.g. the ones running now).
+    #[arg(long)]
+    against: PathBuf,
+    /// Records as JSON lines; without it, records are read from the stream.
+    #[arg(long, conflicts_with_all = ["stream", "from"])]
+    input: Option<PathBuf>,
+    #[command(flatten)]
+    stream: StreamArgs,
+    #[arg(long, value_enum, default_value = "human")]
+    output: OutputFormat,
 }
 
 #[derive(Args)]
@@ -151,6 +215,9 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Rules(RulesCommand::Check(args)) => rules_check(args),
         Command::Rules(RulesCommand::Test(args)) => rules_test(args),
+        Command::Rules(RulesCommand::Diff(args)) => rules_diff(args),
+        Command::Preview(args) => preview(args),
+        Command::Capture(args) => capture(args),
         Command::Checkpoints(cmd) => checkpoints(cmd),
         Command::DeadLetters(DeadLettersCommand::List(args)) => dead_letters(args),
     };
@@ -283,6 +350,93 @@ fn rules_test(args: RulesArgs) -> Result<u8, Failure> {
         report.failures.len()
     );
     Ok(if report.failures.is_empty() { 0 } else { 1 })
+}
+
+fn load_rules(
+    dir: &std::path::Path,
+    actions: Option<std::collections::BTreeSet<String>>,
+) -> Result<RuleSet, Failure> {
+    RuleSet::load(dir, actions).map_err(|errors| {
+        let list: Vec<String> = errors.iter().map(|e| format!("  {e}")).collect();
+        Failure::usage(anyhow::anyhow!(
+            "the rules in {} cannot be used:\n{}",
+            dir.display(),
+            list.join("\n")
+        ))
+    })
+}
+
+fn preview(args: PreviewArgs) -> Result<u8, Failure> {
+    let (names, actions) = match &args.config {
+        Some(path) => {
+            let specs = config::action_specs(path).map_err(Failure::usage)?;
+            let actions = ActionSet::new(&specs, false).map_err(Failure::usage)?;
+            (Some(specs.into_keys().collect()), Some(actions))
+        }
+        None => (None, None),
+    };
+    let rules = load_rules(&args.rules_dir, names)?;
+    let records = decode::read_json_lines(&args.input).map_err(Failure::usage)?;
+    let preview = Preview::new(
+        args.output,
+        false,
+        None,
+        rules.rules().iter().map(|r| r.name.clone()),
+    );
+    for (_, record) in &records {
+        preview.evaluate(&rules, actions.as_ref(), record);
+    }
+    preview.finish();
+    Ok(0)
+}
+
+/// Reads records from the stream on a cursor of its own (no state), for capture and diff.
+fn read_stream<W: std::io::Write + Send + 'static>(
+    args: &StreamArgs,
+    out: W,
+) -> Result<W, Failure> {
+    let stream = config::stream_settings(
+        args.config.as_deref(),
+        args.stream.clone(),
+        Some(args.from.clone()),
+    )
+    .map_err(Failure::usage)?;
+    let runtime = tokio::runtime::Runtime::new().map_err(Failure::runtime)?;
+    runtime
+        .block_on(daemon::capture(&stream, out, args.limit))
+        .map_err(|e| Failure {
+            code: e.exit_code(),
+            error: e.into(),
+        })
+}
+
+fn capture(args: CaptureArgs) -> Result<u8, Failure> {
+    let mut out = read_stream(&args.stream, std::io::BufWriter::new(std::io::stdout()))?;
+    out.flush().map_err(Failure::runtime)?;
+    Ok(0)
+}
+
+fn rules_diff(args: DiffArgs) -> Result<u8, Failure> {
+    let after = load_rules(&args.rules_dir, None)?;
+    let before = load_rules(&args.against, None)?;
+    let records: Vec<(Option<usize>, Record)> = match &args.input {
+        Some(path) => decode::read_json_lines(path)
+            .map_err(Failure::usage)?
+            .into_iter()
+            .map(|(line, record)| (Some(line), record))
+            .collect(),
+        None => {
+            let captured = read_stream(&args.stream, Vec::new())?;
+            String::from_utf8_lossy(&captured)
+                .lines()
+                .filter_map(|line| serde_json::from_str::<RecordJson>(line).ok())
+                .map(|r| (None, r.into_record()))
+                .collect()
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    diff::diff(&before, &after, records, args.output, &mut out).map_err(Failure::runtime)?;
+    Ok(0)
 }
 
 fn open_state(args: &StateArgs) -> Result<State, Failure> {

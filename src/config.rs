@@ -177,8 +177,8 @@ fn resolve(base: Option<&Path>, path: PathBuf) -> PathBuf {
 pub fn rules_context(config: &Path) -> Result<(Option<PathBuf>, BTreeSet<String>), ConfigError> {
     let file = FileConfig::load(config)?;
     let base = config.parent();
+    let dir = file.rules.dir.clone().map(|d| resolve(base, d));
     let actions = resolve_actions(file.actions, base)?;
-    let dir = file.rules.dir.map(|d| resolve(base, d));
     Ok((dir, actions.into_keys().collect()))
 }
 
@@ -243,6 +243,54 @@ fn resolve_action(
     })
 }
 
+/// The actions of a config file (for `preview`, which needs no stream).
+pub fn action_specs(config: &Path) -> Result<BTreeMap<String, ActionSpec>, ConfigError> {
+    let file = FileConfig::load(config)?;
+    resolve_actions(file.actions, config.parent())
+}
+
+/// Only the stream part of the config (for `capture` and `rules diff`, which need no actions).
+pub fn stream_settings(
+    config: Option<&Path>,
+    stream: Option<String>,
+    from: Option<StartPosition>,
+) -> Result<StreamSettings, ConfigError> {
+    let file = match config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    resolve_stream(file.stream, stream, from)
+}
+
+fn resolve_stream(
+    section: StreamSection,
+    name: Option<String>,
+    from: Option<StartPosition>,
+) -> Result<StreamSettings, ConfigError> {
+    let name = name.or(section.name).ok_or_else(|| {
+        ConfigError::Invalid("no stream name: set [stream] name or pass --stream".into())
+    })?;
+    let start = match from {
+        Some(start) => start,
+        None => match section.start {
+            Some(s) => s
+                .parse()
+                .map_err(|e: String| ConfigError::Invalid(format!("[stream] start: {e}")))?,
+            None => StartPosition::TrimHorizon,
+        },
+    };
+    Ok(StreamSettings {
+        name,
+        region: section.region,
+        endpoint_url: section.endpoint_url,
+        start,
+        poll_interval: Duration::from_millis(section.poll_interval_ms.unwrap_or(1_000)),
+        shard_sync_interval: Duration::from_millis(
+            section.shard_sync_interval_ms.unwrap_or(30_000),
+        ),
+    })
+}
+
 impl Settings {
     /// Reads the config file (if any) and applies the flags on top of it.
     pub fn resolve(config: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
@@ -252,22 +300,7 @@ impl Settings {
         };
         let base = config.and_then(Path::parent);
 
-        let name = overrides.stream.or(file.stream.name).ok_or_else(|| {
-            ConfigError::Invalid("no stream name: set [stream] name or pass --stream".into())
-        })?;
-        let start = match overrides.from {
-            Some(start) => start,
-            None => match file.stream.start {
-                Some(s) => s
-                    .parse()
-                    .map_err(|e: String| ConfigError::Invalid(format!("[stream] start: {e}")))?,
-                None => StartPosition::TrimHorizon,
-            },
-        };
-        let poll_interval = Duration::from_millis(file.stream.poll_interval_ms.unwrap_or(1_000));
-        let shard_sync_interval =
-            Duration::from_millis(file.stream.shard_sync_interval_ms.unwrap_or(30_000));
-
+        let stream = resolve_stream(file.stream, overrides.stream, overrides.from)?;
         let state_path = overrides
             .state
             .or_else(|| file.state.path.map(|p| resolve(base, p)))
@@ -294,14 +327,7 @@ impl Settings {
         }
 
         Ok(Settings {
-            stream: StreamSettings {
-                name,
-                region: file.stream.region,
-                endpoint_url: file.stream.endpoint_url,
-                start,
-                poll_interval,
-                shard_sync_interval,
-            },
+            stream,
             state_path,
             key_file,
             key_env: file.state.key_env,

@@ -5,6 +5,8 @@
 //! child only when all its parents are finished.
 
 use std::collections::HashSet;
+use std::future::Future;
+use std::io::IsTerminal;
 use std::sync::Arc;
 
 use std::collections::BTreeSet;
@@ -13,13 +15,14 @@ use std::path::PathBuf;
 use tokio::task::JoinSet;
 
 use crate::actions::{ActionError, ActionSet};
-use crate::config::{ConfigError, Settings};
+use crate::capture::Capture;
+use crate::config::{ConfigError, Settings, StreamSettings};
 use crate::keys::{KeyError, Keys};
 use crate::pipeline::{Pipeline, PipelineError, ShardExit, Sink};
-use crate::preview::{OutputFormat, Preview};
+use crate::preview::{Ledger, OutputFormat, Preview};
 use crate::rules::reload::{self, load_tested, LoadFailure, Rules};
 use crate::shutdown::Shutdown;
-use crate::source::{ready_shards, KinesisSource, ShardReader, SourceError};
+use crate::source::{ready_shards, Checkpoint, KinesisSource, Position, ShardReader, SourceError};
 use crate::state::{State, StateError};
 
 /// Options of `run --dry-run`.
@@ -73,11 +76,12 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
     );
     let actions = ActionSet::new(&settings.actions, dry_run.is_none())?;
     let sink = match &dry_run {
-        Some(options) => Sink::Preview(Preview::new(
+        Some(options) => Sink::Preview(Box::new(Preview::new(
             options.format,
             options.follow,
+            read_ledger(&settings),
             rules.rules().iter().map(|r| r.name.clone()),
-        )),
+        ))),
         None => {
             // Lock the state before anything else can start.
             let state = State::open(&settings.state_path)?;
@@ -108,11 +112,103 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
         sink,
         shutdown: shutdown.clone(),
     });
-    let result = supervise(&settings, &source, &pipeline, dry_run.is_some()).await;
+    let progress = match &pipeline.sink {
+        Sink::Preview(_) if std::io::stderr().is_terminal() => {
+            Some(spawn_progress(pipeline.clone(), shutdown.clone()))
+        }
+        _ => None,
+    };
+    let result = supervise(&settings.stream, &source, &pipeline).await;
+    if let Some(progress) = progress {
+        progress.abort();
+        let _ = progress.await;
+    }
     if let Sink::Preview(preview) = &pipeline.sink {
         preview.finish();
     }
     result
+}
+
+/// Dry-run on a terminal: a progress line on stderr while a backlog is scanned.
+fn spawn_progress(pipeline: Arc<Pipeline>, shutdown: Shutdown) -> tokio::task::JoinHandle<()> {
+    let bar = indicatif::ProgressBar::new_spinner();
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let _clear = ClearOnDrop(bar.clone());
+        while !shutdown.is_triggered() {
+            if let Sink::Preview(preview) = &pipeline.sink {
+                let (records, matches) = preview.progress();
+                let rate = records as f64 / started.elapsed().as_secs_f64().max(0.001);
+                bar.set_message(format!(
+                    "{records} records read ({rate:.0}/s), {matches} would-be actions, {} shards caught up",
+                    preview.shards_caught_up()
+                ));
+                bar.tick();
+            }
+            let _ = shutdown.sleep(std::time::Duration::from_millis(200)).await;
+        }
+    })
+}
+
+struct ClearOnDrop(indicatif::ProgressBar);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
+}
+
+/// Captures records from the stream as JSON lines into `out` (see [`crate::capture`]).
+pub async fn capture<W: std::io::Write + Send + 'static>(
+    stream: &StreamSettings,
+    out: W,
+    limit: Option<u64>,
+) -> Result<W, RunError> {
+    let source = Arc::new(KinesisSource::connect(stream).await);
+    let shutdown = Shutdown::new();
+    spawn_signal_handler(shutdown.clone());
+    let capture = Arc::new(Capture::new(stream.name.clone(), out, limit, shutdown));
+    supervise(stream, &source, &capture).await?;
+    tracing::info!(records = capture.written(), "capture done");
+    let capture = Arc::into_inner(capture).expect("every worker has ended");
+    Ok(capture.into_inner())
+}
+
+/// The daemon's dedup ledger, for dry-run to mark requests already done. Never creates,
+/// locks for long, or writes anything; says why when it cannot.
+fn read_ledger(settings: &Settings) -> Option<Ledger> {
+    if !settings.state_path.exists() {
+        tracing::info!("no state file yet: no request is marked as already done");
+        return None;
+    }
+    let keys = match Keys::load_existing(settings.key_env.as_deref(), &settings.key_file) {
+        Ok(Some(keys)) => keys,
+        Ok(None) => {
+            tracing::warn!(path = %settings.key_file.display(), "no state key: cannot tell which requests the daemon has already done");
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell which requests the daemon has already done");
+            return None;
+        }
+    };
+    match State::read_done_set(&settings.state_path) {
+        Ok(done) => {
+            tracing::info!(
+                done = done.len(),
+                "compared with the daemon's dedup ledger: requests it has done are marked"
+            );
+            Some(Ledger { keys, done })
+        }
+        Err(StateError::Locked { .. }) => {
+            tracing::warn!("the state file is in use by the running daemon: dry-run cannot tell which requests it has already done");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell which requests the daemon has already done");
+            None
+        }
+    }
 }
 
 fn spawn_signal_handler(shutdown: Shutdown) {
@@ -134,15 +230,32 @@ fn spawn_signal_handler(shutdown: Shutdown) {
     });
 }
 
+/// What is done with each shard's records: the pipeline (daemon, dry-run) or a capture.
+pub trait ShardWork: Send + Sync + 'static {
+    /// The shard's stored progress.
+    fn checkpoint(&self, shard_id: &str) -> Result<Option<Checkpoint>, StateError>;
+    /// Reads and handles one shard until it ends, catches up (when the run ends there) or
+    /// shutdown.
+    fn run_shard(
+        self: Arc<Self>,
+        reader: ShardReader,
+        shard_id: String,
+        start: Position,
+    ) -> impl Future<Output = Result<ShardExit, PipelineError>> + Send;
+    fn shutdown(&self) -> &Shutdown;
+    /// Whether the run ends once every shard has caught up (dry-run, capture).
+    fn ends_when_caught_up(&self) -> bool;
+}
+
 /// Starts a worker for every ready shard, re-lists shards periodically, and waits for the
 /// workers when shutdown comes.
-async fn supervise(
-    settings: &Settings,
+pub async fn supervise<W: ShardWork>(
+    settings: &StreamSettings,
     source: &Arc<KinesisSource>,
-    pipeline: &Arc<Pipeline>,
-    dry_run: bool,
+    work: &Arc<W>,
 ) -> Result<(), RunError> {
-    let shutdown = pipeline.shutdown.clone();
+    let shutdown = work.shutdown().clone();
+    let ends_when_caught_up = work.ends_when_caught_up();
     // The stream must be reachable at start: a wrong name or endpoint is reported at once.
     let mut shards = source.list_shards().await?;
     tracing::info!(
@@ -159,14 +272,14 @@ async fn supervise(
         let ready = ready_shards(
             &shards,
             &started,
-            |id| match pipeline.checkpoint(id) {
+            |id| match work.checkpoint(id) {
                 Ok(cp) => cp,
                 Err(e) => {
                     state_error.get_or_insert(e);
                     None
                 }
             },
-            &settings.stream.start,
+            &settings.start,
         );
         if let Some(e) = state_error {
             outcome = Err(e.into());
@@ -179,15 +292,15 @@ async fn supervise(
                 source.clone(),
                 shard.id.clone(),
                 position.clone(),
-                settings.stream.poll_interval,
+                settings.poll_interval,
             );
-            let pipeline = pipeline.clone();
+            let work = work.clone();
             workers.spawn(async move {
-                let result = pipeline.run_shard(reader, &shard.id, position).await;
+                let result = work.run_shard(reader, shard.id.clone(), position).await;
                 (shard.id, result)
             });
         }
-        if dry_run && workers.is_empty() {
+        if ends_when_caught_up && workers.is_empty() {
             break;
         }
 
@@ -202,7 +315,7 @@ async fn supervise(
                     Some(Ok((_, Ok(_)))) => {}
                     Some(Ok((shard_id, Err(e)))) => {
                         tracing::error!(%shard_id, error = %e, "shard worker failed");
-                        if dry_run {
+                        if ends_when_caught_up {
                             outcome = Err(e.into());
                             break;
                         }
@@ -217,7 +330,7 @@ async fn supervise(
                     None => {}
                 }
             }
-            _ = tokio::time::sleep(settings.stream.shard_sync_interval) => relist_now = true,
+            _ = tokio::time::sleep(settings.shard_sync_interval) => relist_now = true,
             _ = shutdown.triggered() => break,
         }
         if relist_now {
@@ -236,4 +349,27 @@ async fn supervise(
     }
     tracing::info!("stopped; checkpoints flushed");
     outcome
+}
+
+impl ShardWork for Pipeline {
+    fn checkpoint(&self, shard_id: &str) -> Result<Option<Checkpoint>, StateError> {
+        Pipeline::checkpoint(self, shard_id)
+    }
+
+    async fn run_shard(
+        self: Arc<Self>,
+        reader: ShardReader,
+        shard_id: String,
+        start: Position,
+    ) -> Result<ShardExit, PipelineError> {
+        Pipeline::run_shard(&self, reader, &shard_id, start).await
+    }
+
+    fn shutdown(&self) -> &Shutdown {
+        &self.shutdown
+    }
+
+    fn ends_when_caught_up(&self) -> bool {
+        matches!(&self.sink, Sink::Preview(preview) if !preview.follow())
+    }
 }

@@ -60,6 +60,14 @@ impl Keys {
         }
     }
 
+    /// Loads an existing key, never creating one (dry-run): `None` when there is none yet.
+    pub fn load_existing(env: Option<&str>, file: &Path) -> Result<Option<Self>, KeyError> {
+        if env.is_none() && !file.exists() {
+            return Ok(None);
+        }
+        Self::load_or_create(env, file).map(Some)
+    }
+
     /// The keyed hash that identifies a request `(action, key)` in the dedup set.
     pub fn request_id(&self, action: &str, key: &str) -> [u8; 32] {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key");

@@ -6,11 +6,13 @@
 //! wired per shard by [`pipeline`] and supervised by [`daemon`].
 
 pub mod actions;
+pub mod capture;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod decode;
+pub mod diff;
 pub mod keys;
 pub mod pipeline;
 pub mod preview;

@@ -43,7 +43,7 @@ pub enum ShardExit {
 /// Where decisions go: the backend and the state, or the dry-run preview.
 pub enum Sink {
     Live { state: Arc<State>, keys: Keys },
-    Preview(Preview),
+    Preview(Box<Preview>),
 }
 
 pub struct Pipeline {
@@ -142,6 +142,7 @@ impl Pipeline {
             if now_caught_up && !caught_up {
                 tracing::info!(shard_id, "shard caught up");
                 if let Sink::Preview(preview) = &self.sink {
+                    preview.shard_caught_up();
                     if !preview.follow() {
                         return Ok(ShardExit::CaughtUp);
                     }
@@ -154,25 +155,28 @@ impl Pipeline {
     /// Runs the rules on one record and settles every decision.
     async fn handle(&self, record: &Record) -> Result<Settled, PipelineError> {
         let rules = self.rules.load();
+        let (state, keys) = match &self.sink {
+            Sink::Preview(preview) => {
+                preview.evaluate(&rules, Some(&self.actions), record);
+                return Ok(Settled::Yes);
+            }
+            Sink::Live { state, keys } => (state.as_ref(), keys),
+        };
         for (rule, verdict) in rules.evaluate(record) {
             let maker = Maker {
                 rule,
                 rules_hash: rules.hash(),
             };
             let decisions = match verdict {
-                Verdict::Skipped => {
-                    self.note(|p| p.rule_skipped(&rule.name));
-                    continue;
-                }
+                Verdict::Skipped => continue,
                 Verdict::Failed(error) => {
-                    self.rule_failed(record, &maker, error, false)?;
+                    self.rule_failed(state, record, &maker, error)?;
                     continue;
                 }
                 Verdict::Decided(decisions) => decisions,
             };
-            self.note(|p| p.rule_decided(&rule.name, decisions.len()));
             for decision in decisions {
-                if let Settled::No = self.act(record, &maker, decision).await? {
+                if let Settled::No = self.act(state, keys, record, &maker, decision).await? {
                     return Ok(Settled::No);
                 }
             }
@@ -180,44 +184,30 @@ impl Pipeline {
         Ok(Settled::Yes)
     }
 
-    fn note(&self, f: impl FnOnce(&Preview)) {
-        if let Sink::Preview(preview) = &self.sink {
-            f(preview);
-        }
-    }
-
     /// A rule failed on the record: never "no match". The record is dead-lettered.
-    /// `decided`: the rule returned a decision that the actions stage rejected.
     fn rule_failed(
         &self,
+        state: &State,
         record: &Record,
         maker: &Maker,
         error: RuleError,
-        decided: bool,
     ) -> Result<(), PipelineError> {
-        let rule = maker.rule.name.as_str();
         tracing::warn!(
             shard_id = %record.shard_id,
             sequence_number = %record.sequence_number,
-            rule,
+            rule = %maker.rule.name,
             error = %error.log_summary(),
             "rule failed on a record; dead-lettering it"
         );
-        match &self.sink {
-            Sink::Preview(preview) => {
-                preview.rule_failed(rule, &error, decided);
-                Ok(())
-            }
-            Sink::Live { state, .. } => self.dead_letter(
-                state,
-                record,
-                maker,
-                DeadLetterReason::RuleFailed {
-                    error: error.to_string(),
-                    payload_hex: hex::encode(&record.bytes),
-                },
-            ),
-        }
+        self.dead_letter(
+            state,
+            record,
+            maker,
+            DeadLetterReason::RuleFailed {
+                error: error.to_string(),
+                payload_hex: hex::encode(&record.bytes),
+            },
+        )
     }
 
     fn dead_letter(
@@ -258,6 +248,8 @@ impl Pipeline {
     /// Carries out one decision: dedup, then the backend call, then the state.
     async fn act(
         &self,
+        state: &State,
+        keys: &Keys,
         record: &Record,
         maker: &Maker<'_>,
         decision: Decision,
@@ -270,18 +262,11 @@ impl Pipeline {
                     file: maker.rule.path.clone(),
                     reason: e.to_string(),
                 };
-                self.rule_failed(record, maker, error, true)?;
+                self.rule_failed(state, record, maker, error)?;
                 return Ok(Settled::Yes);
             }
         };
         let rule = maker.rule.name.as_str();
-        let (state, keys) = match &self.sink {
-            Sink::Preview(preview) => {
-                preview.would_act(rule, &decision, &request, record);
-                return Ok(Settled::Yes);
-            }
-            Sink::Live { state, keys } => (state, keys),
-        };
         let id = keys.request_id(&decision.action, &decision.key);
         if state
             .is_done(&id)
@@ -295,7 +280,7 @@ impl Pipeline {
                 state
                     .mark_done(&id)
                     .map_err(|e| self.state_error(record, e))?;
-                tracing::info!(shard_id = %record.shard_id, sequence_number = %record.sequence_number, rule, rules_hash = maker.rules_hash, action = %decision.action, status, attempts, "action done");
+                tracing::info!(shard_id = %record.shard_id, sequence_number = %record.sequence_number, rule, rule_file = %maker.rule.path.display(), rules_hash = maker.rules_hash, action = %decision.action, status, attempts, "action done");
                 Ok(Settled::Yes)
             }
             Outcome::Failed {

@@ -1,17 +1,20 @@
-//! Dry-run: what the rules would do, printed to stdout, with no backend call and no state.
+//! Dry-run and `preview`: what the rules would do, printed to stdout, with no backend call
+//! and no state written.
 //!
 //! Each would-be action is one block (human) or one JSON line, with the exact request it
 //! would send (the bearer token redacted); a summary per rule ends the run.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use serde_json::json;
 
-use crate::actions::PreparedRequest;
+use crate::actions::{ActionSet, PreparedRequest};
 use crate::decode::Record;
-use crate::rules::{Decision, RuleError};
+use crate::keys::Keys;
+use crate::rules::{Decision, RuleError, RuleSet, Verdict};
 use crate::source::Checkpoint;
 
 /// How many error messages the summary keeps per rule.
@@ -40,18 +43,29 @@ struct Tally {
     seen: HashSet<(String, String)>,
 }
 
+/// The daemon's dedup ledger, read once, to mark requests it has already done.
+pub struct Ledger {
+    pub keys: Keys,
+    pub done: HashSet<[u8; 32]>,
+}
+
 pub struct Preview {
     format: OutputFormat,
     follow: bool,
+    ledger: Option<Ledger>,
     tally: Mutex<Tally>,
     /// Dry-run keeps its place in memory only.
     checkpoints: Mutex<HashMap<String, Checkpoint>>,
+    records_read: AtomicU64,
+    matches: AtomicU64,
+    shards_caught_up: AtomicU64,
 }
 
 impl Preview {
     pub fn new(
         format: OutputFormat,
         follow: bool,
+        ledger: Option<Ledger>,
         rule_names: impl IntoIterator<Item = String>,
     ) -> Self {
         let mut tally = Tally::default();
@@ -61,8 +75,12 @@ impl Preview {
         Self {
             format,
             follow,
+            ledger,
             tally: Mutex::new(tally),
             checkpoints: Mutex::default(),
+            records_read: AtomicU64::new(0),
+            matches: AtomicU64::new(0),
+            shards_caught_up: AtomicU64::new(0),
         }
     }
 
@@ -81,97 +99,165 @@ impl Preview {
             .insert(shard_id.to_owned(), checkpoint);
     }
 
-    fn with_rule(&self, rule: &str, f: impl FnOnce(&mut RuleSummary)) {
+    pub fn shard_caught_up(&self) {
+        self.shards_caught_up.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn shards_caught_up(&self) -> u64 {
+        self.shards_caught_up.load(Ordering::Relaxed)
+    }
+
+    /// Records read and would-be actions so far (for the progress display).
+    pub fn progress(&self) -> (u64, u64) {
+        (
+            self.records_read.load(Ordering::Relaxed),
+            self.matches.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Runs the rules on one record and prints what they would do. Without `actions`
+    /// (offline preview with no config), decisions are shown without their requests.
+    pub fn evaluate(&self, rules: &RuleSet, actions: Option<&ActionSet>, record: &Record) {
+        self.records_read.fetch_add(1, Ordering::Relaxed);
+        for (rule, verdict) in rules.evaluate(record) {
+            let decisions = match verdict {
+                Verdict::Skipped => {
+                    self.count(&rule.name, |_| {});
+                    continue;
+                }
+                Verdict::Failed(error) => {
+                    self.count(&rule.name, |s| {
+                        s.records_evaluated += 1;
+                        s.note_error(&error);
+                    });
+                    continue;
+                }
+                Verdict::Decided(decisions) => decisions,
+            };
+            self.count(&rule.name, |s| {
+                s.records_evaluated += 1;
+                s.matches += u64::from(!decisions.is_empty());
+            });
+            for decision in decisions {
+                let request = match actions.map(|a| a.prepare(&decision)).transpose() {
+                    Ok(request) => request,
+                    Err(e) => {
+                        let error = RuleError::Decision {
+                            rule: rule.name.clone(),
+                            file: rule.path.clone(),
+                            reason: e.to_string(),
+                        };
+                        self.tally
+                            .lock()
+                            .unwrap()
+                            .rules
+                            .entry(rule.name.clone())
+                            .or_default()
+                            .note_error(&error);
+                        continue;
+                    }
+                };
+                self.would_act(&rule.name, &decision, request.as_ref(), record);
+            }
+        }
+    }
+
+    fn count(&self, rule: &str, f: impl FnOnce(&mut RuleSummary)) {
         let mut tally = self.tally.lock().unwrap();
         let summary = tally.rules.entry(rule.to_owned()).or_default();
         summary.records_seen += 1;
         f(summary);
     }
 
-    pub fn rule_skipped(&self, rule: &str) {
-        self.with_rule(rule, |_| {});
-    }
-
-    pub fn rule_decided(&self, rule: &str, decisions: usize) {
-        self.with_rule(rule, |s| {
-            s.records_evaluated += 1;
-            if decisions > 0 {
-                s.matches += 1;
-            }
-        });
-    }
-
-    /// A rule failed on a record (`decided` when it returned a decision that the actions
-    /// stage then rejected, already counted as evaluated).
-    pub fn rule_failed(&self, rule: &str, error: &RuleError, decided: bool) {
-        let mut tally = self.tally.lock().unwrap();
-        let summary = tally.rules.entry(rule.to_owned()).or_default();
-        if !decided {
-            summary.records_seen += 1;
-            summary.records_evaluated += 1;
-        }
-        summary.errors += 1;
-        if summary.first_errors.len() < FIRST_ERRORS {
-            summary.first_errors.push(error.to_string());
-        }
-    }
-
     /// Prints one would-be action.
-    pub fn would_act(
+    fn would_act(
         &self,
         rule: &str,
         decision: &Decision,
-        request: &PreparedRequest,
+        request: Option<&PreparedRequest>,
         record: &Record,
     ) {
+        self.matches.fetch_add(1, Ordering::Relaxed);
+        let already_done = self.ledger.as_ref().map(|ledger| {
+            ledger
+                .done
+                .contains(&ledger.keys.request_id(&decision.action, &decision.key))
+        });
         let duplicate = {
             let mut tally = self.tally.lock().unwrap();
-            *tally.actions.entry(decision.action.clone()).or_default() += 1;
-            !tally
+            let first = tally
                 .seen
-                .insert((decision.action.clone(), decision.key.clone()))
+                .insert((decision.action.clone(), decision.key.clone()));
+            // Only a first sighting of a request not yet done would be sent.
+            if first && already_done != Some(true) {
+                *tally.actions.entry(decision.action.clone()).or_default() += 1;
+            }
+            !first
         };
-        let headers = request.redacted_headers();
         let text = match self.format {
             OutputFormat::Json => {
-                let headers: serde_json::Map<_, _> = headers
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), json!(v)))
-                    .collect();
-                let line = json!({
+                let mut line = json!({
                     "type": "action",
                     "rule": rule,
                     "action": decision.action,
                     "key": decision.key,
+                    "params": decision.params,
                     "duplicate": duplicate,
+                    "already_done": already_done,
                     "shard_id": record.shard_id,
                     "sequence_number": record.sequence_number,
+                    "sub_sequence_number": record.sub_sequence_number,
                     "arrival_time": record.arrival_time,
-                    "request": {
+                });
+                if let Some(request) = request {
+                    let headers: serde_json::Map<_, _> = request
+                        .redacted_headers()
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), json!(v)))
+                        .collect();
+                    line["request"] = json!({
                         "method": request.method.as_str(),
                         "url": request.url,
                         "headers": headers,
                         "body": serde_json::from_str::<serde_json::Value>(&request.body).unwrap_or_default(),
-                    },
-                });
+                    });
+                }
                 format!("{line}\n")
             }
             OutputFormat::Human => {
-                let mut block =
-                    format!(
-                    "rule: {rule}\naction: {}\nkey: {}{}\nshard: {}\nsequence number: {}\n{} {}\n",
+                let mut notes = Vec::new();
+                if duplicate {
+                    notes.push("duplicate: already shown above");
+                }
+                if already_done == Some(true) {
+                    notes.push("already done by the daemon: it would be skipped");
+                }
+                let notes = if notes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", notes.join("; "))
+                };
+                let mut block = format!(
+                    "rule: {rule}\naction: {}\nkey: {}{notes}\nshard: {}\nsequence number: {}\narrival time: {}\n",
                     decision.action,
                     decision.key,
-                    if duplicate { " (duplicate: already shown above)" } else { "" },
                     record.shard_id,
                     record.sequence_number,
-                    request.method,
-                    request.url,
+                    record.arrival_time,
                 );
-                for (name, value) in headers {
-                    block.push_str(&format!("{name}: {value}\n"));
+                match request {
+                    Some(request) => {
+                        block.push_str(&format!("{} {}\n", request.method, request.url));
+                        for (name, value) in request.redacted_headers() {
+                            block.push_str(&format!("{name}: {value}\n"));
+                        }
+                        block.push_str(&format!("\n{}\n\n", request.body));
+                    }
+                    None => block.push_str(&format!(
+                        "params: {}\n\n",
+                        serde_json::Value::Object(decision.params.clone())
+                    )),
                 }
-                block.push_str(&format!("\n{}\n\n", request.body));
                 block
             }
         };
@@ -180,19 +266,22 @@ impl Preview {
         let _ = out.flush();
     }
 
-    /// Prints the summary that ends a dry-run.
+    /// Prints the summary that ends a dry-run or preview.
     pub fn finish(&self) {
         let tally = self.tally.lock().unwrap();
         let text = match self.format {
             OutputFormat::Json => format!(
                 "{}\n",
-                json!({"type": "summary", "rules": tally.rules, "actions": tally.actions})
+                json!({"type": "summary", "records": self.records_read.load(Ordering::Relaxed), "rules": tally.rules, "actions": tally.actions})
             ),
             OutputFormat::Human => {
-                let mut text = String::from("summary\n");
+                let mut text = format!(
+                    "summary: {} records\n",
+                    self.records_read.load(Ordering::Relaxed)
+                );
                 for (name, s) in &tally.rules {
                     text.push_str(&format!(
-                        "  rule {name}: {} records seen, {} evaluated, {} matched, {} errors\n",
+                        "  rule {name}: {} records seen, {} evaluated (past the prefilter), {} matched, {} errors\n",
                         s.records_seen, s.records_evaluated, s.matches, s.errors
                     ));
                     for e in &s.first_errors {
@@ -208,5 +297,14 @@ impl Preview {
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(text.as_bytes());
         let _ = out.flush();
+    }
+}
+
+impl RuleSummary {
+    fn note_error(&mut self, error: &RuleError) {
+        self.errors += 1;
+        if self.first_errors.len() < FIRST_ERRORS {
+            self.first_errors.push(error.to_string());
+        }
     }
 }

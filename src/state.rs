@@ -5,9 +5,10 @@
 //! Every write commits durably before the caller moves on: a checkpoint is written only
 //! after the decisions of the records it covers are settled here.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::clock::now_ms;
@@ -118,6 +119,39 @@ impl State {
             });
         }
         Self::open(path)
+    }
+
+    /// Reads the dedup set without locking the file for long and without writing to it
+    /// (dry-run). Fails with [`StateError::Locked`] while a daemon owns the file.
+    pub fn read_done_set(path: &Path) -> Result<HashSet<[u8; 32]>, StateError> {
+        let err = |context: &'static str| {
+            move |e: redb::Error| StateError::Db {
+                path: path.to_owned(),
+                context,
+                source: Box::new(e),
+            }
+        };
+        let db = redb::ReadOnlyDatabase::open(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StateError::Locked {
+                path: path.to_owned(),
+            },
+            other => err("cannot open read-only")(other.into()),
+        })?;
+        let tx = db.begin_read().map_err(|e| err("cannot read")(e.into()))?;
+        let table = tx
+            .open_table(DONE)
+            .map_err(|e| err("cannot read the dedup set")(e.into()))?;
+        let mut done = HashSet::new();
+        for entry in table
+            .iter()
+            .map_err(|e| err("cannot read the dedup set")(e.into()))?
+        {
+            let (key, _) = entry.map_err(|e| err("cannot read the dedup set")(e.into()))?;
+            if let Ok(id) = <[u8; 32]>::try_from(key.value()) {
+                done.insert(id);
+            }
+        }
+        Ok(done)
     }
 
     fn db_err(&self, context: &'static str) -> impl Fn(redb::Error) -> StateError + '_ {
@@ -321,6 +355,25 @@ mod tests {
         assert_eq!(s.dead_letters().unwrap().len(), 2);
         assert_eq!(s.reset_checkpoints(None).unwrap(), 1);
         assert_eq!(s.checkpoint("shard-1").unwrap(), None);
+    }
+
+    #[test]
+    fn the_done_set_reads_without_a_write_lock_and_leaves_the_file_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        {
+            let s = State::open(&path).unwrap();
+            s.mark_done(&[7u8; 32]).unwrap();
+            // While a daemon owns the file, a reader is told so.
+            assert!(matches!(
+                State::read_done_set(&path),
+                Err(StateError::Locked { .. })
+            ));
+        }
+        let before = std::fs::read(&path).unwrap();
+        let done = State::read_done_set(&path).unwrap();
+        assert!(done.contains(&[7u8; 32]));
+        assert_eq!(std::fs::read(&path).unwrap(), before);
     }
 
     #[test]

@@ -513,6 +513,40 @@ fn decide(record) {
     }
 
     #[test]
+    fn decisions_are_validated_strictly() {
+        let bad = [
+            ("#{ action: \"a\", key: \"\" }", "key is empty"),
+            (
+                "#{ action: \"a\", key: \"k\", extra: 1 }",
+                "unknown field \"extra\"",
+            ),
+            ("#{ key: \"k\" }", "missing action"),
+            (
+                "#{ action: \"a\", key: \"k\", params: [1] }",
+                "params is a array",
+            ),
+            ("[#{ action: \"a\", key: \"k\" }, 42]", "item 1"),
+            ("\"yes\"", "decide returned a string"),
+        ];
+        for (value, expected) in bad {
+            let text = format!("fn decide(r) {{ {value} }}");
+            let (_d, rs) = ruleset(&[("v.rhai", &text)], &["a"]).unwrap();
+            let verdicts = rs.evaluate(&record("{}"));
+            let Verdict::Failed(err) = &verdicts[0].1 else {
+                panic!("{value}: {:?}", verdicts[0].1)
+            };
+            let message = err.to_string();
+            assert!(
+                message.contains(expected) && message.contains("rule \"v\""),
+                "{value}: {message}"
+            );
+        }
+        let (_d, rs) = ruleset(&[("v.rhai", "fn decide(r) { [#{ action: \"a\", key: 7 }, #{ action: \"a\", key: \"k\", params: () }] }")], &["a"]).unwrap();
+        let verdicts = rs.evaluate(&record("{}"));
+        assert!(matches!(&verdicts[0].1, Verdict::Decided(d) if d.len() == 2 && d[0].key == "7"));
+    }
+
+    #[test]
     fn runtime_errors_carry_file_and_line() {
         let (_d, rs) = ruleset(
             &[("boom.rhai", "fn decide(r) {\n  throw \"secret u-1\";\n}")],

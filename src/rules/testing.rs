@@ -7,50 +7,16 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use serde_json::Value;
 
 use super::{Decision, Location, RuleError, RuleSet, Verdict};
-use crate::clock::rfc3339;
-use crate::decode::Record;
+use crate::decode::RecordJson;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Case {
     name: String,
-    record: CaseRecord,
+    record: RecordJson,
     expect: Expect,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CaseRecord {
-    #[serde(default)]
-    data: Value,
-    #[serde(default)]
-    partition_key: String,
-    #[serde(default = "default_sequence_number")]
-    sequence_number: String,
-    #[serde(default)]
-    sub_sequence_number: u64,
-    #[serde(default = "default_shard_id")]
-    shard_id: String,
-    #[serde(default = "default_arrival_time")]
-    arrival_time: String,
-    #[serde(default = "default_stream")]
-    stream: String,
-}
-
-fn default_sequence_number() -> String {
-    "0".into()
-}
-fn default_shard_id() -> String {
-    "shardId-000000000000".into()
-}
-fn default_arrival_time() -> String {
-    rfc3339(0)
-}
-fn default_stream() -> String {
-    "test".into()
 }
 
 /// One decision equals a list holding only it; null equals `[]`.
@@ -134,16 +100,7 @@ fn load_cases(path: &Path) -> Result<Vec<Case>, RuleError> {
 }
 
 fn run_case(set: &RuleSet, index: usize, case: Case, report: &mut Report) {
-    let r = case.record;
-    let record = Record {
-        stream: r.stream,
-        shard_id: r.shard_id,
-        sequence_number: r.sequence_number,
-        sub_sequence_number: r.sub_sequence_number,
-        partition_key: r.partition_key,
-        arrival_time: r.arrival_time,
-        bytes: serde_json::to_vec(&r.data).unwrap_or_default(),
-    };
+    let record = case.record.into_record();
     let expected = case.expect.into_list();
     let actual = match set.evaluate_rule(index, &record) {
         Verdict::Skipped => Ok(Vec::new()),

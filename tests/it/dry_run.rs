@@ -1,8 +1,62 @@
 //! Dry-run: shows what would be done, does none of it.
 
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
+use serde_json::Value;
+
 use crate::support::*;
+
+fn json_lines(out: &str) -> Vec<Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// (rule, action, key, shard, sequence number) of each would-be action.
+type Sighting = (String, String, String, String, String);
+
+fn from_json(actions: &[Value]) -> BTreeSet<Sighting> {
+    actions
+        .iter()
+        .map(|a| {
+            let s = |k: &str| a[k].as_str().unwrap().to_owned();
+            (
+                s("rule"),
+                s("action"),
+                s("key"),
+                s("shard_id"),
+                s("sequence_number"),
+            )
+        })
+        .collect()
+}
+
+fn from_human(out: &str) -> BTreeSet<Sighting> {
+    out.split("rule: ")
+        .skip(1)
+        .map(|block| {
+            let field = |name: &str| {
+                block
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+                    .unwrap()
+                    .split(" (")
+                    .next()
+                    .unwrap()
+                    .to_owned()
+            };
+            let rule = block.lines().next().unwrap().to_owned();
+            (
+                rule,
+                field("action"),
+                field("key"),
+                field("shard"),
+                field("sequence number"),
+            )
+        })
+        .collect()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_prints_matches_and_touches_nothing() {
@@ -14,17 +68,17 @@ async fn dry_run_prints_matches_and_touches_nothing() {
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
     let config = ws.config();
     let config = config.to_str().unwrap();
+    let dry_run_json = || {
+        tokio::task::block_in_place(|| {
+            ws.run(&["run", "--config", config, "--dry-run", "--output", "json"])
+        })
+    };
 
     // Before any live run: no state or key file appears.
-    let (code, out, err) = tokio::task::block_in_place(|| {
-        ws.run(&["run", "--config", config, "--dry-run", "--output", "json"])
-    });
+    let (code, out, err) = dry_run_json();
     assert_eq!(code, 0, "{err}");
     assert!(!ws.path("state.redb").exists() && !ws.path("state.redb.key").exists());
-    let lines: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines(&out);
     let (summary, actions) = lines.split_last().unwrap();
     assert_eq!(actions.len(), 15, "{out}");
     let mut keys: Vec<&str> = actions.iter().map(|a| a["key"].as_str().unwrap()).collect();
@@ -32,6 +86,7 @@ async fn dry_run_prints_matches_and_touches_nothing() {
     keys.dedup();
     assert_eq!(keys.len(), 12);
     assert_eq!(actions.iter().filter(|a| a["duplicate"] == true).count(), 3);
+    assert!(actions.iter().all(|a| a["already_done"].is_null()));
     let first = &actions[0];
     assert_eq!(first["type"], "action");
     assert_eq!(first["rule"], "acme_gdpr_delete_user");
@@ -46,27 +101,46 @@ async fn dry_run_prints_matches_and_touches_nothing() {
         first["request"]["headers"]["Authorization"],
         "Bearer <redacted>"
     );
+    assert_eq!(
+        first["request"]["headers"]["Content-Type"],
+        "application/json"
+    );
+    assert_eq!(
+        first["request"]["headers"]["Idempotency-Key"]
+            .as_str()
+            .unwrap()
+            .len(),
+        64
+    );
     assert!(first["shard_id"].as_str().unwrap().starts_with("shardId-"));
     assert!(first["sequence_number"].as_str().unwrap().len() > 20);
+    assert!(first["arrival_time"].as_str().unwrap().ends_with('Z'));
     assert_eq!(summary["type"], "summary");
-    assert_eq!(summary["actions"]["anonymize_user"], 15);
+    assert_eq!(summary["records"], 603);
+    // Duplicates would not be sent: 12 requests.
+    assert_eq!(summary["actions"]["anonymize_user"], 12);
     let rule = &summary["rules"]["acme_gdpr_delete_user"];
     assert_eq!(rule["records_seen"], 603);
     assert_eq!(rule["matches"], 15);
     assert_eq!(rule["errors"], 0);
+    assert_eq!(summary["rules"]["ccpa_delete"]["matches"], 0);
     assert!(!out.contains(TOKEN));
 
-    // The human format: one block per action, the token redacted.
-    let (code, out, _) =
+    // The human format shows the same actions, one block each, the token redacted.
+    let (code, human, _) =
         tokio::task::block_in_place(|| ws.run(&["run", "--config", config, "--dry-run"]));
     assert_eq!(code, 0);
-    assert_eq!(out.matches("action: anonymize_user").count(), 15);
-    assert!(out.contains("Authorization: Bearer <redacted>"));
-    assert!(out.contains("POST http://127.0.0.1:"));
-    assert!(!out.contains(TOKEN));
+    assert_eq!(from_human(&human), from_json(actions));
+    assert!(human.contains("Authorization: Bearer <redacted>"));
+    assert!(human.contains("POST http://127.0.0.1:"));
+    assert!(
+        human.contains("action anonymize_user: 12 would be sent"),
+        "{human}"
+    );
+    assert!(!human.contains(TOKEN));
     assert_eq!(backend.count(), 0);
 
-    // After a live run, a dry-run leaves the state file as it was.
+    // After a live run, a dry-run leaves the state file as it was and marks what is done.
     let daemon = ws.start_daemon(&[]);
     wait_until(Duration::from_secs(60), "12 requests", || {
         backend.count() >= 12
@@ -78,11 +152,104 @@ async fn dry_run_prints_matches_and_touches_nothing() {
     .await;
     assert!(daemon.stop().success());
     let before = std::fs::read(ws.path("state.redb")).unwrap();
-    let (code, out, _) = tokio::task::block_in_place(|| {
-        ws.run(&["run", "--config", config, "--dry-run", "--output", "json"])
-    });
-    assert_eq!(code, 0);
-    assert_eq!(out.lines().count(), 16);
+    let (code, out, err) = dry_run_json();
+    assert_eq!(code, 0, "{err}");
+    let lines = json_lines(&out);
+    let (summary, actions) = lines.split_last().unwrap();
+    assert_eq!(actions.len(), 15);
+    assert!(actions.iter().all(|a| a["already_done"] == true), "{out}");
+    assert!(
+        summary["actions"].as_object().unwrap().is_empty(),
+        "{summary}"
+    );
     assert_eq!(std::fs::read(ws.path("state.redb")).unwrap(), before);
     assert_eq!(backend.count(), 12);
+}
+
+/// The largest sequence number of each shard in captured records.
+fn last_sequence_numbers(captured: &str) -> HashMap<String, String> {
+    let mut last: HashMap<String, String> = HashMap::new();
+    for record in json_lines(captured) {
+        let shard = record["shard_id"].as_str().unwrap().to_owned();
+        let seq = record["sequence_number"].as_str().unwrap().to_owned();
+        let entry = last.entry(shard).or_default();
+        if (seq.len(), &seq) > (entry.len(), &*entry) {
+            *entry = seq;
+        }
+    }
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_beside_a_running_daemon_and_capture_for_preview() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 2).await;
+    put(&client, "events", &traffic(400, 10, 0)).await;
+    // A slow backend keeps the daemon busy while the dry-run reads the same stream.
+    let backend = Backend::with_behaviour(Duration::from_millis(100), |_, _| 200).await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    let config = ws.config();
+    let config = config.to_str().unwrap();
+
+    let daemon = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(30), "the daemon to start", || {
+        backend.count() >= 1
+    })
+    .await;
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        ws.run(&["run", "--config", config, "--dry-run", "--output", "json"])
+    });
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("in use by the running daemon"), "{err}");
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 11, "{out}");
+    wait_until(Duration::from_secs(60), "10 requests", || {
+        backend.count() >= 10
+    })
+    .await;
+    wait_until(Duration::from_secs(30), "caught up", || {
+        caught_up_count(&daemon.stderr()) >= 2
+    })
+    .await;
+    assert!(daemon.stop().success());
+    assert_eq!(backend.count(), 10);
+
+    // Capture the stream: the daemon's checkpoints are at each shard's last record.
+    let (code, captured, err) =
+        tokio::task::block_in_place(|| ws.run(&["capture", "--config", config]));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(captured.lines().count(), 400);
+    let last = last_sequence_numbers(&captured);
+    let (_, checkpoints, _) = ws.run(&["checkpoints", "list", "--config", config]);
+    for checkpoint in json_lines(&checkpoints) {
+        let shard = checkpoint["shard_id"].as_str().unwrap();
+        assert_eq!(checkpoint["sequence_number"].as_str().unwrap(), last[shard]);
+    }
+
+    // Offline preview of the capture finds what the dry-run found.
+    std::fs::write(ws.path("captured.jsonl"), &captured).unwrap();
+    let input = ws.path("captured.jsonl");
+    let (code, previewed, err) = ws.run(&[
+        "preview",
+        "--rules-dir",
+        "rules",
+        "--config",
+        config,
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let previewed = json_lines(&previewed);
+    let (_, dry_actions) = lines.split_last().unwrap();
+    let (_, preview_actions) = previewed.split_last().unwrap();
+    assert_eq!(from_json(preview_actions), from_json(dry_actions));
+
+    // A limit stops the capture early.
+    let (code, some, _) =
+        tokio::task::block_in_place(|| ws.run(&["capture", "--config", config, "--limit", "25"]));
+    assert_eq!(code, 0);
+    assert_eq!(some.lines().count(), 25);
 }

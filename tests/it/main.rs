@@ -5,6 +5,7 @@ mod cli;
 mod dry_run;
 mod faults;
 mod pipeline;
+mod preview;
 mod resharding;
 mod rules;
 mod support;

@@ -1,0 +1,154 @@
+//! Offline `preview` and `rules diff` on fixture files: staff iterate on rules without a
+//! stream.
+
+use serde_json::Value;
+
+use crate::support::*;
+
+fn fixture(name: &str) -> String {
+    repo()
+        .join("tests/fixtures")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn json_lines(out: &str) -> Vec<Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn preview_shows_the_decisions_for_captured_records() {
+    let ws = Workspace::new(
+        "http://127.0.0.1:9",
+        "events",
+        "https://backend.example.com",
+    );
+    let rules = repo().join("rules");
+    let rules = rules.to_str().unwrap();
+    // Without a config: decisions with their params.
+    let (code, out, err) = ws.run(&[
+        "preview",
+        "--rules-dir",
+        rules,
+        "--input",
+        &fixture("records.jsonl"),
+        "--output",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let lines = json_lines(&out);
+    let (summary, actions) = lines.split_last().unwrap();
+    let keys: Vec<&str> = actions.iter().map(|a| a["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["r-100", "ccpa:ccpa-9", "support:T-7"]);
+    assert_eq!(actions[0]["params"]["user_id"], "u-100");
+    assert_eq!(actions[0]["shard_id"], "shardId-000000000001");
+    assert_eq!(actions[0]["sequence_number"], "1001");
+    assert!(actions[0].get("request").is_none());
+    assert_eq!(summary["records"], 8);
+    assert_eq!(summary["actions"]["anonymize_user"], 3);
+    // The text line mentions "Delete User", so it passes the prefilter but does not match.
+    assert_eq!(
+        summary["rules"]["acme_gdpr_delete_user"]["records_evaluated"],
+        3
+    );
+    assert_eq!(summary["rules"]["acme_gdpr_delete_user"]["matches"], 1);
+
+    // With the config: the exact request, token redacted.
+    let config = ws.config();
+    let (code, out, err) = ws.run(&[
+        "preview",
+        "--rules-dir",
+        rules,
+        "--input",
+        &fixture("records.jsonl"),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("POST https://backend.example.com/v1/users/u-100/anonymize\nAuthorization: Bearer <redacted>\n"), "{out}");
+    assert!(out.contains("\n{\"user_id\":\"c-9\"}\n"), "{out}");
+    assert!(!out.contains(TOKEN));
+}
+
+#[test]
+fn preview_names_the_bad_input_line() {
+    let ws = Workspace::new("http://127.0.0.1:9", "events", "https://b.example.com");
+    std::fs::write(ws.path("bad.jsonl"), "{\"data\": {}}\n{\"data\": \n").unwrap();
+    let input = ws.path("bad.jsonl");
+    let (code, _, err) = ws.run(&[
+        "preview",
+        "--rules-dir",
+        "rules",
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("bad.jsonl:2:"), "{err}");
+}
+
+#[test]
+fn rules_diff_shows_what_an_edit_changes() {
+    let ws = Workspace::new("http://127.0.0.1:9", "events", "https://b.example.com");
+    let shipped = repo().join("rules");
+    let (code, out, err) = ws.run(&[
+        "rules",
+        "diff",
+        "--rules-dir",
+        &fixture("rules-edited"),
+        "--against",
+        shipped.to_str().unwrap(),
+        "--input",
+        &fixture("records.jsonl"),
+        "--output",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let lines = json_lines(&out);
+    let (summary, differences) = lines.split_last().unwrap();
+    assert_eq!(differences.len(), 2, "{out}");
+    // The edited rule now also takes acme-eu's requests...
+    assert_eq!(differences[0]["line"], 2);
+    let acme = &differences[0]["rules"]["acme_gdpr_delete_user"];
+    assert_eq!(acme["before"], Value::Null);
+    assert_eq!(acme["after"][0]["key"], "r-101");
+    // ...and the CCPA rule is gone from the edited set.
+    assert_eq!(differences[1]["line"], 5);
+    let ccpa = &differences[1]["rules"]["ccpa_delete"];
+    assert_eq!(ccpa["before"][0]["key"], "ccpa:ccpa-9");
+    assert_eq!(ccpa["after"], Value::Null);
+
+    assert_eq!(summary["records"], 8);
+    assert_eq!(summary["differing"], 2);
+    assert_eq!(
+        summary["rules"]["acme_gdpr_delete_user"]["matches_before"],
+        1
+    );
+    assert_eq!(
+        summary["rules"]["acme_gdpr_delete_user"]["matches_after"],
+        2
+    );
+    assert_eq!(summary["rules"]["ccpa_delete"]["records_changed"], 1);
+    assert_eq!(
+        summary["rules"]["support_erasure_verified_only"]["records_changed"],
+        0
+    );
+
+    // The same against itself: no difference.
+    let (_, out, _) = ws.run(&[
+        "rules",
+        "diff",
+        "--rules-dir",
+        shipped.to_str().unwrap(),
+        "--against",
+        shipped.to_str().unwrap(),
+        "--input",
+        &fixture("records.jsonl"),
+    ]);
+    assert!(
+        out.starts_with("summary: 8 records, 0 with different decisions"),
+        "{out}"
+    );
+}

@@ -247,9 +247,68 @@ async fn dry_run_beside_a_running_daemon_and_capture_for_preview() {
     let (_, preview_actions) = previewed.split_last().unwrap();
     assert_eq!(from_json(preview_actions), from_json(dry_actions));
 
+    // rules diff straight from the stream.
+    let edited = repo().join("tests/fixtures/rules-edited");
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        ws.run(&[
+            "rules",
+            "diff",
+            "--rules-dir",
+            edited.to_str().unwrap(),
+            "--against",
+            "rules",
+            "--config",
+            config,
+            "--output",
+            "json",
+        ])
+    });
+    assert_eq!(code, 0, "{err}");
+    let summary = json_lines(&out).pop().unwrap();
+    assert_eq!(summary["records"], 400);
+    assert_eq!(summary["differing"], 0, "{out}");
+
     // A limit stops the capture early.
     let (code, some, _) =
         tokio::task::block_in_place(|| ws.run(&["capture", "--config", config, "--limit", "25"]));
     assert_eq!(code, 0);
     assert_eq!(some.lines().count(), 25);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_following_dry_run_prints_its_summary_on_ctrl_c() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    put(&client, "events", &traffic(100, 2, 0)).await;
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    let dry = ws.start_daemon(&["--dry-run", "--follow", "--output", "json"]);
+    wait_until(Duration::from_secs(30), "2 actions", || {
+        dry.stdout().lines().count() >= 2
+    })
+    .await;
+    // Records written later are still picked up: it follows.
+    put(
+        &client,
+        "events",
+        &[(
+            "k".to_owned(),
+            deletion("r-late", "late-user").to_string().into_bytes(),
+        )],
+    )
+    .await;
+    wait_until(Duration::from_secs(30), "the late action", || {
+        dry.stdout().contains("r-late")
+    })
+    .await;
+    dry.signal("INT");
+    let out = dry.out.clone();
+    assert!(dry.wait_exit().success());
+    let lines = json_lines(&std::fs::read_to_string(out).unwrap());
+    let summary = lines.last().unwrap();
+    assert_eq!(summary["type"], "summary");
+    assert_eq!(summary["actions"]["anonymize_user"], 3);
+    assert_eq!(summary["records"], 101);
+    assert_eq!(backend.count(), 0);
 }

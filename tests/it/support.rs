@@ -343,17 +343,19 @@ timeout_ms = 5000
 
     /// Starts `gdpr-consumer run --config config.toml` with `extra` flags.
     pub fn start_daemon(&self, extra: &[&str]) -> Daemon {
-        let log = self.path(&format!("daemon-{}.log", rand_suffix()));
+        let name = format!("daemon-{}", rand_suffix());
+        let log = self.path(&format!("{name}.log"));
+        let out = self.path(&format!("{name}.out"));
         let child = command(&self.config())
             .arg("run")
             .arg("--config")
             .arg(self.config())
             .args(extra)
-            .stdout(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        Daemon { child, log }
+        Daemon { child, log, out }
     }
 
     /// Runs a command of the binary to its end: (exit code, stdout, stderr).
@@ -402,16 +404,26 @@ fn command(config: &Path) -> Command {
 pub struct Daemon {
     child: Child,
     pub log: PathBuf,
+    pub out: PathBuf,
 }
 
 impl Daemon {
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Sends SIGTERM and waits for the exit.
-    pub fn stop(mut self) -> ExitStatus {
+    pub fn stop(self) -> ExitStatus {
         self.signal("TERM");
+        self.wait_exit()
+    }
+
+    /// Waits (at most 30 s) for the process to exit.
+    pub fn wait_exit(mut self) -> ExitStatus {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -419,7 +431,7 @@ impl Daemon {
             }
             assert!(
                 Instant::now() < deadline,
-                "daemon did not stop on SIGTERM:\n{}",
+                "the process did not exit:\n{}",
                 self.stderr()
             );
             std::thread::sleep(Duration::from_millis(50));

@@ -26,7 +26,39 @@ use crate::state::{DeadLetterReason, State};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format on stderr: human, or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value = "human")]
+    log_format: LogFormat,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Libraries that would log request URLs, headers or bodies (payloads, params) at their
+/// debug and trace levels: capped whatever level is asked for.
+const QUIET_LIBRARIES: &[&str] = &[
+    "aws_config",
+    "aws_smithy_runtime",
+    "aws_smithy_runtime_api",
+    "aws_smithy_http",
+    "aws_smithy_http_client",
+    "aws_smithy_types",
+    "aws_sigv4",
+    "aws_sdk_kinesis",
+    "aws_runtime",
+    "hyper",
+    "hyper_util",
+    "h2",
+    "reqwest",
+    "rustls",
+    "tower",
+    "tower_http",
+    "axum",
+    "notify",
+];
 
 #[derive(Subcommand)]
 enum Command {
@@ -39,6 +71,8 @@ enum Command {
     Preview(PreviewArgs),
     /// Save records from the stream as JSON lines (for preview, rules diff and test cases).
     Capture(CaptureArgs),
+    /// Summarise the state file: schema version, checkpoints, dedup ledger and dead letters.
+    State(StateArgs),
     /// Inspect or reset shard checkpoints.
     #[command(subcommand)]
     Checkpoints(CheckpointsCommand),
@@ -210,7 +244,7 @@ impl Failure {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    init_logging(cli.log_format);
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Rules(RulesCommand::Check(args)) => rules_check(args),
@@ -219,6 +253,7 @@ pub fn main() -> ExitCode {
         Command::Preview(args) => preview(args),
         Command::Capture(args) => capture(args),
         Command::Checkpoints(cmd) => checkpoints(cmd),
+        Command::State(args) => state_summary(args),
         Command::DeadLetters(DeadLettersCommand::List(args)) => dead_letters(args),
     };
     match result {
@@ -230,17 +265,29 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("GDPR_CONSUMER_LOG").unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn")
-        });
-    tracing_subscriber::fmt()
+/// Logs to stderr. `GDPR_CONSUMER_LOG` (or `RUST_LOG`) takes filters like `debug` or
+/// `gdpr_consumer=trace`; libraries that could log payloads stay at warn.
+fn init_logging(format: LogFormat) {
+    let spec = std::env::var("GDPR_CONSUMER_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".to_owned());
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+        eprintln!("warning: ignoring log filter {spec:?}: {e}");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    for library in QUIET_LIBRARIES {
+        if let Ok(directive) = format!("{library}=warn").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }
 
 fn run(args: RunArgs) -> Result<u8, Failure> {
@@ -443,6 +490,16 @@ fn open_state(args: &StateArgs) -> Result<State, Failure> {
     let path =
         config::state_path(args.config.as_deref(), args.state.clone()).map_err(Failure::usage)?;
     State::open_existing(&path).map_err(Failure::runtime)
+}
+
+fn state_summary(args: StateArgs) -> Result<u8, Failure> {
+    let state = open_state(&args)?;
+    let summary = state.summary().map_err(Failure::runtime)?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&summary).unwrap_or_default()
+    );
+    Ok(0)
 }
 
 fn checkpoints(cmd: CheckpointsCommand) -> Result<u8, Failure> {

@@ -74,6 +74,15 @@ pub struct FileConfig {
     pub rules: RulesSection,
     #[serde(default)]
     pub actions: BTreeMap<String, ActionSection>,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Address of the HTTP listener for /metrics, /status, /healthz and /readyz.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -138,6 +147,8 @@ pub struct Settings {
     pub key_env: Option<String>,
     pub rules_dir: PathBuf,
     pub actions: BTreeMap<String, ActionSpec>,
+    /// No listener unless set.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -333,6 +344,7 @@ impl Settings {
             key_env: file.state.key_env,
             rules_dir,
             actions,
+            metrics_listen: file.metrics.listen,
         })
     }
 }

@@ -22,8 +22,11 @@ use crate::pipeline::{Pipeline, PipelineError, ShardExit, Sink};
 use crate::preview::{Ledger, OutputFormat, Preview};
 use crate::rules::reload::{self, load_tested, LoadFailure, Rules};
 use crate::shutdown::Shutdown;
-use crate::source::{ready_shards, Checkpoint, KinesisSource, Position, ShardReader, SourceError};
+use crate::source::{
+    ready_shards, Checkpoint, KinesisSource, Position, ShardInfo, ShardReader, SourceError,
+};
 use crate::state::{State, StateError};
+use crate::telemetry::{self, Served, ShardView, Telemetry};
 
 /// Options of `run --dry-run`.
 #[derive(Debug, Clone)]
@@ -50,6 +53,11 @@ pub enum RunError {
     Pipeline(#[from] PipelineError),
     #[error("a shard worker panicked: {0}")]
     WorkerPanicked(String),
+    #[error("cannot listen on {listen} ([metrics] listen): {source}")]
+    Listen {
+        listen: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 impl RunError {
@@ -75,28 +83,37 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
         "rules loaded"
     );
     let actions = ActionSet::new(&settings.actions, dry_run.is_none())?;
+    let shutdown = Shutdown::new();
+    let telemetry = Arc::new(Telemetry::new());
+    let rule_names: Vec<String> = rules.rules().iter().map(|r| r.name.clone()).collect();
+    let rules = Arc::new(Rules::new(rules, settings.rules_dir.clone(), action_names));
     let sink = match &dry_run {
         Some(options) => Sink::Preview(Box::new(Preview::new(
             options.format,
             options.follow,
             read_ledger(&settings),
-            rules.rules().iter().map(|r| r.name.clone()),
+            rule_names,
         ))),
         None => {
-            // Lock the state before anything else can start.
-            let state = State::open(&settings.state_path)?;
+            // Lock the state before anything else can start, the listener included.
+            let state = Arc::new(State::open(&settings.state_path)?);
             let keys = Keys::load_or_create(settings.key_env.as_deref(), &settings.key_file)?;
-            Sink::Live {
-                state: Arc::new(state),
-                keys,
+            if let Some(listen) = settings.metrics_listen {
+                let served = Arc::new(Served {
+                    telemetry: telemetry.clone(),
+                    rules: rules.clone(),
+                    state: state.clone(),
+                });
+                telemetry::serve(listen, served, shutdown.clone())
+                    .await
+                    .map_err(|source| RunError::Listen { listen, source })?;
             }
+            Sink::Live { state, keys }
         }
     };
     let source = Arc::new(KinesisSource::connect(&settings.stream).await);
-    let shutdown = Shutdown::new();
     spawn_signal_handler(shutdown.clone());
 
-    let rules = Arc::new(Rules::new(rules, settings.rules_dir.clone(), action_names));
     if dry_run.is_none() {
         let (rules, shutdown) = (rules.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -111,6 +128,7 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
         actions,
         sink,
         shutdown: shutdown.clone(),
+        telemetry: telemetry.clone(),
     });
     let progress = match &pipeline.sink {
         Sink::Preview(_) if std::io::stderr().is_terminal() => {
@@ -118,7 +136,7 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
         }
         _ => None,
     };
-    let result = supervise(&settings.stream, &source, &pipeline).await;
+    let result = supervise(&settings.stream, &source, &pipeline, &telemetry).await;
     if let Some(progress) = progress {
         progress.abort();
         let _ = progress.await;
@@ -168,7 +186,7 @@ pub async fn capture<W: std::io::Write + Send + 'static>(
     let shutdown = Shutdown::new();
     spawn_signal_handler(shutdown.clone());
     let capture = Arc::new(Capture::new(stream.name.clone(), out, limit, shutdown));
-    supervise(stream, &source, &capture).await?;
+    supervise(stream, &source, &capture, &Telemetry::new()).await?;
     tracing::info!(records = capture.written(), "capture done");
     let capture = Arc::into_inner(capture).expect("every worker has ended");
     Ok(capture.into_inner())
@@ -253,11 +271,13 @@ pub async fn supervise<W: ShardWork>(
     settings: &StreamSettings,
     source: &Arc<KinesisSource>,
     work: &Arc<W>,
+    telemetry: &Telemetry,
 ) -> Result<(), RunError> {
     let shutdown = work.shutdown().clone();
     let ends_when_caught_up = work.ends_when_caught_up();
     // The stream must be reachable at start: a wrong name or endpoint is reported at once.
     let mut shards = source.list_shards().await?;
+    telemetry.set_stream_reachable(true);
     tracing::info!(
         stream = source.stream(),
         shards = shards.len(),
@@ -285,6 +305,9 @@ pub async fn supervise<W: ShardWork>(
             outcome = Err(e.into());
             break;
         }
+        telemetry.set_shards(shard_views(&shards, &started, &ready, |id| {
+            work.checkpoint(id).ok().flatten()
+        }));
         for (shard, position) in ready {
             tracing::info!(shard_id = %shard.id, %position, "starting shard");
             started.insert(shard.id.clone());
@@ -335,8 +358,14 @@ pub async fn supervise<W: ShardWork>(
         }
         if relist_now {
             match source.list_shards().await {
-                Ok(list) => shards = list,
-                Err(e) => tracing::warn!(error = %e, "cannot refresh the shard list; will retry"),
+                Ok(list) => {
+                    shards = list;
+                    telemetry.set_stream_reachable(true);
+                }
+                Err(e) => {
+                    telemetry.set_stream_reachable(false);
+                    tracing::warn!(error = %e, "cannot refresh the shard list; will retry");
+                }
             }
         }
     }
@@ -349,6 +378,37 @@ pub async fn supervise<W: ShardWork>(
     }
     tracing::info!("stopped; checkpoints flushed");
     outcome
+}
+
+/// Each listed shard as `/status` shows it.
+fn shard_views(
+    shards: &[ShardInfo],
+    started: &HashSet<String>,
+    starting: &[(ShardInfo, Position)],
+    checkpoint: impl Fn(&str) -> Option<Checkpoint>,
+) -> Vec<ShardView> {
+    shards
+        .iter()
+        .map(|shard| {
+            let own = checkpoint(&shard.id);
+            let state = if own.as_ref().is_some_and(|c| c.shard_end) {
+                "finished"
+            } else if started.contains(&shard.id) || starting.iter().any(|(s, _)| s.id == shard.id)
+            {
+                "reading"
+            } else if !shard.parents.is_empty() {
+                "waiting_for_parent"
+            } else {
+                "not_started"
+            };
+            ShardView {
+                shard_id: shard.id.clone(),
+                state,
+                checkpoint: own.and_then(|c| c.sequence_number),
+                millis_behind_latest: None,
+            }
+        })
+        .collect()
 }
 
 impl ShardWork for Pipeline {

@@ -20,3 +20,4 @@ pub mod rules;
 pub mod shutdown;
 pub mod source;
 pub mod state;
+pub mod telemetry;

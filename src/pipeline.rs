@@ -5,6 +5,7 @@
 //! settled: done, skipped as a duplicate, or durably dead-lettered.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::actions::{ActionSet, Outcome};
 use crate::clock::now_ms;
@@ -16,6 +17,7 @@ use crate::rules::{Decision, Rule, RuleError, Verdict};
 use crate::shutdown::Shutdown;
 use crate::source::{Checkpoint, Position, ShardReader, SourceError};
 use crate::state::{DeadLetter, DeadLetterReason, State, StateError};
+use crate::telemetry::{ActionOutcome, Telemetry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -53,6 +55,7 @@ pub struct Pipeline {
     pub actions: ActionSet,
     pub sink: Sink,
     pub shutdown: Shutdown,
+    pub telemetry: Arc<Telemetry>,
 }
 
 /// Whether a record's decisions are all settled.
@@ -73,13 +76,16 @@ impl Pipeline {
     fn set_checkpoint(&self, shard_id: &str, checkpoint: Checkpoint) -> Result<(), PipelineError> {
         match &self.sink {
             Sink::Live { state, .. } => {
+                let started = Instant::now();
                 state
                     .set_checkpoint(shard_id, &checkpoint)
                     .map_err(|source| PipelineError::State {
                         shard_id: shard_id.to_owned(),
                         sequence_number: checkpoint.sequence_number.clone().unwrap_or_default(),
                         source,
-                    })
+                    })?;
+                self.telemetry.checkpoint_committed(started.elapsed());
+                Ok(())
             }
             Sink::Preview(preview) => {
                 preview.set_checkpoint(shard_id, checkpoint);
@@ -107,8 +113,11 @@ impl Pipeline {
             let empty = batch.records.is_empty();
             let mut settled = checkpointed.clone();
             let mut interrupted = false;
+            self.telemetry
+                .shard_lag(shard_id, batch.millis_behind_latest);
             for raw in batch.records {
                 let sequence_number = raw.sequence_number.clone();
+                self.telemetry.record_read(shard_id, raw.data.len());
                 for record in decode::decode(&self.stream, shard_id, raw) {
                     if let Settled::No = self.handle(&record).await? {
                         interrupted = true;
@@ -175,6 +184,8 @@ impl Pipeline {
                 }
                 Verdict::Decided(decisions) => decisions,
             };
+            self.telemetry
+                .rule_evaluated(&rule.name, !decisions.is_empty());
             for decision in decisions {
                 if let Settled::No = self.act(state, keys, record, &maker, decision).await? {
                     return Ok(Settled::No);
@@ -192,12 +203,11 @@ impl Pipeline {
         maker: &Maker,
         error: RuleError,
     ) -> Result<(), PipelineError> {
-        tracing::warn!(
-            shard_id = %record.shard_id,
-            sequence_number = %record.sequence_number,
-            rule = %maker.rule.name,
-            error = %error.log_summary(),
-            "rule failed on a record; dead-lettering it"
+        self.telemetry.rule_failed(
+            &record.shard_id,
+            &record.sequence_number,
+            &maker.rule.name,
+            &error.log_summary(),
         );
         self.dead_letter(
             state,
@@ -268,19 +278,33 @@ impl Pipeline {
         };
         let rule = maker.rule.name.as_str();
         let id = keys.request_id(&decision.action, &decision.key);
+        let outcome = |outcome, attempts, took, error: Option<&str>| {
+            self.telemetry.action(
+                outcome,
+                &record.shard_id,
+                &record.sequence_number,
+                rule,
+                maker.rules_hash,
+                &decision.action,
+                attempts,
+                took,
+                error,
+            )
+        };
         if state
             .is_done(&id)
             .map_err(|e| self.state_error(record, e))?
         {
-            tracing::debug!(shard_id = %record.shard_id, sequence_number = %record.sequence_number, action = %decision.action, "request already done; skipping duplicate");
+            outcome(ActionOutcome::Duplicate, 0, None, None);
             return Ok(Settled::Yes);
         }
+        let started = Instant::now();
         match self.actions.send(&request, &self.shutdown).await {
-            Outcome::Done { status, attempts } => {
+            Outcome::Done { attempts, .. } => {
                 state
                     .mark_done(&id)
                     .map_err(|e| self.state_error(record, e))?;
-                tracing::info!(shard_id = %record.shard_id, sequence_number = %record.sequence_number, rule, rule_file = %maker.rule.path.display(), rules_hash = maker.rules_hash, action = %decision.action, status, attempts, "action done");
+                outcome(ActionOutcome::Done, attempts, Some(started.elapsed()), None);
                 Ok(Settled::Yes)
             }
             Outcome::Failed {
@@ -288,7 +312,12 @@ impl Pipeline {
                 attempts,
                 retryable,
             } => {
-                tracing::warn!(shard_id = %record.shard_id, sequence_number = %record.sequence_number, rule, action = %decision.action, attempts, %error, "action failed; dead-lettering it");
+                outcome(
+                    ActionOutcome::DeadLettered,
+                    attempts,
+                    Some(started.elapsed()),
+                    Some(&error),
+                );
                 self.dead_letter(
                     state,
                     record,

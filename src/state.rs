@@ -300,6 +300,52 @@ impl State {
         Ok(out)
     }
 
+    /// Sizes and version, for `gdpr-consumer state`.
+    pub fn summary(&self) -> Result<serde_json::Value, StateError> {
+        let err = self.db_err("cannot read");
+        let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let meta = tx.open_table(META).map_err(|e| err(e.into()))?;
+        let version = meta
+            .get("schema_version")
+            .map_err(|e| err(e.into()))?
+            .map(|v| v.value());
+        let done = tx.open_table(DONE).map_err(|e| err(e.into()))?;
+        let done = done.len().map_err(|e| err(e.into()))?;
+        drop(tx);
+        let (dead_letters, oldest) = self.dead_letter_stats()?;
+        let checkpoints: Vec<serde_json::Value> = self
+            .checkpoints()?
+            .into_iter()
+            .map(|(shard_id, c)| {
+                serde_json::json!({"shard_id": shard_id, "sequence_number": c.sequence_number, "shard_end": c.shard_end})
+            })
+            .collect();
+        Ok(serde_json::json!({
+            "path": self.path,
+            "schema_version": version,
+            "checkpoints": checkpoints,
+            "dedup_entries": done,
+            "dead_letters_pending": dead_letters,
+            "oldest_dead_letter": oldest.map(|ms| crate::clock::rfc3339(ms as i64)),
+        }))
+    }
+
+    /// How many dead letters are pending, and when the oldest was stored (ms).
+    pub fn dead_letter_stats(&self) -> Result<(u64, Option<u64>), StateError> {
+        let err = self.db_err("cannot read dead letters");
+        let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let table = tx.open_table(DEAD_LETTERS).map_err(|e| err(e.into()))?;
+        let count = table.len().map_err(|e| err(e.into()))?;
+        let oldest = match table.first().map_err(|e| err(e.into()))? {
+            Some((_, v)) => Some(
+                self.parse::<DeadLetter>("dead letter", v.value())?
+                    .created_at_ms,
+            ),
+            None => None,
+        };
+        Ok((count, oldest))
+    }
+
     fn parse<T: serde::de::DeserializeOwned>(
         &self,
         what: &'static str,

@@ -4,6 +4,7 @@
 mod cli;
 mod dry_run;
 mod faults;
+mod operate;
 mod pipeline;
 mod preview;
 mod resharding;

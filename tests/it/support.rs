@@ -343,6 +343,10 @@ timeout_ms = 5000
 
     /// Starts `gdpr-consumer run --config config.toml` with `extra` flags.
     pub fn start_daemon(&self, extra: &[&str]) -> Daemon {
+        self.start_daemon_with_env(extra, &[])
+    }
+
+    pub fn start_daemon_with_env(&self, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let name = format!("daemon-{}", rand_suffix());
         let log = self.path(&format!("{name}.log"));
         let out = self.path(&format!("{name}.out"));
@@ -351,6 +355,7 @@ timeout_ms = 5000
             .arg("--config")
             .arg(self.config())
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

@@ -1,0 +1,435 @@
+//! Telemetry: the metrics, the log events that go with them, and the HTTP listener
+//! (`/healthz`, `/readyz`, `/metrics`, `/status`).
+//!
+//! Each method here both logs an event and counts it, so a log line and its metric share
+//! one name and cannot drift apart. Nothing here ever sees a payload, a key or a param.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+use crate::clock::now_ms;
+use crate::rules::reload::Rules;
+use crate::shutdown::Shutdown;
+use crate::state::State;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// How a decision ended: the `outcome` label of `actions_total` and the log event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActionOutcome {
+    Done,
+    Duplicate,
+    DeadLettered,
+}
+
+impl ActionOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionOutcome::Done => "done",
+            ActionOutcome::Duplicate => "duplicate",
+            ActionOutcome::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
+/// Where a shard stands, for `/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShardView {
+    pub shard_id: String,
+    /// `reading`, `waiting_for_parent`, `finished`, or `not_started`.
+    pub state: &'static str,
+    pub checkpoint: Option<String>,
+    pub millis_behind_latest: Option<i64>,
+}
+
+pub struct Telemetry {
+    registry: Registry,
+    records_read: Family<Labels, Counter>,
+    bytes_read: Family<Labels, Counter>,
+    rule_records: Family<Labels, Counter>,
+    rule_matches: Family<Labels, Counter>,
+    rule_errors: Family<Labels, Counter>,
+    actions: Family<Labels, Counter>,
+    action_seconds: Family<Labels, Histogram>,
+    dead_letters_pending: Gauge,
+    oldest_dead_letter_age_seconds: Gauge,
+    millis_behind_latest: Family<Labels, Gauge>,
+    rules_reloads: Family<Labels, Counter>,
+    rules_stale: Gauge,
+    rules_info: Family<Labels, Gauge>,
+    shards_owned: Gauge,
+    checkpoint_commit_seconds: Histogram,
+    shards: Mutex<BTreeMap<String, ShardView>>,
+    stream_reachable: AtomicBool,
+    started: Instant,
+}
+
+fn label(name: &'static str, value: &str) -> Labels {
+    vec![(name, value.to_owned())]
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Telemetry {
+    pub fn new() -> Self {
+        let histogram = || Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let mut t = Telemetry {
+            registry: Registry::with_prefix("gdpr_consumer"),
+            records_read: Family::default(),
+            bytes_read: Family::default(),
+            rule_records: Family::default(),
+            rule_matches: Family::default(),
+            rule_errors: Family::default(),
+            actions: Family::default(),
+            action_seconds: Family::new_with_constructor(histogram),
+            dead_letters_pending: Gauge::default(),
+            oldest_dead_letter_age_seconds: Gauge::default(),
+            millis_behind_latest: Family::default(),
+            rules_reloads: Family::default(),
+            rules_stale: Gauge::default(),
+            rules_info: Family::default(),
+            shards_owned: Gauge::default(),
+            checkpoint_commit_seconds: histogram(),
+            shards: Mutex::default(),
+            stream_reachable: AtomicBool::new(false),
+            started: Instant::now(),
+        };
+        let r = &mut t.registry;
+        r.register(
+            "records_read",
+            "Records read, per shard",
+            t.records_read.clone(),
+        );
+        r.register(
+            "bytes_read",
+            "Payload bytes read, per shard",
+            t.bytes_read.clone(),
+        );
+        r.register(
+            "rule_records",
+            "Records that reached a rule (past its prefilter)",
+            t.rule_records.clone(),
+        );
+        r.register(
+            "rule_matches",
+            "Records a rule made a decision for",
+            t.rule_matches.clone(),
+        );
+        r.register(
+            "rule_errors",
+            "Records a rule failed on (dead-lettered)",
+            t.rule_errors.clone(),
+        );
+        r.register(
+            "actions",
+            "Decisions by action and outcome",
+            t.actions.clone(),
+        );
+        r.register(
+            "action_duration_seconds",
+            "Time to settle a backend call, retries included",
+            t.action_seconds.clone(),
+        );
+        r.register(
+            "dead_letters_pending",
+            "Dead letters waiting for a retry or an operator",
+            t.dead_letters_pending.clone(),
+        );
+        r.register(
+            "oldest_dead_letter_age_seconds",
+            "Age of the oldest pending dead letter",
+            t.oldest_dead_letter_age_seconds.clone(),
+        );
+        r.register(
+            "millis_behind_latest",
+            "How far a shard's reader is behind the stream's tip",
+            t.millis_behind_latest.clone(),
+        );
+        r.register(
+            "rules_reloads",
+            "Rule reloads by result",
+            t.rules_reloads.clone(),
+        );
+        r.register(
+            "rules_stale",
+            "1 when the last rule reload was refused and older rules run",
+            t.rules_stale.clone(),
+        );
+        r.register(
+            "rules_info",
+            "The running rule set, by hash",
+            t.rules_info.clone(),
+        );
+        r.register(
+            "shards_owned",
+            "Shards being read now",
+            t.shards_owned.clone(),
+        );
+        r.register(
+            "checkpoint_commit_seconds",
+            "Time to commit a checkpoint",
+            t.checkpoint_commit_seconds.clone(),
+        );
+        t
+    }
+
+    pub fn record_read(&self, shard_id: &str, bytes: usize) {
+        self.records_read
+            .get_or_create(&label("shard_id", shard_id))
+            .inc();
+        self.bytes_read
+            .get_or_create(&label("shard_id", shard_id))
+            .inc_by(bytes as u64);
+    }
+
+    pub fn rule_evaluated(&self, rule: &str, matched: bool) {
+        self.rule_records.get_or_create(&label("rule", rule)).inc();
+        if matched {
+            self.rule_matches.get_or_create(&label("rule", rule)).inc();
+        }
+    }
+
+    /// A rule failed on a record. `error` must be safe to log (no values from the record).
+    pub fn rule_failed(&self, shard_id: &str, sequence_number: &str, rule: &str, error: &str) {
+        self.rule_records.get_or_create(&label("rule", rule)).inc();
+        self.rule_errors.get_or_create(&label("rule", rule)).inc();
+        tracing::warn!(
+            event = "rule_error",
+            shard_id,
+            sequence_number,
+            rule,
+            error,
+            "rule failed on a record; dead-lettering it"
+        );
+    }
+
+    /// A decision ended. `error` must be safe to log (no URL, key or params).
+    #[allow(clippy::too_many_arguments)]
+    pub fn action(
+        &self,
+        outcome: ActionOutcome,
+        shard_id: &str,
+        sequence_number: &str,
+        rule: &str,
+        rules_hash: &str,
+        action: &str,
+        attempts: u32,
+        took: Option<Duration>,
+        error: Option<&str>,
+    ) {
+        let labels = vec![
+            ("action", action.to_owned()),
+            ("outcome", outcome.as_str().to_owned()),
+        ];
+        self.actions.get_or_create(&labels).inc();
+        if let Some(took) = took {
+            self.action_seconds
+                .get_or_create(&label("action", action))
+                .observe(took.as_secs_f64());
+        }
+        let event = outcome.as_str();
+        match outcome {
+            ActionOutcome::Done => tracing::info!(
+                event,
+                shard_id,
+                sequence_number,
+                rule,
+                rules_hash,
+                action,
+                attempts,
+                "action done"
+            ),
+            ActionOutcome::Duplicate => tracing::debug!(
+                event,
+                shard_id,
+                sequence_number,
+                rule,
+                action,
+                "request already done; skipping duplicate"
+            ),
+            ActionOutcome::DeadLettered => tracing::warn!(
+                event,
+                shard_id,
+                sequence_number,
+                rule,
+                rules_hash,
+                action,
+                attempts,
+                error = error.unwrap_or(""),
+                "action failed; dead-lettering it"
+            ),
+        }
+    }
+
+    pub fn shard_lag(&self, shard_id: &str, millis_behind_latest: Option<i64>) {
+        if let Some(ms) = millis_behind_latest {
+            self.millis_behind_latest
+                .get_or_create(&label("shard_id", shard_id))
+                .set(ms);
+        }
+        if let Some(view) = self.shards.lock().unwrap().get_mut(shard_id) {
+            view.millis_behind_latest = millis_behind_latest;
+        }
+    }
+
+    pub fn checkpoint_committed(&self, took: Duration) {
+        self.checkpoint_commit_seconds.observe(took.as_secs_f64());
+    }
+
+    /// The supervisor's view of every listed shard.
+    pub fn set_shards(&self, views: Vec<ShardView>) {
+        let mut shards = self.shards.lock().unwrap();
+        let lags: BTreeMap<String, Option<i64>> = shards
+            .iter()
+            .map(|(id, v)| (id.clone(), v.millis_behind_latest))
+            .collect();
+        shards.clear();
+        for mut view in views {
+            view.millis_behind_latest = lags.get(&view.shard_id).copied().flatten();
+            shards.insert(view.shard_id.clone(), view);
+        }
+        let reading = shards.values().filter(|v| v.state == "reading").count();
+        self.shards_owned.set(reading as i64);
+    }
+
+    pub fn set_stream_reachable(&self, reachable: bool) {
+        self.stream_reachable.store(reachable, Ordering::Relaxed);
+    }
+
+    /// Brings the gauges computed from the state and the rules up to date.
+    fn refresh(&self, rules: &Rules, state: &State) {
+        let status = rules.status();
+        self.rules_stale.set(i64::from(status.stale));
+        self.rules_info.clear();
+        self.rules_info
+            .get_or_create(&label("hash", &status.hash))
+            .set(1);
+        self.rules_reloads
+            .get_or_create(&label("result", "ok"))
+            .inner()
+            .store(status.reloads_ok, Ordering::Relaxed);
+        self.rules_reloads
+            .get_or_create(&label("result", "refused"))
+            .inner()
+            .store(status.reloads_failed, Ordering::Relaxed);
+        if let Ok((pending, oldest)) = state.dead_letter_stats() {
+            self.dead_letters_pending.set(pending as i64);
+            let age = oldest.map_or(0, |created| now_ms().saturating_sub(created) / 1000);
+            self.oldest_dead_letter_age_seconds.set(age as i64);
+        }
+    }
+
+    fn metrics_text(&self, rules: &Rules, state: &State) -> String {
+        self.refresh(rules, state);
+        let mut text = String::new();
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+
+    fn status_json(&self, rules: &Rules, state: &State) -> serde_json::Value {
+        let checkpoints: BTreeMap<String, crate::source::Checkpoint> = state
+            .checkpoints()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let shards: Vec<ShardView> = self
+            .shards
+            .lock()
+            .unwrap()
+            .values()
+            .cloned()
+            .map(|mut v| {
+                v.checkpoint = checkpoints
+                    .get(&v.shard_id)
+                    .and_then(|c| c.sequence_number.clone());
+                v
+            })
+            .collect();
+        let (pending, _) = state.dead_letter_stats().unwrap_or_default();
+        let r = rules.status();
+        serde_json::json!({
+            "uptime_s": self.started.elapsed().as_secs(),
+            "rules": {"hash": r.hash, "stale": r.stale, "loaded": r.loaded, "last_error": r.last_error},
+            "shards": shards,
+            "dead_letters_pending": pending,
+        })
+    }
+}
+
+/// What the listener serves from.
+pub struct Served {
+    pub telemetry: Arc<Telemetry>,
+    pub rules: Arc<Rules>,
+    pub state: Arc<State>,
+}
+
+/// Binds the listener (an error names the address) and serves until shutdown.
+pub async fn serve(
+    listen: SocketAddr,
+    served: Arc<Served>,
+    shutdown: Shutdown,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    tracing::info!(address = %listener.local_addr()?, "metrics listener up");
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get({
+                let s = served.clone();
+                move || async move {
+                    if s.telemetry.stream_reachable.load(Ordering::Relaxed) {
+                        (axum::http::StatusCode::OK, "ready".to_owned())
+                    } else {
+                        (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "stream not reachable".to_owned(),
+                        )
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get({
+                let s = served.clone();
+                move || async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        s.telemetry.metrics_text(&s.rules, &s.state),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/status",
+            get({
+                let s = served.clone();
+                move || async move { axum::Json(s.telemetry.status_json(&s.rules, &s.state)) }
+            }),
+        );
+    Ok(tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.triggered().await })
+            .await;
+    }))
+}

@@ -1,20 +1,39 @@
 //! The main job on this machine, with nothing but the repo: a local Kinesis (kinesalite), a
-//! stream of realistic events with deletion requests among them, a local backend, and the
-//! daemon in between. Run it with `scripts/demo.sh`.
+//! stream of realistic events with privacy requests among them, a local backend, and the
+//! daemon in between. Run it with `scripts/demo.sh`. It checks its own report against the
+//! data it wrote, and exits non-zero if they disagree.
 
 #[allow(dead_code)]
 #[path = "../tests/it/support.rs"]
 mod support;
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use serde_json::json;
 use support::*;
 
 const SHARDS: i32 = 4;
-const EVENTS: usize = 2_000;
-const DELETIONS: usize = 20;
-const RETRIED: usize = 5;
+const EVENTS: usize = 3_000;
+const GDPR_DELETIONS: usize = 30;
+const RETRIED: usize = 6;
+
+/// Requests for the other shipped rules: verified ones to act on, and look-alikes not to.
+fn other_requests() -> (Vec<(String, Vec<u8>)>, usize) {
+    let mut records = Vec::new();
+    for n in 0..5 {
+        let verified = n % 2 == 0;
+        let ccpa = json!({"type": "ccpa_consumer_request", "request_type": "delete",
+            "consumer_id": format!("c-{n}"), "request_id": format!("ccpa-{n}"), "verified": verified});
+        records.push((format!("c-{n}"), ccpa.to_string().into_bytes()));
+        let status = if verified { "verified" } else { "pending" };
+        let desk = json!({"type": "erasure_request", "source": "support_desk", "ticket": format!("T-{n}"),
+            "user_id": format!("desk-user-{n}"), "verification": {"status": status}});
+        records.push((format!("desk-user-{n}"), desk.to_string().into_bytes()));
+    }
+    // 3 verified CCPA requests and 3 verified desk requests.
+    (records, 6)
+}
 
 #[tokio::main]
 async fn main() {
@@ -22,12 +41,16 @@ async fn main() {
     println!("kinesalite (local Kinesis) on {}", kinesis.endpoint);
     let client = kinesis.client();
     create_stream(&client, "client-events", SHARDS).await;
-    let records = traffic(EVENTS, DELETIONS, RETRIED);
+    let mut records = traffic(EVENTS, GDPR_DELETIONS, RETRIED);
+    let (others, verified_others) = other_requests();
+    records.extend(others);
     put(&client, "client-events", &records).await;
+    let expected = GDPR_DELETIONS + verified_others;
     println!(
-        "stream client-events: {SHARDS} shards, {} events written (page views, orders, logins, log lines, \
-         privacy requests of other kinds), among them {DELETIONS} GDPR \"Delete User\" requests from acme, \
-         {RETRIED} of them written twice",
+        "stream client-events: {SHARDS} shards, {} events written: page views, orders, logins, log lines, \
+         privacy requests of other clients and kinds, and {expected} requests to act on \
+         ({GDPR_DELETIONS} GDPR \"Delete User\" from acme, {RETRIED} of them written twice; \
+         {verified_others} verified CCPA and support-desk erasures, besides unverified ones)",
         records.len()
     );
 
@@ -52,11 +75,9 @@ async fn main() {
         .and_then(|o| o.find("\nrule: "))
         .map_or(out.len(), |i| i + 2);
     print!("{}", &out[..first_block]);
-    println!(
-        "... ({} more would-be actions)\n",
-        out.matches("action: anonymize_user").count() - 1
-    );
-    if let Some(summary) = out.find("summary\n") {
+    let would = out.matches("\naction: ").count() + usize::from(out.starts_with("action: "));
+    println!("... ({} more would-be actions)\n", would.saturating_sub(1));
+    if let Some(summary) = out.find("summary: ") {
         print!("{}", &out[summary..]);
     }
 
@@ -75,10 +96,10 @@ async fn main() {
             shown += 1;
         }
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while caught_up_count(&daemon.stderr()) < SHARDS as usize || backend.count() < DELETIONS {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while caught_up_count(&daemon.stderr()) < SHARDS as usize || backend.count() < expected {
         assert!(
-            std::time::Instant::now() < deadline,
+            Instant::now() < deadline,
             "the daemon did not finish:\n{}",
             daemon.stderr()
         );
@@ -90,15 +111,6 @@ async fn main() {
     let status = daemon.stop();
     let log = std::fs::read_to_string(log_path).unwrap();
 
-    let received = backend.received();
-    let unique: HashSet<_> = received.iter().map(|r| &r.path).collect();
-    println!(
-        "\nthe backend received {} requests for {} distinct users ({} duplicates in the stream were recognised); \
-         the daemon exited with {status} on SIGTERM",
-        received.len(),
-        unique.len(),
-        RETRIED
-    );
     println!("\n-- the daemon's log (stderr; no payloads or identifiers in it):");
     for line in log.lines().filter(|l| !l.contains("action done")) {
         println!("{line}");
@@ -108,17 +120,42 @@ async fn main() {
         log.matches("action done").count()
     );
 
-    println!("\n== 4. gdpr-consumer checkpoints list");
-    let (_, out, _) = ws.run(&["checkpoints", "list", "--config", config]);
+    println!("\n== 4. gdpr-consumer state");
+    let (_, out, _) = ws.run(&["state", "--config", config]);
     print!("{out}");
-    println!("\n== 5. gdpr-consumer dead-letters list");
-    let (_, out, _) = ws.run(&["dead-letters", "list", "--config", config]);
-    println!("{}", if out.is_empty() { "(none)" } else { &out });
+    let state: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let (_, letters, _) = ws.run(&["dead-letters", "list", "--config", config]);
 
-    let dir = ws.keep();
+    let received = backend.received();
+    let distinct: HashSet<_> = received.iter().map(|r| &r.idempotency_key).collect();
+    let dead_letters = letters.lines().count();
+    println!("\n== report");
+    println!("requests in the stream to act on:  {expected}");
+    println!("requests found by the dry-run:     {would} ({RETRIED} of them duplicates)");
     println!(
-        "\nThe demo's config, rules and state are in {}; try\n  target/debug/gdpr-consumer checkpoints list --config {}/config.toml",
-        dir.display(),
-        dir.display()
+        "calls the backend received:        {} ({} distinct requests)",
+        received.len(),
+        distinct.len()
+    );
+    println!(
+        "duplicates recognised and skipped: {}",
+        would - received.len()
+    );
+    println!("dead letters:                      {dead_letters}");
+    println!(
+        "requests remembered as done:       {}",
+        state["dedup_entries"]
+    );
+    println!("daemon exit on SIGTERM:            {status}");
+
+    // The report must match what was written.
+    assert_eq!(would, expected + RETRIED, "dry-run");
+    assert_eq!(received.len(), expected, "backend calls");
+    assert_eq!(distinct.len(), expected, "each request once");
+    assert_eq!(dead_letters, 0);
+    assert_eq!(state["dedup_entries"], expected);
+    assert!(status.success());
+    println!(
+        "\nreport matches the data written. The demo's files are removed; kinesalite is stopped."
     );
 }

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::actions::{ActionSpec, UrlTemplate};
 
@@ -63,7 +63,7 @@ impl std::str::FromStr for StartPosition {
 }
 
 /// The config file as written. Every key is optional.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     #[serde(default)]
@@ -78,14 +78,14 @@ pub struct FileConfig {
     pub metrics: MetricsSection,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsSection {
     /// Address of the HTTP listener for /metrics, /status, /healthz and /readyz.
     pub listen: Option<std::net::SocketAddr>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamSection {
     pub name: Option<String>,
@@ -98,7 +98,7 @@ pub struct StreamSection {
     pub shard_sync_interval_ms: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateSection {
     pub path: Option<PathBuf>,
@@ -108,13 +108,13 @@ pub struct StateSection {
     pub key_env: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RulesSection {
     pub dir: Option<PathBuf>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActionSection {
     pub method: Option<String>,
@@ -420,6 +420,70 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
         let (_d, path) = write("[stream]\nname = \"s\"\n[actions.a]\nurl = \"http://h/x/{id}\"\n");
         let err = Settings::resolve(Some(&path), Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("allow_insecure_http"), "{err}");
+    }
+
+    /// Every key the code accepts is in the operations guide's reference table (the other
+    /// direction is an integration test: the table's examples make a valid config).
+    #[test]
+    fn every_key_is_documented() {
+        // Struct literals without `..`: a new field fails to compile until it is listed here.
+        let full = FileConfig {
+            stream: StreamSection {
+                name: Some("s".into()),
+                region: Some("r".into()),
+                endpoint_url: Some("u".into()),
+                start: Some("latest".into()),
+                poll_interval_ms: Some(1),
+                shard_sync_interval_ms: Some(1),
+            },
+            state: StateSection {
+                path: Some("p".into()),
+                key_file: Some("k".into()),
+                key_env: Some("E".into()),
+            },
+            rules: RulesSection {
+                dir: Some("d".into()),
+            },
+            actions: BTreeMap::from([(
+                "NAME".to_owned(),
+                ActionSection {
+                    method: Some("POST".into()),
+                    url: "https://h/x".into(),
+                    bearer_token_env: Some("T".into()),
+                    allow_insecure_http: false,
+                    ca_file: Some("c".into()),
+                    timeout_ms: Some(1),
+                    max_attempts: Some(1),
+                    initial_backoff_ms: Some(1),
+                    max_backoff_ms: Some(1),
+                },
+            )]),
+            metrics: MetricsSection {
+                listen: Some("127.0.0.1:1".parse().unwrap()),
+            },
+        };
+        let value = toml::Value::try_from(&full).unwrap();
+        let mut keys = Vec::new();
+        for (section, table) in value.as_table().unwrap() {
+            for (key, inner) in table.as_table().unwrap() {
+                match inner.as_table() {
+                    Some(action) if section == "actions" => {
+                        keys.extend(action.keys().map(|k| format!("[actions.{key}] {k}")))
+                    }
+                    _ => keys.push(format!("[{section}] {key}")),
+                }
+            }
+        }
+        let guide = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md"),
+        )
+        .unwrap();
+        for key in keys {
+            assert!(
+                guide.contains(&format!("| `{key}` |")),
+                "{key} is not in docs/operations.md"
+            );
+        }
     }
 
     #[test]

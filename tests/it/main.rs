@@ -2,6 +2,7 @@
 //! backend on loopback, each started by the test on a free port.
 
 mod cli;
+mod docs;
 mod dry_run;
 mod faults;
 mod operate;

@@ -96,6 +96,8 @@ pub struct StreamSection {
     pub poll_interval_ms: Option<u64>,
     /// How often the shard list is refreshed to find new shards (resharding).
     pub shard_sync_interval_ms: Option<u64>,
+    /// Alarm when a shard's unread records come this close to the stream's retention.
+    pub retention_margin_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -159,6 +161,7 @@ pub struct StreamSettings {
     pub start: StartPosition,
     pub poll_interval: Duration,
     pub shard_sync_interval: Duration,
+    pub retention_margin: Duration,
 }
 
 impl FileConfig {
@@ -299,6 +302,9 @@ fn resolve_stream(
         shard_sync_interval: Duration::from_millis(
             section.shard_sync_interval_ms.unwrap_or(30_000),
         ),
+        retention_margin: Duration::from_millis(
+            section.retention_margin_ms.unwrap_or(6 * 3600 * 1000),
+        ),
     })
 }
 
@@ -435,6 +441,7 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
                 start: Some("latest".into()),
                 poll_interval_ms: Some(1),
                 shard_sync_interval_ms: Some(1),
+                retention_margin_ms: Some(1),
             },
             state: StateSection {
                 path: Some("p".into()),

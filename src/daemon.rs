@@ -278,6 +278,12 @@ pub async fn supervise<W: ShardWork>(
     // The stream must be reachable at start: a wrong name or endpoint is reported at once.
     let mut shards = source.list_shards().await?;
     telemetry.set_stream_reachable(true);
+    match source.retention().await {
+        Ok(retention) => telemetry.set_retention(retention, settings.retention_margin),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the stream's retention; no retention alarm")
+        }
+    }
     tracing::info!(
         stream = source.stream(),
         shards = shards.len(),

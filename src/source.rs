@@ -201,6 +201,24 @@ impl KinesisSource {
         }
     }
 
+    /// How long the stream keeps records (DescribeStreamSummary).
+    pub async fn retention(&self) -> Result<Duration, SourceError> {
+        let output = self
+            .client
+            .describe_stream_summary()
+            .stream_name(&self.stream)
+            .send()
+            .await
+            .map_err(|e| SourceError::ListShards {
+                stream: self.stream.clone(),
+                message: describe(&e),
+            })?;
+        let hours = output
+            .stream_description_summary()
+            .map_or(24, |s| s.retention_period_hours());
+        Ok(Duration::from_secs(hours.max(1) as u64 * 3600))
+    }
+
     async fn iterator(&self, shard_id: &str, position: &Position) -> Result<String, SourceError> {
         let request = self
             .client

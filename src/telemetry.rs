@@ -65,6 +65,9 @@ pub struct Telemetry {
     dead_letters_pending: Gauge,
     oldest_dead_letter_age_seconds: Gauge,
     millis_behind_latest: Family<Labels, Gauge>,
+    retention_risk: Family<Labels, Gauge>,
+    /// Lag beyond which unread records risk expiring (retention minus the margin).
+    risk_threshold: Mutex<Option<Duration>>,
     rules_reloads: Family<Labels, Counter>,
     rules_stale: Gauge,
     rules_info: Family<Labels, Gauge>,
@@ -100,6 +103,8 @@ impl Telemetry {
             dead_letters_pending: Gauge::default(),
             oldest_dead_letter_age_seconds: Gauge::default(),
             millis_behind_latest: Family::default(),
+            retention_risk: Family::default(),
+            risk_threshold: Mutex::new(None),
             rules_reloads: Family::default(),
             rules_stale: Gauge::default(),
             rules_info: Family::default(),
@@ -276,11 +281,32 @@ impl Telemetry {
         }
     }
 
+    /// The stream keeps records for `retention`; alarm when a shard lags within `margin`
+    /// of it (half the retention if the margin is larger).
+    pub fn set_retention(&self, retention: Duration, margin: Duration) {
+        let margin = if margin >= retention {
+            retention / 2
+        } else {
+            margin
+        };
+        *self.risk_threshold.lock().unwrap() = Some(retention - margin);
+    }
+
     pub fn shard_lag(&self, shard_id: &str, millis_behind_latest: Option<i64>) {
         if let Some(ms) = millis_behind_latest {
             self.millis_behind_latest
                 .get_or_create(&label("shard_id", shard_id))
                 .set(ms);
+            if let Some(threshold) = *self.risk_threshold.lock().unwrap() {
+                let at_risk = ms.max(0) as u128 >= threshold.as_millis();
+                let gauge = self
+                    .retention_risk
+                    .get_or_create(&label("shard_id", shard_id));
+                if at_risk && gauge.get() == 0 {
+                    tracing::error!(event = "retention_risk", shard_id, millis_behind_latest = ms, "unread records are close to the stream's retention: they could expire before they are handled");
+                }
+                gauge.set(i64::from(at_risk));
+            }
         }
         if let Some(view) = self.shards.lock().unwrap().get_mut(shard_id) {
             view.millis_behind_latest = millis_behind_latest;
@@ -432,4 +458,48 @@ pub async fn serve(
             .with_graceful_shutdown(async move { shutdown.triggered().await })
             .await;
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_risk_rises_within_the_margin() {
+        let t = Telemetry::new();
+        t.set_retention(
+            Duration::from_secs(24 * 3600),
+            Duration::from_secs(6 * 3600),
+        );
+        t.shard_lag("s", Some(17 * 3600 * 1000));
+        assert_eq!(
+            t.retention_risk
+                .get_or_create(&label("shard_id", "s"))
+                .get(),
+            0
+        );
+        t.shard_lag("s", Some(18 * 3600 * 1000));
+        assert_eq!(
+            t.retention_risk
+                .get_or_create(&label("shard_id", "s"))
+                .get(),
+            1
+        );
+        t.shard_lag("s", Some(0));
+        assert_eq!(
+            t.retention_risk
+                .get_or_create(&label("shard_id", "s"))
+                .get(),
+            0
+        );
+        // A margin larger than the retention: half the retention.
+        t.set_retention(Duration::from_secs(3600), Duration::from_secs(7200));
+        t.shard_lag("s", Some(1_800_000));
+        assert_eq!(
+            t.retention_risk
+                .get_or_create(&label("shard_id", "s"))
+                .get(),
+            1
+        );
+    }
 }

@@ -36,6 +36,12 @@ pub enum ActionError {
         "action {action:?}: environment variable {var} is not set (it holds the bearer token)"
     )]
     MissingToken { action: String, var: String },
+    #[error("action {action:?}: cannot read the secret file {path}: {reason}")]
+    SecretFile {
+        action: String,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("action {action:?}: cannot use ca_file {path}: {reason}")]
     CaFile {
         action: String,
@@ -163,18 +169,140 @@ fn component(name: &str, value: Option<&Value>) -> Result<String, String> {
     Ok(text)
 }
 
+/// Where a secret comes from. Secrets never sit in the config file.
+#[derive(Debug, Clone)]
+pub enum Secret {
+    Env(String),
+    File(PathBuf),
+}
+
+impl Secret {
+    fn read(&self, action: &str) -> Result<String, ActionError> {
+        match self {
+            Secret::Env(var) => std::env::var(var).map_err(|_| ActionError::MissingToken {
+                action: action.to_owned(),
+                var: var.clone(),
+            }),
+            Secret::File(path) => std::fs::read_to_string(path)
+                .map(|s| s.trim().to_owned())
+                .map_err(|e| ActionError::SecretFile {
+                    action: action.to_owned(),
+                    path: path.clone(),
+                    reason: e.to_string(),
+                }),
+        }
+    }
+}
+
+/// HMAC-SHA256 request signing: `signature_header` carries the lowercase hex HMAC of
+/// `timestamp \n METHOD \n path?query \n body`, `timestamp_header` the Unix time in seconds.
+#[derive(Debug, Clone)]
+pub struct Signing {
+    pub secret: Secret,
+    pub signature_header: String,
+    pub timestamp_header: String,
+}
+
+/// Headers the daemon sets itself; the config cannot override them.
+const RESERVED_HEADERS: [&str; 4] = ["authorization", "idempotency-key", "content-type", "host"];
+
+/// Checks a header from the config: a valid name, and a value without CR, LF or other
+/// control characters (no header injection).
+pub fn check_header(name: &str, value: &str) -> Result<(), String> {
+    reqwest::header::HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("invalid header name {name:?}"))?;
+    if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+        return Err(format!("header {name} is set by gdpr-consumer itself"));
+    }
+    if value.chars().any(|c| c.is_control()) {
+        return Err(format!(
+            "header {name}: the value holds a control character (CR, LF, ...)"
+        ));
+    }
+    Ok(())
+}
+
+/// A JSON body with `{param}` placeholders. A string that is exactly `"{name}"` takes the
+/// param's JSON value; other strings get the params' text in place. Built as a JSON value,
+/// so a param can never break out of its string.
+#[derive(Debug, Clone)]
+pub struct BodyTemplate(Value);
+
+impl BodyTemplate {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        serde_json::from_str(text)
+            .map(BodyTemplate)
+            .map_err(|e| format!("not JSON: {e}"))
+    }
+
+    fn render(&self, params: &serde_json::Map<String, Value>) -> Result<Value, String> {
+        fn walk(v: &Value, params: &serde_json::Map<String, Value>) -> Result<Value, String> {
+            Ok(match v {
+                Value::String(s) => {
+                    if let Some(name) = s.strip_prefix('{').and_then(|r| r.strip_suffix('}')) {
+                        if !name.contains(['{', '}']) {
+                            return params.get(name).cloned().ok_or_else(|| {
+                                format!("param {name:?} is missing (the body needs it)")
+                            });
+                        }
+                    }
+                    let mut out = String::new();
+                    let mut rest = s.as_str();
+                    while let Some(start) = rest.find('{') {
+                        let Some(len) = rest[start..].find('}') else {
+                            break;
+                        };
+                        let name = &rest[start + 1..start + len];
+                        let value = params.get(name).ok_or_else(|| {
+                            format!("param {name:?} is missing (the body needs it)")
+                        })?;
+                        out.push_str(&rest[..start]);
+                        match value {
+                            Value::String(text) => out.push_str(text),
+                            other => out.push_str(&other.to_string()),
+                        }
+                        rest = &rest[start + len + 1..];
+                    }
+                    out.push_str(rest);
+                    Value::String(out)
+                }
+                Value::Array(items) => Value::Array(
+                    items
+                        .iter()
+                        .map(|i| walk(i, params))
+                        .collect::<Result<_, _>>()?,
+                ),
+                Value::Object(map) => Value::Object(
+                    map.iter()
+                        .map(|(k, v)| walk(v, params).map(|v| (k.clone(), v)))
+                        .collect::<Result<_, _>>()?,
+                ),
+                other => other.clone(),
+            })
+        }
+        walk(&self.0, params)
+    }
+}
+
 /// One configured backend action.
 #[derive(Debug, Clone)]
 pub struct ActionSpec {
     pub name: String,
     pub method: reqwest::Method,
     pub url: UrlTemplate,
-    pub bearer_token_env: Option<String>,
+    pub body: Option<BodyTemplate>,
+    pub headers: Vec<(String, String)>,
+    pub bearer_token: Option<Secret>,
+    pub signing: Option<Signing>,
     pub ca_file: Option<PathBuf>,
     pub timeout: Duration,
+    pub success_statuses: Vec<u16>,
     pub max_attempts: u32,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    pub max_retry_duration: Duration,
+    pub concurrency: usize,
+    pub rate_limit_per_second: Option<f64>,
 }
 
 /// The `Idempotency-Key` for a decision: lowercase hex SHA-256 of `action \n key`.
@@ -186,39 +314,36 @@ pub fn idempotency_key(action: &str, key: &str) -> String {
     hex::encode(h.finalize())
 }
 
-/// The exact request a decision turns into. The token is held apart so the request can be
-/// printed with it redacted.
+/// The exact request a decision turns into. Secrets are held apart so the request can be
+/// printed with them redacted.
 #[derive(Debug, Clone)]
 pub struct PreparedRequest {
     pub action: String,
     pub method: reqwest::Method,
     pub url: String,
     pub idempotency_key: String,
-    pub has_token: bool,
+    pub headers: Vec<(String, String)>,
     pub body: String,
+    /// Every header as it is sent, secrets redacted (for dry-run and preview).
+    shown_headers: Vec<(String, String)>,
 }
 
 impl PreparedRequest {
-    /// Headers as they are sent, with the bearer token shown as `<redacted>`.
-    pub fn redacted_headers(&self) -> Vec<(&'static str, String)> {
-        let mut headers = Vec::new();
-        if self.has_token {
-            headers.push(("Authorization", "Bearer <redacted>".to_owned()));
-        }
-        headers.push(("Idempotency-Key", self.idempotency_key.clone()));
-        headers.push(("Content-Type", "application/json".to_owned()));
-        headers
+    /// Headers as they are sent, with secrets shown as `<redacted>`.
+    pub fn redacted_headers(&self) -> &[(String, String)] {
+        &self.shown_headers
     }
 }
 
 /// How a request ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// The backend accepted it (2xx).
+    /// The backend accepted it (2xx, or a status the config declares success).
     Done { status: u16, attempts: u32 },
-    /// The backend refused it or could not be reached after every attempt.
+    /// The backend refused it or could not be reached within the retry budget.
     Failed {
         error: String,
+        status: Option<u16>,
         attempts: u32,
         /// Whether a later retry could succeed (backend faults) or needs an operator (4xx).
         retryable: bool,
@@ -230,7 +355,11 @@ pub enum Outcome {
 struct Action {
     spec: ActionSpec,
     token: Option<String>,
+    signing_secret: Option<String>,
     client: reqwest::Client,
+    in_flight: tokio::sync::Semaphore,
+    /// When the rate limit lets the next request go.
+    next_slot: tokio::sync::Mutex<tokio::time::Instant>,
 }
 
 /// All configured actions, ready to prepare and send requests.
@@ -239,24 +368,22 @@ pub struct ActionSet {
 }
 
 impl ActionSet {
-    /// Builds the actions. With `read_tokens`, each action's token variable must be set
-    /// (the daemon); without, requests are prepared with a redacted token (dry-run).
+    /// Builds the actions. With `read_secrets`, every token and signing secret must be
+    /// readable (the daemon); without, requests are prepared with secrets redacted (dry-run).
     pub fn new(
         specs: &BTreeMap<String, ActionSpec>,
-        read_tokens: bool,
+        read_secrets: bool,
     ) -> Result<Self, ActionError> {
         let mut actions = BTreeMap::new();
         for (name, spec) in specs {
-            let token = match (&spec.bearer_token_env, read_tokens) {
-                (Some(var), true) => {
-                    Some(std::env::var(var).map_err(|_| ActionError::MissingToken {
-                        action: name.clone(),
-                        var: var.clone(),
-                    })?)
+            let read = |secret: &Option<Secret>| -> Result<Option<String>, ActionError> {
+                match secret {
+                    Some(secret) if read_secrets => secret.read(name).map(Some),
+                    _ => Ok(None),
                 }
-                (Some(_), false) => Some(String::new()),
-                (None, _) => None,
             };
+            let token = read(&spec.bearer_token)?;
+            let signing_secret = read(&spec.signing.as_ref().map(|s| s.secret.clone()))?;
             let mut builder = reqwest::Client::builder()
                 .timeout(spec.timeout)
                 .connect_timeout(spec.timeout.min(Duration::from_secs(10)))
@@ -282,7 +409,10 @@ impl ActionSet {
                 Action {
                     spec: spec.clone(),
                     token,
+                    signing_secret,
                     client,
+                    in_flight: tokio::sync::Semaphore::new(spec.concurrency),
+                    next_slot: tokio::sync::Mutex::new(tokio::time::Instant::now()),
                 },
             );
         }
@@ -298,47 +428,68 @@ impl ActionSet {
                 action: decision.action.clone(),
                 reason: "no such action in the config".into(),
             })?;
-        let url =
-            action
-                .spec
-                .url
-                .render(&decision.params)
-                .map_err(|reason| ActionError::Decision {
-                    action: decision.action.clone(),
-                    reason,
-                })?;
+        let reject = |reason| ActionError::Decision {
+            action: decision.action.clone(),
+            reason,
+        };
+        let url = action.spec.url.render(&decision.params).map_err(reject)?;
+        let body = match &action.spec.body {
+            Some(template) => template.render(&decision.params).map_err(reject)?,
+            None => Value::Object(decision.params.clone()),
+        };
+        let idempotency_key = idempotency_key(&decision.action, &decision.key);
+        let mut shown_headers = Vec::new();
+        if action.spec.bearer_token.is_some() {
+            shown_headers.push(("Authorization".to_owned(), "Bearer <redacted>".to_owned()));
+        }
+        shown_headers.push(("Idempotency-Key".to_owned(), idempotency_key.clone()));
+        shown_headers.push(("Content-Type".to_owned(), "application/json".to_owned()));
+        shown_headers.extend(action.spec.headers.iter().cloned());
+        if let Some(signing) = &action.spec.signing {
+            shown_headers.push((
+                signing.timestamp_header.clone(),
+                "<time of sending>".to_owned(),
+            ));
+            shown_headers.push((signing.signature_header.clone(), "<redacted>".to_owned()));
+        }
         Ok(PreparedRequest {
             action: decision.action.clone(),
             method: action.spec.method.clone(),
             url,
-            idempotency_key: idempotency_key(&decision.action, &decision.key),
-            has_token: action.token.is_some(),
-            body: Value::Object(decision.params.clone()).to_string(),
+            idempotency_key,
+            headers: action.spec.headers.clone(),
+            body: body.to_string(),
+            shown_headers,
         })
     }
 
     /// Sends a prepared request, retrying backend faults with exponential backoff and
-    /// jitter. Non-retryable refusals (4xx other than 408/429) end at once.
+    /// jitter within the action's retry budget. Refusals (other 4xx) end at once.
     pub async fn send(&self, request: &PreparedRequest, shutdown: &Shutdown) -> Outcome {
         let Some(action) = self.actions.get(&request.action) else {
             return Outcome::Failed {
                 error: format!("action {:?} is no longer configured", request.action),
+                status: None,
                 attempts: 0,
                 retryable: false,
             };
         };
         let spec = &action.spec;
+        let started = tokio::time::Instant::now();
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (error, retry_after) = match self.attempt(action, request).await {
-                Ok(status) if status.is_success() => {
+            let (error, status, retry_after) = match self.attempt(action, request, shutdown).await {
+                None => return Outcome::Interrupted,
+                Some(Ok(status))
+                    if status.is_success() || spec.success_statuses.contains(&status.as_u16()) =>
+                {
                     return Outcome::Done {
                         status: status.as_u16(),
                         attempts: attempt,
                     }
                 }
-                Ok(status) => {
+                Some(Ok(status)) => {
                     let retryable = status.is_server_error()
                         || status == reqwest::StatusCode::REQUEST_TIMEOUT
                         || status == reqwest::StatusCode::TOO_MANY_REQUESTS;
@@ -346,22 +497,28 @@ impl ActionSet {
                     if !retryable {
                         return Outcome::Failed {
                             error,
+                            status: Some(status.as_u16()),
                             attempts: attempt,
                             retryable: false,
                         };
                     }
-                    (error, None::<Duration>)
+                    (error, Some(status.as_u16()), None::<Duration>)
                 }
-                Err(AttemptError { error, retry_after }) => (error, retry_after),
+                Some(Err(AttemptError {
+                    error,
+                    status,
+                    retry_after,
+                })) => (error, status, retry_after),
             };
-            if attempt >= spec.max_attempts {
+            let delay = retry_after.unwrap_or_else(|| backoff(spec, attempt));
+            if attempt >= spec.max_attempts || started.elapsed() + delay > spec.max_retry_duration {
                 return Outcome::Failed {
                     error,
+                    status,
                     attempts: attempt,
                     retryable: true,
                 };
             }
-            let delay = retry_after.unwrap_or_else(|| backoff(spec, attempt));
             tracing::warn!(action = %request.action, attempt, %error, delay_ms = delay.as_millis() as u64, "action failed, retrying");
             if shutdown.sleep(delay).await.is_err() {
                 return Outcome::Interrupted;
@@ -369,21 +526,50 @@ impl ActionSet {
         }
     }
 
+    /// One attempt, within the action's concurrency and rate limits. `None`: shutdown came
+    /// while waiting for a slot.
     async fn attempt(
         &self,
         action: &Action,
         request: &PreparedRequest,
-    ) -> Result<reqwest::StatusCode, AttemptError> {
+        shutdown: &Shutdown,
+    ) -> Option<Result<reqwest::StatusCode, AttemptError>> {
+        let _permit = tokio::select! {
+            permit = action.in_flight.acquire() => permit.ok()?,
+            _ = shutdown.triggered() => return None,
+        };
+        if let Some(rate) = action.spec.rate_limit_per_second {
+            let slot = {
+                let mut next = action.next_slot.lock().await;
+                let slot = (*next).max(tokio::time::Instant::now());
+                *next = slot + Duration::from_secs_f64(1.0 / rate);
+                slot
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(slot) => {}
+                _ = shutdown.triggered() => return None,
+            }
+        }
         let mut builder = action
             .client
             .request(request.method.clone(), &request.url)
             .header("Idempotency-Key", &request.idempotency_key)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(request.body.clone());
+        for (name, value) in &request.headers {
+            builder = builder.header(name, value);
+        }
         if let Some(token) = &action.token {
             builder = builder.bearer_auth(token);
         }
-        match builder.send().await {
+        if let (Some(signing), Some(secret)) = (&action.spec.signing, &action.signing_secret) {
+            let timestamp = (crate::clock::now_ms() / 1000).to_string();
+            let signature = sign(secret, &timestamp, request);
+            builder = builder
+                .header(&signing.timestamp_header, timestamp)
+                .header(&signing.signature_header, signature);
+        }
+        Some(match builder.send().await {
             Ok(response) => {
                 let status = response.status();
                 let retry_after = response
@@ -392,28 +578,46 @@ impl ActionSet {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .map(|s| Duration::from_secs(s).min(action.spec.max_backoff));
-                if status == reqwest::StatusCode::TOO_MANY_REQUESTS
-                    || status == reqwest::StatusCode::SERVICE_UNAVAILABLE
-                {
-                    if let Some(retry_after) = retry_after {
-                        return Err(AttemptError {
+                match retry_after {
+                    Some(retry_after)
+                        if status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                            || status == reqwest::StatusCode::SERVICE_UNAVAILABLE =>
+                    {
+                        Err(AttemptError {
                             error: format!("backend answered {status}"),
+                            status: Some(status.as_u16()),
                             retry_after: Some(retry_after),
-                        });
+                        })
                     }
+                    _ => Ok(status),
                 }
-                Ok(status)
             }
             Err(e) => Err(AttemptError {
                 error: transport_error(e),
+                status: None,
                 retry_after: None,
             }),
-        }
+        })
     }
+}
+
+/// The request signature: hex HMAC-SHA256 of `timestamp \n METHOD \n path?query \n body`.
+pub fn sign(secret: &str, timestamp: &str, request: &PreparedRequest) -> String {
+    use hmac::{Hmac, Mac};
+    let path = reqwest::Url::parse(&request.url)
+        .map(|u| match u.query() {
+            Some(q) => format!("{}?{q}", u.path()),
+            None => u.path().to_owned(),
+        })
+        .unwrap_or_default();
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key");
+    mac.update(format!("{timestamp}\n{}\n{path}\n{}", request.method, request.body).as_bytes());
+    hex::encode(mac.finalize().into_bytes())
 }
 
 struct AttemptError {
     error: String,
+    status: Option<u16>,
     retry_after: Option<Duration>,
 }
 

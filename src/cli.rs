@@ -12,10 +12,12 @@ use crate::config::{self, Overrides, Settings, StartPosition};
 use crate::daemon::{self, DryRun};
 use crate::decode::{self, Record, RecordJson};
 use crate::diff;
+use crate::keys::Keys;
+use crate::pipeline::Retried;
 use crate::preview::OutputFormat;
 use crate::preview::Preview;
 use crate::rules::{testing, RuleSet};
-use crate::state::{DeadLetterReason, State};
+use crate::state::{AuditEntry, DeadLetterReason, State, Writes};
 
 #[derive(Parser)]
 #[command(
@@ -76,9 +78,12 @@ enum Command {
     /// Inspect or reset shard checkpoints.
     #[command(subcommand)]
     Checkpoints(CheckpointsCommand),
-    /// Inspect dead letters: records and requests that could not be settled.
+    /// Dead letters: records and requests that could not be settled.
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(DeadLettersCommand),
+    /// The audit trail: one entry per decision outcome.
+    #[command(subcommand)]
+    Audit(AuditCommand),
 }
 
 #[derive(Args)]
@@ -217,8 +222,80 @@ enum CheckpointsCommand {
 
 #[derive(Subcommand)]
 enum DeadLettersCommand {
-    /// List dead letters as JSON lines (without payloads or params).
+    /// List dead letters as JSON lines (what they hold sealed is not shown).
     List(StateArgs),
+    /// Retry dead letters now with the current rules and config (the daemon stopped; it
+    /// also retries backend faults on its own schedule).
+    Retry {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Dead letter ids (from `list`).
+        #[arg(long = "id", required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<u64>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Give up on a dead letter, with a reason that goes into the audit trail.
+    Discard {
+        #[command(flatten)]
+        state: StateArgs,
+        #[arg(long)]
+        id: u64,
+        /// Why it is given up (kept in the audit trail).
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// Config file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// State file (overrides the config).
+    #[arg(long)]
+    state: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Export the audit trail (JSON lines or CSV), optionally within a time window.
+    Export {
+        #[command(flatten)]
+        state: StateArgs,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: AuditFormat,
+        /// Entries at or after this RFC 3339 time.
+        #[arg(long, value_parser = parse_time)]
+        since: Option<i64>,
+        /// Entries before this RFC 3339 time.
+        #[arg(long, value_parser = parse_time)]
+        until: Option<i64>,
+    },
+    /// Find what happened to one request, by its action and plaintext key (hashed for the
+    /// lookup; the trail holds no plaintext).
+    Lookup {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[arg(long)]
+        action: String,
+        #[arg(long)]
+        key: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AuditFormat {
+    Jsonl,
+    Csv,
+}
+
+fn parse_time(s: &str) -> Result<i64, String> {
+    match s.parse::<StartPosition>() {
+        Ok(StartPosition::AtTimestamp(ms)) => Ok(ms),
+        _ => Err(format!("{s:?} is not an RFC 3339 time")),
+    }
 }
 
 /// A failure and the exit code it maps to.
@@ -254,7 +331,8 @@ pub fn main() -> ExitCode {
         Command::Capture(args) => capture(args),
         Command::Checkpoints(cmd) => checkpoints(cmd),
         Command::State(args) => state_summary(args),
-        Command::DeadLetters(DeadLettersCommand::List(args)) => dead_letters(args),
+        Command::DeadLetters(cmd) => dead_letters(cmd),
+        Command::Audit(cmd) => audit(cmd),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -487,8 +565,9 @@ fn rules_diff(args: DiffArgs) -> Result<u8, Failure> {
 }
 
 fn open_state(args: &StateArgs) -> Result<State, Failure> {
-    let path =
-        config::state_path(args.config.as_deref(), args.state.clone()).map_err(Failure::usage)?;
+    let path = config::state_settings(args.config.as_deref(), args.state.clone())
+        .map_err(Failure::usage)?
+        .state_path;
     State::open_existing(&path).map_err(Failure::runtime)
 }
 
@@ -527,40 +606,188 @@ fn checkpoints(cmd: CheckpointsCommand) -> Result<u8, Failure> {
     }
 }
 
-fn dead_letters(args: StateArgs) -> Result<u8, Failure> {
-    let state = open_state(&args)?;
-    let mut out = std::io::stdout().lock();
-    for (id, letter) in state.dead_letters().map_err(Failure::runtime)? {
-        let mut line = serde_json::json!({
-            "id": id,
-            "created_at": crate::clock::rfc3339(letter.created_at_ms as i64),
-            "shard_id": letter.shard_id,
-            "sequence_number": letter.sequence_number,
-            "sub_sequence_number": letter.sub_sequence_number,
-            "arrival_time": letter.arrival_time,
-            "rule": letter.rule,
-            "rule_file": letter.rule_file,
-            "rules_hash": letter.rules_hash,
-        });
-        let extra = match &letter.reason {
-            DeadLetterReason::RuleFailed { error, .. } => serde_json::json!({
-                "kind": "rule_failed", "error": error,
-            }),
-            DeadLetterReason::ActionFailed {
-                action,
-                error,
-                attempts,
-                retryable,
-                ..
-            } => serde_json::json!({
-                "kind": "action_failed", "action": action, "error": error,
-                "attempts": attempts, "retryable": retryable,
-            }),
-        };
-        if let (Some(line), serde_json::Value::Object(extra)) = (line.as_object_mut(), extra) {
-            line.extend(extra);
+fn dead_letters(cmd: DeadLettersCommand) -> Result<u8, Failure> {
+    match cmd {
+        DeadLettersCommand::List(args) => {
+            let state = open_state(&args)?;
+            let mut out = std::io::stdout().lock();
+            for (id, letter) in state.dead_letters().map_err(Failure::runtime)? {
+                let mut line = serde_json::to_value(&letter).unwrap_or_default();
+                if let Some(fields) = line.as_object_mut() {
+                    fields.remove("sealed_record");
+                    fields.remove("sealed_decision");
+                    fields.insert("id".into(), id.into());
+                    fields.insert(
+                        "created_at".into(),
+                        crate::clock::rfc3339(letter.created_at_ms as i64).into(),
+                    );
+                }
+                let _ = writeln!(out, "{line}");
+            }
+            Ok(0)
         }
-        let _ = writeln!(out, "{line}");
+        DeadLettersCommand::Retry { config, ids, all } => {
+            let settings = Settings::resolve(
+                config.config.as_deref(),
+                Overrides {
+                    state: config.state,
+                    ..Overrides::default()
+                },
+            )
+            .map_err(Failure::usage)?;
+            let runtime = tokio::runtime::Runtime::new().map_err(Failure::runtime)?;
+            let results = runtime
+                .block_on(daemon::retry_dead_letters(settings, (!all).then_some(ids)))
+                .map_err(|e| Failure {
+                    code: e.exit_code(),
+                    error: e.into(),
+                })?;
+            let mut failed = false;
+            for (id, outcome) in results {
+                let line = match outcome {
+                    Retried::Resolved => serde_json::json!({"id": id, "outcome": "resolved"}),
+                    Retried::StillFailing(error) => {
+                        failed = true;
+                        serde_json::json!({"id": id, "outcome": "still_failing", "error": error})
+                    }
+                    Retried::Interrupted => serde_json::json!({"id": id, "outcome": "interrupted"}),
+                };
+                println!("{line}");
+            }
+            Ok(u8::from(failed))
+        }
+        DeadLettersCommand::Discard { state, id, reason } => {
+            let state = open_state(&state)?;
+            let letter = state.dead_letter(id).map_err(Failure::usage)?;
+            let (action, request_id, regulation) = match &letter.reason {
+                DeadLetterReason::ActionFailed {
+                    action,
+                    request_id,
+                    regulation,
+                    ..
+                } => (action.clone(), request_id.clone(), regulation.clone()),
+                DeadLetterReason::RuleFailed { .. } => {
+                    (String::new(), String::new(), "GDPR".into())
+                }
+            };
+            let entry = AuditEntry {
+                time_ms: crate::clock::now_ms(),
+                rule: letter.rule.clone(),
+                rules_hash: letter.rules_hash.clone(),
+                action,
+                request_id,
+                outcome: "discarded".into(),
+                http_status: None,
+                attempts: 0,
+                arrival_time: letter.arrival_time.clone(),
+                due_date: crate::pipeline::due_date(&letter.arrival_time, &regulation),
+                regulation,
+                note: Some(reason),
+            };
+            state
+                .commit(Writes {
+                    resolved_dead_letters: vec![id],
+                    audit: vec![entry],
+                    ..Writes::default()
+                })
+                .map_err(Failure::runtime)?;
+            println!("dead letter {id} discarded (audited)");
+            Ok(0)
+        }
     }
-    Ok(0)
+}
+
+fn audit(cmd: AuditCommand) -> Result<u8, Failure> {
+    match cmd {
+        AuditCommand::Export {
+            state,
+            format,
+            since,
+            until,
+        } => {
+            let state = open_state(&state)?;
+            let entries = state
+                .audit(
+                    since.map_or(0, |t| t.max(0) as u64),
+                    until.map_or(u64::MAX, |t| t.max(0) as u64),
+                )
+                .map_err(Failure::runtime)?;
+            let mut out = std::io::stdout().lock();
+            match format {
+                AuditFormat::Jsonl => {
+                    for entry in entries {
+                        let mut line = serde_json::to_value(&entry).unwrap_or_default();
+                        line["time"] = crate::clock::rfc3339(entry.time_ms as i64).into();
+                        let _ = writeln!(out, "{line}");
+                    }
+                }
+                AuditFormat::Csv => {
+                    let _ = writeln!(out, "time,rule,rules_hash,action,request_id,outcome,http_status,attempts,arrival_time,regulation,due_date,note");
+                    for e in entries {
+                        let fields = [
+                            crate::clock::rfc3339(e.time_ms as i64),
+                            e.rule,
+                            e.rules_hash,
+                            e.action,
+                            e.request_id,
+                            e.outcome,
+                            e.http_status.map(|s| s.to_string()).unwrap_or_default(),
+                            e.attempts.to_string(),
+                            e.arrival_time,
+                            e.regulation,
+                            e.due_date,
+                            e.note.unwrap_or_default(),
+                        ];
+                        let row: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
+                        let _ = writeln!(out, "{}", row.join(","));
+                    }
+                }
+            }
+            Ok(0)
+        }
+        AuditCommand::Lookup {
+            config,
+            action,
+            key,
+        } => {
+            let settings = config::state_settings(config.config.as_deref(), config.state)
+                .map_err(Failure::usage)?;
+            let keys = Keys::load_existing(settings.key_env.as_deref(), &settings.key_file)
+                .map_err(Failure::runtime)?
+                .ok_or_else(|| {
+                    Failure::runtime(anyhow::anyhow!(
+                        "no state key at {}",
+                        settings.key_file.display()
+                    ))
+                })?;
+            let state = State::open_existing(&settings.state_path).map_err(Failure::runtime)?;
+            let id = hex::encode(keys.request_id(&action, &key));
+            let mut found = false;
+            for entry in state.audit(0, u64::MAX).map_err(Failure::runtime)? {
+                if entry.request_id == id {
+                    found = true;
+                    let mut line = serde_json::to_value(&entry).unwrap_or_default();
+                    line["time"] = crate::clock::rfc3339(entry.time_ms as i64).into();
+                    println!("{line}");
+                }
+            }
+            let done = state
+                .is_done(&keys.request_id(&action, &key))
+                .map_err(Failure::runtime)?;
+            println!(
+                "{}",
+                serde_json::json!({"request_id": id, "done": done, "found": found})
+            );
+            Ok(if found { 0 } else { 1 })
+        }
+    }
+}
+
+/// A CSV field, quoted when it must be (RFC 4180).
+fn csv_field(field: &str) -> String {
+    if field.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", field.replace('"', "\"\""))
+    } else {
+        field.to_owned()
+    }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::actions::{ActionSpec, UrlTemplate};
+use crate::actions::{check_header, ActionSpec, BodyTemplate, Secret, Signing, UrlTemplate};
 
 const DEFAULT_STATE_PATH: &str = "gdpr-consumer.redb";
 
@@ -108,6 +108,10 @@ pub struct StateSection {
     pub key_file: Option<PathBuf>,
     /// Environment variable holding that key as hex; wins over `key_file`.
     pub key_env: Option<String>,
+    /// How long the dedup ledger remembers a request (longer than the stream's retention).
+    pub ledger_retention_days: Option<u64>,
+    /// How often retryable dead letters (backend faults) are retried.
+    pub dead_letter_retry_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -121,14 +125,33 @@ pub struct RulesSection {
 pub struct ActionSection {
     pub method: Option<String>,
     pub url: String,
+    /// JSON body with `{param}` placeholders; default: the params as a JSON object.
+    pub body: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
     pub bearer_token_env: Option<String>,
+    pub bearer_token_file: Option<PathBuf>,
+    /// HMAC-SHA256 request signing: the secret's variable or file, and the header names.
+    pub signing_secret_env: Option<String>,
+    pub signing_secret_file: Option<PathBuf>,
+    pub signature_header: Option<String>,
+    pub timestamp_header: Option<String>,
     #[serde(default)]
     pub allow_insecure_http: bool,
     pub ca_file: Option<PathBuf>,
     pub timeout_ms: Option<u64>,
+    /// Statuses besides 2xx that mean done (e.g. 404 or 410: "already gone").
+    #[serde(default)]
+    pub success_statuses: Vec<u16>,
     pub max_attempts: Option<u32>,
     pub initial_backoff_ms: Option<u64>,
     pub max_backoff_ms: Option<u64>,
+    /// Longest a decision may be retried before it becomes a dead letter.
+    pub max_retry_duration_ms: Option<u64>,
+    /// Requests of this action in flight at once.
+    pub concurrency: Option<usize>,
+    /// Requests of this action per second.
+    pub rate_limit_per_second: Option<f64>,
 }
 
 /// Flags of `run` that override the file.
@@ -147,6 +170,8 @@ pub struct Settings {
     pub state_path: PathBuf,
     pub key_file: PathBuf,
     pub key_env: Option<String>,
+    pub ledger_retention: Duration,
+    pub dead_letter_retry_interval: Duration,
     pub rules_dir: PathBuf,
     pub actions: BTreeMap<String, ActionSpec>,
     /// No listener unless set.
@@ -196,19 +221,47 @@ pub fn rules_context(config: &Path) -> Result<(Option<PathBuf>, BTreeSet<String>
     Ok((dir, actions.into_keys().collect()))
 }
 
-/// The state file for inspection commands: the flag, else the config's, else the default.
-pub fn state_path(config: Option<&Path>, flag: Option<PathBuf>) -> Result<PathBuf, ConfigError> {
-    if let Some(path) = flag {
-        return Ok(path);
-    }
-    let from_file = match config {
-        Some(path) => FileConfig::load(path)?
-            .state
-            .path
-            .map(|p| resolve(path.parent(), p)),
-        None => None,
+/// Where the state and its key are, for inspection commands (no stream or actions needed).
+pub struct StateSettings {
+    pub state_path: PathBuf,
+    pub key_file: PathBuf,
+    pub key_env: Option<String>,
+}
+
+/// The state file and key: the flag, else the config's, else the defaults.
+pub fn state_settings(
+    config: Option<&Path>,
+    flag: Option<PathBuf>,
+) -> Result<StateSettings, ConfigError> {
+    let section = match config {
+        Some(path) => FileConfig::load(path)?.state,
+        None => StateSection::default(),
     };
-    Ok(from_file.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_PATH)))
+    let base = config.and_then(Path::parent);
+    Ok(resolve_state(section, flag, base))
+}
+
+fn resolve_state(
+    section: StateSection,
+    flag: Option<PathBuf>,
+    base: Option<&Path>,
+) -> StateSettings {
+    let state_path = flag
+        .or_else(|| section.path.map(|p| resolve(base, p)))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_PATH));
+    let key_file = section
+        .key_file
+        .map(|p| resolve(base, p))
+        .unwrap_or_else(|| {
+            let mut name = state_path.clone().into_os_string();
+            name.push(".key");
+            PathBuf::from(name)
+        });
+    StateSettings {
+        state_path,
+        key_file,
+        key_env: section.key_env,
+    }
 }
 
 fn resolve_actions(
@@ -244,16 +297,75 @@ fn resolve_action(
     if max_attempts == 0 {
         return Err(invalid("max_attempts must be at least 1".into()));
     }
+    let body = raw
+        .body
+        .as_deref()
+        .map(BodyTemplate::parse)
+        .transpose()
+        .map_err(|e| invalid(format!("body: {e}")))?;
+    let headers = raw
+        .headers
+        .into_iter()
+        .map(|(name, value)| check_header(&name, &value).map(|()| (name, value)))
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(invalid)?;
+    let secret = |env: Option<String>, file: Option<PathBuf>, what: &str| match (env, file) {
+        (Some(_), Some(_)) => Err(invalid(format!("set {what}_env or {what}_file, not both"))),
+        (Some(var), None) => Ok(Some(Secret::Env(var))),
+        (None, Some(path)) => Ok(Some(Secret::File(resolve(base, path)))),
+        (None, None) => Ok(None),
+    };
+    let bearer_token = secret(raw.bearer_token_env, raw.bearer_token_file, "bearer_token")?;
+    let signing_secret = secret(
+        raw.signing_secret_env,
+        raw.signing_secret_file,
+        "signing_secret",
+    )?;
+    let signature_header = raw.signature_header.unwrap_or_else(|| "X-Signature".into());
+    let timestamp_header = raw
+        .timestamp_header
+        .unwrap_or_else(|| "X-Signature-Timestamp".into());
+    check_header(&signature_header, "x").map_err(invalid)?;
+    check_header(&timestamp_header, "x").map_err(invalid)?;
+    if let Some(bad) = raw
+        .success_statuses
+        .iter()
+        .find(|s| !(100..600).contains(*s))
+    {
+        return Err(invalid(format!(
+            "success_statuses: {bad} is not an HTTP status"
+        )));
+    }
+    if raw.concurrency == Some(0) {
+        return Err(invalid("concurrency must be at least 1".into()));
+    }
+    if raw
+        .rate_limit_per_second
+        .is_some_and(|r| r.is_nan() || r <= 0.0)
+    {
+        return Err(invalid("rate_limit_per_second must be above 0".into()));
+    }
     Ok(ActionSpec {
         name: name.to_owned(),
         method,
         url,
-        bearer_token_env: raw.bearer_token_env,
+        body,
+        headers,
+        bearer_token,
+        signing: signing_secret.map(|secret| Signing {
+            secret,
+            signature_header,
+            timestamp_header,
+        }),
         ca_file: raw.ca_file.map(|p| resolve(base, p)),
         timeout: Duration::from_millis(raw.timeout_ms.unwrap_or(10_000)),
+        success_statuses: raw.success_statuses,
         max_attempts,
         initial_backoff: Duration::from_millis(raw.initial_backoff_ms.unwrap_or(200)),
         max_backoff: Duration::from_millis(raw.max_backoff_ms.unwrap_or(30_000)),
+        max_retry_duration: Duration::from_millis(raw.max_retry_duration_ms.unwrap_or(120_000)),
+        concurrency: raw.concurrency.unwrap_or(8),
+        rate_limit_per_second: raw.rate_limit_per_second,
     })
 }
 
@@ -318,19 +430,14 @@ impl Settings {
         let base = config.and_then(Path::parent);
 
         let stream = resolve_stream(file.stream, overrides.stream, overrides.from)?;
-        let state_path = overrides
-            .state
-            .or_else(|| file.state.path.map(|p| resolve(base, p)))
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_PATH));
-        let key_file = file
-            .state
-            .key_file
-            .map(|p| resolve(base, p))
-            .unwrap_or_else(|| {
-                let mut name = state_path.clone().into_os_string();
-                name.push(".key");
-                PathBuf::from(name)
-            });
+        let ledger_retention_days = file.state.ledger_retention_days.unwrap_or(400);
+        let dead_letter_retry_interval_ms =
+            file.state.dead_letter_retry_interval_ms.unwrap_or(60_000);
+        let StateSettings {
+            state_path,
+            key_file,
+            key_env,
+        } = resolve_state(file.state, overrides.state, base);
         let rules_dir = overrides
             .rules_dir
             .or_else(|| file.rules.dir.map(|p| resolve(base, p)))
@@ -347,7 +454,9 @@ impl Settings {
             stream,
             state_path,
             key_file,
-            key_env: file.state.key_env,
+            key_env,
+            ledger_retention: Duration::from_secs(ledger_retention_days * 24 * 3600),
+            dead_letter_retry_interval: Duration::from_millis(dead_letter_retry_interval_ms),
             rules_dir,
             actions,
             metrics_listen: file.metrics.listen,
@@ -447,6 +556,8 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
                 path: Some("p".into()),
                 key_file: Some("k".into()),
                 key_env: Some("E".into()),
+                ledger_retention_days: Some(1),
+                dead_letter_retry_interval_ms: Some(1),
             },
             rules: RulesSection {
                 dir: Some("d".into()),
@@ -456,13 +567,24 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
                 ActionSection {
                     method: Some("POST".into()),
                     url: "https://h/x".into(),
+                    body: Some("{}".into()),
+                    headers: BTreeMap::from([("X-A".to_owned(), "b".to_owned())]),
                     bearer_token_env: Some("T".into()),
+                    bearer_token_file: Some("t".into()),
+                    signing_secret_env: Some("S".into()),
+                    signing_secret_file: Some("s".into()),
+                    signature_header: Some("X-S".into()),
+                    timestamp_header: Some("X-T".into()),
                     allow_insecure_http: false,
                     ca_file: Some("c".into()),
                     timeout_ms: Some(1),
+                    success_statuses: vec![410],
                     max_attempts: Some(1),
                     initial_backoff_ms: Some(1),
                     max_backoff_ms: Some(1),
+                    max_retry_duration_ms: Some(1),
+                    concurrency: Some(1),
+                    rate_limit_per_second: Some(1.0),
                 },
             )]),
             metrics: MetricsSection {

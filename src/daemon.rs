@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::io::IsTerminal;
 use std::sync::Arc;
+use std::time::Duration;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -16,16 +17,17 @@ use tokio::task::JoinSet;
 
 use crate::actions::{ActionError, ActionSet};
 use crate::capture::Capture;
+use crate::clock::now_ms;
 use crate::config::{ConfigError, Settings, StreamSettings};
 use crate::keys::{KeyError, Keys};
-use crate::pipeline::{Pipeline, PipelineError, ShardExit, Sink};
+use crate::pipeline::{Pipeline, PipelineError, Retried, ShardExit, Sink};
 use crate::preview::{Ledger, OutputFormat, Preview};
 use crate::rules::reload::{self, load_tested, LoadFailure, Rules};
 use crate::shutdown::Shutdown;
 use crate::source::{
     ready_shards, Checkpoint, KinesisSource, Position, ShardInfo, ShardReader, SourceError,
 };
-use crate::state::{State, StateError};
+use crate::state::{DeadLetterReason, State, StateError};
 use crate::telemetry::{self, Served, ShardView, Telemetry};
 
 /// Options of `run --dry-run`.
@@ -130,6 +132,13 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
         shutdown: shutdown.clone(),
         telemetry: telemetry.clone(),
     });
+    if let Sink::Live { .. } = &pipeline.sink {
+        tokio::spawn(maintain(
+            pipeline.clone(),
+            settings.dead_letter_retry_interval,
+            settings.ledger_retention,
+        ));
+    }
     let progress = match &pipeline.sink {
         Sink::Preview(_) if std::io::stderr().is_terminal() => {
             Some(spawn_progress(pipeline.clone(), shutdown.clone()))
@@ -145,6 +154,109 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
         preview.finish();
     }
     result
+}
+
+/// The daemon's housekeeping until shutdown: retries dead letters that a backend fault left
+/// (refusals wait for an operator), and forgets ledger entries older than the retention.
+async fn maintain(pipeline: Arc<Pipeline>, retry_every: Duration, ledger_retention: Duration) {
+    let Sink::Live { state, .. } = &pipeline.sink else {
+        return;
+    };
+    let mut last_expiry: Option<std::time::Instant> = None;
+    while pipeline.shutdown.sleep(retry_every).await.is_ok() {
+        if last_expiry.is_none_or(|t| t.elapsed() > Duration::from_secs(3600)) {
+            let before = now_ms().saturating_sub(ledger_retention.as_millis() as u64);
+            match state.expire_done(before) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    expired = n,
+                    "ledger entries older than the retention forgotten"
+                ),
+                Err(e) => tracing::error!(error = %e, "cannot expire ledger entries"),
+            }
+            last_expiry = Some(std::time::Instant::now());
+        }
+        let letters = match state.dead_letters() {
+            Ok(letters) => letters,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read dead letters");
+                continue;
+            }
+        };
+        for (id, letter) in letters {
+            if !matches!(
+                letter.reason,
+                DeadLetterReason::ActionFailed {
+                    retryable: true,
+                    ..
+                }
+            ) {
+                continue;
+            }
+            match pipeline.retry_dead_letter(id, letter).await {
+                Ok(Retried::Resolved) => {
+                    tracing::info!(dead_letter = id, "dead letter retried: done")
+                }
+                Ok(Retried::StillFailing(error)) => {
+                    tracing::warn!(dead_letter = id, %error, "dead letter retried: still failing")
+                }
+                Ok(Retried::Interrupted) => return,
+                Err(e) => {
+                    tracing::error!(dead_letter = id, error = %e, "cannot retry a dead letter")
+                }
+            }
+        }
+    }
+}
+
+/// `dead-letters retry`: retries the given dead letters (or all) now, with the current
+/// rules and config, the daemon stopped. Returns what became of each.
+pub async fn retry_dead_letters(
+    settings: Settings,
+    ids: Option<Vec<u64>>,
+) -> Result<Vec<(u64, Retried)>, RunError> {
+    let action_names: BTreeSet<String> = settings.actions.keys().cloned().collect();
+    let rules = load_tested(&settings.rules_dir, &action_names)
+        .map_err(|failure| RunError::Rules(settings.rules_dir.clone(), failure))?;
+    let actions = ActionSet::new(&settings.actions, true)?;
+    let state = Arc::new(State::open_existing(&settings.state_path)?);
+    let keys = Keys::load_or_create(settings.key_env.as_deref(), &settings.key_file)?;
+    let shutdown = Shutdown::new();
+    spawn_signal_handler(shutdown.clone());
+    let pipeline = Pipeline {
+        stream: settings.stream.name.clone(),
+        rules: Arc::new(Rules::new(rules, settings.rules_dir.clone(), action_names)),
+        actions,
+        sink: Sink::Live {
+            state: state.clone(),
+            keys,
+        },
+        shutdown,
+        telemetry: Arc::new(Telemetry::new()),
+    };
+    let mut results = Vec::new();
+    for (id, letter) in state.dead_letters()? {
+        if ids.as_ref().is_some_and(|ids| !ids.contains(&id)) {
+            continue;
+        }
+        let outcome = pipeline.retry_dead_letter(id, letter).await?;
+        let stop = outcome == Retried::Interrupted;
+        results.push((id, outcome));
+        if stop {
+            break;
+        }
+    }
+    if let Some(missing) = ids
+        .iter()
+        .flatten()
+        .find(|id| !results.iter().any(|(r, _)| r == *id))
+    {
+        return Err(RunError::State(StateError::NoDeadLetter {
+            path: settings.state_path.clone(),
+            id: *missing,
+        }));
+    }
+    Ok(results)
 }
 
 /// Dry-run on a terminal: a progress line on stderr while a backlog is scanned.

@@ -12,6 +12,8 @@ use sha2::Sha256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
+    #[error("a sealed value does not open with this state key (wrong key, or corrupt)")]
+    Unseal,
     #[error("environment variable {var} must hold a key of at least 32 bytes as hex")]
     BadEnv { var: String },
     #[error("key file {path}: {message}")]
@@ -68,6 +70,41 @@ impl Keys {
         Self::load_or_create(env, file).map(Some)
     }
 
+    /// Encrypts what a dead letter must keep in clear to be retried (AES-256-GCM, a fresh
+    /// nonce each time); hex of nonce and ciphertext.
+    pub fn seal(&self, plaintext: &[u8]) -> String {
+        use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng};
+        let cipher = aes_gcm::Aes256Gcm::new(&self.derived(b"seal").into());
+        let nonce = aes_gcm::Aes256Gcm::generate_nonce(&mut OsRng);
+        let mut sealed = nonce.to_vec();
+        sealed.extend(
+            cipher
+                .encrypt(&nonce, plaintext)
+                .expect("AES-GCM encrypts any input"),
+        );
+        hex::encode(sealed)
+    }
+
+    pub fn unseal(&self, sealed: &str) -> Result<Vec<u8>, KeyError> {
+        use aes_gcm::aead::{Aead, KeyInit};
+        let bytes = hex::decode(sealed).map_err(|_| KeyError::Unseal)?;
+        if bytes.len() < 12 {
+            return Err(KeyError::Unseal);
+        }
+        let (nonce, ciphertext) = bytes.split_at(12);
+        let cipher = aes_gcm::Aes256Gcm::new(&self.derived(b"seal").into());
+        cipher
+            .decrypt(aes_gcm::Nonce::from_slice(nonce), ciphertext)
+            .map_err(|_| KeyError::Unseal)
+    }
+
+    /// A 32-byte key for one purpose, derived from the secret.
+    fn derived(&self, purpose: &[u8]) -> [u8; 32] {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key");
+        mac.update(purpose);
+        mac.finalize().into_bytes().into()
+    }
+
     /// The keyed hash that identifies a request `(action, key)` in the dedup set.
     pub fn request_id(&self, action: &str, key: &str) -> [u8; 32] {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key");
@@ -108,5 +145,17 @@ mod tests {
         let b = Keys::load_or_create(None, &path).unwrap();
         assert_eq!(a.request_id("a", "k"), b.request_id("a", "k"));
         assert_ne!(a.request_id("a", "k"), a.request_id("a", "k2"));
+    }
+
+    #[test]
+    fn sealed_values_open_only_with_the_same_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Keys::load_or_create(None, &dir.path().join("a.key")).unwrap();
+        let b = Keys::load_or_create(None, &dir.path().join("b.key")).unwrap();
+        let sealed = a.seal(b"user u-123");
+        assert!(!sealed.contains(&hex::encode(b"u-123")));
+        assert_ne!(sealed, a.seal(b"user u-123"), "a fresh nonce each time");
+        assert_eq!(a.unseal(&sealed).unwrap(), b"user u-123");
+        assert!(b.unseal(&sealed).is_err());
     }
 }

@@ -2,21 +2,27 @@
 //! order, and the checkpoint rule.
 //!
 //! A shard's checkpoint moves past a record only once every decision of that record is
-//! settled: done, skipped as a duplicate, or durably dead-lettered.
+//! settled: done, skipped as a duplicate, or durably dead-lettered. State writes are gathered
+//! per batch and committed once at its end, and right after each backend call, so a crash
+//! repeats at most the calls in flight.
 
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
 
 use crate::actions::{ActionSet, Outcome};
 use crate::clock::now_ms;
 use crate::decode::{self, Record};
-use crate::keys::Keys;
+use crate::keys::{KeyError, Keys};
 use crate::preview::Preview;
 use crate::rules::reload::Rules;
-use crate::rules::{Decision, Rule, RuleError, Verdict};
+use crate::rules::{Decision, RuleError, Verdict};
 use crate::shutdown::Shutdown;
 use crate::source::{Checkpoint, Position, ShardReader, SourceError};
-use crate::state::{DeadLetter, DeadLetterReason, State, StateError};
+use crate::state::{AuditEntry, DeadLetter, DeadLetterReason, State, StateError, Writes};
 use crate::telemetry::{ActionOutcome, Telemetry};
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +35,8 @@ pub enum PipelineError {
         sequence_number: String,
         source: StateError,
     },
+    #[error("dead letter {id}: {source}")]
+    Unseal { id: u64, source: KeyError },
 }
 
 /// How a shard's worker ended.
@@ -65,6 +73,39 @@ enum Settled {
     No,
 }
 
+/// Writes gathered while handling records, not yet committed.
+#[derive(Default)]
+struct Pending {
+    writes: Writes,
+    /// Requests done in this batch (the ledger does not have them until the commit).
+    done: HashSet<[u8; 32]>,
+}
+
+/// What a dead letter keeps sealed for a failed action: the decision.
+#[derive(Serialize, Deserialize)]
+struct SealedDecision {
+    key: String,
+    params: serde_json::Map<String, serde_json::Value>,
+}
+
+/// What a dead letter keeps sealed for a failed rule: the record and the full error.
+#[derive(Serialize, Deserialize)]
+struct SealedRecord {
+    partition_key: String,
+    payload_hex: String,
+    error: String,
+}
+
+/// What became of a dead letter that was retried.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Retried {
+    /// Settled: done, or found already done.
+    Resolved,
+    /// Failed again: it stays a dead letter.
+    StillFailing(String),
+    Interrupted,
+}
+
 impl Pipeline {
     pub fn checkpoint(&self, shard_id: &str) -> Result<Option<Checkpoint>, StateError> {
         match &self.sink {
@@ -73,22 +114,35 @@ impl Pipeline {
         }
     }
 
-    fn set_checkpoint(&self, shard_id: &str, checkpoint: Checkpoint) -> Result<(), PipelineError> {
+    /// Commits the gathered writes (in dry-run, keeps the checkpoints in memory).
+    fn flush(&self, pending: &mut Pending, shard_id: &str) -> Result<(), PipelineError> {
+        let writes = std::mem::take(&mut pending.writes);
+        pending.done.clear();
         match &self.sink {
-            Sink::Live { state, .. } => {
-                let started = Instant::now();
-                state
-                    .set_checkpoint(shard_id, &checkpoint)
-                    .map_err(|source| PipelineError::State {
-                        shard_id: shard_id.to_owned(),
-                        sequence_number: checkpoint.sequence_number.clone().unwrap_or_default(),
-                        source,
-                    })?;
-                self.telemetry.checkpoint_committed(started.elapsed());
+            Sink::Preview(preview) => {
+                for (shard, checkpoint) in writes.checkpoints {
+                    preview.set_checkpoint(&shard, checkpoint);
+                }
                 Ok(())
             }
-            Sink::Preview(preview) => {
-                preview.set_checkpoint(shard_id, checkpoint);
+            Sink::Live { state, .. } => {
+                let sequence_number = writes
+                    .checkpoints
+                    .last()
+                    .and_then(|(_, c)| c.sequence_number.clone())
+                    .unwrap_or_default();
+                let started = Instant::now();
+                let has_checkpoint = !writes.checkpoints.is_empty();
+                state
+                    .commit(writes)
+                    .map_err(|source| PipelineError::State {
+                        shard_id: shard_id.to_owned(),
+                        sequence_number,
+                        source,
+                    })?;
+                if has_checkpoint {
+                    self.telemetry.checkpoint_committed(started.elapsed());
+                }
                 Ok(())
             }
         }
@@ -106,6 +160,7 @@ impl Pipeline {
             Position::Start(_) => None,
         };
         let mut caught_up = false;
+        let mut pending = Pending::default();
         loop {
             let Some(batch) = reader.next(&self.shutdown).await? else {
                 return Ok(ShardExit::Stopped);
@@ -119,7 +174,7 @@ impl Pipeline {
                 let sequence_number = raw.sequence_number.clone();
                 self.telemetry.record_read(shard_id, raw.data.len());
                 for record in decode::decode(&self.stream, shard_id, raw) {
-                    if let Settled::No = self.handle(&record).await? {
+                    if let Settled::No = self.handle(&record, &mut pending).await? {
                         interrupted = true;
                         break;
                     }
@@ -133,17 +188,26 @@ impl Pipeline {
                     break;
                 }
             }
-            if settled != checkpointed {
-                if let Some(seq) = &settled {
-                    self.set_checkpoint(shard_id, Checkpoint::at(seq.clone()))?;
+            let finished = batch.shard_end && !interrupted;
+            if settled != checkpointed || finished {
+                let checkpoint = match (&settled, finished) {
+                    (seq, true) => Some(Checkpoint::end(seq.clone())),
+                    (Some(seq), false) => Some(Checkpoint::at(seq.clone())),
+                    (None, false) => None,
+                };
+                if let Some(checkpoint) = checkpoint {
+                    pending
+                        .writes
+                        .checkpoints
+                        .push((shard_id.to_owned(), checkpoint));
                 }
                 checkpointed = settled;
             }
+            self.flush(&mut pending, shard_id)?;
             if interrupted {
                 return Ok(ShardExit::Stopped);
             }
-            if batch.shard_end {
-                self.set_checkpoint(shard_id, Checkpoint::end(checkpointed))?;
+            if finished {
                 tracing::info!(shard_id, "shard read to its end");
                 return Ok(ShardExit::Finished);
             }
@@ -162,7 +226,11 @@ impl Pipeline {
     }
 
     /// Runs the rules on one record and settles every decision.
-    async fn handle(&self, record: &Record) -> Result<Settled, PipelineError> {
+    async fn handle(
+        &self,
+        record: &Record,
+        pending: &mut Pending,
+    ) -> Result<Settled, PipelineError> {
         let rules = self.rules.load();
         let (state, keys) = match &self.sink {
             Sink::Preview(preview) => {
@@ -173,13 +241,14 @@ impl Pipeline {
         };
         for (rule, verdict) in rules.evaluate(record) {
             let maker = Maker {
-                rule,
+                rule: &rule.name,
+                rule_file: &rule.path,
                 rules_hash: rules.hash(),
             };
             let decisions = match verdict {
                 Verdict::Skipped => continue,
                 Verdict::Failed(error) => {
-                    self.rule_failed(state, record, &maker, error)?;
+                    self.rule_failed(keys, record, &maker, error, pending);
                     continue;
                 }
                 Verdict::Decided(decisions) => decisions,
@@ -187,7 +256,10 @@ impl Pipeline {
             self.telemetry
                 .rule_evaluated(&rule.name, !decisions.is_empty());
             for decision in decisions {
-                if let Settled::No = self.act(state, keys, record, &maker, decision).await? {
+                let settled = self
+                    .act(state, keys, record, &maker, decision, pending)
+                    .await?;
+                if let Settled::No = settled {
                     return Ok(Settled::No);
                 }
             }
@@ -195,64 +267,36 @@ impl Pipeline {
         Ok(Settled::Yes)
     }
 
-    /// A rule failed on the record: never "no match". The record is dead-lettered.
+    /// A rule failed on the record: never "no match". The record is dead-lettered, sealed.
     fn rule_failed(
         &self,
-        state: &State,
+        keys: &Keys,
         record: &Record,
         maker: &Maker,
         error: RuleError,
-    ) -> Result<(), PipelineError> {
+        pending: &mut Pending,
+    ) {
+        let summary = error.log_summary();
         self.telemetry.rule_failed(
             &record.shard_id,
             &record.sequence_number,
-            &maker.rule.name,
-            &error.log_summary(),
+            maker.rule,
+            &summary,
         );
-        self.dead_letter(
-            state,
+        let sealed = SealedRecord {
+            partition_key: record.partition_key.clone(),
+            payload_hex: hex::encode(&record.bytes),
+            error: error.to_string(),
+        };
+        let sealed_record = keys.seal(&serde_json::to_vec(&sealed).expect("serializes"));
+        pending.writes.dead_letters.push(dead_letter(
             record,
             maker,
             DeadLetterReason::RuleFailed {
-                error: error.to_string(),
-                payload_hex: hex::encode(&record.bytes),
+                error: summary,
+                sealed_record,
             },
-        )
-    }
-
-    fn dead_letter(
-        &self,
-        state: &State,
-        record: &Record,
-        maker: &Maker,
-        reason: DeadLetterReason,
-    ) -> Result<(), PipelineError> {
-        let letter = DeadLetter {
-            created_at_ms: now_ms(),
-            stream: record.stream.clone(),
-            shard_id: record.shard_id.clone(),
-            sequence_number: record.sequence_number.clone(),
-            sub_sequence_number: record.sub_sequence_number,
-            partition_key: record.partition_key.clone(),
-            arrival_time: record.arrival_time.clone(),
-            rule: maker.rule.name.clone(),
-            rule_file: maker.rule.path.display().to_string(),
-            rules_hash: maker.rules_hash.to_owned(),
-            reason,
-        };
-        let id = state
-            .add_dead_letter(&letter)
-            .map_err(|source| self.state_error(record, source))?;
-        tracing::warn!(shard_id = %record.shard_id, sequence_number = %record.sequence_number, dead_letter = id, "dead letter stored");
-        Ok(())
-    }
-
-    fn state_error(&self, record: &Record, source: StateError) -> PipelineError {
-        PipelineError::State {
-            shard_id: record.shard_id.clone(),
-            sequence_number: record.sequence_number.clone(),
-            source,
-        }
+        ));
     }
 
     /// Carries out one decision: dedup, then the backend call, then the state.
@@ -263,27 +307,38 @@ impl Pipeline {
         record: &Record,
         maker: &Maker<'_>,
         decision: Decision,
+        pending: &mut Pending,
     ) -> Result<Settled, PipelineError> {
         let request = match self.actions.prepare(&decision) {
             Ok(request) => request,
             Err(e) => {
                 let error = RuleError::Decision {
-                    rule: maker.rule.name.clone(),
-                    file: maker.rule.path.clone(),
+                    rule: maker.rule.to_owned(),
+                    file: maker.rule_file.to_owned(),
                     reason: e.to_string(),
                 };
-                self.rule_failed(state, record, maker, error)?;
+                self.rule_failed(keys, record, maker, error, pending);
                 return Ok(Settled::Yes);
             }
         };
-        let rule = maker.rule.name.as_str();
         let id = keys.request_id(&decision.action, &decision.key);
-        let outcome = |outcome, attempts, took, error: Option<&str>| {
+        let audit = |outcome: ActionOutcome, status: Option<u16>, attempts: u32| {
+            audit_entry(
+                record,
+                maker,
+                &decision,
+                &id,
+                outcome.as_str(),
+                status,
+                attempts,
+            )
+        };
+        let report = |outcome, attempts, took, error: Option<&str>| {
             self.telemetry.action(
                 outcome,
                 &record.shard_id,
                 &record.sequence_number,
-                rule,
+                maker.rule,
                 maker.rules_hash,
                 &decision.action,
                 attempts,
@@ -291,55 +346,243 @@ impl Pipeline {
                 error,
             )
         };
-        if state
-            .is_done(&id)
-            .map_err(|e| self.state_error(record, e))?
-        {
-            outcome(ActionOutcome::Duplicate, 0, None, None);
+        let already_done = pending.done.contains(&id)
+            || state
+                .is_done(&id)
+                .map_err(|source| state_error(record, source))?;
+        if already_done {
+            report(ActionOutcome::Duplicate, 0, None, None);
+            pending
+                .writes
+                .audit
+                .push(audit(ActionOutcome::Duplicate, None, 0));
             return Ok(Settled::Yes);
         }
         let started = Instant::now();
         match self.actions.send(&request, &self.shutdown).await {
-            Outcome::Done { attempts, .. } => {
-                state
-                    .mark_done(&id)
-                    .map_err(|e| self.state_error(record, e))?;
-                outcome(ActionOutcome::Done, attempts, Some(started.elapsed()), None);
-                Ok(Settled::Yes)
+            Outcome::Done { status, attempts } => {
+                report(ActionOutcome::Done, attempts, Some(started.elapsed()), None);
+                pending.done.insert(id);
+                pending.writes.done.push(id);
+                pending
+                    .writes
+                    .audit
+                    .push(audit(ActionOutcome::Done, Some(status), attempts));
             }
             Outcome::Failed {
                 error,
+                status,
                 attempts,
                 retryable,
             } => {
-                outcome(
+                report(
                     ActionOutcome::DeadLettered,
                     attempts,
                     Some(started.elapsed()),
                     Some(&error),
                 );
-                self.dead_letter(
-                    state,
+                pending
+                    .writes
+                    .audit
+                    .push(audit(ActionOutcome::DeadLettered, status, attempts));
+                let sealed = SealedDecision {
+                    key: decision.key.clone(),
+                    params: decision.params.clone(),
+                };
+                pending.writes.dead_letters.push(dead_letter(
                     record,
                     maker,
                     DeadLetterReason::ActionFailed {
-                        action: decision.action,
-                        key: decision.key,
-                        params: decision.params,
+                        action: decision.action.clone(),
+                        request_id: hex::encode(id),
+                        sealed_decision: keys
+                            .seal(&serde_json::to_vec(&sealed).expect("serializes")),
                         error,
+                        http_status: status,
                         attempts,
                         retryable,
+                        regulation: regulation(&decision).to_owned(),
                     },
-                )?;
-                Ok(Settled::Yes)
+                ));
             }
-            Outcome::Interrupted => Ok(Settled::No),
+            Outcome::Interrupted => return Ok(Settled::No),
         }
+        // A backend call happened: make its outcome durable before anything else.
+        self.flush(pending, &record.shard_id)?;
+        Ok(Settled::Yes)
+    }
+
+    /// Retries one dead letter: a failed action is sent again; a record a rule failed on
+    /// goes through the current rules again. On success the dead letter is resolved.
+    pub async fn retry_dead_letter(
+        &self,
+        id: u64,
+        letter: DeadLetter,
+    ) -> Result<Retried, PipelineError> {
+        let Sink::Live { state, keys } = &self.sink else {
+            return Ok(Retried::Interrupted);
+        };
+        let unseal = |sealed: &str| {
+            keys.unseal(sealed)
+                .map_err(|source| PipelineError::Unseal { id, source })
+        };
+        let record = Record {
+            stream: letter.stream.clone(),
+            shard_id: letter.shard_id.clone(),
+            sequence_number: letter.sequence_number.clone(),
+            sub_sequence_number: letter.sub_sequence_number,
+            partition_key: String::new(),
+            arrival_time: letter.arrival_time.clone(),
+            bytes: Vec::new(),
+        };
+        let mut pending = Pending::default();
+        let result = match &letter.reason {
+            DeadLetterReason::ActionFailed {
+                action,
+                sealed_decision,
+                regulation,
+                ..
+            } => {
+                let sealed: SealedDecision = serde_json::from_slice(&unseal(sealed_decision)?)
+                    .map_err(|_| PipelineError::Unseal {
+                        id,
+                        source: KeyError::Unseal,
+                    })?;
+                let decision = Decision {
+                    action: action.clone(),
+                    key: sealed.key,
+                    params: sealed.params,
+                    regulation: Some(regulation.clone()),
+                };
+                let rule_file = PathBuf::from(&letter.rule_file);
+                let maker = Maker {
+                    rule: &letter.rule,
+                    rule_file: &rule_file,
+                    rules_hash: &letter.rules_hash,
+                };
+                self.act(state, keys, &record, &maker, decision, &mut pending)
+                    .await?
+            }
+            DeadLetterReason::RuleFailed { sealed_record, .. } => {
+                let sealed: SealedRecord = serde_json::from_slice(&unseal(sealed_record)?)
+                    .map_err(|_| PipelineError::Unseal {
+                        id,
+                        source: KeyError::Unseal,
+                    })?;
+                let record = Record {
+                    partition_key: sealed.partition_key,
+                    bytes: hex::decode(sealed.payload_hex).unwrap_or_default(),
+                    ..record
+                };
+                self.handle(&record, &mut pending).await?
+            }
+        };
+        if let Settled::No = result {
+            return Ok(Retried::Interrupted);
+        }
+        // The retry failed again if it left a new dead letter: that one replaces this one.
+        let failed_again = pending.writes.dead_letters.len();
+        let outcome = match failed_again {
+            0 => Retried::Resolved,
+            _ => Retried::StillFailing(match &pending.writes.dead_letters[0].reason {
+                DeadLetterReason::ActionFailed { error, .. } => error.clone(),
+                DeadLetterReason::RuleFailed { error, .. } => error.clone(),
+            }),
+        };
+        // The replacement was already committed by `act` for action failures; resolve
+        // the old letter (and commit a rule failure's replacement) now.
+        pending.writes.resolved_dead_letters.push(id);
+        self.flush(&mut pending, &letter.shard_id)?;
+        Ok(outcome)
     }
 }
 
-/// The rule behind a decision, and the rule set it belonged to (kept with every outcome).
+fn state_error(record: &Record, source: StateError) -> PipelineError {
+    PipelineError::State {
+        shard_id: record.shard_id.clone(),
+        sequence_number: record.sequence_number.clone(),
+        source,
+    }
+}
+
+fn regulation(decision: &Decision) -> &str {
+    decision.regulation.as_deref().unwrap_or("GDPR")
+}
+
+/// The due date a regulation sets, counted from the record's arrival: one month (30 days)
+/// for GDPR (Art. 12(3)), 45 days for CCPA.
+pub fn due_date(arrival_time: &str, regulation: &str) -> String {
+    let days = if regulation == "CCPA" { 45 } else { 30 };
+    let arrival = aws_smithy_types::DateTime::from_str(
+        arrival_time,
+        aws_smithy_types::date_time::Format::DateTime,
+    )
+    .ok()
+    .and_then(|t| t.to_millis().ok())
+    .unwrap_or_else(|| now_ms() as i64);
+    crate::clock::rfc3339(arrival + days * 24 * 3600 * 1000)
+}
+
+fn audit_entry(
+    record: &Record,
+    maker: &Maker,
+    decision: &Decision,
+    id: &[u8; 32],
+    outcome: &str,
+    http_status: Option<u16>,
+    attempts: u32,
+) -> AuditEntry {
+    let regulation = regulation(decision);
+    AuditEntry {
+        time_ms: now_ms(),
+        rule: maker.rule.to_owned(),
+        rules_hash: maker.rules_hash.to_owned(),
+        action: decision.action.clone(),
+        request_id: hex::encode(id),
+        outcome: outcome.to_owned(),
+        http_status,
+        attempts,
+        arrival_time: record.arrival_time.clone(),
+        regulation: regulation.to_owned(),
+        due_date: due_date(&record.arrival_time, regulation),
+        note: None,
+    }
+}
+
+fn dead_letter(record: &Record, maker: &Maker, reason: DeadLetterReason) -> DeadLetter {
+    DeadLetter {
+        created_at_ms: now_ms(),
+        stream: record.stream.clone(),
+        shard_id: record.shard_id.clone(),
+        sequence_number: record.sequence_number.clone(),
+        sub_sequence_number: record.sub_sequence_number,
+        arrival_time: record.arrival_time.clone(),
+        rule: maker.rule.to_owned(),
+        rule_file: maker.rule_file.display().to_string(),
+        rules_hash: maker.rules_hash.to_owned(),
+        reason,
+    }
+}
+
+/// The rule behind a decision, its file, and the rule set it belonged to (kept with every
+/// outcome).
 struct Maker<'a> {
-    rule: &'a Rule,
+    rule: &'a str,
+    rule_file: &'a Path,
     rules_hash: &'a str,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn due_dates_follow_the_regulation() {
+        assert_eq!(
+            super::due_date("2026-01-01T00:00:00Z", "GDPR"),
+            "2026-01-31T00:00:00Z"
+        );
+        assert_eq!(
+            super::due_date("2026-01-01T00:00:00Z", "CCPA"),
+            "2026-02-15T00:00:00Z"
+        );
+    }
 }

@@ -212,8 +212,8 @@ impl Preview {
                 if let Some(request) = request {
                     let headers: serde_json::Map<_, _> = request
                         .redacted_headers()
-                        .into_iter()
-                        .map(|(k, v)| (k.to_owned(), json!(v)))
+                        .iter()
+                        .map(|(k, v)| (k.clone(), json!(v)))
                         .collect();
                     line["request"] = json!({
                         "method": request.method.as_str(),

@@ -1,9 +1,12 @@
-//! Durable state in one redb file: shard checkpoints, the dedup set of requests already
-//! done, and dead letters.
+//! Durable state in one redb file: shard checkpoints, the dedup ledger of requests already
+//! done, dead letters, and the audit trail.
 //!
 //! The file is locked by the daemon that opens it, so two daemons can never share it.
-//! Every write commits durably before the caller moves on: a checkpoint is written only
-//! after the decisions of the records it covers are settled here.
+//! Writes are gathered into [`Writes`] and committed in one transaction: once per batch of
+//! records, and right after each backend call, so a checkpoint never lands before the
+//! outcomes of the records it covers. The state holds no identifier in clear: the ledger
+//! and the audit trail keep keyed hashes, and what a dead letter must keep to be retried is
+//! sealed (encrypted) by the caller.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -23,6 +26,8 @@ const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoi
 const DONE: TableDefinition<&[u8], u64> = TableDefinition::new("done");
 /// id → JSON [`DeadLetter`].
 const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+/// id (in order of writing) → JSON [`AuditEntry`]. Append-only.
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 
 /// Errors of the state stage, naming the file.
 #[derive(Debug, thiserror::Error)]
@@ -45,26 +50,35 @@ pub enum StateError {
         what: &'static str,
         message: String,
     },
+    #[error("state file {path}: no dead letter {id}")]
+    NoDeadLetter { path: PathBuf, id: u64 },
 }
 
 /// Why a record or a decision could not be settled, kept for an operator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum DeadLetterReason {
-    /// A rule failed on the record (or returned an invalid decision).
+    /// A rule failed on the record (or returned an invalid decision). Retrying re-runs the
+    /// current rules on the record.
     RuleFailed {
+        /// Where and what kind, without values from the record.
         error: String,
-        /// The record's payload, hex, so the record can be re-run later.
-        payload_hex: String,
+        /// The record (payload, partition key) and the full error, sealed.
+        sealed_record: String,
     },
     /// The backend refused the request or could not be reached.
     ActionFailed {
         action: String,
-        key: String,
-        params: serde_json::Map<String, serde_json::Value>,
+        /// The keyed hash of (action, key): the ledger's and the audit trail's id.
+        request_id: String,
+        /// The decision (key, params), sealed.
+        sealed_decision: String,
         error: String,
+        http_status: Option<u16>,
         attempts: u32,
+        /// A backend fault (retried on a schedule), or a refusal that waits for an operator.
         retryable: bool,
+        regulation: String,
     },
 }
 
@@ -75,7 +89,6 @@ pub struct DeadLetter {
     pub shard_id: String,
     pub sequence_number: String,
     pub sub_sequence_number: u64,
-    pub partition_key: String,
     pub arrival_time: String,
     /// The rule that failed or made the decision, its file, and the hash of its rule set.
     pub rule: String,
@@ -83,6 +96,48 @@ pub struct DeadLetter {
     pub rules_hash: String,
     #[serde(flatten)]
     pub reason: DeadLetterReason,
+}
+
+/// One decision outcome, as the audit trail keeps it. No identifier in clear.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub time_ms: u64,
+    pub rule: String,
+    pub rules_hash: String,
+    pub action: String,
+    /// Keyed hash of (action, key), hex.
+    pub request_id: String,
+    /// `done`, `duplicate`, `dead_lettered`, `discarded`.
+    pub outcome: String,
+    pub http_status: Option<u16>,
+    pub attempts: u32,
+    pub arrival_time: String,
+    pub regulation: String,
+    /// When the regulation wants the request answered, counted from the record's arrival.
+    pub due_date: String,
+    /// The operator's reason, for a discard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// Writes committed together, in one transaction.
+#[derive(Debug, Default)]
+pub struct Writes {
+    pub checkpoints: Vec<(String, Checkpoint)>,
+    pub done: Vec<[u8; 32]>,
+    pub dead_letters: Vec<DeadLetter>,
+    pub resolved_dead_letters: Vec<u64>,
+    pub audit: Vec<AuditEntry>,
+}
+
+impl Writes {
+    pub fn is_empty(&self) -> bool {
+        self.checkpoints.is_empty()
+            && self.done.is_empty()
+            && self.dead_letters.is_empty()
+            && self.resolved_dead_letters.is_empty()
+            && self.audit.is_empty()
+    }
 }
 
 pub struct State {
@@ -188,8 +243,89 @@ impl State {
             tx.open_table(CHECKPOINTS).map_err(|e| err(e.into()))?;
             tx.open_table(DONE).map_err(|e| err(e.into()))?;
             tx.open_table(DEAD_LETTERS).map_err(|e| err(e.into()))?;
+            tx.open_table(AUDIT).map_err(|e| err(e.into()))?;
         }
         tx.commit().map_err(|e| err(e.into()))
+    }
+
+    /// Commits a set of writes in one durable transaction. Returns the new dead letters' ids.
+    pub fn commit(&self, writes: Writes) -> Result<Vec<u64>, StateError> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let err = self.db_err("cannot commit");
+        let tx = self.db.begin_write().map_err(|e| err(e.into()))?;
+        let mut ids = Vec::new();
+        {
+            let mut table = tx.open_table(CHECKPOINTS).map_err(|e| err(e.into()))?;
+            for (shard_id, checkpoint) in &writes.checkpoints {
+                let bytes = serde_json::to_vec(checkpoint).expect("a checkpoint serializes");
+                table
+                    .insert(shard_id.as_str(), bytes.as_slice())
+                    .map_err(|e| err(e.into()))?;
+            }
+            let mut done = tx.open_table(DONE).map_err(|e| err(e.into()))?;
+            for id in &writes.done {
+                done.insert(id.as_slice(), now_ms())
+                    .map_err(|e| err(e.into()))?;
+            }
+            let mut letters = tx.open_table(DEAD_LETTERS).map_err(|e| err(e.into()))?;
+            for id in &writes.resolved_dead_letters {
+                letters.remove(id).map_err(|e| err(e.into()))?;
+            }
+            for letter in &writes.dead_letters {
+                let bytes = serde_json::to_vec(letter).expect("a dead letter serializes");
+                let last = letters
+                    .last()
+                    .map_err(|e| err(e.into()))?
+                    .map(|(k, _)| k.value());
+                // Ids are never reused, even after the last one is resolved.
+                let id = last
+                    .unwrap_or(0)
+                    .max(self.meta_counter(&tx, "dead_letter_ids")?)
+                    + 1;
+                self.set_meta_counter(&tx, "dead_letter_ids", id)?;
+                letters
+                    .insert(id, bytes.as_slice())
+                    .map_err(|e| err(e.into()))?;
+                ids.push(id);
+            }
+            let mut audit = tx.open_table(AUDIT).map_err(|e| err(e.into()))?;
+            for entry in &writes.audit {
+                let next = audit
+                    .last()
+                    .map_err(|e| err(e.into()))?
+                    .map_or(1, |(k, _)| k.value() + 1);
+                let bytes = serde_json::to_vec(entry).expect("an audit entry serializes");
+                audit
+                    .insert(next, bytes.as_slice())
+                    .map_err(|e| err(e.into()))?;
+            }
+        }
+        tx.commit().map_err(|e| err(e.into()))?;
+        Ok(ids)
+    }
+
+    fn meta_counter(&self, tx: &redb::WriteTransaction, name: &str) -> Result<u64, StateError> {
+        let err = self.db_err("cannot read meta");
+        let meta = tx.open_table(META).map_err(|e| err(e.into()))?;
+        let value = meta
+            .get(name)
+            .map_err(|e| err(e.into()))?
+            .map(|v| v.value());
+        Ok(value.unwrap_or(0))
+    }
+
+    fn set_meta_counter(
+        &self,
+        tx: &redb::WriteTransaction,
+        name: &str,
+        value: u64,
+    ) -> Result<(), StateError> {
+        let err = self.db_err("cannot write meta");
+        let mut meta = tx.open_table(META).map_err(|e| err(e.into()))?;
+        meta.insert(name, value).map_err(|e| err(e.into()))?;
+        Ok(())
     }
 
     pub fn checkpoint(&self, shard_id: &str) -> Result<Option<Checkpoint>, StateError> {
@@ -200,23 +336,6 @@ impl State {
         value
             .map(|v| self.parse("checkpoint", v.value()))
             .transpose()
-    }
-
-    pub fn set_checkpoint(
-        &self,
-        shard_id: &str,
-        checkpoint: &Checkpoint,
-    ) -> Result<(), StateError> {
-        let err = self.db_err("cannot write checkpoint");
-        let bytes = serde_json::to_vec(checkpoint).expect("a checkpoint serializes");
-        let tx = self.db.begin_write().map_err(|e| err(e.into()))?;
-        {
-            let mut table = tx.open_table(CHECKPOINTS).map_err(|e| err(e.into()))?;
-            table
-                .insert(shard_id, bytes.as_slice())
-                .map_err(|e| err(e.into()))?;
-        }
-        tx.commit().map_err(|e| err(e.into()))
     }
 
     pub fn checkpoints(&self) -> Result<Vec<(String, Checkpoint)>, StateError> {
@@ -258,34 +377,24 @@ impl State {
         Ok(table.get(id).map_err(|e| err(e.into()))?.is_some())
     }
 
-    pub fn mark_done(&self, id: &[u8]) -> Result<(), StateError> {
-        let err = self.db_err("cannot write the dedup set");
+    /// Forgets ledger entries done before `before_ms` (they outlived the stream's
+    /// retention, so their records can no longer be read again). Returns how many.
+    pub fn expire_done(&self, before_ms: u64) -> Result<u64, StateError> {
+        let err = self.db_err("cannot expire the dedup set");
         let tx = self.db.begin_write().map_err(|e| err(e.into()))?;
+        let mut removed = 0;
         {
             let mut table = tx.open_table(DONE).map_err(|e| err(e.into()))?;
-            table.insert(id, now_ms()).map_err(|e| err(e.into()))?;
-        }
-        tx.commit().map_err(|e| err(e.into()))
-    }
-
-    pub fn add_dead_letter(&self, letter: &DeadLetter) -> Result<u64, StateError> {
-        let err = self.db_err("cannot write a dead letter");
-        let bytes = serde_json::to_vec(letter).expect("a dead letter serializes");
-        let tx = self.db.begin_write().map_err(|e| err(e.into()))?;
-        let id = {
-            let mut table = tx.open_table(DEAD_LETTERS).map_err(|e| err(e.into()))?;
-            let last = table
-                .last()
-                .map_err(|e| err(e.into()))?
-                .map(|(k, _)| k.value());
-            let id = last.map_or(1, |k| k + 1);
             table
-                .insert(id, bytes.as_slice())
+                .retain(|_, done_at| {
+                    let keep = done_at >= before_ms;
+                    removed += u64::from(!keep);
+                    keep
+                })
                 .map_err(|e| err(e.into()))?;
-            id
-        };
+        }
         tx.commit().map_err(|e| err(e.into()))?;
-        Ok(id)
+        Ok(removed)
     }
 
     pub fn dead_letters(&self) -> Result<Vec<(u64, DeadLetter)>, StateError> {
@@ -300,34 +409,15 @@ impl State {
         Ok(out)
     }
 
-    /// Sizes and version, for `gdpr-consumer state`.
-    pub fn summary(&self) -> Result<serde_json::Value, StateError> {
-        let err = self.db_err("cannot read");
-        let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
-        let meta = tx.open_table(META).map_err(|e| err(e.into()))?;
-        let version = meta
-            .get("schema_version")
-            .map_err(|e| err(e.into()))?
-            .map(|v| v.value());
-        let done = tx.open_table(DONE).map_err(|e| err(e.into()))?;
-        let done = done.len().map_err(|e| err(e.into()))?;
-        drop(tx);
-        let (dead_letters, oldest) = self.dead_letter_stats()?;
-        let checkpoints: Vec<serde_json::Value> = self
-            .checkpoints()?
+    pub fn dead_letter(&self, id: u64) -> Result<DeadLetter, StateError> {
+        self.dead_letters()?
             .into_iter()
-            .map(|(shard_id, c)| {
-                serde_json::json!({"shard_id": shard_id, "sequence_number": c.sequence_number, "shard_end": c.shard_end})
+            .find(|(i, _)| *i == id)
+            .map(|(_, letter)| letter)
+            .ok_or(StateError::NoDeadLetter {
+                path: self.path.clone(),
+                id,
             })
-            .collect();
-        Ok(serde_json::json!({
-            "path": self.path,
-            "schema_version": version,
-            "checkpoints": checkpoints,
-            "dedup_entries": done,
-            "dead_letters_pending": dead_letters,
-            "oldest_dead_letter": oldest.map(|ms| crate::clock::rfc3339(ms as i64)),
-        }))
     }
 
     /// How many dead letters are pending, and when the oldest was stored (ms).
@@ -344,6 +434,55 @@ impl State {
             None => None,
         };
         Ok((count, oldest))
+    }
+
+    /// Audit entries whose time is in `[since_ms, until_ms)`, oldest first.
+    pub fn audit(&self, since_ms: u64, until_ms: u64) -> Result<Vec<AuditEntry>, StateError> {
+        let err = self.db_err("cannot read the audit trail");
+        let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let table = tx.open_table(AUDIT).map_err(|e| err(e.into()))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| err(e.into()))? {
+            let (_, v) = entry.map_err(|e| err(e.into()))?;
+            let entry: AuditEntry = self.parse("audit entry", v.value())?;
+            if entry.time_ms >= since_ms && entry.time_ms < until_ms {
+                out.push(entry);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sizes and version, for `gdpr-consumer state`.
+    pub fn summary(&self) -> Result<serde_json::Value, StateError> {
+        let err = self.db_err("cannot read");
+        let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let meta = tx.open_table(META).map_err(|e| err(e.into()))?;
+        let version = meta
+            .get("schema_version")
+            .map_err(|e| err(e.into()))?
+            .map(|v| v.value());
+        let done = tx.open_table(DONE).map_err(|e| err(e.into()))?;
+        let done = done.len().map_err(|e| err(e.into()))?;
+        let audit = tx.open_table(AUDIT).map_err(|e| err(e.into()))?;
+        let audit = audit.len().map_err(|e| err(e.into()))?;
+        drop(tx);
+        let (dead_letters, oldest) = self.dead_letter_stats()?;
+        let checkpoints: Vec<serde_json::Value> = self
+            .checkpoints()?
+            .into_iter()
+            .map(|(shard_id, c)| {
+                serde_json::json!({"shard_id": shard_id, "sequence_number": c.sequence_number, "shard_end": c.shard_end})
+            })
+            .collect();
+        Ok(serde_json::json!({
+            "path": self.path,
+            "schema_version": version,
+            "checkpoints": checkpoints,
+            "dedup_entries": done,
+            "dead_letters_pending": dead_letters,
+            "oldest_dead_letter": oldest.map(|ms| crate::clock::rfc3339(ms as i64)),
+            "audit_entries": audit,
+        }))
     }
 
     fn parse<T: serde::de::DeserializeOwned>(
@@ -363,44 +502,71 @@ impl State {
 mod tests {
     use super::*;
 
+    fn letter() -> DeadLetter {
+        DeadLetter {
+            created_at_ms: 1,
+            stream: "s".into(),
+            shard_id: "shard-1".into(),
+            sequence_number: "43".into(),
+            sub_sequence_number: 0,
+            arrival_time: "1970-01-01T00:00:00Z".into(),
+            rule: "r".into(),
+            rule_file: "rules/r.rhai".into(),
+            rules_hash: "abc".into(),
+            reason: DeadLetterReason::RuleFailed {
+                error: "boom".into(),
+                sealed_record: "00".into(),
+            },
+        }
+    }
+
     #[test]
     fn round_trips_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
         {
             let s = State::open(&path).unwrap();
-            s.set_checkpoint("shard-1", &Checkpoint::at("42".into()))
+            let ids = s
+                .commit(Writes {
+                    checkpoints: vec![("shard-1".into(), Checkpoint::at("42".into()))],
+                    done: vec![[1; 32]],
+                    dead_letters: vec![letter(), letter()],
+                    ..Writes::default()
+                })
                 .unwrap();
-            s.mark_done(b"hash").unwrap();
-            let letter = DeadLetter {
-                created_at_ms: 1,
-                stream: "s".into(),
-                shard_id: "shard-1".into(),
-                sequence_number: "43".into(),
-                sub_sequence_number: 0,
-                partition_key: "pk".into(),
-                arrival_time: "1970-01-01T00:00:00Z".into(),
-                rule: "r".into(),
-                rule_file: "rules/r.rhai".into(),
-                rules_hash: "abc".into(),
-                reason: DeadLetterReason::RuleFailed {
-                    error: "boom".into(),
-                    payload_hex: "00".into(),
-                },
-            };
-            assert_eq!(s.add_dead_letter(&letter).unwrap(), 1);
-            assert_eq!(s.add_dead_letter(&letter).unwrap(), 2);
+            assert_eq!(ids, [1, 2]);
+            // A resolved id is not given out again.
+            s.commit(Writes {
+                resolved_dead_letters: vec![2],
+                ..Writes::default()
+            })
+            .unwrap();
+            let ids = s
+                .commit(Writes {
+                    dead_letters: vec![letter()],
+                    ..Writes::default()
+                })
+                .unwrap();
+            assert_eq!(ids, [3]);
         }
         let s = State::open(&path).unwrap();
         assert_eq!(
             s.checkpoint("shard-1").unwrap(),
             Some(Checkpoint::at("42".into()))
         );
-        assert!(s.is_done(b"hash").unwrap());
-        assert!(!s.is_done(b"other").unwrap());
-        assert_eq!(s.dead_letters().unwrap().len(), 2);
+        assert!(s.is_done(&[1; 32]).unwrap());
+        assert!(!s.is_done(&[2; 32]).unwrap());
+        let ids: Vec<u64> = s
+            .dead_letters()
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(ids, [1, 3]);
         assert_eq!(s.reset_checkpoints(None).unwrap(), 1);
         assert_eq!(s.checkpoint("shard-1").unwrap(), None);
+        assert_eq!(s.expire_done(u64::MAX).unwrap(), 1);
+        assert!(!s.is_done(&[1; 32]).unwrap());
     }
 
     #[test]
@@ -409,7 +575,11 @@ mod tests {
         let path = dir.path().join("s.redb");
         {
             let s = State::open(&path).unwrap();
-            s.mark_done(&[7u8; 32]).unwrap();
+            s.commit(Writes {
+                done: vec![[7; 32]],
+                ..Writes::default()
+            })
+            .unwrap();
             // While a daemon owns the file, a reader is told so.
             assert!(matches!(
                 State::read_done_set(&path),

@@ -28,6 +28,9 @@ pub struct Decision {
     pub key: String,
     #[serde(default)]
     pub params: serde_json::Map<String, serde_json::Value>,
+    /// `GDPR` (the default) or `CCPA`: sets the due date in the audit trail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regulation: Option<String>,
 }
 
 /// A place in a rule file.
@@ -383,9 +386,9 @@ fn decision_from(value: Dynamic, actions: Option<&BTreeSet<String>>) -> Result<D
         ));
     };
     for field in map.keys() {
-        if !["action", "key", "params"].contains(&field.as_str()) {
+        if !["action", "key", "params", "regulation"].contains(&field.as_str()) {
             return Err(format!(
-                "unknown field {field:?} (a decision has action, key and params)"
+                "unknown field {field:?} (a decision has action, key, params and regulation)"
             ));
         }
     }
@@ -424,10 +427,19 @@ fn decision_from(value: Dynamic, actions: Option<&BTreeSet<String>>) -> Result<D
         },
         Some(v) => return Err(format!("params is a {}, not a map", v.type_name())),
     };
+    let regulation = match map.get("regulation") {
+        None => None,
+        Some(v) if v.is_unit() => None,
+        Some(v) => match v.clone().into_string().map(|s| s.to_uppercase()) {
+            Ok(r) if r == "GDPR" || r == "CCPA" => Some(r),
+            _ => return Err("regulation must be \"GDPR\" or \"CCPA\"".into()),
+        },
+    };
     Ok(Decision {
         action,
         key,
         params,
+        regulation,
     })
 }
 

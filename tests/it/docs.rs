@@ -39,8 +39,16 @@ fn every_documented_key_with_its_example_is_accepted() {
     let rows = reference_rows();
     assert!(rows.len() >= 20, "{rows:?}");
     let mut sections: Vec<(String, Vec<String>)> = Vec::new();
+    let url = rows.iter().find(|(_, k, _)| k == "url").unwrap().2.clone();
     for (section, key, example) in rows {
-        let section = section.replace("actions.NAME", "actions.example");
+        // A secret comes from a variable or a file, not both: files go to a second action.
+        let section = match (section.as_str(), key.ends_with("_file") && key != "ca_file") {
+            ("actions.NAME", true) => "actions.example2".to_owned(),
+            _ => section.replace("actions.NAME", "actions.example"),
+        };
+        if section == "actions.example2" && !sections.iter().any(|(s, _)| *s == section) {
+            sections.push((section.clone(), vec![format!("url = {url}")]));
+        }
         match sections.iter_mut().find(|(s, _)| *s == section) {
             Some((_, lines)) => lines.push(format!("{key} = {example}")),
             None => sections.push((section, vec![format!("{key} = {example}")])),

@@ -1,6 +1,7 @@
 //! Integration tests: the built binary against kinesalite on loopback and a real HTTP
 //! backend on loopback, each started by the test on a free port.
 
+mod actions;
 mod cli;
 mod docs;
 mod dry_run;

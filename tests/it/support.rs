@@ -190,10 +190,30 @@ pub struct Received {
     pub authorization: Option<String>,
     pub idempotency_key: Option<String>,
     pub content_type: Option<String>,
+    /// Every header, names in lower case.
+    pub headers: std::collections::HashMap<String, String>,
     pub body: String,
 }
 
-type Behaviour = dyn Fn(&Received, usize) -> u16 + Send + Sync;
+/// How the backend answers one request.
+pub struct Reply {
+    pub status: u16,
+    pub retry_after_s: Option<u64>,
+    /// Time taken before answering (longer than the client's timeout: a timeout).
+    pub delay: Duration,
+}
+
+impl From<u16> for Reply {
+    fn from(status: u16) -> Self {
+        Reply {
+            status,
+            retry_after_s: None,
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+type Behaviour = dyn Fn(&Received, usize) -> Reply + Send + Sync;
 
 /// A real HTTP server on loopback standing in for the client's backend. It records every
 /// request; `behaviour(request, earlier attempts at the same path)` picks the status.
@@ -212,6 +232,18 @@ impl Backend {
     pub async fn with_behaviour(
         delay: Duration,
         behaviour: impl Fn(&Received, usize) -> u16 + Send + Sync + 'static,
+    ) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(listener, move |r, earlier| Reply {
+            delay,
+            ..behaviour(r, earlier).into()
+        })
+    }
+
+    /// A backend on `listener` whose replies `behaviour` chooses in full.
+    pub fn serve(
+        listener: tokio::net::TcpListener,
+        behaviour: impl Fn(&Received, usize) -> Reply + Send + Sync + 'static,
     ) -> Self {
         let received: Arc<Mutex<Vec<Received>>> = Arc::default();
         let behaviour: Arc<Behaviour> = Arc::new(behaviour);
@@ -239,21 +271,30 @@ impl Backend {
                         authorization: header("authorization"),
                         idempotency_key: header("idempotency-key"),
                         content_type: header("content-type"),
+                        headers: headers
+                            .iter()
+                            .map(|(k, v)| {
+                                (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned())
+                            })
+                            .collect(),
                         body,
                     };
-                    tokio::time::sleep(delay).await;
-                    let status = {
+                    let reply = {
                         let mut log = log.lock().unwrap();
                         let earlier = log.iter().filter(|r| r.path == request.path).count();
-                        let status = behaviour(&request, earlier);
+                        let reply = behaviour(&request, earlier);
                         log.push(request);
-                        status
+                        reply
                     };
-                    axum::http::StatusCode::from_u16(status).unwrap()
+                    tokio::time::sleep(reply.delay).await;
+                    let mut response = axum::http::Response::builder().status(reply.status);
+                    if let Some(seconds) = reply.retry_after_s {
+                        response = response.header("retry-after", seconds.to_string());
+                    }
+                    response.body(axum::body::Body::empty()).unwrap()
                 }
             },
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let server = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();

@@ -515,3 +515,30 @@ async fn params_cannot_escape_their_place_and_headers_cannot_be_injected() {
     assert_eq!(code, 2);
     assert!(err.contains("control character"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_and_rate_limits_hold_across_shards() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 4).await;
+    put(&client, "events", &traffic(400, 12, 0)).await;
+    let backend = Backend::with_behaviour(Duration::from_millis(30), |_, _| 200).await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    let config = std::fs::read_to_string(ws.config()).unwrap().replace(
+        "timeout_ms = 5000\n",
+        "timeout_ms = 5000\nconcurrency = 1\nrate_limit_per_second = 10\n",
+    );
+    std::fs::write(ws.config(), config).unwrap();
+    let started = std::time::Instant::now();
+    let daemon = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(60), "12 calls", || {
+        backend.count() >= 12
+    })
+    .await;
+    let took = started.elapsed();
+    assert!(daemon.stop().success());
+    // Four shards want to call at once; the action lets one through at a time...
+    assert_eq!(backend.max_in_flight(), 1);
+    // ...and at most 10 a second: 12 calls need at least 1.1 s.
+    assert!(took >= Duration::from_millis(1_100), "{took:?}");
+}

@@ -220,6 +220,11 @@ type Behaviour = dyn Fn(&Received, usize) -> Reply + Send + Sync;
 pub struct Backend {
     pub url: String,
     received: Arc<Mutex<Vec<Received>>>,
+    /// Requests being answered now, and the most there ever were at once.
+    in_flight: Arc<(
+        std::sync::atomic::AtomicUsize,
+        std::sync::atomic::AtomicUsize,
+    )>,
     _server: tokio::task::JoinHandle<()>,
 }
 
@@ -248,6 +253,11 @@ impl Backend {
         let received: Arc<Mutex<Vec<Received>>> = Arc::default();
         let behaviour: Arc<Behaviour> = Arc::new(behaviour);
         let log = received.clone();
+        let in_flight: Arc<(
+            std::sync::atomic::AtomicUsize,
+            std::sync::atomic::AtomicUsize,
+        )> = Arc::default();
+        let counting = in_flight.clone();
         let app = axum::Router::new().fallback(
             move |method: axum::http::Method,
                   uri: axum::http::Uri,
@@ -255,6 +265,7 @@ impl Backend {
                   body: String| {
                 let log = log.clone();
                 let behaviour = behaviour.clone();
+                let counting = counting.clone();
                 async move {
                     let header = |name: &str| {
                         headers
@@ -286,7 +297,11 @@ impl Backend {
                         log.push(request);
                         reply
                     };
+                    use std::sync::atomic::Ordering::SeqCst;
+                    let now = counting.0.fetch_add(1, SeqCst) + 1;
+                    counting.1.fetch_max(now, SeqCst);
                     tokio::time::sleep(reply.delay).await;
+                    counting.0.fetch_sub(1, SeqCst);
                     let mut response = axum::http::Response::builder().status(reply.status);
                     if let Some(seconds) = reply.retry_after_s {
                         response = response.header("retry-after", seconds.to_string());
@@ -302,12 +317,18 @@ impl Backend {
         Backend {
             url,
             received,
+            in_flight,
             _server: server,
         }
     }
 
     pub fn received(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
+    }
+
+    /// The most requests that were ever being answered at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.in_flight.1.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn count(&self) -> usize {

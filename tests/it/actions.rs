@@ -40,31 +40,6 @@ async fn metrics(address: &str) -> HashMap<String, f64> {
         .collect()
 }
 
-async fn metrics_address(daemon: &Daemon) -> String {
-    wait_until(Duration::from_secs(30), "the metrics listener", || {
-        daemon.stderr().contains("metrics listener up")
-    })
-    .await;
-    let log = daemon.stderr();
-    let line = log
-        .lines()
-        .find(|l| l.contains("metrics listener up"))
-        .unwrap();
-    line.split("address=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
-}
-
-fn lines(out: &str) -> Vec<Value> {
-    out.lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_ends_with_every_request_done_and_no_dead_letter_left() {
     let kinesis = Kinesalite::start();
@@ -296,7 +271,7 @@ async fn the_state_and_the_audit_trail_hold_no_identifier() {
             assert!(!listed.contains(secret), "dead-letters list shows {secret}");
         }
     }
-    let audit = lines(&jsonl);
+    let audit = json_lines(&jsonl);
     assert_eq!(audit.len(), 8, "{jsonl}");
     assert_eq!(audit.iter().filter(|e| e["outcome"] == "done").count(), 7);
     let refused = audit
@@ -322,7 +297,7 @@ async fn the_state_and_the_audit_trail_hold_no_identifier() {
         &secrets[3].1,
     ]);
     assert_eq!(code, 0, "{err}");
-    let found = lines(&out);
+    let found = json_lines(&out);
     assert_eq!(found[0]["outcome"], "done");
     assert_eq!(found.last().unwrap()["done"], true);
     let (code, _, _) = ws.run(&[
@@ -388,7 +363,7 @@ async fn a_refusal_waits_for_an_operator_and_retry_completes_it() {
         ws.run(&["dead-letters", "retry", "--config", config, "--id", &first])
     });
     assert_eq!(code, 0, "{out}{err}");
-    assert_eq!(lines(&out)[0]["outcome"], "resolved");
+    assert_eq!(json_lines(&out)[0]["outcome"], "resolved");
     assert_eq!(backend.count(), 4);
     let (code, _, err) = ws.run(&[
         "dead-letters",
@@ -404,7 +379,7 @@ async fn a_refusal_waits_for_an_operator_and_retry_completes_it() {
     assert!(ws.dead_letters().is_empty());
 
     let (_, jsonl, _) = ws.run(&["audit", "export", "--config", config]);
-    let audit = lines(&jsonl);
+    let audit = json_lines(&jsonl);
     let outcomes: Vec<&str> = audit
         .iter()
         .map(|e| e["outcome"].as_str().unwrap())

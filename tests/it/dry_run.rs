@@ -7,12 +7,6 @@ use serde_json::Value;
 
 use crate::support::*;
 
-fn json_lines(out: &str) -> Vec<Value> {
-    out.lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 /// (rule, action, key, shard, sequence number) of each would-be action.
 type Sighting = (String, String, String, String, String);
 

@@ -14,26 +14,6 @@ fn with_metrics(ws: &Workspace) {
     std::fs::write(ws.config(), text).unwrap();
 }
 
-/// The listener's address, from the daemon's log.
-async fn metrics_address(daemon: &Daemon) -> String {
-    wait_until(Duration::from_secs(30), "the metrics listener", || {
-        daemon.stderr().contains("metrics listener up")
-    })
-    .await;
-    let log = daemon.stderr();
-    let line = log
-        .lines()
-        .find(|l| l.contains("metrics listener up"))
-        .unwrap();
-    line.split("address=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
-}
-
 async fn get(address: &str, path: &str) -> (u16, String) {
     let response = reqwest::get(format!("http://{address}{path}"))
         .await
@@ -192,14 +172,7 @@ async fn status_shows_stale_rules_waiting_children_and_an_unreachable_stream() {
         backend.count() >= 1
     })
     .await;
-    client
-        .split_shard()
-        .stream_name("events")
-        .shard_to_split("shardId-000000000000")
-        .new_starting_hash_key("170141183460469231731687303715884105728")
-        .send()
-        .await
-        .unwrap();
+    split_in_half(&client, "events", "shardId-000000000000").await;
     let waiting = || async {
         let status: Value = serde_json::from_str(&get(&address, "/status").await.1).unwrap();
         status["shards"]

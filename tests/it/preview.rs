@@ -13,12 +13,6 @@ fn fixture(name: &str) -> String {
         .into_owned()
 }
 
-fn json_lines(out: &str) -> Vec<Value> {
-    out.lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn preview_shows_the_decisions_for_captured_records() {
     let ws = Workspace::new(

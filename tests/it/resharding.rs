@@ -51,14 +51,7 @@ async fn a_split_loses_nothing_and_keeps_key_order() {
     )
     .await;
 
-    client
-        .split_shard()
-        .stream_name("events")
-        .shard_to_split("shardId-000000000000")
-        .new_starting_hash_key("170141183460469231731687303715884105728")
-        .send()
-        .await
-        .unwrap();
+    split_in_half(&client, "events", "shardId-000000000000").await;
     wait_active(&client, "events").await;
     assert!(
         backend.count() < 150,

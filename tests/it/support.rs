@@ -541,3 +541,42 @@ pub fn caught_up_count(log: &str) -> usize {
         .filter(|l| l.contains("shard caught up"))
         .count()
 }
+
+/// The metrics listener's address, from the daemon's log (it listens on port 0).
+pub async fn metrics_address(daemon: &Daemon) -> String {
+    wait_until(Duration::from_secs(30), "the metrics listener", || {
+        daemon.stderr().contains("metrics listener up")
+    })
+    .await;
+    let log = daemon.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("metrics listener up"))
+        .unwrap();
+    line.split("address=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// Output of JSON lines, parsed.
+pub fn json_lines(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Splits `shard` of `stream` in two halves of the hash key range.
+pub async fn split_in_half(client: &Client, stream: &str, shard: &str) {
+    client
+        .split_shard()
+        .stream_name(stream)
+        .shard_to_split(shard)
+        .new_starting_hash_key("170141183460469231731687303715884105728")
+        .send()
+        .await
+        .unwrap();
+}

@@ -666,7 +666,7 @@ fn dead_letters(cmd: DeadLettersCommand) -> Result<u8, Failure> {
                     regulation,
                     ..
                 } => (action.clone(), request_id.clone(), regulation.clone()),
-                DeadLetterReason::RuleFailed { .. } => {
+                DeadLetterReason::RuleFailed { .. } | DeadLetterReason::DecodeFailed { .. } => {
                     (String::new(), String::new(), "GDPR".into())
                 }
             };

@@ -1,8 +1,18 @@
 //! Decode: a Kinesis record's bytes into the logical records rules see.
 //!
+//! A KPL aggregate (magic bytes, protobuf, MD5) becomes its sub-records, each with its
+//! sub-sequence number; sub-records whose explicit hash key falls outside the shard's range
+//! are delivered all the same (dropping them loses requests). A gzip or zlib payload is
+//! inflated, up to a hard limit. A malformed aggregate or a payload that inflates past the
+//! limit is an error: the pipeline dead-letters the record, it is never dropped.
+//!
 //! `record.data` is built only when some rule needs it ([`rule_data`]): JSON payloads become
 //! JSON values, UTF-8 text that is not JSON stays a string, anything else is a BLOB.
 
+use std::io::Read;
+
+use md5::{Digest, Md5};
+use prost::Message;
 use rhai::Dynamic;
 use serde_json::Value;
 
@@ -134,17 +144,159 @@ pub fn read_json_lines(path: &std::path::Path) -> Result<Vec<(usize, Record)>, I
     Ok(records)
 }
 
+const KPL_MAGIC: [u8; 4] = [0xF3, 0x89, 0x9A, 0xC2];
+/// The most bytes a compressed payload may inflate to.
+pub const MAX_INFLATED: usize = 32 << 20;
+
+/// The KPL's protobuf messages (proto2).
+#[derive(Clone, PartialEq, Message)]
+pub struct AggregatedRecord {
+    #[prost(string, repeated, tag = "1")]
+    pub partition_key_table: Vec<String>,
+    #[prost(string, repeated, tag = "2")]
+    pub explicit_hash_key_table: Vec<String>,
+    #[prost(message, repeated, tag = "3")]
+    pub records: Vec<SubRecord>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct SubRecord {
+    #[prost(uint64, required, tag = "1")]
+    pub partition_key_index: u64,
+    #[prost(uint64, optional, tag = "2")]
+    pub explicit_hash_key_index: Option<u64>,
+    #[prost(bytes = "vec", required, tag = "3")]
+    pub data: Vec<u8>,
+    #[prost(message, repeated, tag = "4")]
+    pub tags: Vec<Tag>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Tag {
+    #[prost(string, required, tag = "1")]
+    pub key: String,
+    #[prost(string, optional, tag = "2")]
+    pub value: Option<String>,
+}
+
+/// Why a record could not be decoded, naming it.
+#[derive(Debug, thiserror::Error)]
+#[error("shard {shard_id}, sequence number {sequence_number}: {reason}")]
+pub struct DecodeError {
+    pub shard_id: String,
+    pub sequence_number: String,
+    pub reason: String,
+}
+
+/// Builds a KPL aggregate (what the Kinesis Producer Library writes): for tests and the demo.
+pub fn aggregate(records: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut keys: Vec<String> = Vec::new();
+    let mut subs = Vec::new();
+    for (key, data) in records {
+        let index = keys.iter().position(|k| k == key).unwrap_or_else(|| {
+            keys.push((*key).to_owned());
+            keys.len() - 1
+        });
+        subs.push(SubRecord {
+            partition_key_index: index as u64,
+            explicit_hash_key_index: None,
+            data: data.to_vec(),
+            tags: Vec::new(),
+        });
+    }
+    let body = AggregatedRecord {
+        partition_key_table: keys,
+        explicit_hash_key_table: Vec::new(),
+        records: subs,
+    }
+    .encode_to_vec();
+    let mut out = KPL_MAGIC.to_vec();
+    out.extend(&body);
+    out.extend(Md5::digest(&body));
+    out
+}
+
 /// Decodes one record read from a shard into the logical records it carries.
-pub fn decode(stream: &str, shard_id: &str, raw: RawRecord) -> Vec<Record> {
-    vec![Record {
-        stream: stream.to_owned(),
+pub fn decode(stream: &str, shard_id: &str, raw: &RawRecord) -> Result<Vec<Record>, DecodeError> {
+    let fail = |reason: String| DecodeError {
         shard_id: shard_id.to_owned(),
-        sequence_number: raw.sequence_number,
-        sub_sequence_number: 0,
-        partition_key: raw.partition_key,
-        arrival_time: rfc3339(raw.arrival_time_millis),
-        bytes: raw.data,
-    }]
+        sequence_number: raw.sequence_number.clone(),
+        reason,
+    };
+    let record = |sub_sequence_number: u64,
+                  partition_key: &str,
+                  data: &[u8]|
+     -> Result<Record, DecodeError> {
+        Ok(Record {
+            stream: stream.to_owned(),
+            shard_id: shard_id.to_owned(),
+            sequence_number: raw.sequence_number.clone(),
+            sub_sequence_number,
+            partition_key: partition_key.to_owned(),
+            arrival_time: rfc3339(raw.arrival_time_millis),
+            bytes: inflate(data).map_err(&fail)?,
+        })
+    };
+    let Some(body) = raw.data.strip_prefix(&KPL_MAGIC) else {
+        return Ok(vec![record(0, &raw.partition_key, &raw.data)?]);
+    };
+    if body.len() < 16 {
+        return Err(fail(
+            "malformed KPL aggregate: too short for its MD5".into(),
+        ));
+    }
+    let (message, digest) = body.split_at(body.len() - 16);
+    if Md5::digest(message).as_slice() != digest {
+        return Err(fail("malformed KPL aggregate: MD5 mismatch".into()));
+    }
+    let aggregate = AggregatedRecord::decode(message)
+        .map_err(|e| fail(format!("malformed KPL aggregate: {e}")))?;
+    aggregate
+        .records
+        .iter()
+        .enumerate()
+        .map(|(index, sub)| {
+            let key = aggregate
+                .partition_key_table
+                .get(sub.partition_key_index as usize)
+                .ok_or_else(|| {
+                    fail(format!(
+                        "malformed KPL aggregate: sub-record {index} names partition key {} of {}",
+                        sub.partition_key_index,
+                        aggregate.partition_key_table.len()
+                    ))
+                })?;
+            record(index as u64, key, &sub.data)
+        })
+        .collect()
+}
+
+/// Inflates a gzip or zlib payload (told by its magic bytes), up to [`MAX_INFLATED`]. A
+/// payload that only looks compressed (plain text starting `x^`) is kept as it is.
+fn inflate(data: &[u8]) -> Result<Vec<u8>, String> {
+    let gzip = data.starts_with(&[0x1f, 0x8b]);
+    let zlib = data.len() >= 2
+        && data[0] & 0x0f == 8
+        && data[0] >> 4 <= 7
+        && (u16::from(data[0]) << 8 | u16::from(data[1])) % 31 == 0;
+    if !gzip && !zlib {
+        return Ok(data.to_vec());
+    }
+    let reader: Box<dyn Read> = if gzip {
+        Box::new(flate2::read::MultiGzDecoder::new(data))
+    } else {
+        Box::new(flate2::read::ZlibDecoder::new(data))
+    };
+    let mut out = Vec::new();
+    match reader.take(MAX_INFLATED as u64 + 1).read_to_end(&mut out) {
+        Ok(_) if out.len() > MAX_INFLATED => Err(format!(
+            "the {} payload inflates past {} MiB (a decompression bomb?)",
+            if gzip { "gzip" } else { "zlib" },
+            MAX_INFLATED >> 20
+        )),
+        Ok(_) => Ok(out),
+        Err(_) => Ok(data.to_vec()),
+    }
 }
 
 /// The payload as a rule's `record.data`: JSON (null reads as `()`), else text, else a BLOB.
@@ -161,6 +313,152 @@ pub fn rule_data(bytes: &[u8]) -> Dynamic {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+
+    fn raw(data: Vec<u8>) -> RawRecord {
+        RawRecord {
+            sequence_number: "7".into(),
+            partition_key: "pk".into(),
+            arrival_time_millis: 0,
+            data,
+        }
+    }
+
+    /// The aggregates the real KPL wrote, with the sub-records they must yield.
+    #[test]
+    fn kpl_fixtures_decode_to_their_sub_records() {
+        use base64::Engine as _;
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/kpl_records.json"
+        ))
+        .unwrap();
+        let fixtures: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let cases = fixtures["cases"].as_array().unwrap();
+        assert!(!cases.is_empty());
+        for case in cases {
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(case["data_base64"].as_str().unwrap())
+                .unwrap();
+            let raw = RawRecord {
+                sequence_number: case["sequence_number"].as_str().unwrap().into(),
+                partition_key: case["partition_key"].as_str().unwrap().into(),
+                arrival_time_millis: 0,
+                data,
+            };
+            let decoded = decode("s", case["shard_id"].as_str().unwrap(), &raw);
+            let Some(expect) = case["expect"].as_array() else {
+                // A damaged aggregate: an error (the pipeline dead-letters it), not silence.
+                let err = decoded.unwrap_err();
+                assert!(err.to_string().contains("MD5"), "{}: {err}", case["name"]);
+                continue;
+            };
+            let records = decoded.unwrap();
+            assert_eq!(records.len(), expect.len(), "{}", case["name"]);
+            for (record, want) in records.iter().zip(expect) {
+                assert_eq!(
+                    record.sub_sequence_number,
+                    want["sub_sequence_number"].as_u64().unwrap_or(0)
+                );
+                assert_eq!(
+                    record.partition_key,
+                    want["partition_key"].as_str().unwrap()
+                );
+                assert_eq!(
+                    String::from_utf8_lossy(&record.bytes),
+                    want["data"].as_str().unwrap()
+                );
+                assert_eq!(record.sequence_number, raw.sequence_number);
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_aggregates_are_errors_not_silence() {
+        let mut good = aggregate(&[("a", b"one"), ("b", b"two")]);
+        assert_eq!(decode("s", "sh", &raw(good.clone())).unwrap().len(), 2);
+        let last = good.len() - 1;
+        good[last] ^= 1;
+        let err = decode("s", "sh", &raw(good)).unwrap_err();
+        assert!(
+            err.to_string().contains("MD5") && err.to_string().contains("sequence number 7"),
+            "{err}"
+        );
+        // A sub-record pointing past the partition key table.
+        let body = AggregatedRecord {
+            partition_key_table: vec!["a".into()],
+            explicit_hash_key_table: vec![],
+            records: vec![SubRecord {
+                partition_key_index: 3,
+                explicit_hash_key_index: None,
+                data: b"x".to_vec(),
+                tags: vec![],
+            }],
+        }
+        .encode_to_vec();
+        let mut bad = KPL_MAGIC.to_vec();
+        bad.extend(&body);
+        bad.extend(Md5::digest(&body));
+        assert!(decode("s", "sh", &raw(bad))
+            .unwrap_err()
+            .to_string()
+            .contains("partition key 3"));
+    }
+
+    #[test]
+    fn gzip_and_zlib_are_inflated_and_bombs_refused() {
+        let json = br#"{"type":"privacy_request"}"#;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(json).unwrap();
+        let gz = gz.finish().unwrap();
+        assert_eq!(decode("s", "sh", &raw(gz)).unwrap()[0].bytes, json);
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(json).unwrap();
+        assert_eq!(
+            decode("s", "sh", &raw(z.finish().unwrap())).unwrap()[0].bytes,
+            json
+        );
+        // Text that merely starts like a zlib header stays as it is.
+        assert_eq!(
+            decode("s", "sh", &raw(b"x^2 + y".to_vec())).unwrap()[0].bytes,
+            b"x^2 + y"
+        );
+        // 64 MiB of zeros in a few dozen KiB.
+        let mut bomb = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        for _ in 0..64 {
+            bomb.write_all(&vec![0u8; 1 << 20]).unwrap();
+        }
+        let bomb = bomb.finish().unwrap();
+        assert!(bomb.len() < 1 << 20);
+        assert!(decode("s", "sh", &raw(bomb))
+            .unwrap_err()
+            .to_string()
+            .contains("decompression bomb"));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Whatever the bytes, decoding answers (records or an error) and never panics.
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512), kpl in proptest::prelude::any::<bool>()) {
+            let mut bytes = if kpl { KPL_MAGIC.to_vec() } else { Vec::new() };
+            bytes.extend(data);
+            let _ = decode("s", "sh", &raw(bytes));
+        }
+
+        /// Any list of sub-records survives aggregation and de-aggregation, in order.
+        #[test]
+        fn aggregates_round_trip(subs in proptest::collection::vec(("[a-z]{1,4}", proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)), 1..20)) {
+            let input: Vec<(&str, &[u8])> = subs.iter().map(|(k, d)| (k.as_str(), d.as_slice())).collect();
+            let records = decode("s", "sh", &raw(aggregate(&input))).unwrap();
+            proptest::prop_assert_eq!(records.len(), subs.len());
+            for (i, (record, (key, _))) in records.iter().zip(&subs).enumerate() {
+                proptest::prop_assert_eq!(record.sub_sequence_number, i as u64);
+                proptest::prop_assert_eq!(&record.partition_key, key);
+            }
+        }
+    }
 
     #[test]
     fn json_text_and_binary() {

@@ -15,13 +15,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::actions::{ActionSet, Outcome};
 use crate::clock::now_ms;
-use crate::decode::{self, Record};
+use crate::decode::{self, DecodeError, Record};
 use crate::keys::{KeyError, Keys};
 use crate::preview::Preview;
 use crate::rules::reload::Rules;
 use crate::rules::{Decision, RuleError, Verdict};
 use crate::shutdown::Shutdown;
-use crate::source::{Checkpoint, Position, ShardReader, SourceError};
+use crate::source::{Checkpoint, Position, RawRecord, ShardReader, SourceError};
 use crate::state::{AuditEntry, DeadLetter, DeadLetterReason, State, StateError, Writes};
 use crate::telemetry::{ActionOutcome, Telemetry};
 
@@ -155,8 +155,14 @@ impl Pipeline {
         shard_id: &str,
         start: Position,
     ) -> Result<ShardExit, PipelineError> {
+        // Sub-records of a resumed aggregate up to this one are settled already.
+        let mut skip = match &start {
+            Position::Within(seq, sub) => Some((seq.clone(), *sub)),
+            _ => None,
+        };
         let mut checkpointed = match start {
-            Position::After(seq) => Some(seq),
+            Position::After(seq) => Some(Checkpoint::at(seq)),
+            Position::Within(seq, sub) => Some(Checkpoint::within(seq, sub)),
             Position::Start(_) => None,
         };
         let mut caught_up = false;
@@ -170,19 +176,39 @@ impl Pipeline {
             let mut interrupted = false;
             self.telemetry
                 .shard_lag(shard_id, batch.millis_behind_latest);
-            for raw in batch.records {
-                let sequence_number = raw.sequence_number.clone();
+            'records: for raw in &batch.records {
                 self.telemetry.record_read(shard_id, raw.data.len());
-                for record in decode::decode(&self.stream, shard_id, raw) {
+                let records = match decode::decode(&self.stream, shard_id, raw) {
+                    Ok(records) => records,
+                    Err(error) => {
+                        self.decode_failed(raw, shard_id, error, &mut pending);
+                        Vec::new()
+                    }
+                };
+                let aggregated = records.len() > 1;
+                for record in records {
+                    if skip.as_ref().is_some_and(|(seq, sub)| {
+                        *seq == record.sequence_number && record.sub_sequence_number <= *sub
+                    }) {
+                        continue;
+                    }
                     if let Settled::No = self.handle(&record, &mut pending).await? {
                         interrupted = true;
-                        break;
+                        break 'records;
+                    }
+                    if aggregated {
+                        settled = Some(Checkpoint::within(
+                            record.sequence_number.clone(),
+                            record.sub_sequence_number,
+                        ));
+                        if self.shutdown.is_triggered() {
+                            interrupted = true;
+                            break 'records;
+                        }
                     }
                 }
-                if interrupted {
-                    break;
-                }
-                settled = Some(sequence_number);
+                skip = None;
+                settled = Some(Checkpoint::at(raw.sequence_number.clone()));
                 if self.shutdown.is_triggered() {
                     interrupted = true;
                     break;
@@ -190,10 +216,11 @@ impl Pipeline {
             }
             let finished = batch.shard_end && !interrupted;
             if settled != checkpointed || finished {
-                let checkpoint = match (&settled, finished) {
-                    (seq, true) => Some(Checkpoint::end(seq.clone())),
-                    (Some(seq), false) => Some(Checkpoint::at(seq.clone())),
-                    (None, false) => None,
+                let checkpoint = match finished {
+                    true => Some(Checkpoint::end(
+                        settled.as_ref().and_then(|c| c.sequence_number.clone()),
+                    )),
+                    false => settled.clone(),
                 };
                 if let Some(checkpoint) = checkpoint {
                     pending
@@ -265,6 +292,49 @@ impl Pipeline {
             }
         }
         Ok(Settled::Yes)
+    }
+
+    /// A record that cannot be decoded (a malformed KPL aggregate, a decompression bomb) is
+    /// dead-lettered as it came, sealed: never skipped.
+    fn decode_failed(
+        &self,
+        raw: &RawRecord,
+        shard_id: &str,
+        error: DecodeError,
+        pending: &mut Pending,
+    ) {
+        tracing::warn!(event = "decode_error", shard_id, sequence_number = %raw.sequence_number, error = %error.reason, "record cannot be decoded; dead-lettering it");
+        let Sink::Live { keys, .. } = &self.sink else {
+            return;
+        };
+        let sealed = SealedRecord {
+            partition_key: raw.partition_key.clone(),
+            payload_hex: hex::encode(&raw.data),
+            error: error.to_string(),
+        };
+        let record = Record {
+            stream: self.stream.clone(),
+            shard_id: shard_id.to_owned(),
+            sequence_number: raw.sequence_number.clone(),
+            sub_sequence_number: 0,
+            partition_key: String::new(),
+            arrival_time: crate::clock::rfc3339(raw.arrival_time_millis),
+            bytes: Vec::new(),
+        };
+        let rules = self.rules.load();
+        let maker = Maker {
+            rule: "",
+            rule_file: Path::new(""),
+            rules_hash: rules.hash(),
+        };
+        pending.writes.dead_letters.push(dead_letter(
+            &record,
+            &maker,
+            DeadLetterReason::DecodeFailed {
+                error: error.reason,
+                sealed_record: keys.seal(&serde_json::to_vec(&sealed).expect("serializes")),
+            },
+        ));
     }
 
     /// A rule failed on the record: never "no match". The record is dead-lettered, sealed.
@@ -476,6 +546,36 @@ impl Pipeline {
                 };
                 self.handle(&record, &mut pending).await?
             }
+            DeadLetterReason::DecodeFailed { sealed_record, .. } => {
+                let sealed: SealedRecord = serde_json::from_slice(&unseal(sealed_record)?)
+                    .map_err(|_| PipelineError::Unseal {
+                        id,
+                        source: KeyError::Unseal,
+                    })?;
+                let raw = RawRecord {
+                    sequence_number: letter.sequence_number.clone(),
+                    partition_key: sealed.partition_key,
+                    arrival_time_millis: 0,
+                    data: hex::decode(sealed.payload_hex).unwrap_or_default(),
+                };
+                match decode::decode(&letter.stream, &letter.shard_id, &raw) {
+                    Ok(records) => {
+                        let mut settled = Settled::Yes;
+                        for record in records {
+                            let record = Record {
+                                arrival_time: letter.arrival_time.clone(),
+                                ..record
+                            };
+                            if let Settled::No = self.handle(&record, &mut pending).await? {
+                                settled = Settled::No;
+                                break;
+                            }
+                        }
+                        settled
+                    }
+                    Err(error) => return Ok(Retried::StillFailing(error.reason)),
+                }
+            }
         };
         if let Settled::No = result {
             return Ok(Retried::Interrupted);
@@ -486,7 +586,8 @@ impl Pipeline {
             0 => Retried::Resolved,
             _ => Retried::StillFailing(match &pending.writes.dead_letters[0].reason {
                 DeadLetterReason::ActionFailed { error, .. } => error.clone(),
-                DeadLetterReason::RuleFailed { error, .. } => error.clone(),
+                DeadLetterReason::RuleFailed { error, .. }
+                | DeadLetterReason::DecodeFailed { error, .. } => error.clone(),
             }),
         };
         // The replacement was already committed by `act` for action failures; resolve

@@ -64,6 +64,9 @@ pub struct ShardInfo {
 pub enum Position {
     /// Right after a record already handled (the checkpoint).
     After(String),
+    /// At a KPL aggregate handled part way: its sub-records up to the second field are
+    /// settled and must be skipped.
+    Within(String, u64),
     Start(StartPosition),
 }
 
@@ -71,6 +74,10 @@ pub enum Position {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Checkpoint {
     pub sequence_number: Option<String>,
+    /// Inside a KPL aggregate: the last sub-record settled of `sequence_number` (the rest of
+    /// the aggregate is still to do). `None`: the whole record is settled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_sequence_number: Option<u64>,
     /// The shard is closed and read to its end: its children may start.
     pub shard_end: bool,
 }
@@ -79,13 +86,23 @@ impl Checkpoint {
     pub fn at(sequence_number: String) -> Self {
         Self {
             sequence_number: Some(sequence_number),
+            sub_sequence_number: None,
             shard_end: false,
+        }
+    }
+
+    /// Part way through an aggregate: sub-records up to `sub_sequence_number` are settled.
+    pub fn within(sequence_number: String, sub_sequence_number: u64) -> Self {
+        Self {
+            sub_sequence_number: Some(sub_sequence_number),
+            ..Self::at(sequence_number)
         }
     }
 
     pub fn end(sequence_number: Option<String>) -> Self {
         Self {
             sequence_number,
+            sub_sequence_number: None,
             shard_end: true,
         }
     }
@@ -95,6 +112,7 @@ impl std::fmt::Display for Position {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Position::After(seq) => write!(f, "after {seq}"),
+            Position::Within(seq, sub) => write!(f, "at {seq}, after sub-record {sub}"),
             Position::Start(StartPosition::TrimHorizon) => f.write_str("trim-horizon"),
             Position::Start(StartPosition::Latest) => f.write_str("latest"),
             Position::Start(StartPosition::AtTimestamp(ms)) => {
@@ -228,6 +246,9 @@ impl KinesisSource {
         let request = match position {
             Position::After(seq) => request
                 .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+                .starting_sequence_number(seq),
+            Position::Within(seq, _) => request
+                .shard_iterator_type(ShardIteratorType::AtSequenceNumber)
                 .starting_sequence_number(seq),
             Position::Start(StartPosition::TrimHorizon) => {
                 request.shard_iterator_type(ShardIteratorType::TrimHorizon)
@@ -463,8 +484,10 @@ pub fn ready_shards(
         {
             continue;
         }
-        let position = match own.and_then(|c| c.sequence_number) {
-            Some(seq) => Position::After(seq),
+        let position = match own.and_then(|c| c.sequence_number.map(|s| (s, c.sub_sequence_number)))
+        {
+            Some((seq, Some(sub))) => Position::Within(seq, sub),
+            Some((seq, None)) => Position::After(seq),
             // Continuing a lineage we have read: the child from its first record.
             None if !parents.is_empty() => Position::Start(StartPosition::TrimHorizon),
             None => Position::Start(start.clone()),

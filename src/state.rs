@@ -66,6 +66,12 @@ pub enum DeadLetterReason {
         /// The record (payload, partition key) and the full error, sealed.
         sealed_record: String,
     },
+    /// The record could not be decoded (a malformed KPL aggregate, a decompression bomb).
+    DecodeFailed {
+        error: String,
+        /// The record as read (payload, partition key), sealed.
+        sealed_record: String,
+    },
     /// The backend refused the request or could not be reached.
     ActionFailed {
         action: String,

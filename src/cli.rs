@@ -590,6 +590,7 @@ fn checkpoints(cmd: CheckpointsCommand) -> Result<u8, Failure> {
                 let line = serde_json::json!({
                     "shard_id": shard_id,
                     "sequence_number": cp.sequence_number,
+                    "sub_sequence_number": cp.sub_sequence_number,
                     "shard_end": cp.shard_end,
                 });
                 let _ = writeln!(out, "{line}");

@@ -99,6 +99,11 @@ fn register_helpers(engine: &mut Engine) {
     engine.register_fn("trimmed", |text: &str| text.trim().to_owned());
     engine.register_fn("trimmed", |_: ()| ());
     engine.register_fn("sha256_hex", |text: &str| hex::encode(Sha256::digest(text)));
+    // JSON inside a string (a CloudWatch Logs event's `message`, say); `()` if it is not JSON.
+    engine.register_fn("parse_json", |text: &str| {
+        serde_json::from_str::<Dynamic>(text).unwrap_or(Dynamic::UNIT)
+    });
+    engine.register_fn("parse_json", |_: ()| ());
 }
 
 /// Compiles a pattern once per thread (bounded in size, so a hostile pattern fails fast).

@@ -131,6 +131,7 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
         sink,
         shutdown: shutdown.clone(),
         telemetry: telemetry.clone(),
+        claims: Default::default(),
     });
     if let Sink::Live { .. } = &pipeline.sink {
         tokio::spawn(maintain(
@@ -233,6 +234,7 @@ pub async fn retry_dead_letters(
         },
         shutdown,
         telemetry: Arc::new(Telemetry::new()),
+        claims: Default::default(),
     };
     let mut results = Vec::new();
     for (id, letter) in state.dead_letters()? {

@@ -56,6 +56,43 @@ pub enum Sink {
     Preview(Box<Preview>),
 }
 
+/// Requests being carried out now, over all shards: the same request read from two shards
+/// at once (a producer's retry) is sent by one and found done by the other.
+#[derive(Default)]
+pub struct Claims(
+    std::sync::Mutex<std::collections::HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
+);
+
+impl Claims {
+    async fn claim(&self, id: [u8; 32]) -> Claim<'_> {
+        let lock = self.0.lock().unwrap().entry(id).or_default().clone();
+        let guard = lock.clone().lock_owned().await;
+        Claim {
+            claims: self,
+            id,
+            lock,
+            _guard: guard,
+        }
+    }
+}
+
+struct Claim<'a> {
+    claims: &'a Claims,
+    id: [u8; 32],
+    lock: Arc<tokio::sync::Mutex<()>>,
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut map = self.claims.0.lock().unwrap();
+        // The map's copy, this one and the guard's: nobody else waits for it.
+        if Arc::strong_count(&self.lock) <= 3 {
+            map.remove(&self.id);
+        }
+    }
+}
+
 pub struct Pipeline {
     pub stream: String,
     /// Swapped whole by a reload; each record sees one rule set.
@@ -64,6 +101,7 @@ pub struct Pipeline {
     pub sink: Sink,
     pub shutdown: Shutdown,
     pub telemetry: Arc<Telemetry>,
+    pub claims: Claims,
 }
 
 /// Whether a record's decisions are all settled.
@@ -416,6 +454,7 @@ impl Pipeline {
                 error,
             )
         };
+        let _claim = self.claims.claim(id).await;
         let already_done = pending.done.contains(&id)
             || state
                 .is_done(&id)
@@ -675,6 +714,33 @@ struct Maker<'a> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_claimed_request_waits_for_its_holder() {
+        let claims = Arc::new(super::Claims::default());
+        let first = claims.claim([1; 32]).await;
+        let other = claims.claim([2; 32]).await; // another request is not held up
+        drop(other);
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let waiter = {
+            let claims = claims.clone();
+            tokio::spawn(async move {
+                let _second = claims.claim([1; 32]).await;
+                let _ = tx.send(());
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(rx.try_recv().is_err(), "the second claim must wait");
+        drop(first);
+        waiter.await.unwrap();
+        assert!(
+            claims.0.lock().unwrap().is_empty(),
+            "released claims are forgotten"
+        );
+    }
+
     #[test]
     fn due_dates_follow_the_regulation() {
         assert_eq!(

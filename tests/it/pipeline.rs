@@ -122,3 +122,34 @@ async fn a_restart_neither_loses_nor_repeats_a_request() {
     assert!(third.stop().success());
     assert_eq!(backend.count(), 50);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_on_two_shards_at_once_is_sent_once() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 2).await;
+    // Each request written twice under two partition keys (a producer's retry), so the two
+    // copies often sit on different shards and are read at the same moment.
+    let mut records = Vec::new();
+    for n in 0..30 {
+        let data = deletion(&format!("r-{n}"), &format!("del-user-{n}"))
+            .to_string()
+            .into_bytes();
+        records.push((format!("first-{n}"), data.clone()));
+        records.push((format!("retry-{n}"), data));
+    }
+    put(&client, "events", &records).await;
+    let backend = Backend::with_behaviour(Duration::from_millis(30), |_, _| 200).await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    let daemon = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(60), "30 requests", || {
+        backend.count() >= 30
+    })
+    .await;
+    wait_until(Duration::from_secs(30), "caught up", || {
+        caught_up_count(&daemon.stderr()) >= 2
+    })
+    .await;
+    assert!(daemon.stop().success());
+    assert_each_once(&check_requests(&backend.received()), 30);
+}

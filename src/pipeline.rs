@@ -531,10 +531,6 @@ impl Pipeline {
         let Sink::Live { state, keys } = &self.sink else {
             return Ok(Retried::Interrupted);
         };
-        let unseal = |sealed: &str| {
-            keys.unseal(sealed)
-                .map_err(|source| PipelineError::Unseal { id, source })
-        };
         let record = Record {
             stream: letter.stream.clone(),
             shard_id: letter.shard_id.clone(),
@@ -552,11 +548,7 @@ impl Pipeline {
                 regulation,
                 ..
             } => {
-                let sealed: SealedDecision = serde_json::from_slice(&unseal(sealed_decision)?)
-                    .map_err(|_| PipelineError::Unseal {
-                        id,
-                        source: KeyError::Unseal,
-                    })?;
+                let sealed: SealedDecision = open(keys, id, sealed_decision)?;
                 let decision = Decision {
                     action: action.clone(),
                     key: sealed.key,
@@ -573,11 +565,7 @@ impl Pipeline {
                     .await?
             }
             DeadLetterReason::RuleFailed { sealed_record, .. } => {
-                let sealed: SealedRecord = serde_json::from_slice(&unseal(sealed_record)?)
-                    .map_err(|_| PipelineError::Unseal {
-                        id,
-                        source: KeyError::Unseal,
-                    })?;
+                let sealed: SealedRecord = open(keys, id, sealed_record)?;
                 let record = Record {
                     partition_key: sealed.partition_key,
                     bytes: hex::decode(sealed.payload_hex).unwrap_or_default(),
@@ -586,11 +574,7 @@ impl Pipeline {
                 self.handle(&record, &mut pending).await?
             }
             DeadLetterReason::DecodeFailed { sealed_record, .. } => {
-                let sealed: SealedRecord = serde_json::from_slice(&unseal(sealed_record)?)
-                    .map_err(|_| PipelineError::Unseal {
-                        id,
-                        source: KeyError::Unseal,
-                    })?;
+                let sealed: SealedRecord = open(keys, id, sealed_record)?;
                 let raw = RawRecord {
                     sequence_number: letter.sequence_number.clone(),
                     partition_key: sealed.partition_key,
@@ -635,6 +619,21 @@ impl Pipeline {
         self.flush(&mut pending, &letter.shard_id)?;
         Ok(outcome)
     }
+}
+
+/// Opens what a dead letter keeps sealed.
+fn open<T: serde::de::DeserializeOwned>(
+    keys: &Keys,
+    id: u64,
+    sealed: &str,
+) -> Result<T, PipelineError> {
+    let bytes = keys
+        .unseal(sealed)
+        .map_err(|source| PipelineError::Unseal { id, source })?;
+    serde_json::from_slice(&bytes).map_err(|_| PipelineError::Unseal {
+        id,
+        source: KeyError::Unseal,
+    })
 }
 
 fn state_error(record: &Record, source: StateError) -> PipelineError {

@@ -276,6 +276,12 @@ impl KinesisSource {
     }
 }
 
+/// Half to all of `delay`, so shards throttled together do not retry together.
+fn jitter(delay: Duration) -> Duration {
+    use rand::Rng;
+    delay.mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
+}
+
 /// Renders an SDK error with its service code, without request details.
 fn describe<E, R>(e: &aws_sdk_kinesis::error::SdkError<E, R>) -> String
 where
@@ -380,7 +386,7 @@ impl ShardReader {
                     Ok(it) => it,
                     Err(e) => {
                         tracing::warn!(shard_id = %self.shard_id, error = %e, "retrying");
-                        if shutdown.sleep(fault_backoff).await.is_err() {
+                        if shutdown.sleep(jitter(fault_backoff)).await.is_err() {
                             return Ok(None);
                         }
                         fault_backoff = (fault_backoff * 2).min(MAX_FAULT_BACKOFF);
@@ -408,7 +414,7 @@ impl ShardReader {
                         }
                         Fault::Transient => {
                             tracing::warn!(shard_id = %self.shard_id, error = %message, "GetRecords failed; retrying");
-                            if shutdown.sleep(fault_backoff).await.is_err() {
+                            if shutdown.sleep(jitter(fault_backoff)).await.is_err() {
                                 return Ok(None);
                             }
                             fault_backoff = (fault_backoff * 2).min(MAX_FAULT_BACKOFF);

@@ -12,4 +12,5 @@ mod pipeline;
 mod preview;
 mod resharding;
 mod rules;
+mod source;
 mod support;

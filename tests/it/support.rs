@@ -580,3 +580,147 @@ pub async fn split_in_half(client: &Client, stream: &str, shard: &str) {
         .await
         .unwrap();
 }
+
+/// A fault the proxy injects instead of forwarding a call.
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    /// 400 ProvisionedThroughputExceededException.
+    Throttle,
+    /// 500 InternalFailure.
+    ServerError,
+    /// 400 ExpiredIteratorException.
+    ExpiredIterator,
+    /// Forwarded, but answered this late.
+    Slow(Duration),
+}
+
+type Schedule = dyn Fn(&str, usize) -> Option<Fault> + Send + Sync;
+
+/// A proxy between the daemon and kinesalite that injects what the emulator never does:
+/// throttling, 500s, expired iterators and slow answers. `schedule(operation, n)` picks the
+/// fault for the n-th call (from 0) of an operation such as `GetRecords`.
+pub struct FaultProxy {
+    pub endpoint: String,
+    injected: Arc<Mutex<Vec<(String, Fault)>>>,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+impl FaultProxy {
+    pub async fn start(
+        upstream: &str,
+        schedule: impl Fn(&str, usize) -> Option<Fault> + Send + Sync + 'static,
+    ) -> Self {
+        let schedule: Arc<Schedule> = Arc::new(schedule);
+        let calls: Arc<Mutex<std::collections::HashMap<String, usize>>> = Arc::default();
+        let injected: Arc<Mutex<Vec<(String, Fault)>>> = Arc::default();
+        let client = reqwest::Client::new();
+        let upstream = upstream.to_owned();
+        let log = injected.clone();
+        let app = axum::Router::new().fallback(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let (schedule, calls, log, client, upstream) = (
+                    schedule.clone(),
+                    calls.clone(),
+                    log.clone(),
+                    client.clone(),
+                    upstream.clone(),
+                );
+                async move {
+                    let target = headers
+                        .get("x-amz-target")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    let operation = target.rsplit('.').next().unwrap_or("").to_owned();
+                    let n = {
+                        let mut calls = calls.lock().unwrap();
+                        let n = calls.entry(operation.clone()).or_default();
+                        *n += 1;
+                        *n - 1
+                    };
+                    let fault = schedule(&operation, n);
+                    if let Some(fault) = fault {
+                        log.lock().unwrap().push((operation.clone(), fault));
+                    }
+                    let error = |status: u16, kind: &str| {
+                        axum::http::Response::builder()
+                            .status(status)
+                            .header("content-type", "application/x-amz-json-1.1")
+                            .body(axum::body::Body::from(format!(
+                                r#"{{"__type":"{kind}","message":"injected by the test proxy"}}"#
+                            )))
+                            .unwrap()
+                    };
+                    match fault {
+                        Some(Fault::Throttle) => {
+                            return error(400, "ProvisionedThroughputExceededException")
+                        }
+                        Some(Fault::ServerError) => return error(500, "InternalFailure"),
+                        Some(Fault::ExpiredIterator) => {
+                            return error(400, "ExpiredIteratorException")
+                        }
+                        Some(Fault::Slow(delay)) => tokio::time::sleep(delay).await,
+                        None => {}
+                    }
+                    let mut request = client.post(&upstream).body(body);
+                    for (name, value) in &headers {
+                        if name != "host" && name != "content-length" {
+                            request = request.header(name, value);
+                        }
+                    }
+                    let response = request.send().await.unwrap();
+                    let status = response.status().as_u16();
+                    let content_type = response.headers().get("content-type").cloned();
+                    let bytes = response.bytes().await.unwrap();
+                    let mut reply = axum::http::Response::builder().status(status);
+                    if let Some(content_type) = content_type {
+                        reply = reply.header("content-type", content_type);
+                    }
+                    reply.body(axum::body::Body::from(bytes)).unwrap()
+                }
+            },
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        FaultProxy {
+            endpoint,
+            injected,
+            _server: server,
+        }
+    }
+
+    /// The faults injected so far, by operation.
+    pub fn injected(&self) -> Vec<(String, Fault)> {
+        self.injected.lock().unwrap().clone()
+    }
+}
+
+/// A partition key for each open shard of the stream, in shard order (Kinesis routes a
+/// record by the MD5 of its key, as a 128-bit number, into a shard's hash key range).
+pub async fn shard_keys(client: &Client, stream: &str) -> Vec<String> {
+    use md5::{Digest, Md5};
+    let out = client
+        .list_shards()
+        .stream_name(stream)
+        .send()
+        .await
+        .unwrap();
+    out.shards()
+        .iter()
+        .map(|shard| {
+            let range = shard.hash_key_range().unwrap();
+            let low: u128 = range.starting_hash_key().parse().unwrap();
+            let high: u128 = range.ending_hash_key().parse().unwrap();
+            (0..)
+                .map(|i| format!("key-{i}"))
+                .find(|key| {
+                    let hash = u128::from_be_bytes(Md5::digest(key.as_bytes()).into());
+                    (low..=high).contains(&hash)
+                })
+                .unwrap()
+        })
+        .collect()
+}

@@ -1,0 +1,143 @@
+//! The source under faults the emulator never produces, and across merges.
+
+use std::time::Duration;
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_500s_expired_iterators_and_slow_answers_lose_nothing() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 2).await;
+    // Faults on a schedule: more than the SDK's own retries absorb, so the daemon's
+    // recovery is what keeps every record.
+    // Runs of throttling longer than the SDK's three attempts, whichever shard's calls
+    // interleave with the other's.
+    let proxy = FaultProxy::start(&kinesis.endpoint, |operation, n| {
+        match (operation, n % 12) {
+            ("GetRecords", 1..=6) => Some(Fault::Throttle),
+            ("GetRecords", 7) => Some(Fault::ExpiredIterator),
+            ("GetRecords", 8 | 9) => Some(Fault::ServerError),
+            ("GetRecords", 10) => Some(Fault::Slow(Duration::from_millis(400))),
+            ("GetShardIterator", n) if n % 4 == 1 => Some(Fault::ServerError),
+            _ => None,
+        }
+    })
+    .await;
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&proxy.endpoint, "events", &backend.url);
+    let daemon = ws.start_daemon(&[]);
+    // Records arrive in waves while the faults go on.
+    let records = traffic(1_500, 30, 0);
+    for wave in records.chunks(300) {
+        put(&client, "events", wave).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let unique = |b: &Backend| {
+        b.received()
+            .iter()
+            .map(|r| r.path.clone())
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    };
+    wait_until(Duration::from_secs(120), "30 requests", || {
+        unique(&backend) >= 30
+    })
+    .await;
+    let log = daemon.stderr();
+    assert!(daemon.stop().success());
+    assert_eq!(backend.count(), 30, "a request was sent twice");
+    let injected = proxy.injected();
+    for kind in ["Throttle", "ExpiredIterator", "ServerError", "Slow"] {
+        assert!(
+            injected
+                .iter()
+                .any(|(_, f)| format!("{f:?}").starts_with(kind)),
+            "no {kind} injected"
+        );
+    }
+    assert!(
+        log.contains("shard iterator expired; resuming from the last record read"),
+        "{log}"
+    );
+    assert!(log.contains("GetRecords failed; retrying"), "{log}");
+    assert!(ws.dead_letters().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_keeps_key_order_and_a_restart_mid_lineage_resumes() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 2).await;
+    // Two keys, one per parent shard (kinesalite routes by the MD5 of the key).
+    let keys = shard_keys(&client, "events").await;
+    let backend = Backend::with_behaviour(Duration::from_millis(20), |_, _| 200).await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    let wave = |from: usize, to: usize| -> Vec<(String, Vec<u8>)> {
+        (from..to)
+            .flat_map(|n| {
+                keys.iter().enumerate().map(move |(k, key)| {
+                    let user = format!("k{k}-{n}");
+                    (key.clone(), deletion(&user, &user).to_string().into_bytes())
+                })
+            })
+            .collect()
+    };
+    put(&client, "events", &wave(0, 40)).await;
+    let daemon = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(30), "a first call", || {
+        backend.count() >= 5
+    })
+    .await;
+    client
+        .merge_shards()
+        .stream_name("events")
+        .shard_to_merge("shardId-000000000000")
+        .adjacent_shard_to_merge("shardId-000000000001")
+        .send()
+        .await
+        .unwrap();
+    wait_active(&client, "events").await;
+    put(&client, "events", &wave(40, 80)).await;
+    // Stop while the parents may still be draining, and start again.
+    wait_until(Duration::from_secs(60), "half", || backend.count() >= 80).await;
+    assert!(daemon.stop().success());
+    let daemon = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(60), "all 160", || {
+        backend.count() >= 160
+    })
+    .await;
+    assert!(daemon.stop().success());
+
+    let received = backend.received();
+    assert_eq!(received.len(), 160, "lost or repeated requests");
+    for k in 0..2 {
+        let order: Vec<usize> = received
+            .iter()
+            .filter_map(|r| {
+                let user = r
+                    .path
+                    .trim_start_matches("/v1/users/")
+                    .trim_end_matches("/anonymize");
+                user.strip_prefix(&format!("k{k}-"))
+                    .map(|n| n.parse().unwrap())
+            })
+            .collect();
+        assert_eq!(order, (0..80).collect::<Vec<_>>(), "key {k} out of order");
+    }
+    let (_, out, _) = ws.run(&[
+        "checkpoints",
+        "list",
+        "--config",
+        ws.config().to_str().unwrap(),
+    ]);
+    let checkpoints = json_lines(&out);
+    assert_eq!(
+        checkpoints
+            .iter()
+            .filter(|c| c["shard_end"] == true)
+            .count(),
+        2,
+        "{out}"
+    );
+}

@@ -141,3 +141,95 @@ async fn a_merge_keeps_key_order_and_a_restart_mid_lineage_resumes() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_positions_apply_to_shards_without_a_checkpoint() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    let request = |user: &str| {
+        (
+            "k".to_owned(),
+            deletion(user, user).to_string().into_bytes(),
+        )
+    };
+    put(&client, "events", &[request("early-user")]).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let between = gdpr_consumer::clock::rfc3339(gdpr_consumer::clock::now_ms() as i64);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    put(&client, "events", &[request("late-user")]).await;
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    let config = ws.config();
+    let config = config.to_str().unwrap();
+    let keys = |args: &[&str]| -> Vec<String> {
+        let (code, out, err) = ws.run(args);
+        assert_eq!(code, 0, "{err}");
+        json_lines(&out)
+            .iter()
+            .filter(|l| l["type"] == "action")
+            .map(|l| l["key"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let dry = ["run", "--config", config, "--dry-run", "--output", "json"];
+    assert_eq!(
+        keys(&dry),
+        ["early-user", "late-user"],
+        "trim-horizon is the dry-run default"
+    );
+    assert_eq!(
+        keys(&[&dry[..], &["--from", &between]].concat()),
+        ["late-user"]
+    );
+    assert!(keys(&[&dry[..], &["--from", "latest"]].concat()).is_empty());
+
+    // The daemon with `start = "latest"` sees only what comes after it starts...
+    let text = std::fs::read_to_string(ws.config())
+        .unwrap()
+        .replace("start = \"trim-horizon\"", "start = \"latest\"");
+    std::fs::write(ws.config(), text).unwrap();
+    let daemon = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(30), "caught up", || {
+        caught_up_count(&daemon.stderr()) >= 1
+    })
+    .await;
+    put(&client, "events", &[request("after-start-user")]).await;
+    wait_until(Duration::from_secs(30), "the new request", || {
+        backend.count() >= 1
+    })
+    .await;
+    assert!(daemon.stop().success());
+    // ...and, once it has a checkpoint, resumes there whatever `start` says.
+    put(&client, "events", &[request("while-stopped-user")]).await;
+    let daemon = ws.start_daemon(&["--from", "latest"]);
+    wait_until(
+        Duration::from_secs(30),
+        "the request written while stopped",
+        || backend.count() >= 2,
+    )
+    .await;
+    assert!(daemon.stop().success());
+    let paths: Vec<String> = backend.received().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/v1/users/after-start-user/anonymize",
+            "/v1/users/while-stopped-user/anonymize"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_stream_is_a_clear_fatal_error() {
+    let kinesis = Kinesalite::start();
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&kinesis.endpoint, "no-such-stream", &backend.url);
+    let config = ws.config();
+    let (code, _, err) =
+        tokio::task::block_in_place(|| ws.run(&["run", "--config", config.to_str().unwrap()]));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("stream no-such-stream") && err.contains("ResourceNotFoundException"),
+        "{err}"
+    );
+}

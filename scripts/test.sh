@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Every test: installs the pinned Kinesis emulator (kinesalite, from npm, per its lockfile),
-# then runs the unit and integration tests. The tests start kinesalite and a backend
+# Every test: installs the pinned Kinesis emulators (kinesalite, and kinesis-mock for the
+# lineage tests it adds, from npm, per their lockfiles), then runs the unit and integration
+# tests. The tests start kinesalite and a backend
 # themselves, on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 npm ci --prefix tools/kinesalite --no-audit --no-fund --loglevel=error
+npm ci --prefix tools/kinesis-mock --no-audit --no-fund --loglevel=error
 cargo test --all-targets
 # The demo checks its own report against the data it wrote.
 bash scripts/demo.sh | tail -n 9

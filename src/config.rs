@@ -98,6 +98,8 @@ pub struct StreamSection {
     pub shard_sync_interval_ms: Option<u64>,
     /// Alarm when a shard's unread records come this close to the stream's retention.
     pub retention_margin_ms: Option<u64>,
+    /// Shards per ListShards page (Kinesis allows 1 to 10,000; its default is 1,000).
+    pub list_shards_page_size: Option<i32>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -187,6 +189,7 @@ pub struct StreamSettings {
     pub poll_interval: Duration,
     pub shard_sync_interval: Duration,
     pub retention_margin: Duration,
+    pub list_shards_page_size: Option<i32>,
 }
 
 impl FileConfig {
@@ -417,6 +420,14 @@ fn resolve_stream(
         retention_margin: Duration::from_millis(
             section.retention_margin_ms.unwrap_or(6 * 3600 * 1000),
         ),
+        list_shards_page_size: match section.list_shards_page_size {
+            Some(size) if !(1..=10_000).contains(&size) => {
+                return Err(ConfigError::Invalid(format!(
+                    "[stream] list_shards_page_size: {size} is not between 1 and 10000"
+                )))
+            }
+            size => size,
+        },
     })
 }
 
@@ -551,6 +562,7 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
                 poll_interval_ms: Some(1),
                 shard_sync_interval_ms: Some(1),
                 retention_margin_ms: Some(1),
+                list_shards_page_size: Some(1),
             },
             state: StateSection {
                 path: Some("p".into()),

@@ -135,6 +135,7 @@ pub struct Batch {
 pub struct KinesisSource {
     client: Client,
     stream: String,
+    page_size: Option<i32>,
 }
 
 impl KinesisSource {
@@ -175,6 +176,7 @@ impl KinesisSource {
         KinesisSource {
             client: Client::from_conf(builder.build()),
             stream: settings.name.clone(),
+            page_size: settings.list_shards_page_size,
         }
     }
 
@@ -195,7 +197,8 @@ impl KinesisSource {
             let request = match &next_token {
                 Some(token) => self.client.list_shards().next_token(token),
                 None => self.client.list_shards().stream_name(&self.stream),
-            };
+            }
+            .set_max_results(self.page_size);
             let output = request.send().await.map_err(|e| err(describe(&e)))?;
             for shard in output.shards() {
                 shards.push(ShardInfo {

@@ -233,3 +233,82 @@ async fn a_missing_stream_is_a_clear_fatal_error() {
         "{err}"
     );
 }
+
+/// The lineage suite on the second implementation of the Kinesis API: ListShards read page
+/// by page, and UpdateShardCount (which kinesalite lacks) while records keep coming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kinesis_mock_pages_and_update_shard_count_lose_nothing() {
+    let kinesis = KinesisMock::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 2).await;
+    let keys = shard_keys(&client, "events").await;
+    let backend = Backend::with_behaviour(Duration::from_millis(20), |_, _| 200).await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    let config = std::fs::read_to_string(ws.config())
+        .unwrap()
+        .replace("[stream]\n", "[stream]\nlist_shards_page_size = 1\n");
+    std::fs::write(ws.config(), config).unwrap();
+    let wave = |from: usize, to: usize| -> Vec<(String, Vec<u8>)> {
+        (from..to)
+            .flat_map(|n| {
+                keys.iter().enumerate().map(move |(k, key)| {
+                    let user = format!("k{k}-{n}");
+                    (key.clone(), deletion(&user, &user).to_string().into_bytes())
+                })
+            })
+            .collect()
+    };
+    put(&client, "events", &wave(0, 15)).await;
+    let daemon = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(60), "a first call", || {
+        backend.count() >= 3
+    })
+    .await;
+    client
+        .update_shard_count()
+        .stream_name("events")
+        .target_shard_count(4)
+        .scaling_type(aws_sdk_kinesis::types::ScalingType::UniformScaling)
+        .send()
+        .await
+        .unwrap();
+    wait_active(&client, "events").await;
+    put(&client, "events", &wave(15, 30)).await;
+    wait_until(Duration::from_secs(120), "all 60", || backend.count() >= 60).await;
+    let log = daemon.stderr();
+    assert!(daemon.stop().success());
+
+    let received = backend.received();
+    assert_eq!(received.len(), 60, "lost or repeated requests");
+    for k in 0..2 {
+        let order: Vec<usize> = received
+            .iter()
+            .filter_map(|r| {
+                let user = r
+                    .path
+                    .trim_start_matches("/v1/users/")
+                    .trim_end_matches("/anonymize");
+                user.strip_prefix(&format!("k{k}-"))
+                    .map(|n| n.parse().unwrap())
+            })
+            .collect();
+        assert_eq!(order, (0..30).collect::<Vec<_>>(), "key {k} out of order");
+    }
+    // Six shards listed one per page: the two parents and their four children.
+    let started = log.matches("starting shard").count();
+    assert!(started >= 4, "{log}");
+    let (_, out, _) = ws.run(&[
+        "checkpoints",
+        "list",
+        "--config",
+        ws.config().to_str().unwrap(),
+    ]);
+    assert_eq!(
+        json_lines(&out)
+            .iter()
+            .filter(|c| c["shard_end"] == true)
+            .count(),
+        2,
+        "{out}"
+    );
+}

@@ -62,13 +62,95 @@ impl Kinesalite {
     }
 
     pub fn client(&self) -> Client {
-        let conf = aws_sdk_kinesis::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .region(Region::new("us-east-1"))
-            .endpoint_url(&self.endpoint)
-            .credentials_provider(Credentials::new("AKIDTEST", "secret", None, None, "test"))
-            .build();
-        Client::from_conf(conf)
+        client_for(&self.endpoint)
+    }
+}
+
+/// A test client for a local Kinesis endpoint.
+pub fn client_for(endpoint: &str) -> Client {
+    let conf = aws_sdk_kinesis::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(Credentials::new("AKIDTEST", "secret", None, None, "test"))
+        .build();
+    Client::from_conf(conf)
+}
+
+/// kinesis-mock (npm `kinesis-local`, pinned in tools/kinesis-mock), the second
+/// implementation of the Kinesis API: real ListShards pagination and UpdateShardCount.
+/// Slow as its streams grow, so tests give it little data. Killed on drop.
+pub struct KinesisMock {
+    child: Child,
+    pub endpoint: String,
+}
+
+impl KinesisMock {
+    pub fn start() -> Self {
+        let dir = repo().join("tools/kinesis-mock/node_modules/kinesis-local");
+        assert!(
+            dir.exists(),
+            "kinesis-mock is not installed: run `npm ci --prefix tools/kinesis-mock` (scripts/test.sh does)"
+        );
+        let free_port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let (plain, tls) = (free_port(), free_port());
+        let mut command = Command::new("node");
+        command
+            .arg(dir.join("main.js"))
+            .current_dir(&dir)
+            .env("KINESIS_MOCK_CERT_PATH", dir.join("server.json"))
+            .env("KINESIS_MOCK_PLAIN_PORT", plain.to_string())
+            .env("KINESIS_MOCK_TLS_PORT", tls.to_string())
+            .env("SHARD_LIMIT", "1000")
+            .env("LOG_LEVEL", "ERROR")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for duration in [
+            "CREATE_STREAM",
+            "DELETE_STREAM",
+            "SPLIT_SHARD",
+            "MERGE_SHARDS",
+            "UPDATE_SHARD_COUNT",
+        ] {
+            command.env(format!("{duration}_DURATION"), "0ms");
+        }
+        let child = command.spawn().expect("start node (is Node.js installed?)");
+        let mock = KinesisMock {
+            child,
+            endpoint: format!("http://127.0.0.1:{plain}"),
+        };
+        // Ready when /healthcheck answers.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            use std::io::{Read, Write};
+            if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", plain)) {
+                let _ = stream.write_all(b"GET /healthcheck HTTP/1.0\r\n\r\n");
+                let mut answer = String::new();
+                let _ = stream.read_to_string(&mut answer);
+                if answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200") {
+                    return mock;
+                }
+            }
+            assert!(Instant::now() < deadline, "kinesis-mock did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        client_for(&self.endpoint)
+    }
+}
+
+impl Drop for KinesisMock {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -216,71 +216,94 @@ pub fn aggregate(records: &[(&str, &[u8])]) -> Vec<u8> {
     out
 }
 
-/// Decodes one record read from a shard into the logical records it carries.
-pub fn decode(stream: &str, shard_id: &str, raw: &RawRecord) -> Result<Vec<Record>, DecodeError> {
-    let fail = |reason: String| DecodeError {
-        shard_id: shard_id.to_owned(),
-        sequence_number: raw.sequence_number.clone(),
-        reason,
+/// A record that cannot be decoded, given back whole (it is dead-lettered as it came).
+#[derive(Debug)]
+pub struct Undecodable {
+    pub error: DecodeError,
+    pub raw: RawRecord,
+}
+
+/// Decodes one record read from a shard into the logical records it carries. Payloads move
+/// on without a copy unless they are inflated.
+pub fn decode(stream: &str, shard_id: &str, raw: RawRecord) -> Result<Vec<Record>, Undecodable> {
+    let fail = |raw: RawRecord, reason: String| Undecodable {
+        error: DecodeError {
+            shard_id: shard_id.to_owned(),
+            sequence_number: raw.sequence_number.clone(),
+            reason,
+        },
+        raw,
     };
-    let record = |sub_sequence_number: u64,
-                  partition_key: &str,
-                  data: &[u8]|
-     -> Result<Record, DecodeError> {
-        Ok(Record {
+    let record =
+        |raw: &RawRecord, sub_sequence_number: u64, partition_key: String, bytes: Vec<u8>| Record {
             stream: stream.to_owned(),
             shard_id: shard_id.to_owned(),
             sequence_number: raw.sequence_number.clone(),
             sub_sequence_number,
-            partition_key: partition_key.to_owned(),
+            partition_key,
             arrival_time: rfc3339(raw.arrival_time_millis),
-            bytes: inflate(data).map_err(&fail)?,
-        })
+            bytes,
+        };
+    if !raw.data.starts_with(&KPL_MAGIC) {
+        return match inflate(&raw.data) {
+            Ok(inflated) => {
+                let mut raw = raw;
+                let bytes = inflated.unwrap_or_else(|| std::mem::take(&mut raw.data));
+                let key = std::mem::take(&mut raw.partition_key);
+                Ok(vec![record(&raw, 0, key, bytes)])
+            }
+            Err(reason) => Err(fail(raw, reason)),
+        };
+    }
+    let aggregate = match de_aggregate(&raw.data[KPL_MAGIC.len()..]) {
+        Ok(aggregate) => aggregate,
+        Err(reason) => return Err(fail(raw, format!("malformed KPL aggregate: {reason}"))),
     };
-    let Some(body) = raw.data.strip_prefix(&KPL_MAGIC) else {
-        return Ok(vec![record(0, &raw.partition_key, &raw.data)?]);
-    };
+    let mut records = Vec::with_capacity(aggregate.records.len());
+    for (index, sub) in aggregate.records.into_iter().enumerate() {
+        let Some(key) = aggregate
+            .partition_key_table
+            .get(sub.partition_key_index as usize)
+        else {
+            let reason = format!(
+                "malformed KPL aggregate: sub-record {index} names partition key {} of {}",
+                sub.partition_key_index,
+                aggregate.partition_key_table.len()
+            );
+            return Err(fail(raw, reason));
+        };
+        let bytes = match inflate(&sub.data) {
+            Ok(inflated) => inflated.unwrap_or(sub.data),
+            Err(reason) => return Err(fail(raw, reason)),
+        };
+        records.push(record(&raw, index as u64, key.clone(), bytes));
+    }
+    Ok(records)
+}
+
+/// Checks an aggregate's MD5 and parses its protobuf.
+fn de_aggregate(body: &[u8]) -> Result<AggregatedRecord, String> {
     if body.len() < 16 {
-        return Err(fail(
-            "malformed KPL aggregate: too short for its MD5".into(),
-        ));
+        return Err("too short for its MD5".into());
     }
     let (message, digest) = body.split_at(body.len() - 16);
     if Md5::digest(message).as_slice() != digest {
-        return Err(fail("malformed KPL aggregate: MD5 mismatch".into()));
+        return Err("MD5 mismatch".into());
     }
-    let aggregate = AggregatedRecord::decode(message)
-        .map_err(|e| fail(format!("malformed KPL aggregate: {e}")))?;
-    aggregate
-        .records
-        .iter()
-        .enumerate()
-        .map(|(index, sub)| {
-            let key = aggregate
-                .partition_key_table
-                .get(sub.partition_key_index as usize)
-                .ok_or_else(|| {
-                    fail(format!(
-                        "malformed KPL aggregate: sub-record {index} names partition key {} of {}",
-                        sub.partition_key_index,
-                        aggregate.partition_key_table.len()
-                    ))
-                })?;
-            record(index as u64, key, &sub.data)
-        })
-        .collect()
+    AggregatedRecord::decode(message).map_err(|e| e.to_string())
 }
 
-/// Inflates a gzip or zlib payload (told by its magic bytes), up to [`MAX_INFLATED`]. A
-/// payload that only looks compressed (plain text starting `x^`) is kept as it is.
-fn inflate(data: &[u8]) -> Result<Vec<u8>, String> {
+/// Inflates a gzip or zlib payload (told by its magic bytes), up to [`MAX_INFLATED`];
+/// `None` when it is not compressed. A payload that only looks compressed (plain text
+/// starting `x^`) is taken as not compressed.
+fn inflate(data: &[u8]) -> Result<Option<Vec<u8>>, String> {
     let gzip = data.starts_with(&[0x1f, 0x8b]);
     let zlib = data.len() >= 2
         && data[0] & 0x0f == 8
         && data[0] >> 4 <= 7
         && (u16::from(data[0]) << 8 | u16::from(data[1])) % 31 == 0;
     if !gzip && !zlib {
-        return Ok(data.to_vec());
+        return Ok(None);
     }
     let reader: Box<dyn Read> = if gzip {
         Box::new(flate2::read::MultiGzDecoder::new(data))
@@ -294,8 +317,8 @@ fn inflate(data: &[u8]) -> Result<Vec<u8>, String> {
             if gzip { "gzip" } else { "zlib" },
             MAX_INFLATED >> 20
         )),
-        Ok(_) => Ok(out),
-        Err(_) => Ok(data.to_vec()),
+        Ok(_) => Ok(Some(out)),
+        Err(_) => Ok(None),
     }
 }
 
@@ -346,10 +369,10 @@ mod tests {
                 arrival_time_millis: 0,
                 data,
             };
-            let decoded = decode("s", case["shard_id"].as_str().unwrap(), &raw);
+            let decoded = decode("s", case["shard_id"].as_str().unwrap(), raw.clone());
             let Some(expect) = case["expect"].as_array() else {
                 // A damaged aggregate: an error (the pipeline dead-letters it), not silence.
-                let err = decoded.unwrap_err();
+                let err = decoded.unwrap_err().error;
                 assert!(err.to_string().contains("MD5"), "{}: {err}", case["name"]);
                 continue;
             };
@@ -376,10 +399,10 @@ mod tests {
     #[test]
     fn malformed_aggregates_are_errors_not_silence() {
         let mut good = aggregate(&[("a", b"one"), ("b", b"two")]);
-        assert_eq!(decode("s", "sh", &raw(good.clone())).unwrap().len(), 2);
+        assert_eq!(decode("s", "sh", raw(good.clone())).unwrap().len(), 2);
         let last = good.len() - 1;
         good[last] ^= 1;
-        let err = decode("s", "sh", &raw(good)).unwrap_err();
+        let err = decode("s", "sh", raw(good)).unwrap_err().error;
         assert!(
             err.to_string().contains("MD5") && err.to_string().contains("sequence number 7"),
             "{err}"
@@ -399,8 +422,9 @@ mod tests {
         let mut bad = KPL_MAGIC.to_vec();
         bad.extend(&body);
         bad.extend(Md5::digest(&body));
-        assert!(decode("s", "sh", &raw(bad))
+        assert!(decode("s", "sh", raw(bad))
             .unwrap_err()
+            .error
             .to_string()
             .contains("partition key 3"));
     }
@@ -411,16 +435,16 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         gz.write_all(json).unwrap();
         let gz = gz.finish().unwrap();
-        assert_eq!(decode("s", "sh", &raw(gz)).unwrap()[0].bytes, json);
+        assert_eq!(decode("s", "sh", raw(gz)).unwrap()[0].bytes, json);
         let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
         z.write_all(json).unwrap();
         assert_eq!(
-            decode("s", "sh", &raw(z.finish().unwrap())).unwrap()[0].bytes,
+            decode("s", "sh", raw(z.finish().unwrap())).unwrap()[0].bytes,
             json
         );
         // Text that merely starts like a zlib header stays as it is.
         assert_eq!(
-            decode("s", "sh", &raw(b"x^2 + y".to_vec())).unwrap()[0].bytes,
+            decode("s", "sh", raw(b"x^2 + y".to_vec())).unwrap()[0].bytes,
             b"x^2 + y"
         );
         // 64 MiB of zeros in a few dozen KiB.
@@ -430,8 +454,9 @@ mod tests {
         }
         let bomb = bomb.finish().unwrap();
         assert!(bomb.len() < 1 << 20);
-        assert!(decode("s", "sh", &raw(bomb))
+        assert!(decode("s", "sh", raw(bomb))
             .unwrap_err()
+            .error
             .to_string()
             .contains("decompression bomb"));
     }
@@ -444,14 +469,14 @@ mod tests {
         fn decoding_arbitrary_bytes_never_panics(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512), kpl in proptest::prelude::any::<bool>()) {
             let mut bytes = if kpl { KPL_MAGIC.to_vec() } else { Vec::new() };
             bytes.extend(data);
-            let _ = decode("s", "sh", &raw(bytes));
+            let _ = decode("s", "sh", raw(bytes));
         }
 
         /// Any list of sub-records survives aggregation and de-aggregation, in order.
         #[test]
         fn aggregates_round_trip(subs in proptest::collection::vec(("[a-z]{1,4}", proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)), 1..20)) {
             let input: Vec<(&str, &[u8])> = subs.iter().map(|(k, d)| (k.as_str(), d.as_slice())).collect();
-            let records = decode("s", "sh", &raw(aggregate(&input))).unwrap();
+            let records = decode("s", "sh", raw(aggregate(&input))).unwrap();
             proptest::prop_assert_eq!(records.len(), subs.len());
             for (i, (record, (key, _))) in records.iter().zip(&subs).enumerate() {
                 proptest::prop_assert_eq!(record.sub_sequence_number, i as u64);

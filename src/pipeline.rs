@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::actions::{ActionSet, Outcome};
 use crate::clock::now_ms;
-use crate::decode::{self, DecodeError, Record};
+use crate::decode::{self, Record, Undecodable};
 use crate::keys::{KeyError, Keys};
 use crate::preview::Preview;
 use crate::rules::reload::Rules;
@@ -214,12 +214,13 @@ impl Pipeline {
             let mut interrupted = false;
             self.telemetry
                 .shard_lag(shard_id, batch.millis_behind_latest);
-            'records: for raw in &batch.records {
+            'records: for raw in batch.records {
                 self.telemetry.record_read(shard_id, raw.data.len());
+                let sequence_number = raw.sequence_number.clone();
                 let records = match decode::decode(&self.stream, shard_id, raw) {
                     Ok(records) => records,
-                    Err(error) => {
-                        self.decode_failed(raw, shard_id, error, &mut pending);
+                    Err(undecodable) => {
+                        self.decode_failed(undecodable, shard_id, &mut pending);
                         Vec::new()
                     }
                 };
@@ -246,7 +247,7 @@ impl Pipeline {
                     }
                 }
                 skip = None;
-                settled = Some(Checkpoint::at(raw.sequence_number.clone()));
+                settled = Some(Checkpoint::at(sequence_number));
                 if self.shutdown.is_triggered() {
                     interrupted = true;
                     break;
@@ -334,13 +335,8 @@ impl Pipeline {
 
     /// A record that cannot be decoded (a malformed KPL aggregate, a decompression bomb) is
     /// dead-lettered as it came, sealed: never skipped.
-    fn decode_failed(
-        &self,
-        raw: &RawRecord,
-        shard_id: &str,
-        error: DecodeError,
-        pending: &mut Pending,
-    ) {
+    fn decode_failed(&self, undecodable: Undecodable, shard_id: &str, pending: &mut Pending) {
+        let Undecodable { error, raw } = undecodable;
         tracing::warn!(event = "decode_error", shard_id, sequence_number = %raw.sequence_number, error = %error.reason, "record cannot be decoded; dead-lettering it");
         let Sink::Live { keys, .. } = &self.sink else {
             return;
@@ -581,7 +577,7 @@ impl Pipeline {
                     arrival_time_millis: 0,
                     data: hex::decode(sealed.payload_hex).unwrap_or_default(),
                 };
-                match decode::decode(&letter.stream, &letter.shard_id, &raw) {
+                match decode::decode(&letter.stream, &letter.shard_id, raw) {
                     Ok(records) => {
                         let mut settled = Settled::Yes;
                         for record in records {
@@ -596,7 +592,7 @@ impl Pipeline {
                         }
                         settled
                     }
-                    Err(error) => return Ok(Retried::StillFailing(error.reason)),
+                    Err(undecodable) => return Ok(Retried::StillFailing(undecodable.error.reason)),
                 }
             }
         };

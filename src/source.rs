@@ -433,27 +433,28 @@ impl ShardReader {
                     continue;
                 }
             };
+            // Owned: payloads (up to 10 MiB each) move on without a copy.
             let records: Vec<RawRecord> = output
-                .records()
-                .iter()
+                .records
+                .into_iter()
                 .map(|r| RawRecord {
-                    sequence_number: r.sequence_number().to_owned(),
-                    partition_key: r.partition_key().unwrap_or_default().to_owned(),
                     arrival_time_millis: r
-                        .approximate_arrival_timestamp()
+                        .approximate_arrival_timestamp
                         .and_then(|t| t.to_millis().ok())
                         .unwrap_or(0),
-                    data: r.data().as_ref().to_vec(),
+                    sequence_number: r.sequence_number,
+                    partition_key: r.partition_key.unwrap_or_default(),
+                    data: r.data.into_inner(),
                 })
                 .collect();
             if let Some(last) = records.last() {
                 self.position = Position::After(last.sequence_number.clone());
             }
-            self.iterator = output.next_shard_iterator().map(str::to_owned);
+            self.iterator = output.next_shard_iterator;
             self.last_batch_empty = records.is_empty();
             return Ok(Some(Batch {
                 records,
-                millis_behind_latest: output.millis_behind_latest(),
+                millis_behind_latest: output.millis_behind_latest,
                 shard_end: self.iterator.is_none(),
             }));
         }

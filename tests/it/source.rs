@@ -312,3 +312,64 @@ async fn on_kinesis_mock_pages_and_update_shard_count_lose_nothing() {
         "{out}"
     );
 }
+
+/// Kinesis now takes records of up to 10 MiB; kinesalite refuses more than 1 MiB, so the
+/// proxy swaps a small record for a 10 MiB one on its way to the daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_10_mib_record_is_handled() {
+    use base64::Engine as _;
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    let mut big = deletion("r-big", "big-user");
+    big["padding"] = serde_json::json!("SWAP-ME");
+    put(
+        &client,
+        "events",
+        &[
+            ("k".to_owned(), big.to_string().into_bytes()),
+            (
+                "k".to_owned(),
+                deletion("r-after", "after-user").to_string().into_bytes(),
+            ),
+        ],
+    )
+    .await;
+    let proxy = FaultProxy::with_rewrite(
+        &kinesis.endpoint,
+        |_, _| None,
+        |operation, answer| {
+            if operation != "GetRecords" {
+                return;
+            }
+            for record in answer["Records"].as_array_mut().into_iter().flatten() {
+                let b64 = base64::engine::general_purpose::STANDARD;
+                let data = b64.decode(record["Data"].as_str().unwrap()).unwrap();
+                let text = String::from_utf8(data).unwrap();
+                if text.contains("SWAP-ME") {
+                    let mut event: serde_json::Value = serde_json::from_str(&text).unwrap();
+                    event["padding"] = serde_json::json!("x".repeat(10 * 1024 * 1024 - 200));
+                    record["Data"] = serde_json::json!(b64.encode(event.to_string()));
+                }
+            }
+        },
+    )
+    .await;
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&proxy.endpoint, "events", &backend.url);
+    let daemon = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(60), "2 requests", || {
+        backend.count() >= 2
+    })
+    .await;
+    assert!(daemon.stop().success());
+    let paths: Vec<String> = backend.received().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/v1/users/big-user/anonymize",
+            "/v1/users/after-user/anonymize"
+        ]
+    );
+    assert!(ws.dead_letters().is_empty());
+}

@@ -677,6 +677,7 @@ pub enum Fault {
 }
 
 type Schedule = dyn Fn(&str, usize) -> Option<Fault> + Send + Sync;
+type Rewrite = dyn Fn(&str, &mut serde_json::Value) + Send + Sync;
 
 /// A proxy between the daemon and kinesalite that injects what the emulator never does:
 /// throttling, 500s, expired iterators and slow answers. `schedule(operation, n)` picks the
@@ -692,7 +693,17 @@ impl FaultProxy {
         upstream: &str,
         schedule: impl Fn(&str, usize) -> Option<Fault> + Send + Sync + 'static,
     ) -> Self {
+        Self::with_rewrite(upstream, schedule, |_, _| {}).await
+    }
+
+    /// Also lets `rewrite(operation, answer)` change each JSON answer passed on.
+    pub async fn with_rewrite(
+        upstream: &str,
+        schedule: impl Fn(&str, usize) -> Option<Fault> + Send + Sync + 'static,
+        rewrite: impl Fn(&str, &mut serde_json::Value) + Send + Sync + 'static,
+    ) -> Self {
         let schedule: Arc<Schedule> = Arc::new(schedule);
+        let rewrite: Arc<Rewrite> = Arc::new(rewrite);
         let calls: Arc<Mutex<std::collections::HashMap<String, usize>>> = Arc::default();
         let injected: Arc<Mutex<Vec<(String, Fault)>>> = Arc::default();
         let client = reqwest::Client::new();
@@ -707,6 +718,7 @@ impl FaultProxy {
                     client.clone(),
                     upstream.clone(),
                 );
+                let rewrite = rewrite.clone();
                 async move {
                     let target = headers
                         .get("x-amz-target")
@@ -753,7 +765,14 @@ impl FaultProxy {
                     let response = request.send().await.unwrap();
                     let status = response.status().as_u16();
                     let content_type = response.headers().get("content-type").cloned();
-                    let bytes = response.bytes().await.unwrap();
+                    let mut bytes = response.bytes().await.unwrap().to_vec();
+                    if status == 200 {
+                        if let Ok(mut answer) = serde_json::from_slice::<serde_json::Value>(&bytes)
+                        {
+                            rewrite(&operation, &mut answer);
+                            bytes = answer.to_string().into_bytes();
+                        }
+                    }
                     let mut reply = axum::http::Response::builder().status(status);
                     if let Some(content_type) = content_type {
                         reply = reply.header("content-type", content_type);

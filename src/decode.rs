@@ -225,14 +225,20 @@ pub struct Undecodable {
 
 /// Decodes one record read from a shard into the logical records it carries. Payloads move
 /// on without a copy unless they are inflated.
-pub fn decode(stream: &str, shard_id: &str, raw: RawRecord) -> Result<Vec<Record>, Undecodable> {
-    let fail = |raw: RawRecord, reason: String| Undecodable {
-        error: DecodeError {
-            shard_id: shard_id.to_owned(),
-            sequence_number: raw.sequence_number.clone(),
-            reason,
-        },
-        raw,
+pub fn decode(
+    stream: &str,
+    shard_id: &str,
+    raw: RawRecord,
+) -> Result<Vec<Record>, Box<Undecodable>> {
+    let fail = |raw: RawRecord, reason: String| {
+        Box::new(Undecodable {
+            error: DecodeError {
+                shard_id: shard_id.to_owned(),
+                sequence_number: raw.sequence_number.clone(),
+                reason,
+            },
+            raw,
+        })
     };
     let record =
         |raw: &RawRecord, sub_sequence_number: u64, partition_key: String, bytes: Vec<u8>| Record {

@@ -220,7 +220,7 @@ impl Pipeline {
                 let records = match decode::decode(&self.stream, shard_id, raw) {
                     Ok(records) => records,
                     Err(undecodable) => {
-                        self.decode_failed(undecodable, shard_id, &mut pending);
+                        self.decode_failed(*undecodable, shard_id, &mut pending);
                         Vec::new()
                     }
                 };

@@ -404,6 +404,7 @@ pub async fn supervise<W: ShardWork>(
         "stream reachable"
     );
     let mut started: HashSet<String> = HashSet::new();
+    let at_start: HashSet<String> = shards.iter().map(|s| s.id.clone()).collect();
     let mut workers: JoinSet<(String, Result<ShardExit, PipelineError>)> = JoinSet::new();
     let mut outcome = Ok(());
 
@@ -412,6 +413,7 @@ pub async fn supervise<W: ShardWork>(
         let ready = ready_shards(
             &shards,
             &started,
+            &at_start,
             |id| match work.checkpoint(id) {
                 Ok(cp) => cp,
                 Err(e) => {

@@ -464,10 +464,14 @@ impl ShardReader {
 /// The shards that may start now, with where each starts.
 ///
 /// A shard is ready when it is not finished, not already started, and every parent the
-/// stream still lists is finished. `checkpoint` gives a shard's stored progress.
+/// stream still lists is finished. `checkpoint` gives a shard's stored progress. A shard
+/// without a checkpoint starts at `start` if it was listed when the run began
+/// (`at_start`); one that appeared since, or continues a lineage, starts at trim-horizon:
+/// every record in it is new.
 pub fn ready_shards(
     shards: &[ShardInfo],
     started: &HashSet<String>,
+    at_start: &HashSet<String>,
     mut checkpoint: impl FnMut(&str) -> Option<Checkpoint>,
     start: &StartPosition,
 ) -> Vec<(ShardInfo, Position)> {
@@ -498,9 +502,10 @@ pub fn ready_shards(
         {
             Some((seq, Some(sub))) => Position::Within(seq, sub),
             Some((seq, None)) => Position::After(seq),
-            // Continuing a lineage we have read: the child from its first record.
-            None if !parents.is_empty() => Position::Start(StartPosition::TrimHorizon),
-            None => Position::Start(start.clone()),
+            None if parents.is_empty() && at_start.contains(&shard.id) => {
+                Position::Start(start.clone())
+            }
+            None => Position::Start(StartPosition::TrimHorizon),
         };
         ready.push((shard.clone(), position));
     }
@@ -536,11 +541,24 @@ mod tests {
         let start = StartPosition::Latest;
         let get = |cps: &HashMap<&str, Checkpoint>, id: &str| cps.get(id).cloned();
 
-        let ready = ready_shards(&shards, &HashSet::new(), |id| get(&cps, id), &start);
+        let at_start: HashSet<String> = ["a", "b", "merged", "c"].map(String::from).into();
+        let ready = ready_shards(
+            &shards,
+            &HashSet::new(),
+            &at_start,
+            |id| get(&cps, id),
+            &start,
+        );
         assert_eq!(ids(&ready), ["a", "b", "c"]);
 
         cps.insert("a", Checkpoint::end(Some("5".into())));
-        let ready = ready_shards(&shards, &HashSet::new(), |id| get(&cps, id), &start);
+        let ready = ready_shards(
+            &shards,
+            &HashSet::new(),
+            &at_start,
+            |id| get(&cps, id),
+            &start,
+        );
         assert_eq!(
             ids(&ready),
             ["b", "c"],
@@ -549,7 +567,13 @@ mod tests {
 
         cps.insert("b", Checkpoint::end(None));
         cps.insert("c", Checkpoint::at("7".into()));
-        let ready = ready_shards(&shards, &HashSet::new(), |id| get(&cps, id), &start);
+        let ready = ready_shards(
+            &shards,
+            &HashSet::new(),
+            &at_start,
+            |id| get(&cps, id),
+            &start,
+        );
         assert_eq!(
             ready,
             vec![
@@ -568,9 +592,25 @@ mod tests {
         let ready = ready_shards(
             &shards,
             &HashSet::new(),
+            &HashSet::new(),
             |_| None,
-            &StartPosition::TrimHorizon,
+            &StartPosition::Latest,
         );
         assert_eq!(ready[0].1, Position::Start(StartPosition::TrimHorizon));
+    }
+
+    #[test]
+    fn a_shard_that_appears_mid_run_starts_at_trim_horizon() {
+        let shards = vec![shard("old", &[], false), shard("new", &[], false)];
+        let at_start: HashSet<String> = ["old".to_owned()].into();
+        let ready = ready_shards(
+            &shards,
+            &HashSet::new(),
+            &at_start,
+            |_| None,
+            &StartPosition::Latest,
+        );
+        assert_eq!(ready[0].1, Position::Start(StartPosition::Latest));
+        assert_eq!(ready[1].1, Position::Start(StartPosition::TrimHorizon));
     }
 }

@@ -67,12 +67,24 @@ async fn throttling_500s_expired_iterators_and_slow_answers_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_merge_keeps_key_order_and_a_restart_mid_lineage_resumes() {
     let kinesis = Kinesalite::start();
-    let client = kinesis.client();
+    merge_keeps_key_order(&kinesis.endpoint).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kinesis_mock_a_merge_keeps_key_order_and_a_restart_mid_lineage_resumes() {
+    let kinesis = KinesisMock::start();
+    merge_keeps_key_order(&kinesis.endpoint).await;
+}
+
+/// Two parents merged into one child while records keep coming, with a restart along the
+/// way: every request once, each key's in order.
+async fn merge_keeps_key_order(endpoint: &str) {
+    let client = client_for(endpoint);
     create_stream(&client, "events", 2).await;
     // Two keys, one per parent shard (kinesalite routes by the MD5 of the key).
     let keys = shard_keys(&client, "events").await;
     let backend = Backend::with_behaviour(Duration::from_millis(20), |_, _| 200).await;
-    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    let ws = Workspace::new(endpoint, "events", &backend.url);
     let wave = |from: usize, to: usize| -> Vec<(String, Vec<u8>)> {
         (from..to)
             .flat_map(|n| {

@@ -343,7 +343,8 @@ pub struct ShardReader {
     iterator: Option<String>,
     poll_interval: Duration,
     last_call: Option<Instant>,
-    last_batch_empty: bool,
+    /// The last call found nothing new and no backlog: wait the poll interval.
+    caught_up: bool,
 }
 
 impl ShardReader {
@@ -360,7 +361,7 @@ impl ShardReader {
             iterator: None,
             poll_interval,
             last_call: None,
-            last_batch_empty: false,
+            caught_up: false,
         }
     }
 
@@ -369,7 +370,7 @@ impl ShardReader {
     pub async fn next(&mut self, shutdown: &Shutdown) -> Result<Option<Batch>, SourceError> {
         let mut fault_backoff = Duration::from_millis(100);
         loop {
-            let pause = if self.last_batch_empty {
+            let pause = if self.caught_up {
                 self.poll_interval
             } else {
                 MIN_CALL_INTERVAL
@@ -451,7 +452,9 @@ impl ShardReader {
                 self.position = Position::After(last.sequence_number.clone());
             }
             self.iterator = output.next_shard_iterator;
-            self.last_batch_empty = records.is_empty();
+            // A shard with a backlog is read again at once (within 5 calls a second), even
+            // after an empty answer.
+            self.caught_up = records.is_empty() && output.millis_behind_latest.unwrap_or(0) == 0;
             return Ok(Some(Batch {
                 records,
                 millis_behind_latest: output.millis_behind_latest,

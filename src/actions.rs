@@ -287,7 +287,6 @@ impl BodyTemplate {
 /// One configured backend action.
 #[derive(Debug, Clone)]
 pub struct ActionSpec {
-    pub name: String,
     pub method: reqwest::Method,
     pub url: UrlTemplate,
     pub body: Option<BodyTemplate>,

@@ -349,7 +349,6 @@ fn resolve_action(
         return Err(invalid("rate_limit_per_second must be above 0".into()));
     }
     Ok(ActionSpec {
-        name: name.to_owned(),
         method,
         url,
         body,

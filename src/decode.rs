@@ -240,6 +240,8 @@ pub fn decode(
             raw,
         })
     };
+    // Formatted once per Kinesis record, shared by its sub-records.
+    let arrival_time = rfc3339(raw.arrival_time_millis);
     let record =
         |raw: &RawRecord, sub_sequence_number: u64, partition_key: String, bytes: Vec<u8>| Record {
             stream: stream.to_owned(),
@@ -247,7 +249,7 @@ pub fn decode(
             sequence_number: raw.sequence_number.clone(),
             sub_sequence_number,
             partition_key,
-            arrival_time: rfc3339(raw.arrival_time_millis),
+            arrival_time: arrival_time.clone(),
             bytes,
         };
     if !raw.data.starts_with(&KPL_MAGIC) {

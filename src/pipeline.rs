@@ -214,8 +214,10 @@ impl Pipeline {
             let mut interrupted = false;
             self.telemetry
                 .shard_lag(shard_id, batch.millis_behind_latest);
+            let bytes = batch.records.iter().map(|r| r.data.len()).sum();
+            self.telemetry
+                .records_read(shard_id, batch.records.len(), bytes);
             'records: for raw in batch.records {
-                self.telemetry.record_read(shard_id, raw.data.len());
                 let sequence_number = raw.sequence_number.clone();
                 let records = match decode::decode(&self.stream, shard_id, raw) {
                     Ok(records) => records,

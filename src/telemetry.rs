@@ -193,13 +193,13 @@ impl Telemetry {
         t
     }
 
-    pub fn record_read(&self, shard_id: &str, bytes: usize) {
+    /// A batch of `records` records, `bytes` bytes of payload, read from a shard.
+    pub fn records_read(&self, shard_id: &str, records: usize, bytes: usize) {
+        let shard = label("shard_id", shard_id);
         self.records_read
-            .get_or_create(&label("shard_id", shard_id))
-            .inc();
-        self.bytes_read
-            .get_or_create(&label("shard_id", shard_id))
-            .inc_by(bytes as u64);
+            .get_or_create(&shard)
+            .inc_by(records as u64);
+        self.bytes_read.get_or_create(&shard).inc_by(bytes as u64);
     }
 
     pub fn rule_evaluated(&self, rule: &str, matched: bool) {

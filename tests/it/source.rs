@@ -85,16 +85,7 @@ async fn merge_keeps_key_order(endpoint: &str) {
     let keys = shard_keys(&client, "events").await;
     let backend = Backend::with_behaviour(Duration::from_millis(20), |_, _| 200).await;
     let ws = Workspace::new(endpoint, "events", &backend.url);
-    let wave = |from: usize, to: usize| -> Vec<(String, Vec<u8>)> {
-        (from..to)
-            .flat_map(|n| {
-                keys.iter().enumerate().map(move |(k, key)| {
-                    let user = format!("k{k}-{n}");
-                    (key.clone(), deletion(&user, &user).to_string().into_bytes())
-                })
-            })
-            .collect()
-    };
+    let wave = |from, to| key_wave(&keys, from, to);
     put(&client, "events", &wave(0, 40)).await;
     let daemon = ws.start_daemon(&[]);
     wait_until(Duration::from_secs(30), "a first call", || {
@@ -124,17 +115,7 @@ async fn merge_keeps_key_order(endpoint: &str) {
     let received = backend.received();
     assert_eq!(received.len(), 160, "lost or repeated requests");
     for k in 0..2 {
-        let order: Vec<usize> = received
-            .iter()
-            .filter_map(|r| {
-                let user = r
-                    .path
-                    .trim_start_matches("/v1/users/")
-                    .trim_end_matches("/anonymize");
-                user.strip_prefix(&format!("k{k}-"))
-                    .map(|n| n.parse().unwrap())
-            })
-            .collect();
+        let order = key_order(&received, k);
         assert_eq!(order, (0..80).collect::<Vec<_>>(), "key {k} out of order");
     }
     let (_, out, _) = ws.run(&[
@@ -260,16 +241,7 @@ async fn on_kinesis_mock_pages_and_update_shard_count_lose_nothing() {
         .unwrap()
         .replace("[stream]\n", "[stream]\nlist_shards_page_size = 1\n");
     std::fs::write(ws.config(), config).unwrap();
-    let wave = |from: usize, to: usize| -> Vec<(String, Vec<u8>)> {
-        (from..to)
-            .flat_map(|n| {
-                keys.iter().enumerate().map(move |(k, key)| {
-                    let user = format!("k{k}-{n}");
-                    (key.clone(), deletion(&user, &user).to_string().into_bytes())
-                })
-            })
-            .collect()
-    };
+    let wave = |from, to| key_wave(&keys, from, to);
     put(&client, "events", &wave(0, 15)).await;
     let daemon = ws.start_daemon(&[]);
     wait_until(Duration::from_secs(60), "a first call", || {
@@ -293,17 +265,7 @@ async fn on_kinesis_mock_pages_and_update_shard_count_lose_nothing() {
     let received = backend.received();
     assert_eq!(received.len(), 60, "lost or repeated requests");
     for k in 0..2 {
-        let order: Vec<usize> = received
-            .iter()
-            .filter_map(|r| {
-                let user = r
-                    .path
-                    .trim_start_matches("/v1/users/")
-                    .trim_end_matches("/anonymize");
-                user.strip_prefix(&format!("k{k}-"))
-                    .map(|n| n.parse().unwrap())
-            })
-            .collect();
+        let order = key_order(&received, k);
         assert_eq!(order, (0..30).collect::<Vec<_>>(), "key {k} out of order");
     }
     // Six shards listed one per page: the two parents and their four children.
@@ -384,4 +346,31 @@ async fn a_10_mib_record_is_handled() {
         ]
     );
     assert!(ws.dead_letters().is_empty());
+}
+
+/// Requests `from..to` for each key (users `k{key index}-{n}`), key by key in turn.
+fn key_wave(keys: &[String], from: usize, to: usize) -> Vec<(String, Vec<u8>)> {
+    (from..to)
+        .flat_map(|n| {
+            keys.iter().enumerate().map(move |(k, key)| {
+                let user = format!("k{k}-{n}");
+                (key.clone(), deletion(&user, &user).to_string().into_bytes())
+            })
+        })
+        .collect()
+}
+
+/// The request numbers of key `k`, in the order the backend received them.
+fn key_order(received: &[Received], k: usize) -> Vec<usize> {
+    received
+        .iter()
+        .filter_map(|r| {
+            let user = r
+                .path
+                .trim_start_matches("/v1/users/")
+                .trim_end_matches("/anonymize");
+            user.strip_prefix(&format!("k{k}-"))
+                .map(|n| n.parse().unwrap())
+        })
+        .collect()
 }

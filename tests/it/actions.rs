@@ -10,14 +10,6 @@ use serde_json::{json, Value};
 
 use crate::support::*;
 
-/// Appends lines to the workspace's config (TOML allows repeating a table only once, so
-/// callers add whole new tables or keys for the action table last in the file).
-fn append_config(ws: &Workspace, text: &str) {
-    let mut config = std::fs::read_to_string(ws.config()).unwrap();
-    config.push_str(text);
-    std::fs::write(ws.config(), config).unwrap();
-}
-
 /// Sets keys in the `[state]` table of the workspace's config.
 fn set_state_keys(ws: &Workspace, lines: &str) {
     let config = std::fs::read_to_string(ws.config())
@@ -58,7 +50,7 @@ async fn an_outage_ends_with_every_request_done_and_no_dead_letter_left() {
         &format!("http://127.0.0.1:{port}"),
     );
     set_state_keys(&ws, "dead_letter_retry_interval_ms = 300");
-    append_config(&ws, "\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    ws.with_metrics();
     let config = std::fs::read_to_string(ws.config())
         .unwrap()
         .replace("timeout_ms = 5000", "timeout_ms = 300");
@@ -229,14 +221,7 @@ async fn the_state_and_the_audit_trail_hold_no_identifier() {
     ));
     put(&client, "events", &records).await;
     // PII-USER-7 is refused (its decision is kept, sealed).
-    let backend = Backend::with_behaviour(Duration::ZERO, |r, _| {
-        if r.path.contains("PII-USER-7") {
-            422
-        } else {
-            200
-        }
-    })
-    .await;
+    let backend = Backend::refusing("PII-USER-7", 422).await;
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
     ws.write_rule(
         "zz_throws.rhai",
@@ -426,14 +411,7 @@ async fn params_cannot_escape_their_place_and_headers_cannot_be_injected() {
         })
         .collect();
     put(&client, "events", &records).await;
-    let backend = Backend::with_behaviour(Duration::ZERO, |r, _| {
-        if r.path.contains("/ok/") {
-            404
-        } else {
-            200
-        }
-    })
-    .await;
+    let backend = Backend::refusing("/ok/", 404).await;
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
     // A body template, a fixed header, HMAC signing, and 404 meaning "already gone".
     let config = std::fs::read_to_string(ws.config()).unwrap().replace(

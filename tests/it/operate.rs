@@ -7,13 +7,6 @@ use serde_json::{json, Value};
 
 use crate::support::*;
 
-/// Adds `[metrics] listen` on a free port to the workspace's config.
-fn with_metrics(ws: &Workspace) {
-    let mut text = std::fs::read_to_string(ws.config()).unwrap();
-    text.push_str("\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
-    std::fs::write(ws.config(), text).unwrap();
-}
-
 async fn get(address: &str, path: &str) -> (u16, String) {
     let response = reqwest::get(format!("http://{address}{path}"))
         .await
@@ -67,16 +60,9 @@ async fn metrics_and_status_match_a_known_scenario() {
     create_stream(&client, "events", 2).await;
     put(&client, "events", &traffic(1_000, 10, 2)).await;
     // del-user-3 is refused: one dead letter.
-    let backend = Backend::with_behaviour(Duration::ZERO, |r, _| {
-        if r.path.contains("/del-user-3/") {
-            400
-        } else {
-            200
-        }
-    })
-    .await;
+    let backend = Backend::refusing("/del-user-3/", 400).await;
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
-    with_metrics(&ws);
+    ws.with_metrics();
     let daemon = ws.start_daemon(&[]);
     let address = metrics_address(&daemon).await;
     wait_until(Duration::from_secs(60), "10 calls", || {
@@ -165,7 +151,7 @@ async fn status_shows_stale_rules_waiting_children_and_an_unreachable_stream() {
     // Slow: the parent still has a backlog when it is split.
     let backend = Backend::with_behaviour(Duration::from_millis(100), |_, _| 200).await;
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
-    with_metrics(&ws);
+    ws.with_metrics();
     let daemon = ws.start_daemon(&[]);
     let address = metrics_address(&daemon).await;
     wait_until(Duration::from_secs(30), "a first call", || {
@@ -282,14 +268,7 @@ async fn logs_hold_no_personal_data_even_at_trace_level() {
     records.push(records[0].clone());
     records.push(("k".to_owned(), json!({"type": "order", "total_cents": 3, "order_id": secret_request, "email": secret_email}).to_string().into_bytes()));
     put(&client, "events", &records).await;
-    let backend = Backend::with_behaviour(Duration::ZERO, move |r, _| {
-        if r.path.ends_with("-5/anonymize") {
-            400
-        } else {
-            200
-        }
-    })
-    .await;
+    let backend = Backend::refusing("-5/anonymize", 400).await;
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
     ws.write_rule(
         "zz_throws.rhai",

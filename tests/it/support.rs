@@ -404,6 +404,19 @@ impl Backend {
         }
     }
 
+    /// A backend that answers `status` to requests whose path contains `fragment`, and 200
+    /// to the rest.
+    pub async fn refusing(fragment: &'static str, status: u16) -> Self {
+        Self::with_behaviour(Duration::ZERO, move |r, _| {
+            if r.path.contains(fragment) {
+                status
+            } else {
+                200
+            }
+        })
+        .await
+    }
+
     pub fn received(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
     }
@@ -479,6 +492,13 @@ timeout_ms = 5000
 
     pub fn config(&self) -> PathBuf {
         self.path("config.toml")
+    }
+
+    /// Adds `[metrics] listen` on a free port to the config.
+    pub fn with_metrics(&self) {
+        let mut text = std::fs::read_to_string(self.config()).unwrap();
+        text.push_str("\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
+        std::fs::write(self.config(), text).unwrap();
     }
 
     pub fn write_rule(&self, name: &str, text: &str) {

@@ -1,133 +1,140 @@
-//! The in-process pipeline against its floors, on a seeded synthetic stream.
+//! The pipeline in process against its floors, on the seeded synthetic stream.
 //!
-//! `cargo bench --bench pipeline` runs it in full (200,000 records by default,
-//! `BENCH_RECORDS` to change); under `cargo test` it runs a small smoke pass. It measures
-//! decode → rules → dedup (an in-memory set standing in for the ledger), with 1 and 10
-//! rules, with and without prefilters, beside two floors over the same bytes: a memmem scan
-//! for one literal, and serde_json tokenizing (IgnoredAny). Each figure is records per
-//! second on one core, and its ratio to the floor.
+//! `cargo bench --bench pipeline` runs it in full (200,000 events by default,
+//! `BENCH_RECORDS` to change); under `cargo test` it runs a small smoke pass. Everything runs
+//! on one core. Floors over the same events: a memmem scan for one literal, serde_json
+//! tokenizing (IgnoredAny), and decode-only (KPL, gzip and JSON to the values rules read).
+//! Then the front half (decode → rules → dedup in memory) with 1 and 10 rules, with and
+//! without prefilters, and the whole pipeline (decode → rules → ledger → actions answered
+//! by a local server → checkpoints committed per batch) on 64 shards. Each figure is events
+//! per second and its ratio to the floor that bounds it.
 
-use std::collections::HashSet;
-use std::path::Path;
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
+use gdpr_consumer::actions::ActionSet;
+use gdpr_consumer::config::Settings;
+use gdpr_consumer::config::StartPosition;
 use gdpr_consumer::decode;
 use gdpr_consumer::keys::Keys;
+use gdpr_consumer::pipeline::{BatchEnd, Pipeline, ShardProgress, Sink};
+use gdpr_consumer::rules::reload::Rules;
 use gdpr_consumer::rules::{RuleSet, Verdict};
-use gdpr_consumer::source::RawRecord;
+use gdpr_consumer::shutdown::Shutdown;
+use gdpr_consumer::source::{Batch, Position, RawRecord};
+use gdpr_consumer::state::State;
+use gdpr_consumer::telemetry::Telemetry;
 
-/// A small deterministic generator (no dependency, same stream every run).
-struct Lcg(u64);
+/// Shards of the whole-pipeline run, and records per GetRecords batch.
+const SHARDS: usize = 64;
+const BATCH: usize = 1_000;
 
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
+/// `BENCH_ONLY="front 10 true"` (say) runs only the runs whose name starts so: for profiling.
+fn selected(run: &str) -> bool {
+    std::env::var("BENCH_ONLY").map_or(true, |only| run.starts_with(&only))
 }
 
-/// `count` records of 0.5–2 KB: page views, orders, logins, log lines, and 1% deletion
-/// requests for one of ten clients.
-fn stream(count: usize) -> Vec<RawRecord> {
-    let mut rng = Lcg(0x5eed);
-    (0..count)
-        .map(|i| {
-            let pad = "x".repeat(300 + (rng.next() % 1400) as usize);
-            let user = format!("u-{}", rng.next() % 100_000);
-            let data = match rng.next() % 100 {
-                0 => serde_json::json!({"type": "privacy_request", "tags": ["GDPR", "Delete User"],
-                    "client": format!("client-{}", rng.next() % 10), "request_id": format!("r-{i}"), "user_id": user}).to_string(),
-                1..=49 => serde_json::json!({"type": "page_view", "client": "acme", "user_id": user,
-                    "path": format!("/products/{}", rng.next() % 500), "ua": pad}).to_string(),
-                50..=79 => serde_json::json!({"type": "order", "client": "acme", "user_id": user,
-                    "order_id": format!("o-{i}"), "total_cents": rng.next() % 100_000, "note": pad}).to_string(),
-                80..=89 => serde_json::json!({"type": "login", "client": "globex", "user_id": user, "ok": true, "meta": pad}).to_string(),
-                _ => format!("{i} INFO GET /api/items/{} 200 {pad}", rng.next() % 50),
-            };
-            RawRecord {
-                sequence_number: format!("{:056}", i),
-                partition_key: user,
-                arrival_time_millis: 1_767_225_600_000 + i as i64,
-                data: data.into_bytes(),
-            }
-        })
-        .collect()
-}
-
-/// `n` rules, one per client, each the shape of the shipped GDPR rule.
-fn write_rules(dir: &Path, n: usize, prefilter: bool) {
-    for c in 0..n {
-        let literal = if prefilter {
-            "const PREFILTER = [\"Delete User\"];\n"
-        } else {
-            ""
-        };
-        let text = format!(
-            r#"{literal}fn decide(record) {{
-    let event = record.data;
-    if type_of(event) != "map" {{ return; }}
-    if event.type != "privacy_request" {{ return; }}
-    if event.client != "client-{c}" {{ return; }}
-    if type_of(event.tags) != "array" {{ return; }}
-    if !event.tags.contains("GDPR") || !event.tags.contains("Delete User") {{ return; }}
-    #{{ action: "anonymize_user", key: event.request_id, params: #{{ user_id: event.user_id }} }}
-}}
-"#
-        );
-        std::fs::write(dir.join(format!("client_{c}.rhai")), text).unwrap();
-    }
-}
-
-fn rate(records: usize, started: Instant) -> f64 {
-    records as f64 / started.elapsed().as_secs_f64()
+fn rate(events: usize, started: Instant) -> f64 {
+    events as f64 / started.elapsed().as_secs_f64()
 }
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let count = match (full, std::env::var("BENCH_RECORDS")) {
+    let wanted = match (full, std::env::var("BENCH_RECORDS")) {
         (true, Ok(n)) => n.parse().expect("BENCH_RECORDS is a number"),
         (true, Err(_)) => 200_000,
         (false, _) => 2_000,
     };
-    let records = stream(count);
-    let bytes: usize = records.iter().map(|r| r.data.len()).sum();
+    let stream = common::stream(0x5eed, wanted, 0);
+    let count = stream.events;
+    let payloads: Vec<Vec<u8>> = stream
+        .records
+        .iter()
+        .flat_map(|raw| decode::decode(&"bench".into(), &"shard".into(), raw.clone()).unwrap())
+        .map(|record| record.bytes.to_vec())
+        .collect();
+    assert_eq!(payloads.len(), count);
+    let bytes: usize = payloads.iter().map(Vec::len).sum();
     println!(
-        "{count} records, {:.0} bytes on average, 1% deletion requests",
-        bytes as f64 / count as f64
+        "{count} events ({} Kinesis records, 1% KPL aggregates, 2% gzip), {:.0} bytes on average, {} deletion requests",
+        stream.records.len(),
+        bytes as f64 / count as f64,
+        stream.requests.len()
     );
+    let floors = Floors::measure(&stream.records, &payloads);
+    front_half(&stream, &floors);
+    whole_pipeline(&stream, &floors);
+}
 
-    // Floors over the same bytes.
-    let started = Instant::now();
-    let finder = memchr::memmem::Finder::new("Delete User");
-    let hits = records
-        .iter()
-        .filter(|r| finder.find(&r.data).is_some())
-        .count();
-    let memmem = rate(count, started);
-    let started = Instant::now();
-    let tokenized = records
-        .iter()
-        .filter(|r| serde_json::from_slice::<serde::de::IgnoredAny>(&r.data).is_ok())
-        .count();
-    let tokenize = rate(count, started);
-    println!("floor  memmem scan            {memmem:>12.0} records/s ({hits} hits)");
-    println!("floor  serde_json tokenize    {tokenize:>12.0} records/s ({tokenized} JSON)");
+/// What bounds the pipeline, measured over the same events in the same run.
+struct Floors {
+    memmem: f64,
+    decode_only: f64,
+}
 
+impl Floors {
+    fn measure(records: &[RawRecord], payloads: &[Vec<u8>]) -> Floors {
+        let count = payloads.len();
+        let started = Instant::now();
+        let finder = memchr::memmem::Finder::new("Delete User");
+        let hits = payloads.iter().filter(|p| finder.find(p).is_some()).count();
+        let memmem = rate(count, started);
+        let started = Instant::now();
+        let json = payloads
+            .iter()
+            .filter(|p| serde_json::from_slice::<serde::de::IgnoredAny>(p).is_ok())
+            .count();
+        let tokenize = rate(count, started);
+        let input = records.to_vec();
+        let (stream, shard) = ("bench".into(), "shardId-000000000000".into());
+        let started = Instant::now();
+        let mut maps = 0;
+        for raw in input {
+            for record in decode::decode(&stream, &shard, raw).unwrap() {
+                maps += usize::from(decode::rule_data(&record.bytes).is_map());
+            }
+        }
+        let decode_only = rate(count, started);
+        println!("floor  memmem scan                  {memmem:>10.0} events/s ({hits} hits)");
+        println!("floor  serde_json tokenize          {tokenize:>10.0} events/s ({json} JSON)");
+        println!("floor  decode only                  {decode_only:>10.0} events/s ({maps} maps)");
+        Floors {
+            memmem,
+            decode_only,
+        }
+    }
+
+    /// The floor a run is measured against: memmem with prefilters, decode-only without.
+    fn ratio(&self, events_per_second: f64, prefilter: bool) -> String {
+        match prefilter {
+            true => format!("{:.2} x memmem", events_per_second / self.memmem),
+            false => format!("{:.2} x decode-only", events_per_second / self.decode_only),
+        }
+    }
+}
+
+/// Decode → rules → dedup (a set in memory standing in for the ledger).
+fn front_half(stream: &common::Stream, floors: &Floors) {
     let dir = tempfile::tempdir().unwrap();
     let keys = Keys::load_or_create(None, &dir.path().join("bench.key")).unwrap();
     for (rules, prefilter) in [(1, true), (1, false), (10, true), (10, false)] {
+        if !selected(&format!("front {rules} {prefilter}")) {
+            continue;
+        }
         let rules_dir = tempfile::tempdir().unwrap();
-        write_rules(rules_dir.path(), rules, prefilter);
+        common::write_rules(rules_dir.path(), rules, prefilter);
         let set = RuleSet::load(rules_dir.path(), None).unwrap();
-        let input = records.clone();
+        let input = stream.records.clone();
         let mut done: HashSet<[u8; 32]> = HashSet::new();
         let mut decisions = 0;
+        let (stream_name, shard) = ("bench".into(), "shardId-000000000000".into());
         let started = Instant::now();
         for raw in input {
-            for record in decode::decode("bench", "shardId-000000000000", raw).unwrap() {
+            for record in decode::decode(&stream_name, &shard, raw).unwrap() {
                 for (_, verdict) in set.evaluate(&record) {
                     if let Verdict::Decided(list) = verdict {
                         for d in list {
@@ -138,20 +145,161 @@ fn main() {
                 }
             }
         }
-        let pipeline = rate(count, started);
-        let (floor, name) = if prefilter {
-            (memmem, "memmem")
-        } else {
-            (tokenize, "tokenize")
-        };
+        let events_per_second = rate(stream.events, started);
         println!(
-            "pipeline {rules:>2} rule(s), prefilter {:<3} {pipeline:>12.0} records/s = {:.2} x {name} ({decisions} decisions)",
+            "front  {rules:>2} rule(s), prefilter {:<3}    {events_per_second:>10.0} events/s = {} ({decisions} decisions)",
             if prefilter { "on" } else { "off" },
-            pipeline / floor
+            floors.ratio(events_per_second, prefilter),
         );
-        assert!(
-            decisions > 0,
-            "the rules matched nothing: the benchmark measures nothing"
-        );
+        if rules == 10 {
+            assert_eq!(
+                decisions,
+                stream.requests.len(),
+                "every request decided once"
+            );
+        }
     }
+}
+
+/// The whole pipeline on one core: 64 shards, each handling its batches in order, with the
+/// redb ledger, checkpoints and actions answered by a local server (on another thread).
+fn whole_pipeline(stream: &common::Stream, floors: &Floors) {
+    let (backend, calls) = spawn_backend();
+    for prefilter in [true, false] {
+        if !selected(&format!("whole 10 {prefilter}")) {
+            continue;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("rules")).unwrap();
+        common::write_rules(&dir.path().join("rules"), 10, prefilter);
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[stream]
+name = "bench"
+[state]
+path = "state.redb"
+[rules]
+dir = "rules"
+[actions.anonymize_user]
+method = "POST"
+url = "http://{backend}/v1/users/{{user_id}}/anonymize"
+allow_insecure_http = true
+"#
+            ),
+        )
+        .unwrap();
+        let settings = Settings::resolve(Some(&config), Default::default()).unwrap();
+        let before = calls.load(Ordering::SeqCst);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let shards = shard_batches(&stream.records);
+        let cpu_before = thread_cpu_seconds();
+        let events_per_second = runtime.block_on(run_pipeline(&settings, shards, stream.events));
+        let per_cpu_second = stream.events as f64 / (thread_cpu_seconds() - cpu_before);
+        let sent = calls.load(Ordering::SeqCst) - before;
+        println!(
+            "whole  10 rules, prefilter {:<3}     {events_per_second:>10.0} events/s = {} ({sent} calls); {per_cpu_second:.0} events per CPU-second",
+            if prefilter { "on" } else { "off" },
+            floors.ratio(events_per_second, prefilter),
+        );
+        assert_eq!(sent, stream.requests.len(), "every request sent once");
+    }
+}
+
+/// The records dealt to 64 shards, in GetRecords-sized batches, order kept per shard.
+fn shard_batches(records: &[RawRecord]) -> Vec<Vec<Batch>> {
+    let per_shard = records.len().div_ceil(SHARDS);
+    records
+        .chunks(per_shard)
+        .map(|shard| {
+            shard
+                .chunks(BATCH)
+                .map(|chunk| Batch {
+                    records: chunk.to_vec(),
+                    millis_behind_latest: Some(1_000),
+                    shard_end: false,
+                })
+                .collect()
+        })
+        .collect()
+}
+
+async fn run_pipeline(settings: &Settings, shards: Vec<Vec<Batch>>, events: usize) -> f64 {
+    let actions: BTreeSet<String> = settings.actions.keys().cloned().collect();
+    let set = RuleSet::load(&settings.rules_dir, Some(actions.clone())).unwrap();
+    let pipeline = Arc::new(Pipeline {
+        stream: "bench".into(),
+        rules: Arc::new(Rules::new(set, settings.rules_dir.clone(), actions)),
+        actions: ActionSet::new(&settings.actions, true).unwrap(),
+        sink: Sink::Live {
+            state: Arc::new(State::open(&settings.state_path).unwrap()),
+            keys: Keys::load_or_create(None, &settings.key_file).unwrap(),
+        },
+        shutdown: Shutdown::new(),
+        telemetry: Arc::new(Telemetry::new()),
+        claims: Default::default(),
+    });
+    let started = Instant::now();
+    let tasks: Vec<_> = shards
+        .into_iter()
+        .enumerate()
+        .map(|(n, batches)| {
+            let pipeline = pipeline.clone();
+            tokio::spawn(async move {
+                let shard_id = format!("shardId-{n:012}");
+                let mut progress =
+                    ShardProgress::new(&shard_id, Position::Start(StartPosition::TrimHorizon));
+                for batch in batches {
+                    let end = pipeline.handle_batch(&mut progress, batch).await.unwrap();
+                    assert_eq!(end, BatchEnd::Handled);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    rate(events, started)
+}
+
+/// CPU time of this thread (the pipeline's one core), from /proc in clock ticks of 10 ms.
+fn thread_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    // Fields after the command name (which may hold spaces): utime and stime are 12th, 13th.
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+/// A backend that answers every call 200 and counts them.
+fn spawn_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let address = listener.local_addr().unwrap();
+    let counter = calls.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let app = axum::Router::new().fallback(move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+                async { "ok" }
+            });
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    (address, calls)
 }

@@ -68,6 +68,8 @@ impl<W: Write + Send + 'static> ShardWork for Capture<W> {
         shard_id: String,
         _start: Position,
     ) -> Result<ShardExit, PipelineError> {
+        let (stream, shard): (Arc<str>, Arc<str>) =
+            (self.stream.as_str().into(), shard_id.as_str().into());
         loop {
             let Some(batch) = reader.next(&self.shutdown).await? else {
                 return Ok(ShardExit::Stopped);
@@ -77,19 +79,9 @@ impl<W: Write + Send + 'static> ShardWork for Capture<W> {
             for raw in batch.records {
                 last = Some(raw.sequence_number.clone());
                 // A record that does not decode is captured as it is.
-                let records =
-                    decode::decode(&self.stream, &shard_id, raw).unwrap_or_else(|undecodable| {
-                        let raw = undecodable.raw;
-                        vec![decode::Record {
-                            stream: self.stream.clone(),
-                            shard_id: shard_id.clone(),
-                            sequence_number: raw.sequence_number,
-                            sub_sequence_number: 0,
-                            partition_key: raw.partition_key,
-                            arrival_time: crate::clock::rfc3339(raw.arrival_time_millis),
-                            bytes: raw.data,
-                        }]
-                    });
+                let records = decode::decode(&stream, &shard, raw).unwrap_or_else(|undecodable| {
+                    vec![decode::Record::undecoded(&stream, &shard, undecodable.raw)]
+                });
                 for record in records {
                     if !self.write(&RecordJson::from_record(&record)) {
                         self.shutdown.trigger();

@@ -125,7 +125,7 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
         });
     }
     let pipeline = Arc::new(Pipeline {
-        stream: settings.stream.name.clone(),
+        stream: settings.stream.name.as_str().into(),
         rules,
         actions,
         sink,
@@ -225,7 +225,7 @@ pub async fn retry_dead_letters(
     let shutdown = Shutdown::new();
     spawn_signal_handler(shutdown.clone());
     let pipeline = Pipeline {
-        stream: settings.stream.name.clone(),
+        stream: settings.stream.name.as_str().into(),
         rules: Arc::new(Rules::new(rules, settings.rules_dir.clone(), action_names)),
         actions,
         sink: Sink::Live {

@@ -10,8 +10,10 @@
 //! JSON values, UTF-8 text that is not JSON stays a string, anything else is a BLOB.
 
 use std::io::Read;
+use std::sync::Arc;
 
 use md5::{Digest, Md5};
+use prost::bytes::Bytes;
 use prost::Message;
 use rhai::Dynamic;
 use serde_json::Value;
@@ -21,17 +23,20 @@ use crate::source::RawRecord;
 
 /// One logical record.
 #[derive(Debug, Clone)]
+///
+/// What all records of a shard, or of one Kinesis record, have in common is shared, not
+/// copied: the hot path makes no string per record.
 pub struct Record {
-    pub stream: String,
-    pub shard_id: String,
-    pub sequence_number: String,
+    pub stream: Arc<str>,
+    pub shard_id: Arc<str>,
+    pub sequence_number: Arc<str>,
     /// Position inside a KPL aggregate; 0 when the record was not aggregated.
     pub sub_sequence_number: u64,
-    pub partition_key: String,
+    pub partition_key: Arc<str>,
     /// RFC 3339 UTC.
-    pub arrival_time: String,
+    pub arrival_time: Arc<str>,
     /// The decoded payload: what the prefilter searches and `record.data` is made from.
-    pub bytes: Vec<u8>,
+    pub bytes: Bytes,
 }
 
 /// A record written as JSON: test cases, captured records (`capture`) and `preview` input.
@@ -75,6 +80,21 @@ fn default_stream() -> String {
     "test".into()
 }
 
+impl Record {
+    /// A Kinesis record taken as it came, without decoding it.
+    pub fn undecoded(stream: &Arc<str>, shard_id: &Arc<str>, raw: RawRecord) -> Record {
+        Record {
+            stream: stream.clone(),
+            shard_id: shard_id.clone(),
+            arrival_time: rfc3339(raw.arrival_time_millis).into(),
+            sequence_number: raw.sequence_number.into(),
+            sub_sequence_number: 0,
+            partition_key: raw.partition_key.into(),
+            bytes: raw.data.into(),
+        }
+    }
+}
+
 impl RecordJson {
     pub fn into_record(self) -> Record {
         let bytes = match (self.data_text, self.data_hex) {
@@ -83,13 +103,13 @@ impl RecordJson {
             (None, None) => serde_json::to_vec(&self.data).unwrap_or_default(),
         };
         Record {
-            stream: self.stream,
-            shard_id: self.shard_id,
-            sequence_number: self.sequence_number,
+            stream: self.stream.into(),
+            shard_id: self.shard_id.into(),
+            sequence_number: self.sequence_number.into(),
             sub_sequence_number: self.sub_sequence_number,
-            partition_key: self.partition_key,
-            arrival_time: self.arrival_time,
-            bytes,
+            partition_key: self.partition_key.into(),
+            arrival_time: self.arrival_time.into(),
+            bytes: bytes.into(),
         }
     }
 
@@ -105,12 +125,12 @@ impl RecordJson {
             data,
             data_text,
             data_hex,
-            partition_key: record.partition_key.clone(),
-            sequence_number: record.sequence_number.clone(),
+            partition_key: record.partition_key.to_string(),
+            sequence_number: record.sequence_number.to_string(),
             sub_sequence_number: record.sub_sequence_number,
-            shard_id: record.shard_id.clone(),
-            arrival_time: record.arrival_time.clone(),
-            stream: record.stream.clone(),
+            shard_id: record.shard_id.to_string(),
+            arrival_time: record.arrival_time.to_string(),
+            stream: record.stream.to_string(),
         }
     }
 }
@@ -165,8 +185,8 @@ pub struct SubRecord {
     pub partition_key_index: u64,
     #[prost(uint64, optional, tag = "2")]
     pub explicit_hash_key_index: Option<u64>,
-    #[prost(bytes = "vec", required, tag = "3")]
-    pub data: Vec<u8>,
+    #[prost(bytes = "bytes", required, tag = "3")]
+    pub data: Bytes,
     #[prost(message, repeated, tag = "4")]
     pub tags: Vec<Tag>,
 }
@@ -200,7 +220,7 @@ pub fn aggregate(records: &[(&str, &[u8])]) -> Vec<u8> {
         subs.push(SubRecord {
             partition_key_index: index as u64,
             explicit_hash_key_index: None,
-            data: data.to_vec(),
+            data: data.to_vec().into(),
             tags: Vec::new(),
         });
     }
@@ -226,76 +246,86 @@ pub struct Undecodable {
 /// Decodes one record read from a shard into the logical records it carries. Payloads move
 /// on without a copy unless they are inflated.
 pub fn decode(
-    stream: &str,
-    shard_id: &str,
-    raw: RawRecord,
+    stream: &Arc<str>,
+    shard_id: &Arc<str>,
+    mut raw: RawRecord,
 ) -> Result<Vec<Record>, Box<Undecodable>> {
     let fail = |raw: RawRecord, reason: String| {
         Box::new(Undecodable {
             error: DecodeError {
-                shard_id: shard_id.to_owned(),
+                shard_id: shard_id.to_string(),
                 sequence_number: raw.sequence_number.clone(),
                 reason,
             },
             raw,
         })
     };
-    // Formatted once per Kinesis record, shared by its sub-records.
-    let arrival_time = rfc3339(raw.arrival_time_millis);
-    let record =
-        |raw: &RawRecord, sub_sequence_number: u64, partition_key: String, bytes: Vec<u8>| Record {
-            stream: stream.to_owned(),
-            shard_id: shard_id.to_owned(),
-            sequence_number: raw.sequence_number.clone(),
-            sub_sequence_number,
-            partition_key,
-            arrival_time: arrival_time.clone(),
-            bytes,
-        };
+    // Made once per Kinesis record, shared by its sub-records.
+    let arrival_time: Arc<str> = rfc3339(raw.arrival_time_millis).into();
+    let sequence_number: Arc<str> = raw.sequence_number.as_str().into();
+    let record = |sub_sequence_number: u64, partition_key: Arc<str>, bytes: Bytes| Record {
+        stream: stream.clone(),
+        shard_id: shard_id.clone(),
+        sequence_number: sequence_number.clone(),
+        sub_sequence_number,
+        partition_key,
+        arrival_time: arrival_time.clone(),
+        bytes,
+    };
     if !raw.data.starts_with(&KPL_MAGIC) {
         return match inflate(&raw.data) {
             Ok(inflated) => {
-                let mut raw = raw;
                 let bytes = inflated.unwrap_or_else(|| std::mem::take(&mut raw.data));
                 let key = std::mem::take(&mut raw.partition_key);
-                Ok(vec![record(&raw, 0, key, bytes)])
+                Ok(vec![record(0, key.into(), bytes.into())])
             }
             Err(reason) => Err(fail(raw, reason)),
         };
     }
-    let aggregate = match de_aggregate(&raw.data[KPL_MAGIC.len()..]) {
-        Ok(aggregate) => aggregate,
-        Err(reason) => return Err(fail(raw, format!("malformed KPL aggregate: {reason}"))),
+    // Sub-records are slices of the aggregate's bytes, not copies.
+    let data = Bytes::from(std::mem::take(&mut raw.data));
+    let restore = |mut raw: RawRecord, data: &Bytes| {
+        raw.data = data.to_vec();
+        raw
     };
+    let aggregate = match de_aggregate(data.slice(KPL_MAGIC.len()..)) {
+        Ok(aggregate) => aggregate,
+        Err(reason) => {
+            let reason = format!("malformed KPL aggregate: {reason}");
+            return Err(fail(restore(raw, &data), reason));
+        }
+    };
+    let keys: Vec<Arc<str>> = aggregate
+        .partition_key_table
+        .into_iter()
+        .map(Arc::from)
+        .collect();
     let mut records = Vec::with_capacity(aggregate.records.len());
     for (index, sub) in aggregate.records.into_iter().enumerate() {
-        let Some(key) = aggregate
-            .partition_key_table
-            .get(sub.partition_key_index as usize)
-        else {
+        let Some(key) = keys.get(sub.partition_key_index as usize) else {
             let reason = format!(
                 "malformed KPL aggregate: sub-record {index} names partition key {} of {}",
                 sub.partition_key_index,
-                aggregate.partition_key_table.len()
+                keys.len()
             );
-            return Err(fail(raw, reason));
+            return Err(fail(restore(raw, &data), reason));
         };
         let bytes = match inflate(&sub.data) {
-            Ok(inflated) => inflated.unwrap_or(sub.data),
-            Err(reason) => return Err(fail(raw, reason)),
+            Ok(inflated) => inflated.map_or(sub.data, Bytes::from),
+            Err(reason) => return Err(fail(restore(raw, &data), reason)),
         };
-        records.push(record(&raw, index as u64, key.clone(), bytes));
+        records.push(record(index as u64, key.clone(), bytes));
     }
     Ok(records)
 }
 
 /// Checks an aggregate's MD5 and parses its protobuf.
-fn de_aggregate(body: &[u8]) -> Result<AggregatedRecord, String> {
+fn de_aggregate(body: Bytes) -> Result<AggregatedRecord, String> {
     if body.len() < 16 {
         return Err("too short for its MD5".into());
     }
-    let (message, digest) = body.split_at(body.len() - 16);
-    if Md5::digest(message).as_slice() != digest {
+    let message = body.slice(..body.len() - 16);
+    if Md5::digest(&message).as_slice() != &body[body.len() - 16..] {
         return Err("MD5 mismatch".into());
     }
     AggregatedRecord::decode(message).map_err(|e| e.to_string())
@@ -313,12 +343,13 @@ fn inflate(data: &[u8]) -> Result<Option<Vec<u8>>, String> {
     if !gzip && !zlib {
         return Ok(None);
     }
+    // `bufread` decoders read the slice in place (no 32 KiB buffer per record).
     let reader: Box<dyn Read> = if gzip {
-        Box::new(flate2::read::MultiGzDecoder::new(data))
+        Box::new(flate2::bufread::MultiGzDecoder::new(data))
     } else {
-        Box::new(flate2::read::ZlibDecoder::new(data))
+        Box::new(flate2::bufread::ZlibDecoder::new(data))
     };
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity((data.len() * 4).min(MAX_INFLATED));
     match reader.take(MAX_INFLATED as u64 + 1).read_to_end(&mut out) {
         Ok(_) if out.len() > MAX_INFLATED => Err(format!(
             "the {} payload inflates past {} MiB (a decompression bomb?)",
@@ -377,7 +408,11 @@ mod tests {
                 arrival_time_millis: 0,
                 data,
             };
-            let decoded = decode("s", case["shard_id"].as_str().unwrap(), raw.clone());
+            let decoded = decode(
+                &"s".into(),
+                &case["shard_id"].as_str().unwrap().into(),
+                raw.clone(),
+            );
             let Some(expect) = case["expect"].as_array() else {
                 // A damaged aggregate: an error (the pipeline dead-letters it), not silence.
                 let err = decoded.unwrap_err().error;
@@ -393,13 +428,13 @@ mod tests {
                 );
                 assert_eq!(
                     record.partition_key,
-                    want["partition_key"].as_str().unwrap()
+                    want["partition_key"].as_str().unwrap().into()
                 );
                 assert_eq!(
                     String::from_utf8_lossy(&record.bytes),
                     want["data"].as_str().unwrap()
                 );
-                assert_eq!(record.sequence_number, raw.sequence_number);
+                assert_eq!(*record.sequence_number, raw.sequence_number);
             }
         }
     }
@@ -407,10 +442,17 @@ mod tests {
     #[test]
     fn malformed_aggregates_are_errors_not_silence() {
         let mut good = aggregate(&[("a", b"one"), ("b", b"two")]);
-        assert_eq!(decode("s", "sh", raw(good.clone())).unwrap().len(), 2);
+        assert_eq!(
+            decode(&"s".into(), &"sh".into(), raw(good.clone()))
+                .unwrap()
+                .len(),
+            2
+        );
         let last = good.len() - 1;
         good[last] ^= 1;
-        let err = decode("s", "sh", raw(good)).unwrap_err().error;
+        let err = decode(&"s".into(), &"sh".into(), raw(good))
+            .unwrap_err()
+            .error;
         assert!(
             err.to_string().contains("MD5") && err.to_string().contains("sequence number 7"),
             "{err}"
@@ -422,7 +464,7 @@ mod tests {
             records: vec![SubRecord {
                 partition_key_index: 3,
                 explicit_hash_key_index: None,
-                data: b"x".to_vec(),
+                data: b"x".to_vec().into(),
                 tags: vec![],
             }],
         }
@@ -430,7 +472,7 @@ mod tests {
         let mut bad = KPL_MAGIC.to_vec();
         bad.extend(&body);
         bad.extend(Md5::digest(&body));
-        assert!(decode("s", "sh", raw(bad))
+        assert!(decode(&"s".into(), &"sh".into(), raw(bad))
             .unwrap_err()
             .error
             .to_string()
@@ -443,17 +485,20 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         gz.write_all(json).unwrap();
         let gz = gz.finish().unwrap();
-        assert_eq!(decode("s", "sh", raw(gz)).unwrap()[0].bytes, json);
+        assert_eq!(
+            decode(&"s".into(), &"sh".into(), raw(gz)).unwrap()[0].bytes,
+            &json[..]
+        );
         let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
         z.write_all(json).unwrap();
         assert_eq!(
-            decode("s", "sh", raw(z.finish().unwrap())).unwrap()[0].bytes,
-            json
+            decode(&"s".into(), &"sh".into(), raw(z.finish().unwrap())).unwrap()[0].bytes,
+            &json[..]
         );
         // Text that merely starts like a zlib header stays as it is.
         assert_eq!(
-            decode("s", "sh", raw(b"x^2 + y".to_vec())).unwrap()[0].bytes,
-            b"x^2 + y"
+            decode(&"s".into(), &"sh".into(), raw(b"x^2 + y".to_vec())).unwrap()[0].bytes,
+            &b"x^2 + y"[..]
         );
         // 64 MiB of zeros in a few dozen KiB.
         let mut bomb = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
@@ -462,7 +507,7 @@ mod tests {
         }
         let bomb = bomb.finish().unwrap();
         assert!(bomb.len() < 1 << 20);
-        assert!(decode("s", "sh", raw(bomb))
+        assert!(decode(&"s".into(), &"sh".into(), raw(bomb))
             .unwrap_err()
             .error
             .to_string()
@@ -477,18 +522,18 @@ mod tests {
         fn decoding_arbitrary_bytes_never_panics(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512), kpl in proptest::prelude::any::<bool>()) {
             let mut bytes = if kpl { KPL_MAGIC.to_vec() } else { Vec::new() };
             bytes.extend(data);
-            let _ = decode("s", "sh", raw(bytes));
+            let _ = decode(&"s".into(), &"sh".into(), raw(bytes));
         }
 
         /// Any list of sub-records survives aggregation and de-aggregation, in order.
         #[test]
         fn aggregates_round_trip(subs in proptest::collection::vec(("[a-z]{1,4}", proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)), 1..20)) {
             let input: Vec<(&str, &[u8])> = subs.iter().map(|(k, d)| (k.as_str(), d.as_slice())).collect();
-            let records = decode("s", "sh", raw(aggregate(&input))).unwrap();
+            let records = decode(&"s".into(), &"sh".into(), raw(aggregate(&input))).unwrap();
             proptest::prop_assert_eq!(records.len(), subs.len());
             for (i, (record, (key, _))) in records.iter().zip(&subs).enumerate() {
                 proptest::prop_assert_eq!(record.sub_sequence_number, i as u64);
-                proptest::prop_assert_eq!(&record.partition_key, key);
+                proptest::prop_assert_eq!(&*record.partition_key, key.as_str());
             }
         }
     }

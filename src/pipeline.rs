@@ -19,9 +19,9 @@ use crate::decode::{self, Record, Undecodable};
 use crate::keys::{KeyError, Keys};
 use crate::preview::Preview;
 use crate::rules::reload::Rules;
-use crate::rules::{Decision, RuleError, Verdict};
+use crate::rules::{Decision, RuleError, RuleSet, Verdict};
 use crate::shutdown::Shutdown;
-use crate::source::{Checkpoint, Position, RawRecord, ShardReader, SourceError};
+use crate::source::{Batch, Checkpoint, Position, RawRecord, ShardReader, SourceError};
 use crate::state::{AuditEntry, DeadLetter, DeadLetterReason, State, StateError, Writes};
 use crate::telemetry::{ActionOutcome, Telemetry};
 
@@ -94,7 +94,7 @@ impl Drop for Claim<'_> {
 }
 
 pub struct Pipeline {
-    pub stream: String,
+    pub stream: Arc<str>,
     /// Swapped whole by a reload; each record sees one rule set.
     pub rules: Arc<Rules>,
     pub actions: ActionSet,
@@ -117,6 +117,74 @@ struct Pending {
     writes: Writes,
     /// Requests done in this batch (the ledger does not have them until the commit).
     done: HashSet<[u8; 32]>,
+    /// Records each rule saw and decided on, counted per batch: one metrics update per
+    /// rule and batch rather than per record.
+    rule_counts: Option<(Arc<RuleSet>, Vec<RuleCount>)>,
+}
+
+/// Records a rule saw, and decided on.
+type RuleCount = (u64, u64);
+
+impl Pending {
+    fn count(&mut self, rules: &Arc<RuleSet>, index: usize, matched: bool, telemetry: &Telemetry) {
+        if !self
+            .rule_counts
+            .as_ref()
+            .is_some_and(|(set, _)| Arc::ptr_eq(set, rules))
+        {
+            self.report_rule_counts(telemetry);
+            self.rule_counts = Some((rules.clone(), vec![(0, 0); rules.rules().len()]));
+        }
+        let (_, counts) = self.rule_counts.as_mut().expect("set above");
+        counts[index].0 += 1;
+        counts[index].1 += u64::from(matched);
+    }
+
+    fn report_rule_counts(&mut self, telemetry: &Telemetry) {
+        if let Some((set, counts)) = self.rule_counts.take() {
+            for (rule, (seen, matched)) in set.rules().iter().zip(counts) {
+                telemetry.rule_evaluated(&rule.name, seen, matched);
+            }
+        }
+    }
+}
+
+/// A shard's place in the pipeline between batches.
+pub struct ShardProgress {
+    shard_id: Arc<str>,
+    /// Sub-records of a resumed aggregate up to this one are settled already.
+    skip: Option<(String, u64)>,
+    /// The last checkpoint written.
+    checkpointed: Option<Checkpoint>,
+    pending: Pending,
+}
+
+impl ShardProgress {
+    pub fn new(shard_id: &str, start: Position) -> Self {
+        let (skip, checkpointed) = match start {
+            Position::After(seq) => (None, Some(Checkpoint::at(seq))),
+            Position::Within(seq, sub) => {
+                (Some((seq.clone(), sub)), Some(Checkpoint::within(seq, sub)))
+            }
+            Position::Start(_) => (None, None),
+        };
+        Self {
+            shard_id: shard_id.into(),
+            skip,
+            checkpointed,
+            pending: Pending::default(),
+        }
+    }
+}
+
+/// How a batch ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BatchEnd {
+    Handled,
+    /// Shutdown came first: everything settled is checkpointed, the rest is read again.
+    Interrupted,
+    /// The shard is closed and read to its end.
+    ShardEnd,
 }
 
 /// What a dead letter keeps sealed for a failed action: the decision.
@@ -153,7 +221,8 @@ impl Pipeline {
     }
 
     /// Commits the gathered writes (in dry-run, keeps the checkpoints in memory).
-    fn flush(&self, pending: &mut Pending, shard_id: &str) -> Result<(), PipelineError> {
+    async fn flush(&self, pending: &mut Pending, shard_id: &str) -> Result<(), PipelineError> {
+        pending.report_rule_counts(&self.telemetry);
         let writes = std::mem::take(&mut pending.writes);
         pending.done.clear();
         match &self.sink {
@@ -172,7 +241,8 @@ impl Pipeline {
                 let started = Instant::now();
                 let has_checkpoint = !writes.checkpoints.is_empty();
                 state
-                    .commit(writes)
+                    .commit_shared(writes)
+                    .await
                     .map_err(|source| PipelineError::State {
                         shard_id: shard_id.to_owned(),
                         sequence_number,
@@ -193,93 +263,21 @@ impl Pipeline {
         shard_id: &str,
         start: Position,
     ) -> Result<ShardExit, PipelineError> {
-        // Sub-records of a resumed aggregate up to this one are settled already.
-        let mut skip = match &start {
-            Position::Within(seq, sub) => Some((seq.clone(), *sub)),
-            _ => None,
-        };
-        let mut checkpointed = match start {
-            Position::After(seq) => Some(Checkpoint::at(seq)),
-            Position::Within(seq, sub) => Some(Checkpoint::within(seq, sub)),
-            Position::Start(_) => None,
-        };
+        let mut progress = ShardProgress::new(shard_id, start);
         let mut caught_up = false;
-        let mut pending = Pending::default();
         loop {
             let Some(batch) = reader.next(&self.shutdown).await? else {
                 return Ok(ShardExit::Stopped);
             };
-            let empty = batch.records.is_empty();
-            let mut settled = checkpointed.clone();
-            let mut interrupted = false;
-            self.telemetry
-                .shard_lag(shard_id, batch.millis_behind_latest);
-            let bytes = batch.records.iter().map(|r| r.data.len()).sum();
-            self.telemetry
-                .records_read(shard_id, batch.records.len(), bytes);
-            'records: for raw in batch.records {
-                let sequence_number = raw.sequence_number.clone();
-                let records = match decode::decode(&self.stream, shard_id, raw) {
-                    Ok(records) => records,
-                    Err(undecodable) => {
-                        self.decode_failed(*undecodable, shard_id, &mut pending);
-                        Vec::new()
-                    }
-                };
-                let aggregated = records.len() > 1;
-                for record in records {
-                    if skip.as_ref().is_some_and(|(seq, sub)| {
-                        *seq == record.sequence_number && record.sub_sequence_number <= *sub
-                    }) {
-                        continue;
-                    }
-                    if let Settled::No = self.handle(&record, &mut pending).await? {
-                        interrupted = true;
-                        break 'records;
-                    }
-                    if aggregated {
-                        settled = Some(Checkpoint::within(
-                            record.sequence_number.clone(),
-                            record.sub_sequence_number,
-                        ));
-                        if self.shutdown.is_triggered() {
-                            interrupted = true;
-                            break 'records;
-                        }
-                    }
+            let now_caught_up = batch.records.is_empty() && batch.millis_behind_latest == Some(0);
+            match self.handle_batch(&mut progress, batch).await? {
+                BatchEnd::Interrupted => return Ok(ShardExit::Stopped),
+                BatchEnd::ShardEnd => {
+                    tracing::info!(shard_id, "shard read to its end");
+                    return Ok(ShardExit::Finished);
                 }
-                skip = None;
-                settled = Some(Checkpoint::at(sequence_number));
-                if self.shutdown.is_triggered() {
-                    interrupted = true;
-                    break;
-                }
+                BatchEnd::Handled => {}
             }
-            let finished = batch.shard_end && !interrupted;
-            if settled != checkpointed || finished {
-                let checkpoint = match finished {
-                    true => Some(Checkpoint::end(
-                        settled.as_ref().and_then(|c| c.sequence_number.clone()),
-                    )),
-                    false => settled.clone(),
-                };
-                if let Some(checkpoint) = checkpoint {
-                    pending
-                        .writes
-                        .checkpoints
-                        .push((shard_id.to_owned(), checkpoint));
-                }
-                checkpointed = settled;
-            }
-            self.flush(&mut pending, shard_id)?;
-            if interrupted {
-                return Ok(ShardExit::Stopped);
-            }
-            if finished {
-                tracing::info!(shard_id, "shard read to its end");
-                return Ok(ShardExit::Finished);
-            }
-            let now_caught_up = empty && batch.millis_behind_latest == Some(0);
             if now_caught_up && !caught_up {
                 tracing::info!(shard_id, "shard caught up");
                 if let Sink::Preview(preview) = &self.sink {
@@ -291,6 +289,89 @@ impl Pipeline {
             }
             caught_up = now_caught_up;
         }
+    }
+
+    /// Handles one GetRecords batch of a shard, in order, and commits its writes with the
+    /// checkpoint of the last settled record.
+    pub async fn handle_batch(
+        &self,
+        progress: &mut ShardProgress,
+        batch: Batch,
+    ) -> Result<BatchEnd, PipelineError> {
+        let shard_id = &progress.shard_id;
+        let mut settled = progress.checkpointed.clone();
+        let mut interrupted = false;
+        self.telemetry
+            .shard_lag(shard_id, batch.millis_behind_latest);
+        let bytes = batch.records.iter().map(|r| r.data.len()).sum();
+        self.telemetry
+            .records_read(shard_id, batch.records.len(), bytes);
+        let pending = &mut progress.pending;
+        'records: for raw in batch.records {
+            let sequence_number = raw.sequence_number.clone();
+            let records = match decode::decode(&self.stream, shard_id, raw) {
+                Ok(records) => records,
+                Err(undecodable) => {
+                    self.decode_failed(*undecodable, shard_id, pending);
+                    Vec::new()
+                }
+            };
+            let aggregated = records.len() > 1;
+            // The last sub-record of this aggregate that is settled.
+            let mut within: Option<&Record> = None;
+            for record in &records {
+                if progress.skip.as_ref().is_some_and(|(seq, sub)| {
+                    **seq == *record.sequence_number && record.sub_sequence_number <= *sub
+                }) {
+                    continue;
+                }
+                let stop = match self.handle(record, pending).await? {
+                    Settled::No => true,
+                    Settled::Yes => {
+                        within = Some(record);
+                        aggregated && self.shutdown.is_triggered()
+                    }
+                };
+                if stop {
+                    interrupted = true;
+                    if let Some(last) = within.filter(|_| aggregated) {
+                        settled = Some(Checkpoint::within(
+                            last.sequence_number.to_string(),
+                            last.sub_sequence_number,
+                        ));
+                    }
+                    break 'records;
+                }
+            }
+            progress.skip = None;
+            settled = Some(Checkpoint::at(sequence_number));
+            if self.shutdown.is_triggered() {
+                interrupted = true;
+                break;
+            }
+        }
+        let finished = batch.shard_end && !interrupted;
+        if settled != progress.checkpointed || finished {
+            let checkpoint = match finished {
+                true => Some(Checkpoint::end(
+                    settled.as_ref().and_then(|c| c.sequence_number.clone()),
+                )),
+                false => settled.clone(),
+            };
+            if let Some(checkpoint) = checkpoint {
+                pending
+                    .writes
+                    .checkpoints
+                    .push((shard_id.to_string(), checkpoint));
+            }
+            progress.checkpointed = settled;
+        }
+        self.flush(pending, shard_id).await?;
+        Ok(match (interrupted, finished) {
+            (true, _) => BatchEnd::Interrupted,
+            (false, true) => BatchEnd::ShardEnd,
+            (false, false) => BatchEnd::Handled,
+        })
     }
 
     /// Runs the rules on one record and settles every decision.
@@ -307,7 +388,7 @@ impl Pipeline {
             }
             Sink::Live { state, keys } => (state.as_ref(), keys),
         };
-        for (rule, verdict) in rules.evaluate(record) {
+        for (index, (rule, verdict)) in rules.evaluate(record).into_iter().enumerate() {
             let maker = Maker {
                 rule: &rule.name,
                 rule_file: &rule.path,
@@ -321,8 +402,7 @@ impl Pipeline {
                 }
                 Verdict::Decided(decisions) => decisions,
             };
-            self.telemetry
-                .rule_evaluated(&rule.name, !decisions.is_empty());
+            pending.count(&rules, index, !decisions.is_empty(), &self.telemetry);
             for decision in decisions {
                 let settled = self
                     .act(state, keys, record, &maker, decision, pending)
@@ -337,9 +417,9 @@ impl Pipeline {
 
     /// A record that cannot be decoded (a malformed KPL aggregate, a decompression bomb) is
     /// dead-lettered as it came, sealed: never skipped.
-    fn decode_failed(&self, undecodable: Undecodable, shard_id: &str, pending: &mut Pending) {
+    fn decode_failed(&self, undecodable: Undecodable, shard_id: &Arc<str>, pending: &mut Pending) {
         let Undecodable { error, raw } = undecodable;
-        tracing::warn!(event = "decode_error", shard_id, sequence_number = %raw.sequence_number, error = %error.reason, "record cannot be decoded; dead-lettering it");
+        tracing::warn!(event = "decode_error", shard_id = %shard_id, sequence_number = %raw.sequence_number, error = %error.reason, "record cannot be decoded; dead-lettering it");
         let Sink::Live { keys, .. } = &self.sink else {
             return;
         };
@@ -348,15 +428,15 @@ impl Pipeline {
             payload_hex: hex::encode(&raw.data),
             error: error.to_string(),
         };
-        let record = Record {
-            stream: self.stream.clone(),
-            shard_id: shard_id.to_owned(),
-            sequence_number: raw.sequence_number.clone(),
-            sub_sequence_number: 0,
-            partition_key: String::new(),
-            arrival_time: crate::clock::rfc3339(raw.arrival_time_millis),
-            bytes: Vec::new(),
-        };
+        let record = Record::undecoded(
+            &self.stream,
+            shard_id,
+            RawRecord {
+                partition_key: String::new(),
+                data: Vec::new(),
+                ..raw
+            },
+        );
         let rules = self.rules.load();
         let maker = Maker {
             rule: "",
@@ -390,7 +470,7 @@ impl Pipeline {
             &summary,
         );
         let sealed = SealedRecord {
-            partition_key: record.partition_key.clone(),
+            partition_key: record.partition_key.to_string(),
             payload_hex: hex::encode(&record.bytes),
             error: error.to_string(),
         };
@@ -515,7 +595,7 @@ impl Pipeline {
             Outcome::Interrupted => return Ok(Settled::No),
         }
         // A backend call happened: make its outcome durable before anything else.
-        self.flush(pending, &record.shard_id)?;
+        self.flush(pending, &record.shard_id).await?;
         Ok(Settled::Yes)
     }
 
@@ -529,14 +609,18 @@ impl Pipeline {
         let Sink::Live { state, keys } = &self.sink else {
             return Ok(Retried::Interrupted);
         };
+        let (stream, shard_id): (Arc<str>, Arc<str>) = (
+            letter.stream.as_str().into(),
+            letter.shard_id.as_str().into(),
+        );
         let record = Record {
-            stream: letter.stream.clone(),
-            shard_id: letter.shard_id.clone(),
-            sequence_number: letter.sequence_number.clone(),
+            stream: stream.clone(),
+            shard_id: shard_id.clone(),
+            sequence_number: letter.sequence_number.as_str().into(),
             sub_sequence_number: letter.sub_sequence_number,
-            partition_key: String::new(),
-            arrival_time: letter.arrival_time.clone(),
-            bytes: Vec::new(),
+            partition_key: "".into(),
+            arrival_time: letter.arrival_time.as_str().into(),
+            bytes: Default::default(),
         };
         let mut pending = Pending::default();
         let result = match &letter.reason {
@@ -565,8 +649,8 @@ impl Pipeline {
             DeadLetterReason::RuleFailed { sealed_record, .. } => {
                 let sealed: SealedRecord = open(keys, id, sealed_record)?;
                 let record = Record {
-                    partition_key: sealed.partition_key,
-                    bytes: hex::decode(sealed.payload_hex).unwrap_or_default(),
+                    partition_key: sealed.partition_key.into(),
+                    bytes: hex::decode(sealed.payload_hex).unwrap_or_default().into(),
                     ..record
                 };
                 self.handle(&record, &mut pending).await?
@@ -579,12 +663,12 @@ impl Pipeline {
                     arrival_time_millis: 0,
                     data: hex::decode(sealed.payload_hex).unwrap_or_default(),
                 };
-                match decode::decode(&letter.stream, &letter.shard_id, raw) {
+                match decode::decode(&stream, &shard_id, raw) {
                     Ok(records) => {
                         let mut settled = Settled::Yes;
                         for record in records {
                             let record = Record {
-                                arrival_time: letter.arrival_time.clone(),
+                                arrival_time: letter.arrival_time.as_str().into(),
                                 ..record
                             };
                             if let Settled::No = self.handle(&record, &mut pending).await? {
@@ -614,7 +698,7 @@ impl Pipeline {
         // The replacement was already committed by `act` for action failures; resolve
         // the old letter (and commit a rule failure's replacement) now.
         pending.writes.resolved_dead_letters.push(id);
-        self.flush(&mut pending, &letter.shard_id)?;
+        self.flush(&mut pending, &letter.shard_id).await?;
         Ok(outcome)
     }
 }
@@ -636,8 +720,8 @@ fn open<T: serde::de::DeserializeOwned>(
 
 fn state_error(record: &Record, source: StateError) -> PipelineError {
     PipelineError::State {
-        shard_id: record.shard_id.clone(),
-        sequence_number: record.sequence_number.clone(),
+        shard_id: record.shard_id.to_string(),
+        sequence_number: record.sequence_number.to_string(),
         source,
     }
 }
@@ -679,7 +763,7 @@ fn audit_entry(
         outcome: outcome.to_owned(),
         http_status,
         attempts,
-        arrival_time: record.arrival_time.clone(),
+        arrival_time: record.arrival_time.to_string(),
         regulation: regulation.to_owned(),
         due_date: due_date(&record.arrival_time, regulation),
         note: None,
@@ -689,11 +773,11 @@ fn audit_entry(
 fn dead_letter(record: &Record, maker: &Maker, reason: DeadLetterReason) -> DeadLetter {
     DeadLetter {
         created_at_ms: now_ms(),
-        stream: record.stream.clone(),
-        shard_id: record.shard_id.clone(),
-        sequence_number: record.sequence_number.clone(),
+        stream: record.stream.to_string(),
+        shard_id: record.shard_id.to_string(),
+        sequence_number: record.sequence_number.to_string(),
         sub_sequence_number: record.sub_sequence_number,
-        arrival_time: record.arrival_time.clone(),
+        arrival_time: record.arrival_time.to_string(),
         rule: maker.rule.to_owned(),
         rule_file: maker.rule_file.display().to_string(),
         rules_hash: maker.rules_hash.to_owned(),

@@ -10,6 +10,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -149,7 +150,17 @@ impl Writes {
 pub struct State {
     db: Database,
     path: PathBuf,
+    group: Mutex<Group>,
 }
+
+/// Writers waiting for the next group commit, and whether a leader is committing.
+#[derive(Default)]
+struct Group {
+    waiting: Vec<(Writes, Answer)>,
+    leading: bool,
+}
+
+type Answer = tokio::sync::oneshot::Sender<Result<Vec<u64>, StateError>>;
 
 impl State {
     /// Opens (creating if needed) and locks the state file.
@@ -167,6 +178,7 @@ impl State {
         let state = State {
             db,
             path: path.to_owned(),
+            group: Mutex::default(),
         };
         state.init()?;
         Ok(state)
@@ -254,13 +266,81 @@ impl State {
         tx.commit().map_err(|e| err(e.into()))
     }
 
-    /// Commits a set of writes in one durable transaction. Returns the new dead letters' ids.
+    /// Commits one set of writes in its own transaction; returns the new dead letters' ids.
     pub fn commit(&self, writes: Writes) -> Result<Vec<u64>, StateError> {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
         let err = self.db_err("cannot commit");
         let tx = self.db.begin_write().map_err(|e| err(e.into()))?;
+        let ids = self.apply(&tx, &writes)?;
+        tx.commit().map_err(|e| err(e.into()))?;
+        Ok(ids)
+    }
+
+    /// Commits `writes` together with whatever other shards are committing at the same
+    /// moment: one transaction and one disk sync for all of them (group commit), done off
+    /// the async threads. Returns when the writes are durable.
+    pub async fn commit_shared(self: &Arc<Self>, writes: Writes) -> Result<Vec<u64>, StateError> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (done, result) = tokio::sync::oneshot::channel();
+        let lead = {
+            let mut group = self.group.lock().expect("group commit lock");
+            group.waiting.push((writes, done));
+            !std::mem::replace(&mut group.leading, true)
+        };
+        if lead {
+            let state = self.clone();
+            tokio::task::spawn_blocking(move || state.commit_waiting());
+        }
+        result
+            .await
+            .expect("the group committer answers every writer")
+    }
+
+    /// The group leader: commits what is waiting, again and again, until nothing is.
+    fn commit_waiting(&self) {
+        loop {
+            let waiting = {
+                let mut group = self.group.lock().expect("group commit lock");
+                if group.waiting.is_empty() {
+                    group.leading = false;
+                    return;
+                }
+                std::mem::take(&mut group.waiting)
+            };
+            let (writes, answers): (Vec<Writes>, Vec<_>) = waiting.into_iter().unzip();
+            match self.commit_group(&writes) {
+                Ok(ids) => {
+                    for (answer, ids) in answers.into_iter().zip(ids) {
+                        let _ = answer.send(Ok(ids));
+                    }
+                }
+                // Rare: commit each alone, so each writer gets its own error.
+                Err(_) => {
+                    for (answer, writes) in answers.into_iter().zip(writes) {
+                        let _ = answer.send(self.commit(writes));
+                    }
+                }
+            }
+        }
+    }
+
+    fn commit_group(&self, group: &[Writes]) -> Result<Vec<Vec<u64>>, StateError> {
+        let err = self.db_err("cannot commit");
+        let tx = self.db.begin_write().map_err(|e| err(e.into()))?;
+        let ids = group
+            .iter()
+            .map(|writes| self.apply(&tx, writes))
+            .collect::<Result<_, _>>()?;
+        tx.commit().map_err(|e| err(e.into()))?;
+        Ok(ids)
+    }
+
+    fn apply(&self, tx: &redb::WriteTransaction, writes: &Writes) -> Result<Vec<u64>, StateError> {
+        let err = self.db_err("cannot commit");
         let mut ids = Vec::new();
         {
             let mut table = tx.open_table(CHECKPOINTS).map_err(|e| err(e.into()))?;
@@ -288,9 +368,9 @@ impl State {
                 // Ids are never reused, even after the last one is resolved.
                 let id = last
                     .unwrap_or(0)
-                    .max(self.meta_counter(&tx, "dead_letter_ids")?)
+                    .max(self.meta_counter(tx, "dead_letter_ids")?)
                     + 1;
-                self.set_meta_counter(&tx, "dead_letter_ids", id)?;
+                self.set_meta_counter(tx, "dead_letter_ids", id)?;
                 letters
                     .insert(id, bytes.as_slice())
                     .map_err(|e| err(e.into()))?;
@@ -308,7 +388,6 @@ impl State {
                     .map_err(|e| err(e.into()))?;
             }
         }
-        tx.commit().map_err(|e| err(e.into()))?;
         Ok(ids)
     }
 

@@ -202,10 +202,17 @@ impl Telemetry {
         self.bytes_read.get_or_create(&shard).inc_by(bytes as u64);
     }
 
-    pub fn rule_evaluated(&self, rule: &str, matched: bool) {
-        self.rule_records.get_or_create(&label("rule", rule)).inc();
-        if matched {
-            self.rule_matches.get_or_create(&label("rule", rule)).inc();
+    /// A rule saw `seen` records and decided on `matched` of them.
+    pub fn rule_evaluated(&self, rule: &str, seen: u64, matched: u64) {
+        if seen > 0 {
+            self.rule_records
+                .get_or_create(&label("rule", rule))
+                .inc_by(seen);
+        }
+        if matched > 0 {
+            self.rule_matches
+                .get_or_create(&label("rule", rule))
+                .inc_by(matched);
         }
     }
 

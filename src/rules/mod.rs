@@ -5,6 +5,7 @@
 //! A compiled [`RuleSet`] is immutable, so a reload can swap in a new one between records.
 
 mod engine;
+mod guard;
 mod prefilter;
 pub mod reload;
 pub mod testing;
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::decode::{rule_data, Record};
+use guard::Guard;
 use prefilter::Prefilter;
 
 /// What a rule decided: call `action` for the request identified by `key`.
@@ -97,6 +99,8 @@ pub struct Rule {
     ast: AST,
     /// Literals of `const PREFILTER`: records whose bytes contain none are skipped.
     literals: Option<Vec<String>>,
+    /// The checks `decide` opens with, run without a Rhai call.
+    guard: Option<Guard>,
 }
 
 /// What one rule made of one record.
@@ -168,26 +172,31 @@ impl RuleSet {
     /// if some rule's prefilter lets it through, and then once for all of them.
     pub fn evaluate(&self, record: &Record) -> Vec<(&Rule, Verdict)> {
         let eligible = self.prefilter.eligible(&record.bytes);
-        let mut input = None;
+        let mut input = Input::new(record);
         self.rules
             .iter()
             .zip(eligible)
-            .map(|(rule, eligible)| {
-                if !eligible {
-                    return (rule, Verdict::Skipped);
-                }
-                let input = input.get_or_insert_with(|| record_to_dynamic(record));
-                (rule, self.call(rule, input))
-            })
+            .map(|(rule, eligible)| (rule, self.verdict(rule, eligible, &mut input)))
             .collect()
     }
 
-    /// Runs one rule on a record, prefilter included (what `rules test` does per case).
+    /// Runs one rule on a record, prefilter and guard included (what `rules test` does per
+    /// case).
     pub fn evaluate_rule(&self, index: usize, record: &Record) -> Verdict {
-        if !self.prefilter.eligible(&record.bytes)[index] {
+        let eligible = self.prefilter.eligible(&record.bytes)[index];
+        self.verdict(&self.rules[index], eligible, &mut Input::new(record))
+    }
+
+    fn verdict(&self, rule: &Rule, eligible: bool, input: &mut Input) -> Verdict {
+        if !eligible {
             return Verdict::Skipped;
         }
-        self.call(&self.rules[index], &record_to_dynamic(record))
+        if let Some(guard) = &rule.guard {
+            if !input.admitted_by(guard) {
+                return Verdict::Decided(Vec::new());
+            }
+        }
+        self.call(rule, input.record())
     }
 
     fn call(&self, rule: &Rule, input: &Dynamic) -> Verdict {
@@ -284,6 +293,7 @@ fn compile(engine: &Engine, path: &Path) -> Result<(Rule, String), RuleError> {
         Rule {
             name,
             path: path.to_owned(),
+            guard: Guard::of(&ast),
             ast,
             literals,
         },
@@ -332,25 +342,58 @@ fn prefilter_literals(
     Ok(Some(literals))
 }
 
-/// Builds the read-only `record` map a rule receives.
-fn record_to_dynamic(record: &Record) -> Dynamic {
-    let mut map = rhai::Map::new();
-    map.insert("data".into(), rule_data(&record.bytes));
-    map.insert("partition_key".into(), record.partition_key.clone().into());
-    map.insert(
-        "sequence_number".into(),
-        record.sequence_number.clone().into(),
-    );
-    map.insert(
-        "sub_sequence_number".into(),
-        Dynamic::from_int(record.sub_sequence_number as rhai::INT),
-    );
-    map.insert("shard_id".into(), record.shard_id.clone().into());
-    map.insert("arrival_time".into(), record.arrival_time.clone().into());
-    map.insert("stream".into(), record.stream.clone().into());
-    // Shared: every rule gets the same map without a deep copy; read-only: no rule can
-    // change what the next one sees.
-    Dynamic::from_map(map).into_read_only().into_shared()
+/// A record as rules see it, built once and only as far as the rules need: `record.data`
+/// for guards, the whole `record` map for a Rhai call.
+struct Input<'a> {
+    record: &'a Record,
+    data: Option<Dynamic>,
+    map: Option<Dynamic>,
+}
+
+impl<'a> Input<'a> {
+    fn new(record: &'a Record) -> Self {
+        Input {
+            record,
+            data: None,
+            map: None,
+        }
+    }
+
+    fn admitted_by(&mut self, guard: &Guard) -> bool {
+        match &self.map {
+            Some(map) => {
+                let map = map.read_lock::<rhai::Map>().expect("the record is a map");
+                guard.admits(map.get("data").unwrap_or(&Dynamic::UNIT))
+            }
+            None => guard.admits(
+                self.data
+                    .get_or_insert_with(|| rule_data(&self.record.bytes)),
+            ),
+        }
+    }
+
+    /// The read-only `record` map a rule receives.
+    fn record(&mut self) -> &Dynamic {
+        let record = self.record;
+        let data = &mut self.data;
+        self.map.get_or_insert_with(|| {
+            let data = data.take().unwrap_or_else(|| rule_data(&record.bytes));
+            let mut map = rhai::Map::new();
+            map.insert("data".into(), data);
+            map.insert("partition_key".into(), (&*record.partition_key).into());
+            map.insert("sequence_number".into(), (&*record.sequence_number).into());
+            map.insert(
+                "sub_sequence_number".into(),
+                Dynamic::from_int(record.sub_sequence_number as rhai::INT),
+            );
+            map.insert("shard_id".into(), (&*record.shard_id).into());
+            map.insert("arrival_time".into(), (&*record.arrival_time).into());
+            map.insert("stream".into(), (&*record.stream).into());
+            // Shared: every rule gets the same map without a deep copy; read-only: no rule
+            // can change what the next one sees.
+            Dynamic::from_map(map).into_read_only().into_shared()
+        })
+    }
 }
 
 /// Validates what `decide` returned into typed decisions.
@@ -466,8 +509,8 @@ mod tests {
             sequence_number: "1".into(),
             sub_sequence_number: 0,
             partition_key: "pk".into(),
-            arrival_time: crate::clock::rfc3339(0),
-            bytes: json.as_bytes().to_vec(),
+            arrival_time: crate::clock::rfc3339(0).into(),
+            bytes: json.as_bytes().to_vec().into(),
         }
     }
 

@@ -1,0 +1,313 @@
+//! Guards: the early returns a rule opens with, checked in Rust before running it.
+//!
+//! Most rules begin by ruling out records that are not theirs:
+//!
+//! ```rhai
+//! fn decide(record) {
+//!     let event = record.data;
+//!     if type_of(event) != "map" { return; }
+//!     if event.type != "privacy_request" { return; }
+//!     ...
+//! ```
+//!
+//! Those opening checks are read from the compiled rule. A record that fails one gets the
+//! answer the rule itself would give (no decision) without a Rhai call, which is most of
+//! the cost of a rule on a shared stream. Only the exact shapes above are recognised, in
+//! order, and the first statement of any other shape ends the guard, so a guard never
+//! turns away a record the rule would decide on, and never hides an error the rule would
+//! raise (a field read before the map check ends the guard).
+
+use rhai::{ASTNode, Dynamic, Expr, ImmutableString, Stmt, AST};
+
+/// The opening checks of one rule's `decide`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Guard {
+    /// Fields of `record.data` that must hold these strings.
+    fields: Vec<(ImmutableString, ImmutableString)>,
+}
+
+impl Guard {
+    /// The guard of `decide`, if it opens with at least `type_of(data) != "map"`.
+    pub fn of(ast: &AST) -> Option<Guard> {
+        let decide = ast
+            .iter_functions()
+            .find(|f| f.name == "decide" && f.params.len() == 1)?;
+        let param: ImmutableString = decide.params[0].into();
+        let only_decide = ast
+            .clone_functions_only_filtered(|_, _, _, name, params| name == "decide" && params == 1);
+        let mut reader = Reader {
+            param,
+            alias: None,
+            map_checked: false,
+            fields: Vec::new(),
+        };
+        only_decide.walk(&mut |path: &[ASTNode]| match path {
+            // The body's statements, in order (deeper nodes need no visit).
+            [ASTNode::Stmt(stmt)] => reader.read(stmt),
+            _ => true,
+        });
+        reader.map_checked.then_some(Guard {
+            fields: reader.fields,
+        })
+    }
+
+    /// Whether the rule must run on a record whose `record.data` is `data`.
+    pub fn admits(&self, data: &Dynamic) -> bool {
+        let Some(map) = data.read_lock::<rhai::Map>() else {
+            return false;
+        };
+        self.fields.iter().all(|(field, literal)| {
+            map.get(field.as_str())
+                .and_then(|value| value.read_lock::<ImmutableString>().map(|s| *s == *literal))
+                .unwrap_or(false)
+        })
+    }
+}
+
+/// Reads `decide`'s opening statements one by one while they have a guard's shape.
+struct Reader {
+    param: ImmutableString,
+    /// A variable holding `record.data` (`let event = record.data;`).
+    alias: Option<ImmutableString>,
+    map_checked: bool,
+    fields: Vec<(ImmutableString, ImmutableString)>,
+}
+
+impl Reader {
+    /// Takes in one statement; `false` ends the guard (and the walk).
+    fn read(&mut self, stmt: &Stmt) -> bool {
+        match stmt {
+            Stmt::Var(var, ..) if self.alias.is_none() && self.is_data(&var.1) => {
+                if var.0.name == self.param {
+                    return false;
+                }
+                self.alias = Some(var.0.name.clone());
+                true
+            }
+            Stmt::If(flow, _) if returns_nothing(&flow.body) && flow.branch.is_empty() => {
+                self.read_condition(&flow.expr)
+            }
+            _ => false,
+        }
+    }
+
+    /// `type_of(DATA) != "map"` or, after it, `DATA.field != "literal"`.
+    fn read_condition(&mut self, condition: &Expr) -> bool {
+        let Expr::FnCall(call, _) = condition else {
+            return false;
+        };
+        let (Some(rhai::Token::NotEqualsTo), [left, Expr::StringConstant(literal, _)]) =
+            (&call.op_token, call.args.as_slice())
+        else {
+            return false;
+        };
+        match left {
+            Expr::FnCall(type_of, _)
+                if type_of.name == "type_of"
+                    && type_of.namespace.is_empty()
+                    && type_of.args.len() == 1
+                    && self.is_data(&type_of.args[0])
+                    && literal == "map" =>
+            {
+                self.map_checked = true;
+                true
+            }
+            _ if self.map_checked => match self.data_field(left) {
+                Some(field) => {
+                    self.fields.push((field, literal.clone()));
+                    true
+                }
+                None => false,
+            },
+            _ => false,
+        }
+    }
+
+    /// `record.data`, or the variable holding it.
+    fn is_data(&self, expr: &Expr) -> bool {
+        match expr {
+            Expr::Variable(var, ..) => Some(&var.1) == self.alias.as_ref() && var.2.is_empty(),
+            Expr::Dot(dot, flags, _) => {
+                flags.is_empty() && self.is_param(&dot.lhs) && is_property(&dot.rhs, "data")
+            }
+            _ => false,
+        }
+    }
+
+    /// The field in `ALIAS.field` or `record.data.field`.
+    fn data_field(&self, expr: &Expr) -> Option<ImmutableString> {
+        let Expr::Dot(dot, flags, _) = expr else {
+            return None;
+        };
+        if !flags.is_empty() {
+            return None;
+        }
+        if let Expr::Variable(var, ..) = &dot.lhs {
+            if Some(&var.1) == self.alias.as_ref() && var.2.is_empty() {
+                return property(&dot.rhs);
+            }
+        }
+        match &dot.rhs {
+            Expr::Dot(inner, inner_flags, _)
+                if inner_flags.is_empty()
+                    && self.is_param(&dot.lhs)
+                    && is_property(&inner.lhs, "data") =>
+            {
+                property(&inner.rhs)
+            }
+            _ => None,
+        }
+    }
+
+    fn is_param(&self, expr: &Expr) -> bool {
+        matches!(expr, Expr::Variable(var, ..) if var.1 == self.param && var.2.is_empty())
+    }
+}
+
+/// `{ return; }`
+fn returns_nothing(block: &rhai::StmtBlock) -> bool {
+    matches!(block.statements(), [Stmt::Return(None, ..)])
+}
+
+fn property(expr: &Expr) -> Option<ImmutableString> {
+    match expr {
+        Expr::Property(names, _) => Some(names.2.clone()),
+        _ => None,
+    }
+}
+
+fn is_property(expr: &Expr, name: &str) -> bool {
+    property(expr).is_some_and(|p| p == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn guard(body: &str) -> Option<Guard> {
+        let engine = super::super::engine::sandboxed();
+        Guard::of(
+            &engine
+                .compile(format!("fn decide(record) {{\n{body}\n}}"))
+                .unwrap(),
+        )
+    }
+
+    fn fields(pairs: &[(&str, &str)]) -> Option<Guard> {
+        Some(Guard {
+            fields: pairs
+                .iter()
+                .map(|(f, l)| ((*f).into(), (*l).into()))
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn reads_the_opening_checks_and_stops_at_anything_else() {
+        let opening = r#"let event = record.data;
+            if type_of(event) != "map" { return; }
+            if event.type != "privacy_request" { return; }
+            if record.data.client != "acme" { return; }"#;
+        assert_eq!(
+            guard(opening),
+            fields(&[("type", "privacy_request"), ("client", "acme")])
+        );
+        // Everything after the first other statement is the rule's own business.
+        let then = format!("{opening}\nlet x = 1;\nif event.user != \"u\" {{ return; }}");
+        assert_eq!(
+            guard(&then),
+            fields(&[("type", "privacy_request"), ("client", "acme")])
+        );
+        // A field read before the map check could raise an error: no guard.
+        assert_eq!(
+            guard("if record.data.type != \"x\" { return; }\nif type_of(record.data) != \"map\" { return; }"),
+            None
+        );
+        // Not an early return, or with an else: no guard.
+        assert_eq!(
+            guard("if type_of(record.data) != \"map\" { return 1; }"),
+            None
+        );
+        assert_eq!(
+            guard("if type_of(record.data) != \"map\" { return; } else { return; }"),
+            None
+        );
+        assert_eq!(
+            guard("if type_of(record.data) == \"map\" { return; }"),
+            None
+        );
+        assert_eq!(
+            guard("if type_of(record.data) != \"map\" { return; }"),
+            fields(&[])
+        );
+        // `==` does not make a guard, and `?.` is not `.`.
+        assert_eq!(
+            guard("if type_of(record.data) != \"map\" { return; }\nif record.data?.type != \"x\" { return; }"),
+            fields(&[])
+        );
+    }
+
+    /// The rule the guard comes from, run on values of every kind: whenever the guard turns
+    /// a record away, the rule (run for real) returns no decision and raises no error.
+    #[test]
+    fn a_record_turned_away_is_one_the_rule_returns_nothing_for() {
+        let engine = super::super::engine::sandboxed();
+        let ast = engine
+            .compile(
+                r#"fn decide(record) {
+                    let event = record.data;
+                    if type_of(event) != "map" { return; }
+                    if event.type != "privacy_request" { return; }
+                    if record.data.client != "acme" { return; }
+                    #{ action: "a", key: event.type + event.client }
+                }"#,
+            )
+            .unwrap();
+        let guard = Guard::of(&ast).unwrap();
+        let value = prop_oneof![
+            Just(Dynamic::UNIT),
+            any::<i64>().prop_map(Dynamic::from_int),
+            any::<bool>().prop_map(Dynamic::from_bool),
+            prop_oneof![
+                Just("privacy_request"),
+                Just("acme"),
+                Just("privacy_request "),
+                Just("Acme"),
+                Just("")
+            ]
+            .prop_map(Dynamic::from),
+            Just(Dynamic::from_array(vec!["acme".into()])),
+        ];
+        let data = prop_oneof![
+            value.clone(),
+            (
+                proptest::option::of(value.clone()),
+                proptest::option::of(value)
+            )
+                .prop_map(|(kind, client)| {
+                    let mut map = rhai::Map::new();
+                    if let Some(kind) = kind {
+                        map.insert("type".into(), kind);
+                    }
+                    if let Some(client) = client {
+                        map.insert("client".into(), client);
+                    }
+                    Dynamic::from_map(map)
+                }),
+        ];
+        proptest!(ProptestConfig::with_cases(500), |(data in data)| {
+            let admitted = guard.admits(&data);
+            let mut record = rhai::Map::new();
+            record.insert("data".into(), data);
+            let answer = engine.call_fn::<Dynamic>(
+                &mut rhai::Scope::new(),
+                &ast,
+                "decide",
+                (Dynamic::from_map(record),),
+            );
+            let answer = answer.map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(admitted, !answer.is_unit());
+        });
+    }
+}

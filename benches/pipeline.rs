@@ -29,6 +29,10 @@ use gdpr_consumer::source::{Batch, Position, RawRecord};
 use gdpr_consumer::state::State;
 use gdpr_consumer::telemetry::Telemetry;
 
+/// The daemon's allocator (see src/main.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Shards of the whole-pipeline run, and records per GetRecords batch.
 const SHARDS: usize = 64;
 const BATCH: usize = 1_000;
@@ -222,6 +226,7 @@ fn shard_batches(records: &[RawRecord]) -> Vec<Vec<Batch>> {
                     records: chunk.to_vec(),
                     millis_behind_latest: Some(1_000),
                     shard_end: false,
+                    in_flight: None,
                 })
                 .collect()
         })

@@ -12,12 +12,11 @@ use aws_sdk_kinesis::config::{Credentials, ProvideCredentials, Region};
 use aws_sdk_kinesis::error::ProvideErrorMetadata;
 use aws_sdk_kinesis::types::ShardIteratorType;
 use aws_sdk_kinesis::Client;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{StartPosition, StreamSettings};
 use crate::shutdown::Shutdown;
 
-/// Most records one GetRecords call may return (the Kinesis maximum).
-const GET_RECORDS_LIMIT: i32 = 10_000;
 /// Kinesis allows 5 GetRecords calls per second per shard.
 const MIN_CALL_INTERVAL: Duration = Duration::from_millis(200);
 const MAX_FAULT_BACKOFF: Duration = Duration::from_secs(10);
@@ -129,6 +128,9 @@ pub struct Batch {
     pub millis_behind_latest: Option<i64>,
     /// The shard is closed and every record has been read.
     pub shard_end: bool,
+    /// One of the stream's `batches_in_flight`, given back when the batch is dropped
+    /// (handled).
+    pub in_flight: Option<OwnedSemaphorePermit>,
 }
 
 /// The Kinesis stream the daemon reads.
@@ -136,6 +138,9 @@ pub struct KinesisSource {
     client: Client,
     stream: String,
     page_size: Option<i32>,
+    records_per_call: i32,
+    /// Bounds the answers held at once over all shards (memory stays flat with the count).
+    in_flight: Arc<Semaphore>,
 }
 
 impl KinesisSource {
@@ -177,6 +182,8 @@ impl KinesisSource {
             client: Client::from_conf(builder.build()),
             stream: settings.name.clone(),
             page_size: settings.list_shards_page_size,
+            records_per_call: settings.records_per_call,
+            in_flight: Arc::new(Semaphore::new(settings.batches_in_flight)),
         }
     }
 
@@ -398,13 +405,17 @@ impl ShardReader {
                     }
                 },
             };
+            let permit = tokio::select! {
+                permit = self.source.in_flight.clone().acquire_owned() => permit.expect("never closed"),
+                _ = shutdown.triggered() => return Ok(None),
+            };
             self.last_call = Some(Instant::now());
             let result = self
                 .source
                 .client
                 .get_records()
                 .shard_iterator(&iterator)
-                .limit(GET_RECORDS_LIMIT)
+                .limit(self.source.records_per_call)
                 .send()
                 .await;
             let output = match result {
@@ -459,6 +470,7 @@ impl ShardReader {
                 records,
                 millis_behind_latest: output.millis_behind_latest,
                 shard_end: self.iterator.is_none(),
+                in_flight: Some(permit),
             }));
         }
     }

@@ -5,9 +5,9 @@
 //! Writes are gathered into [`Writes`] and committed in one transaction: once per batch of
 //! records, and right after each backend call, so a checkpoint never lands before the
 //! outcomes of the records it covers; writes of shards committing at the same moment share
-//! one transaction and one disk sync ([`State::commit_shared`]). The state holds no identifier in clear: the ledger
-//! and the audit trail keep keyed hashes, and what a dead letter must keep to be retried is
-//! sealed (encrypted) by the caller.
+//! one transaction and one disk sync ([`State::commit_shared`]). The state holds no
+//! identifier in clear: the ledger and the audit trail keep keyed hashes, and what a dead
+//! letter must keep to be retried is sealed (encrypted) by the caller.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

@@ -139,7 +139,7 @@ fn front_half(stream: &common::Stream, floors: &Floors) {
         let started = Instant::now();
         for raw in input {
             for record in decode::decode(&stream_name, &shard, raw).unwrap() {
-                for (_, verdict) in set.evaluate(&record) {
+                for (_, verdict) in set.run(&record) {
                     if let Verdict::Decided(list) = verdict {
                         for d in list {
                             decisions +=

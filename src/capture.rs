@@ -77,7 +77,7 @@ impl<W: Write + Send + 'static> ShardWork for Capture<W> {
             let empty = batch.records.is_empty();
             let mut last = None;
             for raw in batch.records {
-                last = Some(raw.sequence_number.clone());
+                last = Some(raw.sequence_number.to_string());
                 // A record that does not decode is captured as it is.
                 let records = decode::decode(&stream, &shard, raw).unwrap_or_else(|undecodable| {
                     vec![decode::Record::undecoded(&stream, &shard, undecodable.raw)]

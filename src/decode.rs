@@ -87,7 +87,7 @@ impl Record {
             stream: stream.clone(),
             shard_id: shard_id.clone(),
             arrival_time: rfc3339(raw.arrival_time_millis).into(),
-            sequence_number: raw.sequence_number.into(),
+            sequence_number: raw.sequence_number,
             sub_sequence_number: 0,
             partition_key: raw.partition_key.into(),
             bytes: raw.data.into(),
@@ -254,7 +254,7 @@ pub fn decode(
         Box::new(Undecodable {
             error: DecodeError {
                 shard_id: shard_id.to_string(),
-                sequence_number: raw.sequence_number.clone(),
+                sequence_number: raw.sequence_number.to_string(),
                 reason,
             },
             raw,
@@ -262,7 +262,7 @@ pub fn decode(
     };
     // Made once per Kinesis record, shared by its sub-records.
     let arrival_time: Arc<str> = rfc3339(raw.arrival_time_millis).into();
-    let sequence_number: Arc<str> = raw.sequence_number.as_str().into();
+    let sequence_number = raw.sequence_number.clone();
     let record = |sub_sequence_number: u64, partition_key: Arc<str>, bytes: Bytes| Record {
         stream: stream.clone(),
         shard_id: shard_id.clone(),
@@ -434,7 +434,7 @@ mod tests {
                     String::from_utf8_lossy(&record.bytes),
                     want["data"].as_str().unwrap()
                 );
-                assert_eq!(*record.sequence_number, raw.sequence_number);
+                assert_eq!(record.sequence_number, raw.sequence_number);
             }
         }
     }

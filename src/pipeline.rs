@@ -149,6 +149,12 @@ impl Pending {
     }
 }
 
+/// What the rules made of a record that has something to settle, by rule index.
+struct RulesOutcome {
+    rules: Arc<RuleSet>,
+    verdicts: Vec<(usize, Verdict)>,
+}
+
 /// A shard's place in the pipeline between batches.
 pub struct ShardProgress {
     shard_id: Arc<str>,
@@ -299,7 +305,10 @@ impl Pipeline {
         batch: Batch,
     ) -> Result<BatchEnd, PipelineError> {
         let shard_id = &progress.shard_id;
-        let mut settled = progress.checkpointed.clone();
+        // Where the shard stands: after the last whole record settled, or inside an
+        // aggregate that shutdown cut short.
+        let mut last_settled: Option<Arc<str>> = None;
+        let mut within_aggregate: Option<Checkpoint> = None;
         let mut interrupted = false;
         self.telemetry
             .shard_lag(shard_id, batch.millis_behind_latest);
@@ -325,7 +334,11 @@ impl Pipeline {
                 }) {
                     continue;
                 }
-                let stop = match self.handle(record, pending).await? {
+                let outcome = match self.evaluate(record, pending) {
+                    None => Settled::Yes,
+                    Some(outcome) => self.settle(record, outcome, pending).await?,
+                };
+                let stop = match outcome {
                     Settled::No => true,
                     Settled::Yes => {
                         within = Some(record);
@@ -334,22 +347,25 @@ impl Pipeline {
                 };
                 if stop {
                     interrupted = true;
-                    if let Some(last) = within.filter(|_| aggregated) {
-                        settled = Some(Checkpoint::within(
+                    within_aggregate = within.filter(|_| aggregated).map(|last| {
+                        Checkpoint::within(
                             last.sequence_number.to_string(),
                             last.sub_sequence_number,
-                        ));
-                    }
+                        )
+                    });
                     break 'records;
                 }
             }
             progress.skip = None;
-            settled = Some(Checkpoint::at(sequence_number));
+            last_settled = Some(sequence_number);
             if self.shutdown.is_triggered() {
                 interrupted = true;
                 break;
             }
         }
+        let settled = within_aggregate
+            .or_else(|| last_settled.map(|seq| Checkpoint::at(seq.to_string())))
+            .or_else(|| progress.checkpointed.clone());
         let finished = batch.shard_end && !interrupted;
         if settled != progress.checkpointed || finished {
             let checkpoint = match finished {
@@ -380,15 +396,51 @@ impl Pipeline {
         record: &Record,
         pending: &mut Pending,
     ) -> Result<Settled, PipelineError> {
+        match self.evaluate(record, pending) {
+            Some(outcome) => self.settle(record, outcome, pending).await,
+            None => Ok(Settled::Yes),
+        }
+    }
+
+    /// Runs the rules on one record, without waiting for anything. `None` when no rule
+    /// decided anything or failed: most records of a shared stream, which never enter the
+    /// async path of [`Pipeline::settle`].
+    fn evaluate(&self, record: &Record, pending: &mut Pending) -> Option<RulesOutcome> {
         let rules = self.rules.load();
-        let (state, keys) = match &self.sink {
-            Sink::Preview(preview) => {
-                preview.evaluate(&rules, Some(&self.actions), record);
-                return Ok(Settled::Yes);
+        if let Sink::Preview(preview) = &self.sink {
+            preview.evaluate(&rules, Some(&self.actions), record);
+            return None;
+        }
+        let mut verdicts = Vec::new();
+        for (index, verdict) in rules.run(record) {
+            match verdict {
+                Verdict::Skipped => {}
+                Verdict::Decided(decisions) if decisions.is_empty() => {
+                    pending.count(&rules, index, false, &self.telemetry)
+                }
+                verdict => verdicts.push((index, verdict)),
             }
-            Sink::Live { state, keys } => (state.as_ref(), keys),
+        }
+        (!verdicts.is_empty()).then(|| RulesOutcome {
+            rules: arc_swap::Guard::into_inner(rules),
+            verdicts,
+        })
+    }
+
+    /// Settles what the rules made of a record, rule by rule: failures dead-lettered,
+    /// decisions carried out.
+    async fn settle(
+        &self,
+        record: &Record,
+        outcome: RulesOutcome,
+        pending: &mut Pending,
+    ) -> Result<Settled, PipelineError> {
+        let Sink::Live { state, keys } = &self.sink else {
+            return Ok(Settled::Yes);
         };
-        for (index, (rule, verdict)) in rules.evaluate(record).into_iter().enumerate() {
+        let rules = &outcome.rules;
+        for (index, verdict) in outcome.verdicts {
+            let rule = &rules.rules()[index];
             let maker = Maker {
                 rule: &rule.name,
                 rule_file: &rule.path,
@@ -402,7 +454,7 @@ impl Pipeline {
                 }
                 Verdict::Decided(decisions) => decisions,
             };
-            pending.count(&rules, index, !decisions.is_empty(), &self.telemetry);
+            pending.count(rules, index, !decisions.is_empty(), &self.telemetry);
             for decision in decisions {
                 let settled = self
                     .act(state, keys, record, &maker, decision, pending)
@@ -658,7 +710,7 @@ impl Pipeline {
             DeadLetterReason::DecodeFailed { sealed_record, .. } => {
                 let sealed: SealedRecord = open(keys, id, sealed_record)?;
                 let raw = RawRecord {
-                    sequence_number: letter.sequence_number.clone(),
+                    sequence_number: letter.sequence_number.as_str().into(),
                     partition_key: sealed.partition_key,
                     arrival_time_millis: 0,
                     data: hex::decode(sealed.payload_hex).unwrap_or_default(),

@@ -43,7 +43,8 @@ pub enum SourceError {
 /// A record as read from a shard, before decoding.
 #[derive(Debug, Clone)]
 pub struct RawRecord {
-    pub sequence_number: String,
+    /// Shared by the record's sub-records and the shard's checkpoint: made once.
+    pub sequence_number: Arc<str>,
     pub partition_key: String,
     pub arrival_time_millis: i64,
     pub data: Vec<u8>,
@@ -454,13 +455,13 @@ impl ShardReader {
                         .approximate_arrival_timestamp
                         .and_then(|t| t.to_millis().ok())
                         .unwrap_or(0),
-                    sequence_number: r.sequence_number,
+                    sequence_number: r.sequence_number.into(),
                     partition_key: r.partition_key.unwrap_or_default(),
                     data: r.data.into_inner(),
                 })
                 .collect();
             if let Some(last) = records.last() {
-                self.position = Position::After(last.sequence_number.clone());
+                self.position = Position::After(last.sequence_number.to_string());
             }
             self.iterator = output.next_shard_iterator;
             // A shard with a backlog is read again at once (within 5 calls a second), even

@@ -102,7 +102,7 @@ pub fn stream(seed: u64, events: usize, first_sequence: u64) -> Stream {
         };
         let n = out.records.len() as u64;
         out.records.push(RawRecord {
-            sequence_number: format!("{:056}", first_sequence + n),
+            sequence_number: format!("{:056}", first_sequence + n).into(),
             partition_key,
             arrival_time_millis: 1_767_225_600_000 + n as i64,
             data,

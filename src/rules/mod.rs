@@ -171,19 +171,40 @@ impl RuleSet {
     /// Runs every rule on a record, in order. The record is decoded for the rules only
     /// if some rule's prefilter lets it through, and then once for all of them.
     pub fn evaluate(&self, record: &Record) -> Vec<(&Rule, Verdict)> {
-        let eligible = self.prefilter.eligible(&record.bytes);
+        let mut ran = self.run(record).into_iter().peekable();
+        self.rules
+            .iter()
+            .enumerate()
+            .map(|(index, rule)| match ran.next_if(|(i, _)| *i == index) {
+                Some((_, verdict)) => (rule, verdict),
+                None => (rule, Verdict::Skipped),
+            })
+            .collect()
+    }
+
+    /// The rules a record's prefilters let through, run on it: (rule index, verdict) in
+    /// order. Empty, without allocating, for a record no rule cares about.
+    pub fn run(&self, record: &Record) -> Vec<(usize, Verdict)> {
+        let Some(eligible) = self.prefilter.eligible(&record.bytes) else {
+            return Vec::new();
+        };
         let mut input = Input::new(record);
         self.rules
             .iter()
+            .enumerate()
             .zip(eligible)
-            .map(|(rule, eligible)| (rule, self.verdict(rule, eligible, &mut input)))
+            .filter(|(_, eligible)| *eligible)
+            .map(|((index, rule), _)| (index, self.verdict(rule, true, &mut input)))
             .collect()
     }
 
     /// Runs one rule on a record, prefilter and guard included (what `rules test` does per
     /// case).
     pub fn evaluate_rule(&self, index: usize, record: &Record) -> Verdict {
-        let eligible = self.prefilter.eligible(&record.bytes)[index];
+        let eligible = self
+            .prefilter
+            .eligible(&record.bytes)
+            .is_some_and(|e| e[index]);
         self.verdict(&self.rules[index], eligible, &mut Input::new(record))
     }
 

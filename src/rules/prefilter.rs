@@ -9,13 +9,17 @@ use aho_corasick::AhoCorasick;
 
 pub struct Prefilter {
     /// All distinct literals of all rules (a shared literal appears once: with duplicates,
-    /// a leftmost-first search would report only one of them and miss rules).
+    /// a leftmost-first search would report only one of them and miss rules), then the
+    /// JSON escape `\u`: one pass looks for both.
     automaton: Option<AhoCorasick>,
     /// For each distinct literal, the rules that listed it.
     rules_of_literal: Vec<Vec<usize>>,
     /// Per rule: whether it declared a prefilter at all.
     filtered: Vec<bool>,
 }
+
+/// The pattern after the literals: a JSON escape.
+const ESCAPE: &str = "\\u";
 
 impl Prefilter {
     /// One entry per rule: its literals, or `None` for a rule that sees every record.
@@ -35,8 +39,10 @@ impl Prefilter {
                 }
             }
         }
-        let automaton = (!literals.is_empty())
-            .then(|| AhoCorasick::new(&literals).expect("literals are plain strings"));
+        let automaton = (!literals.is_empty()).then(|| {
+            literals.push(ESCAPE);
+            AhoCorasick::new(&literals).expect("literals are plain strings")
+        });
         Self {
             automaton,
             rules_of_literal,
@@ -44,18 +50,22 @@ impl Prefilter {
         }
     }
 
-    /// Per rule: whether it must see a record with these bytes.
-    pub fn eligible(&self, bytes: &[u8]) -> Vec<bool> {
-        let mut eligible: Vec<bool> = self.filtered.iter().map(|f| !f).collect();
+    /// Per rule: whether it must see a record with these bytes. `None` when no rule must:
+    /// most records of a shared stream, answered without allocating.
+    pub fn eligible(&self, bytes: &[u8]) -> Option<Vec<bool>> {
         let Some(automaton) = &self.automaton else {
-            return eligible;
+            return Some(vec![true; self.filtered.len()]);
         };
-        if has_json_escape(bytes) {
-            return vec![true; eligible.len()];
-        }
+        let unfiltered = || self.filtered.iter().map(|f| !f).collect::<Vec<bool>>();
+        let mut eligible = self.filtered.iter().any(|f| !f).then(unfiltered);
         let mut waiting = self.filtered.iter().filter(|f| **f).count();
         for found in automaton.find_overlapping_iter(bytes) {
-            for &rule in &self.rules_of_literal[found.pattern().as_usize()] {
+            let Some(rules) = self.rules_of_literal.get(found.pattern().as_usize()) else {
+                // An escape could spell a literal the byte search cannot see: everyone looks.
+                return Some(vec![true; self.filtered.len()]);
+            };
+            let eligible = eligible.get_or_insert_with(unfiltered);
+            for &rule in rules {
                 if !eligible[rule] {
                     eligible[rule] = true;
                     waiting -= 1;
@@ -67,10 +77,6 @@ impl Prefilter {
         }
         eligible
     }
-}
-
-fn has_json_escape(bytes: &[u8]) -> bool {
-    memchr::memmem::find(bytes, b"\\u").is_some()
 }
 
 #[cfg(test)]
@@ -86,22 +92,18 @@ mod tests {
         let a = literals(&["Delete User"]);
         let b = literals(&["CCPA", "Delete User"]);
         let p = Prefilter::new([Some(a.as_slice()), None, Some(b.as_slice())].into_iter());
-        assert_eq!(
-            p.eligible(br#"{"tags":["Delete User"]}"#),
-            [true, true, true]
-        );
-        assert_eq!(p.eligible(br#"{"tags":["CCPA"]}"#), [false, true, true]);
-        assert_eq!(p.eligible(br#"{"type":"page_view"}"#), [false, true, false]);
+        let eligible = |bytes: &[u8]| p.eligible(bytes).unwrap();
+        assert_eq!(eligible(br#"{"tags":["Delete User"]}"#), [true, true, true]);
+        assert_eq!(eligible(br#"{"tags":["CCPA"]}"#), [false, true, true]);
+        assert_eq!(eligible(br#"{"type":"page_view"}"#), [false, true, false]);
         // Case-sensitive: only the exact bytes count.
-        assert_eq!(
-            p.eligible(br#"{"tags":["delete user"]}"#),
-            [false, true, false]
-        );
+        assert_eq!(eligible(br#"{"tags":["delete user"]}"#), [false, true, false]);
         // An escape could spell a literal: everyone looks.
-        assert_eq!(
-            p.eligible(br#"{"tags":["Delete\u0020User"]}"#),
-            [true, true, true]
-        );
+        assert_eq!(eligible(br#"{"tags":["Delete\u0020User"]}"#), [true, true, true]);
+        // With every rule filtered, a record none cares about costs no allocation.
+        let q = Prefilter::new([Some(a.as_slice()), Some(b.as_slice())].into_iter());
+        assert_eq!(q.eligible(br#"{"type":"page_view"}"#), None);
+        assert_eq!(q.eligible(br#"{"t":"\u0041"}"#), Some(vec![true, true]));
     }
 
     #[test]
@@ -109,6 +111,6 @@ mod tests {
         let a = literals(&["Delete User"]);
         let b = literals(&["User"]);
         let p = Prefilter::new([Some(a.as_slice()), Some(b.as_slice())].into_iter());
-        assert_eq!(p.eligible(b"Delete User"), [true, true]);
+        assert_eq!(p.eligible(b"Delete User"), Some(vec![true, true]));
     }
 }

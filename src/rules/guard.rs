@@ -17,7 +17,11 @@
 //! turns away a record the rule would decide on, and never hides an error the rule would
 //! raise (a field read before the map check ends the guard).
 
+use std::borrow::Cow;
+
 use rhai::{ASTNode, Dynamic, Expr, ImmutableString, Stmt, AST};
+use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 
 /// The opening checks of one rule's `decide`.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,16 +55,157 @@ impl Guard {
         })
     }
 
-    /// Whether the rule must run on a record whose `record.data` is `data`.
-    pub fn admits(&self, data: &Dynamic) -> bool {
-        let Some(map) = data.read_lock::<rhai::Map>() else {
+    /// Whether the rule must run on a record whose guard fields hold `values`.
+    pub fn admits(&self, names: &GuardFields, values: &FieldValues) -> bool {
+        let Some(values) = values else {
             return false;
         };
         self.fields.iter().all(|(field, literal)| {
-            map.get(field.as_str())
-                .and_then(|value| value.read_lock::<ImmutableString>().map(|s| *s == *literal))
-                .unwrap_or(false)
+            names
+                .index(field)
+                .and_then(|i| values[i].as_deref())
+                .is_some_and(|value| value == literal.as_str())
         })
+    }
+}
+
+/// The fields the guards of a rule set read: a record's values for them are looked up
+/// once for all rules.
+#[derive(Debug, Default)]
+pub struct GuardFields(Vec<ImmutableString>);
+
+/// A record's values for the [`GuardFields`], in their order: `None` when `record.data` is
+/// not a map; a field that is missing or holds something other than a string is `None`.
+pub type FieldValues<'a> = Option<Vec<Option<Cow<'a, str>>>>;
+
+impl GuardFields {
+    pub fn new<'g>(guards: impl Iterator<Item = &'g Guard>) -> Self {
+        let mut names: Vec<ImmutableString> = Vec::new();
+        for (field, _) in guards.flat_map(|g| &g.fields) {
+            if !names.contains(field) {
+                names.push(field.clone());
+            }
+        }
+        GuardFields(names)
+    }
+
+    fn index(&self, field: &ImmutableString) -> Option<usize> {
+        self.0.iter().position(|name| name == field)
+    }
+
+    /// The values in a decoded `record.data`.
+    pub fn of_data(&self, data: &Dynamic) -> FieldValues<'static> {
+        let map = data.read_lock::<rhai::Map>()?;
+        Some(
+            self.0
+                .iter()
+                .map(|name| {
+                    let value = map.get(name.as_str())?;
+                    let text = value.read_lock::<ImmutableString>()?;
+                    Some(Cow::Owned(text.to_string()))
+                })
+                .collect(),
+        )
+    }
+
+    /// The values straight from a JSON payload, without decoding the rest of it: what
+    /// [`GuardFields::of_data`] finds in [`rule_data`](crate::decode::rule_data) of the same
+    /// bytes. Anything but a well-formed JSON object is not a map.
+    pub fn of_json<'a>(&self, bytes: &'a [u8]) -> FieldValues<'a> {
+        if bytes.trim_ascii_start().first() != Some(&b'{') {
+            return None;
+        }
+        let mut json = serde_json::Deserializer::from_slice(bytes);
+        let values = json.deserialize_map(TopLevel(self)).ok()?;
+        json.end().ok()?;
+        Some(values)
+    }
+}
+
+/// Reads a JSON object, keeping the guard fields' strings (the last of duplicate keys
+/// wins, as in the decoded map) and skipping everything else.
+struct TopLevel<'n>(&'n GuardFields);
+
+impl<'de> Visitor<'de> for TopLevel<'_> {
+    type Value = Vec<Option<Cow<'de, str>>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut values = vec![None; self.0 .0.len()];
+        while let Some(Text(key)) = map.next_key::<Text>()? {
+            match key.and_then(|key| self.0 .0.iter().position(|name| name.as_str() == key)) {
+                Some(index) => values[index] = map.next_value::<Text>()?.0,
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(values)
+    }
+}
+
+/// A JSON value: its text if it is a string (borrowed when it has no escapes), else
+/// skipped.
+struct Text<'de>(Option<Cow<'de, str>>);
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(TextVisitor)
+    }
+}
+
+struct TextVisitor;
+
+impl<'de> Visitor<'de> for TextVisitor {
+    type Value = Text<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Self::Value, E> {
+        Ok(Text(Some(Cow::Borrowed(text))))
+    }
+
+    fn visit_str<E>(self, text: &str) -> Result<Self::Value, E> {
+        Ok(Text(Some(Cow::Owned(text.to_owned()))))
+    }
+
+    fn visit_string<E>(self, text: String) -> Result<Self::Value, E> {
+        Ok(Text(Some(Cow::Owned(text))))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Text(None))
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Text(None))
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Text(None))
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Text(None))
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Text(None))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Text(None))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Text(None))
     }
 }
 
@@ -265,6 +410,7 @@ mod tests {
             )
             .unwrap();
         let guard = Guard::of(&ast).unwrap();
+        let names = GuardFields::new([&guard].into_iter());
         let value = prop_oneof![
             Just(Dynamic::UNIT),
             any::<i64>().prop_map(Dynamic::from_int),
@@ -297,7 +443,7 @@ mod tests {
                 }),
         ];
         proptest!(ProptestConfig::with_cases(500), |(data in data)| {
-            let admitted = guard.admits(&data);
+            let admitted = guard.admits(&names, &names.of_data(&data));
             let mut record = rhai::Map::new();
             record.insert("data".into(), data);
             let answer = engine.call_fn::<Dynamic>(
@@ -308,6 +454,55 @@ mod tests {
             );
             let answer = answer.map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(admitted, !answer.is_unit());
+        });
+    }
+
+    /// Guard fields read straight from a JSON payload are the ones the decoded
+    /// `record.data` holds, whatever the payload: objects with escapes, duplicate keys,
+    /// values of every kind, and things that are not objects or not JSON at all.
+    #[test]
+    fn fields_from_json_match_the_decoded_record_data() {
+        let names = GuardFields(vec!["type".into(), "client".into()]);
+        let key = prop_oneof![
+            Just(r#""type""#),
+            Just(r#""client""#),
+            Just(r#""\u0074ype""#),
+            Just(r#""other""#),
+            Just(r#""typ""#),
+        ];
+        let value = prop_oneof![
+            Just(r#""privacy_request""#),
+            Just(r#""acme""#),
+            Just(r#""ac\"me""#),
+            Just(r#""\u0061cme""#),
+            Just(r#""é""#),
+            Just("42"),
+            Just("-1.5e3"),
+            Just("true"),
+            Just("null"),
+            Just(r#"["acme", {"type": "x"}]"#),
+            Just(r#"{"client": "acme"}"#),
+        ];
+        let object = proptest::collection::vec((key, value), 0..5).prop_map(|pairs| {
+            let body: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            format!(" {{{}}}", body.join(", "))
+        });
+        let payload = prop_oneof![
+            object.clone(),
+            object.clone().prop_map(|o| format!("{o} trailing")),
+            object.prop_map(|o| {
+                let cut = (0..=o.len() / 2).rev().find(|&i| o.is_char_boundary(i));
+                o[..cut.unwrap_or(0)].to_owned()
+            }),
+            Just(r#"["type", "privacy_request"]"#.to_owned()),
+            Just(r#""privacy_request""#.to_owned()),
+            Just("GET /index.html 200".to_owned()),
+            Just("null".to_owned()),
+            Just(String::new()),
+        ];
+        proptest!(ProptestConfig::with_cases(1000), |(payload in payload)| {
+            let decoded = names.of_data(&crate::decode::rule_data(payload.as_bytes()));
+            prop_assert_eq!(names.of_json(payload.as_bytes()), decoded);
         });
     }
 }

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::decode::{rule_data, Record};
-use guard::Guard;
+use guard::{FieldValues, Guard, GuardFields};
 use prefilter::Prefilter;
 
 /// What a rule decided: call `action` for the request identified by `key`.
@@ -117,6 +117,7 @@ pub struct RuleSet {
     engine: Arc<Engine>,
     rules: Vec<Rule>,
     prefilter: Prefilter,
+    guard_fields: GuardFields,
     /// Action names decisions may use; `None` accepts any (rules check without a config).
     actions: Option<BTreeSet<String>>,
     hash: String,
@@ -153,6 +154,7 @@ impl RuleSet {
         Ok(RuleSet {
             engine,
             prefilter: Prefilter::new(rules.iter().map(|r| r.literals.as_deref())),
+            guard_fields: GuardFields::new(rules.iter().filter_map(|r| r.guard.as_ref())),
             rules,
             actions,
             hash: hex::encode(&hasher.finalize()[..8]),
@@ -213,7 +215,7 @@ impl RuleSet {
             return Verdict::Skipped;
         }
         if let Some(guard) = &rule.guard {
-            if !input.admitted_by(guard) {
+            if !guard.admits(&self.guard_fields, input.guard_values(&self.guard_fields)) {
                 return Verdict::Decided(Vec::new());
             }
         }
@@ -363,11 +365,12 @@ fn prefilter_literals(
     Ok(Some(literals))
 }
 
-/// A record as rules see it, built once and only as far as the rules need: `record.data`
-/// for guards, the whole `record` map for a Rhai call.
+/// A record as rules see it, built once and only as far as the rules need: the guard
+/// fields (read from the JSON without decoding the rest), or the whole `record` map for
+/// a Rhai call.
 struct Input<'a> {
     record: &'a Record,
-    data: Option<Dynamic>,
+    guard_values: Option<FieldValues<'a>>,
     map: Option<Dynamic>,
 }
 
@@ -375,32 +378,28 @@ impl<'a> Input<'a> {
     fn new(record: &'a Record) -> Self {
         Input {
             record,
-            data: None,
+            guard_values: None,
             map: None,
         }
     }
 
-    fn admitted_by(&mut self, guard: &Guard) -> bool {
-        match &self.map {
+    fn guard_values(&mut self, fields: &GuardFields) -> &FieldValues<'a> {
+        let (record, map) = (self.record, &self.map);
+        self.guard_values.get_or_insert_with(|| match map {
             Some(map) => {
                 let map = map.read_lock::<rhai::Map>().expect("the record is a map");
-                guard.admits(map.get("data").unwrap_or(&Dynamic::UNIT))
+                fields.of_data(map.get("data").unwrap_or(&Dynamic::UNIT))
             }
-            None => guard.admits(
-                self.data
-                    .get_or_insert_with(|| rule_data(&self.record.bytes)),
-            ),
-        }
+            None => fields.of_json(&record.bytes),
+        })
     }
 
     /// The read-only `record` map a rule receives.
     fn record(&mut self) -> &Dynamic {
         let record = self.record;
-        let data = &mut self.data;
         self.map.get_or_insert_with(|| {
-            let data = data.take().unwrap_or_else(|| rule_data(&record.bytes));
             let mut map = rhai::Map::new();
-            map.insert("data".into(), data);
+            map.insert("data".into(), rule_data(&record.bytes));
             map.insert("partition_key".into(), (&*record.partition_key).into());
             map.insert("sequence_number".into(), (&*record.sequence_number).into());
             map.insert(

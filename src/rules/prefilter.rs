@@ -97,9 +97,15 @@ mod tests {
         assert_eq!(eligible(br#"{"tags":["CCPA"]}"#), [false, true, true]);
         assert_eq!(eligible(br#"{"type":"page_view"}"#), [false, true, false]);
         // Case-sensitive: only the exact bytes count.
-        assert_eq!(eligible(br#"{"tags":["delete user"]}"#), [false, true, false]);
+        assert_eq!(
+            eligible(br#"{"tags":["delete user"]}"#),
+            [false, true, false]
+        );
         // An escape could spell a literal: everyone looks.
-        assert_eq!(eligible(br#"{"tags":["Delete\u0020User"]}"#), [true, true, true]);
+        assert_eq!(
+            eligible(br#"{"tags":["Delete\u0020User"]}"#),
+            [true, true, true]
+        );
         // With every rule filtered, a record none cares about costs no allocation.
         let q = Prefilter::new([Some(a.as_slice()), Some(b.as_slice())].into_iter());
         assert_eq!(q.eligible(br#"{"type":"page_view"}"#), None);

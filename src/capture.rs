@@ -80,7 +80,7 @@ impl<W: Write + Send + 'static> ShardWork for Capture<W> {
                 last = Some(raw.sequence_number.to_string());
                 // A record that does not decode is captured as it is.
                 let records = decode::decode(&stream, &shard, raw).unwrap_or_else(|undecodable| {
-                    vec![decode::Record::undecoded(&stream, &shard, undecodable.raw)]
+                    smallvec::smallvec![decode::Record::undecoded(&stream, &shard, undecodable.raw)]
                 });
                 for record in records {
                     if !self.write(&RecordJson::from_record(&record)) {

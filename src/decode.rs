@@ -21,6 +21,10 @@ use serde_json::Value;
 use crate::clock::rfc3339;
 use crate::source::RawRecord;
 
+/// The logical records of one Kinesis record: one, unless it is a KPL aggregate (kept
+/// inline, so the common case allocates nothing for the list).
+pub type Records = smallvec::SmallVec<[Record; 1]>;
+
 /// One logical record.
 #[derive(Debug, Clone)]
 ///
@@ -249,7 +253,7 @@ pub fn decode(
     stream: &Arc<str>,
     shard_id: &Arc<str>,
     mut raw: RawRecord,
-) -> Result<Vec<Record>, Box<Undecodable>> {
+) -> Result<Records, Box<Undecodable>> {
     let fail = |raw: RawRecord, reason: String| {
         Box::new(Undecodable {
             error: DecodeError {
@@ -277,7 +281,7 @@ pub fn decode(
             Ok(inflated) => {
                 let bytes = inflated.unwrap_or_else(|| std::mem::take(&mut raw.data));
                 let key = std::mem::take(&mut raw.partition_key);
-                Ok(vec![record(0, key.into(), bytes.into())])
+                Ok(smallvec::smallvec![record(0, key.into(), bytes.into())])
             }
             Err(reason) => Err(fail(raw, reason)),
         };
@@ -300,7 +304,7 @@ pub fn decode(
         .into_iter()
         .map(Arc::from)
         .collect();
-    let mut records = Vec::with_capacity(aggregate.records.len());
+    let mut records = Records::with_capacity(aggregate.records.len());
     for (index, sub) in aggregate.records.into_iter().enumerate() {
         let Some(key) = keys.get(sub.partition_key_index as usize) else {
             let reason = format!(

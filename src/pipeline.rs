@@ -322,7 +322,7 @@ impl Pipeline {
                 Ok(records) => records,
                 Err(undecodable) => {
                     self.decode_failed(*undecodable, shard_id, pending);
-                    Vec::new()
+                    decode::Records::new()
                 }
             };
             let aggregated = records.len() > 1;

@@ -26,10 +26,10 @@ use crate::source::RawRecord;
 pub type Records = smallvec::SmallVec<[Record; 1]>;
 
 /// One logical record.
-#[derive(Debug, Clone)]
 ///
 /// What all records of a shard, or of one Kinesis record, have in common is shared, not
 /// copied: the hot path makes no string per record.
+#[derive(Debug, Clone)]
 pub struct Record {
     pub stream: Arc<str>,
     pub shard_id: Arc<str>,

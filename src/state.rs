@@ -606,6 +606,49 @@ mod tests {
         }
     }
 
+    /// Shards committing at once: each writer's writes are durable when it is answered,
+    /// with dead letter ids of its own, whichever group they were committed in.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writers_share_commits_and_get_their_own_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let state = Arc::new(State::open(&path).unwrap());
+        let writers = (0..32u8).map(|n| {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let ids = state
+                    .commit_shared(Writes {
+                        checkpoints: vec![(format!("shard-{n}"), Checkpoint::at(n.to_string()))],
+                        done: vec![[n; 32]],
+                        dead_letters: vec![letter()],
+                        ..Writes::default()
+                    })
+                    .await
+                    .unwrap();
+                assert!(state.is_done(&[n; 32]).unwrap(), "durable when answered");
+                ids
+            })
+        });
+        let mut ids: Vec<u64> = Vec::new();
+        for writer in writers.collect::<Vec<_>>() {
+            ids.extend(writer.await.unwrap());
+        }
+        ids.sort();
+        assert_eq!(ids, (1..=32).collect::<Vec<u64>>());
+        // The last leader lets go of the state once it finds nothing more waiting.
+        while Arc::strong_count(&state) > 1 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        drop(state);
+        let reopened = State::open(&path).unwrap();
+        for n in 0..32u8 {
+            assert_eq!(
+                reopened.checkpoint(&format!("shard-{n}")).unwrap(),
+                Some(Checkpoint::at(n.to_string()))
+            );
+        }
+    }
+
     #[test]
     fn round_trips_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();

@@ -196,7 +196,7 @@ impl RuleSet {
             .enumerate()
             .zip(eligible)
             .filter(|(_, eligible)| *eligible)
-            .map(|((index, rule), _)| (index, self.verdict(rule, true, &mut input)))
+            .map(|((index, rule), _)| (index, self.verdict(rule, &mut input)))
             .collect()
     }
 
@@ -207,13 +207,14 @@ impl RuleSet {
             .prefilter
             .eligible(&record.bytes)
             .is_some_and(|e| e[index]);
-        self.verdict(&self.rules[index], eligible, &mut Input::new(record))
+        match eligible {
+            true => self.verdict(&self.rules[index], &mut Input::new(record)),
+            false => Verdict::Skipped,
+        }
     }
 
-    fn verdict(&self, rule: &Rule, eligible: bool, input: &mut Input) -> Verdict {
-        if !eligible {
-            return Verdict::Skipped;
-        }
+    /// Runs one rule that its prefilter let through: its guard, then (if admitted) the rule.
+    fn verdict(&self, rule: &Rule, input: &mut Input) -> Verdict {
         if let Some(guard) = &rule.guard {
             if !guard.admits(&self.guard_fields, input.guard_values(&self.guard_fields)) {
                 return Verdict::Decided(Vec::new());

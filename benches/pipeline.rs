@@ -296,8 +296,11 @@ async fn run_pipeline(settings: &Settings, shards: Vec<Vec<Batch>>, events: usiz
             let pipeline = pipeline.clone();
             tokio::spawn(async move {
                 let shard_id = format!("shardId-{n:012}");
-                let mut progress =
-                    ShardProgress::new(&shard_id, Position::Start(StartPosition::TrimHorizon));
+                let mut progress = ShardProgress::new(
+                    "bench",
+                    &shard_id,
+                    Position::Start(StartPosition::TrimHorizon),
+                );
                 for batch in batches {
                     let end = pipeline.handle_batch(&mut progress, batch).await.unwrap();
                     assert_eq!(end, BatchEnd::Handled);

@@ -458,9 +458,9 @@ fn resolve_stream(
 /// 2,500 records of up to 1.3 KB, 5 calls a second, read 16 MB/s from a shard: more than
 /// the 2 MB/s Kinesis serves, in answers a quarter the size of the largest.
 const DEFAULT_RECORDS_PER_CALL: i32 = 2_500;
-/// Eight answers of 2,500 records (about 50 MB with their decoded records) keep two cores
+/// Six answers of 2,500 records (about 40 MB with their decoded records) keep two cores
 /// busy while the daemon's memory stays flat however many shards it reads.
-const DEFAULT_BATCHES_IN_FLIGHT: usize = 8;
+const DEFAULT_BATCHES_IN_FLIGHT: usize = 6;
 
 impl Settings {
     /// Reads the config file (if any) and applies the flags on top of it.

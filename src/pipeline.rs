@@ -157,6 +157,9 @@ struct RulesOutcome {
 
 /// A shard's place in the pipeline between batches.
 pub struct ShardProgress {
+    /// The stream's name, the shard's own copy: records share it without every shard
+    /// counting references on one shared counter from several threads.
+    stream: Arc<str>,
     shard_id: Arc<str>,
     /// Sub-records of a resumed aggregate up to this one are settled already.
     skip: Option<(String, u64)>,
@@ -166,7 +169,7 @@ pub struct ShardProgress {
 }
 
 impl ShardProgress {
-    pub fn new(shard_id: &str, start: Position) -> Self {
+    pub fn new(stream: &str, shard_id: &str, start: Position) -> Self {
         let (skip, checkpointed) = match start {
             Position::After(seq) => (None, Some(Checkpoint::at(seq))),
             Position::Within(seq, sub) => {
@@ -175,6 +178,7 @@ impl ShardProgress {
             Position::Start(_) => (None, None),
         };
         Self {
+            stream: stream.into(),
             shard_id: shard_id.into(),
             skip,
             checkpointed,
@@ -269,7 +273,7 @@ impl Pipeline {
         shard_id: &str,
         start: Position,
     ) -> Result<ShardExit, PipelineError> {
-        let mut progress = ShardProgress::new(shard_id, start);
+        let mut progress = ShardProgress::new(&self.stream, shard_id, start);
         let mut caught_up = false;
         loop {
             let Some(batch) = reader.next(&self.shutdown).await? else {
@@ -318,7 +322,7 @@ impl Pipeline {
         let pending = &mut progress.pending;
         'records: for raw in batch.records {
             let sequence_number = raw.sequence_number.clone();
-            let records = match decode::decode(&self.stream, shard_id, raw) {
+            let records = match decode::decode(&progress.stream, shard_id, raw) {
                 Ok(records) => records,
                 Err(undecodable) => {
                     self.decode_failed(*undecodable, shard_id, pending);

@@ -1,13 +1,19 @@
 //! The shutdown signal every long-running task watches (SIGINT/SIGTERM, or the end of a
 //! dry-run).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 /// A cloneable handle: `trigger` once, every clone sees it.
 #[derive(Clone, Default)]
-pub struct Shutdown(CancellationToken);
+pub struct Shutdown {
+    token: CancellationToken,
+    /// Read for every record: an atomic load, where the token would take a lock.
+    triggered: Arc<AtomicBool>,
+}
 
 /// Returned by a wait that shutdown cut short.
 #[derive(Debug)]
@@ -19,23 +25,24 @@ impl Shutdown {
     }
 
     pub fn trigger(&self) {
-        self.0.cancel();
+        self.triggered.store(true, Ordering::Release);
+        self.token.cancel();
     }
 
     pub fn is_triggered(&self) -> bool {
-        self.0.is_cancelled()
+        self.triggered.load(Ordering::Acquire)
     }
 
     /// Resolves when shutdown is triggered.
     pub async fn triggered(&self) {
-        self.0.cancelled().await
+        self.token.cancelled().await
     }
 
     /// Sleeps, unless shutdown comes first.
     pub async fn sleep(&self, delay: Duration) -> Result<(), Stopped> {
         tokio::select! {
             _ = tokio::time::sleep(delay) => Ok(()),
-            _ = self.0.cancelled() => Err(Stopped),
+            _ = self.token.cancelled() => Err(Stopped),
         }
     }
 }

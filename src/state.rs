@@ -21,6 +21,11 @@ use crate::source::Checkpoint;
 
 const SCHEMA_VERSION: u64 = 1;
 
+/// Pages of the state file kept in memory. redb's default (1 GiB) would let the daemon's
+/// memory grow with its audit trail for months; the hot pages (recent ledger entries, the
+/// checkpoints, the end of the audit table) fit in far less.
+const CACHE_BYTES: usize = 32 << 20;
+
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// shard id → JSON [`Checkpoint`].
 const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoints");
@@ -166,16 +171,19 @@ type Answer = tokio::sync::oneshot::Sender<Result<Vec<u64>, StateError>>;
 impl State {
     /// Opens (creating if needed) and locks the state file.
     pub fn open(path: &Path) -> Result<Self, StateError> {
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StateError::Locked {
-                path: path.to_owned(),
-            },
-            other => StateError::Db {
-                path: path.to_owned(),
-                context: "cannot open",
-                source: Box::new(other.into()),
-            },
-        })?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StateError::Locked {
+                    path: path.to_owned(),
+                },
+                other => StateError::Db {
+                    path: path.to_owned(),
+                    context: "cannot open",
+                    source: Box::new(other.into()),
+                },
+            })?;
         let state = State {
             db,
             path: path.to_owned(),

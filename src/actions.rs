@@ -17,6 +17,9 @@ use sha2::{Digest, Sha256};
 
 use crate::rules::Decision;
 
+/// Most of a backend's answer read just to keep its connection open for the next call.
+const MAX_DRAINED_BODY: usize = 64 << 10;
+
 /// Characters kept as they are in a URL component: RFC 3986 unreserved.
 const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
@@ -569,7 +572,7 @@ impl ActionSet {
                 .header(&signing.signature_header, signature);
         }
         Some(match builder.send().await {
-            Ok(response) => {
+            Ok(mut response) => {
                 let status = response.status();
                 let retry_after = response
                     .headers()
@@ -577,6 +580,15 @@ impl ActionSet {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .map(|s| Duration::from_secs(s).min(action.spec.max_backoff));
+                // Read (and drop) a short answer to its end, so the connection goes back to
+                // the pool instead of being closed; a long one is cut off.
+                let mut left = MAX_DRAINED_BODY;
+                while let Ok(Some(chunk)) = response.chunk().await {
+                    left = match left.checked_sub(chunk.len()) {
+                        Some(left) => left,
+                        None => break,
+                    };
+                }
                 match retry_after {
                     Some(retry_after)
                         if status == reqwest::StatusCode::TOO_MANY_REQUESTS

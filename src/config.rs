@@ -579,6 +579,31 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
         assert!(err.to_string().contains("allow_insecure_http"), "{err}");
     }
 
+    #[test]
+    fn read_sizes_have_defaults_and_bounds() {
+        let (_d, path) = write(FIRST_USER_CONFIG);
+        let s = Settings::resolve(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(s.stream.records_per_call, DEFAULT_RECORDS_PER_CALL);
+        assert_eq!(s.stream.batches_in_flight, DEFAULT_BATCHES_IN_FLIGHT);
+        for (line, wanted) in [
+            (
+                "records_per_call = 0",
+                "records_per_call: 0 is not between 1 and 10000",
+            ),
+            ("records_per_call = 10001", "is not between 1 and 10000"),
+            (
+                "batches_in_flight = 0",
+                "batches_in_flight must be at least 1",
+            ),
+        ] {
+            let config =
+                format!("[stream]\nname = \"s\"\n{line}\n[actions.a]\nurl = \"https://h/x\"\n");
+            let (_d, path) = write(&config);
+            let err = Settings::resolve(Some(&path), Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains(wanted), "{line}: {err}");
+        }
+    }
+
     /// Every key the code accepts is in the operations guide's reference table (the other
     /// direction is an integration test: the table's examples make a valid config).
     #[test]

@@ -309,9 +309,10 @@ impl Reader {
     }
 }
 
-/// `{ return; }`
+/// `{ return; }`, and not `{ throw; }` (the same statement with the `BREAK` flag): a
+/// record a rule throws on must reach the rule, to be dead-lettered.
 fn returns_nothing(block: &rhai::StmtBlock) -> bool {
-    matches!(block.statements(), [Stmt::Return(None, ..)])
+    matches!(block.statements(), [Stmt::Return(None, flags, _)] if flags.is_empty())
 }
 
 fn property(expr: &Expr) -> Option<ImmutableString> {
@@ -369,7 +370,12 @@ mod tests {
             guard("if record.data.type != \"x\" { return; }\nif type_of(record.data) != \"map\" { return; }"),
             None
         );
-        // Not an early return, or with an else: no guard.
+        // Not an early return (a value, a throw), or with an else: no guard.
+        assert_eq!(guard("if type_of(record.data) != \"map\" { throw; }"), None);
+        assert_eq!(
+            guard("if type_of(record.data) != \"map\" { return; }\nif record.data.type != \"x\" { throw; }"),
+            fields(&[])
+        );
         assert_eq!(
             guard("if type_of(record.data) != \"map\" { return 1; }"),
             None

@@ -280,11 +280,8 @@ impl State {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
-        let err = self.db_err("cannot commit");
-        let tx = self.db.begin_write().map_err(|e| err(e.into()))?;
-        let ids = self.apply(&tx, &writes)?;
-        tx.commit().map_err(|e| err(e.into()))?;
-        Ok(ids)
+        let mut ids = self.commit_group(std::slice::from_ref(&writes))?;
+        Ok(ids.pop().expect("one set of ids per set of writes"))
     }
 
     /// Commits `writes` together with whatever other shards are committing at the same

@@ -16,6 +16,8 @@ pub struct Prefilter {
     rules_of_literal: Vec<Vec<usize>>,
     /// Per rule: whether it declared a prefilter at all.
     filtered: Vec<bool>,
+    /// How many did (each of them waits for one of its literals).
+    filtered_count: usize,
 }
 
 /// The pattern after the literals: a JSON escape.
@@ -46,6 +48,7 @@ impl Prefilter {
         Self {
             automaton,
             rules_of_literal,
+            filtered_count: filtered.iter().filter(|f| **f).count(),
             filtered,
         }
     }
@@ -57,8 +60,8 @@ impl Prefilter {
             return Some(vec![true; self.filtered.len()]);
         };
         let unfiltered = || self.filtered.iter().map(|f| !f).collect::<Vec<bool>>();
-        let mut eligible = self.filtered.iter().any(|f| !f).then(unfiltered);
-        let mut waiting = self.filtered.iter().filter(|f| **f).count();
+        let mut eligible = (self.filtered_count < self.filtered.len()).then(unfiltered);
+        let mut waiting = self.filtered_count;
         for found in automaton.find_overlapping_iter(bytes) {
             let Some(rules) = self.rules_of_literal.get(found.pattern().as_usize()) else {
                 // An escape could spell a literal the byte search cannot see: everyone looks.

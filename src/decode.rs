@@ -353,7 +353,16 @@ fn inflate(data: &[u8]) -> Result<Option<Vec<u8>>, String> {
     } else {
         Box::new(flate2::bufread::ZlibDecoder::new(data))
     };
-    let mut out = Vec::with_capacity((data.len() * 4).min(MAX_INFLATED));
+    // A gzip member ends with its inflated size (modulo 4 GiB), so the output is allocated
+    // once; believed only up to deflate's largest ratio (1032:1). A zlib stream does not
+    // say: four times its size is a guess.
+    let expected = match data {
+        [.., a, b, c, d] if gzip && data.len() >= 18 => {
+            (u32::from_le_bytes([*a, *b, *c, *d]) as usize).min(data.len() * 1032)
+        }
+        _ => data.len() * 4,
+    };
+    let mut out = Vec::with_capacity(expected.min(MAX_INFLATED));
     match reader.take(MAX_INFLATED as u64 + 1).read_to_end(&mut out) {
         Ok(_) if out.len() > MAX_INFLATED => Err(format!(
             "the {} payload inflates past {} MiB (a decompression bomb?)",

@@ -571,7 +571,7 @@ impl Daemon {
         let dir = tempfile::tempdir().unwrap();
         let rules = dir.path().join("rules");
         std::fs::create_dir(&rules).unwrap();
-        common::write_rules(&rules, 10, true);
+        common::write_rules(&rules, 10, common::Shape::Prefilter);
         let metrics = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()

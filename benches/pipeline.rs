@@ -4,13 +4,15 @@
 //! `BENCH_RECORDS` to change); under `cargo test` it runs a small smoke pass. Everything runs
 //! on one core. Floors over the same events: a memmem scan for one literal, serde_json
 //! tokenizing (IgnoredAny), and decode-only (KPL, gzip and JSON to the values rules read).
-//! Then the front half (decode → rules → dedup in memory) with 1 and 10 rules, with and
-//! without prefilters, and the whole pipeline (decode → rules → ledger → actions answered
+//! Then the front half (decode → rules → dedup in memory) with 1 and 10 rules: with
+//! `PREFILTER`, without it (their opening checks give them one), and written as one
+//! condition (no prefilter at all, so the rule runs on every event); and the whole pipeline (decode → rules → ledger → actions answered
 //! by a local server → checkpoints committed per batch) on 64 shards. Each figure is events
 //! per second and its ratio to the floor that bounds it.
 
 mod common;
 
+use common::Shape;
 use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -39,7 +41,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const SHARDS: usize = 64;
 const BATCH: usize = 1_000;
 
-/// `BENCH_ONLY="front 10 true"` or `"whole 10 true 1"` (say) runs only the runs whose name
+/// `BENCH_ONLY="front 10 Prefilter"` or `"whole 10 Prefilter 1"` (say) runs only the runs whose name
 /// starts so: for profiling, it then says on stderr when the timed part starts and ends.
 fn selected(run: &str) -> bool {
     std::env::var("BENCH_ONLY").map_or(true, |only| run.starts_with(&only))
@@ -48,6 +50,15 @@ fn selected(run: &str) -> bool {
 fn mark(what: &str) {
     if std::env::var("BENCH_ONLY").is_ok() {
         eprintln!("{what}");
+    }
+}
+
+/// How a run's rules are written, as printed.
+fn label(shape: Shape) -> &'static str {
+    match shape {
+        Shape::Prefilter => "PREFILTER",
+        Shape::NoPrefilter => "no PREFILTER",
+        Shape::Open => "open",
     }
 }
 
@@ -137,11 +148,12 @@ impl Floors {
         }
     }
 
-    /// The floor a run is measured against: memmem with prefilters, decode-only without.
-    fn ratio(&self, events_per_second: f64, prefilter: bool) -> String {
-        match prefilter {
-            true => format!("{:.2} x memmem", events_per_second / self.memmem),
-            false => format!("{:.2} x decode-only", events_per_second / self.decode_only),
+    /// The floor a run is measured against: memmem with declared prefilters, decode-only
+    /// without.
+    fn ratio(&self, events_per_second: f64, shape: Shape) -> String {
+        match shape {
+            Shape::Prefilter => format!("{:.2} x memmem", events_per_second / self.memmem),
+            _ => format!("{:.2} x decode-only", events_per_second / self.decode_only),
         }
     }
 }
@@ -150,12 +162,18 @@ impl Floors {
 fn front_half(stream: &common::Stream, floors: &Floors, repeats: usize) {
     let dir = tempfile::tempdir().unwrap();
     let keys = Keys::load_or_create(None, &dir.path().join("bench.key")).unwrap();
-    for (rules, prefilter) in [(1, true), (1, false), (10, true), (10, false)] {
-        if !selected(&format!("front {rules} {prefilter}")) {
+    for (rules, shape) in [
+        (1, Shape::Prefilter),
+        (1, Shape::NoPrefilter),
+        (1, Shape::Open),
+        (10, Shape::Prefilter),
+        (10, Shape::NoPrefilter),
+    ] {
+        if !selected(&format!("front {rules} {shape:?}")) {
             continue;
         }
         let rules_dir = tempfile::tempdir().unwrap();
-        common::write_rules(rules_dir.path(), rules, prefilter);
+        common::write_rules(rules_dir.path(), rules, shape);
         let set = RuleSet::load(rules_dir.path(), None).unwrap();
         let (stream_name, shard) = ("bench".into(), "shardId-000000000000".into());
         let (events_per_second, decisions) = best(repeats, || {
@@ -179,9 +197,9 @@ fn front_half(stream: &common::Stream, floors: &Floors, repeats: usize) {
             (rate(stream.events, started), decisions)
         });
         println!(
-            "front  {rules:>2} rule(s), prefilter {:<3}    {events_per_second:>10.0} events/s = {} ({decisions} decisions)",
-            if prefilter { "on" } else { "off" },
-            floors.ratio(events_per_second, prefilter),
+            "front  {rules:>2} rule(s), {:<13}  {events_per_second:>10.0} events/s = {} ({decisions} decisions)",
+            label(shape),
+            floors.ratio(events_per_second, shape),
         );
         if rules == 10 {
             assert_eq!(
@@ -199,18 +217,18 @@ fn whole_pipeline(stream: &common::Stream, floors: &Floors, repeats: usize) {
     let (backend, calls) = spawn_backend();
     // The third run reads the stream a second time on the same state: every request is
     // found in the ledger, so it measures the pipeline without the backend calls.
-    for (name, prefilter, passes) in [
-        ("prefilter on ", true, 1),
-        ("prefilter off", false, 1),
-        ("requests done", true, 2),
+    for (name, shape, passes) in [
+        (label(Shape::Prefilter), Shape::Prefilter, 1),
+        (label(Shape::NoPrefilter), Shape::NoPrefilter, 1),
+        ("requests done", Shape::Prefilter, 2),
     ] {
-        if !selected(&format!("whole 10 {prefilter} {passes}")) {
+        if !selected(&format!("whole 10 {shape:?} {passes}")) {
             continue;
         }
         // Each repeat starts from an empty state.
         let (events_per_second, (per_cpu_second, sent)) = best(repeats, || {
             let dir = tempfile::tempdir().unwrap();
-            let settings = whole_pipeline_settings(dir.path(), backend, prefilter);
+            let settings = whole_pipeline_settings(dir.path(), backend, shape);
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -227,17 +245,17 @@ fn whole_pipeline(stream: &common::Stream, floors: &Floors, repeats: usize) {
             )
         });
         println!(
-            "whole  10 rules, {name}     {events_per_second:>10.0} events/s = {} ({sent} calls); {per_cpu_second:.0} events per CPU-second",
-            floors.ratio(events_per_second, prefilter),
+            "whole  10 rules, {name:<13}  {events_per_second:>10.0} events/s = {} ({sent} calls); {per_cpu_second:.0} events per CPU-second",
+            floors.ratio(events_per_second, shape),
         );
         assert_eq!(sent, stream.requests.len(), "every request sent once");
     }
 }
 
 /// A config in `dir`: 10 rules, the state, one action to the local backend.
-fn whole_pipeline_settings(dir: &Path, backend: SocketAddr, prefilter: bool) -> Settings {
+fn whole_pipeline_settings(dir: &Path, backend: SocketAddr, shape: Shape) -> Settings {
     std::fs::create_dir(dir.join("rules")).unwrap();
-    common::write_rules(&dir.join("rules"), 10, prefilter);
+    common::write_rules(&dir.join("rules"), 10, shape);
     let config = dir.join("config.toml");
     std::fs::write(
         &config,

@@ -421,6 +421,9 @@ fn rules_check(args: RulesArgs) -> Result<u8, Failure> {
     match RuleSet::load(&dir, actions) {
         Ok(set) => {
             let _ = writeln!(out, "{} rules OK (hash {})", set.rules().len(), set.hash());
+            for rule in set.rules() {
+                let _ = writeln!(out, "  {}: {}", rule.name, rule.prefilter_summary());
+            }
             Ok(0)
         }
         Err(errors) => {

@@ -111,16 +111,34 @@ pub fn stream(seed: u64, events: usize, first_sequence: u64) -> Stream {
     out
 }
 
-/// `n` rules, one per client, each the shape of the shipped GDPR rule.
-pub fn write_rules(dir: &Path, n: u64, prefilter: bool) {
+/// How the benchmark's rules are written.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Shape {
+    /// The shipped GDPR rule: `const PREFILTER`, then the opening checks.
+    Prefilter,
+    /// The same without `PREFILTER`: its opening checks give it one.
+    NoPrefilter,
+    /// The same test as one condition: no prefilter and no opening checks the daemon can
+    /// read, so the rule runs on every event.
+    Open,
+}
+
+/// `n` rules, one per client, each the shape of the shipped GDPR rule (or `shape`).
+pub fn write_rules(dir: &Path, n: u64, shape: Shape) {
     for c in 0..n {
-        let literal = if prefilter {
-            "const PREFILTER = [\"Delete User\"];\n"
-        } else {
-            ""
-        };
-        let text = format!(
-            r#"{literal}fn decide(record) {{
+        let text = match shape {
+            Shape::Open => format!(
+                r#"fn decide(record) {{
+    let event = record.data;
+    if type_of(event) == "map" && event.type == "privacy_request" && event.client == "client-{c}"
+        && type_of(event.tags) == "array" && event.tags.contains("GDPR") && event.tags.contains("Delete User") {{
+        #{{ action: "anonymize_user", key: event.request_id, params: #{{ user_id: event.user_id }} }}
+    }}
+}}
+"#
+            ),
+            _ => format!(
+                r#"{literal}fn decide(record) {{
     let event = record.data;
     if type_of(event) != "map" {{ return; }}
     if event.type != "privacy_request" {{ return; }}
@@ -129,8 +147,14 @@ pub fn write_rules(dir: &Path, n: u64, prefilter: bool) {
     if !event.tags.contains("GDPR") || !event.tags.contains("Delete User") {{ return; }}
     #{{ action: "anonymize_user", key: event.request_id, params: #{{ user_id: event.user_id }} }}
 }}
-"#
-        );
+"#,
+                literal = if shape == Shape::Prefilter {
+                    "const PREFILTER = [\"Delete User\"];\n"
+                } else {
+                    ""
+                }
+            ),
+        };
         std::fs::write(dir.join(format!("client_{c}.rhai")), text).unwrap();
     }
 }

@@ -55,6 +55,24 @@ impl Guard {
         })
     }
 
+    /// A text the bytes of every record this guard admits contain: the rule's prefilter
+    /// when it declares none. A JSON string equal to a literal holds it byte for byte
+    /// unless it is written with escapes; a `\u` escape sends the record to every rule
+    /// anyway (see the prefilter), and the other escapes spell `"`, `\`, `/` or control
+    /// characters, so literals holding those are not used. Of the rest, the longest: the
+    /// rarest, as a guess.
+    pub fn prefilter_literal(&self) -> Option<&str> {
+        let searchable = |literal: &&str| {
+            !literal.is_empty()
+                && !literal.contains(|c: char| matches!(c, '"' | '\\' | '/') || c.is_control())
+        };
+        self.fields
+            .iter()
+            .map(|(_, literal)| literal.as_str())
+            .filter(searchable)
+            .max_by_key(|literal| literal.len())
+    }
+
     /// Whether the rule must run on a record whose guard fields hold `values`.
     pub fn admits(&self, names: &GuardFields, values: &FieldValues) -> bool {
         let Some(values) = values else {
@@ -460,6 +478,89 @@ mod tests {
             );
             let answer = answer.map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(admitted, !answer.is_unit());
+        });
+    }
+
+    #[test]
+    fn the_prefilter_literal_is_the_longest_a_byte_search_can_find() {
+        let literal = |pairs: &[(&str, &str)]| {
+            fields(pairs)
+                .unwrap()
+                .prefilter_literal()
+                .map(str::to_owned)
+        };
+        assert_eq!(
+            literal(&[("client", "acme"), ("type", "privacy_request")]),
+            Some("privacy_request".into())
+        );
+        // Escapes other than `\u` could spell these characters: not searched for.
+        assert_eq!(
+            literal(&[("path", "/v1/users/delete"), ("type", "erasure")]),
+            Some("erasure".into())
+        );
+        for unsearchable in ["a/b", "say \"hi\"", "C:\\", "two\nlines", ""] {
+            assert_eq!(literal(&[("f", unsearchable)]), None, "{unsearchable:?}");
+        }
+        assert_eq!(literal(&[]), None);
+    }
+
+    /// The literal a rule's guard gives it as a prefilter never keeps the rule from a
+    /// record it decides on, however the JSON spells the value (escapes of every kind).
+    #[test]
+    fn the_guard_literal_lets_through_every_record_the_rule_decides_on() {
+        let engine = super::super::engine::sandboxed();
+        let ast = engine
+            .compile(
+                r#"fn decide(record) {
+                    let event = record.data;
+                    if type_of(event) != "map" { return; }
+                    if event.type != "privacy_request" { return; }
+                    if event.path != "x/privacy_request" { return; }
+                    #{ action: "a", key: "k" }
+                }"#,
+            )
+            .unwrap();
+        let literal = Guard::of(&ast)
+            .unwrap()
+            .prefilter_literal()
+            .unwrap()
+            .to_owned();
+        assert_eq!(literal, "privacy_request");
+        let literals = [literal];
+        let prefilter = super::super::prefilter::Prefilter::new([Some(&literals[..])].into_iter());
+        let decides = |payload: &str| {
+            let mut record = rhai::Map::new();
+            record.insert("data".into(), crate::decode::rule_data(payload.as_bytes()));
+            let answer = engine.call_fn::<Dynamic>(
+                &mut rhai::Scope::new(),
+                &ast,
+                "decide",
+                (Dynamic::from_map(record),),
+            );
+            !answer.unwrap().is_unit()
+        };
+        let let_through = |payload: &str| prefilter.eligible(payload.as_bytes()).is_some();
+        let escaped = r#"{"type": "privacy\u005frequest", "path": "x\/privacy_request"}"#;
+        assert!(decides(escaped) && let_through(escaped));
+        let key = prop_oneof![Just(r#""type""#), Just(r#""path""#), Just(r#""\u0074ype""#)];
+        let value = prop_oneof![
+            Just(r#""privacy_request""#),
+            Just(r#""privacy\u005frequest""#),
+            Just(r#""\u0070rivacy_request""#),
+            Just(r#""privacy_reques""#),
+            Just(r#""x/privacy_request""#),
+            Just(r#""x\/privacy_request""#),
+            Just(r#""x\u002fprivacy_request""#),
+            Just(r#""x\nprivacy_request""#),
+            Just("7"),
+            Just(r#"["privacy_request"]"#),
+        ];
+        let payload = proptest::collection::vec((key, value), 0..4).prop_map(|pairs| {
+            let body: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            format!("{{{}}}", body.join(", "))
+        });
+        proptest!(ProptestConfig::with_cases(1000), |(payload in payload)| {
+            prop_assert!(!decides(&payload) || let_through(&payload), "{}", payload);
         });
     }
 

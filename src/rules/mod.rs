@@ -97,10 +97,23 @@ pub struct Rule {
     pub name: String,
     pub path: PathBuf,
     ast: AST,
-    /// Literals of `const PREFILTER`: records whose bytes contain none are skipped.
+    /// Literals of `const PREFILTER`, or else one its guard requires: records whose bytes
+    /// contain none are skipped.
     literals: Option<Vec<String>>,
+    literals_from_guard: bool,
     /// The checks `decide` opens with, run without a Rhai call.
     guard: Option<Guard>,
+}
+
+impl Rule {
+    /// What `rules check` says of the rule's prefilter.
+    pub fn prefilter_summary(&self) -> String {
+        match (&self.literals, self.literals_from_guard) {
+            (Some(literals), false) => format!("prefilter {literals:?}"),
+            (Some(literals), true) => format!("prefilter {literals:?}, from its opening checks"),
+            (None, _) => "no prefilter: it runs on every event".into(),
+        }
+    }
 }
 
 /// What one rule made of one record.
@@ -313,13 +326,21 @@ fn compile(engine: &Engine, path: &Path) -> Result<(Rule, String), RuleError> {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let guard = Guard::of(&ast);
+    let from_guard = guard.as_ref().and_then(Guard::prefilter_literal);
+    let (literals, literals_from_guard) = match (literals, from_guard) {
+        (Some(declared), _) => (Some(declared), false),
+        (None, Some(literal)) => (Some(vec![literal.to_owned()]), true),
+        (None, None) => (None, false),
+    };
     Ok((
         Rule {
             name,
             path: path.to_owned(),
-            guard: Guard::of(&ast),
+            guard,
             ast,
             literals,
+            literals_from_guard,
         },
         source,
     ))

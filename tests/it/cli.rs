@@ -20,6 +20,33 @@ fn shipped_rules_pass_check_and_test() {
 }
 
 #[test]
+fn rules_check_shows_each_rules_prefilter_and_where_it_comes_from() {
+    let ws = workspace();
+    ws.write_rule(
+        "guarded.rhai",
+        "fn decide(record) {\n    let event = record.data;\n    if type_of(event) != \"map\" { return; }\n    if event.type != \"erasure\" { return; }\n    if event.source != \"support_desk\" { return; }\n    #{ action: \"anonymize_user\", key: event.id }\n}\n",
+    );
+    ws.write_rule(
+        "open.rhai",
+        "fn decide(record) {\n    if record.data.type == \"x\" { return #{ action: \"anonymize_user\", key: \"k\" }; }\n}\n",
+    );
+    let (code, out, _) = ws.run(&["rules", "check", "--rules-dir", "rules"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("  acme_gdpr_delete_user: prefilter [\"Delete User\"]\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("  guarded: prefilter [\"support_desk\"], from its opening checks\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("  open: no prefilter: it runs on every event\n"),
+        "{out}"
+    );
+}
+
+#[test]
 fn rules_check_reports_file_line_col() {
     let ws = workspace();
     ws.write_rule("broken.rhai", "fn decide(record) {\n    let x = ;\n}\n");

@@ -232,7 +232,6 @@ impl Pipeline {
 
     /// Commits the gathered writes (in dry-run, keeps the checkpoints in memory).
     async fn flush(&self, pending: &mut Pending, shard_id: &str) -> Result<(), PipelineError> {
-        pending.report_rule_counts(&self.telemetry);
         let writes = std::mem::take(&mut pending.writes);
         pending.done.clear();
         match &self.sink {
@@ -386,6 +385,7 @@ impl Pipeline {
             }
             progress.checkpointed = settled;
         }
+        pending.report_rule_counts(&self.telemetry);
         self.flush(pending, shard_id).await?;
         Ok(match (interrupted, finished) {
             (true, _) => BatchEnd::Interrupted,
@@ -754,6 +754,7 @@ impl Pipeline {
         // The replacement was already committed by `act` for action failures; resolve
         // the old letter (and commit a rule failure's replacement) now.
         pending.writes.resolved_dead_letters.push(id);
+        pending.report_rule_counts(&self.telemetry);
         self.flush(&mut pending, &letter.shard_id).await?;
         Ok(outcome)
     }

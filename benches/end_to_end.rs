@@ -44,7 +44,7 @@ const RECORDS_OPEN: &[u8] = b"{\"Records\":[";
 /// What one invocation runs: in full under `cargo bench`, a smoke pass under `cargo test`.
 struct Plan {
     shards: usize,
-    sizes: &'static [usize],
+    sizes: Vec<usize>,
     /// Daemons run on each replay, the best reported (the machine is shared).
     repeats: usize,
     live_events_per_second: f64,
@@ -56,14 +56,19 @@ async fn main() {
     let plan = match std::env::args().any(|a| a == "--bench") {
         true => Plan {
             shards: 64,
-            sizes: &[10_000, 100_000, 1_000_000],
+            // `BENCH_EVENTS=10000,1000000` (say) runs only these replays.
+            sizes: std::env::var("BENCH_EVENTS").map_or(vec![10_000, 100_000, 1_000_000], |v| {
+                v.split(',')
+                    .map(|n| n.trim().parse().expect("BENCH_EVENTS lists numbers"))
+                    .collect()
+            }),
             repeats: 3,
             live_events_per_second: 20_000.0,
             live_seconds: 5.0,
         },
         false => Plan {
             shards: 4,
-            sizes: &[400],
+            sizes: vec![400],
             repeats: 1,
             live_events_per_second: 400.0,
             live_seconds: 1.0,
@@ -73,7 +78,7 @@ async fn main() {
     println!(
         "   events  records requests   wall s   events/s  records/s CPU µs/event peak RSS MiB"
     );
-    for &events in plan.sizes {
+    for &events in &plan.sizes {
         throughput(events, plan.shards, plan.repeats).await.print();
     }
     latency(&plan).await;
@@ -703,12 +708,12 @@ listen = "{metrics}"
     fn usage(&self) -> Usage {
         let wall = self.spawned.elapsed();
         let pid = self.child.id();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        // Fields after the command name, from the 3rd (state): utime and stime are the 14th
-        // and 15th.
-        let after_name = &stat[stat.rfind(')').unwrap() + 1..];
-        let fields: Vec<&str> = after_name.split_whitespace().collect();
-        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // CPU time of every thread, in nanoseconds (the scheduler's count).
+        let cpu_nanos: u64 = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok())
+            .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+            .sum();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let peak_rss_kib = status
             .lines()
@@ -717,7 +722,7 @@ listen = "{metrics}"
             .unwrap();
         Usage {
             wall,
-            cpu: Duration::from_secs_f64(ticks as f64 / clock_ticks_per_second()),
+            cpu: Duration::from_nanos(cpu_nanos),
             peak_rss_kib,
         }
     }
@@ -753,15 +758,6 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn clock_ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 /// Every shard of `last` has its checkpoint at its last record.

@@ -37,9 +37,8 @@ use gdpr_consumer::telemetry::Telemetry;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Shards of the whole-pipeline run, and records per GetRecords batch.
+/// Shards of the whole-pipeline run.
 const SHARDS: usize = 64;
-const BATCH: usize = 1_000;
 
 /// `BENCH_ONLY="front 10 Prefilter"` or `"whole 10 Prefilter 1"` (say) runs only the runs whose name
 /// starts so: for profiling, it then says on stderr when the timed part starts and ends.
@@ -234,7 +233,7 @@ fn whole_pipeline(stream: &common::Stream, floors: &Floors, repeats: usize) {
                 .build()
                 .unwrap();
             let passes = (0..passes)
-                .map(|_| shard_batches(&stream.records))
+                .map(|_| shard_batches(&stream.records, settings.stream.records_per_call as usize))
                 .collect();
             let before = calls.load(Ordering::SeqCst);
             let (rate, per_cpu_second) =
@@ -277,14 +276,15 @@ allow_insecure_http = true
     Settings::resolve(Some(&config), Default::default()).unwrap()
 }
 
-/// The records dealt to 64 shards, in GetRecords-sized batches, order kept per shard.
-fn shard_batches(records: &[RawRecord]) -> Vec<Vec<Batch>> {
+/// The records dealt to 64 shards, in GetRecords answers of `batch` records (the daemon's
+/// `records_per_call`), order kept per shard.
+fn shard_batches(records: &[RawRecord], batch: usize) -> Vec<Vec<Batch>> {
     let per_shard = records.len().div_ceil(SHARDS);
     records
         .chunks(per_shard)
         .map(|shard| {
             shard
-                .chunks(BATCH)
+                .chunks(batch)
                 .map(|chunk| Batch {
                     records: chunk.to_vec(),
                     millis_behind_latest: Some(1_000),

@@ -4,9 +4,10 @@
 //! `cargo bench --bench end_to_end` replays 10k, 100k and 1M events and prints, per run, the
 //! wall time, events/s, the daemon's CPU time per event and its peak RSS; then a latency run
 //! releases events live at a steady rate and prints how long each deletion request took from
-//! becoming readable to reaching the backend. Every run fails loudly unless the backend got
-//! each request exactly once and the daemon read each record once. Under `cargo test` the
-//! same runs on a few hundred events and 4 shards.
+//! becoming readable to reaching the backend; then the daemon polls shards with nothing to
+//! read, and the CPU time of one GetRecords call is printed. Every run fails loudly unless
+//! the backend got each request exactly once and the daemon read each record once. Under
+//! `cargo test` the same runs on a few hundred events and 4 shards.
 //!
 //! GetRecords answers are pre-built in memory, so what is measured is the SDK (HTTP client,
 //! JSON, base64) and the daemon, not the endpoint.
@@ -16,6 +17,7 @@ mod common;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -59,6 +61,7 @@ async fn main() {
             // `BENCH_EVENTS=10000,1000000` (say) runs only these replays.
             sizes: std::env::var("BENCH_EVENTS").map_or(vec![10_000, 100_000, 1_000_000], |v| {
                 v.split(',')
+                    .filter(|n| !n.trim().is_empty())
                     .map(|n| n.trim().parse().expect("BENCH_EVENTS lists numbers"))
                     .collect()
             }),
@@ -82,6 +85,7 @@ async fn main() {
         throughput(events, plan.shards, plan.repeats).await.print();
     }
     latency(&plan).await;
+    idle_polling(&plan).await;
 }
 
 fn print_machine(shards: usize) {
@@ -246,6 +250,8 @@ struct Endpoint {
     live: bool,
     /// Live mode only: the instant releases count from; nothing is readable before it.
     epoch: OnceLock<Instant>,
+    /// GetRecords calls answered.
+    get_records_calls: AtomicU64,
 }
 
 impl Endpoint {
@@ -256,6 +262,7 @@ impl Endpoint {
             shards: build(records, shards),
             live: false,
             epoch: OnceLock::new(),
+            get_records_calls: AtomicU64::new(0),
         }
     }
 
@@ -265,6 +272,7 @@ impl Endpoint {
             shards: build(records.into_iter().zip(release), shards),
             live: true,
             epoch: OnceLock::new(),
+            get_records_calls: AtomicU64::new(0),
         }
     }
 
@@ -384,6 +392,7 @@ impl Endpoint {
     /// From the iterator's position to the end of its batch, the `Limit` or the last record
     /// readable now, whichever comes first; a whole replayed batch is served as pre-built.
     fn get_records(&self, request: &Value) -> Result<Bytes, ApiError> {
+        self.get_records_calls.fetch_add(1, Ordering::Relaxed);
         let (shard, position) = field(request, "ShardIterator")?
             .split_once('/')
             .and_then(|(s, p)| Some((s.parse::<usize>().ok()?, p.parse::<usize>().ok()?)))
@@ -923,4 +932,42 @@ fn gunzipped(data: &[u8]) -> std::borrow::Cow<'_, [u8]> {
         .read_to_end(&mut out)
         .unwrap();
     out.into()
+}
+
+/// The cost of following shards that have nothing new: a daemon polling every shard of a
+/// stream where nothing is readable, every 50 ms. Prints the CPU time per GetRecords call
+/// (the SDK's work, the HTTP exchange and the daemon's handling of an empty answer).
+async fn idle_polling(plan: &Plan) {
+    let stream = common::stream(SEED + 2, plan.shards * 10, 0);
+    // Live, and never opened: nothing is readable, every shard is at its tip.
+    let release = vec![Duration::ZERO; stream.records.len()];
+    let endpoint = Arc::new(Endpoint::live(stream.records, release, plan.shards));
+    let last = endpoint.last_sequence_numbers();
+    let kinesis = Server::start(endpoint.clone().router()).await;
+    let calls = Calls::default();
+    let backend = Server::start(calls.router()).await;
+    let mut daemon = Daemon::start(&kinesis.url, &backend.url, 50);
+    daemon
+        .wait_for(Duration::from_secs(60), "every shard polled", |s| {
+            all_caught_up(s, &last)
+        })
+        .await;
+    let (before, polls_before) = (
+        daemon.usage(),
+        endpoint.get_records_calls.load(Ordering::Relaxed),
+    );
+    tokio::time::sleep(Duration::from_secs_f64(plan.live_seconds.min(2.0))).await;
+    let (after, polls) = (
+        daemon.usage(),
+        endpoint.get_records_calls.load(Ordering::Relaxed),
+    );
+    daemon.stop().await;
+    let polls = polls - polls_before;
+    assert!(polls > 0, "the daemon polled its shards");
+    println!(
+        "idle, {} shards polled every 50 ms: {polls} GetRecords calls in {:.1} s, {:.0} µs of CPU each",
+        plan.shards,
+        (after.wall - before.wall).as_secs_f64(),
+        (after.cpu - before.cpu).as_secs_f64() * 1e6 / polls as f64,
+    );
 }

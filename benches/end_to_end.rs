@@ -672,6 +672,14 @@ listen = "{metrics}"
         }
     }
 
+    /// Waits until every shard of `last` has been polled and found nothing more to read.
+    async fn wait_until_polling(&mut self, last: &HashMap<String, String>) {
+        self.wait_for(Duration::from_secs(60), "every shard polled", |s| {
+            all_caught_up(s, last)
+        })
+        .await;
+    }
+
     /// Records read, over all shards (`records_read_total`).
     async fn records_read(&self) -> u64 {
         let text = reqwest::get(&self.metrics_url)
@@ -866,11 +874,7 @@ async fn latency(plan: &Plan) {
     let backend = Server::start(calls.router()).await;
 
     let mut daemon = Daemon::start(&kinesis.url, &backend.url, 200);
-    daemon
-        .wait_for(Duration::from_secs(60), "every shard polled", |s| {
-            all_caught_up(s, &last)
-        })
-        .await;
+    daemon.wait_until_polling(&last).await;
     let epoch = Instant::now();
     endpoint.epoch.set(epoch).unwrap();
     daemon.complete(&last, records).await;
@@ -947,11 +951,7 @@ async fn idle_polling(plan: &Plan) {
     let calls = Calls::default();
     let backend = Server::start(calls.router()).await;
     let mut daemon = Daemon::start(&kinesis.url, &backend.url, 50);
-    daemon
-        .wait_for(Duration::from_secs(60), "every shard polled", |s| {
-            all_caught_up(s, &last)
-        })
-        .await;
+    daemon.wait_until_polling(&last).await;
     let (before, polls_before) = (
         daemon.usage(),
         endpoint.get_records_calls.load(Ordering::Relaxed),

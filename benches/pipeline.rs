@@ -6,9 +6,10 @@
 //! tokenizing (IgnoredAny), and decode-only (KPL, gzip and JSON to the values rules read).
 //! Then the front half (decode → rules → dedup in memory) with 1 and 10 rules: with
 //! `PREFILTER`, without it (their opening checks give them one), and written as one
-//! condition (no prefilter at all, so the rule runs on every event); and the whole pipeline (decode → rules → ledger → actions answered
-//! by a local server → checkpoints committed per batch) on 64 shards. Each figure is events
-//! per second and its ratio to the floor that bounds it.
+//! condition (no prefilter at all, so the rule runs on every event); and the whole pipeline
+//! (decode → rules → ledger → actions answered by a local server → checkpoints committed
+//! per batch) on 64 shards. Each figure is events per second and its ratio to the floor
+//! that bounds it.
 
 mod common;
 
@@ -40,8 +41,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Shards of the whole-pipeline run.
 const SHARDS: usize = 64;
 
-/// `BENCH_ONLY="front 10 Prefilter"` or `"whole 10 Prefilter 1"` (say) runs only the runs whose name
-/// starts so: for profiling, it then says on stderr when the timed part starts and ends.
+/// `BENCH_ONLY="front 10 Prefilter"` or `"whole 10 Prefilter 1"` (say) runs only the runs
+/// whose name starts so: for profiling, it then says on stderr when the timed part starts
+/// and ends.
 fn selected(run: &str) -> bool {
     std::env::var("BENCH_ONLY").map_or(true, |only| run.starts_with(&only))
 }

@@ -144,13 +144,13 @@ impl UrlTemplate {
     /// parsing the host again for every request.
     fn parse_rendered(&self, rendered: &str) -> Result<reqwest::Url, String> {
         let rest = &rendered[self.origin_len..];
+        if rest.contains('#') {
+            return reqwest::Url::parse(rendered).map_err(|e| e.to_string());
+        }
         let (path, query) = match rest.split_once('?') {
             Some((path, query)) => (path, Some(query)),
             None => (rest, None),
         };
-        if rest.contains('#') {
-            return reqwest::Url::parse(rendered).map_err(|e| e.to_string());
-        }
         let mut url = self.origin.clone();
         url.set_path(path);
         url.set_query(query);

@@ -100,6 +100,7 @@ pub struct Rule {
     /// Literals of `const PREFILTER`, or else one its guard requires: records whose bytes
     /// contain none are skipped.
     literals: Option<Vec<String>>,
+    /// Whether `literals` come from the guard rather than `const PREFILTER`.
     literals_from_guard: bool,
     /// The checks `decide` opens with, run without a Rhai call.
     guard: Option<Guard>,

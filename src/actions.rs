@@ -347,9 +347,7 @@ pub fn idempotency_key(action: &str, key: &str) -> String {
 pub struct PreparedRequest {
     pub action: String,
     pub method: reqwest::Method,
-    pub url: String,
-    /// `url`, parsed.
-    target: reqwest::Url,
+    pub url: reqwest::Url,
     pub idempotency_key: String,
     pub headers: Vec<(String, String)>,
     pub body: String,
@@ -461,8 +459,8 @@ impl ActionSet {
             action: decision.action.clone(),
             reason,
         };
-        let url = action.spec.url.render(&decision.params).map_err(reject)?;
-        let target = action.spec.url.parse_rendered(&url).map_err(reject)?;
+        let rendered = action.spec.url.render(&decision.params).map_err(reject)?;
+        let url = action.spec.url.parse_rendered(&rendered).map_err(reject)?;
         let body = match &action.spec.body {
             Some(template) => template.render(&decision.params).map_err(reject)?,
             None => Value::Object(decision.params.clone()),
@@ -486,7 +484,6 @@ impl ActionSet {
             action: decision.action.clone(),
             method: action.spec.method.clone(),
             url,
-            target,
             idempotency_key,
             headers: action.spec.headers.clone(),
             body: body.to_string(),
@@ -583,7 +580,7 @@ impl ActionSet {
         }
         let mut builder = action
             .client
-            .request(request.method.clone(), request.target.clone())
+            .request(request.method.clone(), request.url.clone())
             .header("Idempotency-Key", &request.idempotency_key)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(request.body.clone());
@@ -644,7 +641,7 @@ impl ActionSet {
 /// The request signature: hex HMAC-SHA256 of `timestamp \n METHOD \n path?query \n body`.
 pub fn sign(secret: &str, timestamp: &str, request: &PreparedRequest) -> String {
     use hmac::{Hmac, Mac};
-    let url = &request.target;
+    let url = &request.url;
     let path = match url.query() {
         Some(q) => format!("{}?{q}", url.path()),
         None => url.path().to_owned(),

@@ -217,7 +217,7 @@ impl Preview {
                         .collect();
                     line["request"] = json!({
                         "method": request.method.as_str(),
-                        "url": request.url,
+                        "url": request.url.as_str(),
                         "headers": headers,
                         "body": serde_json::from_str::<serde_json::Value>(&request.body).unwrap_or_default(),
                     });

@@ -358,6 +358,22 @@ mod tests {
         )
     }
 
+    /// The rule's answer for a record whose `data` is `data`, run for real.
+    fn decide(
+        engine: &rhai::Engine,
+        ast: &AST,
+        data: Dynamic,
+    ) -> Result<Dynamic, Box<rhai::EvalAltResult>> {
+        let mut record = rhai::Map::new();
+        record.insert("data".into(), data);
+        engine.call_fn(
+            &mut rhai::Scope::new(),
+            ast,
+            "decide",
+            (Dynamic::from_map(record),),
+        )
+    }
+
     fn fields(pairs: &[(&str, &str)]) -> Option<Guard> {
         Some(Guard {
             fields: pairs
@@ -468,15 +484,8 @@ mod tests {
         ];
         proptest!(ProptestConfig::with_cases(500), |(data in data)| {
             let admitted = guard.admits(&names, &names.of_data(&data));
-            let mut record = rhai::Map::new();
-            record.insert("data".into(), data);
-            let answer = engine.call_fn::<Dynamic>(
-                &mut rhai::Scope::new(),
-                &ast,
-                "decide",
-                (Dynamic::from_map(record),),
-            );
-            let answer = answer.map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let answer = decide(&engine, &ast, data)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(admitted, !answer.is_unit());
         });
     }
@@ -529,15 +538,8 @@ mod tests {
         let literals = [literal];
         let prefilter = super::super::prefilter::Prefilter::new([Some(&literals[..])].into_iter());
         let decides = |payload: &str| {
-            let mut record = rhai::Map::new();
-            record.insert("data".into(), crate::decode::rule_data(payload.as_bytes()));
-            let answer = engine.call_fn::<Dynamic>(
-                &mut rhai::Scope::new(),
-                &ast,
-                "decide",
-                (Dynamic::from_map(record),),
-            );
-            !answer.unwrap().is_unit()
+            let data = crate::decode::rule_data(payload.as_bytes());
+            !decide(&engine, &ast, data).unwrap().is_unit()
         };
         let let_through = |payload: &str| prefilter.eligible(payload.as_bytes()).is_some();
         let escaped = r#"{"type": "privacy\u005frequest", "path": "x\/privacy_request"}"#;

@@ -7,9 +7,9 @@ use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::daemon::ShardWork;
+use crate::supervisor::{ShardExit, ShardWork};
 use crate::decode::{self, RecordJson};
-use crate::pipeline::{PipelineError, ShardExit};
+use crate::pipeline::PipelineError;
 use crate::shutdown::Shutdown;
 use crate::source::{Checkpoint, Position, ShardReader};
 use crate::state::StateError;

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::actions::ActionSet;
 use crate::config::{self, Overrides, Settings, StartPosition};
+use crate::keys::{KeyError, KeySource};
 use crate::daemon::{self, DryRun};
 use crate::decode::{self, Record, RecordJson};
 use crate::diff;
@@ -17,7 +18,7 @@ use crate::pipeline::Retried;
 use crate::preview::OutputFormat;
 use crate::preview::Preview;
 use crate::rules::{testing, RuleSet};
-use crate::state::{AuditEntry, DeadLetterReason, State, Writes};
+use crate::state::{Access, AuditEntry, State, StateError, Writes};
 
 #[derive(Parser)]
 #[command(
@@ -229,8 +230,8 @@ enum DeadLettersCommand {
     Retry {
         #[command(flatten)]
         config: ConfigArgs,
-        /// Dead letter ids (from `list`).
-        #[arg(long = "id", required_unless_present = "all", conflicts_with = "all")]
+        /// Dead letter ids (from `list`): `--id 1 2` or `--id 1 --id 2`.
+        #[arg(long = "id", required_unless_present = "all", conflicts_with = "all", num_args = 1..)]
         ids: Vec<u64>,
         /// Every dead letter.
         #[arg(long)]
@@ -277,7 +278,7 @@ enum AuditCommand {
     /// lookup; the trail holds no plaintext).
     Lookup {
         #[command(flatten)]
-        config: ConfigArgs,
+        config: StateArgs,
         #[arg(long)]
         action: String,
         #[arg(long)]
@@ -298,6 +299,13 @@ fn parse_time(s: &str) -> Result<i64, String> {
     }
 }
 
+/// Writes a line to a writer, or returns the failure (see [`write_failure`]).
+macro_rules! out {
+    ($w:expr, $($arg:tt)*) => {
+        writeln!($w, $($arg)*).map_err(write_failure)?
+    };
+}
+
 /// A failure and the exit code it maps to.
 struct Failure {
     code: u8,
@@ -305,6 +313,13 @@ struct Failure {
 }
 
 impl Failure {
+    /// stdout went away (`| head`): not an error, nothing more to say.
+    fn broken_pipe() -> Self {
+        Self {
+            code: 0,
+            error: anyhow::anyhow!("broken pipe"),
+        }
+    }
     fn usage(error: impl Into<anyhow::Error>) -> Self {
         Self {
             code: 2,
@@ -336,6 +351,7 @@ pub fn main() -> ExitCode {
     };
     match result {
         Ok(code) => ExitCode::from(code),
+        Err(failure) if failure.code == 0 => ExitCode::SUCCESS,
         Err(failure) => {
             eprintln!("error: {:#}", failure.error);
             ExitCode::from(failure.code)
@@ -420,17 +436,17 @@ fn rules_check(args: RulesArgs) -> Result<u8, Failure> {
     let mut out = std::io::stdout().lock();
     match RuleSet::load(&dir, actions) {
         Ok(set) => {
-            let _ = writeln!(out, "{} rules OK (hash {})", set.rules().len(), set.hash());
+            out!(out, "{} rules OK (hash {})", set.rules().len(), set.hash());
             for rule in set.rules() {
-                let _ = writeln!(out, "  {}: {}", rule.name, rule.prefilter_summary());
+                out!(out, "  {}: {}", rule.name, rule.prefilter_summary());
             }
             Ok(0)
         }
         Err(errors) => {
             for e in &errors {
-                let _ = writeln!(out, "{e}");
+                out!(out, "{e}");
             }
-            let _ = writeln!(out, "{} error(s)", errors.len());
+            out!(out, "{} error(s)", errors.len());
             Ok(1)
         }
     }
@@ -443,9 +459,9 @@ fn rules_test(args: RulesArgs) -> Result<u8, Failure> {
         Ok(set) => set,
         Err(errors) => {
             for e in &errors {
-                let _ = writeln!(out, "{e}");
+                out!(out, "{e}");
             }
-            let _ = writeln!(out, "0 passed, 0 failed ({} rule error(s))", errors.len());
+            out!(out, "0 passed, 0 failed ({} rule error(s))", errors.len());
             return Ok(1);
         }
     };
@@ -453,25 +469,25 @@ fn rules_test(args: RulesArgs) -> Result<u8, Failure> {
         Ok(report) => report,
         Err(errors) => {
             for e in &errors {
-                let _ = writeln!(out, "{e}");
+                out!(out, "{e}");
             }
             return Ok(1);
         }
     };
     for f in &report.failures {
-        let _ = writeln!(
+        out!(
             out,
             "FAIL {} / {}\n  expected: {}\n  actual:   {}",
             f.rule, f.case, f.expected, f.actual
         );
     }
     for rule in &report.untested {
-        let _ = writeln!(
+        out!(
             out,
             "warning: rule {rule} has no test cases ({rule}.test.json)"
         );
     }
-    let _ = writeln!(
+    out!(
         out,
         "{} passed, {} failed",
         report.passed,
@@ -567,17 +583,31 @@ fn rules_diff(args: DiffArgs) -> Result<u8, Failure> {
     Ok(0)
 }
 
-fn open_state(args: &StateArgs) -> Result<State, Failure> {
-    let path = config::state_settings(args.config.as_deref(), args.state.clone())
-        .map_err(Failure::usage)?
-        .state_path;
-    State::open_existing(&path).map_err(Failure::runtime)
+/// Opens the state file of `--state` or the config's `[state]`, with its keys (checked to
+/// belong to it; never created).
+fn open_state(args: &StateArgs, access: Access) -> Result<(State, Keys), Failure> {
+    let settings = config::state_settings(args.config.as_deref(), args.state.clone())
+        .map_err(Failure::usage)?;
+    let source = KeySource {
+        env: settings.key_env.as_deref(),
+        file: &settings.key_file,
+    };
+    State::open(&settings.state_path, source, access).map_err(|e| {
+        let code = match &e {
+            StateError::Key(KeyError::MissingEnv { .. } | KeyError::BadEnv { .. }) => 2,
+            _ => 1,
+        };
+        Failure {
+            code,
+            error: e.into(),
+        }
+    })
 }
 
 fn state_summary(args: StateArgs) -> Result<u8, Failure> {
-    let state = open_state(&args)?;
+    let (state, _) = open_state(&args, Access::Read)?;
     let summary = state.summary().map_err(Failure::runtime)?;
-    println!(
+    out!(std::io::stdout(), 
         "{}",
         serde_json::to_string_pretty(&summary).unwrap_or_default()
     );
@@ -587,7 +617,7 @@ fn state_summary(args: StateArgs) -> Result<u8, Failure> {
 fn checkpoints(cmd: CheckpointsCommand) -> Result<u8, Failure> {
     match cmd {
         CheckpointsCommand::List(args) => {
-            let state = open_state(&args)?;
+            let (state, _) = open_state(&args, Access::Read)?;
             let mut out = std::io::stdout().lock();
             for (shard_id, cp) in state.checkpoints().map_err(Failure::runtime)? {
                 let line = serde_json::json!({
@@ -596,15 +626,15 @@ fn checkpoints(cmd: CheckpointsCommand) -> Result<u8, Failure> {
                     "sub_sequence_number": cp.sub_sequence_number,
                     "shard_end": cp.shard_end,
                 });
-                let _ = writeln!(out, "{line}");
+                out!(out, "{line}");
             }
             Ok(0)
         }
         CheckpointsCommand::Reset { state, shard, all } => {
-            let state = open_state(&state)?;
+            let (state, _) = open_state(&state, Access::Write)?;
             let shard = if all { None } else { shard.as_deref() };
             let n = state.reset_checkpoints(shard).map_err(Failure::runtime)?;
-            println!("{n} checkpoint(s) reset");
+            out!(std::io::stdout(), "{n} checkpoint(s) reset");
             Ok(0)
         }
     }
@@ -613,7 +643,7 @@ fn checkpoints(cmd: CheckpointsCommand) -> Result<u8, Failure> {
 fn dead_letters(cmd: DeadLettersCommand) -> Result<u8, Failure> {
     match cmd {
         DeadLettersCommand::List(args) => {
-            let state = open_state(&args)?;
+            let (state, _) = open_state(&args, Access::Read)?;
             let mut out = std::io::stdout().lock();
             for (id, letter) in state.dead_letters().map_err(Failure::runtime)? {
                 let mut line = serde_json::to_value(&letter).unwrap_or_default();
@@ -626,7 +656,7 @@ fn dead_letters(cmd: DeadLettersCommand) -> Result<u8, Failure> {
                         crate::clock::rfc3339(letter.created_at_ms as i64).into(),
                     );
                 }
-                let _ = writeln!(out, "{line}");
+                out!(out, "{line}");
             }
             Ok(0)
         }
@@ -656,46 +686,21 @@ fn dead_letters(cmd: DeadLettersCommand) -> Result<u8, Failure> {
                     }
                     Retried::Interrupted => serde_json::json!({"id": id, "outcome": "interrupted"}),
                 };
-                println!("{line}");
+                out!(std::io::stdout(), "{line}");
             }
             Ok(u8::from(failed))
         }
         DeadLettersCommand::Discard { state, id, reason } => {
-            let state = open_state(&state)?;
+            let (state, _) = open_state(&state, Access::Write)?;
             let letter = state.dead_letter(id).map_err(Failure::usage)?;
-            let (action, request_id, regulation) = match &letter.reason {
-                DeadLetterReason::ActionFailed {
-                    action,
-                    request_id,
-                    regulation,
-                    ..
-                } => (action.clone(), request_id.clone(), regulation.clone()),
-                DeadLetterReason::RuleFailed { .. } | DeadLetterReason::DecodeFailed { .. } => {
-                    (String::new(), String::new(), "GDPR".into())
-                }
-            };
-            let entry = AuditEntry {
-                time_ms: crate::clock::now_ms(),
-                rule: letter.rule.clone(),
-                rules_hash: letter.rules_hash.clone(),
-                action,
-                request_id,
-                outcome: "discarded".into(),
-                http_status: None,
-                attempts: 0,
-                arrival_time: letter.arrival_time.clone(),
-                due_date: crate::pipeline::due_date(&letter.arrival_time, &regulation),
-                regulation,
-                note: Some(reason),
-            };
             state
                 .commit(Writes {
                     resolved_dead_letters: vec![id],
-                    audit: vec![entry],
+                    audit: vec![AuditEntry::of_letter(id, &letter, "discarded", reason)],
                     ..Writes::default()
                 })
                 .map_err(Failure::runtime)?;
-            println!("dead letter {id} discarded (audited)");
+            out!(std::io::stdout(), "dead letter {id} discarded (audited)");
             Ok(0)
         }
     }
@@ -709,7 +714,7 @@ fn audit(cmd: AuditCommand) -> Result<u8, Failure> {
             since,
             until,
         } => {
-            let state = open_state(&state)?;
+            let (state, _) = open_state(&state, Access::Read)?;
             let entries = state
                 .audit(
                     since.map_or(0, |t| t.max(0) as u64),
@@ -722,11 +727,11 @@ fn audit(cmd: AuditCommand) -> Result<u8, Failure> {
                     for entry in entries {
                         let mut line = serde_json::to_value(&entry).unwrap_or_default();
                         line["time"] = crate::clock::rfc3339(entry.time_ms as i64).into();
-                        let _ = writeln!(out, "{line}");
+                        out!(out, "{line}");
                     }
                 }
                 AuditFormat::Csv => {
-                    let _ = writeln!(out, "time,rule,rules_hash,action,request_id,outcome,http_status,attempts,arrival_time,regulation,due_date,note");
+                    out!(out, "time,rule,rules_hash,action,request_id,outcome,http_status,attempts,arrival_time,regulation,due_date,note");
                     for e in entries {
                         let fields = [
                             crate::clock::rfc3339(e.time_ms as i64),
@@ -743,7 +748,7 @@ fn audit(cmd: AuditCommand) -> Result<u8, Failure> {
                             e.note.unwrap_or_default(),
                         ];
                         let row: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
-                        let _ = writeln!(out, "{}", row.join(","));
+                        out!(out, "{}", row.join(","));
                     }
                 }
             }
@@ -754,36 +759,41 @@ fn audit(cmd: AuditCommand) -> Result<u8, Failure> {
             action,
             key,
         } => {
-            let settings = config::state_settings(config.config.as_deref(), config.state)
-                .map_err(Failure::usage)?;
-            let keys = Keys::load_existing(settings.key_env.as_deref(), &settings.key_file)
-                .map_err(Failure::runtime)?
-                .ok_or_else(|| {
-                    Failure::runtime(anyhow::anyhow!(
-                        "no state key at {}",
-                        settings.key_file.display()
-                    ))
-                })?;
-            let state = State::open_existing(&settings.state_path).map_err(Failure::runtime)?;
-            let id = hex::encode(keys.request_id(&action, &key));
+            let (state, keys) = open_state(&config, Access::Read)?;
+            let ids: Vec<String> = keys
+                .request_ids(&action, &key)
+                .iter()
+                .map(hex::encode)
+                .collect();
             let mut found = false;
+            let mut out = std::io::stdout().lock();
             for entry in state.audit(0, u64::MAX).map_err(Failure::runtime)? {
-                if entry.request_id == id {
+                if ids.contains(&entry.request_id) {
                     found = true;
                     let mut line = serde_json::to_value(&entry).unwrap_or_default();
                     line["time"] = crate::clock::rfc3339(entry.time_ms as i64).into();
-                    println!("{line}");
+                    out!(out, "{line}");
                 }
             }
             let done = state
-                .is_done(&keys.request_id(&action, &key))
+                .is_done_any(&keys.request_ids(&action, &key))
                 .map_err(Failure::runtime)?;
-            println!(
+            out!(
+                out,
                 "{}",
-                serde_json::json!({"request_id": id, "done": done, "found": found})
+                serde_json::json!({"request_id": ids[0], "done": done, "found": found})
             );
             Ok(if found { 0 } else { 1 })
         }
+    }
+}
+
+/// Output that cannot be written is an error (exit 1), but for a reader that went away.
+fn write_failure(e: std::io::Error) -> Failure {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        Failure::broken_pipe()
+    } else {
+        Failure::runtime(anyhow::Error::new(e).context("cannot write to stdout"))
     }
 }
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::actions::{check_header, ActionSpec, BodyTemplate, Secret, Signing, UrlTemplate};
+pub use crate::source::{StartPosition, StreamSettings};
 
 const DEFAULT_STATE_PATH: &str = "gdpr-consumer.redb";
 
@@ -27,39 +28,6 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{0}")]
     Invalid(String),
-}
-
-/// Where a shard with no checkpoint starts reading.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StartPosition {
-    TrimHorizon,
-    Latest,
-    /// Milliseconds since the Unix epoch (an RFC 3339 time in the config or `--from`).
-    AtTimestamp(i64),
-}
-
-impl std::str::FromStr for StartPosition {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "trim-horizon" | "trim_horizon" | "TRIM_HORIZON" => Ok(Self::TrimHorizon),
-            "latest" | "LATEST" => Ok(Self::Latest),
-            other => {
-                let time = aws_smithy_types::DateTime::from_str(
-                    other,
-                    aws_smithy_types::date_time::Format::DateTime,
-                )
-                .map_err(|_| {
-                    format!(
-                        "invalid start position {other:?}: expected trim-horizon, latest or an RFC 3339 time"
-                    )
-                })?;
-                time.to_millis()
-                    .map(Self::AtTimestamp)
-                    .map_err(|e| format!("invalid start time {other:?}: {e}"))
-            }
-        }
-    }
 }
 
 /// The config file as written. Every key is optional.
@@ -182,20 +150,6 @@ pub struct Settings {
     pub actions: BTreeMap<String, ActionSpec>,
     /// No listener unless set.
     pub metrics_listen: Option<std::net::SocketAddr>,
-}
-
-#[derive(Debug, Clone)]
-pub struct StreamSettings {
-    pub name: String,
-    pub region: Option<String>,
-    pub endpoint_url: Option<String>,
-    pub start: StartPosition,
-    pub poll_interval: Duration,
-    pub shard_sync_interval: Duration,
-    pub retention_margin: Duration,
-    pub list_shards_page_size: Option<i32>,
-    pub records_per_call: i32,
-    pub batches_in_flight: usize,
 }
 
 impl FileConfig {

@@ -4,31 +4,25 @@
 //! The supervisor re-lists shards periodically and right after a shard ends, and starts a
 //! child only when all its parents are finished.
 
-use std::collections::HashSet;
-use std::future::Future;
+use std::collections::BTreeSet;
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-
-use std::collections::BTreeSet;
-use std::path::PathBuf;
-
-use tokio::task::JoinSet;
 
 use crate::actions::{ActionError, ActionSet};
 use crate::capture::Capture;
 use crate::clock::now_ms;
 use crate::config::{ConfigError, Settings, StreamSettings};
-use crate::keys::{KeyError, Keys};
-use crate::pipeline::{Pipeline, PipelineError, Retried, ShardExit, Sink};
+use crate::keys::{KeyError, KeySource};
+use crate::pipeline::{Pipeline, PipelineError, Retried, Sink};
 use crate::preview::{Ledger, OutputFormat, Preview};
 use crate::rules::reload::{self, load_tested, LoadFailure, Rules};
 use crate::shutdown::Shutdown;
-use crate::source::{
-    ready_shards, Checkpoint, KinesisSource, Position, ShardInfo, ShardReader, SourceError,
-};
-use crate::state::{DeadLetterReason, State, StateError};
-use crate::telemetry::{self, Served, ShardView, Telemetry};
+use crate::source::{Checkpoint, KinesisSource, Position, ShardReader, SourceError};
+use crate::state::{Access, DeadLetterReason, State, StateError, DEAD_LETTER_PAGE};
+use crate::supervisor::{self, ShardExit, ShardWork, SupervisorError};
+use crate::telemetry::{self, Served, Telemetry};
 
 /// Options of `run --dry-run`.
 #[derive(Debug, Clone)]
@@ -46,27 +40,31 @@ pub enum RunError {
     #[error(transparent)]
     Actions(#[from] ActionError),
     #[error(transparent)]
-    Keys(#[from] KeyError),
-    #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+    #[error(transparent)]
     Pipeline(#[from] PipelineError),
-    #[error("a shard worker panicked: {0}")]
-    WorkerPanicked(String),
-    #[error("cannot listen on {listen} ([metrics] listen): {source}")]
+    #[error("cannot listen on {listen} ([metrics] listen)")]
     Listen {
         listen: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen for {0}")]
+    Signal(&'static str, #[source] std::io::Error),
 }
 
 impl RunError {
-    /// 2 for what the user must fix in the config or rules before starting; 1 otherwise.
+    /// 2 for what the user must fix in the config, its environment or the rules before
+    /// starting; 1 otherwise (a damaged or foreign state included: restore it).
     pub fn exit_code(&self) -> u8 {
         match self {
-            RunError::Config(_) | RunError::Rules(..) | RunError::Keys(_) => 2,
+            RunError::Config(_) | RunError::Rules(..) => 2,
+            RunError::State(StateError::Key(
+                KeyError::MissingEnv { .. } | KeyError::BadEnv { .. },
+            )) => 2,
             RunError::Actions(ActionError::Client { .. }) => 1,
             RunError::Actions(_) => 2,
             _ => 1,
@@ -76,6 +74,10 @@ impl RunError {
 
 /// Runs the daemon (or the dry-run) to the end.
 pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunError> {
+    // First of all: a SIGHUP (a reload asked too early, or sent to a dry-run) must never
+    // kill the process. Once a handler is installed, it stays for the process's life.
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| RunError::Signal("SIGHUP", e))?;
     let action_names: BTreeSet<String> = settings.actions.keys().cloned().collect();
     let rules = load_tested(&settings.rules_dir, &action_names)
         .map_err(|failure| RunError::Rules(settings.rules_dir.clone(), failure))?;
@@ -89,6 +91,7 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
     let telemetry = Arc::new(Telemetry::new());
     let rule_names: Vec<String> = rules.rules().iter().map(|r| r.name.clone()).collect();
     let rules = Arc::new(Rules::new(rules, settings.rules_dir.clone(), action_names));
+    let source = Arc::new(KinesisSource::connect(&settings.stream).await);
     let sink = match &dry_run {
         Some(options) => Sink::Preview(Box::new(Preview::new(
             options.format,
@@ -98,13 +101,15 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
         ))),
         None => {
             // Lock the state before anything else can start, the listener included.
-            let state = Arc::new(State::open(&settings.state_path)?);
-            let keys = Keys::load_or_create(settings.key_env.as_deref(), &settings.key_file)?;
+            let (state, keys) = State::open(&settings.state_path, key_source(&settings), Access::Run)?;
+            let state = Arc::new(state);
+            check_ledger_retention(&source, &settings).await?;
             if let Some(listen) = settings.metrics_listen {
                 let served = Arc::new(Served {
                     telemetry: telemetry.clone(),
                     rules: rules.clone(),
                     state: state.clone(),
+                    source: source.clone(),
                 });
                 telemetry::serve(listen, served, shutdown.clone())
                     .await
@@ -113,7 +118,6 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
             Sink::Live { state, keys }
         }
     };
-    let source = Arc::new(KinesisSource::connect(&settings.stream).await);
     spawn_signal_handler(shutdown.clone());
 
     if dry_run.is_none() {
@@ -133,32 +137,74 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
         telemetry: telemetry.clone(),
         claims: Default::default(),
     });
-    if let Sink::Live { .. } = &pipeline.sink {
-        tokio::spawn(maintain(
+    let housekeeping = match &pipeline.sink {
+        Sink::Live { .. } => Some(tokio::spawn(maintain(
             pipeline.clone(),
             settings.dead_letter_retry_interval,
             settings.ledger_retention,
-        ));
-    }
+        ))),
+        Sink::Preview(_) => None,
+    };
     let progress = match &pipeline.sink {
         Sink::Preview(_) if std::io::stderr().is_terminal() => {
             Some(spawn_progress(pipeline.clone(), shutdown.clone()))
         }
         _ => None,
     };
-    let result = supervise(&settings.stream, &source, &pipeline, &telemetry).await;
+    let result = supervisor::supervise(&settings.stream, &source, &pipeline, &telemetry).await;
+    // The drain: a dead letter being retried finishes (or is left as it was) like the
+    // shards' requests.
+    shutdown.trigger();
+    if let Some(housekeeping) = housekeeping {
+        if let Err(e) = housekeeping.await {
+            tracing::error!(error = %e, "dead letter retries panicked");
+        }
+    }
     if let Some(progress) = progress {
         progress.abort();
         let _ = progress.await;
     }
-    if let Sink::Preview(preview) = &pipeline.sink {
-        preview.finish();
+    match &pipeline.sink {
+        Sink::Preview(preview) => preview.finish(),
+        Sink::Live { .. } => tracing::info!("stopped; checkpoints flushed"),
     }
-    result
+    drop(hangup);
+    Ok(result?)
+}
+
+fn key_source(settings: &Settings) -> KeySource<'_> {
+    KeySource {
+        env: settings.key_env.as_deref(),
+        file: &settings.key_file,
+    }
+}
+
+/// A ledger that forgets requests before the stream forgets their records would let a
+/// replay send them again: refused at start (when the retention can be read).
+async fn check_ledger_retention(
+    source: &KinesisSource,
+    settings: &Settings,
+) -> Result<(), RunError> {
+    match source.retention().await {
+        Ok(retention) if settings.ledger_retention < retention => {
+            Err(RunError::Config(ConfigError::Invalid(format!(
+                "[state] ledger_retention_days = {} is shorter than the stream's retention ({} days): a replay could send requests again; make it at least {}",
+                settings.ledger_retention.as_secs() / 86_400,
+                retention.as_secs_f64() / 86_400.0,
+                retention.as_secs().div_ceil(86_400),
+            ))))
+        }
+        Ok(_) => Ok(()),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the stream's retention (kinesis:DescribeStreamSummary); ledger retention not checked, no retention alarm");
+            Ok(())
+        }
+    }
 }
 
 /// The daemon's housekeeping until shutdown: retries dead letters that a backend fault left
-/// (refusals wait for an operator), and forgets ledger entries older than the retention.
+/// (refusals wait for an operator), a page at a time, and forgets ledger entries older than
+/// the retention.
 async fn maintain(pipeline: Arc<Pipeline>, retry_every: Duration, ledger_retention: Duration) {
     let Sink::Live { state, .. } = &pipeline.sink else {
         return;
@@ -173,37 +219,46 @@ async fn maintain(pipeline: Arc<Pipeline>, retry_every: Duration, ledger_retenti
                     expired = n,
                     "ledger entries older than the retention forgotten"
                 ),
-                Err(e) => tracing::error!(error = %e, "cannot expire ledger entries"),
+                Err(e) => pipeline.telemetry.state_write(Some(&e)),
             }
             last_expiry = Some(std::time::Instant::now());
         }
-        let letters = match state.dead_letters() {
-            Ok(letters) => letters,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read dead letters");
-                continue;
-            }
-        };
-        for (id, letter) in letters {
-            if !matches!(
-                letter.reason,
-                DeadLetterReason::ActionFailed {
-                    retryable: true,
-                    ..
-                }
-            ) {
-                continue;
-            }
-            match pipeline.retry_dead_letter(id, letter).await {
-                Ok(Retried::Resolved) => {
-                    tracing::info!(dead_letter = id, "dead letter retried: done")
-                }
-                Ok(Retried::StillFailing(error)) => {
-                    tracing::warn!(dead_letter = id, %error, "dead letter retried: still failing")
-                }
-                Ok(Retried::Interrupted) => return,
+        let mut after = 0;
+        loop {
+            let page = match state.dead_letters_after(after, DEAD_LETTER_PAGE) {
+                Ok(page) => page,
                 Err(e) => {
-                    tracing::error!(dead_letter = id, error = %e, "cannot retry a dead letter")
+                    tracing::error!(error = %telemetry::chain(&e), "cannot read dead letters");
+                    break;
+                }
+            };
+            let Some((last, _)) = page.last() else { break };
+            after = *last;
+            for (id, letter) in page {
+                let retryable = matches!(
+                    letter.reason,
+                    DeadLetterReason::ActionFailed {
+                        retryable: true,
+                        ..
+                    }
+                );
+                if !retryable {
+                    continue;
+                }
+                match pipeline.retry_dead_letter(id, letter).await {
+                    Ok(Retried::Resolved) => {
+                        tracing::info!(event = "dead_letter_resolved", dead_letter = id, "dead letter retried: done")
+                    }
+                    Ok(Retried::StillFailing(error)) => {
+                        tracing::warn!(event = "dead_letter_still_failing", dead_letter = id, %error, "dead letter retried: still failing")
+                    }
+                    Ok(Retried::Interrupted) => return,
+                    Err(e) => {
+                        tracing::error!(dead_letter = id, error = %telemetry::chain(&e), "cannot retry a dead letter")
+                    }
+                }
+                if pipeline.shutdown.is_triggered() {
+                    return;
                 }
             }
         }
@@ -220,8 +275,18 @@ pub async fn retry_dead_letters(
     let rules = load_tested(&settings.rules_dir, &action_names)
         .map_err(|failure| RunError::Rules(settings.rules_dir.clone(), failure))?;
     let actions = ActionSet::new(&settings.actions, true)?;
-    let state = Arc::new(State::open_existing(&settings.state_path)?);
-    let keys = Keys::load_or_create(settings.key_env.as_deref(), &settings.key_file)?;
+    let (state, keys) = State::open(&settings.state_path, key_source(&settings), Access::Write)?;
+    let state = Arc::new(state);
+    if let Some(missing) = ids
+        .iter()
+        .flatten()
+        .find(|id| state.dead_letter(**id).is_err())
+    {
+        return Err(RunError::State(StateError::NoDeadLetter {
+            path: settings.state_path.clone(),
+            id: *missing,
+        }));
+    }
     let shutdown = Shutdown::new();
     spawn_signal_handler(shutdown.clone());
     let pipeline = Pipeline {
@@ -237,26 +302,22 @@ pub async fn retry_dead_letters(
         claims: Default::default(),
     };
     let mut results = Vec::new();
-    for (id, letter) in state.dead_letters()? {
-        if ids.as_ref().is_some_and(|ids| !ids.contains(&id)) {
-            continue;
+    let mut after = 0;
+    'pages: loop {
+        let page = state.dead_letters_after(after, DEAD_LETTER_PAGE)?;
+        let Some((last, _)) = page.last() else { break };
+        after = *last;
+        for (id, letter) in page {
+            if ids.as_ref().is_some_and(|ids| !ids.contains(&id)) {
+                continue;
+            }
+            let outcome = pipeline.retry_dead_letter(id, letter).await?;
+            let stop = outcome == Retried::Interrupted;
+            results.push((id, outcome));
+            if stop {
+                break 'pages;
+            }
         }
-        let outcome = pipeline.retry_dead_letter(id, letter).await?;
-        let stop = outcome == Retried::Interrupted;
-        results.push((id, outcome));
-        if stop {
-            break;
-        }
-    }
-    if let Some(missing) = ids
-        .iter()
-        .flatten()
-        .find(|id| !results.iter().any(|(r, _)| r == *id))
-    {
-        return Err(RunError::State(StateError::NoDeadLetter {
-            path: settings.state_path.clone(),
-            id: *missing,
-        }));
     }
     Ok(results)
 }
@@ -300,7 +361,7 @@ pub async fn capture<W: std::io::Write + Send + 'static>(
     let shutdown = Shutdown::new();
     spawn_signal_handler(shutdown.clone());
     let capture = Arc::new(Capture::new(stream.name.clone(), out, limit, shutdown));
-    supervise(stream, &source, &capture, &Telemetry::new()).await?;
+    supervisor::supervise(stream, &source, &capture, &Telemetry::new()).await?;
     tracing::info!(records = capture.written(), "capture done");
     let capture = Arc::into_inner(capture).expect("every worker has ended");
     Ok(capture.into_inner())
@@ -313,19 +374,10 @@ fn read_ledger(settings: &Settings) -> Option<Ledger> {
         tracing::info!("no state file yet: no request is marked as already done");
         return None;
     }
-    let keys = match Keys::load_existing(settings.key_env.as_deref(), &settings.key_file) {
-        Ok(Some(keys)) => keys,
-        Ok(None) => {
-            tracing::warn!(path = %settings.key_file.display(), "no state key: cannot tell which requests the daemon has already done");
-            return None;
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot tell which requests the daemon has already done");
-            return None;
-        }
-    };
-    match State::read_done_set(&settings.state_path) {
-        Ok(done) => {
+    let opened = State::open(&settings.state_path, key_source(settings), Access::Peek)
+        .and_then(|(state, keys)| Ok((state.done_set()?, keys)));
+    match opened {
+        Ok((done, keys)) => {
             tracing::info!(
                 done = done.len(),
                 "compared with the daemon's dedup ledger: requests it has done are marked"
@@ -337,7 +389,7 @@ fn read_ledger(settings: &Settings) -> Option<Ledger> {
             None
         }
         Err(e) => {
-            tracing::warn!(error = %e, "cannot tell which requests the daemon has already done");
+            tracing::warn!(error = %telemetry::chain(&e), "cannot tell which requests the daemon has already done");
             None
         }
     }
@@ -360,177 +412,6 @@ fn spawn_signal_handler(shutdown: Shutdown) {
         tracing::info!("shutdown requested; finishing in-flight actions and flushing checkpoints");
         shutdown.trigger();
     });
-}
-
-/// What is done with each shard's records: the pipeline (daemon, dry-run) or a capture.
-pub trait ShardWork: Send + Sync + 'static {
-    /// The shard's stored progress.
-    fn checkpoint(&self, shard_id: &str) -> Result<Option<Checkpoint>, StateError>;
-    /// Reads and handles one shard until it ends, catches up (when the run ends there) or
-    /// shutdown.
-    fn run_shard(
-        self: Arc<Self>,
-        reader: ShardReader,
-        shard_id: String,
-        start: Position,
-    ) -> impl Future<Output = Result<ShardExit, PipelineError>> + Send;
-    fn shutdown(&self) -> &Shutdown;
-    /// Whether the run ends once every shard has caught up (dry-run, capture).
-    fn ends_when_caught_up(&self) -> bool;
-}
-
-/// Starts a worker for every ready shard, re-lists shards periodically, and waits for the
-/// workers when shutdown comes.
-pub async fn supervise<W: ShardWork>(
-    settings: &StreamSettings,
-    source: &Arc<KinesisSource>,
-    work: &Arc<W>,
-    telemetry: &Telemetry,
-) -> Result<(), RunError> {
-    let shutdown = work.shutdown().clone();
-    let ends_when_caught_up = work.ends_when_caught_up();
-    // The stream must be reachable at start: a wrong name or endpoint is reported at once.
-    let mut shards = source.list_shards().await?;
-    telemetry.set_stream_reachable(true);
-    match source.retention().await {
-        Ok(retention) => telemetry.set_retention(retention, settings.retention_margin),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the stream's retention; no retention alarm")
-        }
-    }
-    tracing::info!(
-        stream = source.stream(),
-        shards = shards.len(),
-        "stream reachable"
-    );
-    let mut started: HashSet<String> = HashSet::new();
-    let at_start: HashSet<String> = shards.iter().map(|s| s.id.clone()).collect();
-    let mut workers: JoinSet<(String, Result<ShardExit, PipelineError>)> = JoinSet::new();
-    let mut outcome = Ok(());
-
-    while !shutdown.is_triggered() {
-        let mut state_error = None;
-        let ready = ready_shards(
-            &shards,
-            &started,
-            &at_start,
-            |id| match work.checkpoint(id) {
-                Ok(cp) => cp,
-                Err(e) => {
-                    state_error.get_or_insert(e);
-                    None
-                }
-            },
-            &settings.start,
-        );
-        if let Some(e) = state_error {
-            outcome = Err(e.into());
-            break;
-        }
-        telemetry.set_shards(shard_views(&shards, &started, &ready, |id| {
-            work.checkpoint(id).ok().flatten()
-        }));
-        for (shard, position) in ready {
-            tracing::info!(shard_id = %shard.id, %position, "starting shard");
-            started.insert(shard.id.clone());
-            let reader = ShardReader::new(
-                source.clone(),
-                shard.id.clone(),
-                position.clone(),
-                settings.poll_interval,
-            );
-            let work = work.clone();
-            workers.spawn(async move {
-                let result = work.run_shard(reader, shard.id.clone(), position).await;
-                (shard.id, result)
-            });
-        }
-        if ends_when_caught_up && workers.is_empty() {
-            break;
-        }
-
-        let mut relist_now = false;
-        tokio::select! {
-            joined = workers.join_next(), if !workers.is_empty() => {
-                match joined {
-                    Some(Ok((shard_id, Ok(ShardExit::Finished)))) => {
-                        tracing::debug!(%shard_id, "worker finished");
-                        relist_now = true;
-                    }
-                    Some(Ok((_, Ok(_)))) => {}
-                    Some(Ok((shard_id, Err(e)))) => {
-                        tracing::error!(%shard_id, error = %e, "shard worker failed");
-                        if ends_when_caught_up {
-                            outcome = Err(e.into());
-                            break;
-                        }
-                        // Retried at the next shard sync.
-                        started.remove(&shard_id);
-                    }
-                    Some(Err(join_error)) => {
-                        tracing::error!(error = %join_error, "shard worker panicked");
-                        outcome = Err(RunError::WorkerPanicked(join_error.to_string()));
-                        break;
-                    }
-                    None => {}
-                }
-            }
-            _ = tokio::time::sleep(settings.shard_sync_interval) => relist_now = true,
-            _ = shutdown.triggered() => break,
-        }
-        if relist_now {
-            match source.list_shards().await {
-                Ok(list) => {
-                    shards = list;
-                    telemetry.set_stream_reachable(true);
-                }
-                Err(e) => {
-                    telemetry.set_stream_reachable(false);
-                    tracing::warn!(error = %e, "cannot refresh the shard list; will retry");
-                }
-            }
-        }
-    }
-
-    shutdown.trigger();
-    while let Some(joined) = workers.join_next().await {
-        if let Ok((shard_id, Err(e))) = joined {
-            tracing::error!(%shard_id, error = %e, "shard worker failed while stopping");
-        }
-    }
-    tracing::info!("stopped; checkpoints flushed");
-    outcome
-}
-
-/// Each listed shard as `/status` shows it.
-fn shard_views(
-    shards: &[ShardInfo],
-    started: &HashSet<String>,
-    starting: &[(ShardInfo, Position)],
-    checkpoint: impl Fn(&str) -> Option<Checkpoint>,
-) -> Vec<ShardView> {
-    shards
-        .iter()
-        .map(|shard| {
-            let own = checkpoint(&shard.id);
-            let state = if own.as_ref().is_some_and(|c| c.shard_end) {
-                "finished"
-            } else if started.contains(&shard.id) || starting.iter().any(|(s, _)| s.id == shard.id)
-            {
-                "reading"
-            } else if !shard.parents.is_empty() {
-                "waiting_for_parent"
-            } else {
-                "not_started"
-            };
-            ShardView {
-                shard_id: shard.id.clone(),
-                state,
-                checkpoint: own.and_then(|c| c.sequence_number),
-                millis_behind_latest: None,
-            }
-        })
-        .collect()
 }
 
 impl ShardWork for Pipeline {

@@ -3,7 +3,8 @@
 //!
 //! Data flows one way:
 //! [`source`] → [`decode`] → [`rules`] → dedup ([`state`]) → [`actions`] → [`state`],
-//! wired per shard by [`pipeline`] and supervised by [`daemon`].
+//! wired per shard by [`pipeline`], one worker per shard run by [`supervisor`], set up by
+//! [`daemon`].
 
 pub mod actions;
 pub mod capture;
@@ -12,6 +13,7 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod decode;
+pub mod dedup;
 pub mod diff;
 pub mod keys;
 pub mod pipeline;
@@ -20,4 +22,5 @@ pub mod rules;
 pub mod shutdown;
 pub mod source;
 pub mod state;
+pub mod supervisor;
 pub mod telemetry;

@@ -13,16 +13,20 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::actions::{ActionSet, Outcome};
-use crate::clock::now_ms;
+use crate::actions::{ActionSet, Outcome, PreparedRequest};
 use crate::decode::{self, Record, Undecodable};
+use crate::dedup::{self, Claim, Claims};
 use crate::keys::{KeyError, Keys};
 use crate::preview::Preview;
 use crate::rules::reload::Rules;
 use crate::rules::{Decision, RuleError, RuleSet, Verdict};
 use crate::shutdown::Shutdown;
 use crate::source::{Batch, Checkpoint, Position, RawRecord, ShardReader, SourceError};
-use crate::state::{AuditEntry, DeadLetter, DeadLetterReason, State, StateError, Writes};
+use crate::supervisor::ShardExit;
+use crate::state::{
+    record_index_key, request_index_key, AuditEntry, DeadLetter, DeadLetterReason, Origin, State,
+    StateError, Writes,
+};
 use crate::telemetry::{ActionOutcome, Telemetry};
 
 #[derive(Debug, thiserror::Error)]
@@ -39,58 +43,10 @@ pub enum PipelineError {
     Unseal { id: u64, source: KeyError },
 }
 
-/// How a shard's worker ended.
-#[derive(Debug, PartialEq, Eq)]
-pub enum ShardExit {
-    /// Read to its end and checkpointed as finished: its children may start.
-    Finished,
-    /// Caught up with the stream (dry-run ends a shard here unless it follows).
-    CaughtUp,
-    /// Shutdown: everything settled is checkpointed.
-    Stopped,
-}
-
 /// Where decisions go: the backend and the state, or the dry-run preview.
 pub enum Sink {
     Live { state: Arc<State>, keys: Keys },
     Preview(Box<Preview>),
-}
-
-/// Requests being carried out now, over all shards: the same request read from two shards
-/// at once (a producer's retry) is sent by one and found done by the other.
-#[derive(Default)]
-pub struct Claims(
-    std::sync::Mutex<std::collections::HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
-);
-
-impl Claims {
-    async fn claim(&self, id: [u8; 32]) -> Claim<'_> {
-        let lock = self.0.lock().unwrap().entry(id).or_default().clone();
-        let guard = lock.clone().lock_owned().await;
-        Claim {
-            claims: self,
-            id,
-            lock,
-            _guard: guard,
-        }
-    }
-}
-
-struct Claim<'a> {
-    claims: &'a Claims,
-    id: [u8; 32],
-    lock: Arc<tokio::sync::Mutex<()>>,
-    _guard: tokio::sync::OwnedMutexGuard<()>,
-}
-
-impl Drop for Claim<'_> {
-    fn drop(&mut self) {
-        let mut map = self.claims.0.lock().unwrap();
-        // The map's copy, this one and the guard's: nobody else waits for it.
-        if Arc::strong_count(&self.lock) <= 3 {
-            map.remove(&self.id);
-        }
-    }
 }
 
 pub struct Pipeline {
@@ -249,14 +205,15 @@ impl Pipeline {
                     .unwrap_or_default();
                 let started = Instant::now();
                 let has_checkpoint = !writes.checkpoints.is_empty();
-                state
-                    .commit_shared(writes)
-                    .await
-                    .map_err(|source| PipelineError::State {
+                if let Err(source) = state.commit_shared(writes).await {
+                    self.telemetry.state_write(Some(&source));
+                    return Err(PipelineError::State {
                         shard_id: shard_id.to_owned(),
                         sequence_number,
                         source,
-                    })?;
+                    });
+                }
+                self.telemetry.state_write(None);
                 if has_checkpoint {
                     self.telemetry.checkpoint_committed(started.elapsed());
                 }
@@ -445,7 +402,8 @@ impl Pipeline {
         let rules = &outcome.rules;
         for (index, verdict) in outcome.verdicts {
             let rule = &rules.rules()[index];
-            let maker = Maker {
+            let origin = Origin {
+                record,
                 rule: &rule.name,
                 rule_file: &rule.path,
                 rules_hash: rules.hash(),
@@ -453,7 +411,7 @@ impl Pipeline {
             let decisions = match verdict {
                 Verdict::Skipped => continue,
                 Verdict::Failed(error) => {
-                    self.rule_failed(keys, record, &maker, error, pending);
+                    self.rule_failed(state, keys, &origin, error, pending);
                     continue;
                 }
                 Verdict::Decided(decisions) => decisions,
@@ -461,7 +419,7 @@ impl Pipeline {
             pending.count(rules, index, !decisions.is_empty(), &self.telemetry);
             for decision in decisions {
                 let settled = self
-                    .act(state, keys, record, &maker, decision, pending)
+                    .act(state, keys, &origin, decision, pending)
                     .await?;
                 if let Settled::No = settled {
                     return Ok(Settled::No);
@@ -476,7 +434,7 @@ impl Pipeline {
     fn decode_failed(&self, undecodable: Undecodable, shard_id: &Arc<str>, pending: &mut Pending) {
         let Undecodable { error, raw } = undecodable;
         tracing::warn!(event = "decode_error", shard_id = %shard_id, sequence_number = %raw.sequence_number, error = %error.reason, "record cannot be decoded; dead-lettering it");
-        let Sink::Live { keys, .. } = &self.sink else {
+        let Sink::Live { state, keys } = &self.sink else {
             return;
         };
         let sealed = SealedRecord {
@@ -494,35 +452,34 @@ impl Pipeline {
             },
         );
         let rules = self.rules.load();
-        let maker = Maker {
+        let origin = Origin {
+            record: &record,
             rule: "",
             rule_file: Path::new(""),
             rules_hash: rules.hash(),
         };
-        pending.writes.dead_letters.push(dead_letter(
-            &record,
-            &maker,
-            DeadLetterReason::DecodeFailed {
-                error: error.reason,
-                sealed_record: keys.seal(&serde_json::to_vec(&sealed).expect("serializes")),
-            },
-        ));
+        let reason = DeadLetterReason::DecodeFailed {
+            error: error.reason.clone(),
+            sealed_record: String::new(),
+        };
+        self.new_letter(state, keys, &origin, &sealed, reason, pending);
     }
 
     /// A rule failed on the record: never "no match". The record is dead-lettered, sealed.
     fn rule_failed(
         &self,
+        state: &State,
         keys: &Keys,
-        record: &Record,
-        maker: &Maker,
+        origin: &Origin,
         error: RuleError,
         pending: &mut Pending,
     ) {
+        let record = origin.record;
         let summary = error.log_summary();
         self.telemetry.rule_failed(
             &record.shard_id,
             &record.sequence_number,
-            maker.rule,
+            origin.rule,
             &summary,
         );
         let sealed = SealedRecord {
@@ -530,24 +487,60 @@ impl Pipeline {
             payload_hex: hex::encode(&record.bytes),
             error: error.to_string(),
         };
-        let sealed_record = keys.seal(&serde_json::to_vec(&sealed).expect("serializes"));
-        pending.writes.dead_letters.push(dead_letter(
-            record,
-            maker,
-            DeadLetterReason::RuleFailed {
-                error: summary,
-                sealed_record,
-            },
-        ));
+        let reason = DeadLetterReason::RuleFailed {
+            error: summary,
+            sealed_record: String::new(),
+        };
+        self.new_letter(state, keys, origin, &sealed, reason, pending);
     }
 
-    /// Carries out one decision: dedup, then the backend call, then the state.
+    /// Adds a dead letter for a record to the pending writes, unless a pending letter holds
+    /// the same record and rule already (a record read again after a checkpoint reset).
+    fn new_letter(
+        &self,
+        state: &State,
+        keys: &Keys,
+        origin: &Origin,
+        sealed: &SealedRecord,
+        reason: DeadLetterReason,
+        pending: &mut Pending,
+    ) {
+        let record = origin.record;
+        let index_key = record_index_key(
+            &record.shard_id,
+            &record.sequence_number,
+            record.sub_sequence_number,
+            origin.rule,
+        );
+        match state.pending_letter(&index_key) {
+            Ok(Some(id)) => {
+                self.telemetry.already_dead_lettered(
+                    &record.shard_id,
+                    &record.sequence_number,
+                    id,
+                );
+                return;
+            }
+            Ok(None) => {}
+            // Two letters for one record are better than none.
+            Err(e) => tracing::warn!(error = %e, "cannot read the dead letter index"),
+        }
+        let id = state.new_dead_letter_id();
+        let mut letter = DeadLetter::new(origin, reason);
+        let context = DeadLetter::seal_context(id, letter.reason.kind());
+        *letter.reason.sealed_mut() =
+            keys.seal(&serde_json::to_vec(sealed).expect("serializes"), &context);
+        pending.writes.dead_letters.push((id, letter));
+    }
+
+    /// Carries out one decision of a record read from a shard: dedup, then the backend
+    /// call, then the state. A decision that cannot become a request dead-letters the
+    /// record (the rule's fault); a request the backend does not take becomes a letter.
     async fn act(
         &self,
         state: &State,
         keys: &Keys,
-        record: &Record,
-        maker: &Maker<'_>,
+        origin: &Origin<'_>,
         decision: Decision,
         pending: &mut Pending,
     ) -> Result<Settled, PipelineError> {
@@ -555,62 +548,152 @@ impl Pipeline {
             Ok(request) => request,
             Err(e) => {
                 let error = RuleError::Decision {
-                    rule: maker.rule.to_owned(),
-                    file: maker.rule_file.to_owned(),
+                    rule: origin.rule.to_owned(),
+                    file: origin.rule_file.to_owned(),
                     reason: e.to_string(),
                 };
-                self.rule_failed(keys, record, maker, error, pending);
+                self.rule_failed(state, keys, origin, error, pending);
                 return Ok(Settled::Yes);
             }
         };
+        let record = origin.record;
+        let (carried, _claim) = self
+            .carry_out(state, keys, origin, &decision, &request, pending, None)
+            .await?;
         let id = keys.request_id(&decision.action, &decision.key);
-        let audit = |outcome: ActionOutcome, status: Option<u16>, attempts: u32| {
-            audit_entry(
-                record,
-                maker,
-                &decision,
-                &id,
+        let request_id = hex::encode(id);
+        let regulation = regulation(&decision);
+        let audit = |outcome: ActionOutcome| {
+            AuditEntry::new(
+                origin,
+                &decision.action,
+                &request_id,
                 outcome.as_str(),
-                status,
-                attempts,
+                regulation,
             )
         };
+        match carried {
+            Carried::Interrupted => return Ok(Settled::No),
+            Carried::Duplicate { letter } => {
+                pending.writes.audit.push(AuditEntry {
+                    dead_letter: letter,
+                    ..audit(ActionOutcome::Duplicate)
+                });
+                return Ok(Settled::Yes);
+            }
+            Carried::Done { status, attempts } => {
+                pending.done.insert(id);
+                pending.writes.done.push(id);
+                pending.writes.audit.push(AuditEntry {
+                    http_status: Some(status),
+                    attempts,
+                    ..audit(ActionOutcome::Done)
+                });
+            }
+            Carried::Failed {
+                error,
+                status,
+                attempts,
+                retryable,
+            } => {
+                let letter_id = state.new_dead_letter_id();
+                let sealed = SealedDecision {
+                    key: decision.key.clone(),
+                    params: decision.params.clone(),
+                };
+                let mut letter = DeadLetter::new(
+                    origin,
+                    DeadLetterReason::ActionFailed {
+                        action: decision.action.clone(),
+                        request_id: request_id.clone(),
+                        sealed_decision: String::new(),
+                        error,
+                        http_status: status,
+                        attempts,
+                        retryable,
+                        regulation: regulation.to_owned(),
+                    },
+                );
+                let context = DeadLetter::seal_context(letter_id, letter.reason.kind());
+                *letter.reason.sealed_mut() =
+                    keys.seal(&serde_json::to_vec(&sealed).expect("serializes"), &context);
+                pending.writes.audit.push(AuditEntry {
+                    http_status: status,
+                    attempts,
+                    dead_letter: Some(letter_id),
+                    ..audit(ActionOutcome::DeadLettered)
+                });
+                pending.writes.dead_letters.push((letter_id, letter));
+            }
+        }
+        // A backend call happened: make its outcome durable before anything else (and
+        // before the claim is let go).
+        self.flush(pending, &record.shard_id).await?;
+        Ok(Settled::Yes)
+    }
+
+    /// Sends a request unless it was done already or a pending dead letter holds it. The
+    /// claim returned must be held until the outcome is committed.
+    async fn carry_out(
+        &self,
+        state: &State,
+        keys: &Keys,
+        origin: &Origin<'_>,
+        decision: &Decision,
+        request: &PreparedRequest,
+        pending: &Pending,
+        retrying: Option<u64>,
+    ) -> Result<(Carried, Claim<'_>), PipelineError> {
+        let record = origin.record;
+        let id = keys.request_id(&decision.action, &decision.key);
         let report = |outcome, attempts, took, error: Option<&str>| {
             self.telemetry.action(
                 outcome,
                 &record.shard_id,
                 &record.sequence_number,
-                maker.rule,
-                maker.rules_hash,
+                origin.rule,
+                origin.rules_hash,
                 &decision.action,
                 attempts,
                 took,
                 error,
             )
         };
-        let _claim = self.claims.claim(id).await;
-        let already_done = pending.done.contains(&id)
-            || state
-                .is_done(&id)
-                .map_err(|source| state_error(record, source))?;
-        if already_done {
+        let claim = self.claims.claim(id).await;
+        let done = dedup::is_done(state, keys, &pending.done, &decision.action, &decision.key)
+            .map_err(|source| state_error(record, source))?;
+        if done {
             report(ActionOutcome::Duplicate, 0, None, None);
-            pending
-                .writes
-                .audit
-                .push(audit(ActionOutcome::Duplicate, None, 0));
-            return Ok(Settled::Yes);
+            return Ok((Carried::Duplicate { letter: None }, claim));
+        }
+        let held = state
+            .pending_letter(&request_index_key(&hex::encode(id)))
+            .map_err(|source| state_error(record, source))?;
+        if let Some(letter) = held.filter(|held| Some(*held) != retrying) {
+            report(ActionOutcome::Duplicate, 0, None, None);
+            return Ok((
+                Carried::Duplicate {
+                    letter: Some(letter),
+                },
+                claim,
+            ));
+        }
+        // Never call the backend for a request whose outcome could not be recorded: after
+        // a failed commit, a write must succeed first.
+        if self.telemetry.state_fault().is_some() {
+            match state.probe_write() {
+                Ok(()) => self.telemetry.state_write(None),
+                Err(source) => {
+                    self.telemetry.state_write(Some(&source));
+                    return Err(state_error(record, source));
+                }
+            }
         }
         let started = Instant::now();
-        match self.actions.send(&request, &self.shutdown).await {
+        let carried = match self.actions.send(request, &self.shutdown).await {
             Outcome::Done { status, attempts } => {
                 report(ActionOutcome::Done, attempts, Some(started.elapsed()), None);
-                pending.done.insert(id);
-                pending.writes.done.push(id);
-                pending
-                    .writes
-                    .audit
-                    .push(audit(ActionOutcome::Done, Some(status), attempts));
+                Carried::Done { status, attempts }
             }
             Outcome::Failed {
                 error,
@@ -624,69 +707,50 @@ impl Pipeline {
                     Some(started.elapsed()),
                     Some(&error),
                 );
-                pending
-                    .writes
-                    .audit
-                    .push(audit(ActionOutcome::DeadLettered, status, attempts));
-                let sealed = SealedDecision {
-                    key: decision.key.clone(),
-                    params: decision.params.clone(),
-                };
-                pending.writes.dead_letters.push(dead_letter(
-                    record,
-                    maker,
-                    DeadLetterReason::ActionFailed {
-                        action: decision.action.clone(),
-                        request_id: hex::encode(id),
-                        sealed_decision: keys
-                            .seal(&serde_json::to_vec(&sealed).expect("serializes")),
-                        error,
-                        http_status: status,
-                        attempts,
-                        retryable,
-                        regulation: regulation(&decision).to_owned(),
-                    },
-                ));
+                Carried::Failed {
+                    error,
+                    status,
+                    attempts,
+                    retryable,
+                }
             }
-            Outcome::Interrupted => return Ok(Settled::No),
-        }
-        // A backend call happened: make its outcome durable before anything else.
-        self.flush(pending, &record.shard_id).await?;
-        Ok(Settled::Yes)
+            Outcome::Interrupted => Carried::Interrupted,
+        };
+        Ok((carried, claim))
     }
 
     /// Retries one dead letter: a failed action is sent again; a record a rule failed on
-    /// goes through the current rules again. On success the dead letter is resolved.
+    /// goes through that rule, as it is now, again; a record that could not be decoded is
+    /// decoded and goes through every rule. Settled, the letter is resolved (and audited);
+    /// failing again, it keeps its id, sealed contents and first-failure time, and counts
+    /// the retry and its error: a retry never replaces a letter with one that holds less.
     pub async fn retry_dead_letter(
         &self,
         id: u64,
-        letter: DeadLetter,
+        mut letter: DeadLetter,
     ) -> Result<Retried, PipelineError> {
         let Sink::Live { state, keys } = &self.sink else {
             return Ok(Retried::Interrupted);
         };
-        let (stream, shard_id): (Arc<str>, Arc<str>) = (
-            letter.stream.as_str().into(),
-            letter.shard_id.as_str().into(),
-        );
         let record = Record {
-            stream: stream.clone(),
-            shard_id: shard_id.clone(),
+            stream: letter.stream.as_str().into(),
+            shard_id: letter.shard_id.as_str().into(),
             sequence_number: letter.sequence_number.as_str().into(),
             sub_sequence_number: letter.sub_sequence_number,
             partition_key: "".into(),
             arrival_time: letter.arrival_time.as_str().into(),
             bytes: Default::default(),
         };
+        let context = DeadLetter::seal_context(id, letter.reason.kind());
         let mut pending = Pending::default();
-        let result = match &letter.reason {
+        let outcome = match &letter.reason {
             DeadLetterReason::ActionFailed {
                 action,
                 sealed_decision,
                 regulation,
                 ..
             } => {
-                let sealed: SealedDecision = open(keys, id, sealed_decision)?;
+                let sealed: SealedDecision = open(keys, id, sealed_decision, &context)?;
                 let decision = Decision {
                     action: action.clone(),
                     key: sealed.key,
@@ -694,70 +758,235 @@ impl Pipeline {
                     regulation: Some(regulation.clone()),
                 };
                 let rule_file = PathBuf::from(&letter.rule_file);
-                let maker = Maker {
+                let origin = Origin {
+                    record: &record,
                     rule: &letter.rule,
                     rule_file: &rule_file,
                     rules_hash: &letter.rules_hash,
                 };
-                self.act(state, keys, &record, &maker, decision, &mut pending)
-                    .await?
+                return self
+                    .retry_action(state, keys, id, &letter, &origin, decision)
+                    .await;
             }
             DeadLetterReason::RuleFailed { sealed_record, .. } => {
-                let sealed: SealedRecord = open(keys, id, sealed_record)?;
+                let sealed: SealedRecord = open(keys, id, sealed_record, &context)?;
                 let record = Record {
                     partition_key: sealed.partition_key.into(),
                     bytes: hex::decode(sealed.payload_hex).unwrap_or_default().into(),
                     ..record
                 };
-                self.handle(&record, &mut pending).await?
+                self.retry_rule(state, keys, &letter, &record, &mut pending)
+                    .await?
             }
             DeadLetterReason::DecodeFailed { sealed_record, .. } => {
-                let sealed: SealedRecord = open(keys, id, sealed_record)?;
+                let sealed: SealedRecord = open(keys, id, sealed_record, &context)?;
                 let raw = RawRecord {
                     sequence_number: letter.sequence_number.as_str().into(),
                     partition_key: sealed.partition_key,
                     arrival_time_millis: 0,
                     data: hex::decode(sealed.payload_hex).unwrap_or_default(),
                 };
-                match decode::decode(&stream, &shard_id, raw) {
+                match decode::decode(&record.stream, &record.shard_id, raw) {
                     Ok(records) => {
-                        let mut settled = Settled::Yes;
-                        for record in records {
-                            let record = Record {
-                                arrival_time: letter.arrival_time.as_str().into(),
-                                ..record
+                        let mut outcome = Ok(format!(
+                            "decoded into {} record(s), each through every rule",
+                            records.len()
+                        ));
+                        for sub in records {
+                            let sub = Record {
+                                arrival_time: record.arrival_time.clone(),
+                                ..sub
                             };
-                            if let Settled::No = self.handle(&record, &mut pending).await? {
-                                settled = Settled::No;
+                            if let Settled::No = self.handle(&sub, &mut pending).await? {
+                                outcome = Err(Retried::Interrupted);
                                 break;
                             }
                         }
-                        settled
+                        outcome
                     }
-                    Err(undecodable) => return Ok(Retried::StillFailing(undecodable.error.reason)),
+                    Err(undecodable) => Err(Retried::StillFailing(undecodable.error.reason)),
                 }
             }
         };
-        if let Settled::No = result {
-            return Ok(Retried::Interrupted);
-        }
-        // The retry failed again if it left a new dead letter: that one replaces this one.
-        let failed_again = pending.writes.dead_letters.len();
-        let outcome = match failed_again {
-            0 => Retried::Resolved,
-            _ => Retried::StillFailing(match &pending.writes.dead_letters[0].reason {
-                DeadLetterReason::ActionFailed { error, .. } => error.clone(),
-                DeadLetterReason::RuleFailed { error, .. }
-                | DeadLetterReason::DecodeFailed { error, .. } => error.clone(),
-            }),
+        let retried = match outcome {
+            Ok(note) => {
+                pending.writes.resolved_dead_letters.push(id);
+                pending
+                    .writes
+                    .audit
+                    .push(AuditEntry::of_letter(id, &letter, "resolved", note));
+                Retried::Resolved
+            }
+            Err(Retried::StillFailing(error)) => {
+                letter.retried(error.clone());
+                pending.writes.dead_letters.push((id, letter.clone()));
+                Retried::StillFailing(error)
+            }
+            Err(other) => other,
         };
-        // The replacement was already committed by `act` for action failures; resolve
-        // the old letter (and commit a rule failure's replacement) now.
-        pending.writes.resolved_dead_letters.push(id);
         pending.report_rule_counts(&self.telemetry);
         self.flush(&mut pending, &letter.shard_id).await?;
-        Ok(outcome)
+        Ok(retried)
     }
+
+    /// Sends a failed action's request again, as the letter keeps it.
+    async fn retry_action(
+        &self,
+        state: &State,
+        keys: &Keys,
+        id: u64,
+        letter: &DeadLetter,
+        origin: &Origin<'_>,
+        decision: Decision,
+    ) -> Result<Retried, PipelineError> {
+        let mut letter = letter.clone();
+        let mut pending = Pending::default();
+        let request = match self.actions.prepare(&decision) {
+            Ok(request) => request,
+            Err(e) => {
+                let error = format!("cannot build the request: {e}");
+                letter.retried(error.clone());
+                pending.writes.dead_letters.push((id, letter.clone()));
+                self.flush(&mut pending, &letter.shard_id).await?;
+                return Ok(Retried::StillFailing(error));
+            }
+        };
+        let (carried, _claim) = self
+            .carry_out(state, keys, origin, &decision, &request, &pending, Some(id))
+            .await?;
+        let request_id = hex::encode(keys.request_id(&decision.action, &decision.key));
+        let retried = match carried {
+            Carried::Interrupted => return Ok(Retried::Interrupted),
+            Carried::Duplicate { .. } => {
+                pending.writes.resolved_dead_letters.push(id);
+                pending.writes.audit.push(AuditEntry::of_letter(
+                    id,
+                    &letter,
+                    "resolved",
+                    "the request was done meanwhile".into(),
+                ));
+                Retried::Resolved
+            }
+            Carried::Done { status, attempts } => {
+                pending.writes.done.push(keys.request_id(&decision.action, &decision.key));
+                pending.writes.resolved_dead_letters.push(id);
+                pending.writes.audit.push(AuditEntry {
+                    http_status: Some(status),
+                    attempts,
+                    dead_letter: Some(id),
+                    ..AuditEntry::new(
+                        origin,
+                        &decision.action,
+                        &request_id,
+                        ActionOutcome::Done.as_str(),
+                        regulation(&decision),
+                    )
+                });
+                Retried::Resolved
+            }
+            Carried::Failed {
+                error,
+                status,
+                retryable,
+                ..
+            } => {
+                let error = match status {
+                    Some(status) if !error.contains(&status.to_string()) => {
+                        format!("{error} (HTTP {status})")
+                    }
+                    _ => error,
+                };
+                letter.retried(error.clone());
+                if let DeadLetterReason::ActionFailed {
+                    retryable: was_retryable,
+                    ..
+                } = &mut letter.reason
+                {
+                    // A refusal now waits for an operator; a fault is retried on schedule.
+                    *was_retryable = retryable;
+                }
+                pending.writes.dead_letters.push((id, letter.clone()));
+                Retried::StillFailing(error)
+            }
+        };
+        self.flush(&mut pending, &letter.shard_id).await?;
+        Ok(retried)
+    }
+
+    /// Runs the rule that failed on a record, as it is now, on the record again. `Ok`: the
+    /// letter is settled (with a note for the audit trail); decisions are carried out as
+    /// if the record were read now.
+    async fn retry_rule(
+        &self,
+        state: &State,
+        keys: &Keys,
+        letter: &DeadLetter,
+        record: &Record,
+        pending: &mut Pending,
+    ) -> Result<Result<String, Retried>, PipelineError> {
+        let rules = arc_swap::Guard::into_inner(self.rules.load());
+        let Some(index) = rules.rules().iter().position(|r| r.name == letter.rule) else {
+            return Ok(Err(Retried::StillFailing(format!(
+                "rule {:?} is no longer in the rules directory; discard the letter if that is right",
+                letter.rule
+            ))));
+        };
+        let rule = &rules.rules()[index];
+        let origin = Origin {
+            record,
+            rule: &rule.name,
+            rule_file: &rule.path,
+            rules_hash: rules.hash(),
+        };
+        let decisions = match rules.evaluate_rule(index, record) {
+            Verdict::Skipped => Vec::new(),
+            Verdict::Decided(decisions) => decisions,
+            Verdict::Failed(error) => {
+                return Ok(Err(Retried::StillFailing(error.log_summary())));
+            }
+        };
+        // Every decision must become a request before any is sent: a rule that now
+        // decides what the config cannot carry out keeps its letter.
+        for decision in &decisions {
+            if let Err(e) = self.actions.prepare(decision) {
+                return Ok(Err(Retried::StillFailing(format!(
+                    "{}: rule {:?} returned an invalid decision: {e}",
+                    rule.path.display(),
+                    rule.name
+                ))));
+            }
+        }
+        let count = decisions.len();
+        for decision in decisions {
+            if let Settled::No = self.act(state, keys, &origin, decision, pending).await? {
+                return Ok(Err(Retried::Interrupted));
+            }
+        }
+        Ok(Ok(match count {
+            0 => format!("rule {:?} now decides nothing for the record", rule.name),
+            n => format!("rule {:?} now decides {n} request(s), each audited", rule.name),
+        }))
+    }
+}
+
+/// How one decision's request ended.
+enum Carried {
+    Done {
+        status: u16,
+        attempts: u32,
+    },
+    /// Done already, or held by a pending dead letter (its id).
+    Duplicate {
+        letter: Option<u64>,
+    },
+    Failed {
+        error: String,
+        status: Option<u16>,
+        attempts: u32,
+        retryable: bool,
+    },
+    /// Shutdown came while waiting to retry: nothing is settled.
+    Interrupted,
 }
 
 /// Opens what a dead letter keeps sealed.
@@ -765,9 +994,10 @@ fn open<T: serde::de::DeserializeOwned>(
     keys: &Keys,
     id: u64,
     sealed: &str,
+    context: &[u8],
 ) -> Result<T, PipelineError> {
     let bytes = keys
-        .unseal(sealed)
+        .unseal(sealed, context)
         .map_err(|source| PipelineError::Unseal { id, source })?;
     serde_json::from_slice(&bytes).map_err(|_| PipelineError::Unseal {
         id,
@@ -785,109 +1015,4 @@ fn state_error(record: &Record, source: StateError) -> PipelineError {
 
 fn regulation(decision: &Decision) -> &str {
     decision.regulation.as_deref().unwrap_or("GDPR")
-}
-
-/// The due date a regulation sets, counted from the record's arrival: one month (30 days)
-/// for GDPR (Art. 12(3)), 45 days for CCPA.
-pub fn due_date(arrival_time: &str, regulation: &str) -> String {
-    let days = if regulation == "CCPA" { 45 } else { 30 };
-    let arrival = aws_smithy_types::DateTime::from_str(
-        arrival_time,
-        aws_smithy_types::date_time::Format::DateTime,
-    )
-    .ok()
-    .and_then(|t| t.to_millis().ok())
-    .unwrap_or_else(|| now_ms() as i64);
-    crate::clock::rfc3339(arrival + days * 24 * 3600 * 1000)
-}
-
-fn audit_entry(
-    record: &Record,
-    maker: &Maker,
-    decision: &Decision,
-    id: &[u8; 32],
-    outcome: &str,
-    http_status: Option<u16>,
-    attempts: u32,
-) -> AuditEntry {
-    let regulation = regulation(decision);
-    AuditEntry {
-        time_ms: now_ms(),
-        rule: maker.rule.to_owned(),
-        rules_hash: maker.rules_hash.to_owned(),
-        action: decision.action.clone(),
-        request_id: hex::encode(id),
-        outcome: outcome.to_owned(),
-        http_status,
-        attempts,
-        arrival_time: record.arrival_time.to_string(),
-        regulation: regulation.to_owned(),
-        due_date: due_date(&record.arrival_time, regulation),
-        note: None,
-    }
-}
-
-fn dead_letter(record: &Record, maker: &Maker, reason: DeadLetterReason) -> DeadLetter {
-    DeadLetter {
-        created_at_ms: now_ms(),
-        stream: record.stream.to_string(),
-        shard_id: record.shard_id.to_string(),
-        sequence_number: record.sequence_number.to_string(),
-        sub_sequence_number: record.sub_sequence_number,
-        arrival_time: record.arrival_time.to_string(),
-        rule: maker.rule.to_owned(),
-        rule_file: maker.rule_file.display().to_string(),
-        rules_hash: maker.rules_hash.to_owned(),
-        reason,
-    }
-}
-
-/// The rule behind a decision, its file, and the rule set it belonged to (kept with every
-/// outcome).
-struct Maker<'a> {
-    rule: &'a str,
-    rule_file: &'a Path,
-    rules_hash: &'a str,
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    #[tokio::test]
-    async fn a_claimed_request_waits_for_its_holder() {
-        let claims = Arc::new(super::Claims::default());
-        let first = claims.claim([1; 32]).await;
-        let other = claims.claim([2; 32]).await; // another request is not held up
-        drop(other);
-        let (tx, mut rx) = tokio::sync::oneshot::channel();
-        let waiter = {
-            let claims = claims.clone();
-            tokio::spawn(async move {
-                let _second = claims.claim([1; 32]).await;
-                let _ = tx.send(());
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(rx.try_recv().is_err(), "the second claim must wait");
-        drop(first);
-        waiter.await.unwrap();
-        assert!(
-            claims.0.lock().unwrap().is_empty(),
-            "released claims are forgotten"
-        );
-    }
-
-    #[test]
-    fn due_dates_follow_the_regulation() {
-        assert_eq!(
-            super::due_date("2026-01-01T00:00:00Z", "GDPR"),
-            "2026-01-31T00:00:00Z"
-        );
-        assert_eq!(
-            super::due_date("2026-01-01T00:00:00Z", "CCPA"),
-            "2026-02-15T00:00:00Z"
-        );
-    }
 }

@@ -180,8 +180,10 @@ impl Preview {
         self.matches.fetch_add(1, Ordering::Relaxed);
         let already_done = self.ledger.as_ref().map(|ledger| {
             ledger
-                .done
-                .contains(&ledger.keys.request_id(&decision.action, &decision.key))
+                .keys
+                .request_ids(&decision.action, &decision.key)
+                .iter()
+                .any(|id| ledger.done.contains(id))
         });
         let duplicate = {
             let mut tally = self.tally.lock().unwrap();

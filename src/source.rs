@@ -14,7 +14,6 @@ use aws_sdk_kinesis::types::ShardIteratorType;
 use aws_sdk_kinesis::Client;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::{StartPosition, StreamSettings};
 use crate::shutdown::Shutdown;
 
 /// Kinesis allows 5 GetRecords calls per second per shard.
@@ -22,6 +21,54 @@ const MIN_CALL_INTERVAL: Duration = Duration::from_millis(200);
 const MAX_FAULT_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Errors of the source stage, naming the stream or shard.
+/// Where a shard with no checkpoint starts reading.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartPosition {
+    TrimHorizon,
+    Latest,
+    /// Milliseconds since the Unix epoch (an RFC 3339 time in the config or `--from`).
+    AtTimestamp(i64),
+}
+
+impl std::str::FromStr for StartPosition {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "trim-horizon" | "trim_horizon" | "TRIM_HORIZON" => Ok(Self::TrimHorizon),
+            "latest" | "LATEST" => Ok(Self::Latest),
+            other => {
+                let time = aws_smithy_types::DateTime::from_str(
+                    other,
+                    aws_smithy_types::date_time::Format::DateTime,
+                )
+                .map_err(|_| {
+                    format!(
+                        "invalid start position {other:?}: expected trim-horizon, latest or an RFC 3339 time"
+                    )
+                })?;
+                time.to_millis()
+                    .map(Self::AtTimestamp)
+                    .map_err(|e| format!("invalid start time {other:?}: {e}"))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    pub name: String,
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    pub start: StartPosition,
+    pub poll_interval: Duration,
+    pub shard_sync_interval: Duration,
+    pub retention_margin: Duration,
+    pub list_shards_page_size: Option<i32>,
+    pub records_per_call: i32,
+    pub batches_in_flight: usize,
+}
+
+
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("stream {stream}: cannot list shards: {message}")]
@@ -142,6 +189,9 @@ pub struct KinesisSource {
     records_per_call: i32,
     /// Bounds the answers held at once over all shards (memory stays flat with the count).
     in_flight: Arc<Semaphore>,
+    /// Calls failing now, by what failed (`ListShards`, or a shard id): what `/readyz`
+    /// reports while the reader retries them.
+    faults: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 impl KinesisSource {
@@ -185,11 +235,35 @@ impl KinesisSource {
             page_size: settings.list_shards_page_size,
             records_per_call: settings.records_per_call,
             in_flight: Arc::new(Semaphore::new(settings.batches_in_flight)),
+            faults: Default::default(),
         }
     }
 
     pub fn stream(&self) -> &str {
         &self.stream
+    }
+
+    /// What is failing now (retried meanwhile): the shard list, or a shard's reads.
+    pub fn faults(&self) -> Vec<(String, String)> {
+        let faults = self.faults.lock().unwrap();
+        faults.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    fn set_fault(&self, what: &str, fault: Option<String>) {
+        let mut faults = self.faults.lock().unwrap();
+        match fault {
+            Some(message) => {
+                faults.insert(what.to_owned(), message);
+            }
+            None => {
+                faults.remove(what);
+            }
+        }
+    }
+
+    /// Forgets a shard's fault (its worker ended).
+    pub fn clear_fault(&self, shard_id: &str) {
+        self.set_fault(shard_id, None);
     }
 
     /// Lists every shard the stream still has, open or closed, following NextToken.
@@ -207,7 +281,14 @@ impl KinesisSource {
                 None => self.client.list_shards().stream_name(&self.stream),
             }
             .set_max_results(self.page_size);
-            let output = request.send().await.map_err(|e| err(describe(&e)))?;
+            let output = match request.send().await {
+                Ok(output) => output,
+                Err(e) => {
+                    let message = describe(&e);
+                    self.set_fault("ListShards", Some(message.clone()));
+                    return Err(err(message));
+                }
+            };
             for shard in output.shards() {
                 shards.push(ShardInfo {
                     id: shard.shard_id().to_owned(),
@@ -225,7 +306,10 @@ impl KinesisSource {
             }
             match output.next_token() {
                 Some(token) if !token.is_empty() => next_token = Some(token.to_owned()),
-                _ => return Ok(shards),
+                _ => {
+                    self.set_fault("ListShards", None);
+                    return Ok(shards);
+                }
             }
         }
     }
@@ -398,6 +482,7 @@ impl ShardReader {
                     Ok(it) => it,
                     Err(e) => {
                         tracing::warn!(shard_id = %self.shard_id, error = %e, "retrying");
+                        self.source.set_fault(&self.shard_id, Some(e.to_string()));
                         if shutdown.sleep(jitter(fault_backoff)).await.is_err() {
                             return Ok(None);
                         }
@@ -430,6 +515,7 @@ impl ShardReader {
                         }
                         Fault::Transient => {
                             tracing::warn!(shard_id = %self.shard_id, error = %message, "GetRecords failed; retrying");
+                            self.source.set_fault(&self.shard_id, Some(format!("GetRecords: {message}")));
                             if shutdown.sleep(jitter(fault_backoff)).await.is_err() {
                                 return Ok(None);
                             }
@@ -446,6 +532,9 @@ impl ShardReader {
                     continue;
                 }
             };
+            if fault_backoff > Duration::from_millis(100) {
+                self.source.set_fault(&self.shard_id, None);
+            }
             // Owned: payloads (up to 10 MiB each) move on without a copy.
             let records: Vec<RawRecord> = output
                 .records

@@ -11,32 +11,46 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::clock::now_ms;
+use crate::keys::{KeyError, KeySource, Keys};
+use crate::decode::Record;
 use crate::source::Checkpoint;
 
-const SCHEMA_VERSION: u64 = 1;
+/// 2: the state records its keys' fingerprints, and dead letters are sealed bound to their
+/// id and kind (a v1 file is migrated when a writer first opens it).
+const SCHEMA_VERSION: u64 = 2;
 
 /// Pages of the state file kept in memory. redb's default (1 GiB) would let the daemon's
 /// memory grow with its audit trail for months; the hot pages (recent ledger entries, the
 /// checkpoints, the end of the audit table) fit in far less.
 const CACHE_BYTES: usize = 32 << 20;
 
+/// Dead letters read at once by a sweep (the scheduled retries): memory stays flat
+/// however many are pending.
+pub const DEAD_LETTER_PAGE: usize = 64;
+
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// `key_fingerprints`: fingerprints of every key the state was written with, comma-separated.
+const META_TEXT: TableDefinition<&str, &str> = TableDefinition::new("meta_text");
 /// shard id → JSON [`Checkpoint`].
 const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoints");
 /// keyed hash of (action, key) → when it was done (ms since the epoch).
 const DONE: TableDefinition<&[u8], u64> = TableDefinition::new("done");
 /// id → JSON [`DeadLetter`].
 const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+/// [`DeadLetter::index_key`] → id of the pending letter: a record or request that already
+/// waits in a letter (read again after a checkpoint reset, say) is not dead-lettered twice.
+const LETTER_INDEX: TableDefinition<&str, u64> = TableDefinition::new("letter_index");
 /// id (in order of writing) → JSON [`AuditEntry`]. Append-only.
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 
-/// Errors of the state stage, naming the file.
+/// Errors of the state stage, naming the file and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("state file {path} is in use by another gdpr-consumer (only one daemon may own a state file)")]
@@ -49,7 +63,7 @@ pub enum StateError {
         context: &'static str,
         source: Box<redb::Error>,
     },
-    #[error("state file {path}: schema version {found} is newer than this build understands ({SCHEMA_VERSION})")]
+    #[error("state file {path}: schema version {found} is newer than this build understands ({SCHEMA_VERSION}); run the newer binary, or restore the backup taken before the upgrade")]
     Schema { path: PathBuf, found: u64 },
     #[error("state file {path}: corrupt {what}: {message}")]
     Corrupt {
@@ -57,16 +71,30 @@ pub enum StateError {
         what: &'static str,
         message: String,
     },
+    #[error("state file {path} is damaged ({reason}); it is never re-initialised: stop, and restore it (with its key) from the last backup")]
+    Damaged { path: PathBuf, reason: String },
+    #[error("state file {path} exists but its key ({keys}) is missing: restore the key that was backed up with the state file (a new key would forget every request done)")]
+    KeyMissing { path: PathBuf, keys: String },
+    #[error("state file {path} was written with key(s) {missing} that {keys} does not hold: restore the key file (or variable) that belongs to this state file")]
+    KeyMismatch {
+        path: PathBuf,
+        keys: String,
+        missing: String,
+    },
+    #[error(transparent)]
+    Key(#[from] KeyError),
     #[error("state file {path}: no dead letter {id}")]
     NoDeadLetter { path: PathBuf, id: u64 },
+    #[error("state file {path}: dead letter {id}: its sealed contents do not open with the state key")]
+    Unseal { path: PathBuf, id: u64 },
 }
 
 /// Why a record or a decision could not be settled, kept for an operator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum DeadLetterReason {
-    /// A rule failed on the record (or returned an invalid decision). Retrying re-runs the
-    /// current rules on the record.
+    /// A rule failed on the record (or returned an invalid decision). Retrying re-runs that
+    /// rule, as it is now, on the record.
     RuleFailed {
         /// Where and what kind, without values from the record.
         error: String,
@@ -86,8 +114,10 @@ pub enum DeadLetterReason {
         request_id: String,
         /// The decision (key, params), sealed.
         sealed_decision: String,
+        /// The first failure.
         error: String,
         http_status: Option<u16>,
+        /// Attempts of the first sending.
         attempts: u32,
         /// A backend fault (retried on a schedule), or a refusal that waits for an operator.
         retryable: bool,
@@ -95,8 +125,43 @@ pub enum DeadLetterReason {
     },
 }
 
+impl DeadLetterReason {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DeadLetterReason::RuleFailed { .. } => "rule_failed",
+            DeadLetterReason::DecodeFailed { .. } => "decode_failed",
+            DeadLetterReason::ActionFailed { .. } => "action_failed",
+        }
+    }
+
+    /// What the letter keeps sealed.
+    pub fn sealed(&self) -> &str {
+        match self {
+            DeadLetterReason::RuleFailed { sealed_record, .. }
+            | DeadLetterReason::DecodeFailed { sealed_record, .. } => sealed_record,
+            DeadLetterReason::ActionFailed {
+                sealed_decision, ..
+            } => sealed_decision,
+        }
+    }
+
+    /// Where the sealed contents go (a new letter is sealed once its id is known).
+    pub fn sealed_mut(&mut self) -> &mut String {
+        match self {
+            DeadLetterReason::RuleFailed { sealed_record, .. }
+            | DeadLetterReason::DecodeFailed { sealed_record, .. } => sealed_record,
+            DeadLetterReason::ActionFailed {
+                sealed_decision, ..
+            } => sealed_decision,
+        }
+    }
+}
+
+/// A dead letter keeps its id, its sealed contents and its first-failure time for life: a
+/// retry that fails only counts itself and records its error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
+    /// When it first failed.
     pub created_at_ms: u64,
     pub stream: String,
     pub shard_id: String,
@@ -107,8 +172,154 @@ pub struct DeadLetter {
     pub rule: String,
     pub rule_file: String,
     pub rules_hash: String,
+    /// Retries made since (by the schedule or an operator).
+    #[serde(default)]
+    pub retries: u32,
+    /// The error of the last retry, when one failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_retry_at_ms: Option<u64>,
     #[serde(flatten)]
     pub reason: DeadLetterReason,
+}
+
+impl DeadLetter {
+    /// A new letter for what `origin` could not settle, first failing now.
+    pub fn new(origin: &Origin, reason: DeadLetterReason) -> Self {
+        let record = origin.record;
+        DeadLetter {
+            created_at_ms: now_ms(),
+            stream: record.stream.to_string(),
+            shard_id: record.shard_id.to_string(),
+            sequence_number: record.sequence_number.to_string(),
+            sub_sequence_number: record.sub_sequence_number,
+            arrival_time: record.arrival_time.to_string(),
+            rule: origin.rule.to_owned(),
+            rule_file: origin.rule_file.display().to_string(),
+            rules_hash: origin.rules_hash.to_owned(),
+            retries: 0,
+            last_error: None,
+            last_retry_at_ms: None,
+            reason,
+        }
+    }
+
+    /// What its sealed contents are bound to: its id and kind.
+    pub fn seal_context(id: u64, kind: &str) -> Vec<u8> {
+        format!("dead letter {id} {kind}").into_bytes()
+    }
+
+    /// What the letter holds, as the letter index knows it: a request, or a record and the
+    /// rule that failed on it (empty for a record that could not be decoded).
+    pub fn index_key(&self) -> String {
+        match &self.reason {
+            DeadLetterReason::ActionFailed { request_id, .. } => request_index_key(request_id),
+            _ => record_index_key(
+                &self.shard_id,
+                &self.sequence_number,
+                self.sub_sequence_number,
+                &self.rule,
+            ),
+        }
+    }
+
+    /// A retry that failed: the letter stays as it is, counting the retry and its error.
+    pub fn retried(&mut self, error: String) {
+        self.retries += 1;
+        self.last_error = Some(error);
+        self.last_retry_at_ms = Some(now_ms());
+    }
+}
+
+/// The letter index's key of a request (its keyed hash, hex).
+pub fn request_index_key(request_id: &str) -> String {
+    format!("request {request_id}")
+}
+
+/// The letter index's key of a record and the rule that failed on it.
+pub fn record_index_key(shard_id: &str, sequence_number: &str, sub: u64, rule: &str) -> String {
+    format!("record {shard_id} {sequence_number} {sub} {rule}")
+}
+
+/// Where an outcome comes from: the record, and the rule (with its file and its rule set's
+/// hash) that decided or failed on it. Kept with every audit entry and dead letter.
+pub struct Origin<'a> {
+    pub record: &'a Record,
+    pub rule: &'a str,
+    pub rule_file: &'a Path,
+    pub rules_hash: &'a str,
+}
+
+impl AuditEntry {
+    /// An entry for an outcome of `origin`, now.
+    pub fn new(
+        origin: &Origin,
+        action: &str,
+        request_id: &str,
+        outcome: &str,
+        regulation: &str,
+    ) -> Self {
+        AuditEntry {
+            time_ms: now_ms(),
+            rule: origin.rule.to_owned(),
+            rules_hash: origin.rules_hash.to_owned(),
+            action: action.to_owned(),
+            request_id: request_id.to_owned(),
+            outcome: outcome.to_owned(),
+            http_status: None,
+            attempts: 0,
+            arrival_time: origin.record.arrival_time.to_string(),
+            regulation: regulation.to_owned(),
+            due_date: due_date(&origin.record.arrival_time, regulation),
+            note: None,
+            dead_letter: None,
+        }
+    }
+
+    /// An entry about a dead letter (its resolution or discard), now.
+    pub fn of_letter(id: u64, letter: &DeadLetter, outcome: &str, note: String) -> Self {
+        let (action, request_id, regulation) = match &letter.reason {
+            DeadLetterReason::ActionFailed {
+                action,
+                request_id,
+                regulation,
+                ..
+            } => (action.as_str(), request_id.as_str(), regulation.as_str()),
+            _ => ("", "", "GDPR"),
+        };
+        AuditEntry {
+            time_ms: now_ms(),
+            rule: letter.rule.clone(),
+            rules_hash: letter.rules_hash.clone(),
+            action: action.to_owned(),
+            request_id: request_id.to_owned(),
+            outcome: outcome.to_owned(),
+            http_status: None,
+            attempts: 0,
+            arrival_time: letter.arrival_time.clone(),
+            regulation: regulation.to_owned(),
+            due_date: due_date(&letter.arrival_time, regulation),
+            note: Some(note),
+            dead_letter: Some(id),
+        }
+    }
+}
+
+/// The due date a regulation sets, counted from the record's arrival: one calendar month
+/// for GDPR (Art. 12(3): 31 January + 1 month = 28 February), 45 days for CCPA (§7021).
+pub fn due_date(arrival_time: &str, regulation: &str) -> String {
+    let arrival: jiff::Timestamp = arrival_time
+        .parse()
+        .unwrap_or_else(|_| jiff::Timestamp::now());
+    let utc = arrival.to_zoned(jiff::tz::TimeZone::UTC);
+    let span = if regulation == "CCPA" {
+        jiff::Span::new().days(45)
+    } else {
+        jiff::Span::new().months(1)
+    };
+    let due = utc.checked_add(span).unwrap_or(utc);
+    crate::clock::rfc3339(due.timestamp().as_millisecond())
 }
 
 /// One decision outcome, as the audit trail keeps it. No identifier in clear.
@@ -120,7 +331,7 @@ pub struct AuditEntry {
     pub action: String,
     /// Keyed hash of (action, key), hex.
     pub request_id: String,
-    /// `done`, `duplicate`, `dead_lettered`, `discarded`.
+    /// `done`, `duplicate`, `dead_lettered`, `discarded`, `resolved`.
     pub outcome: String,
     pub http_status: Option<u16>,
     pub attempts: u32,
@@ -128,9 +339,12 @@ pub struct AuditEntry {
     pub regulation: String,
     /// When the regulation wants the request answered, counted from the record's arrival.
     pub due_date: String,
-    /// The operator's reason, for a discard.
+    /// The operator's reason for a discard; what a retry made of a dead letter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The dead letter the entry settles or creates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<u64>,
 }
 
 /// Writes committed together, in one transaction.
@@ -138,7 +352,8 @@ pub struct AuditEntry {
 pub struct Writes {
     pub checkpoints: Vec<(String, Checkpoint)>,
     pub done: Vec<[u8; 32]>,
-    pub dead_letters: Vec<DeadLetter>,
+    /// New dead letters, and letters a retry updated, by id ([`State::new_dead_letter_id`]).
+    pub dead_letters: Vec<(u64, DeadLetter)>,
     pub resolved_dead_letters: Vec<u64>,
     pub audit: Vec<AuditEntry>,
 }
@@ -153,10 +368,35 @@ impl Writes {
     }
 }
 
+/// The daemon's file, or a read-only view of one (inspection commands, a backup).
+enum Db {
+    Writable(Database),
+    ReadOnly(redb::ReadOnlyDatabase),
+}
+
+impl Db {
+    fn begin_read(&self) -> Result<redb::ReadTransaction, redb::TransactionError> {
+        match self {
+            Db::Writable(db) => db.begin_read(),
+            Db::ReadOnly(db) => db.begin_read(),
+        }
+    }
+
+    fn writable(&self) -> Option<&Database> {
+        match self {
+            Db::Writable(db) => Some(db),
+            Db::ReadOnly(_) => None,
+        }
+    }
+}
+
 pub struct State {
-    db: Database,
+    db: Db,
     path: PathBuf,
     group: Mutex<Group>,
+    /// The next dead letter id: ids are given out before a letter is sealed (its seal is
+    /// bound to its id) and never reused.
+    next_dead_letter_id: AtomicU64,
 }
 
 /// Writers waiting for the next group commit, and whether a leader is committing.
@@ -166,69 +406,94 @@ struct Group {
     leading: bool,
 }
 
-type Answer = tokio::sync::oneshot::Sender<Result<Vec<u64>, StateError>>;
+type Answer = tokio::sync::oneshot::Sender<Result<(), StateError>>;
+
+/// How a state file is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The daemon: creates the state (and its key) on a first start, locks the file.
+    Run,
+    /// A repair command: the file must exist; locks it.
+    Write,
+    /// An inspection command: the file must exist; read-only (a backup, a file the user
+    /// may not write), falling back to a writer's open only to recover an unclean stop.
+    Read,
+    /// Dry-run: read-only, never a writer's open, whatever the file's condition.
+    Peek,
+}
 
 impl State {
-    /// Opens (creating if needed) and locks the state file.
-    pub fn open(path: &Path) -> Result<Self, StateError> {
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(path)
-            .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => StateError::Locked {
-                    path: path.to_owned(),
-                },
-                other => StateError::Db {
-                    path: path.to_owned(),
-                    context: "cannot open",
-                    source: Box::new(other.into()),
-                },
-            })?;
-        let state = State {
-            db,
-            path: path.to_owned(),
-            group: Mutex::default(),
-        };
-        state.init()?;
-        Ok(state)
-    }
-
-    /// Opens a state file that must already exist (inspection commands never create one).
-    pub fn open_existing(path: &Path) -> Result<Self, StateError> {
-        if !path.exists() {
+    /// Opens the state file and its keys, checking that they belong together.
+    ///
+    /// A key is generated only when the state file does not exist yet ([`Access::Run`]); a
+    /// missing or foreign key, or an empty, truncated or corrupt file, is an error that
+    /// says what to restore — never a fresh start.
+    pub fn open(
+        path: &Path,
+        source: KeySource,
+        access: Access,
+    ) -> Result<(Self, Keys), StateError> {
+        let exists = path.exists();
+        if !exists && access != Access::Run {
             return Err(StateError::Missing {
                 path: path.to_owned(),
             });
         }
-        Self::open(path)
-    }
-
-    /// Reads the dedup set without locking the file for long and without writing to it
-    /// (dry-run). Fails with [`StateError::Locked`] while a daemon owns the file.
-    pub fn read_done_set(path: &Path) -> Result<HashSet<[u8; 32]>, StateError> {
-        let err = |context: &'static str| {
-            move |e: redb::Error| StateError::Db {
-                path: path.to_owned(),
-                context,
-                source: Box::new(e),
+        let keys = match (Keys::load(source)?, exists) {
+            (Some(keys), _) => keys,
+            (None, false) => Keys::generate(source.file)?,
+            (None, true) => {
+                return Err(StateError::KeyMissing {
+                    path: path.to_owned(),
+                    keys: source.to_string(),
+                })
             }
         };
-        let db = redb::ReadOnlyDatabase::open(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StateError::Locked {
+        if exists && std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) == 0 {
+            return Err(StateError::Damaged {
                 path: path.to_owned(),
+                reason: "the file is empty".into(),
+            });
+        }
+        if !exists {
+            create_private(path).map_err(|e| StateError::Damaged {
+                path: path.to_owned(),
+                reason: format!("cannot create it: {e}"),
+            })?;
+        }
+        let db = match access {
+            Access::Read | Access::Peek => match guarded(path, || {
+                redb::Builder::new()
+                    .set_cache_size(CACHE_BYTES)
+                    .open_read_only(path)
+            })? {
+                Ok(db) => Db::ReadOnly(db),
+                // Not closed cleanly: only a writer can recover it.
+                Err(redb::DatabaseError::RepairAborted) if access == Access::Read => {
+                    Db::Writable(open_writable(path)?)
+                }
+                Err(e) => return Err(open_error(path, e)),
             },
-            other => err("cannot open read-only")(other.into()),
-        })?;
-        let tx = db.begin_read().map_err(|e| err("cannot read")(e.into()))?;
-        let table = tx
-            .open_table(DONE)
-            .map_err(|e| err("cannot read the dedup set")(e.into()))?;
+            Access::Run | Access::Write => Db::Writable(open_writable(path)?),
+        };
+        let state = State {
+            db,
+            path: path.to_owned(),
+            group: Mutex::default(),
+            next_dead_letter_id: AtomicU64::new(0),
+        };
+        state.init(&keys, &source.to_string())?;
+        Ok((state, keys))
+    }
+
+    /// The whole dedup set (dry-run marks requests already done with it).
+    pub fn done_set(&self) -> Result<HashSet<[u8; 32]>, StateError> {
+        let err = self.db_err("cannot read the dedup set");
+        let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let table = tx.open_table(DONE).map_err(|e| err(e.into()))?;
         let mut done = HashSet::new();
-        for entry in table
-            .iter()
-            .map_err(|e| err("cannot read the dedup set")(e.into()))?
-        {
-            let (key, _) = entry.map_err(|e| err("cannot read the dedup set")(e.into()))?;
+        for entry in table.iter().map_err(|e| err(e.into()))? {
+            let (key, _) = entry.map_err(|e| err(e.into()))?;
             if let Ok(id) = <[u8; 32]>::try_from(key.value()) {
                 done.insert(id);
             }
@@ -244,52 +509,194 @@ impl State {
         }
     }
 
-    /// Creates the tables and checks the schema version.
-    fn init(&self) -> Result<(), StateError> {
+    fn writer(&self) -> Result<&Database, StateError> {
+        self.db.writable().ok_or_else(|| StateError::Db {
+            path: self.path.clone(),
+            context: "opened read-only",
+            source: Box::new(redb::Error::RepairAborted),
+        })
+    }
+
+    /// Checks the schema version and the keys; a writer also creates the tables, records
+    /// a new current key and migrates a v1 file.
+    fn init(&self, keys: &Keys, key_names: &str) -> Result<(), StateError> {
         let err = self.db_err("cannot initialise");
-        let tx = self.db.begin_write().map_err(|e| err(e.into()))?;
-        {
-            let mut meta = tx.open_table(META).map_err(|e| err(e.into()))?;
-            let found = meta
+        let fingerprints = keys.fingerprints();
+        let Some(db) = self.db.writable() else {
+            let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
+            let meta = tx.open_table(META).map_err(|e| err(e.into()))?;
+            let version = meta
                 .get("schema_version")
                 .map_err(|e| err(e.into()))?
                 .map(|v| v.value());
-            match found {
-                Some(v) if v > SCHEMA_VERSION => {
-                    return Err(StateError::Schema {
-                        path: self.path.clone(),
-                        found: v,
-                    })
-                }
-                Some(_) => {}
-                None => {
-                    meta.insert("schema_version", SCHEMA_VERSION)
-                        .map_err(|e| err(e.into()))?;
-                }
+            self.check_version(version)?;
+            let known = match tx.open_table(META_TEXT) {
+                Ok(table) => table
+                    .get("key_fingerprints")
+                    .map_err(|e| err(e.into()))?
+                    .map(|v| v.value().to_owned()),
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(err(e.into())),
+            };
+            return self.check_keys(known.as_deref(), &fingerprints, key_names);
+        };
+        let tx = db.begin_write().map_err(|e| err(e.into()))?;
+        let migrate = {
+            let mut meta = tx.open_table(META).map_err(|e| err(e.into()))?;
+            let version = meta
+                .get("schema_version")
+                .map_err(|e| err(e.into()))?
+                .map(|v| v.value());
+            self.check_version(version)?;
+            meta.insert("schema_version", SCHEMA_VERSION)
+                .map_err(|e| err(e.into()))?;
+            let next_id = meta
+                .get("dead_letter_ids")
+                .map_err(|e| err(e.into()))?
+                .map_or(0, |v| v.value())
+                + 1;
+            self.next_dead_letter_id.store(next_id, Ordering::SeqCst);
+            let mut text = tx.open_table(META_TEXT).map_err(|e| err(e.into()))?;
+            let known = text
+                .get("key_fingerprints")
+                .map_err(|e| err(e.into()))?
+                .map(|v| v.value().to_owned());
+            self.check_keys(known.as_deref(), &fingerprints, key_names)?;
+            let mut all: Vec<&str> = known.as_deref().unwrap_or("").split(',').collect();
+            all.retain(|f| !f.is_empty());
+            if !all.contains(&fingerprints[0].as_str()) {
+                all.push(&fingerprints[0]);
             }
+            text.insert("key_fingerprints", all.join(",").as_str())
+                .map_err(|e| err(e.into()))?;
             tx.open_table(CHECKPOINTS).map_err(|e| err(e.into()))?;
             tx.open_table(DONE).map_err(|e| err(e.into()))?;
             tx.open_table(DEAD_LETTERS).map_err(|e| err(e.into()))?;
             tx.open_table(AUDIT).map_err(|e| err(e.into()))?;
+            tx.open_table(LETTER_INDEX).map_err(|e| err(e.into()))?;
+            version == Some(1)
+        };
+        if migrate {
+            self.reseal_in(&tx, keys, |keys, sealed, _| keys.unseal(sealed, b""))?;
+            tracing::info!(path = %self.path.display(), "state migrated to schema version 2 (dead letters sealed bound to their id)");
         }
         tx.commit().map_err(|e| err(e.into()))
     }
 
-    /// Commits one set of writes in its own transaction; returns the new dead letters' ids.
-    pub fn commit(&self, writes: Writes) -> Result<Vec<u64>, StateError> {
-        if writes.is_empty() {
-            return Ok(Vec::new());
+    fn check_version(&self, found: Option<u64>) -> Result<(), StateError> {
+        match found {
+            Some(v) if v > SCHEMA_VERSION => Err(StateError::Schema {
+                path: self.path.clone(),
+                found: v,
+            }),
+            _ => Ok(()),
         }
-        let mut ids = self.commit_group(std::slice::from_ref(&writes))?;
-        Ok(ids.pop().expect("one set of ids per set of writes"))
+    }
+
+    /// Every key the state was written with must be in the ring.
+    fn check_keys(
+        &self,
+        known: Option<&str>,
+        ring: &[String],
+        key_names: &str,
+    ) -> Result<(), StateError> {
+        let missing: Vec<&str> = known
+            .unwrap_or("")
+            .split(',')
+            .filter(|f| !f.is_empty() && !ring.iter().any(|r| r == f))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(StateError::KeyMismatch {
+            path: self.path.clone(),
+            keys: key_names.to_owned(),
+            missing: missing
+                .iter()
+                .map(|f| format!("fingerprint {f}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    }
+
+    /// Seals every dead letter again under the ring's current key: after a rotation, so
+    /// the old key is needed only for lookups. Returns how many.
+    pub fn reseal_dead_letters(&self, keys: &Keys) -> Result<u64, StateError> {
+        let err = self.db_err("cannot re-seal dead letters");
+        let tx = self.writer()?.begin_write().map_err(|e| err(e.into()))?;
+        let n = self.reseal_in(&tx, keys, |keys, sealed, context| {
+            keys.unseal(sealed, context)
+        })?;
+        tx.commit().map_err(|e| err(e.into()))?;
+        Ok(n)
+    }
+
+    fn reseal_in(
+        &self,
+        tx: &redb::WriteTransaction,
+        keys: &Keys,
+        open: impl Fn(&Keys, &str, &[u8]) -> Result<Vec<u8>, KeyError>,
+    ) -> Result<u64, StateError> {
+        let err = self.db_err("cannot re-seal dead letters");
+        let mut table = tx.open_table(DEAD_LETTERS).map_err(|e| err(e.into()))?;
+        let mut letters = Vec::new();
+        for entry in table.iter().map_err(|e| err(e.into()))? {
+            let (k, v) = entry.map_err(|e| err(e.into()))?;
+            letters.push((k.value(), self.parse::<DeadLetter>("dead letter", v.value())?));
+        }
+        let mut index = tx.open_table(LETTER_INDEX).map_err(|e| err(e.into()))?;
+        for (id, mut letter) in letters.iter().cloned() {
+            index
+                .insert(letter.index_key().as_str(), id)
+                .map_err(|e| err(e.into()))?;
+            let context = DeadLetter::seal_context(id, letter.reason.kind());
+            let plain = open(keys, letter.reason.sealed(), &context).map_err(|_| {
+                StateError::Unseal {
+                    path: self.path.clone(),
+                    id,
+                }
+            })?;
+            *letter.reason.sealed_mut() = keys.seal(&plain, &context);
+            let bytes = serde_json::to_vec(&letter).expect("a dead letter serializes");
+            table
+                .insert(id, bytes.as_slice())
+                .map_err(|e| err(e.into()))?;
+        }
+        Ok(letters.len() as u64)
+    }
+
+    /// Writes and syncs a small marker: whether the state can be written now (after a
+    /// failed commit, before any backend call).
+    pub fn probe_write(&self) -> Result<(), StateError> {
+        let err = self.db_err("cannot write");
+        let tx = self.writer()?.begin_write().map_err(|e| err(e.into()))?;
+        {
+            let mut meta = tx.open_table(META).map_err(|e| err(e.into()))?;
+            meta.insert("write_probe", now_ms())
+                .map_err(|e| err(e.into()))?;
+        }
+        tx.commit().map_err(|e| err(e.into()))
+    }
+
+    /// A new dead letter id, never given out before.
+    pub fn new_dead_letter_id(&self) -> u64 {
+        self.next_dead_letter_id.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// Commits one set of writes in its own transaction.
+    pub fn commit(&self, writes: Writes) -> Result<(), StateError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        self.commit_group(std::slice::from_ref(&writes))
     }
 
     /// Commits `writes` together with whatever other shards are committing at the same
     /// moment: one transaction and one disk sync for all of them (group commit), done off
     /// the async threads. Returns when the writes are durable.
-    pub async fn commit_shared(self: &Arc<Self>, writes: Writes) -> Result<Vec<u64>, StateError> {
+    pub async fn commit_shared(self: &Arc<Self>, writes: Writes) -> Result<(), StateError> {
         if writes.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let (done, result) = tokio::sync::oneshot::channel();
         let lead = {
@@ -319,9 +726,9 @@ impl State {
             };
             let (writes, answers): (Vec<Writes>, Vec<_>) = waiting.into_iter().unzip();
             match self.commit_group(&writes) {
-                Ok(ids) => {
-                    for (answer, ids) in answers.into_iter().zip(ids) {
-                        let _ = answer.send(Ok(ids));
+                Ok(()) => {
+                    for answer in answers {
+                        let _ = answer.send(Ok(()));
                     }
                 }
                 // Rare: commit each alone, so each writer gets its own error.
@@ -334,20 +741,17 @@ impl State {
         }
     }
 
-    fn commit_group(&self, group: &[Writes]) -> Result<Vec<Vec<u64>>, StateError> {
+    fn commit_group(&self, group: &[Writes]) -> Result<(), StateError> {
         let err = self.db_err("cannot commit");
-        let tx = self.db.begin_write().map_err(|e| err(e.into()))?;
-        let ids = group
-            .iter()
-            .map(|writes| self.apply(&tx, writes))
-            .collect::<Result<_, _>>()?;
-        tx.commit().map_err(|e| err(e.into()))?;
-        Ok(ids)
+        let tx = self.writer()?.begin_write().map_err(|e| err(e.into()))?;
+        for writes in group {
+            self.apply(&tx, writes)?;
+        }
+        tx.commit().map_err(|e| err(e.into()))
     }
 
-    fn apply(&self, tx: &redb::WriteTransaction, writes: &Writes) -> Result<Vec<u64>, StateError> {
+    fn apply(&self, tx: &redb::WriteTransaction, writes: &Writes) -> Result<(), StateError> {
         let err = self.db_err("cannot commit");
-        let mut ids = Vec::new();
         {
             let mut table = tx.open_table(CHECKPOINTS).map_err(|e| err(e.into()))?;
             for (shard_id, checkpoint) in &writes.checkpoints {
@@ -362,25 +766,34 @@ impl State {
                     .map_err(|e| err(e.into()))?;
             }
             let mut letters = tx.open_table(DEAD_LETTERS).map_err(|e| err(e.into()))?;
+            let mut index = tx.open_table(LETTER_INDEX).map_err(|e| err(e.into()))?;
             for id in &writes.resolved_dead_letters {
-                letters.remove(id).map_err(|e| err(e.into()))?;
+                let removed = letters.remove(id).map_err(|e| err(e.into()))?;
+                if let Some(letter) = removed {
+                    let letter: DeadLetter = self.parse("dead letter", letter.value())?;
+                    let key = letter.index_key();
+                    let points_here = index
+                        .get(key.as_str())
+                        .map_err(|e| err(e.into()))?
+                        .is_some_and(|v| v.value() == *id);
+                    if points_here {
+                        index.remove(key.as_str()).map_err(|e| err(e.into()))?;
+                    }
+                }
             }
-            for letter in &writes.dead_letters {
+            let mut highest = 0;
+            for (id, letter) in &writes.dead_letters {
                 let bytes = serde_json::to_vec(letter).expect("a dead letter serializes");
-                let last = letters
-                    .last()
-                    .map_err(|e| err(e.into()))?
-                    .map(|(k, _)| k.value());
-                // Ids are never reused, even after the last one is resolved.
-                let id = last
-                    .unwrap_or(0)
-                    .max(self.meta_counter(tx, "dead_letter_ids")?)
-                    + 1;
-                self.set_meta_counter(tx, "dead_letter_ids", id)?;
                 letters
                     .insert(id, bytes.as_slice())
                     .map_err(|e| err(e.into()))?;
-                ids.push(id);
+                index
+                    .insert(letter.index_key().as_str(), id)
+                    .map_err(|e| err(e.into()))?;
+                highest = highest.max(*id);
+            }
+            if highest > self.meta_counter(tx, "dead_letter_ids")? {
+                self.set_meta_counter(tx, "dead_letter_ids", highest)?;
             }
             let mut audit = tx.open_table(AUDIT).map_err(|e| err(e.into()))?;
             for entry in &writes.audit {
@@ -394,7 +807,7 @@ impl State {
                     .map_err(|e| err(e.into()))?;
             }
         }
-        Ok(ids)
+        Ok(())
     }
 
     fn meta_counter(&self, tx: &redb::WriteTransaction, name: &str) -> Result<u64, StateError> {
@@ -444,7 +857,7 @@ impl State {
     /// Forgets a shard's checkpoint (or every one), so it is read again from the start.
     pub fn reset_checkpoints(&self, shard_id: Option<&str>) -> Result<usize, StateError> {
         let err = self.db_err("cannot reset checkpoints");
-        let tx = self.db.begin_write().map_err(|e| err(e.into()))?;
+        let tx = self.writer()?.begin_write().map_err(|e| err(e.into()))?;
         let removed = {
             let mut table = tx.open_table(CHECKPOINTS).map_err(|e| err(e.into()))?;
             match shard_id {
@@ -462,17 +875,28 @@ impl State {
 
     /// Whether the request with this keyed hash was already done.
     pub fn is_done(&self, id: &[u8]) -> Result<bool, StateError> {
+        self.is_done_any(std::slice::from_ref(&id))
+    }
+
+    /// Whether the request was done under any of these keyed hashes (one per key of the
+    /// ring: a request done before a key rotation is still found).
+    pub fn is_done_any<I: AsRef<[u8]>>(&self, ids: &[I]) -> Result<bool, StateError> {
         let err = self.db_err("cannot read the dedup set");
         let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
         let table = tx.open_table(DONE).map_err(|e| err(e.into()))?;
-        Ok(table.get(id).map_err(|e| err(e.into()))?.is_some())
+        for id in ids {
+            if table.get(id.as_ref()).map_err(|e| err(e.into()))?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Forgets ledger entries done before `before_ms` (they outlived the stream's
     /// retention, so their records can no longer be read again). Returns how many.
     pub fn expire_done(&self, before_ms: u64) -> Result<u64, StateError> {
         let err = self.db_err("cannot expire the dedup set");
-        let tx = self.db.begin_write().map_err(|e| err(e.into()))?;
+        let tx = self.writer()?.begin_write().map_err(|e| err(e.into()))?;
         let mut removed = 0;
         {
             let mut table = tx.open_table(DONE).map_err(|e| err(e.into()))?;
@@ -488,12 +912,27 @@ impl State {
         Ok(removed)
     }
 
+    /// Every dead letter, by id (inspection commands).
     pub fn dead_letters(&self) -> Result<Vec<(u64, DeadLetter)>, StateError> {
+        self.dead_letters_after(0, usize::MAX)
+    }
+
+    /// Up to `limit` dead letters with ids above `after`, by id: a sweep pages through
+    /// them so memory stays flat however many are pending.
+    pub fn dead_letters_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, DeadLetter)>, StateError> {
         let err = self.db_err("cannot read dead letters");
         let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
         let table = tx.open_table(DEAD_LETTERS).map_err(|e| err(e.into()))?;
         let mut out = Vec::new();
-        for entry in table.iter().map_err(|e| err(e.into()))? {
+        for entry in table
+            .range(after.saturating_add(1)..)
+            .map_err(|e| err(e.into()))?
+            .take(limit)
+        {
             let (k, v) = entry.map_err(|e| err(e.into()))?;
             out.push((k.value(), self.parse("dead letter", v.value())?));
         }
@@ -501,14 +940,30 @@ impl State {
     }
 
     pub fn dead_letter(&self, id: u64) -> Result<DeadLetter, StateError> {
-        self.dead_letters()?
-            .into_iter()
-            .find(|(i, _)| *i == id)
-            .map(|(_, letter)| letter)
-            .ok_or(StateError::NoDeadLetter {
+        let err = self.db_err("cannot read dead letters");
+        let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let table = tx.open_table(DEAD_LETTERS).map_err(|e| err(e.into()))?;
+        let value = table.get(id).map_err(|e| err(e.into()))?;
+        match value {
+            Some(v) => self.parse("dead letter", v.value()),
+            None => Err(StateError::NoDeadLetter {
                 path: self.path.clone(),
                 id,
-            })
+            }),
+        }
+    }
+
+    /// The pending letter that holds this request or record ([`DeadLetter::index_key`]).
+    pub fn pending_letter(&self, index_key: &str) -> Result<Option<u64>, StateError> {
+        let err = self.db_err("cannot read the dead letter index");
+        let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let table = match tx.open_table(LETTER_INDEX) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(err(e.into())),
+        };
+        let value = table.get(index_key).map_err(|e| err(e.into()))?;
+        Ok(value.map(|v| v.value()))
     }
 
     /// How many dead letters are pending, and when the oldest was stored (ms).
@@ -589,21 +1044,86 @@ impl State {
     }
 }
 
+/// Runs an open of the redb file, turning a panic inside redb (a corrupt file can cause
+/// one) into an error that says what to do.
+fn guarded<T>(path: &Path, open: impl FnOnce() -> T) -> Result<T, StateError> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(open));
+    std::panic::set_hook(hook);
+    result.map_err(|panic| StateError::Damaged {
+        path: path.to_owned(),
+        reason: panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_else(|| "the database cannot be read".into()),
+    })
+}
+
+fn open_writable(path: &Path) -> Result<Database, StateError> {
+    guarded(path, || {
+        Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+    })?
+    .map_err(|e| open_error(path, e))
+}
+
+fn open_error(path: &Path, e: redb::DatabaseError) -> StateError {
+    match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => StateError::Locked {
+            path: path.to_owned(),
+        },
+        redb::DatabaseError::Storage(redb::StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            StateError::Db {
+                path: path.to_owned(),
+                context: "cannot open",
+                source: Box::new(redb::Error::Io(io)),
+            }
+        }
+        redb::DatabaseError::Storage(storage) => StateError::Damaged {
+            path: path.to_owned(),
+            reason: storage.to_string(),
+        },
+        other => StateError::Db {
+            path: path.to_owned(),
+            context: "cannot open",
+            source: Box::new(other.into()),
+        },
+    }
+}
+
+/// Creates an empty file readable by its owner only, for redb to initialise: the state
+/// holds hashes of identifiers and sealed requests, nobody else's business.
+fn create_private(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path).map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn letter() -> DeadLetter {
+    fn letter(shard: &str) -> DeadLetter {
         DeadLetter {
             created_at_ms: 1,
             stream: "s".into(),
-            shard_id: "shard-1".into(),
+            shard_id: shard.into(),
             sequence_number: "43".into(),
             sub_sequence_number: 0,
             arrival_time: "1970-01-01T00:00:00Z".into(),
             rule: "r".into(),
             rule_file: "rules/r.rhai".into(),
             rules_hash: "abc".into(),
+            retries: 0,
+            last_error: None,
+            last_retry_at_ms: None,
             reason: DeadLetterReason::RuleFailed {
                 error: "boom".into(),
                 sealed_record: "00".into(),
@@ -611,47 +1131,59 @@ mod tests {
         }
     }
 
+    fn key_file(path: &Path) -> PathBuf {
+        path.with_extension("key")
+    }
+
+    fn open(path: &Path, access: Access) -> Result<State, StateError> {
+        let file = key_file(path);
+        let source = KeySource {
+            env: None,
+            file: &file,
+        };
+        State::open(path, source, access).map(|(state, _)| state)
+    }
+
     /// Shards committing at once: each writer's writes are durable when it is answered,
-    /// with dead letter ids of its own, whichever group they were committed in.
+    /// whichever group they were committed in.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_writers_share_commits_and_get_their_own_answers() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
-        let state = Arc::new(State::open(&path).unwrap());
+        let state = Arc::new(open(&path, Access::Run).unwrap());
         let writers = (0..32u8).map(|n| {
             let state = state.clone();
             tokio::spawn(async move {
-                let ids = state
+                let id = state.new_dead_letter_id();
+                state
                     .commit_shared(Writes {
                         checkpoints: vec![(format!("shard-{n}"), Checkpoint::at(n.to_string()))],
                         done: vec![[n; 32]],
-                        dead_letters: vec![letter()],
+                        dead_letters: vec![(id, letter(&format!("shard-{n}")))],
                         ..Writes::default()
                     })
                     .await
                     .unwrap();
                 assert!(state.is_done(&[n; 32]).unwrap(), "durable when answered");
-                ids
+                assert_eq!(state.dead_letter(id).unwrap().shard_id, format!("shard-{n}"));
             })
         });
-        let mut ids: Vec<u64> = Vec::new();
         for writer in writers.collect::<Vec<_>>() {
-            ids.extend(writer.await.unwrap());
+            writer.await.unwrap();
         }
-        ids.sort();
-        assert_eq!(ids, (1..=32).collect::<Vec<u64>>());
         // The last leader lets go of the state once it finds nothing more waiting.
         while Arc::strong_count(&state) > 1 {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
         drop(state);
-        let reopened = State::open(&path).unwrap();
+        let reopened = open(&path, Access::Run).unwrap();
         for n in 0..32u8 {
             assert_eq!(
                 reopened.checkpoint(&format!("shard-{n}")).unwrap(),
                 Some(Checkpoint::at(n.to_string()))
             );
         }
+        assert_eq!(reopened.dead_letters().unwrap().len(), 32);
     }
 
     #[test]
@@ -659,44 +1191,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
         {
-            let s = State::open(&path).unwrap();
-            let ids = s
-                .commit(Writes {
-                    checkpoints: vec![("shard-1".into(), Checkpoint::at("42".into()))],
-                    done: vec![[1; 32]],
-                    dead_letters: vec![letter(), letter()],
-                    ..Writes::default()
-                })
-                .unwrap();
-            assert_eq!(ids, [1, 2]);
-            // A resolved id is not given out again.
+            let s = open(&path, Access::Run).unwrap();
+            let (a, b) = (s.new_dead_letter_id(), s.new_dead_letter_id());
+            assert_eq!((a, b), (1, 2));
+            s.commit(Writes {
+                checkpoints: vec![("shard-1".into(), Checkpoint::at("42".into()))],
+                done: vec![[1; 32]],
+                dead_letters: vec![(a, letter("a")), (b, letter("b"))],
+                ..Writes::default()
+            })
+            .unwrap();
             s.commit(Writes {
                 resolved_dead_letters: vec![2],
                 ..Writes::default()
             })
             .unwrap();
-            let ids = s
-                .commit(Writes {
-                    dead_letters: vec![letter()],
-                    ..Writes::default()
-                })
-                .unwrap();
-            assert_eq!(ids, [3]);
         }
-        let s = State::open(&path).unwrap();
+        let s = open(&path, Access::Run).unwrap();
+        // A resolved id is not given out again, across a restart too.
+        assert_eq!(s.new_dead_letter_id(), 3);
         assert_eq!(
             s.checkpoint("shard-1").unwrap(),
             Some(Checkpoint::at("42".into()))
         );
         assert!(s.is_done(&[1; 32]).unwrap());
         assert!(!s.is_done(&[2; 32]).unwrap());
-        let ids: Vec<u64> = s
-            .dead_letters()
-            .unwrap()
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
-        assert_eq!(ids, [1, 3]);
+        assert!(s.is_done_any(&[[2; 32], [1; 32]]).unwrap());
+        let ids: Vec<u64> = s.dead_letters().unwrap().into_iter().map(|(id, _)| id).collect();
+        assert_eq!(ids, [1]);
         assert_eq!(s.reset_checkpoints(None).unwrap(), 1);
         assert_eq!(s.checkpoint("shard-1").unwrap(), None);
         assert_eq!(s.expire_done(u64::MAX).unwrap(), 1);
@@ -704,11 +1226,31 @@ mod tests {
     }
 
     #[test]
+    fn dead_letters_are_read_a_page_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir.path().join("s.redb"), Access::Run).unwrap();
+        let letters = (0..5)
+            .map(|n| (s.new_dead_letter_id(), letter(&n.to_string())))
+            .collect();
+        s.commit(Writes {
+            dead_letters: letters,
+            ..Writes::default()
+        })
+        .unwrap();
+        let page: Vec<u64> = s.dead_letters_after(0, 2).unwrap().iter().map(|l| l.0).collect();
+        assert_eq!(page, [1, 2]);
+        let page: Vec<u64> = s.dead_letters_after(2, 2).unwrap().iter().map(|l| l.0).collect();
+        assert_eq!(page, [3, 4]);
+        let page: Vec<u64> = s.dead_letters_after(4, 2).unwrap().iter().map(|l| l.0).collect();
+        assert_eq!(page, [5]);
+    }
+
+    #[test]
     fn the_done_set_reads_without_a_write_lock_and_leaves_the_file_as_it_was() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
         {
-            let s = State::open(&path).unwrap();
+            let s = open(&path, Access::Run).unwrap();
             s.commit(Writes {
                 done: vec![[7; 32]],
                 ..Writes::default()
@@ -716,12 +1258,12 @@ mod tests {
             .unwrap();
             // While a daemon owns the file, a reader is told so.
             assert!(matches!(
-                State::read_done_set(&path),
+                open(&path, Access::Peek),
                 Err(StateError::Locked { .. })
             ));
         }
         let before = std::fs::read(&path).unwrap();
-        let done = State::read_done_set(&path).unwrap();
+        let done = open(&path, Access::Peek).unwrap().done_set().unwrap();
         assert!(done.contains(&[7u8; 32]));
         assert_eq!(std::fs::read(&path).unwrap(), before);
     }
@@ -730,8 +1272,137 @@ mod tests {
     fn a_second_owner_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
-        let _first = State::open(&path).unwrap();
-        let err = State::open(&path).err().expect("second open must fail");
+        let _first = open(&path, Access::Run).unwrap();
+        let err = open(&path, Access::Write).err().expect("second open must fail");
         assert!(matches!(err, StateError::Locked { .. }), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_new_state_file_is_private_and_a_reader_needs_no_write_permission() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        drop(open(&path, Access::Run).unwrap());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        let reader = open(&path, Access::Read).unwrap();
+        assert!(reader.checkpoints().unwrap().is_empty());
+        assert!(reader.reset_checkpoints(None).is_err(), "read-only");
+        drop(reader);
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+
+    /// A lost or foreign key, and an empty, truncated or corrupt file: never a fresh start.
+    #[test]
+    fn damage_is_refused_never_reinitialised() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        {
+            let s = open(&path, Access::Run).unwrap();
+            s.commit(Writes {
+                done: vec![[9; 32]],
+                ..Writes::default()
+            })
+            .unwrap();
+        }
+        let good = std::fs::read(&path).unwrap();
+        let key = std::fs::read(key_file(&path)).unwrap();
+
+        // The key file moved away: no new key is made.
+        std::fs::remove_file(key_file(&path)).unwrap();
+        for access in [Access::Run, Access::Write, Access::Read] {
+            let err = open(&path, access).err().expect("no key");
+            assert!(matches!(err, StateError::KeyMissing { .. }), "{err}");
+        }
+        assert!(!key_file(&path).exists(), "no key generated");
+
+        // Another state's key.
+        Keys::generate(&key_file(&path)).unwrap();
+        let err = open(&path, Access::Run).err().expect("foreign key");
+        assert!(matches!(err, StateError::KeyMismatch { .. }), "{err}");
+        assert!(err.to_string().contains("restore"), "{err}");
+        std::fs::write(key_file(&path), &key).unwrap();
+
+        // An empty file.
+        std::fs::write(&path, b"").unwrap();
+        let err = open(&path, Access::Run).err().expect("empty");
+        assert!(matches!(err, StateError::Damaged { .. }), "{err}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "left as it was");
+
+        // Truncated, and overwritten in the middle.
+        for damaged in [
+            good[..good.len() / 3].to_vec(),
+            good.iter()
+                .enumerate()
+                .map(|(i, b)| if i % 7 == 3 { !b } else { *b })
+                .collect::<Vec<u8>>(),
+        ] {
+            std::fs::write(&path, &damaged).unwrap();
+            for access in [Access::Run, Access::Read] {
+                match open(&path, access) {
+                    Err(StateError::Damaged { .. } | StateError::Db { .. }) => {}
+                    Err(other) => panic!("unexpected error: {other}"),
+                    // redb may recover what it can; then the ledger must not be empty
+                    // while claiming to be fine.
+                    Ok(s) => assert!(s.is_done(&[9; 32]).unwrap_or(true)),
+                }
+            }
+        }
+
+        // Restored: all is well again.
+        std::fs::write(&path, &good).unwrap();
+        assert!(open(&path, Access::Run).unwrap().is_done(&[9; 32]).unwrap());
+    }
+
+    #[test]
+    fn a_rotated_ring_is_accepted_and_recorded_a_ring_without_the_old_key_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let file = key_file(&path);
+        let source = KeySource {
+            env: None,
+            file: &file,
+        };
+        let (s, keys) = State::open(&path, source, Access::Run).unwrap();
+        let id = s.new_dead_letter_id();
+        let context = DeadLetter::seal_context(id, "rule_failed");
+        let mut l = letter("a");
+        l.reason = DeadLetterReason::RuleFailed {
+            error: "e".into(),
+            sealed_record: keys.seal(b"payload", &context),
+        };
+        s.commit(Writes {
+            dead_letters: vec![(id, l)],
+            ..Writes::default()
+        })
+        .unwrap();
+        drop(s);
+        let ring = keys.rotated();
+        ring.write_ring(&file).unwrap();
+        let (s, ring) = State::open(&path, source, Access::Run).unwrap();
+        assert_eq!(s.reseal_dead_letters(&ring).unwrap(), 1);
+        let sealed = s.dead_letter(id).unwrap().reason.sealed().to_owned();
+        drop(s);
+        // Re-sealed under the new key alone.
+        let new_key = ring.ring_text().lines().next().unwrap().to_owned();
+        std::fs::write(&file, &new_key).unwrap();
+        let only_new = Keys::load(source).unwrap().unwrap();
+        assert_eq!(only_new.unseal(&sealed, &context).unwrap(), b"payload");
+        // But a ring without the old key is refused (its ledger entries would be lost).
+        let err = open(&path, Access::Run).err().expect("old key missing");
+        assert!(matches!(err, StateError::KeyMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn due_dates_follow_the_regulation_in_calendar_months() {
+        assert_eq!(due_date("2026-01-01T00:00:00Z", "GDPR"), "2026-02-01T00:00:00Z");
+        // One month after 31 January is the last day of February, not 2 or 3 March.
+        assert_eq!(due_date("2026-01-31T10:00:00Z", "GDPR"), "2026-02-28T10:00:00Z");
+        assert_eq!(due_date("2028-01-31T10:00:00Z", "GDPR"), "2028-02-29T10:00:00Z");
+        assert_eq!(due_date("2026-03-15T00:00:00Z", "GDPR"), "2026-04-15T00:00:00Z");
+        assert_eq!(due_date("2026-01-01T00:00:00Z", "CCPA"), "2026-02-15T00:00:00Z");
     }
 }

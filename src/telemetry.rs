@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,20 @@ use serde::Serialize;
 use crate::clock::now_ms;
 use crate::rules::reload::Rules;
 use crate::shutdown::Shutdown;
+use crate::source::KinesisSource;
 use crate::state::State;
+
+/// An error and its causes, each once: `outer: cause: root cause`.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -51,6 +64,9 @@ pub struct ShardView {
     pub state: &'static str,
     pub checkpoint: Option<String>,
     pub millis_behind_latest: Option<i64>,
+    /// Why its worker last failed, while it waits to be restarted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 pub struct Telemetry {
@@ -74,7 +90,13 @@ pub struct Telemetry {
     shards_owned: Gauge,
     checkpoint_commit_seconds: Histogram,
     shards: Mutex<BTreeMap<String, ShardView>>,
-    stream_reachable: AtomicBool,
+    shard_restarts: Family<Labels, Counter>,
+    /// Shards whose worker failed and waits to be restarted, with why.
+    failing_shards: Mutex<BTreeMap<String, String>>,
+    /// Why the state cannot be written, while it cannot: no backend call is made then.
+    state_fault: Mutex<Option<String>>,
+    state_write_errors: Counter,
+    already_dead_lettered: Counter,
     started: Instant,
 }
 
@@ -111,7 +133,11 @@ impl Telemetry {
             shards_owned: Gauge::default(),
             checkpoint_commit_seconds: histogram(),
             shards: Mutex::default(),
-            stream_reachable: AtomicBool::new(false),
+            shard_restarts: Family::default(),
+            failing_shards: Mutex::default(),
+            state_fault: Mutex::default(),
+            state_write_errors: Counter::default(),
+            already_dead_lettered: Counter::default(),
             started: Instant::now(),
         };
         let r = &mut t.registry;
@@ -184,6 +210,21 @@ impl Telemetry {
             "shards_owned",
             "Shards being read now",
             t.shards_owned.clone(),
+        );
+        r.register(
+            "shard_restarts",
+            "Shard workers restarted after a failure",
+            t.shard_restarts.clone(),
+        );
+        r.register(
+            "state_write_errors",
+            "State commits that failed (no backend call is made until one succeeds)",
+            t.state_write_errors.clone(),
+        );
+        r.register(
+            "already_dead_lettered",
+            "Records or requests read again while a pending dead letter holds them",
+            t.already_dead_lettered.clone(),
         );
         r.register(
             "checkpoint_commit_seconds",
@@ -324,6 +365,72 @@ impl Telemetry {
         self.checkpoint_commit_seconds.observe(took.as_secs_f64());
     }
 
+    /// A shard's worker failed; it starts again after `restart_in`.
+    pub fn shard_failed(
+        &self,
+        shard_id: &str,
+        error: &dyn std::error::Error,
+        failures: u32,
+        restart_in: Duration,
+    ) {
+        let error = chain(error);
+        self.shard_restarts
+            .get_or_create(&label("shard_id", shard_id))
+            .inc();
+        tracing::error!(
+            event = "shard_failed",
+            shard_id,
+            failures,
+            restart_in_ms = restart_in.as_millis() as u64,
+            error = %error,
+            "shard worker failed; restarting it after a pause"
+        );
+        self.failing_shards
+            .lock()
+            .unwrap()
+            .insert(shard_id.to_owned(), error);
+    }
+
+    /// A shard's worker ended without an error.
+    pub fn shard_recovered(&self, shard_id: &str) {
+        self.failing_shards.lock().unwrap().remove(shard_id);
+    }
+
+    /// A state commit failed (`Some`) or succeeded again (`None`).
+    pub fn state_write(&self, fault: Option<&dyn std::error::Error>) {
+        let mut current = self.state_fault.lock().unwrap();
+        match fault {
+            Some(error) => {
+                let error = chain(error);
+                self.state_write_errors.inc();
+                tracing::error!(event = "state_write_error", error = %error, "cannot write the state; no backend call until it can");
+                *current = Some(error);
+            }
+            None if current.is_some() => {
+                tracing::info!(event = "state_write_recovered", "the state can be written again");
+                *current = None;
+            }
+            None => {}
+        }
+    }
+
+    /// Why the state cannot be written, while it cannot.
+    pub fn state_fault(&self) -> Option<String> {
+        self.state_fault.lock().unwrap().clone()
+    }
+
+    /// A record or request read again while a pending dead letter already holds it.
+    pub fn already_dead_lettered(&self, shard_id: &str, sequence_number: &str, letter: u64) {
+        self.already_dead_lettered.inc();
+        tracing::info!(
+            event = "already_dead_lettered",
+            shard_id,
+            sequence_number,
+            dead_letter = letter,
+            "already held by a pending dead letter; not dead-lettered again"
+        );
+    }
+
     /// The supervisor's view of every listed shard.
     pub fn set_shards(&self, views: Vec<ShardView>) {
         let mut shards = self.shards.lock().unwrap();
@@ -340,8 +447,25 @@ impl Telemetry {
         self.shards_owned.set(reading as i64);
     }
 
-    pub fn set_stream_reachable(&self, reachable: bool) {
-        self.stream_reachable.store(reachable, Ordering::Relaxed);
+    /// Why the daemon is not ready, if it is not: the stream unreachable or a shard's
+    /// reads failing, a shard worker failed, the state not writable, no rules.
+    fn not_ready(&self, served: &Served) -> Vec<String> {
+        let mut reasons: Vec<String> = served
+            .source
+            .faults()
+            .into_iter()
+            .map(|(what, error)| format!("stream: {what}: {error}"))
+            .collect();
+        for (shard, error) in self.failing_shards.lock().unwrap().iter() {
+            reasons.push(format!("shard {shard} failed, restarting: {error}"));
+        }
+        if let Some(error) = self.state_fault() {
+            reasons.push(format!("state not writable: {error}"));
+        }
+        if served.rules.status().loaded == 0 {
+            reasons.push("no rules loaded".into());
+        }
+        reasons
     }
 
     /// Brings the gauges computed from the state and the rules up to date.
@@ -374,7 +498,9 @@ impl Telemetry {
         text
     }
 
-    fn status_json(&self, rules: &Rules, state: &State) -> serde_json::Value {
+    fn status_json(&self, served: &Served) -> serde_json::Value {
+        let (rules, state) = (&*served.rules, &*served.state);
+        let failing = self.failing_shards.lock().unwrap().clone();
         let checkpoints: BTreeMap<String, crate::source::Checkpoint> = state
             .checkpoints()
             .unwrap_or_default()
@@ -390,16 +516,24 @@ impl Telemetry {
                 v.checkpoint = checkpoints
                     .get(&v.shard_id)
                     .and_then(|c| c.sequence_number.clone());
+                if let Some(error) = failing.get(&v.shard_id) {
+                    v.state = "restarting";
+                    v.last_error = Some(error.clone());
+                }
                 v
             })
             .collect();
         let (pending, _) = state.dead_letter_stats().unwrap_or_default();
         let r = rules.status();
+        let not_ready = self.not_ready(served);
         serde_json::json!({
             "uptime_s": self.started.elapsed().as_secs(),
+            "ready": not_ready.is_empty(),
+            "not_ready": not_ready,
             "rules": {"hash": r.hash, "stale": r.stale, "loaded": r.loaded, "last_error": r.last_error},
             "shards": shards,
             "dead_letters_pending": pending,
+            "state": {"writable": self.state_fault().is_none(), "last_error": self.state_fault()},
         })
     }
 }
@@ -409,6 +543,7 @@ pub struct Served {
     pub telemetry: Arc<Telemetry>,
     pub rules: Arc<Rules>,
     pub state: Arc<State>,
+    pub source: Arc<KinesisSource>,
 }
 
 /// Binds the listener (an error names the address) and serves until shutdown.
@@ -427,12 +562,13 @@ pub async fn serve(
             get({
                 let s = served.clone();
                 move || async move {
-                    if s.telemetry.stream_reachable.load(Ordering::Relaxed) {
+                    let reasons = s.telemetry.not_ready(&s);
+                    if reasons.is_empty() {
                         (axum::http::StatusCode::OK, "ready".to_owned())
                     } else {
                         (
                             axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                            "stream not reachable".to_owned(),
+                            reasons.join("\n"),
                         )
                     }
                 }
@@ -457,7 +593,7 @@ pub async fn serve(
             "/status",
             get({
                 let s = served.clone();
-                move || async move { axum::Json(s.telemetry.status_json(&s.rules, &s.state)) }
+                move || async move { axum::Json(s.telemetry.status_json(&s)) }
             }),
         );
     Ok(tokio::spawn(async move {

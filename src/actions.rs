@@ -39,6 +39,8 @@ pub enum ActionError {
         "action {action:?}: environment variable {var} is not set (it holds the bearer token)"
     )]
     MissingToken { action: String, var: String },
+    #[error("action {action:?}: the secret in {source_name} is empty")]
+    EmptySecret { action: String, source_name: String },
     #[error("action {action:?}: cannot read the secret file {path}: {reason}")]
     SecretFile {
         action: String,
@@ -99,6 +101,11 @@ impl UrlTemplate {
         let mut chars = raw.chars();
         while let Some(c) = chars.next() {
             match c {
+                '{' if literal_so_far_has_fragment(&parts, &literal) => {
+                    return Err(err(
+                        "placeholders may not stand in the fragment (after #): it is never sent",
+                    ));
+                }
                 '{' => {
                     let name: String = chars.by_ref().take_while(|&c| c != '}').collect();
                     let valid = !name.is_empty()
@@ -197,6 +204,14 @@ fn component(name: &str, value: Option<&Value>) -> Result<String, String> {
     Ok(text)
 }
 
+/// Whether the template text read so far has reached the fragment (`#`).
+fn literal_so_far_has_fragment(parts: &[UrlPart], literal: &str) -> bool {
+    literal.contains('#')
+        || parts
+            .iter()
+            .any(|p| matches!(p, UrlPart::Literal(l) if l.contains('#')))
+}
+
 /// Where a secret comes from. Secrets never sit in the config file.
 #[derive(Debug, Clone)]
 pub enum Secret {
@@ -207,19 +222,41 @@ pub enum Secret {
 impl Secret {
     fn read(&self, action: &str) -> Result<String, ActionError> {
         match self {
-            Secret::Env(var) => std::env::var(var).map_err(|_| ActionError::MissingToken {
-                action: action.to_owned(),
-                var: var.clone(),
-            }),
-            Secret::File(path) => std::fs::read_to_string(path)
-                .map(|s| s.trim().to_owned())
-                .map_err(|e| ActionError::SecretFile {
+            Secret::Env(var) => {
+                let value = std::env::var(var).map_err(|_| ActionError::MissingToken {
+                    action: action.to_owned(),
+                    var: var.clone(),
+                })?;
+                non_empty(value.trim(), action, || {
+                    format!("environment variable {var}")
+                })
+            }
+            Secret::File(path) => {
+                let value = std::fs::read_to_string(path).map_err(|e| ActionError::SecretFile {
                     action: action.to_owned(),
                     path: path.clone(),
                     reason: e.to_string(),
-                }),
+                })?;
+                non_empty(value.trim(), action, || format!("file {}", path.display()))
+            }
         }
     }
+}
+
+/// A secret that is empty (or only whitespace) would send `Authorization: Bearer ` and
+/// look like a backend refusal: refused at start instead.
+fn non_empty(
+    value: &str,
+    action: &str,
+    source: impl FnOnce() -> String,
+) -> Result<String, ActionError> {
+    if value.is_empty() {
+        return Err(ActionError::EmptySecret {
+            action: action.to_owned(),
+            source_name: source(),
+        });
+    }
+    Ok(value.to_owned())
 }
 
 /// HMAC-SHA256 request signing: `signature_header` carries the lowercase hex HMAC of
@@ -324,6 +361,9 @@ pub struct ActionSpec {
     pub ca_file: Option<PathBuf>,
     pub timeout: Duration,
     pub success_statuses: Vec<u16>,
+    /// 4xx statuses that mean "try again later" for this backend (e.g. 409 for "the same
+    /// Idempotency-Key is still in flight"), retried like 5xx.
+    pub retry_statuses: Vec<u16>,
     pub max_attempts: u32,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
@@ -518,9 +558,12 @@ impl ActionSet {
                     }
                 }
                 Some(Ok(status)) => {
+                    // A 409 is a refusal unless the config says the backend means "the
+                    // same Idempotency-Key is still in flight" by it (retry_statuses).
                     let retryable = status.is_server_error()
                         || status == reqwest::StatusCode::REQUEST_TIMEOUT
-                        || status == reqwest::StatusCode::TOO_MANY_REQUESTS;
+                        || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                        || spec.retry_statuses.contains(&status.as_u16());
                     let error = format!("backend answered {status}");
                     if !retryable {
                         return Outcome::Failed {

@@ -7,12 +7,12 @@ use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::supervisor::{ShardExit, ShardWork};
 use crate::decode::{self, RecordJson};
 use crate::pipeline::PipelineError;
 use crate::shutdown::Shutdown;
 use crate::source::{Checkpoint, Position, ShardReader};
 use crate::state::StateError;
+use crate::supervisor::{ShardExit, ShardWork};
 
 pub struct Capture<W> {
     stream: String,

@@ -9,11 +9,11 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::actions::ActionSet;
 use crate::config::{self, Overrides, Settings, StartPosition};
-use crate::keys::{KeyError, KeySource};
 use crate::daemon::{self, DryRun};
 use crate::decode::{self, Record, RecordJson};
 use crate::diff;
 use crate::keys::Keys;
+use crate::keys::{KeyError, KeySource};
 use crate::pipeline::Retried;
 use crate::preview::OutputFormat;
 use crate::preview::Preview;
@@ -478,7 +478,10 @@ fn rules_test(args: RulesArgs) -> Result<u8, Failure> {
         out!(
             out,
             "FAIL {} / {}\n  expected: {}\n  actual:   {}",
-            f.rule, f.case, f.expected, f.actual
+            f.rule,
+            f.case,
+            f.expected,
+            f.actual
         );
     }
     for rule in &report.untested {
@@ -607,7 +610,8 @@ fn open_state(args: &StateArgs, access: Access) -> Result<(State, Keys), Failure
 fn state_summary(args: StateArgs) -> Result<u8, Failure> {
     let (state, _) = open_state(&args, Access::Read)?;
     let summary = state.summary().map_err(Failure::runtime)?;
-    out!(std::io::stdout(), 
+    out!(
+        std::io::stdout(),
         "{}",
         serde_json::to_string_pretty(&summary).unwrap_or_default()
     );

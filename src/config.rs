@@ -117,6 +117,9 @@ pub struct ActionSection {
     /// Statuses besides 2xx that mean done (e.g. 404 or 410: "already gone").
     #[serde(default)]
     pub success_statuses: Vec<u16>,
+    /// 4xx statuses to retry like backend faults (e.g. 409 for "still in flight").
+    #[serde(default)]
+    pub retry_statuses: Vec<u16>,
     pub max_attempts: Option<u32>,
     pub initial_backoff_ms: Option<u64>,
     pub max_backoff_ms: Option<u64>,
@@ -299,6 +302,23 @@ fn resolve_action(
             "success_statuses: {bad} is not an HTTP status"
         )));
     }
+    if let Some(bad) = raw.retry_statuses.iter().find(|s| !(400..500).contains(*s)) {
+        return Err(invalid(format!(
+            "retry_statuses: {bad} is not a 4xx status (5xx are always retried)"
+        )));
+    }
+    if let Some(both) = raw
+        .retry_statuses
+        .iter()
+        .find(|s| raw.success_statuses.contains(s))
+    {
+        return Err(invalid(format!(
+            "{both} is in both success_statuses and retry_statuses"
+        )));
+    }
+    if raw.timeout_ms == Some(0) {
+        return Err(invalid("timeout_ms must be at least 1".into()));
+    }
     if raw.concurrency == Some(0) {
         return Err(invalid("concurrency must be at least 1".into()));
     }
@@ -322,6 +342,7 @@ fn resolve_action(
         ca_file: raw.ca_file.map(|p| resolve(base, p)),
         timeout: Duration::from_millis(raw.timeout_ms.unwrap_or(10_000)),
         success_statuses: raw.success_statuses,
+        retry_statuses: raw.retry_statuses,
         max_attempts,
         initial_backoff: Duration::from_millis(raw.initial_backoff_ms.unwrap_or(200)),
         max_backoff: Duration::from_millis(raw.max_backoff_ms.unwrap_or(30_000)),
@@ -373,9 +394,10 @@ fn resolve_stream(
         endpoint_url: section.endpoint_url,
         start,
         poll_interval: Duration::from_millis(section.poll_interval_ms.unwrap_or(1_000)),
-        shard_sync_interval: Duration::from_millis(
+        shard_sync_interval: at_least_a_second(
+            "[stream] shard_sync_interval_ms",
             section.shard_sync_interval_ms.unwrap_or(30_000),
-        ),
+        )?,
         retention_margin: Duration::from_millis(
             section.retention_margin_ms.unwrap_or(6 * 3600 * 1000),
         ),
@@ -407,6 +429,17 @@ fn resolve_stream(
             n => n,
         },
     })
+}
+
+/// An interval under a second would make the daemon call its backend or Kinesis in a
+/// loop; refused.
+fn at_least_a_second(key: &str, ms: u64) -> Result<Duration, ConfigError> {
+    if ms < 1_000 {
+        return Err(ConfigError::Invalid(format!(
+            "{key} = {ms} is below 1000 (one second)"
+        )));
+    }
+    Ok(Duration::from_millis(ms))
 }
 
 /// 2,500 records of up to 1.3 KB, 5 calls a second, read 16 MB/s from a shard: more than
@@ -452,7 +485,10 @@ impl Settings {
             key_file,
             key_env,
             ledger_retention: Duration::from_secs(ledger_retention_days * 24 * 3600),
-            dead_letter_retry_interval: Duration::from_millis(dead_letter_retry_interval_ms),
+            dead_letter_retry_interval: at_least_a_second(
+                "[state] dead_letter_retry_interval_ms",
+                dead_letter_retry_interval_ms,
+            )?,
             rules_dir,
             actions,
             metrics_listen: file.metrics.listen,
@@ -558,6 +594,56 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
         }
     }
 
+    /// Settings that would lose requests, loop, or send what was not meant: refused at
+    /// start, naming the key.
+    #[test]
+    fn settings_that_cannot_work_are_refused_naming_the_key() {
+        for (stream, state, action, wanted) in [
+            (
+                "shard_sync_interval_ms = 999",
+                "",
+                "",
+                "[stream] shard_sync_interval_ms = 999",
+            ),
+            (
+                "",
+                "dead_letter_retry_interval_ms = 10",
+                "",
+                "[state] dead_letter_retry_interval_ms = 10",
+            ),
+            (
+                "",
+                "",
+                "timeout_ms = 0",
+                "[actions.a]: timeout_ms must be at least 1",
+            ),
+            (
+                "",
+                "",
+                "retry_statuses = [503]",
+                "retry_statuses: 503 is not a 4xx",
+            ),
+            (
+                "",
+                "",
+                "retry_statuses = [409]\nsuccess_statuses = [409]",
+                "409 is in both",
+            ),
+        ] {
+            let config = format!(
+                "[stream]\nname = \"s\"\n{stream}\n[state]\n{state}\n[actions.a]\nurl = \"https://h/x\"\n{action}\n"
+            );
+            let (_d, path) = write(&config);
+            let err = Settings::resolve(Some(&path), Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains(wanted), "{wanted}: {err}");
+        }
+        let (_d, path) = write("[stream]\nname = \"s\"\n[actions.a]\nurl = \"https://h/x#{id}\"\n");
+        let err = Settings::resolve(Some(&path), Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("fragment"), "{err}");
+        let (_d, path) = write("[stream]\nname = \"s\"\n[actions.a]\nurl = \"https://h/x?a={id}#top\"\nretry_statuses = [409]\n");
+        Settings::resolve(Some(&path), Overrides::default()).unwrap();
+    }
+
     /// Every key the code accepts is in the operations guide's reference table (the other
     /// direction is an integration test: the table's examples make a valid config).
     #[test]
@@ -603,6 +689,7 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
                     ca_file: Some("c".into()),
                     timeout_ms: Some(1),
                     success_statuses: vec![410],
+                    retry_statuses: vec![409],
                     max_attempts: Some(1),
                     initial_backoff_ms: Some(1),
                     max_backoff_ms: Some(1),

@@ -101,7 +101,8 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
         ))),
         None => {
             // Lock the state before anything else can start, the listener included.
-            let (state, keys) = State::open(&settings.state_path, key_source(&settings), Access::Run)?;
+            let (state, keys) =
+                State::open(&settings.state_path, key_source(&settings), Access::Run)?;
             let state = Arc::new(state);
             check_ledger_retention(&source, &settings).await?;
             if let Some(listen) = settings.metrics_listen {
@@ -247,7 +248,11 @@ async fn maintain(pipeline: Arc<Pipeline>, retry_every: Duration, ledger_retenti
                 }
                 match pipeline.retry_dead_letter(id, letter).await {
                     Ok(Retried::Resolved) => {
-                        tracing::info!(event = "dead_letter_resolved", dead_letter = id, "dead letter retried: done")
+                        tracing::info!(
+                            event = "dead_letter_resolved",
+                            dead_letter = id,
+                            "dead letter retried: done"
+                        )
                     }
                     Ok(Retried::StillFailing(error)) => {
                         tracing::warn!(event = "dead_letter_still_failing", dead_letter = id, %error, "dead letter retried: still failing")

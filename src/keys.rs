@@ -244,14 +244,20 @@ mod tests {
     use super::*;
 
     fn file(path: &Path) -> KeySource<'_> {
-        KeySource { env: None, file: path }
+        KeySource {
+            env: None,
+            file: path,
+        }
     }
 
     #[test]
     fn generates_a_private_key_once_and_reuses_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb.key");
-        assert!(Keys::load(file(&path)).unwrap().is_none(), "never created by a load");
+        assert!(
+            Keys::load(file(&path)).unwrap().is_none(),
+            "never created by a load"
+        );
         let a = Keys::generate(&path).unwrap();
         #[cfg(unix)]
         {
@@ -259,7 +265,10 @@ mod tests {
             let mode = std::fs::metadata(&path).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
-        assert!(Keys::generate(&path).is_err(), "an existing key is never replaced");
+        assert!(
+            Keys::generate(&path).is_err(),
+            "an existing key is never replaced"
+        );
         let b = Keys::load(file(&path)).unwrap().unwrap();
         assert_eq!(a.request_id("a", "k"), b.request_id("a", "k"));
         assert_ne!(a.request_id("a", "k"), a.request_id("a", "k2"));
@@ -283,10 +292,20 @@ mod tests {
         let b = Keys::generate(&dir.path().join("b.key")).unwrap();
         let sealed = a.seal(b"user u-123", b"1 action_failed");
         assert!(!sealed.contains(&hex::encode(b"u-123")));
-        assert_ne!(sealed, a.seal(b"user u-123", b"1 action_failed"), "a fresh nonce each time");
-        assert_eq!(a.unseal(&sealed, b"1 action_failed").unwrap(), b"user u-123");
+        assert_ne!(
+            sealed,
+            a.seal(b"user u-123", b"1 action_failed"),
+            "a fresh nonce each time"
+        );
+        assert_eq!(
+            a.unseal(&sealed, b"1 action_failed").unwrap(),
+            b"user u-123"
+        );
         assert!(b.unseal(&sealed, b"1 action_failed").is_err());
-        assert!(a.unseal(&sealed, b"2 action_failed").is_err(), "bound to its letter");
+        assert!(
+            a.unseal(&sealed, b"2 action_failed").is_err(),
+            "bound to its letter"
+        );
     }
 
     #[test]
@@ -300,7 +319,9 @@ mod tests {
         let ring = Keys::load(file(&path)).unwrap().unwrap();
         assert_eq!(ring.unseal(&sealed, b"c").unwrap(), b"x");
         assert_ne!(ring.request_id("a", "k"), old.request_id("a", "k"));
-        assert!(ring.request_ids("a", "k").contains(&old.request_id("a", "k")));
+        assert!(ring
+            .request_ids("a", "k")
+            .contains(&old.request_id("a", "k")));
         assert_eq!(ring.fingerprints()[1..], old.fingerprints()[..]);
     }
 }

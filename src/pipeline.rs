@@ -22,11 +22,11 @@ use crate::rules::reload::Rules;
 use crate::rules::{Decision, RuleError, RuleSet, Verdict};
 use crate::shutdown::Shutdown;
 use crate::source::{Batch, Checkpoint, Position, RawRecord, ShardReader, SourceError};
-use crate::supervisor::ShardExit;
 use crate::state::{
     record_index_key, request_index_key, AuditEntry, DeadLetter, DeadLetterReason, Origin, State,
     StateError, Writes,
 };
+use crate::supervisor::ShardExit;
 use crate::telemetry::{ActionOutcome, Telemetry};
 
 #[derive(Debug, thiserror::Error)]
@@ -231,10 +231,16 @@ impl Pipeline {
     ) -> Result<ShardExit, PipelineError> {
         let mut progress = ShardProgress::new(&self.stream, shard_id, start);
         let mut caught_up = false;
+        let mut first = true;
         loop {
             let Some(batch) = reader.next(&self.shutdown).await? else {
                 return Ok(ShardExit::Stopped);
             };
+            if first {
+                // Read again after a failure: the shard works.
+                self.telemetry.shard_recovered(shard_id);
+                first = false;
+            }
             let now_caught_up = batch.records.is_empty() && batch.millis_behind_latest == Some(0);
             match self.handle_batch(&mut progress, batch).await? {
                 BatchEnd::Interrupted => return Ok(ShardExit::Stopped),
@@ -418,9 +424,7 @@ impl Pipeline {
             };
             pending.count(rules, index, !decisions.is_empty(), &self.telemetry);
             for decision in decisions {
-                let settled = self
-                    .act(state, keys, &origin, decision, pending)
-                    .await?;
+                let settled = self.act(state, keys, &origin, decision, pending).await?;
                 if let Settled::No = settled {
                     return Ok(Settled::No);
                 }
@@ -514,11 +518,8 @@ impl Pipeline {
         );
         match state.pending_letter(&index_key) {
             Ok(Some(id)) => {
-                self.telemetry.already_dead_lettered(
-                    &record.shard_id,
-                    &record.sequence_number,
-                    id,
-                );
+                self.telemetry
+                    .already_dead_lettered(&record.shard_id, &record.sequence_number, id);
                 return;
             }
             Ok(None) => {}
@@ -558,7 +559,7 @@ impl Pipeline {
         };
         let record = origin.record;
         let (carried, _claim) = self
-            .carry_out(state, keys, origin, &decision, &request, pending, None)
+            .carry_out(origin, &decision, &request, pending, None)
             .await?;
         let id = keys.request_id(&decision.action, &decision.key);
         let request_id = hex::encode(id);
@@ -636,14 +637,15 @@ impl Pipeline {
     /// claim returned must be held until the outcome is committed.
     async fn carry_out(
         &self,
-        state: &State,
-        keys: &Keys,
         origin: &Origin<'_>,
         decision: &Decision,
         request: &PreparedRequest,
         pending: &Pending,
         retrying: Option<u64>,
     ) -> Result<(Carried, Claim<'_>), PipelineError> {
+        let Sink::Live { state, keys } = &self.sink else {
+            unreachable!("only a live sink carries out requests");
+        };
         let record = origin.record;
         let id = keys.request_id(&decision.action, &decision.key);
         let report = |outcome, attempts, took, error: Option<&str>| {
@@ -765,7 +767,7 @@ impl Pipeline {
                     rules_hash: &letter.rules_hash,
                 };
                 return self
-                    .retry_action(state, keys, id, &letter, &origin, decision)
+                    .retry_action(keys, id, &letter, &origin, decision)
                     .await;
             }
             DeadLetterReason::RuleFailed { sealed_record, .. } => {
@@ -832,7 +834,6 @@ impl Pipeline {
     /// Sends a failed action's request again, as the letter keeps it.
     async fn retry_action(
         &self,
-        state: &State,
         keys: &Keys,
         id: u64,
         letter: &DeadLetter,
@@ -852,7 +853,7 @@ impl Pipeline {
             }
         };
         let (carried, _claim) = self
-            .carry_out(state, keys, origin, &decision, &request, &pending, Some(id))
+            .carry_out(origin, &decision, &request, &pending, Some(id))
             .await?;
         let request_id = hex::encode(keys.request_id(&decision.action, &decision.key));
         let retried = match carried {
@@ -868,7 +869,10 @@ impl Pipeline {
                 Retried::Resolved
             }
             Carried::Done { status, attempts } => {
-                pending.writes.done.push(keys.request_id(&decision.action, &decision.key));
+                pending
+                    .writes
+                    .done
+                    .push(keys.request_id(&decision.action, &decision.key));
                 pending.writes.resolved_dead_letters.push(id);
                 pending.writes.audit.push(AuditEntry {
                     http_status: Some(status),
@@ -964,7 +968,10 @@ impl Pipeline {
         }
         Ok(Ok(match count {
             0 => format!("rule {:?} now decides nothing for the record", rule.name),
-            n => format!("rule {:?} now decides {n} request(s), each audited", rule.name),
+            n => format!(
+                "rule {:?} now decides {n} request(s), each audited",
+                rule.name
+            ),
         }))
     }
 }

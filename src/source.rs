@@ -68,7 +68,6 @@ pub struct StreamSettings {
     pub batches_in_flight: usize,
 }
 
-
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("stream {stream}: cannot list shards: {message}")]
@@ -515,7 +514,8 @@ impl ShardReader {
                         }
                         Fault::Transient => {
                             tracing::warn!(shard_id = %self.shard_id, error = %message, "GetRecords failed; retrying");
-                            self.source.set_fault(&self.shard_id, Some(format!("GetRecords: {message}")));
+                            self.source
+                                .set_fault(&self.shard_id, Some(format!("GetRecords: {message}")));
                             if shutdown.sleep(jitter(fault_backoff)).await.is_err() {
                                 return Ok(None);
                             }

@@ -18,8 +18,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::{Deserialize, Serialize};
 
 use crate::clock::now_ms;
-use crate::keys::{KeyError, KeySource, Keys};
 use crate::decode::Record;
+use crate::keys::{KeyError, KeySource, Keys};
 use crate::source::Checkpoint;
 
 /// 2: the state records its keys' fingerprints, and dead letters are sealed bound to their
@@ -85,7 +85,9 @@ pub enum StateError {
     Key(#[from] KeyError),
     #[error("state file {path}: no dead letter {id}")]
     NoDeadLetter { path: PathBuf, id: u64 },
-    #[error("state file {path}: dead letter {id}: its sealed contents do not open with the state key")]
+    #[error(
+        "state file {path}: dead letter {id}: its sealed contents do not open with the state key"
+    )]
     Unseal { path: PathBuf, id: u64 },
 }
 
@@ -642,7 +644,10 @@ impl State {
         let mut letters = Vec::new();
         for entry in table.iter().map_err(|e| err(e.into()))? {
             let (k, v) = entry.map_err(|e| err(e.into()))?;
-            letters.push((k.value(), self.parse::<DeadLetter>("dead letter", v.value())?));
+            letters.push((
+                k.value(),
+                self.parse::<DeadLetter>("dead letter", v.value())?,
+            ));
         }
         let mut index = tx.open_table(LETTER_INDEX).map_err(|e| err(e.into()))?;
         for (id, mut letter) in letters.iter().cloned() {
@@ -650,12 +655,11 @@ impl State {
                 .insert(letter.index_key().as_str(), id)
                 .map_err(|e| err(e.into()))?;
             let context = DeadLetter::seal_context(id, letter.reason.kind());
-            let plain = open(keys, letter.reason.sealed(), &context).map_err(|_| {
-                StateError::Unseal {
+            let plain =
+                open(keys, letter.reason.sealed(), &context).map_err(|_| StateError::Unseal {
                     path: self.path.clone(),
                     id,
-                }
-            })?;
+                })?;
             *letter.reason.sealed_mut() = keys.seal(&plain, &context);
             let bytes = serde_json::to_vec(&letter).expect("a dead letter serializes");
             table
@@ -1063,9 +1067,7 @@ fn guarded<T>(path: &Path, open: impl FnOnce() -> T) -> Result<T, StateError> {
 
 fn open_writable(path: &Path) -> Result<Database, StateError> {
     guarded(path, || {
-        Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(path)
+        Database::builder().set_cache_size(CACHE_BYTES).create(path)
     })?
     .map_err(|e| open_error(path, e))
 }
@@ -1165,7 +1167,10 @@ mod tests {
                     .await
                     .unwrap();
                 assert!(state.is_done(&[n; 32]).unwrap(), "durable when answered");
-                assert_eq!(state.dead_letter(id).unwrap().shard_id, format!("shard-{n}"));
+                assert_eq!(
+                    state.dead_letter(id).unwrap().shard_id,
+                    format!("shard-{n}")
+                );
             })
         });
         for writer in writers.collect::<Vec<_>>() {
@@ -1217,7 +1222,12 @@ mod tests {
         assert!(s.is_done(&[1; 32]).unwrap());
         assert!(!s.is_done(&[2; 32]).unwrap());
         assert!(s.is_done_any(&[[2; 32], [1; 32]]).unwrap());
-        let ids: Vec<u64> = s.dead_letters().unwrap().into_iter().map(|(id, _)| id).collect();
+        let ids: Vec<u64> = s
+            .dead_letters()
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         assert_eq!(ids, [1]);
         assert_eq!(s.reset_checkpoints(None).unwrap(), 1);
         assert_eq!(s.checkpoint("shard-1").unwrap(), None);
@@ -1237,11 +1247,26 @@ mod tests {
             ..Writes::default()
         })
         .unwrap();
-        let page: Vec<u64> = s.dead_letters_after(0, 2).unwrap().iter().map(|l| l.0).collect();
+        let page: Vec<u64> = s
+            .dead_letters_after(0, 2)
+            .unwrap()
+            .iter()
+            .map(|l| l.0)
+            .collect();
         assert_eq!(page, [1, 2]);
-        let page: Vec<u64> = s.dead_letters_after(2, 2).unwrap().iter().map(|l| l.0).collect();
+        let page: Vec<u64> = s
+            .dead_letters_after(2, 2)
+            .unwrap()
+            .iter()
+            .map(|l| l.0)
+            .collect();
         assert_eq!(page, [3, 4]);
-        let page: Vec<u64> = s.dead_letters_after(4, 2).unwrap().iter().map(|l| l.0).collect();
+        let page: Vec<u64> = s
+            .dead_letters_after(4, 2)
+            .unwrap()
+            .iter()
+            .map(|l| l.0)
+            .collect();
         assert_eq!(page, [5]);
     }
 
@@ -1273,7 +1298,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
         let _first = open(&path, Access::Run).unwrap();
-        let err = open(&path, Access::Write).err().expect("second open must fail");
+        let err = open(&path, Access::Write)
+            .err()
+            .expect("second open must fail");
         assert!(matches!(err, StateError::Locked { .. }), "{err}");
     }
 
@@ -1398,11 +1425,26 @@ mod tests {
 
     #[test]
     fn due_dates_follow_the_regulation_in_calendar_months() {
-        assert_eq!(due_date("2026-01-01T00:00:00Z", "GDPR"), "2026-02-01T00:00:00Z");
+        assert_eq!(
+            due_date("2026-01-01T00:00:00Z", "GDPR"),
+            "2026-02-01T00:00:00Z"
+        );
         // One month after 31 January is the last day of February, not 2 or 3 March.
-        assert_eq!(due_date("2026-01-31T10:00:00Z", "GDPR"), "2026-02-28T10:00:00Z");
-        assert_eq!(due_date("2028-01-31T10:00:00Z", "GDPR"), "2028-02-29T10:00:00Z");
-        assert_eq!(due_date("2026-03-15T00:00:00Z", "GDPR"), "2026-04-15T00:00:00Z");
-        assert_eq!(due_date("2026-01-01T00:00:00Z", "CCPA"), "2026-02-15T00:00:00Z");
+        assert_eq!(
+            due_date("2026-01-31T10:00:00Z", "GDPR"),
+            "2026-02-28T10:00:00Z"
+        );
+        assert_eq!(
+            due_date("2028-01-31T10:00:00Z", "GDPR"),
+            "2028-02-29T10:00:00Z"
+        );
+        assert_eq!(
+            due_date("2026-03-15T00:00:00Z", "GDPR"),
+            "2026-04-15T00:00:00Z"
+        );
+        assert_eq!(
+            due_date("2026-01-01T00:00:00Z", "CCPA"),
+            "2026-02-15T00:00:00Z"
+        );
     }
 }

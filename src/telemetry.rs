@@ -407,7 +407,10 @@ impl Telemetry {
                 *current = Some(error);
             }
             None if current.is_some() => {
-                tracing::info!(event = "state_write_recovered", "the state can be written again");
+                tracing::info!(
+                    event = "state_write_recovered",
+                    "the state can be written again"
+                );
                 *current = None;
             }
             None => {}

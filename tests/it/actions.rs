@@ -49,7 +49,7 @@ async fn an_outage_ends_with_every_request_done_and_no_dead_letter_left() {
         "events",
         &format!("http://127.0.0.1:{port}"),
     );
-    set_state_keys(&ws, "dead_letter_retry_interval_ms = 300");
+    set_state_keys(&ws, "dead_letter_retry_interval_ms = 1000");
     ws.with_metrics();
     let config = std::fs::read_to_string(ws.config())
         .unwrap()
@@ -317,7 +317,7 @@ async fn a_refusal_waits_for_an_operator_and_retry_completes_it() {
         .await
     };
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
-    set_state_keys(&ws, "dead_letter_retry_interval_ms = 100");
+    set_state_keys(&ws, "dead_letter_retry_interval_ms = 1000");
     let daemon = ws.start_daemon(&[]);
     wait_until(Duration::from_secs(30), "3 calls", || backend.count() >= 3).await;
     wait_until(Duration::from_secs(30), "caught up", || {

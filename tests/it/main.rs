@@ -3,6 +3,7 @@
 
 mod actions;
 mod cli;
+mod damage;
 mod decode;
 mod docs;
 mod dry_run;

@@ -138,7 +138,7 @@ async fn metrics_and_status_match_a_known_scenario() {
     let summary: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(summary["dedup_entries"], 9);
     assert_eq!(summary["dead_letters_pending"], 1);
-    assert_eq!(summary["schema_version"], 1);
+    assert_eq!(summary["schema_version"], 2);
     assert_eq!(summary["checkpoints"].as_array().unwrap().len(), 2);
 }
 

@@ -457,7 +457,7 @@ endpoint_url = "{endpoint}"
 region = "us-east-1"
 start = "trim-horizon"
 poll_interval_ms = 100
-shard_sync_interval_ms = 500
+shard_sync_interval_ms = 1000
 
 [state]
 path = "state.redb"
@@ -694,6 +694,8 @@ pub enum Fault {
     ExpiredIterator,
     /// Forwarded, but answered this late.
     Slow(Duration),
+    /// 400 AccessDeniedException: a fault retrying cannot mend.
+    AccessDenied,
 }
 
 type Schedule = dyn Fn(&str, usize) -> Option<Fault> + Send + Sync;
@@ -773,6 +775,7 @@ impl FaultProxy {
                         Some(Fault::ExpiredIterator) => {
                             return error(400, "ExpiredIteratorException")
                         }
+                        Some(Fault::AccessDenied) => return error(400, "AccessDeniedException"),
                         Some(Fault::Slow(delay)) => tokio::time::sleep(delay).await,
                         None => {}
                     }

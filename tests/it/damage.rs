@@ -1,0 +1,605 @@
+//! Nothing is lost under damage: a retry that cannot build its request, letters that keep
+//! who they are, a lost key or a broken state file, a worker that keeps failing, signals at
+//! the wrong moment, output that cannot be written.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::*;
+
+/// Edits the workspace's config text.
+fn edit_config(ws: &Workspace, from: &str, to: &str) {
+    let text = std::fs::read_to_string(ws.config()).unwrap();
+    assert!(text.contains(from), "{from:?} not in the config");
+    std::fs::write(ws.config(), text.replacen(from, to, 1)).unwrap();
+}
+
+async fn metrics(address: &str) -> HashMap<String, f64> {
+    let text = reqwest::get(format!("http://{address}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .map(|(k, v)| (k.to_owned(), v.parse().unwrap()))
+        .collect()
+}
+
+/// Runs the daemon until the backend got `calls` requests and every shard caught up.
+async fn run_until(ws: &Workspace, backend: &Backend, calls: usize) {
+    let daemon = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(30), "backend calls", || {
+        backend.count() >= calls
+    })
+    .await;
+    wait_until(Duration::from_secs(30), "caught up", || {
+        caught_up_count(&daemon.stderr()) >= 1
+    })
+    .await;
+    assert!(daemon.stop().success());
+}
+
+/// A backend whose answer the test sets (200 until told otherwise).
+async fn switchable_backend() -> (Backend, Arc<AtomicU16>) {
+    let status = Arc::new(AtomicU16::new(200));
+    let backend = {
+        let status = status.clone();
+        Backend::with_behaviour(Duration::ZERO, move |_, _| status.load(Ordering::SeqCst)).await
+    };
+    (backend, status)
+}
+
+fn retry(ws: &Workspace, id: &str) -> (i32, Value) {
+    let config = ws.config();
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        ws.run(&[
+            "dead-letters",
+            "retry",
+            "--config",
+            config.to_str().unwrap(),
+            "--id",
+            id,
+        ])
+    });
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 1, "{out}{err}");
+    (code, lines[0].clone())
+}
+
+/// The bug: a retry whose request could no longer be built replaced the letter (the only
+/// copy of the key and params) by an empty rule_failed letter, then "resolved" that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_that_cannot_build_its_request_keeps_the_letter_as_it_was() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    put(&client, "events", &traffic(20, 1, 0)).await;
+    let (backend, status) = switchable_backend().await;
+    status.store(400, Ordering::SeqCst);
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    run_until(&ws, &backend, 1).await;
+    let letters = ws.dead_letters();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let first = letters[0].clone();
+    let id = first["id"].as_u64().unwrap().to_string();
+    assert_eq!(first["kind"], "action_failed");
+    assert_eq!(first["retries"], 0);
+
+    // The action's URL now needs a param the decision lacks.
+    edit_config(&ws, "/v1/users/{user_id}/", "/v1/{tenant}/users/{user_id}/");
+    for attempt in 1..=2 {
+        let (code, line) = retry(&ws, &id);
+        assert_eq!(code, 1, "{line}");
+        assert_eq!(line["outcome"], "still_failing");
+        assert!(line["error"].as_str().unwrap().contains("tenant"), "{line}");
+        let letters = ws.dead_letters();
+        assert_eq!(letters.len(), 1, "{letters:?}");
+        let letter = &letters[0];
+        for same in [
+            "id",
+            "created_at",
+            "kind",
+            "arrival_time",
+            "sequence_number",
+        ] {
+            assert_eq!(letter[same], first[same], "{same} changed");
+        }
+        assert_eq!(letter["retries"], attempt);
+        assert!(letter["last_error"].as_str().unwrap().contains("tenant"));
+    }
+    assert_eq!(backend.count(), 1, "nothing sent while it cannot be built");
+
+    // Read again after a checkpoint reset, the request is held by its letter: not sent, not
+    // dead-lettered twice.
+    let config = ws.config();
+    let config = config.to_str().unwrap();
+    edit_config(&ws, "/v1/{tenant}/users/{user_id}/", "/v1/users/{user_id}/");
+    let (code, _, err) = ws.run(&["checkpoints", "reset", "--all", "--config", config]);
+    assert_eq!(code, 0, "{err}");
+    let daemon = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(30), "caught up", || {
+        caught_up_count(&daemon.stderr()) >= 1
+    })
+    .await;
+    assert!(daemon.stop().success());
+    assert_eq!(backend.count(), 1);
+    assert_eq!(ws.dead_letters().len(), 1);
+
+    // Fixed: the retry sends the request the letter kept, and resolves the same letter.
+    status.store(200, Ordering::SeqCst);
+    let (code, line) = retry(&ws, &id);
+    assert_eq!(code, 0, "{line}");
+    assert_eq!(line["outcome"], "resolved");
+    let received = backend.received();
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[1].path, "/v1/users/del-user-0/anonymize");
+    assert_eq!(received[1].idempotency_key, received[0].idempotency_key);
+    assert!(ws.dead_letters().is_empty());
+    let (_, jsonl, _) = ws.run(&["audit", "export", "--config", config]);
+    let last = json_lines(&jsonl).pop().unwrap();
+    assert_eq!(last["outcome"], "done");
+    assert_eq!(last["dead_letter"].to_string(), id);
+}
+
+/// Scheduled retries that keep failing: the letter keeps its id and first-failure time, so
+/// its age (and the deadline alert on it) grows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_retries_keep_the_letter_and_its_age_grows() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    put(&client, "events", &traffic(20, 1, 0)).await;
+    let (backend, status) = switchable_backend().await;
+    status.store(503, Ordering::SeqCst);
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    edit_config(
+        &ws,
+        "[state]\n",
+        "[state]\ndead_letter_retry_interval_ms = 1000\n",
+    );
+    edit_config(&ws, "max_attempts = 4", "max_attempts = 1");
+    ws.with_metrics();
+    let daemon = ws.start_daemon(&[]);
+    let address = metrics_address(&daemon).await;
+    // The first sending and at least three scheduled retries.
+    wait_until(Duration::from_secs(30), "retries", || backend.count() >= 4).await;
+    let m = metrics(&address).await;
+    assert_eq!(m["gdpr_consumer_dead_letters_pending"], 1.0);
+    assert!(
+        m["gdpr_consumer_oldest_dead_letter_age_seconds"] >= 2.0,
+        "the age restarted with a retry: {m:?}"
+    );
+    assert!(daemon.stop().success());
+    let letters = ws.dead_letters();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["id"], 1);
+    assert!(letters[0]["retries"].as_u64().unwrap() >= 3, "{letters:?}");
+    assert!(letters[0]["last_error"].as_str().unwrap().contains("503"));
+    assert_eq!(letters[0]["retryable"], true);
+}
+
+/// A lost key, a foreign key, an empty, truncated or corrupt state file: every command
+/// stops with exit 1 and says what to restore; nothing is re-initialised, no key is made,
+/// and once restored, a replay sends nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_key_or_a_damaged_state_stops_every_command() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    put(&client, "events", &traffic(100, 5, 0)).await;
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    run_until(&ws, &backend, 5).await;
+    let (state, key) = (ws.path("state.redb"), ws.path("state.redb.key"));
+    let good_state = std::fs::read(&state).unwrap();
+    let good_key = std::fs::read(&key).unwrap();
+    let config = ws.config();
+    let config = config.to_str().unwrap();
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["run", "--config", config],
+        vec!["state", "--config", config],
+        vec!["checkpoints", "list", "--config", config],
+        vec!["dead-letters", "list", "--config", config],
+        vec!["dead-letters", "retry", "--all", "--config", config],
+        vec!["audit", "export", "--config", config],
+        vec![
+            "audit",
+            "lookup",
+            "--config",
+            config,
+            "--action",
+            "anonymize_user",
+            "--key",
+            "r-1",
+        ],
+    ];
+    let all_refuse = |what: &str, expected: &str| {
+        for command in &commands {
+            let (code, out, err) = tokio::task::block_in_place(|| ws.run(command));
+            assert_eq!(code, 1, "{what}: {command:?}: {out}{err}");
+            assert!(err.contains(expected), "{what}: {command:?}: {err}");
+            assert!(err.contains("restore"), "{what}: {command:?}: {err}");
+        }
+    };
+
+    std::fs::remove_file(&key).unwrap();
+    all_refuse("key moved away", "key file");
+    assert!(!key.exists(), "a new key was generated");
+
+    std::fs::write(&key, "ab".repeat(32)).unwrap();
+    all_refuse("a foreign key", "fingerprint");
+    std::fs::write(&key, &good_key).unwrap();
+
+    std::fs::write(&state, b"").unwrap();
+    all_refuse("an empty state file", "empty");
+    assert_eq!(
+        std::fs::metadata(&state).unwrap().len(),
+        0,
+        "re-initialised"
+    );
+
+    for (what, damaged) in [
+        ("truncated", good_state[..good_state.len() / 2].to_vec()),
+        (
+            "corrupt",
+            good_state
+                .iter()
+                .enumerate()
+                .map(|(i, b)| if i % 5 == 1 { b ^ 0x5a } else { *b })
+                .collect(),
+        ),
+    ] {
+        std::fs::write(&state, &damaged).unwrap();
+        for command in &commands {
+            let (code, _, err) = tokio::task::block_in_place(|| ws.run(command));
+            assert_eq!(code, 1, "{what}: {command:?}: {err}");
+            assert!(!err.contains("panicked"), "{what}: {command:?}: {err}");
+        }
+    }
+
+    // Restored: a replay of the whole stream sends nothing again.
+    std::fs::write(&state, &good_state).unwrap();
+    let (code, _, err) = ws.run(&["checkpoints", "reset", "--all", "--config", config]);
+    assert_eq!(code, 0, "{err}");
+    let daemon = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(30), "caught up", || {
+        caught_up_count(&daemon.stderr()) >= 1
+    })
+    .await;
+    assert!(daemon.stop().success());
+    assert_eq!(backend.count(), 5, "a replay sent requests again");
+}
+
+/// A state file the user may only read (an auditor's copy of a backup) can be inspected.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspection_commands_read_a_read_only_copy() {
+    use std::os::unix::fs::PermissionsExt;
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    put(&client, "events", &traffic(40, 2, 0)).await;
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    run_until(&ws, &backend, 2).await;
+    let mode = |p: &str| std::fs::metadata(ws.path(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("state.redb"), 0o600);
+    assert_eq!(mode("state.redb.key"), 0o600);
+    let copy = ws.path("backup");
+    std::fs::create_dir(&copy).unwrap();
+    for name in ["state.redb", "state.redb.key"] {
+        std::fs::copy(ws.path(name), copy.join(name)).unwrap();
+        std::fs::set_permissions(copy.join(name), std::fs::Permissions::from_mode(0o400)).unwrap();
+    }
+    let before = std::fs::read(copy.join("state.redb")).unwrap();
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o500)).unwrap();
+    let state = copy.join("state.redb");
+    let state = state.to_str().unwrap();
+    for command in [
+        vec!["state", "--state", state],
+        vec!["checkpoints", "list", "--state", state],
+        vec!["audit", "export", "--state", state],
+        vec![
+            "audit",
+            "lookup",
+            "--state",
+            state,
+            "--action",
+            "anonymize_user",
+            "--key",
+            "r-1",
+        ],
+    ] {
+        let (code, out, err) = ws.run(&command);
+        assert_eq!(code, 0, "{command:?}: {err}");
+        assert!(!out.is_empty());
+    }
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert_eq!(std::fs::read(copy.join("state.redb")).unwrap(), before);
+}
+
+/// Two rules fail on one record. Retrying one letter re-runs that rule alone: the other
+/// rule's failure makes no new letter, a rule that now decides nothing resolves its letter
+/// (audited), and a rule that is gone keeps its letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_failed_retry_reruns_only_the_rule_that_failed() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    put(&client, "events", &traffic(20, 1, 0)).await;
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    let throws = "const PREFILTER = [\"Delete User\"];\nfn decide(record) {\n    if record.data.request_id != \"r-0\" { return; }\n    throw \"not yet\";\n}\n";
+    ws.write_rule("a_throws.rhai", throws);
+    ws.write_rule("b_throws.rhai", throws);
+    run_until(&ws, &backend, 1).await;
+    let letters = ws.dead_letters();
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    let id_of = |rule: &str| {
+        letters.iter().find(|l| l["rule"] == rule).unwrap()["id"]
+            .as_u64()
+            .unwrap()
+            .to_string()
+    };
+    let (a, b) = (id_of("a_throws"), id_of("b_throws"));
+
+    // Read again after a checkpoint reset: no second letter for the same record and rule.
+    let config = ws.config();
+    let config = config.to_str().unwrap();
+    let (code, _, err) = ws.run(&["checkpoints", "reset", "--all", "--config", config]);
+    assert_eq!(code, 0, "{err}");
+    run_until(&ws, &backend, 1).await;
+    assert_eq!(ws.dead_letters().len(), 2, "dead-lettered again");
+
+    // Rule a is fixed and now asks for a second request; b still throws.
+    ws.write_rule(
+        "a_throws.rhai",
+        "const PREFILTER = [\"Delete User\"];\nfn decide(record) {\n    if record.data.request_id != \"r-0\" { return; }\n    #{ action: \"anonymize_user\", key: \"a-\" + record.data.request_id, params: #{ user_id: record.data.user_id } }\n}\n",
+    );
+    let (code, line) = retry(&ws, &a);
+    assert_eq!(code, 0, "{line}");
+    assert_eq!(line["outcome"], "resolved");
+    assert_eq!(backend.count(), 2);
+    let letters = ws.dead_letters();
+    assert_eq!(
+        letters.len(),
+        1,
+        "b's failure made a letter again: {letters:?}"
+    );
+    assert_eq!(letters[0]["id"].to_string(), b);
+
+    let (code, line) = retry(&ws, &b);
+    assert_eq!(code, 1, "{line}");
+    assert_eq!(line["outcome"], "still_failing");
+    let letters = ws.dead_letters();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0]["id"].to_string(), b);
+    assert_eq!(letters[0]["retries"], 1);
+
+    std::fs::remove_file(ws.path("rules").join("b_throws.rhai")).unwrap();
+    let (code, line) = retry(&ws, &b);
+    assert_eq!(code, 1, "{line}");
+    assert!(
+        line["error"].as_str().unwrap().contains("no longer"),
+        "{line}"
+    );
+    assert_eq!(ws.dead_letters().len(), 1);
+
+    ws.write_rule(
+        "b_throws.rhai",
+        "const PREFILTER = [\"Delete User\"];\nfn decide(record) {\n}\n",
+    );
+    let (code, line) = retry(&ws, &b);
+    assert_eq!(code, 0, "{line}");
+    assert!(ws.dead_letters().is_empty());
+    let (_, jsonl, _) = ws.run(&["audit", "export", "--config", config]);
+    let resolved: Vec<Value> = json_lines(&jsonl)
+        .into_iter()
+        .filter(|e| e["outcome"] == "resolved")
+        .collect();
+    assert_eq!(resolved.len(), 2, "every resolution is audited");
+    assert!(resolved
+        .iter()
+        .any(|e| e["rule"] == "b_throws" && e["note"].as_str().unwrap().contains("nothing")));
+}
+
+/// A worker whose reads fail in a way the reader cannot absorb is restarted with backoff,
+/// not in a loop, and `/readyz` and `/status` say why meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_shard_worker_restarts_with_backoff_and_says_why() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    put(&client, "events", &traffic(20, 1, 0)).await;
+    let proxy = FaultProxy::start(&kinesis.endpoint, |operation, n| {
+        (operation == "GetRecords" && n < 3).then_some(Fault::AccessDenied)
+    })
+    .await;
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&proxy.endpoint, "events", &backend.url);
+    ws.with_metrics();
+    let daemon = ws.start_daemon(&[]);
+    let address = metrics_address(&daemon).await;
+    wait_until(Duration::from_secs(10), "a failure", || {
+        !proxy.injected().is_empty()
+    })
+    .await;
+    let (code, body) = get(&address, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("AccessDenied"), "{body}");
+    let (_, status) = get(&address, "/status").await;
+    let status: Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["shards"][0]["state"], "restarting", "{status}");
+    assert_eq!(status["ready"], false);
+    // Restarts after about 1 s, then 2 s: a loop would have made hundreds of calls.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(proxy.injected().len() <= 2, "{:?}", proxy.injected());
+    wait_until(Duration::from_secs(20), "the request", || {
+        backend.count() == 1
+    })
+    .await;
+    assert_eq!(proxy.injected().len(), 3);
+    let (code, body) = get(&address, "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    let m = metrics(&address).await;
+    assert_eq!(
+        m[r#"gdpr_consumer_shard_restarts_total{shard_id="shardId-000000000000"}"#],
+        3.0
+    );
+    assert!(daemon.stop().success());
+}
+
+async fn get(address: &str, path: &str) -> (u16, String) {
+    let response = reqwest::get(format!("http://{address}{path}"))
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+/// SIGHUP as soon as the daemon has started (before its rules watcher runs), and to a
+/// dry-run that follows the stream: neither dies of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_never_kills_the_daemon_or_a_dry_run() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    for extra in [&[][..], &["--dry-run", "--follow"][..]] {
+        let mut daemon = ws.start_daemon(extra);
+        wait_until(Duration::from_secs(30), "rules loaded", || {
+            daemon.stderr().contains("rules loaded")
+        })
+        .await;
+        for _ in 0..10 {
+            daemon.signal("HUP");
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(daemon.is_running(), "{extra:?}: {}", daemon.stderr());
+        daemon.signal("INT");
+        let status = daemon.wait_exit();
+        assert!(status.success(), "{extra:?}: {status}");
+    }
+}
+
+/// Output that cannot be written is an error; a reader that went away is not.
+#[cfg(unix)]
+#[test]
+fn output_that_cannot_be_written_fails_the_command() {
+    let ws = Workspace::new("http://127.0.0.1:9", "events", "http://127.0.0.1:9");
+    let config = ws.config();
+    let config = config.to_str().unwrap();
+    // A state to read: the daemon makes one before it finds Kinesis unreachable.
+    let (code, _, err) = ws.run(&["run", "--config", config]);
+    assert_eq!(code, 1, "{err}");
+    for command in [
+        vec!["state", "--config", config],
+        vec!["audit", "export", "--format", "csv", "--config", config],
+        vec!["rules", "check", "--rules-dir", "rules"],
+    ] {
+        let full = std::fs::File::create("/dev/full").unwrap();
+        let out = std::process::Command::new(bin())
+            .current_dir(ws.dir.path())
+            .args(&command)
+            .stdout(full)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{command:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("cannot write"), "{command:?}: {err}");
+
+        let mut child = std::process::Command::new(bin())
+            .current_dir(ws.dir.path())
+            .args(&command)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{command:?}: broken pipe");
+    }
+}
+
+/// Settings that would lose requests or send them wrong are refused at start with exit 2,
+/// naming the key: a ledger that forgets before the stream does, an empty token, a
+/// placeholder in the URL's fragment (never sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_that_would_lose_requests_are_refused_at_start() {
+    let kinesis = Kinesalite::start();
+    create_stream(&kinesis.client(), "events", 1).await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", "http://127.0.0.1:9");
+    let config = ws.config();
+    let config = config.to_str().unwrap();
+    for token in ["", "  \n"] {
+        let out = tokio::task::block_in_place(|| {
+            std::process::Command::new(bin())
+                .args(["run", "--config", config])
+                .env("BACKEND_TOKEN", token)
+                .output()
+                .unwrap()
+        });
+        assert_eq!(out.status.code(), Some(2), "{token:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("BACKEND_TOKEN is empty"), "{err}");
+    }
+
+    // kinesalite keeps records 24 hours.
+    edit_config(&ws, "[state]\n", "[state]\nledger_retention_days = 0\n");
+    let (code, _, err) = tokio::task::block_in_place(|| ws.run(&["run", "--config", config]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("ledger_retention_days = 0"), "{err}");
+    edit_config(&ws, "ledger_retention_days = 0\n", "");
+
+    edit_config(&ws, "/anonymize\"", "/anonymize#{user_id}\"");
+    let (code, _, err) = tokio::task::block_in_place(|| ws.run(&["run", "--config", config]));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("[actions.anonymize_user]") && err.contains("fragment"),
+        "{err}"
+    );
+}
+
+/// A 409 is a refusal by default (an operator looks at it); `retry_statuses = [409]` makes
+/// it a backend fault for a backend that answers 409 to "still in flight".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_409_is_a_refusal_unless_the_config_retries_it() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    put(&client, "events", &traffic(20, 1, 0)).await;
+    for retried in [false, true] {
+        let backend = Backend::with_behaviour(
+            Duration::ZERO,
+            |_, earlier| if earlier == 0 { 409 } else { 200 },
+        )
+        .await;
+        let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+        if retried {
+            edit_config(
+                &ws,
+                "max_attempts = 4",
+                "max_attempts = 4\nretry_statuses = [409]",
+            );
+        }
+        run_until(&ws, &backend, if retried { 2 } else { 1 }).await;
+        let letters = ws.dead_letters();
+        if retried {
+            assert!(letters.is_empty(), "{letters:?}");
+            assert_eq!(backend.count(), 2);
+        } else {
+            assert_eq!(letters.len(), 1);
+            assert_eq!(letters[0]["http_status"], 409);
+            assert_eq!(letters[0]["retryable"], false);
+            assert_eq!(backend.count(), 1);
+        }
+    }
+}

@@ -25,13 +25,13 @@ use gdpr_consumer::actions::ActionSet;
 use gdpr_consumer::config::Settings;
 use gdpr_consumer::config::StartPosition;
 use gdpr_consumer::decode;
-use gdpr_consumer::keys::Keys;
+use gdpr_consumer::keys::{KeySource, Keys};
 use gdpr_consumer::pipeline::{BatchEnd, Pipeline, ShardProgress, Sink};
 use gdpr_consumer::rules::reload::Rules;
 use gdpr_consumer::rules::{RuleSet, Verdict};
 use gdpr_consumer::shutdown::Shutdown;
 use gdpr_consumer::source::{Batch, Position, RawRecord};
-use gdpr_consumer::state::State;
+use gdpr_consumer::state::{Access, State};
 use gdpr_consumer::telemetry::Telemetry;
 
 /// The daemon's allocator (see src/main.rs).
@@ -162,7 +162,7 @@ impl Floors {
 /// Decode → rules → dedup (a set in memory standing in for the ledger).
 fn front_half(stream: &common::Stream, floors: &Floors, repeats: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let keys = Keys::load_or_create(None, &dir.path().join("bench.key")).unwrap();
+    let keys = Keys::generate(&dir.path().join("bench.key")).unwrap();
     for (rules, shape) in [
         (1, Shape::Prefilter),
         (1, Shape::NoPrefilter),
@@ -312,13 +312,22 @@ async fn run_pipeline(
 ) -> (f64, Cpu) {
     let actions: BTreeSet<String> = settings.actions.keys().cloned().collect();
     let set = RuleSet::load(&settings.rules_dir, Some(actions.clone())).unwrap();
+    let (state, keys) = State::open(
+        &settings.state_path,
+        KeySource {
+            env: None,
+            file: &settings.key_file,
+        },
+        Access::Run,
+    )
+    .unwrap();
     let pipeline = Arc::new(Pipeline {
         stream: "bench".into(),
         rules: Arc::new(Rules::new(set, settings.rules_dir.clone(), actions)),
         actions: ActionSet::new(&settings.actions, true).unwrap(),
         sink: Sink::Live {
-            state: Arc::new(State::open(&settings.state_path).unwrap()),
-            keys: Keys::load_or_create(None, &settings.key_file).unwrap(),
+            state: Arc::new(state),
+            keys,
         },
         shutdown: Shutdown::new(),
         telemetry: Arc::new(Telemetry::new()),

@@ -214,6 +214,38 @@ fn families(text: &str) -> Vec<(String, bool)> {
         .collect()
 }
 
+/// Where the documented metrics and the exposed ones differ, each named with where it is
+/// missing.
+fn metric_problems(table: &BTreeSet<String>, exposed: &[(String, bool)]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for name in table {
+        match exposed.iter().find(|(e, _)| e == name) {
+            None => problems.push(format!(
+                "`{name}`: in the metrics table of docs/operations.md, not on /metrics (never registered in src/telemetry.rs?)"
+            )),
+            Some((_, false)) => problems.push(format!(
+                "`{name}`: in the metrics table of docs/operations.md and registered, but no sample on /metrics after the run (never set, or this test's scenario does not exercise it)"
+            )),
+            Some(_) => {}
+        }
+    }
+    for (name, file) in metrics_named_in_prose() {
+        if !exposed.iter().any(|(e, _)| *e == name) {
+            problems.push(format!(
+                "`gdpr_consumer_{name}`: named in {file}, not on /metrics"
+            ));
+        }
+    }
+    for (name, _) in exposed {
+        if !table.contains(name) {
+            problems.push(format!(
+                "`{name}`: on /metrics, missing from the metrics table of docs/operations.md (## Metrics, status and alerts)"
+            ));
+        }
+    }
+    problems
+}
+
 /// `event` values the code logs: `event = "..."` literals, and the outcome names that
 /// `telemetry::ActionOutcome::as_str` passes as `event`.
 fn events_in_source() -> BTreeSet<(String, String)> {
@@ -294,8 +326,9 @@ async fn metrics_on_the_endpoint_are_the_documented_ones() {
 "#,
     );
     let daemon = ws.start_daemon(&["--log-format", "json"]);
+    // Every request reached the backend (the refused one included) and the shard is read.
     wait_until(Duration::from_secs(60), "the shard caught up", || {
-        caught_up_count(&daemon.stderr()) >= 1 && backend.count() >= 3
+        caught_up_count(&daemon.stderr()) >= 1 && backend.count() >= 4
     })
     .await;
     let address = daemon
@@ -307,45 +340,29 @@ async fn metrics_on_the_endpoint_are_the_documented_ones() {
                 .then(|| l["fields"]["address"].as_str().unwrap().to_owned())
         })
         .expect("no \"metrics listener up\" line with an address");
-    let text = reqwest::get(format!("http://{address}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let log = daemon.stderr();
-    assert!(daemon.stop().success());
-
-    let exposed = families(&text);
     let table = metrics_table();
     assert!(table.len() >= 10, "{table:?}");
-    let mut problems = Vec::new();
-    for name in &table {
-        match exposed.iter().find(|(e, _)| e == name) {
-            None => problems.push(format!(
-                "`{name}`: in the metrics table of docs/operations.md, not on /metrics (never registered in src/telemetry.rs?)"
-            )),
-            Some((_, false)) => problems.push(format!(
-                "`{name}`: in the metrics table of docs/operations.md and registered, but no sample on /metrics after the run (never set, or this test's scenario does not exercise it)"
-            )),
-            Some(_) => {}
+    // Outcomes settle after the reader has moved on: ask again until the two sides agree,
+    // or report what still differs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (problems, text) = loop {
+        let text = reqwest::get(format!("http://{address}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let problems = metric_problems(&table, &families(&text));
+        if problems.is_empty() || std::time::Instant::now() > deadline {
+            break (problems, text);
         }
-    }
-    for (name, file) in metrics_named_in_prose() {
-        if !exposed.iter().any(|(e, _)| *e == name) {
-            problems.push(format!(
-                "`gdpr_consumer_{name}`: named in {file}, not on /metrics"
-            ));
-        }
-    }
-    for (name, _) in &exposed {
-        if !table.contains(name) {
-            problems.push(format!(
-                "`{name}`: on /metrics, missing from the metrics table of docs/operations.md (## Metrics, status and alerts)"
-            ));
-        }
-    }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let log_path = daemon.log.clone();
+    assert!(daemon.stop().success());
     assert!(problems.is_empty(), "{problems:#?}\n/metrics:\n{text}");
+    // Read after the stop: in-flight outcomes are logged by then.
+    let log = std::fs::read_to_string(&log_path).unwrap();
 
     // The run's log events are documented ones.
     let documented = events_documented();

@@ -42,10 +42,17 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const SHARDS: usize = 64;
 
 /// `BENCH_ONLY="front 10 Prefilter"` or `"whole 10 Prefilter 1"` (say) runs only the runs
-/// whose name starts so: for profiling, it then says on stderr when the timed part starts
-/// and ends.
+/// whose name starts with those whole words (`"front 1"` is not `"front 10"`; `"whole 10
+/// Prefilter"` is both whole-pipeline Prefilter runs): for profiling, it then says on stderr
+/// when the timed part starts and ends.
 fn selected(run: &str) -> bool {
-    std::env::var("BENCH_ONLY").map_or(true, |only| run.starts_with(&only))
+    std::env::var("BENCH_ONLY").map_or(true, |only| {
+        let (run, only): (Vec<&str>, Vec<&str>) = (
+            run.split_whitespace().collect(),
+            only.split_whitespace().collect(),
+        );
+        run.starts_with(&only)
+    })
 }
 
 fn mark(what: &str) {

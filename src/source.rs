@@ -195,7 +195,10 @@ pub struct KinesisSource {
 
 impl KinesisSource {
     /// Builds a client from the standard AWS chain, with the config's region and endpoint on
-    /// top. With an endpoint and no credentials, signs with placeholders (local emulators).
+    /// top. With an endpoint and no credentials, signs with placeholders (local emulators):
+    /// the endpoint may come from `[stream] endpoint_url` or, as the AWS chain has it, from
+    /// `AWS_ENDPOINT_URL_KINESIS` / `AWS_ENDPOINT_URL` (or a profile's `endpoint_url`), and
+    /// all of them are treated alike.
     pub async fn connect(settings: &StreamSettings) -> Self {
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
         if let Some(region) = &settings.region {
@@ -206,7 +209,14 @@ impl KinesisSource {
         }
         let sdk = loader.load().await;
         let mut builder = aws_sdk_kinesis::config::Builder::from(&sdk);
-        if settings.endpoint_url.is_some() {
+        // The SDK resolves the service-specific variable itself (`Builder::from`), and the
+        // global one into `sdk.endpoint_url()`; this only asks whether one is set.
+        let service_endpoint =
+            std::env::var("AWS_ENDPOINT_URL_KINESIS").is_ok_and(|url| !url.trim().is_empty());
+        let endpoint = settings.endpoint_url.is_some()
+            || service_endpoint
+            || sdk.endpoint_url().is_some_and(|url| !url.trim().is_empty());
+        if endpoint {
             if sdk.region().is_none() {
                 tracing::warn!("no AWS region configured; using us-east-1 for the endpoint");
                 builder = builder.region(Region::new("us-east-1"));
@@ -217,7 +227,7 @@ impl KinesisSource {
             };
             if !found {
                 tracing::warn!(
-                    "no AWS credentials found; signing with placeholder credentials for endpoint_url"
+                    "no AWS credentials found; signing with placeholder credentials for the configured endpoint"
                 );
                 builder = builder.credentials_provider(Credentials::new(
                     "placeholder",

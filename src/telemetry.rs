@@ -192,6 +192,11 @@ impl Telemetry {
             t.millis_behind_latest.clone(),
         );
         r.register(
+            "retention_risk",
+            "1 when a shard's unread records are within the margin of the stream's retention",
+            t.retention_risk.clone(),
+        );
+        r.register(
             "rules_reloads",
             "Rule reloads by result",
             t.rules_reloads.clone(),

@@ -1,10 +1,45 @@
 //! The operations guide cannot drift from the code: its config reference builds a config the
-//! binary accepts, and its systemd unit is the shipped one and verifies.
+//! binary accepts, its systemd unit is the shipped one and verifies, its metrics are the ones
+//! `/metrics` serves, its IAM policy is the Kinesis calls the code makes, and its list of log
+//! events is the one the code logs.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
 
 use crate::support::*;
 
 fn guide() -> String {
     std::fs::read_to_string(repo().join("docs/operations.md")).unwrap()
+}
+
+/// The guide's section under `## title`, up to the next `## ` heading.
+fn guide_section(title: &str) -> String {
+    let guide = guide();
+    let start = guide
+        .find(&format!("\n## {title}\n"))
+        .unwrap_or_else(|| panic!("docs/operations.md has no section \"## {title}\""));
+    let rest = &guide[start + 1..];
+    let end = rest[3..].find("\n## ").map_or(rest.len(), |i| i + 3);
+    rest[..end].to_owned()
+}
+
+/// Every `.rs` file under `src/`, with its path relative to the repository.
+fn sources() -> Vec<(String, String)> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<(String, String)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let name = path.strip_prefix(repo()).unwrap().display().to_string();
+                out.push((name, std::fs::read_to_string(&path).unwrap()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&repo().join("src"), &mut out);
+    out.sort();
+    out
 }
 
 /// (section, key, example) from the reference table.
@@ -120,4 +155,598 @@ fn the_systemd_unit_is_the_documented_one_and_verifies() {
         }
         Err(e) => eprintln!("systemd-analyze not available ({e}); checked the syntax only"),
     }
+}
+
+/// Metric names (without `gdpr_consumer_`) in the first column of the guide's metrics table.
+fn metrics_table() -> BTreeSet<String> {
+    guide_section("Metrics, status and alerts")
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .map(|l| l[3..].split('`').next().unwrap().to_owned())
+        .collect()
+}
+
+/// Every `gdpr_consumer_*` name the operator docs mention (alerts, examples), unprefixed.
+fn metrics_named_in_prose() -> BTreeSet<(String, &'static str)> {
+    let name = regex::Regex::new(r"gdpr_consumer_([a-z_]+)").unwrap();
+    let mut names = BTreeSet::new();
+    for file in ["docs/operations.md", "README.md"] {
+        let text = std::fs::read_to_string(repo().join(file)).unwrap();
+        for m in name.captures_iter(&text) {
+            // `gdpr_consumer_LOG` and the like are not metrics: the regex takes lowercase only,
+            // and a name followed by a dot or a slash is a path.
+            let end = m.get(0).unwrap().end();
+            if matches!(text[end..].chars().next(), Some('.') | Some('/')) {
+                continue;
+            }
+            names.insert((m[1].to_owned(), file));
+        }
+    }
+    names
+}
+
+/// From OpenMetrics text: each family as exposed (a counter with its `_total`), and whether
+/// it has at least one sample.
+fn families(text: &str) -> Vec<(String, bool)> {
+    let samples: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap())
+        .collect();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| {
+            let (name, kind) = l.split_once(' ').unwrap();
+            let name = name.strip_prefix("gdpr_consumer_").unwrap_or(name);
+            let exposed = match kind {
+                "counter" => format!("{name}_total"),
+                _ => name.to_owned(),
+            };
+            let sampled = samples.iter().any(|s| {
+                let s = s.strip_prefix("gdpr_consumer_").unwrap_or(s);
+                s == exposed
+                    || ["_bucket", "_count", "_sum", "_created"]
+                        .iter()
+                        .any(|suffix| s.strip_suffix(suffix) == Some(name))
+            });
+            (exposed, sampled)
+        })
+        .collect()
+}
+
+/// Where the documented metrics and the exposed ones differ, each named with where it is
+/// missing.
+fn metric_problems(table: &BTreeSet<String>, exposed: &[(String, bool)]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for name in table {
+        match exposed.iter().find(|(e, _)| e == name) {
+            None => problems.push(format!(
+                "`{name}`: in the metrics table of docs/operations.md, not on /metrics (never registered in src/telemetry.rs?)"
+            )),
+            Some((_, false)) => problems.push(format!(
+                "`{name}`: in the metrics table of docs/operations.md and registered, but no sample on /metrics after the run (never set, or this test's scenario does not exercise it)"
+            )),
+            Some(_) => {}
+        }
+    }
+    for (name, file) in metrics_named_in_prose() {
+        if !exposed.iter().any(|(e, _)| *e == name) {
+            problems.push(format!(
+                "`gdpr_consumer_{name}`: named in {file}, not on /metrics"
+            ));
+        }
+    }
+    for (name, _) in exposed {
+        if !table.contains(name) {
+            problems.push(format!(
+                "`{name}`: on /metrics, missing from the metrics table of docs/operations.md (## Metrics, status and alerts)"
+            ));
+        }
+    }
+    problems
+}
+
+/// `event` values the code logs: `event = "..."` literals, and the outcome names that
+/// `telemetry::ActionOutcome::as_str` passes as `event`.
+fn events_in_source() -> BTreeSet<(String, String)> {
+    let literal = regex::Regex::new(r#"event\s*=\s*"([a-z0-9_]+)""#).unwrap();
+    let outcome = regex::Regex::new(r#"ActionOutcome::\w+\s*=>\s*"([a-z0-9_]+)""#).unwrap();
+    let mut events = BTreeSet::new();
+    for (file, text) in sources() {
+        for m in literal.captures_iter(&text) {
+            events.insert((m[1].to_owned(), file.clone()));
+        }
+        if file == "src/telemetry.rs" {
+            for m in outcome.captures_iter(&text) {
+                events.insert((m[1].to_owned(), file.clone()));
+            }
+        }
+    }
+    events
+}
+
+/// `event` values listed in the guide: the first column of the table under "Log events".
+fn events_documented() -> BTreeSet<String> {
+    let logs = guide_section("Logs");
+    let table = logs
+        .split("### Log events")
+        .nth(1)
+        .expect("docs/operations.md, ## Logs, has no \"### Log events\" table");
+    table
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .map(|l| l[3..].split('`').next().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn every_event_the_code_logs_is_listed_in_the_guide() {
+    let documented = events_documented();
+    let in_source = events_in_source();
+    assert!(
+        in_source.len() >= 5,
+        "the scan found too few events: {in_source:?}"
+    );
+    let missing: Vec<String> = in_source
+        .iter()
+        .filter(|(event, _)| !documented.contains(event))
+        .map(|(event, file)| format!("event \"{event}\" (logged in {file})"))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "not listed in docs/operations.md, ## Logs, ### Log events: {missing:#?}"
+    );
+    let stale: Vec<&String> = documented
+        .iter()
+        .filter(|event| !in_source.iter().any(|(e, _)| e == *event))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "listed in docs/operations.md, ### Log events, but logged nowhere in src/: {stale:?}"
+    );
+}
+
+/// A short run that exercises every documented metric: matches, a duplicate, a refusal (a
+/// dead letter), a rule error, lag, reloads. Then `/metrics` and the docs must agree both
+/// ways, and every `event` in the run's JSON log must be one the guide lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_on_the_endpoint_are_the_documented_ones() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    put(&client, "events", &traffic(200, 4, 1)).await;
+    let backend = Backend::refusing("/del-user-3/", 400).await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    ws.with_metrics();
+    ws.write_rule(
+        "zz_fails_on_r2.rhai",
+        r#"fn decide(record) {
+    if type_of(record.data) == "map" && record.data.request_id == "r-2" { throw "boom"; }
+}
+"#,
+    );
+    let daemon = ws.start_daemon(&["--log-format", "json"]);
+    // Every request reached the backend (the refused one included) and the shard is read.
+    wait_until(Duration::from_secs(60), "the shard caught up", || {
+        caught_up_count(&daemon.stderr()) >= 1 && backend.count() >= 4
+    })
+    .await;
+    let address = daemon
+        .stderr()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|l| {
+            (l["fields"]["message"] == "metrics listener up")
+                .then(|| l["fields"]["address"].as_str().unwrap().to_owned())
+        })
+        .expect("no \"metrics listener up\" line with an address");
+    let table = metrics_table();
+    assert!(table.len() >= 10, "{table:?}");
+    // Outcomes settle after the reader has moved on: ask again until the two sides agree,
+    // or report what still differs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (problems, text) = loop {
+        let text = reqwest::get(format!("http://{address}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let problems = metric_problems(&table, &families(&text));
+        if problems.is_empty() || std::time::Instant::now() > deadline {
+            break (problems, text);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let log_path = daemon.log.clone();
+    assert!(daemon.stop().success());
+    assert!(problems.is_empty(), "{problems:#?}\n/metrics:\n{text}");
+    // Read after the stop: in-flight outcomes are logged by then.
+    let log = std::fs::read_to_string(&log_path).unwrap();
+
+    // The run's log events are documented ones.
+    let documented = events_documented();
+    let logged: BTreeSet<String> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|l| l["fields"]["event"].as_str().map(str::to_owned))
+        .collect();
+    for expected in ["done", "dead_lettered", "rule_error"] {
+        assert!(logged.contains(expected), "no {expected} event in:\n{log}");
+    }
+    let undocumented: Vec<&String> = logged.difference(&documented).collect();
+    assert!(
+        undocumented.is_empty(),
+        "events logged in the run, missing from docs/operations.md ### Log events: {undocumented:?}"
+    );
+}
+
+/// "`AWS_ENDPOINT_URL_KINESIS` and `AWS_ENDPOINT_URL` work too. With an endpoint and no
+/// credentials found, placeholder credentials are used": a daemon whose environment holds no
+/// AWS credentials at all (no variables, no credentials or config file, no instance
+/// metadata), with the endpoint only in the environment, reaches the stream and handles a
+/// request, for each of the two variables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_from_the_environment_gets_placeholder_credentials_too() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    let config = std::fs::read_to_string(ws.config()).unwrap();
+    assert!(config.contains("endpoint_url ="));
+    let config: String = config
+        .lines()
+        .filter(|l| !l.starts_with("endpoint_url"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(ws.config(), config).unwrap();
+    std::fs::write(ws.path("empty"), "").unwrap();
+
+    for (n, variable) in ["AWS_ENDPOINT_URL_KINESIS", "AWS_ENDPOINT_URL"]
+        .into_iter()
+        .enumerate()
+    {
+        let user = format!("env-user-{n}");
+        let record = deletion(&format!("r-env-{n}"), &user).to_string();
+        put(&client, "events", &[(user.clone(), record.into_bytes())]).await;
+        let log = ws.path(&format!("{variable}.log"));
+        let mut child = KillOnDrop(
+            std::process::Command::new(bin())
+                .current_dir(ws.dir.path())
+                .args(["run", "--config"])
+                .arg(ws.config())
+                .env_clear()
+                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                .env("HOME", ws.dir.path())
+                .env("AWS_SHARED_CREDENTIALS_FILE", ws.path("empty"))
+                .env("AWS_CONFIG_FILE", ws.path("empty"))
+                .env("AWS_EC2_METADATA_DISABLED", "true")
+                .env(variable, &kinesis.endpoint)
+                .env("BACKEND_TOKEN", TOKEN)
+                .env("GDPR_CONSUMER_LOG", "info")
+                .stderr(std::fs::File::create(&log).unwrap())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let stderr = || std::fs::read_to_string(&log).unwrap_or_default();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !backend.received().iter().any(|r| r.path.contains(&user)) {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                panic!(
+                    "with only {variable} set, the daemon exited ({status}):\n{}",
+                    stderr()
+                );
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "with only {variable} set, no request reached the backend:\n{}",
+                stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            stderr().contains("signing with placeholder credentials"),
+            "{}",
+            stderr()
+        );
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", &child.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let status = child.0.wait().unwrap();
+        assert!(status.success(), "{status}:\n{}", stderr());
+    }
+}
+
+/// A child process killed if the test fails before it stops it.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The IAM policy in the guide is exactly the Kinesis calls the code makes: every
+/// `client.operation()` on the Kinesis client in `src/` needs `kinesis:Operation` (IAM
+/// names each Kinesis action after its API operation), and the policy grants nothing else.
+#[test]
+fn the_iam_policy_grants_exactly_the_kinesis_calls_the_code_makes() {
+    let call = regex::Regex::new(r"\bclient\s*\.\s*([a-z][a-z_]*)\(\)").unwrap();
+    let mut needed: BTreeSet<(String, String)> = BTreeSet::new();
+    for (file, text) in sources() {
+        if !text.contains("aws_sdk_kinesis") {
+            continue;
+        }
+        for m in call.captures_iter(&text) {
+            let action: String = m[1]
+                .split('_')
+                .map(|w| w[..1].to_uppercase() + &w[1..])
+                .collect();
+            needed.insert((format!("kinesis:{action}"), file.clone()));
+        }
+    }
+    assert!(
+        needed.len() >= 3,
+        "the scan found too few Kinesis calls: {needed:?}"
+    );
+    let credentials = guide_section("Credentials");
+    let json = credentials
+        .split("```json\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("no ```json policy in docs/operations.md, ## Credentials");
+    let policy: serde_json::Value =
+        serde_json::from_str(json).expect("the policy in docs/operations.md is not JSON");
+    let granted: BTreeSet<String> = policy["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["Action"].as_array().unwrap().iter())
+        .map(|a| a.as_str().unwrap().to_owned())
+        .filter(|a| a.starts_with("kinesis:"))
+        .collect();
+    let missing: Vec<String> = needed
+        .iter()
+        .filter(|(action, _)| !granted.contains(action))
+        .map(|(action, file)| format!("{action} (called in {file})"))
+        .collect();
+    let extra: Vec<&String> = granted
+        .iter()
+        .filter(|a| !needed.iter().any(|(n, _)| n == *a))
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "the IAM policy in docs/operations.md (## Credentials) lacks {missing:?} and grants \
+         {extra:?}, which no code in src/ calls"
+    );
+}
+
+/// The README's exit-code table: (command, code) → the cases it lists, for the codes whose
+/// cell is not `—`.
+fn exit_code_table() -> Vec<(String, i32)> {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let table = readme
+        .split("### Exit codes")
+        .nth(1)
+        .expect("README.md has no \"### Exit codes\" section");
+    let mut rows = Vec::new();
+    for line in table.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = line.trim_matches('|').split(" | ").collect();
+        assert_eq!(cells.len(), 4, "not | command | 0 | 1 | 2 |: {line}");
+        let command = cells[0].trim().trim_matches('`').to_owned();
+        for (code, cell) in [0, 1, 2].into_iter().zip(&cells[1..]) {
+            if cell.trim() != "—" {
+                rows.push((command.clone(), code));
+            }
+        }
+    }
+    rows
+}
+
+/// Every code the README documents for a command, in at least one case per command, as the
+/// binary really exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_exit_code_is_the_real_one() {
+    let documented = exit_code_table();
+    assert!(documented.len() >= 25, "{documented:?}");
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    put(&client, "events", &traffic(50, 2, 0)).await;
+    let backend = Backend::refusing("/del-user-1/", 400).await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    let config = ws.config().to_str().unwrap().to_owned();
+    std::fs::write(ws.path("bad.toml"), "[stream]\nnmae = \"events\"\n").unwrap();
+    std::fs::create_dir(ws.path("broken")).unwrap();
+    std::fs::write(ws.path("broken/x.rhai"), "fn decide(record) { let = ; }\n").unwrap();
+    std::fs::create_dir(ws.path("failing")).unwrap();
+    std::fs::write(ws.path("failing/x.rhai"), "fn decide(record) { }\n").unwrap();
+    std::fs::write(
+        ws.path("failing/x.test.json"),
+        r#"[{"name": "expects a decision", "record": {"data": {}},
+            "expect": {"action": "anonymize_user", "key": "k", "params": {}}}]"#,
+    )
+    .unwrap();
+
+    let mut seen: Vec<(String, i32)> = Vec::new();
+    let mut check = |command: &str, code: i32, got: (i32, String, String)| {
+        assert_eq!(
+            got.0, code,
+            "`{command}` should exit {code} (README.md, ### Exit codes):\n{}{}",
+            got.1, got.2
+        );
+        seen.push((command.to_owned(), code));
+    };
+
+    // run: 0 on SIGTERM, 1 for a state file in use, 2 for a bad config.
+    let daemon = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(60), "two requests handled", || {
+        backend.count() >= 2 && caught_up_count(&daemon.stderr()) >= 1
+    })
+    .await;
+    check("run", 1, ws.run(&["run", "--config", &config]));
+    let stopped = daemon.stop();
+    check(
+        "run",
+        0,
+        (stopped.code().unwrap_or(-1), String::new(), String::new()),
+    );
+    check("run", 2, ws.run(&["run", "--config", "bad.toml"]));
+
+    let dry = |extra: &[&str]| {
+        let mut args = vec!["run", "--dry-run", "--config", &config];
+        args.extend_from_slice(extra);
+        ws.run(&args)
+    };
+    check("run --dry-run", 0, dry(&[]));
+    check("run --dry-run", 1, dry(&["--stream", "no-such-stream"]));
+    check("run --dry-run", 2, dry(&["--rules-dir", "broken"]));
+
+    check(
+        "rules check",
+        0,
+        ws.run(&["rules", "check", "--rules-dir", "rules"]),
+    );
+    check(
+        "rules check",
+        1,
+        ws.run(&["rules", "check", "--rules-dir", "broken"]),
+    );
+    check(
+        "rules check",
+        2,
+        ws.run(&["rules", "check", "--config", "bad.toml"]),
+    );
+    check(
+        "rules test",
+        0,
+        ws.run(&["rules", "test", "--rules-dir", "rules"]),
+    );
+    check(
+        "rules test",
+        1,
+        ws.run(&["rules", "test", "--rules-dir", "failing"]),
+    );
+    check(
+        "rules test",
+        2,
+        ws.run(&["rules", "test", "--config", "bad.toml"]),
+    );
+
+    let captured = ws.run(&["capture", "--config", &config]);
+    std::fs::write(ws.path("records.jsonl"), &captured.1).unwrap();
+    assert_eq!(captured.1.lines().count(), 50);
+    check("capture", 0, captured);
+    check(
+        "capture",
+        1,
+        ws.run(&["capture", "--config", &config, "--stream", "no-such-stream"]),
+    );
+    check("capture", 2, ws.run(&["capture", "--config", "bad.toml"]));
+
+    let preview =
+        |rules: &str, input: &str| ws.run(&["preview", "--rules-dir", rules, "--input", input]);
+    check("preview", 0, preview("rules", "records.jsonl"));
+    check("preview", 2, preview("rules", "no-such-file.jsonl"));
+
+    let diff = |rules: &str, tail: &[&str]| {
+        let mut args = vec!["rules", "diff", "--rules-dir", rules, "--against", "rules"];
+        args.extend_from_slice(tail);
+        ws.run(&args)
+    };
+    check(
+        "rules diff",
+        0,
+        diff("rules", &["--input", "records.jsonl"]),
+    );
+    check(
+        "rules diff",
+        1,
+        diff(
+            "rules",
+            &["--config", &config, "--stream", "no-such-stream"],
+        ),
+    );
+    check(
+        "rules diff",
+        2,
+        diff("broken", &["--input", "records.jsonl"]),
+    );
+
+    // The inspection commands: 0 on the state the daemon left, 1 for a state file that does
+    // not exist, 2 for a config file that cannot be used.
+    let missing = ws.path("no-such-state.redb").to_str().unwrap().to_owned();
+    let inspections: [(&str, &[&str]); 4] = [
+        ("state", &["state"]),
+        ("checkpoints", &["checkpoints", "list"]),
+        ("dead-letters", &["dead-letters", "list"]),
+        ("audit", &["audit", "export"]),
+    ];
+    for (command, args) in inspections {
+        let with = |flag: &str, value: &str| {
+            let mut all = args.to_vec();
+            all.extend_from_slice(&[flag, value]);
+            ws.run(&all)
+        };
+        check(command, 0, with("--config", &config));
+        check(command, 1, with("--state", &missing));
+        check(command, 2, with("--config", "bad.toml"));
+    }
+    let letters = ws.dead_letters();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    check(
+        "dead-letters",
+        2,
+        ws.run(&[
+            "dead-letters",
+            "discard",
+            "--config",
+            &config,
+            "--id",
+            "999",
+            "--reason",
+            "test",
+        ]),
+    );
+    let lookup = |key: &str| {
+        ws.run(&[
+            "audit",
+            "lookup",
+            "--config",
+            &config,
+            "--action",
+            "anonymize_user",
+            "--key",
+            key,
+        ])
+    };
+    check("audit", 0, lookup("r-0"));
+    check("audit", 1, lookup("r-no-such-request"));
+    check(
+        "checkpoints",
+        0,
+        ws.run(&["checkpoints", "reset", "--config", &config, "--all"]),
+    );
+
+    let untested: Vec<&(String, i32)> = documented
+        .iter()
+        .filter(|row| !seen.contains(row))
+        .collect();
+    assert!(
+        untested.is_empty(),
+        "documented in README.md (### Exit codes) but not checked here: {untested:?}"
+    );
+    let undocumented: Vec<&(String, i32)> = seen
+        .iter()
+        .filter(|row| !documented.contains(row))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "checked here, but README.md (### Exit codes) says `—` or lacks the command: {undocumented:?}"
+    );
 }

@@ -74,8 +74,9 @@ enum Command {
     Preview(PreviewArgs),
     /// Save records from the stream as JSON lines (for preview, rules diff and test cases).
     Capture(CaptureArgs),
-    /// Summarise the state file: schema version, checkpoints, dedup ledger and dead letters.
-    State(StateArgs),
+    /// Summarise the state file: schema version, key fingerprints, checkpoints, dedup ledger
+    /// and dead letters (or rotate its key).
+    State(StateCommand),
     /// Inspect or reset shard checkpoints.
     #[command(subcommand)]
     Checkpoints(CheckpointsCommand),
@@ -202,6 +203,22 @@ struct StateArgs {
     /// State file (overrides the config).
     #[arg(long)]
     state: Option<PathBuf>,
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct StateCommand {
+    #[command(flatten)]
+    args: StateArgs,
+    #[command(subcommand)]
+    action: Option<StateAction>,
+}
+
+#[derive(Subcommand)]
+enum StateAction {
+    /// Put a new key in front of the key file's ring (the daemon stopped): new ledger
+    /// entries and seals use it, lookups use every key, dead letters are sealed again.
+    RotateKey(StateArgs),
 }
 
 #[derive(Subcommand)]
@@ -345,7 +362,11 @@ pub fn main() -> ExitCode {
         Command::Preview(args) => preview(args),
         Command::Capture(args) => capture(args),
         Command::Checkpoints(cmd) => checkpoints(cmd),
-        Command::State(args) => state_summary(args),
+        Command::State(StateCommand { args, action: None }) => state_summary(args),
+        Command::State(StateCommand {
+            action: Some(StateAction::RotateKey(args)),
+            ..
+        }) => rotate_key(args),
         Command::DeadLetters(cmd) => dead_letters(cmd),
         Command::Audit(cmd) => audit(cmd),
     };
@@ -614,6 +635,38 @@ fn state_summary(args: StateArgs) -> Result<u8, Failure> {
         std::io::stdout(),
         "{}",
         serde_json::to_string_pretty(&summary).unwrap_or_default()
+    );
+    Ok(0)
+}
+
+/// Writes a ring with a new current key over the key file (atomically), then opens the
+/// state, which records the new key and seals its dead letters again under it (an
+/// interrupted rotation completes at the next open).
+fn rotate_key(args: StateArgs) -> Result<u8, Failure> {
+    let settings = config::state_settings(args.config.as_deref(), args.state.clone())
+        .map_err(Failure::usage)?;
+    if let Some(var) = &settings.key_env {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "the key ring is in environment variable {var}: put a new key in front of it (hex keys separated by commas, current first: NEW,OLD), then start the daemon: it records the new key and seals the dead letters again"
+        )));
+    }
+    // Checks the key belongs to the state, and that no daemon holds it.
+    let (state, keys) = open_state(&args, Access::Write)?;
+    drop(state);
+    let ring = keys.rotated();
+    ring.write_ring(&settings.key_file)
+        .map_err(Failure::runtime)?;
+    let (state, ring) = open_state(&args, Access::Write)?;
+    let letters = state.dead_letters().map_err(Failure::runtime)?.len();
+    out!(
+        std::io::stdout(),
+        "{}",
+        serde_json::json!({
+            "key_file": settings.key_file,
+            "key_fingerprint": ring.fingerprints()[0],
+            "key_fingerprints": ring.fingerprints(),
+            "dead_letters_resealed": letters,
+        })
     );
     Ok(0)
 }

@@ -668,9 +668,14 @@ impl Pipeline {
             report(ActionOutcome::Duplicate, 0, None, None);
             return Ok((Carried::Duplicate { letter: None }, claim));
         }
-        let held = state
-            .pending_letter(&request_index_key(&hex::encode(id)))
-            .map_err(|source| state_error(record, source))?;
+        // A pending letter holds the request (under any key of the ring): it is settled
+        // there, by its own retries.
+        let mut held = None;
+        for id in keys.request_ids(&decision.action, &decision.key) {
+            held = held.or(state
+                .pending_letter(&request_index_key(&hex::encode(id)))
+                .map_err(|source| state_error(record, source))?);
+        }
         if let Some(letter) = held.filter(|held| Some(*held) != retrying) {
             report(ActionOutcome::Duplicate, 0, None, None);
             return Ok((

@@ -543,7 +543,7 @@ impl State {
             return self.check_keys(known.as_deref(), &fingerprints, key_names);
         };
         let tx = db.begin_write().map_err(|e| err(e.into()))?;
-        let migrate = {
+        let (migrate, rotated) = {
             let mut meta = tx.open_table(META).map_err(|e| err(e.into()))?;
             let version = meta
                 .get("schema_version")
@@ -559,10 +559,13 @@ impl State {
                 + 1;
             self.next_dead_letter_id.store(next_id, Ordering::SeqCst);
             let mut text = tx.open_table(META_TEXT).map_err(|e| err(e.into()))?;
-            let known = text
-                .get("key_fingerprints")
-                .map_err(|e| err(e.into()))?
-                .map(|v| v.value().to_owned());
+            let read = |text: &redb::Table<&str, &str>, name| {
+                text.get(name)
+                    .map(|v| v.map(|v| v.value().to_owned()))
+                    .map_err(|e| err(e.into()))
+            };
+            let known = read(&text, "key_fingerprints")?;
+            let current = read(&text, "current_key")?;
             self.check_keys(known.as_deref(), &fingerprints, key_names)?;
             let mut all: Vec<&str> = known.as_deref().unwrap_or("").split(',').collect();
             all.retain(|f| !f.is_empty());
@@ -571,16 +574,35 @@ impl State {
             }
             text.insert("key_fingerprints", all.join(",").as_str())
                 .map_err(|e| err(e.into()))?;
+            text.insert("current_key", fingerprints[0].as_str())
+                .map_err(|e| err(e.into()))?;
             tx.open_table(CHECKPOINTS).map_err(|e| err(e.into()))?;
             tx.open_table(DONE).map_err(|e| err(e.into()))?;
             tx.open_table(DEAD_LETTERS).map_err(|e| err(e.into()))?;
             tx.open_table(AUDIT).map_err(|e| err(e.into()))?;
             tx.open_table(LETTER_INDEX).map_err(|e| err(e.into()))?;
-            version == Some(1)
+            let rotated = current.is_some_and(|c| c != fingerprints[0]);
+            (version == Some(1), rotated)
         };
-        if migrate {
-            self.reseal_in(&tx, keys, |keys, sealed, _| keys.unseal(sealed, b""))?;
-            tracing::info!(path = %self.path.display(), "state migrated to schema version 2 (dead letters sealed bound to their id)");
+        if migrate || rotated {
+            // A v1 letter was sealed without its id and kind as associated data.
+            let n = self.reseal_in(&tx, keys, |keys, sealed, context| {
+                keys.unseal(sealed, context).or_else(|e| {
+                    if migrate {
+                        keys.unseal(sealed, b"")
+                    } else {
+                        Err(e)
+                    }
+                })
+            })?;
+            tracing::info!(
+                event = "state_resealed",
+                path = %self.path.display(),
+                dead_letters = n,
+                schema_migrated = migrate,
+                new_key = rotated,
+                "dead letters sealed again (under the current key, bound to their id)"
+            );
         }
         tx.commit().map_err(|e| err(e.into()))
     }
@@ -619,18 +641,6 @@ impl State {
                 .collect::<Vec<_>>()
                 .join(", "),
         })
-    }
-
-    /// Seals every dead letter again under the ring's current key: after a rotation, so
-    /// the old key is needed only for lookups. Returns how many.
-    pub fn reseal_dead_letters(&self, keys: &Keys) -> Result<u64, StateError> {
-        let err = self.db_err("cannot re-seal dead letters");
-        let tx = self.writer()?.begin_write().map_err(|e| err(e.into()))?;
-        let n = self.reseal_in(&tx, keys, |keys, sealed, context| {
-            keys.unseal(sealed, context)
-        })?;
-        tx.commit().map_err(|e| err(e.into()))?;
-        Ok(n)
     }
 
     fn reseal_in(
@@ -1015,6 +1025,23 @@ impl State {
         let done = done.len().map_err(|e| err(e.into()))?;
         let audit = tx.open_table(AUDIT).map_err(|e| err(e.into()))?;
         let audit = audit.len().map_err(|e| err(e.into()))?;
+        let text = match tx.open_table(META_TEXT) {
+            Ok(table) => Some(table),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(err(e.into())),
+        };
+        let fingerprint = |name| -> Result<Option<String>, StateError> {
+            match &text {
+                Some(table) => Ok(table
+                    .get(name)
+                    .map_err(|e| err(e.into()))?
+                    .map(|v| v.value().to_owned())),
+                None => Ok(None),
+            }
+        };
+        let current_key = fingerprint("current_key")?;
+        let all_keys = fingerprint("key_fingerprints")?;
+        drop(text);
         drop(tx);
         let (dead_letters, oldest) = self.dead_letter_stats()?;
         let checkpoints: Vec<serde_json::Value> = self
@@ -1027,6 +1054,8 @@ impl State {
         Ok(serde_json::json!({
             "path": self.path,
             "schema_version": version,
+            "key_fingerprint": current_key,
+            "key_fingerprints": all_keys.map(|all| all.split(',').map(str::to_owned).collect::<Vec<_>>()),
             "checkpoints": checkpoints,
             "dedup_entries": done,
             "dead_letters_pending": dead_letters,
@@ -1409,8 +1438,12 @@ mod tests {
         drop(s);
         let ring = keys.rotated();
         ring.write_ring(&file).unwrap();
-        let (s, ring) = State::open(&path, source, Access::Run).unwrap();
-        assert_eq!(s.reseal_dead_letters(&ring).unwrap(), 1);
+        // The next open sees a new current key and seals every letter again under it.
+        let (s, ring) = State::open(&path, source, Access::Write).unwrap();
+        assert_eq!(
+            s.summary().unwrap()["key_fingerprint"],
+            ring.fingerprints()[0]
+        );
         let sealed = s.dead_letter(id).unwrap().reason.sealed().to_owned();
         drop(s);
         // Re-sealed under the new key alone.

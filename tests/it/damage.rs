@@ -603,3 +603,77 @@ async fn a_409_is_a_refusal_unless_the_config_retries_it() {
         }
     }
 }
+
+/// A key rotation: new entries under the new key, lookups and dedup under every key of
+/// the ring, dead letters sealed again; a ring that lost the old key is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_key_keeps_every_lookup_and_letter() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    put(&client, "events", &traffic(60, 3, 0)).await;
+    let backend = Backend::with_behaviour(Duration::ZERO, |r, _| {
+        if r.path.contains("del-user-2") {
+            400
+        } else {
+            200
+        }
+    })
+    .await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    run_until(&ws, &backend, 3).await;
+    let config = ws.config();
+    let config = config.to_str().unwrap();
+    let summary = |ws: &Workspace| {
+        let (code, out, err) = ws.run(&["state", "--config", config]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<Value>(&out).unwrap()
+    };
+    let before = summary(&ws);
+    let old_key = std::fs::read_to_string(ws.path("state.redb.key")).unwrap();
+
+    let (code, out, err) = ws.run(&["state", "rotate-key", "--config", config]);
+    assert_eq!(code, 0, "{err}");
+    let rotated: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rotated["dead_letters_resealed"], 1);
+    let after = summary(&ws);
+    assert_ne!(after["key_fingerprint"], before["key_fingerprint"]);
+    assert_eq!(after["key_fingerprint"], rotated["key_fingerprint"]);
+    assert_eq!(after["key_fingerprints"].as_array().unwrap().len(), 2);
+
+    // A request done under the old key is still found, and not sent again on a replay.
+    let (code, out, _) = ws.run(&[
+        "audit",
+        "lookup",
+        "--config",
+        config,
+        "--action",
+        "anonymize_user",
+        "--key",
+        "r-0",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(json_lines(&out).last().unwrap()["done"], true);
+    let (code, _, err) = ws.run(&["checkpoints", "reset", "--all", "--config", config]);
+    assert_eq!(code, 0, "{err}");
+    run_until(&ws, &backend, 3).await;
+    assert_eq!(
+        backend.count(),
+        3,
+        "a replay after the rotation sent requests again"
+    );
+
+    // The letter sealed under the old key opens under the new one.
+    let id = ws.dead_letters()[0]["id"].to_string();
+    let (code, line) = retry(&ws, &id);
+    assert_eq!(code, 1, "{line}");
+    assert_eq!(line["outcome"], "still_failing", "{line}");
+
+    // The old key dropped from the ring: refused.
+    let new_key = std::fs::read_to_string(ws.path("state.redb.key")).unwrap();
+    assert!(new_key.ends_with(&old_key));
+    std::fs::write(ws.path("state.redb.key"), new_key.lines().next().unwrap()).unwrap();
+    let (code, _, err) = ws.run(&["state", "--config", config]);
+    assert_eq!(code, 1);
+    assert!(err.contains("fingerprint"), "{err}");
+}

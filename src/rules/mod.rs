@@ -730,6 +730,26 @@ fn decide(record) {
     }
 
     #[test]
+    fn a_rule_within_its_operations_but_past_the_deadline_is_stopped() {
+        // Few operations (each a copy of a 512 KiB string), far under MAX_OPERATIONS, but
+        // each one slow: only the wall-clock deadline can stop it.
+        let text = "fn decide(r) {
+    let s = \"x\";
+    for i in 0..19 { s += s; }
+    let n = 0;
+    for i in 0..20000 { n += s.to_upper().len(); }
+    n
+}";
+        let (_d, rs) = ruleset(&[("slow.rhai", text)], &["a"]).unwrap();
+        let verdicts = rs.evaluate(&record("{}"));
+        let Verdict::Failed(RuleError::Runtime { kind, message, .. }) = &verdicts[0].1 else {
+            panic!("{:?}", verdicts[0].1)
+        };
+        assert_eq!(kind, "took too long");
+        assert!(message.contains("took longer than 50 ms"), "{message}");
+    }
+
+    #[test]
     fn undefined_variables_are_compile_errors() {
         let errs = ruleset(&[("x.rhai", "fn decide(r) {\n  recrod.data\n}")], &["a"])
             .err()

@@ -424,6 +424,9 @@ fn rules_check(args: RulesArgs) -> Result<u8, Failure> {
             for rule in set.rules() {
                 let _ = writeln!(out, "  {}: {}", rule.name, rule.prefilter_summary());
             }
+            for ignored in set.ignored() {
+                let _ = writeln!(out, "warning: {ignored}");
+            }
             Ok(0)
         }
         Err(errors) => {

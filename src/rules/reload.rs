@@ -62,6 +62,9 @@ pub fn load_tested(dir: &Path, actions: &BTreeSet<String>) -> Result<RuleSet, Lo
         passed: 0,
     };
     let set = RuleSet::load(dir, Some(actions.clone())).map_err(refuse)?;
+    for ignored in set.ignored() {
+        tracing::warn!(path = %ignored.path.display(), reason = ignored.reason, "not loaded as a rule");
+    }
     let report = testing::run(&set).map_err(refuse)?;
     for rule in &report.untested {
         tracing::warn!(rule, "rule has no test cases");

@@ -225,3 +225,37 @@ fn deep(n) { deep(n + 1) }
         assert!(all.contains(expected), "{expected}: {errors:?}");
     }
 }
+
+/// A rule that vanished by mistake is named or refuses the set; it is never skipped quietly.
+#[test]
+fn rules_check_names_look_alikes_and_refuses_a_dangling_link() {
+    let ws = Workspace::new("http://127.0.0.1:9", "events", "http://127.0.0.1:9");
+    let rules = ws.path("rules");
+    std::fs::rename(
+        rules.join("ccpa_delete.rhai"),
+        rules.join("ccpa_delete.RHAI"),
+    )
+    .unwrap();
+    std::fs::create_dir(rules.join("moved.rhai")).unwrap();
+    // Saved by a Windows editor: a byte-order mark first.
+    ws.write_rule("bom.rhai", "\u{feff}fn decide(record) { () }\n");
+    let (code, out, _) = ws.run(&["rules", "check", "--rules-dir", "rules"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("  bom: "), "{out}");
+    assert!(
+        out.contains("ccpa_delete.RHAI: ignored: the extension must be `.rhai`"),
+        "{out}"
+    );
+    assert!(
+        out.contains("moved.rhai: ignored: a directory, not a rule file"),
+        "{out}"
+    );
+
+    std::os::unix::fs::symlink(ws.path("elsewhere/gone.rhai"), rules.join("linked.rhai")).unwrap();
+    let (code, out, _) = ws.run(&["rules", "check", "--rules-dir", "rules"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("linked.rhai: a symbolic link to nothing"),
+        "{out}"
+    );
+}

@@ -473,6 +473,17 @@ fn prefilter_literals(
         if text.is_empty() {
             return Err(expected());
         }
+        if let Some(why) = escapable(&text) {
+            return Err((
+                line,
+                format!(
+                    "PREFILTER literal {text:?} contains {why}, which producers may write \
+                     differently (`\"type\": \"x\"` with a space, `\\/` for `/`, escapes): \
+                     records written that way would never reach the rule. Use a part without \
+                     it, such as a value alone"
+                ),
+            ));
+        }
         literals.push(text);
     }
     if literals.is_empty() {
@@ -482,6 +493,22 @@ fn prefilter_literals(
         ));
     }
     Ok(Some(literals))
+}
+
+/// Why a declared prefilter literal cannot be trusted to match a record's bytes: JSON lets a
+/// producer write `"` with spacing around it, `/` as `\/`, and `\` or a control character
+/// only escaped, so a literal holding one misses records (and only `\u` escapes make the
+/// prefilter step aside). The literals read from opening checks exclude them the same way.
+fn escapable(literal: &str) -> Option<String> {
+    let c = literal
+        .chars()
+        .find(|c| matches!(c, '"' | '\\' | '/') || c.is_control())?;
+    Some(match c {
+        '"' => "a quote (`\"`)".into(),
+        '\\' => "a backslash".into(),
+        '/' => "a slash (`/`)".into(),
+        c => format!("a control character (U+{:04X})", c as u32),
+    })
 }
 
 /// A record as rules see it, built once and only as far as the rules need: the guard
@@ -878,6 +905,33 @@ fn decide(record) {
             message.contains("b.rhai: a symbolic link to nothing"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn declared_literals_a_producer_may_escape_are_refused_at_their_line() {
+        for (literal, why) in [
+            (r#"\"type\":\"privacy_request\""#, "a quote"),
+            ("users/delete", "a slash"),
+            (r"C:\\data", "a backslash"),
+            (r"Delete\tUser", "a control character (U+0009)"),
+        ] {
+            let text = format!(
+                "// {why}\nconst PREFILTER = [\"ok\", \"{literal}\"];\nfn decide(r) {{ () }}"
+            );
+            let errors = ruleset(&[("p.rhai", &text)], &["a"]).err().unwrap();
+            let message = errors[0].to_string();
+            assert!(message.contains("p.rhai:2:"), "{message}");
+            assert!(message.contains(why), "{literal}: {message}");
+        }
+        // What may stay: spaces, punctuation other than those, any letters.
+        assert!(ruleset(
+            &[(
+                "p.rhai",
+                "const PREFILTER = [\"Delete User\", \"privacy_request\", \"Löschung: ja!\"];\nfn decide(r) { () }"
+            )],
+            &["a"]
+        )
+        .is_ok());
     }
 
     #[test]

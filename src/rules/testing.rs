@@ -1,8 +1,9 @@
 //! `rules test`: each rule's cases from `NAME.test.json` beside `NAME.rhai`.
 //!
 //! A case gives `record` (its `data` plus any other field; defaults fill the rest) and
-//! `expect`: a decision, a list of decisions, or null. The prefilter applies, to the compact
-//! JSON of `data`, so a wrong literal shows up as a failing case.
+//! `expect`: a decision, a list of decisions, or null. The case's bytes (the compact JSON of
+//! `data`, or `data_text` exactly as a producer writes it) take the daemon's own path,
+//! prefilter and opening checks included, so a wrong literal shows up as a failing case.
 
 use std::path::{Path, PathBuf};
 
@@ -102,7 +103,14 @@ fn load_cases(path: &Path) -> Result<Vec<Case>, RuleError> {
 fn run_case(set: &RuleSet, index: usize, case: Case, report: &mut Report) {
     let record = case.record.into_record();
     let expected = case.expect.into_list();
-    let actual = match set.evaluate_rule(index, &record) {
+    // Exactly what the daemon runs on a record: a rule the prefilter leaves out decides
+    // nothing.
+    let verdict = set
+        .run(&record)
+        .into_iter()
+        .find(|(i, _)| *i == index)
+        .map_or(Verdict::Skipped, |(_, verdict)| verdict);
+    let actual = match verdict {
         Verdict::Skipped => Ok(Vec::new()),
         Verdict::Decided(decisions) => Ok(decisions),
         Verdict::Failed(e) => Err(e.to_string()),
@@ -126,5 +134,41 @@ fn decisions_json(decisions: &[Decision]) -> String {
         [] => "null (no decision)".into(),
         [one] => serde_json::to_string(one).unwrap_or_default(),
         many => serde_json::to_string(many).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `data_text` gives a case the bytes a producer really writes; the case then passes or
+    /// fails as the daemon would on those bytes.
+    #[test]
+    fn data_text_cases_see_the_producers_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        // The opening check gives the rule the prefilter `privacy_request`.
+        std::fs::write(
+            dir.path().join("r.rhai"),
+            "fn decide(record) {\n    if record.data.type != \"privacy_request\" { return; }\n    #{ action: \"a\", key: record.data.id }\n}\n",
+        )
+        .unwrap();
+        let decision = r#"{"action": "a", "key": "k-1"}"#;
+        let cases = format!(
+            r#"[
+  {{"name": "python spacing", "record": {{"data_text": "{{\"type\": \"privacy_request\", \"id\": \"k-1\"}}"}}, "expect": {decision}}},
+  {{"name": "an escape in the type", "record": {{"data_text": "{{\"type\": \"privacy\\u005frequest\", \"id\": \"k-1\"}}"}}, "expect": {decision}}},
+  {{"name": "the literal in the wrong field only", "record": {{"data_text": "{{\"type\": \"x\", \"note\": \"privacy_request\"}}"}}, "expect": {decision}}}
+]"#
+        );
+        std::fs::write(dir.path().join("r.test.json"), cases).unwrap();
+        let set = RuleSet::load(dir.path(), None).unwrap();
+        let report = run(&set).unwrap();
+        assert_eq!(report.passed, 2, "{:?}", report.failures);
+        assert_eq!(report.failures.len(), 1);
+        assert_eq!(
+            report.failures[0].case,
+            "the literal in the wrong field only"
+        );
+        assert_eq!(report.failures[0].actual, "null (no decision)");
     }
 }

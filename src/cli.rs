@@ -16,7 +16,7 @@ use crate::keys::Keys;
 use crate::pipeline::Retried;
 use crate::preview::OutputFormat;
 use crate::preview::Preview;
-use crate::rules::{testing, RuleSet};
+use crate::rules::{testing, Decision, RuleSet};
 use crate::state::{AuditEntry, DeadLetterReason, State, Writes};
 
 #[derive(Parser)]
@@ -452,7 +452,22 @@ fn rules_test(args: RulesArgs) -> Result<u8, Failure> {
             return Ok(1);
         }
     };
-    let report = match testing::run(&set) {
+    // With a config, every expected decision must be one its actions can send.
+    let actions = match &args.config {
+        Some(path) => {
+            let specs = config::action_specs(path).map_err(Failure::usage)?;
+            Some(ActionSet::new(&specs, false).map_err(Failure::usage)?)
+        }
+        None => None,
+    };
+    let sendable = |decision: &Decision| match &actions {
+        Some(actions) => actions
+            .prepare(decision)
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        None => Ok(()),
+    };
+    let report = match testing::run(&set, Some(&sendable)) {
         Ok(report) => report,
         Err(errors) => {
             for e in &errors {
@@ -468,19 +483,17 @@ fn rules_test(args: RulesArgs) -> Result<u8, Failure> {
             f.rule, f.case, f.expected, f.actual
         );
     }
+    for u in &report.unsendable {
+        let _ = writeln!(out, "FAIL {u}");
+    }
     for rule in &report.untested {
         let _ = writeln!(
             out,
             "warning: rule {rule} has no test cases ({rule}.test.json)"
         );
     }
-    let _ = writeln!(
-        out,
-        "{} passed, {} failed",
-        report.passed,
-        report.failures.len()
-    );
-    Ok(if report.failures.is_empty() { 0 } else { 1 })
+    let _ = writeln!(out, "{} passed, {} failed", report.passed, report.failed());
+    Ok(if report.failed() == 0 { 0 } else { 1 })
 }
 
 fn load_rules(

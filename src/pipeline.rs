@@ -554,7 +554,7 @@ impl Pipeline {
         let request = match self.actions.prepare(&decision) {
             Ok(request) => request,
             Err(e) => {
-                let error = RuleError::Decision {
+                let error = RuleError::Unsendable {
                     rule: maker.rule.to_owned(),
                     file: maker.rule_file.to_owned(),
                     reason: e.to_string(),

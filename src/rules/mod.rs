@@ -75,6 +75,15 @@ pub enum RuleError {
         kind: String,
         message: String,
     },
+    /// A decision the configured actions cannot turn into a request (a param the URL
+    /// needs is missing, say). The reason names only what the config defines (the action,
+    /// the param), never a value, so the log may carry it.
+    #[error("{file}: rule {rule:?} made a decision that cannot be sent: {reason}", file = file.display())]
+    Unsendable {
+        rule: String,
+        file: PathBuf,
+        reason: String,
+    },
     /// `decide` returned something that is not a valid decision.
     #[error("{file}: rule {rule:?} returned an invalid decision: {reason}", file = file.display())]
     Decision {
@@ -91,6 +100,9 @@ impl RuleError {
             RuleError::Runtime { location, kind, .. } => format!("{location}: {kind}"),
             RuleError::Decision { file, .. } => {
                 format!("{}: invalid decision", file.display())
+            }
+            RuleError::Unsendable { file, reason, .. } => {
+                format!("{}: decision cannot be sent: {reason}", file.display())
             }
             other => other.to_string(),
         }

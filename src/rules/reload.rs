@@ -19,8 +19,8 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, Guard};
 use notify::Watcher;
 
-use super::testing::{self, Failure};
-use super::{RuleError, RuleSet};
+use super::testing::{self, Failure, SendCheck, Unsendable};
+use super::{Decision, RuleError, RuleSet};
 use crate::shutdown::Shutdown;
 
 /// Quiet time after the last change before reloading (editors write, rename, delete).
@@ -36,6 +36,7 @@ const REARM_RETRY: Duration = Duration::from_secs(2);
 pub struct LoadFailure {
     pub errors: Vec<RuleError>,
     pub failures: Vec<Failure>,
+    pub unsendable: Vec<Unsendable>,
     pub passed: usize,
 }
 
@@ -51,37 +52,47 @@ impl std::fmt::Display for LoadFailure {
                 c.rule, c.case, c.expected, c.actual
             )?;
         }
-        if !self.failures.is_empty() {
-            write!(
-                f,
-                "  {} passed, {} failed",
-                self.passed,
-                self.failures.len()
-            )?;
+        for c in &self.unsendable {
+            writeln!(f, "  test failed: {c}")?;
+        }
+        let failed = self.failures.len() + self.unsendable.len();
+        if failed > 0 {
+            write!(f, "  {} passed, {failed} failed", self.passed)?;
         }
         Ok(())
     }
 }
 
-/// Compiles the rules in `dir` and runs their tests; the set is usable only if all pass.
-pub fn load_tested(dir: &Path, actions: &BTreeSet<String>) -> Result<RuleSet, LoadFailure> {
+/// Whether the configured actions can send a decision: owned by [`Rules`] for reloads.
+pub type Sendable = Arc<dyn Fn(&Decision) -> Result<(), String> + Send + Sync>;
+
+/// Compiles the rules in `dir` and runs their tests; the set is usable only if all pass,
+/// and only if `sendable` accepts every decision the cases expect (a rule whose requests the
+/// config cannot send would dead-letter each one live).
+pub fn load_tested(
+    dir: &Path,
+    actions: &BTreeSet<String>,
+    sendable: SendCheck,
+) -> Result<RuleSet, LoadFailure> {
     let refuse = |errors| LoadFailure {
         errors,
         failures: Vec::new(),
+        unsendable: Vec::new(),
         passed: 0,
     };
     let set = RuleSet::load(dir, Some(actions.clone())).map_err(refuse)?;
     for ignored in set.ignored() {
         tracing::warn!(path = %ignored.path.display(), reason = ignored.reason, "not loaded as a rule");
     }
-    let report = testing::run(&set).map_err(refuse)?;
+    let report = testing::run(&set, Some(sendable)).map_err(refuse)?;
     for rule in &report.untested {
         tracing::warn!(rule, "rule has no test cases");
     }
-    if !report.failures.is_empty() {
+    if report.failed() > 0 {
         return Err(LoadFailure {
             errors: Vec::new(),
             failures: report.failures,
+            unsendable: report.unsendable,
             passed: report.passed,
         });
     }
@@ -126,10 +137,11 @@ pub struct Rules {
     status: Mutex<RulesStatus>,
     dir: PathBuf,
     actions: BTreeSet<String>,
+    sendable: Sendable,
 }
 
 impl Rules {
-    pub fn new(set: RuleSet, dir: PathBuf, actions: BTreeSet<String>) -> Self {
+    pub fn new(set: RuleSet, dir: PathBuf, actions: BTreeSet<String>, sendable: Sendable) -> Self {
         let status = RulesStatus {
             hash: set.hash().to_owned(),
             stale: false,
@@ -144,6 +156,7 @@ impl Rules {
             status: Mutex::new(status),
             dir,
             actions,
+            sendable,
         }
     }
 
@@ -183,7 +196,7 @@ impl Rules {
 
     /// Compiles and tests the rules directory; installs the result only if all is well.
     pub fn reload(&self, cause: Cause) {
-        let result = load_tested(&self.dir, &self.actions);
+        let result = load_tested(&self.dir, &self.actions, &*self.sendable);
         let mut status = self.status.lock().unwrap();
         match result {
             Ok(set) => {

@@ -451,3 +451,86 @@ async fn a_lost_watch_is_reported_and_recovered() {
     assert!(got(&backend, "edited-vip-1"));
     assert!(daemon.stop().success());
 }
+
+/// A rule whose requests the config cannot send (the URL needs `{user_id}`).
+const NAME_ONLY: &str = r#"fn decide(record) {
+    let d = record.data;
+    if type_of(d) != "map" || d.type != "name_request" { return; }
+    #{ action: "anonymize_user", key: d.request_id, params: #{ name: d.name } }
+}
+"#;
+const NAME_ONLY_TEST: &str = r#"[{"name": "by name", "record": {"data": {"type": "name_request", "request_id": "n-0", "name": "jo"}},
+  "expect": {"action": "anonymize_user", "key": "n-0", "params": {"name": "jo"}}}]"#;
+
+/// Test cases that expect a request the config cannot send refuse the rules: in `rules test
+/// --config` and at `run` start.
+#[test]
+fn cases_expecting_unsendable_decisions_are_refused_with_the_config() {
+    let ws = Workspace::new("http://127.0.0.1:9", "events", "http://127.0.0.1:9");
+    ws.write_rule("name_only.rhai", NAME_ONLY);
+    ws.write_rule("name_only.test.json", NAME_ONLY_TEST);
+    let config = ws.config();
+    let config = config.to_str().unwrap();
+
+    // Without a config, any action goes.
+    let (code, out, _) = ws.run(&["rules", "test", "--rules-dir", "rules"]);
+    assert_eq!(code, 0, "{out}");
+
+    let (code, out, _) = ws.run(&["rules", "test", "--rules-dir", "rules", "--config", config]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("name_only.test.json: case \"by name\" expects a decision the configured actions cannot send: decision for action \"anonymize_user\": param \"user_id\" is missing (the URL needs it)"),
+        "{out}"
+    );
+    assert!(out.trim_end().ends_with(" passed, 1 failed"), "{out}");
+
+    let (code, _, err) = ws.run(&["run", "--config", config]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("name_only.test.json: case \"by name\" expects a decision the configured actions cannot send: decision for action \"anonymize_user\": param \"user_id\" is missing"),
+        "{err}"
+    );
+}
+
+/// On reload too; and a decision that cannot be sent live (no case covered it) is a dead
+/// letter whose error names the missing param.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsendable_decisions_refuse_a_reload_and_name_the_param_live() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    let daemon = ws.start_daemon(&[]);
+    let (mut marker, mut reloads) = (0, 0);
+    phase(&client, &backend, &mut marker, &[]).await;
+
+    ws.write_rule("name_only.test.json", NAME_ONLY_TEST);
+    ws.write_rule("name_only.rhai", NAME_ONLY);
+    let outcome = next_reload(&daemon, &mut reloads).await;
+    assert!(outcome.contains("rules reload refused"), "{outcome}");
+    assert!(
+        outcome.contains("name_only.test.json: case") && outcome.contains("user_id"),
+        "{outcome}"
+    );
+
+    // Its cases no longer cover the request: it loads, and fails live.
+    ws.write_rule(
+        "name_only.test.json",
+        r#"[{"name": "not mine", "record": {"data": {"type": "order"}}, "expect": null}]"#,
+    );
+    let outcome = next_reload(&daemon, &mut reloads).await;
+    assert!(outcome.contains("rules reloaded"), "{outcome}");
+    let request = json!({"type": "name_request", "request_id": "n-1", "name": "jo"});
+    phase(&client, &backend, &mut marker, &[request]).await;
+    assert!(daemon.stop().success());
+    let letters = ws.dead_letters();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let error = letters[0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("name_only.rhai: decision cannot be sent")
+            && error.contains("param \"user_id\" is missing"),
+        "{error}"
+    );
+    assert!(!error.contains("jo"), "{error}");
+}

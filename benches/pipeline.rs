@@ -330,7 +330,13 @@ async fn run_pipeline(
     .unwrap();
     let pipeline = Arc::new(Pipeline {
         stream: "bench".into(),
-        rules: Arc::new(Rules::new(set, settings.rules_dir.clone(), actions)),
+        // No reload during a bench: nothing for the send check to hold cases to.
+        rules: Arc::new(Rules::new(
+            set,
+            settings.rules_dir.clone(),
+            actions,
+            Arc::new(|_| Ok(())),
+        )),
         actions: ActionSet::new(&settings.actions, true).unwrap(),
         sink: Sink::Live {
             state: Arc::new(state),

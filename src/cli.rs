@@ -17,7 +17,7 @@ use crate::keys::{KeyError, KeySource};
 use crate::pipeline::Retried;
 use crate::preview::OutputFormat;
 use crate::preview::Preview;
-use crate::rules::{testing, RuleSet};
+use crate::rules::{testing, Decision, RuleSet};
 use crate::state::{Access, AuditEntry, State, StateError, Writes};
 
 #[derive(Parser)]
@@ -461,6 +461,9 @@ fn rules_check(args: RulesArgs) -> Result<u8, Failure> {
             for rule in set.rules() {
                 out!(out, "  {}: {}", rule.name, rule.prefilter_summary());
             }
+            for ignored in set.ignored() {
+                out!(out, "warning: {ignored}");
+            }
             Ok(0)
         }
         Err(errors) => {
@@ -486,7 +489,22 @@ fn rules_test(args: RulesArgs) -> Result<u8, Failure> {
             return Ok(1);
         }
     };
-    let report = match testing::run(&set) {
+    // With a config, every expected decision must be one its actions can send.
+    let actions = match &args.config {
+        Some(path) => {
+            let specs = config::action_specs(path).map_err(Failure::usage)?;
+            Some(ActionSet::new(&specs, false).map_err(Failure::usage)?)
+        }
+        None => None,
+    };
+    let sendable = |decision: &Decision| match &actions {
+        Some(actions) => actions
+            .prepare(decision)
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        None => Ok(()),
+    };
+    let report = match testing::run(&set, Some(&sendable)) {
         Ok(report) => report,
         Err(errors) => {
             for e in &errors {
@@ -505,19 +523,17 @@ fn rules_test(args: RulesArgs) -> Result<u8, Failure> {
             f.actual
         );
     }
+    for u in &report.unsendable {
+        out!(out, "FAIL {u}");
+    }
     for rule in &report.untested {
         out!(
             out,
             "warning: rule {rule} has no test cases ({rule}.test.json)"
         );
     }
-    out!(
-        out,
-        "{} passed, {} failed",
-        report.passed,
-        report.failures.len()
-    );
-    Ok(if report.failures.is_empty() { 0 } else { 1 })
+    out!(out, "{} passed, {} failed", report.passed, report.failed());
+    Ok(if report.failed() == 0 { 0 } else { 1 })
 }
 
 fn load_rules(

@@ -17,7 +17,8 @@ use crate::config::{ConfigError, Settings, StreamSettings};
 use crate::keys::{KeyError, KeySource};
 use crate::pipeline::{Pipeline, PipelineError, Retried, Sink};
 use crate::preview::{Ledger, OutputFormat, Preview};
-use crate::rules::reload::{self, load_tested, LoadFailure, Rules};
+use crate::rules::reload::{self, load_tested, LoadFailure, Rules, Sendable};
+use crate::rules::Decision;
 use crate::shutdown::Shutdown;
 use crate::source::{Checkpoint, KinesisSource, Position, ShardReader, SourceError};
 use crate::state::{Access, DeadLetterReason, State, StateError, DEAD_LETTER_PAGE};
@@ -72,6 +73,18 @@ impl RunError {
     }
 }
 
+/// What the rules' test cases are held to: each expected decision must be one the
+/// configured actions can turn into a request (no secrets needed to tell).
+fn sendable(settings: &Settings) -> Result<Sendable, RunError> {
+    let actions = ActionSet::new(&settings.actions, false)?;
+    Ok(Arc::new(move |decision: &Decision| {
+        actions
+            .prepare(decision)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }))
+}
+
 /// Runs the daemon (or the dry-run) to the end.
 pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunError> {
     // First of all: a SIGHUP (a reload asked too early, or sent to a dry-run) must never
@@ -79,7 +92,8 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(|e| RunError::Signal("SIGHUP", e))?;
     let action_names: BTreeSet<String> = settings.actions.keys().cloned().collect();
-    let rules = load_tested(&settings.rules_dir, &action_names)
+    let sendable = sendable(&settings)?;
+    let rules = load_tested(&settings.rules_dir, &action_names, &*sendable)
         .map_err(|failure| RunError::Rules(settings.rules_dir.clone(), failure))?;
     tracing::info!(
         rules = rules.rules().len(),
@@ -90,7 +104,12 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
     let shutdown = Shutdown::new();
     let telemetry = Arc::new(Telemetry::new());
     let rule_names: Vec<String> = rules.rules().iter().map(|r| r.name.clone()).collect();
-    let rules = Arc::new(Rules::new(rules, settings.rules_dir.clone(), action_names));
+    let rules = Arc::new(Rules::new(
+        rules,
+        settings.rules_dir.clone(),
+        action_names,
+        sendable,
+    ));
     let source = Arc::new(KinesisSource::connect(&settings.stream).await);
     let sink = match &dry_run {
         Some(options) => Sink::Preview(Box::new(Preview::new(
@@ -277,7 +296,8 @@ pub async fn retry_dead_letters(
     ids: Option<Vec<u64>>,
 ) -> Result<Vec<(u64, Retried)>, RunError> {
     let action_names: BTreeSet<String> = settings.actions.keys().cloned().collect();
-    let rules = load_tested(&settings.rules_dir, &action_names)
+    let sendable = sendable(&settings)?;
+    let rules = load_tested(&settings.rules_dir, &action_names, &*sendable)
         .map_err(|failure| RunError::Rules(settings.rules_dir.clone(), failure))?;
     let actions = ActionSet::new(&settings.actions, true)?;
     let (state, keys) = State::open(&settings.state_path, key_source(&settings), Access::Write)?;
@@ -296,7 +316,12 @@ pub async fn retry_dead_letters(
     spawn_signal_handler(shutdown.clone());
     let pipeline = Pipeline {
         stream: settings.stream.name.as_str().into(),
-        rules: Arc::new(Rules::new(rules, settings.rules_dir.clone(), action_names)),
+        rules: Arc::new(Rules::new(
+            rules,
+            settings.rules_dir.clone(),
+            action_names,
+            sendable,
+        )),
         actions,
         sink: Sink::Live {
             state: state.clone(),

@@ -46,13 +46,22 @@ pub struct Record {
 /// A record written as JSON: test cases, captured records (`capture`) and `preview` input.
 ///
 /// The payload is `data` (a JSON value; the bytes are its compact JSON), or `data_text`
-/// (a payload that is text but not JSON), or `data_hex` (anything else). Left-out fields
-/// get the defaults of a test case.
+/// (the payload's exact text, JSON or not), or `data_hex` (anything else). `data_base64`,
+/// when present, holds the exact bytes and wins over the others: `capture` writes it beside
+/// the readable view, so a preview on captured traffic searches and decodes the very bytes
+/// the daemon saw (`"type": "x"` with a space, `\/`, `\u` escapes), not a re-serialization.
+/// Left-out fields get the defaults of a test case.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RecordJson {
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub data: Value,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "base64_bytes"
+    )]
+    pub data_base64: Option<Vec<u8>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_text: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -99,12 +108,38 @@ impl Record {
     }
 }
 
+/// `data_base64`: standard base64 in the JSON, bytes in memory; bad base64 is an error of
+/// the line that holds it.
+mod base64_bytes {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match bytes {
+            Some(bytes) => s.serialize_str(&STANDARD.encode(bytes)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            Some(text) => STANDARD
+                .decode(text)
+                .map(Some)
+                .map_err(|e| serde::de::Error::custom(format!("data_base64: {e}"))),
+            None => Ok(None),
+        }
+    }
+}
+
 impl RecordJson {
     pub fn into_record(self) -> Record {
-        let bytes = match (self.data_text, self.data_hex) {
-            (Some(text), _) => text.into_bytes(),
-            (None, Some(hex)) => hex::decode(hex).unwrap_or_default(),
-            (None, None) => serde_json::to_vec(&self.data).unwrap_or_default(),
+        let bytes = match (self.data_base64, self.data_text, self.data_hex) {
+            (Some(bytes), _, _) => bytes,
+            (None, Some(text), _) => text.into_bytes(),
+            (None, None, Some(hex)) => hex::decode(hex).unwrap_or_default(),
+            (None, None, None) => serde_json::to_vec(&self.data).unwrap_or_default(),
         };
         Record {
             stream: self.stream.into(),
@@ -117,6 +152,7 @@ impl RecordJson {
         }
     }
 
+    /// The record as `capture` writes it: the exact bytes, and a view to read.
     pub fn from_record(record: &Record) -> Self {
         let (data, data_text, data_hex) = match serde_json::from_slice::<Value>(&record.bytes) {
             Ok(value) => (value, None, None),
@@ -127,6 +163,7 @@ impl RecordJson {
         };
         Self {
             data,
+            data_base64: Some(record.bytes.to_vec()),
             data_text,
             data_hex,
             partition_key: record.partition_key.to_string(),
@@ -575,6 +612,7 @@ mod tests {
         ] {
             let record = RecordJson {
                 data: Value::Null,
+                data_base64: None,
                 data_text: None,
                 data_hex: Some(hex::encode(bytes)),
                 ..serde_json::from_str("{}").unwrap()
@@ -583,5 +621,29 @@ mod tests {
             let back = RecordJson::from_record(&record).into_record();
             assert_eq!(back.bytes, bytes);
         }
+    }
+
+    #[test]
+    fn captured_records_keep_their_exact_bytes() {
+        // As Python and PHP write it: spaces, an escaped slash. Its parsed view re-serializes
+        // differently, so only the kept bytes give back what the daemon saw.
+        let bytes = br#"{"type": "privacy_request", "url": "https:\/\/x"}"#;
+        let record = RecordJson {
+            data_text: Some(String::from_utf8(bytes.to_vec()).unwrap()),
+            ..serde_json::from_str("{}").unwrap()
+        }
+        .into_record();
+        let line = serde_json::to_string(&RecordJson::from_record(&record)).unwrap();
+        assert!(
+            line.contains(r#""data":{"type":"privacy_request""#),
+            "{line}"
+        );
+        let back: RecordJson = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.into_record().bytes, &bytes[..]);
+        // A capture file from before the field still reads, from its parsed view.
+        let old: RecordJson = serde_json::from_str(r#"{"data":{"type":"x"}}"#).unwrap();
+        assert_eq!(old.into_record().bytes, &br#"{"type":"x"}"#[..]);
+        let bad = serde_json::from_str::<RecordJson>(r#"{"data_base64":"***"}"#).unwrap_err();
+        assert!(bad.to_string().contains("data_base64"), "{bad}");
     }
 }

@@ -548,7 +548,7 @@ impl Pipeline {
         let request = match self.actions.prepare(&decision) {
             Ok(request) => request,
             Err(e) => {
-                let error = RuleError::Decision {
+                let error = RuleError::Unsendable {
                     rule: origin.rule.to_owned(),
                     file: origin.rule_file.to_owned(),
                     reason: e.to_string(),

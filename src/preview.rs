@@ -142,7 +142,7 @@ impl Preview {
                 let request = match actions.map(|a| a.prepare(&decision)).transpose() {
                     Ok(request) => request,
                     Err(e) => {
-                        let error = RuleError::Decision {
+                        let error = RuleError::Unsendable {
                             rule: rule.name.clone(),
                             file: rule.path.clone(),
                             reason: e.to_string(),

@@ -86,6 +86,7 @@ pub struct Telemetry {
     risk_threshold: Mutex<Option<Duration>>,
     rules_reloads: Family<Labels, Counter>,
     rules_stale: Gauge,
+    rules_watch_lost: Gauge,
     rules_info: Family<Labels, Gauge>,
     shards_owned: Gauge,
     checkpoint_commit_seconds: Histogram,
@@ -129,6 +130,7 @@ impl Telemetry {
             risk_threshold: Mutex::new(None),
             rules_reloads: Family::default(),
             rules_stale: Gauge::default(),
+            rules_watch_lost: Gauge::default(),
             rules_info: Family::default(),
             shards_owned: Gauge::default(),
             checkpoint_commit_seconds: histogram(),
@@ -203,8 +205,13 @@ impl Telemetry {
         );
         r.register(
             "rules_stale",
-            "1 when the last rule reload was refused and older rules run",
+            "1 when older rules run: the last reload was refused, or the directory is not watched",
             t.rules_stale.clone(),
+        );
+        r.register(
+            "rules_watch_lost",
+            "1 while the rules directory cannot be watched: edits go unseen (rules are stale)",
+            t.rules_watch_lost.clone(),
         );
         r.register(
             "rules_info",
@@ -480,6 +487,8 @@ impl Telemetry {
     fn refresh(&self, rules: &Rules, state: &State) {
         let status = rules.status();
         self.rules_stale.set(i64::from(status.stale));
+        self.rules_watch_lost
+            .set(i64::from(status.watch_lost.is_some()));
         self.rules_info.clear();
         self.rules_info
             .get_or_create(&label("hash", &status.hash))

@@ -78,12 +78,16 @@ pub fn sandboxed() -> Engine {
     engine
 }
 
-/// Pure helpers Rhai lacks. Each accepts `()` (a missing field) and answers `()` or false.
+/// Pure helpers Rhai lacks. Each accepts `()` (a missing field) for any argument and then
+/// answers `()` or false, as the guide promises (a unit test holds every helper it lists to
+/// that).
 fn register_helpers(engine: &mut Engine) {
     engine.register_fn("regex_match", |text: &str, pattern: &str| {
         with_regex(pattern, |re| re.is_match(text))
     });
     engine.register_fn("regex_match", |_: (), _: &str| false);
+    engine.register_fn("regex_match", |_: &str, _: ()| false);
+    engine.register_fn("regex_match", |_: (), _: ()| false);
     engine.register_fn("regex_capture", |text: &str, pattern: &str| {
         with_regex(pattern, |re| match re.captures(text) {
             Some(caps) => caps
@@ -94,11 +98,14 @@ fn register_helpers(engine: &mut Engine) {
         })
     });
     engine.register_fn("regex_capture", |_: (), _: &str| ());
+    engine.register_fn("regex_capture", |_: &str, _: ()| ());
+    engine.register_fn("regex_capture", |_: (), _: ()| ());
     engine.register_fn("lower", |text: &str| text.to_lowercase());
     engine.register_fn("lower", |_: ()| ());
     engine.register_fn("trimmed", |text: &str| text.trim().to_owned());
     engine.register_fn("trimmed", |_: ()| ());
     engine.register_fn("sha256_hex", |text: &str| hex::encode(Sha256::digest(text)));
+    engine.register_fn("sha256_hex", |_: ()| ());
     // JSON inside a string (a CloudWatch Logs event's `message`, say); `()` if it is not JSON.
     engine.register_fn("parse_json", |text: &str| {
         serde_json::from_str::<Dynamic>(text).unwrap_or(Dynamic::UNIT)
@@ -155,4 +162,56 @@ pub fn error_kind(err: &EvalAltResult) -> String {
         _ => "runtime error",
     };
     kind.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The helpers `docs/rules.md` lists, with their number of arguments: the test below
+    /// follows the guide, so a helper added there is held to its promise too.
+    fn documented_helpers() -> Vec<(String, usize)> {
+        let guide = include_str!("../../docs/rules.md");
+        let section = guide
+            .split("| helper | result |")
+            .nth(1)
+            .expect("the guide has a helpers table");
+        let helpers: Vec<(String, usize)> = section
+            .lines()
+            .skip(2)
+            .take_while(|line| line.starts_with("| `"))
+            .map(|line| {
+                let call = line[3..].split('`').next().unwrap();
+                let (name, args) = call.split_once('(').unwrap();
+                (name.to_owned(), args.split(',').count())
+            })
+            .collect();
+        assert!(helpers.len() >= 6, "{helpers:?}");
+        helpers
+    }
+
+    #[test]
+    fn every_documented_helper_accepts_unit_in_every_argument() {
+        let engine = sandboxed();
+        for (name, arity) in documented_helpers() {
+            // `()` in each argument alone (the others given), then in all of them.
+            let mut calls = Vec::new();
+            for missing in 0..arity {
+                let args: Vec<&str> = (0..arity)
+                    .map(|i| if i == missing { "()" } else { "\"x\"" })
+                    .collect();
+                calls.push(format!("{name}({})", args.join(", ")));
+            }
+            calls.push(format!("{name}({})", vec!["()"; arity].join(", ")));
+            for call in calls {
+                let result = engine
+                    .eval::<Dynamic>(&call)
+                    .unwrap_or_else(|e| panic!("{call}: {e}"));
+                assert!(
+                    result.is_unit() || result.as_bool() == Ok(false),
+                    "{call} gave {result:?}"
+                );
+            }
+        }
+    }
 }

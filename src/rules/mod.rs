@@ -62,6 +62,11 @@ pub enum RuleError {
     Compile { location: Location, message: String },
     #[error("{dir}: no rules (*.rhai files) found")]
     Empty { dir: PathBuf },
+    /// An entry of the rules directory that looks like a rule but cannot be one (a dangling
+    /// symlink, an entry that cannot be read): refused like a compile error, since the rule
+    /// it stood for would otherwise vanish without a word.
+    #[error("{path}: {reason}", path = path.display())]
+    Entry { path: PathBuf, reason: String },
     /// `decide` failed on a record (runtime error, limit, `throw`).
     #[error("{location}: rule {rule:?} failed: {message}")]
     Runtime {
@@ -69,6 +74,15 @@ pub enum RuleError {
         location: Location,
         kind: String,
         message: String,
+    },
+    /// A decision the configured actions cannot turn into a request (a param the URL
+    /// needs is missing, say). The reason names only what the config defines (the action,
+    /// the param), never a value, so the log may carry it.
+    #[error("{file}: rule {rule:?} made a decision that cannot be sent: {reason}", file = file.display())]
+    Unsendable {
+        rule: String,
+        file: PathBuf,
+        reason: String,
     },
     /// `decide` returned something that is not a valid decision.
     #[error("{file}: rule {rule:?} returned an invalid decision: {reason}", file = file.display())]
@@ -87,8 +101,25 @@ impl RuleError {
             RuleError::Decision { file, .. } => {
                 format!("{}: invalid decision", file.display())
             }
+            RuleError::Unsendable { file, reason, .. } => {
+                format!("{}: decision cannot be sent: {reason}", file.display())
+            }
             other => other.to_string(),
         }
+    }
+}
+
+/// An entry of the rules directory that is not loaded as a rule although it looks like
+/// one (`X.RHAI`, a directory named `x.rhai`): named in `rules check` and in the reload log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ignored {
+    pub path: PathBuf,
+    pub reason: &'static str,
+}
+
+impl std::fmt::Display for Ignored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: ignored: {}", self.path.display(), self.reason)
     }
 }
 
@@ -135,20 +166,24 @@ pub struct RuleSet {
     /// Action names decisions may use; `None` accepts any (rules check without a config).
     actions: Option<BTreeSet<String>>,
     hash: String,
+    ignored: Vec<Ignored>,
 }
 
 impl RuleSet {
     /// Compiles every `*.rhai` in `dir`. Returns every compile error, not just the first.
     pub fn load(dir: &Path, actions: Option<BTreeSet<String>>) -> Result<Self, Vec<RuleError>> {
         let engine = Arc::new(engine::sandboxed());
-        let files = rule_files(dir).map_err(|e| vec![e])?;
-        if files.is_empty() {
+        let RuleFiles {
+            files,
+            ignored,
+            mut errors,
+        } = rule_files(dir).map_err(|e| vec![e])?;
+        if files.is_empty() && errors.is_empty() {
             return Err(vec![RuleError::Empty {
                 dir: dir.to_owned(),
             }]);
         }
         let mut rules = Vec::new();
-        let mut errors = Vec::new();
         let mut hasher = Sha256::new();
         for path in files {
             match compile(&engine, &path) {
@@ -172,11 +207,17 @@ impl RuleSet {
             rules,
             actions,
             hash: hex::encode(&hasher.finalize()[..8]),
+            ignored,
         })
     }
 
     pub fn rules(&self) -> &[Rule] {
         &self.rules
+    }
+
+    /// Entries of the directory that look like rules but were not loaded, and why.
+    pub fn ignored(&self) -> &[Ignored] {
+        &self.ignored
     }
 
     /// A short hash of the rules' names and sources, to tell rule sets apart.
@@ -283,23 +324,90 @@ impl RuleSet {
     }
 }
 
-/// The `*.rhai` files of a directory, sorted by file name.
-fn rule_files(dir: &Path) -> Result<Vec<PathBuf>, RuleError> {
+/// What a rules directory holds.
+struct RuleFiles {
+    /// The `*.rhai` files, sorted by file name.
+    files: Vec<PathBuf>,
+    /// Entries that look like rules and are not loaded, said out loud.
+    ignored: Vec<Ignored>,
+    /// Entries that stand for a rule that cannot be loaded: they refuse the set.
+    errors: Vec<RuleError>,
+}
+
+/// Sorts the entries of a rules directory: rules, look-alikes to name, and entries that
+/// must refuse the set. A rule never vanishes quietly: a `*.rhai` that turned into a
+/// directory or has a case-changed extension is named; a dangling symlink or an entry that
+/// cannot be read is an error, like a compile error.
+fn rule_files(dir: &Path) -> Result<RuleFiles, RuleError> {
     let io = |e: std::io::Error| RuleError::Io(dir.to_owned(), e.to_string());
-    let mut files = Vec::new();
+    let mut found = RuleFiles {
+        files: Vec::new(),
+        ignored: Vec::new(),
+        errors: Vec::new(),
+    };
     for entry in std::fs::read_dir(dir).map_err(io)? {
-        let path = entry.map_err(io)?.path();
-        if path.extension().is_some_and(|e| e == "rhai") && path.is_file() {
-            files.push(path);
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) => {
+                found.errors.push(RuleError::Entry {
+                    path: dir.to_owned(),
+                    reason: format!("cannot read an entry of the rules directory: {e}"),
+                });
+                continue;
+            }
+        };
+        let path = entry.path();
+        let Some(extension) = path.extension() else {
+            continue;
+        };
+        let exact = extension == "rhai";
+        if !exact && !extension.eq_ignore_ascii_case("rhai") {
+            continue;
+        }
+        let mut ignore = |reason| {
+            found.ignored.push(Ignored {
+                path: path.clone(),
+                reason,
+            })
+        };
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            // Editors' lock files (`.#x.rhai`, often dangling links) and hidden copies.
+            ignore("a hidden file (editors' lock and swap files are hidden)");
+            continue;
+        }
+        if !exact {
+            ignore("the extension must be `.rhai`, in lower case");
+            continue;
+        }
+        // Follows a symlink to what it points to.
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => found.files.push(path),
+            Ok(meta) if meta.is_dir() => ignore("a directory, not a rule file"),
+            Ok(_) => ignore("not a regular file"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                found.errors.push(RuleError::Entry {
+                    path,
+                    reason: "a symbolic link to nothing (its target is missing)".into(),
+                })
+            }
+            Err(e) => found.errors.push(RuleError::Entry {
+                path,
+                reason: format!("cannot read: {e}"),
+            }),
         }
     }
-    files.sort();
-    Ok(files)
+    found.files.sort();
+    found.ignored.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(found)
 }
 
 fn compile(engine: &Engine, path: &Path) -> Result<(Rule, String), RuleError> {
-    let source =
+    let mut source =
         std::fs::read_to_string(path).map_err(|e| RuleError::Io(path.to_owned(), e.to_string()))?;
+    // Some Windows editors start UTF-8 files with a byte-order mark; Rhai would refuse it.
+    if let Some(rest) = source.strip_prefix('\u{feff}') {
+        source = rest.to_owned();
+    }
     let at = |line: usize, column: usize, message: String| RuleError::Compile {
         location: Location {
             file: path.to_owned(),
@@ -377,6 +485,17 @@ fn prefilter_literals(
         if text.is_empty() {
             return Err(expected());
         }
+        if let Some(why) = escapable(&text) {
+            return Err((
+                line,
+                format!(
+                    "PREFILTER literal {text:?} contains {why}, which producers may write \
+                     differently (`\"type\": \"x\"` with a space, `\\/` for `/`, escapes): \
+                     records written that way would never reach the rule. Use a part without \
+                     it, such as a value alone"
+                ),
+            ));
+        }
         literals.push(text);
     }
     if literals.is_empty() {
@@ -386,6 +505,22 @@ fn prefilter_literals(
         ));
     }
     Ok(Some(literals))
+}
+
+/// Why a declared prefilter literal cannot be trusted to match a record's bytes: JSON lets a
+/// producer write `"` with spacing around it, `/` as `\/`, and `\` or a control character
+/// only escaped, so a literal holding one misses records (and only `\u` escapes make the
+/// prefilter step aside). The literals read from opening checks exclude them the same way.
+fn escapable(literal: &str) -> Option<String> {
+    let c = literal
+        .chars()
+        .find(|c| matches!(c, '"' | '\\' | '/') || c.is_control())?;
+    Some(match c {
+        '"' => "a quote (`\"`)".into(),
+        '\\' => "a backslash".into(),
+        '/' => "a slash (`/`)".into(),
+        c => format!("a control character (U+{:04X})", c as u32),
+    })
 }
 
 /// A record as rules see it, built once and only as far as the rules need: the guard
@@ -727,6 +862,88 @@ fn decide(record) {
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn a_rule_within_its_operations_but_past_the_deadline_is_stopped() {
+        // Few operations (each a copy of a 512 KiB string), far under MAX_OPERATIONS, but
+        // each one slow: only the wall-clock deadline can stop it.
+        let text = "fn decide(r) {
+    let s = \"x\";
+    for i in 0..19 { s += s; }
+    let n = 0;
+    for i in 0..20000 { n += s.to_upper().len(); }
+    n
+}";
+        let (_d, rs) = ruleset(&[("slow.rhai", text)], &["a"]).unwrap();
+        let verdicts = rs.evaluate(&record("{}"));
+        let Verdict::Failed(RuleError::Runtime { kind, message, .. }) = &verdicts[0].1 else {
+            panic!("{:?}", verdicts[0].1)
+        };
+        assert_eq!(kind, "took too long");
+        assert!(message.contains("took longer than 50 ms"), "{message}");
+    }
+
+    #[test]
+    fn no_rule_vanishes_quietly() {
+        let dir = tempfile::tempdir().unwrap();
+        let rule = "fn decide(r) { () }";
+        std::fs::write(dir.path().join("a.rhai"), rule).unwrap();
+        std::fs::write(dir.path().join("SHOUT.RHAI"), rule).unwrap();
+        std::fs::create_dir(dir.path().join("was_a_rule.rhai")).unwrap();
+        // A byte-order mark is not a reason to refuse a rule.
+        std::fs::write(dir.path().join("bom.rhai"), format!("\u{feff}{rule}")).unwrap();
+        let set = RuleSet::load(dir.path(), None).unwrap();
+        let names: Vec<&str> = set.rules().iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a", "bom"]);
+        let ignored: Vec<String> = set.ignored().iter().map(|i| i.to_string()).collect();
+        assert_eq!(ignored.len(), 2, "{ignored:?}");
+        assert!(
+            ignored[0].contains("SHOUT.RHAI: ignored: the extension"),
+            "{ignored:?}"
+        );
+        assert!(
+            ignored[1].contains("was_a_rule.rhai: ignored: a directory"),
+            "{ignored:?}"
+        );
+
+        // A dangling link refuses the set, as a compile error would.
+        std::os::unix::fs::symlink(dir.path().join("gone.rhai"), dir.path().join("b.rhai"))
+            .unwrap();
+        let errors = RuleSet::load(dir.path(), None).err().unwrap();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let message = errors[0].to_string();
+        assert!(
+            message.contains("b.rhai: a symbolic link to nothing"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn declared_literals_a_producer_may_escape_are_refused_at_their_line() {
+        for (literal, why) in [
+            (r#"\"type\":\"privacy_request\""#, "a quote"),
+            ("users/delete", "a slash"),
+            (r"C:\\data", "a backslash"),
+            (r"Delete\tUser", "a control character (U+0009)"),
+        ] {
+            let text = format!(
+                "// {why}\nconst PREFILTER = [\"ok\", \"{literal}\"];\nfn decide(r) {{ () }}"
+            );
+            let errors = ruleset(&[("p.rhai", &text)], &["a"]).err().unwrap();
+            let message = errors[0].to_string();
+            assert!(message.contains("p.rhai:2:"), "{message}");
+            assert!(message.contains(why), "{literal}: {message}");
+        }
+        // What may stay: spaces, punctuation other than those, any letters.
+        assert!(ruleset(
+            &[(
+                "p.rhai",
+                "const PREFILTER = [\"Delete User\", \"privacy_request\", \"Löschung: ja!\"];\nfn decide(r) { () }"
+            )],
+            &["a"]
+        )
+        .is_ok());
     }
 
     #[test]

@@ -4,6 +4,12 @@
 //! and runs every test case; only if all pass does the new set replace the old one, whole,
 //! between records. Otherwise the old set keeps running and the daemon says, until a good set
 //! loads, that its rules are stale.
+//!
+//! Deploys replace the directory rather than edit it (`rm -rf rules; mkdir rules`, or a
+//! symlink `rules -> release-2` swapped with `ln -sfn release-3 rules`), and a watch on the
+//! directory itself dies with it. So the parent is watched for the directory's own entry,
+//! and the directory is watched where it resolves to now, re-armed after every change and
+//! SIGHUP. While it cannot be watched, the rules are reported stale, not silently frozen.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -13,20 +19,24 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, Guard};
 use notify::Watcher;
 
-use super::testing::{self, Failure};
-use super::{RuleError, RuleSet};
+use super::testing::{self, Failure, SendCheck, Unsendable};
+use super::{Decision, RuleError, RuleSet};
 use crate::shutdown::Shutdown;
 
 /// Quiet time after the last change before reloading (editors write, rename, delete).
 const DEBOUNCE: Duration = Duration::from_millis(300);
 /// How often a daemon running stale rules says so again.
 const STALE_REMINDER: Duration = Duration::from_secs(60);
+/// How often a lost watch is tried again (the directory may be back without an event the
+/// parent watch sees, e.g. a symlink's target re-created elsewhere).
+const REARM_RETRY: Duration = Duration::from_secs(2);
 
 /// Why a rule set was refused.
 #[derive(Debug)]
 pub struct LoadFailure {
     pub errors: Vec<RuleError>,
     pub failures: Vec<Failure>,
+    pub unsendable: Vec<Unsendable>,
     pub passed: usize,
 }
 
@@ -42,34 +52,47 @@ impl std::fmt::Display for LoadFailure {
                 c.rule, c.case, c.expected, c.actual
             )?;
         }
-        if !self.failures.is_empty() {
-            write!(
-                f,
-                "  {} passed, {} failed",
-                self.passed,
-                self.failures.len()
-            )?;
+        for c in &self.unsendable {
+            writeln!(f, "  test failed: {c}")?;
+        }
+        let failed = self.failures.len() + self.unsendable.len();
+        if failed > 0 {
+            write!(f, "  {} passed, {failed} failed", self.passed)?;
         }
         Ok(())
     }
 }
 
-/// Compiles the rules in `dir` and runs their tests; the set is usable only if all pass.
-pub fn load_tested(dir: &Path, actions: &BTreeSet<String>) -> Result<RuleSet, LoadFailure> {
+/// Whether the configured actions can send a decision: owned by [`Rules`] for reloads.
+pub type Sendable = Arc<dyn Fn(&Decision) -> Result<(), String> + Send + Sync>;
+
+/// Compiles the rules in `dir` and runs their tests; the set is usable only if all pass,
+/// and only if `sendable` accepts every decision the cases expect (a rule whose requests the
+/// config cannot send would dead-letter each one live).
+pub fn load_tested(
+    dir: &Path,
+    actions: &BTreeSet<String>,
+    sendable: SendCheck,
+) -> Result<RuleSet, LoadFailure> {
     let refuse = |errors| LoadFailure {
         errors,
         failures: Vec::new(),
+        unsendable: Vec::new(),
         passed: 0,
     };
     let set = RuleSet::load(dir, Some(actions.clone())).map_err(refuse)?;
-    let report = testing::run(&set).map_err(refuse)?;
+    for ignored in set.ignored() {
+        tracing::warn!(path = %ignored.path.display(), reason = ignored.reason, "not loaded as a rule");
+    }
+    let report = testing::run(&set, Some(sendable)).map_err(refuse)?;
     for rule in &report.untested {
         tracing::warn!(rule, "rule has no test cases");
     }
-    if !report.failures.is_empty() {
+    if report.failed() > 0 {
         return Err(LoadFailure {
             errors: Vec::new(),
             failures: report.failures,
+            unsendable: report.unsendable,
             passed: report.passed,
         });
     }
@@ -104,6 +127,8 @@ pub struct RulesStatus {
     pub last_error: Option<String>,
     pub reloads_ok: u64,
     pub reloads_failed: u64,
+    /// Why the rules directory is not watched now (edits would go unseen), if it is not.
+    pub watch_lost: Option<String>,
 }
 
 /// The running rule set, swapped whole by a reload.
@@ -112,10 +137,11 @@ pub struct Rules {
     status: Mutex<RulesStatus>,
     dir: PathBuf,
     actions: BTreeSet<String>,
+    sendable: Sendable,
 }
 
 impl Rules {
-    pub fn new(set: RuleSet, dir: PathBuf, actions: BTreeSet<String>) -> Self {
+    pub fn new(set: RuleSet, dir: PathBuf, actions: BTreeSet<String>, sendable: Sendable) -> Self {
         let status = RulesStatus {
             hash: set.hash().to_owned(),
             stale: false,
@@ -123,12 +149,14 @@ impl Rules {
             last_error: None,
             reloads_ok: 0,
             reloads_failed: 0,
+            watch_lost: None,
         };
         Self {
             current: ArcSwap::from_pointee(set),
             status: Mutex::new(status),
             dir,
             actions,
+            sendable,
         }
     }
 
@@ -137,13 +165,38 @@ impl Rules {
         self.current.load()
     }
 
+    /// The status; rules whose directory is not watched are stale too: the directory may
+    /// hold edits the daemon cannot see.
     pub fn status(&self) -> RulesStatus {
-        self.status.lock().unwrap().clone()
+        let mut status = self.status.lock().unwrap().clone();
+        if let Some(lost) = &status.watch_lost {
+            status.stale = true;
+            status.last_error.get_or_insert_with(|| lost.clone());
+        }
+        status
+    }
+
+    /// Records whether the directory is watched; logs only when that changes.
+    fn set_watch_lost(&self, lost: Option<String>) {
+        let mut status = self.status.lock().unwrap();
+        match (&status.watch_lost, &lost) {
+            (None, Some(why)) => tracing::error!(
+                dir = %self.dir.display(),
+                "rules_watch_lost: {why}; edits to the rules are not seen until it can be \
+                 watched again (retried every {} s, and on SIGHUP); the rules are stale",
+                REARM_RETRY.as_secs()
+            ),
+            (Some(_), None) => {
+                tracing::info!(dir = %self.dir.display(), "watching the rules directory again")
+            }
+            _ => {}
+        }
+        status.watch_lost = lost;
     }
 
     /// Compiles and tests the rules directory; installs the result only if all is well.
     pub fn reload(&self, cause: Cause) {
-        let result = load_tested(&self.dir, &self.actions);
+        let result = load_tested(&self.dir, &self.actions, &*self.sendable);
         let mut status = self.status.lock().unwrap();
         match result {
             Ok(set) => {
@@ -176,15 +229,75 @@ impl Rules {
     }
 }
 
+/// The watches on the rules directory: its parent (for the directory's own entry being
+/// removed, re-created, renamed over or re-linked) and what the directory resolves to now.
+struct DirWatch {
+    watcher: notify::RecommendedWatcher,
+    /// The directory as configured, absolute (it may be a symlink).
+    dir: PathBuf,
+    /// Where it resolved to when last armed; `None` while it cannot be watched.
+    armed: Option<PathBuf>,
+}
+
+impl DirWatch {
+    /// Watches the directory where it resolves to now. Done after every change and SIGHUP:
+    /// a watch on a directory that was removed or swapped out sees nothing more.
+    fn rearm(&mut self) -> Result<(), String> {
+        if let Some(old) = self.armed.take() {
+            // Gone already if the directory was removed; that is fine.
+            let _ = self.watcher.unwatch(&old);
+        }
+        let target = std::fs::canonicalize(&self.dir)
+            .map_err(|e| format!("cannot watch {}: {e}", self.dir.display()))?;
+        self.watcher
+            .watch(&target, notify::RecursiveMode::NonRecursive)
+            .map_err(|e| format!("cannot watch {}: {e}", target.display()))?;
+        self.armed = Some(target);
+        Ok(())
+    }
+}
+
 /// Reloads on changes in the rules directory (debounced) and on SIGHUP, until shutdown.
 pub async fn watch(rules: Arc<Rules>, shutdown: Shutdown) -> Result<(), notify::Error> {
+    let dir = std::path::absolute(&rules.dir).unwrap_or_else(|_| rules.dir.clone());
+    let parent = dir
+        .parent()
+        .map_or_else(|| PathBuf::from("/"), Path::to_owned);
     let (tx, mut changes) = tokio::sync::mpsc::channel::<()>(1);
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|e| !e.kind.is_access()) {
+    let (entry, parent_dir) = (dir.clone(), parent.clone());
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let relevant = match &event {
+            // A lost or overflowing watch: re-arm and reload to be sure.
+            Err(_) => true,
+            Ok(e) if e.kind.is_access() => false,
+            Ok(e) if e.paths.is_empty() => true,
+            // In the parent, only the directory's own entry counts (the state file may sit
+            // beside it and change all the time); anything else comes from the directory.
+            Ok(e) => e
+                .paths
+                .iter()
+                .any(|p| p == &entry || p.parent() != Some(parent_dir.as_path())),
+        };
+        if relevant {
             let _ = tx.try_send(());
         }
-    })?;
-    watcher.watch(&rules.dir, notify::RecursiveMode::NonRecursive)?;
+    });
+    let lost = |e: &notify::Error| {
+        rules.set_watch_lost(Some(format!(
+            "cannot watch {}: {e}; hot reload is off",
+            parent.display()
+        )))
+    };
+    let mut watcher = watcher.inspect_err(lost)?;
+    watcher
+        .watch(&parent, notify::RecursiveMode::NonRecursive)
+        .inspect_err(lost)?;
+    let mut watch = DirWatch {
+        watcher,
+        dir,
+        armed: None,
+    };
+    rules.set_watch_lost(watch.rearm().err());
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(|e| notify::Error::generic(&format!("cannot listen for SIGHUP: {e}")))?;
     let mut reminder = tokio::time::interval(STALE_REMINDER);
@@ -197,15 +310,23 @@ pub async fn watch(rules: Arc<Rules>, shutdown: Shutdown) -> Result<(), notify::
                 Cause::DirectoryChanged
             }
             Some(()) = hangup.recv() => Cause::Sighup,
+            _ = tokio::time::sleep(REARM_RETRY), if watch.armed.is_none() => {
+                if watch.rearm().is_err() {
+                    continue;
+                }
+                Cause::DirectoryChanged
+            }
             _ = reminder.tick() => {
                 let status = rules.status();
                 if status.stale {
-                    tracing::warn!(running = %status.hash, "rules are stale: the last reload was refused:\n{}", status.last_error.unwrap_or_default());
+                    tracing::warn!(running = %status.hash, "rules are stale: the last reload was refused or the directory is not watched:\n{}", status.last_error.unwrap_or_default());
                 }
                 continue;
             }
             _ = shutdown.triggered() => return Ok(()),
         };
+        // Before the reload: an edit made while re-arming is read by the reload.
+        rules.set_watch_lost(watch.rearm().err());
         let rules = rules.clone();
         let _ = tokio::task::spawn_blocking(move || rules.reload(cause)).await;
     }

@@ -1,8 +1,9 @@
 //! `rules test`: each rule's cases from `NAME.test.json` beside `NAME.rhai`.
 //!
 //! A case gives `record` (its `data` plus any other field; defaults fill the rest) and
-//! `expect`: a decision, a list of decisions, or null. The prefilter applies, to the compact
-//! JSON of `data`, so a wrong literal shows up as a failing case.
+//! `expect`: a decision, a list of decisions, or null. The case's bytes (the compact JSON of
+//! `data`, or `data_text` exactly as a producer writes it) take the daemon's own path,
+//! prefilter and opening checks included, so a wrong literal shows up as a failing case.
 
 use std::path::{Path, PathBuf};
 
@@ -10,6 +11,10 @@ use serde::Deserialize;
 
 use super::{Decision, Location, RuleError, RuleSet, Verdict};
 use crate::decode::RecordJson;
+
+/// Whether the configured actions can turn a decision into a request (`Err` says why). The
+/// caller builds it from its config: rules know nothing of actions (data flows one way).
+pub type SendCheck<'a> = &'a dyn Fn(&Decision) -> Result<(), String>;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,10 +52,34 @@ pub struct Failure {
     pub actual: String,
 }
 
+/// A case that expects a decision the configured actions cannot send: the rule would
+/// dead-letter every such request live, so the set is refused.
+#[derive(Debug)]
+pub struct Unsendable {
+    /// The test file.
+    pub file: PathBuf,
+    pub case: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Unsendable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: case {:?} expects a decision the configured actions cannot send: {}",
+            self.file.display(),
+            self.case,
+            self.reason
+        )
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Report {
     pub passed: usize,
     pub failures: Vec<Failure>,
+    /// Cases (counted as failed) whose expected decisions cannot be sent.
+    pub unsendable: Vec<Unsendable>,
     /// Rules that have no test file.
     pub untested: Vec<String>,
 }
@@ -60,8 +89,16 @@ pub fn test_file(rule_path: &Path) -> PathBuf {
     rule_path.with_extension("test.json")
 }
 
-/// Runs every rule's test cases. Unreadable test files are errors with file:line.
-pub fn run(set: &RuleSet) -> Result<Report, Vec<RuleError>> {
+impl Report {
+    /// Cases that failed, either way.
+    pub fn failed(&self) -> usize {
+        self.failures.len() + self.unsendable.len()
+    }
+}
+
+/// Runs every rule's test cases. Unreadable test files are errors with file:line. With
+/// `sendable`, every expected decision must also be one the configured actions can send.
+pub fn run(set: &RuleSet, sendable: Option<SendCheck>) -> Result<Report, Vec<RuleError>> {
     let mut report = Report::default();
     let mut errors = Vec::new();
     for (index, rule) in set.rules().iter().enumerate() {
@@ -73,7 +110,7 @@ pub fn run(set: &RuleSet) -> Result<Report, Vec<RuleError>> {
         match load_cases(&path) {
             Ok(cases) => {
                 for case in cases {
-                    run_case(set, index, case, &mut report);
+                    run_case(set, index, &path, case, sendable, &mut report);
                 }
             }
             Err(e) => errors.push(e),
@@ -99,16 +136,39 @@ fn load_cases(path: &Path) -> Result<Vec<Case>, RuleError> {
     })
 }
 
-fn run_case(set: &RuleSet, index: usize, case: Case, report: &mut Report) {
+fn run_case(
+    set: &RuleSet,
+    index: usize,
+    file: &Path,
+    case: Case,
+    sendable: Option<SendCheck>,
+    report: &mut Report,
+) {
     let record = case.record.into_record();
     let expected = case.expect.into_list();
-    let actual = match set.evaluate_rule(index, &record) {
+    // Exactly what the daemon runs on a record: a rule the prefilter leaves out decides
+    // nothing.
+    let verdict = set
+        .run(&record)
+        .into_iter()
+        .find(|(i, _)| *i == index)
+        .map_or(Verdict::Skipped, |(_, verdict)| verdict);
+    let actual = match verdict {
         Verdict::Skipped => Ok(Vec::new()),
         Verdict::Decided(decisions) => Ok(decisions),
         Verdict::Failed(e) => Err(e.to_string()),
     };
+    // A case the rule passes must also expect only decisions the config can send.
+    let unsendable = || sendable.and_then(|check| expected.iter().find_map(|d| check(d).err()));
     match actual {
-        Ok(actual) if actual == expected => report.passed += 1,
+        Ok(actual) if actual == expected => match unsendable() {
+            None => report.passed += 1,
+            Some(reason) => report.unsendable.push(Unsendable {
+                file: file.to_owned(),
+                case: case.name,
+                reason,
+            }),
+        },
         actual => report.failures.push(Failure {
             rule: set.rules()[index].name.clone(),
             case: case.name,
@@ -126,5 +186,80 @@ fn decisions_json(decisions: &[Decision]) -> String {
         [] => "null (no decision)".into(),
         [one] => serde_json::to_string(one).unwrap_or_default(),
         many => serde_json::to_string(many).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `data_text` gives a case the bytes a producer really writes; the case then passes or
+    /// fails as the daemon would on those bytes.
+    #[test]
+    fn data_text_cases_see_the_producers_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        // The opening check gives the rule the prefilter `privacy_request`.
+        std::fs::write(
+            dir.path().join("r.rhai"),
+            "fn decide(record) {\n    if record.data.type != \"privacy_request\" { return; }\n    #{ action: \"a\", key: record.data.id }\n}\n",
+        )
+        .unwrap();
+        let decision = r#"{"action": "a", "key": "k-1"}"#;
+        let cases = format!(
+            r#"[
+  {{"name": "python spacing", "record": {{"data_text": "{{\"type\": \"privacy_request\", \"id\": \"k-1\"}}"}}, "expect": {decision}}},
+  {{"name": "an escape in the type", "record": {{"data_text": "{{\"type\": \"privacy\\u005frequest\", \"id\": \"k-1\"}}"}}, "expect": {decision}}},
+  {{"name": "the literal in the wrong field only", "record": {{"data_text": "{{\"type\": \"x\", \"note\": \"privacy_request\"}}"}}, "expect": {decision}}}
+]"#
+        );
+        std::fs::write(dir.path().join("r.test.json"), cases).unwrap();
+        let set = RuleSet::load(dir.path(), None).unwrap();
+        let report = run(&set, None).unwrap();
+        assert_eq!(report.passed, 2, "{:?}", report.failures);
+        assert_eq!(report.failures.len(), 1);
+        assert_eq!(
+            report.failures[0].case,
+            "the literal in the wrong field only"
+        );
+        assert_eq!(report.failures[0].actual, "null (no decision)");
+    }
+}
+
+#[cfg(test)]
+mod sendable_tests {
+    use super::*;
+
+    #[test]
+    fn a_case_expecting_an_unsendable_decision_fails_with_file_case_and_why() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("r.rhai"),
+            "fn decide(record) { #{ action: \"a\", key: \"k\", params: record.data } }",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("r.test.json"),
+            r#"[{"name": "with id", "record": {"data": {"user_id": "u"}}, "expect": {"action": "a", "key": "k", "params": {"user_id": "u"}}},
+                {"name": "without", "record": {"data": {"name": "u"}}, "expect": {"action": "a", "key": "k", "params": {"name": "u"}}}]"#,
+        )
+        .unwrap();
+        let set = RuleSet::load(dir.path(), None).unwrap();
+        let needs_user_id = |d: &Decision| match d.params.contains_key("user_id") {
+            true => Ok(()),
+            false => Err("param \"user_id\" is missing (the URL needs it)".to_owned()),
+        };
+        let report = run(&set, Some(&needs_user_id)).unwrap();
+        assert_eq!((report.passed, report.failed()), (1, 1));
+        let message = report.unsendable[0].to_string();
+        assert!(
+            message.contains("r.test.json: case \"without\""),
+            "{message}"
+        );
+        assert!(
+            message.contains("param \"user_id\" is missing"),
+            "{message}"
+        );
+        // Without a config, any decision goes.
+        assert_eq!(run(&set, None).unwrap().failed(), 0);
     }
 }

@@ -1,6 +1,9 @@
 //! Offline `preview` and `rules diff` on fixture files: staff iterate on rules without a
 //! stream.
 
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
 use serde_json::Value;
 
 use crate::support::*;
@@ -145,4 +148,85 @@ fn rules_diff_shows_what_an_edit_changes() {
         out.starts_with("summary: 8 records, 0 with different decisions"),
         "{out}"
     );
+}
+
+/// Per rule: records past its prefilter and matches, from a summary line.
+fn evaluated(summary: &Value) -> BTreeMap<String, (u64, u64)> {
+    summary["rules"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, s)| {
+            let n = |k: &str| s[k].as_u64().unwrap();
+            (name.clone(), (n("records_evaluated"), n("matches")))
+        })
+        .collect()
+}
+
+/// Producers write JSON their own way (Python's spaces, escapes): `capture` keeps each
+/// record's bytes, so a preview of the capture evaluates what the dry-run (the daemon's path)
+/// evaluated, prefilter included, not a re-serialization of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preview_of_a_capture_sees_the_bytes_the_daemon_sees() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    let records: Vec<(String, Vec<u8>)> = [
+        // An escape: the prefilter steps aside for it in the daemon.
+        r#"{"type": "page_view", "title": "Caf\u00e9 menu"}"#,
+        r#"{"type": "privacy_request", "tags": ["GDPR", "Delete User"], "client": "acme", "request_id": "r-1", "user_id": "u-1"}"#,
+        r#"{"type": "order", "note": "Delete User", "url": "https:\/\/shop.example\/o\/1"}"#,
+    ]
+    .iter()
+    .map(|r| ("k".to_owned(), r.as_bytes().to_vec()))
+    .collect();
+    put(&client, "events", &records).await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", "https://backend.example.com");
+    let config = ws.config();
+    let config = config.to_str().unwrap();
+
+    let (code, dry, err) = tokio::task::block_in_place(|| {
+        ws.run(&["run", "--config", config, "--dry-run", "--output", "json"])
+    });
+    assert_eq!(code, 0, "{err}");
+    let (code, captured, err) =
+        tokio::task::block_in_place(|| ws.run(&["capture", "--config", config]));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(captured.lines().count(), 3, "{captured}");
+    for (line, (_, bytes)) in json_lines(&captured).iter().zip(&records) {
+        // The readable view, beside the bytes.
+        assert!(line["data"].is_object(), "{line}");
+        let kept = base64::engine::general_purpose::STANDARD
+            .decode(line["data_base64"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(&kept, bytes);
+    }
+    std::fs::write(ws.path("captured.jsonl"), &captured).unwrap();
+    let input = ws.path("captured.jsonl");
+    let (code, previewed, err) = ws.run(&[
+        "preview",
+        "--config",
+        config,
+        "--rules-dir",
+        "rules",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+
+    let dry = json_lines(&dry);
+    let previewed = json_lines(&previewed);
+    let dry_summary = evaluated(dry.last().unwrap());
+    assert_eq!(dry_summary["acme_gdpr_delete_user"], (3, 1), "{dry:?}");
+    assert_eq!(evaluated(previewed.last().unwrap()), dry_summary);
+    let keys = |lines: &[Value]| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|l| l["type"] == "action")
+            .map(|l| l["key"].to_string())
+            .collect()
+    };
+    assert_eq!(keys(&previewed), keys(&dry));
 }

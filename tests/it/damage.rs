@@ -92,8 +92,21 @@ async fn a_retry_that_cannot_build_its_request_keeps_the_letter_as_it_was() {
     assert_eq!(first["kind"], "action_failed");
     assert_eq!(first["retries"], 0);
 
-    // The action's URL now needs a param the decision lacks.
+    // The action's URL now needs a param the kept decision lacks (the rules, and their
+    // test cases, were updated with it).
     edit_config(&ws, "/v1/users/{user_id}/", "/v1/{tenant}/users/{user_id}/");
+    for entry in std::fs::read_dir(ws.path("rules")).unwrap() {
+        std::fs::remove_file(entry.unwrap().path()).unwrap();
+    }
+    ws.write_rule(
+        "acme.rhai",
+        "const PREFILTER = [\"Delete User\"];\nfn decide(record) {\n    if record.data.client != \"acme\" || !record.data.tags.contains(\"GDPR\") { return; }\n    #{ action: \"anonymize_user\", key: record.data.request_id, params: #{ user_id: record.data.user_id, tenant: \"acme\" } }\n}\n",
+    );
+    ws.write_rule(
+        "acme.test.json",
+        r#"[{"name": "a request", "record": {"data": {"type": "privacy_request", "tags": ["GDPR", "Delete User"], "client": "acme", "request_id": "r-1", "user_id": "u-1"}},
+            "expect": {"action": "anonymize_user", "key": "r-1", "params": {"user_id": "u-1", "tenant": "acme"}}}]"#,
+    );
     for attempt in 1..=2 {
         let (code, line) = retry(&ws, &id);
         assert_eq!(code, 1, "{line}");

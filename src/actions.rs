@@ -53,7 +53,7 @@ pub enum ActionError {
         path: PathBuf,
         reason: String,
     },
-    #[error("action {action:?}: cannot build HTTP client: {source}")]
+    #[error("action {action:?}: cannot build HTTP client")]
     Client {
         action: String,
         source: reqwest::Error,

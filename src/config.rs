@@ -19,7 +19,7 @@ const DEFAULT_STATE_PATH: &str = "gdpr-consumer.redb";
 /// Errors found while reading or resolving the configuration (exit code 2).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,

@@ -33,13 +33,13 @@ use crate::telemetry::{ActionOutcome, Telemetry};
 pub enum PipelineError {
     #[error(transparent)]
     Source(#[from] SourceError),
-    #[error("shard {shard_id} at sequence number {sequence_number}: {source}")]
+    #[error("shard {shard_id} at sequence number {sequence_number}")]
     State {
         shard_id: String,
         sequence_number: String,
         source: StateError,
     },
-    #[error("dead letter {id}: {source}")]
+    #[error("dead letter {id}")]
     Unseal { id: u64, source: KeyError },
 }
 
@@ -524,7 +524,7 @@ impl Pipeline {
             }
             Ok(None) => {}
             // Two letters for one record are better than none.
-            Err(e) => tracing::warn!(error = %e, "cannot read the dead letter index"),
+            Err(e) => tracing::warn!(error = %crate::telemetry::chain(&e), "cannot read the dead letter index"),
         }
         let id = state.new_dead_letter_id();
         let mut letter = DeadLetter::new(origin, reason);

@@ -57,7 +57,7 @@ pub enum StateError {
     Locked { path: PathBuf },
     #[error("state file {path} does not exist")]
     Missing { path: PathBuf },
-    #[error("state file {path}: {context}: {source}")]
+    #[error("state file {path}: {context}")]
     Db {
         path: PathBuf,
         context: &'static str,
@@ -83,6 +83,8 @@ pub enum StateError {
     },
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error("state file {path} is open read-only here")]
+    ReadOnly { path: PathBuf },
     #[error("state file {path}: no dead letter {id}")]
     NoDeadLetter { path: PathBuf, id: u64 },
     #[error(
@@ -512,10 +514,8 @@ impl State {
     }
 
     fn writer(&self) -> Result<&Database, StateError> {
-        self.db.writable().ok_or_else(|| StateError::Db {
+        self.db.writable().ok_or_else(|| StateError::ReadOnly {
             path: self.path.clone(),
-            context: "opened read-only",
-            source: Box::new(redb::Error::RepairAborted),
         })
     }
 

@@ -456,8 +456,10 @@ impl Telemetry {
         shards.clear();
         for mut view in views {
             // Counted from zero, so a rate over the first restart works.
-            self.shard_restarts
-                .get_or_create(&label("shard_id", &view.shard_id));
+            drop(
+                self.shard_restarts
+                    .get_or_create(&label("shard_id", &view.shard_id)),
+            );
             view.millis_behind_latest = lags.get(&view.shard_id).copied().flatten();
             shards.insert(view.shard_id.clone(), view);
         }

@@ -1028,3 +1028,114 @@ fn state_error(record: &Record, source: StateError) -> PipelineError {
 fn regulation(decision: &Decision) -> &str {
     decision.regulation.as_deref().unwrap_or("GDPR")
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::keys::KeySource;
+    use crate::state::Access;
+
+    /// A backend on loopback that answers 200 to everything and counts the requests.
+    async fn counting_backend() -> (String, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let count = Arc::new(AtomicUsize::new(0));
+        let counted = count.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 8192];
+                    if socket.read(&mut buf).await.unwrap_or(0) > 0 {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        let _ = socket
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                            .await;
+                    }
+                });
+            }
+        });
+        (url, count)
+    }
+
+    fn batch(keys: &[&str], first_sequence: u64) -> Batch {
+        Batch {
+            records: keys
+                .iter()
+                .enumerate()
+                .map(|(i, key)| RawRecord {
+                    sequence_number: (first_sequence + i as u64).to_string().into(),
+                    partition_key: "pk".into(),
+                    arrival_time_millis: 0,
+                    data: format!(r#"{{"k":"{key}"}}"#).into_bytes(),
+                })
+                .collect(),
+            millis_behind_latest: Some(0),
+            shard_end: false,
+            in_flight: None,
+        }
+    }
+
+    /// A state that cannot be written (here: opened read-only) makes the first commit
+    /// fail; from then on no backend call is made until a write succeeds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_backend_call_while_the_state_cannot_be_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = dir.path().join("rules");
+        std::fs::create_dir(&rules).unwrap();
+        std::fs::write(
+            rules.join("all.rhai"),
+            "fn decide(record) { #{ action: \"a\", key: record.data.k } }\n",
+        )
+        .unwrap();
+        let (url, calls) = counting_backend().await;
+        let config = dir.path().join("c.toml");
+        std::fs::write(
+            &config,
+            format!("[actions.a]\nurl = \"{url}/x\"\nallow_insecure_http = true\nmax_attempts = 1\n"),
+        )
+        .unwrap();
+        let specs = crate::config::action_specs(&config).unwrap();
+        let names: BTreeSet<String> = specs.keys().cloned().collect();
+        let set = RuleSet::load(&rules, Some(names.clone())).unwrap();
+        let (path, key) = (dir.path().join("s.redb"), dir.path().join("s.key"));
+        let source = KeySource {
+            env: None,
+            file: &key,
+        };
+        drop(State::open(&path, source, Access::Run).unwrap());
+        let (state, keys) = State::open(&path, source, Access::Read).unwrap();
+        let telemetry = Arc::new(Telemetry::new());
+        let pipeline = Pipeline {
+            stream: "s".into(),
+            rules: Arc::new(Rules::new(set, rules, names, Arc::new(|_: &Decision| Ok(())))),
+            actions: ActionSet::new(&specs, true).unwrap(),
+            sink: Sink::Live {
+                state: Arc::new(state),
+                keys,
+            },
+            shutdown: Shutdown::new(),
+            telemetry: telemetry.clone(),
+            claims: Default::default(),
+        };
+        let mut progress = ShardProgress::new("s", "shard-0", Position::Start(crate::source::StartPosition::TrimHorizon));
+        // The call happens, its outcome cannot be recorded: the batch fails.
+        let first = pipeline.handle_batch(&mut progress, batch(&["r-1"], 1)).await;
+        assert!(matches!(first, Err(PipelineError::State { .. })));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(telemetry.state_fault().is_some());
+        // Read again (the worker restarted): no call while the state still cannot be
+        // written, for that request or any other.
+        let mut progress = ShardProgress::new("s", "shard-0", Position::Start(crate::source::StartPosition::TrimHorizon));
+        let again = pipeline
+            .handle_batch(&mut progress, batch(&["r-1", "r-2"], 1))
+            .await;
+        assert!(matches!(again, Err(PipelineError::State { .. })));
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "called while the state was broken");
+    }
+}

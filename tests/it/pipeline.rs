@@ -101,7 +101,9 @@ async fn a_restart_neither_loses_nor_repeats_a_request() {
         "the stop came too late to test anything ({halfway})"
     );
 
+    ws.with_metrics();
     let second = ws.start_daemon(&[]);
+    let address = metrics_address(&second).await;
     wait_until(Duration::from_secs(90), "all requests", || {
         backend.count() >= 50
     })
@@ -110,17 +112,85 @@ async fn a_restart_neither_loses_nor_repeats_a_request() {
         caught_up_count(&second.stderr()) >= 4
     })
     .await;
+    let read_again = records_read(&address).await;
     assert!(second.stop().success());
     assert_each_once(&check_requests(&backend.received()), 50);
+    // The restart read from the checkpoints, not from the start of the stream.
+    assert!(
+        read_again < 5_010.0,
+        "the second run read {read_again} records: checkpoints were not used"
+    );
 
-    // Nothing new on the stream: a third run sends nothing.
+    // Nothing new on the stream: a third run reads nothing again and sends nothing.
     let third = ws.start_daemon(&[]);
+    let address = metrics_address(&third).await;
     wait_until(Duration::from_secs(60), "all shards caught up", || {
         caught_up_count(&third.stderr()) >= 4
     })
     .await;
+    assert_eq!(records_read(&address).await, 0.0);
     assert!(third.stop().success());
     assert_eq!(backend.count(), 50);
+}
+
+/// Records read so far, over every shard, from `/metrics`.
+async fn records_read(address: &str) -> f64 {
+    let text = reqwest::get(format!("http://{address}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("gdpr_consumer_records_read_total"))
+        .filter_map(|l| l.rsplit_once(' '))
+        .map(|(_, v)| v.parse::<f64>().unwrap())
+        .sum()
+}
+
+/// SIGTERM while a request waits for its next attempt: the daemon stops at once, leaves
+/// the request unsettled (no dead letter), and the next start sends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_retry_wait_leaves_the_request_for_the_next_start() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    put(&client, "events", &traffic(20, 1, 0)).await;
+    let backend =
+        Backend::with_behaviour(Duration::ZERO, |_, earlier| if earlier == 0 { 503 } else { 200 })
+            .await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    let text = std::fs::read_to_string(ws.config())
+        .unwrap()
+        .replace("initial_backoff_ms = 20", "initial_backoff_ms = 20000")
+        .replace("max_backoff_ms = 200", "max_backoff_ms = 20000");
+    std::fs::write(ws.config(), text).unwrap();
+    let first = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(30), "the first attempt", || {
+        backend.count() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopping = std::time::Instant::now();
+    assert!(first.stop().success());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "the stop waited for the retry"
+    );
+    assert_eq!(backend.count(), 1);
+    assert!(ws.dead_letters().is_empty(), "an interrupted request is not a failure");
+
+    let second = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(30), "the request", || backend.count() == 2).await;
+    wait_until(Duration::from_secs(30), "caught up", || {
+        caught_up_count(&second.stderr()) >= 1
+    })
+    .await;
+    assert!(second.stop().success());
+    let received = backend.received();
+    assert_eq!(received[1].path, received[0].path);
+    assert_eq!(received[1].idempotency_key, received[0].idempotency_key);
+    assert!(ws.dead_letters().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::shutdown::Shutdown;
@@ -16,6 +17,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::rules::Decision;
+use crate::telemetry::Telemetry;
 
 /// Most of a backend's answer read just to keep its connection open for the next call.
 const MAX_DRAINED_BODY: usize = 64 << 10;
@@ -432,6 +434,8 @@ struct Action {
 /// All configured actions, ready to prepare and send requests.
 pub struct ActionSet {
     actions: BTreeMap<String, Action>,
+    /// Where retries are reported (the daemon; not a dry-run or a preview).
+    telemetry: Option<Arc<Telemetry>>,
 }
 
 impl ActionSet {
@@ -483,7 +487,21 @@ impl ActionSet {
                 },
             );
         }
-        Ok(Self { actions })
+        Ok(Self {
+            actions,
+            telemetry: None,
+        })
+    }
+
+    /// Reports each retry of a backend fault to `telemetry` (event and counter).
+    pub fn observed(self, telemetry: Arc<Telemetry>) -> Self {
+        for name in self.actions.keys() {
+            telemetry.action_configured(name);
+        }
+        Self {
+            telemetry: Some(telemetry),
+            ..self
+        }
     }
 
     /// Turns a decision into the request the backend will receive.
@@ -590,7 +608,9 @@ impl ActionSet {
                     retryable: true,
                 };
             }
-            tracing::warn!(action = %request.action, attempt, %error, delay_ms = delay.as_millis() as u64, "action failed, retrying");
+            if let Some(telemetry) = &self.telemetry {
+                telemetry.action_retry(&request.action, attempt, &error, delay);
+            }
             if shutdown.sleep(delay).await.is_err() {
                 return Outcome::Interrupted;
             }

@@ -100,9 +100,9 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
         hash = rules.hash(),
         "rules loaded"
     );
-    let actions = ActionSet::new(&settings.actions, dry_run.is_none())?;
     let shutdown = Shutdown::new();
     let telemetry = Arc::new(Telemetry::new());
+    let actions = ActionSet::new(&settings.actions, dry_run.is_none())?.observed(telemetry.clone());
     let rule_names: Vec<String> = rules.rules().iter().map(|r| r.name.clone()).collect();
     let rules = Arc::new(Rules::new(
         rules,
@@ -299,7 +299,8 @@ pub async fn retry_dead_letters(
     let sendable = sendable(&settings)?;
     let rules = load_tested(&settings.rules_dir, &action_names, &*sendable)
         .map_err(|failure| RunError::Rules(settings.rules_dir.clone(), failure))?;
-    let actions = ActionSet::new(&settings.actions, true)?;
+    let telemetry = Arc::new(Telemetry::new());
+    let actions = ActionSet::new(&settings.actions, true)?.observed(telemetry.clone());
     let (state, keys) = State::open(&settings.state_path, key_source(&settings), Access::Write)?;
     let state = Arc::new(state);
     if let Some(missing) = ids
@@ -328,7 +329,7 @@ pub async fn retry_dead_letters(
             keys,
         },
         shutdown,
-        telemetry: Arc::new(Telemetry::new()),
+        telemetry,
         claims: Default::default(),
     };
     let mut results = Vec::new();

@@ -524,7 +524,9 @@ impl Pipeline {
             }
             Ok(None) => {}
             // Two letters for one record are better than none.
-            Err(e) => tracing::warn!(error = %crate::telemetry::chain(&e), "cannot read the dead letter index"),
+            Err(e) => {
+                tracing::warn!(error = %crate::telemetry::chain(&e), "cannot read the dead letter index")
+            }
         }
         let id = state.new_dead_letter_id();
         let mut letter = DeadLetter::new(origin, reason);
@@ -1097,7 +1099,9 @@ mod tests {
         let config = dir.path().join("c.toml");
         std::fs::write(
             &config,
-            format!("[actions.a]\nurl = \"{url}/x\"\nallow_insecure_http = true\nmax_attempts = 1\n"),
+            format!(
+                "[actions.a]\nurl = \"{url}/x\"\nallow_insecure_http = true\nmax_attempts = 1\n"
+            ),
         )
         .unwrap();
         let specs = crate::config::action_specs(&config).unwrap();
@@ -1113,7 +1117,12 @@ mod tests {
         let telemetry = Arc::new(Telemetry::new());
         let pipeline = Pipeline {
             stream: "s".into(),
-            rules: Arc::new(Rules::new(set, rules, names, Arc::new(|_: &Decision| Ok(())))),
+            rules: Arc::new(Rules::new(
+                set,
+                rules,
+                names,
+                Arc::new(|_: &Decision| Ok(())),
+            )),
             actions: ActionSet::new(&specs, true).unwrap(),
             sink: Sink::Live {
                 state: Arc::new(state),
@@ -1123,19 +1132,33 @@ mod tests {
             telemetry: telemetry.clone(),
             claims: Default::default(),
         };
-        let mut progress = ShardProgress::new("s", "shard-0", Position::Start(crate::source::StartPosition::TrimHorizon));
+        let mut progress = ShardProgress::new(
+            "s",
+            "shard-0",
+            Position::Start(crate::source::StartPosition::TrimHorizon),
+        );
         // The call happens, its outcome cannot be recorded: the batch fails.
-        let first = pipeline.handle_batch(&mut progress, batch(&["r-1"], 1)).await;
+        let first = pipeline
+            .handle_batch(&mut progress, batch(&["r-1"], 1))
+            .await;
         assert!(matches!(first, Err(PipelineError::State { .. })));
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         assert!(telemetry.state_fault().is_some());
         // Read again (the worker restarted): no call while the state still cannot be
         // written, for that request or any other.
-        let mut progress = ShardProgress::new("s", "shard-0", Position::Start(crate::source::StartPosition::TrimHorizon));
+        let mut progress = ShardProgress::new(
+            "s",
+            "shard-0",
+            Position::Start(crate::source::StartPosition::TrimHorizon),
+        );
         let again = pipeline
             .handle_batch(&mut progress, batch(&["r-1", "r-2"], 1))
             .await;
         assert!(matches!(again, Err(PipelineError::State { .. })));
-        assert_eq!(calls.load(Ordering::SeqCst), 1, "called while the state was broken");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "called while the state was broken"
+        );
     }
 }

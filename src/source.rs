@@ -191,6 +191,8 @@ pub struct KinesisSource {
     /// Calls failing now, by what failed (`ListShards`, or a shard id): what `/readyz`
     /// reports while the reader retries them.
     faults: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
+    /// Calls that failed and were retried, for `kinesis_retries_total`.
+    retries: std::sync::atomic::AtomicU64,
 }
 
 impl KinesisSource {
@@ -245,6 +247,7 @@ impl KinesisSource {
             records_per_call: settings.records_per_call,
             in_flight: Arc::new(Semaphore::new(settings.batches_in_flight)),
             faults: Default::default(),
+            retries: Default::default(),
         }
     }
 
@@ -258,10 +261,18 @@ impl KinesisSource {
         faults.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
+    /// Kinesis calls that failed and were retried so far.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn set_fault(&self, what: &str, fault: Option<String>) {
         let mut faults = self.faults.lock().unwrap();
         match fault {
             Some(message) => {
+                self.retries
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(event = "kinesis_retry", call = what, error = %message, "Kinesis call failed; retrying");
                 faults.insert(what.to_owned(), message);
             }
             None => {
@@ -490,7 +501,6 @@ impl ShardReader {
                 None => match self.source.iterator(&self.shard_id, &self.position).await {
                     Ok(it) => it,
                     Err(e) => {
-                        tracing::warn!(shard_id = %self.shard_id, error = %e, "retrying");
                         self.source.set_fault(&self.shard_id, Some(e.to_string()));
                         if shutdown.sleep(jitter(fault_backoff)).await.is_err() {
                             return Ok(None);
@@ -523,7 +533,6 @@ impl ShardReader {
                             self.iterator = None;
                         }
                         Fault::Transient => {
-                            tracing::warn!(shard_id = %self.shard_id, error = %message, "GetRecords failed; retrying");
                             self.source
                                 .set_fault(&self.shard_id, Some(format!("GetRecords: {message}")));
                             if shutdown.sleep(jitter(fault_backoff)).await.is_err() {

@@ -38,7 +38,7 @@ pub enum SupervisorError {
     Worker {
         shard_id: String,
         #[source]
-        source: PipelineError,
+        source: Box<PipelineError>,
     },
     #[error("a shard worker panicked: {0}")]
     Panicked(String),
@@ -177,7 +177,7 @@ pub async fn supervise<W: ShardWork>(
                     }
                     Some(Ok((shard_id, Err(e)))) => {
                         if ends_when_caught_up {
-                            outcome = Err(SupervisorError::Worker { shard_id, source: e });
+                            outcome = Err(SupervisorError::Worker { shard_id, source: Box::new(e) });
                             break;
                         }
                         let ran = began.get(&shard_id).map_or(Duration::ZERO, |t| t.elapsed());
@@ -202,9 +202,10 @@ pub async fn supervise<W: ShardWork>(
             _ = shutdown.triggered() => break,
         }
         if relist_now {
-            match source.list_shards().await {
-                Ok(list) => shards = list,
-                Err(e) => tracing::warn!(error = %e, "cannot refresh the shard list; will retry"),
+            // A failure is counted and logged by the source (a kinesis_retry); the list is
+            // asked for again next time.
+            if let Ok(list) = source.list_shards().await {
+                shards = list;
             }
         }
     }

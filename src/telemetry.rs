@@ -92,6 +92,8 @@ pub struct Telemetry {
     checkpoint_commit_seconds: Histogram,
     shards: Mutex<BTreeMap<String, ShardView>>,
     shard_restarts: Family<Labels, Counter>,
+    action_retries: Family<Labels, Counter>,
+    kinesis_retries: Counter,
     /// Shards whose worker failed and waits to be restarted, with why.
     failing_shards: Mutex<BTreeMap<String, String>>,
     /// Why the state cannot be written, while it cannot: no backend call is made then.
@@ -136,6 +138,8 @@ impl Telemetry {
             checkpoint_commit_seconds: histogram(),
             shards: Mutex::default(),
             shard_restarts: Family::default(),
+            action_retries: Family::default(),
+            kinesis_retries: Counter::default(),
             failing_shards: Mutex::default(),
             state_fault: Mutex::default(),
             state_write_errors: Counter::default(),
@@ -227,6 +231,16 @@ impl Telemetry {
             "shard_restarts",
             "Shard workers restarted after a failure",
             t.shard_restarts.clone(),
+        );
+        r.register(
+            "action_retries",
+            "Backend faults retried (transport errors, timeouts, 408, 429, 5xx, retry_statuses)",
+            t.action_retries.clone(),
+        );
+        r.register(
+            "kinesis_retries",
+            "Kinesis calls that failed and were retried (ListShards, GetShardIterator, GetRecords)",
+            t.kinesis_retries.clone(),
         );
         r.register(
             "state_write_errors",
@@ -377,6 +391,27 @@ impl Telemetry {
         self.checkpoint_commit_seconds.observe(took.as_secs_f64());
     }
 
+    /// An action the daemon may call: its retries are counted from zero.
+    pub fn action_configured(&self, action: &str) {
+        drop(self.action_retries.get_or_create(&label("action", action)));
+    }
+
+    /// A backend fault; the request is sent again after `delay`. `error` is safe to log
+    /// (no URL, key or params).
+    pub fn action_retry(&self, action: &str, attempt: u32, error: &str, delay: Duration) {
+        self.action_retries
+            .get_or_create(&label("action", action))
+            .inc();
+        tracing::warn!(
+            event = "action_retry",
+            action,
+            attempt,
+            error,
+            delay_ms = delay.as_millis() as u64,
+            "action failed, retrying"
+        );
+    }
+
     /// A shard's worker failed; it starts again after `restart_in`.
     pub fn shard_failed(
         &self,
@@ -513,8 +548,11 @@ impl Telemetry {
         }
     }
 
-    fn metrics_text(&self, rules: &Rules, state: &State) -> String {
-        self.refresh(rules, state);
+    fn metrics_text(&self, served: &Served) -> String {
+        self.refresh(&served.rules, &served.state);
+        self.kinesis_retries
+            .inner()
+            .store(served.source.retries(), Ordering::Relaxed);
         let mut text = String::new();
         let _ = encode(&mut text, &self.registry);
         text
@@ -606,7 +644,7 @@ pub async fn serve(
                             axum::http::header::CONTENT_TYPE,
                             "application/openmetrics-text; version=1.0.0; charset=utf-8",
                         )],
-                        s.telemetry.metrics_text(&s.rules, &s.state),
+                        s.telemetry.metrics_text(&s),
                     )
                 }
             }),

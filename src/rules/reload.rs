@@ -181,6 +181,7 @@ impl Rules {
         let mut status = self.status.lock().unwrap();
         match (&status.watch_lost, &lost) {
             (None, Some(why)) => tracing::error!(
+                event = "rules_watch_lost",
                 dir = %self.dir.display(),
                 "rules_watch_lost: {why}; edits to the rules are not seen until it can be \
                  watched again (retried every {} s, and on SIGHUP); the rules are stale",
@@ -220,6 +221,7 @@ impl Rules {
                 status.last_error = Some(failure.to_string());
                 status.reloads_failed += 1;
                 tracing::error!(
+                    event = "rules_reload_refused",
                     %cause,
                     running = %status.hash,
                     "rules reload refused; the previous rules keep running and are stale:\n{failure}"
@@ -319,7 +321,7 @@ pub async fn watch(rules: Arc<Rules>, shutdown: Shutdown) -> Result<(), notify::
             _ = reminder.tick() => {
                 let status = rules.status();
                 if status.stale {
-                    tracing::warn!(running = %status.hash, "rules are stale: the last reload was refused or the directory is not watched:\n{}", status.last_error.unwrap_or_default());
+                    tracing::warn!(event = "rules_stale", running = %status.hash, "rules are stale: the last reload was refused or the directory is not watched:\n{}", status.last_error.unwrap_or_default());
                 }
                 continue;
             }

@@ -156,9 +156,11 @@ async fn a_stop_during_a_retry_wait_leaves_the_request_for_the_next_start() {
     let client = kinesis.client();
     create_stream(&client, "events", 1).await;
     put(&client, "events", &traffic(20, 1, 0)).await;
-    let backend =
-        Backend::with_behaviour(Duration::ZERO, |_, earlier| if earlier == 0 { 503 } else { 200 })
-            .await;
+    let backend = Backend::with_behaviour(
+        Duration::ZERO,
+        |_, earlier| if earlier == 0 { 503 } else { 200 },
+    )
+    .await;
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
     let text = std::fs::read_to_string(ws.config())
         .unwrap()
@@ -178,10 +180,16 @@ async fn a_stop_during_a_retry_wait_leaves_the_request_for_the_next_start() {
         "the stop waited for the retry"
     );
     assert_eq!(backend.count(), 1);
-    assert!(ws.dead_letters().is_empty(), "an interrupted request is not a failure");
+    assert!(
+        ws.dead_letters().is_empty(),
+        "an interrupted request is not a failure"
+    );
 
     let second = ws.start_daemon(&[]);
-    wait_until(Duration::from_secs(30), "the request", || backend.count() == 2).await;
+    wait_until(Duration::from_secs(30), "the request", || {
+        backend.count() == 2
+    })
+    .await;
     wait_until(Duration::from_secs(30), "caught up", || {
         caught_up_count(&second.stderr()) >= 1
     })

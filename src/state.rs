@@ -444,7 +444,15 @@ impl State {
             });
         }
         let keys = match (Keys::load(source)?, exists) {
-            (Some(keys), _) => keys,
+            (Some(keys), true) => keys,
+            (Some(keys), false) => {
+                tracing::warn!(
+                    event = "new_state",
+                    path = %path.display(),
+                    "no state file: starting a new one with the existing key; it remembers no request, so every request still in the stream is sent again (restore the state file if this is not meant)"
+                );
+                keys
+            }
             (None, false) => Keys::generate(source.file)?,
             (None, true) => {
                 return Err(StateError::KeyMissing {

@@ -76,6 +76,10 @@ struct Pending {
     /// Records each rule saw and decided on, counted per batch: one metrics update per
     /// rule and batch rather than per record.
     rule_counts: Option<(Arc<RuleSet>, Vec<RuleCount>)>,
+    /// The dead letter being retried, and the error if the retry would dead-letter the
+    /// same record and rule again: then the letter stays (it is not replaced, nor resolved).
+    retrying: Option<u64>,
+    failed_again: Option<String>,
 }
 
 /// Records a rule saw, and decided on.
@@ -517,6 +521,10 @@ impl Pipeline {
             origin.rule,
         );
         match state.pending_letter(&index_key) {
+            Ok(Some(id)) if pending.retrying == Some(id) => {
+                pending.failed_again = Some(reason.error().to_owned());
+                return;
+            }
             Ok(Some(id)) => {
                 self.telemetry
                     .already_dead_lettered(&record.shard_id, &record.sequence_number, id);
@@ -751,7 +759,10 @@ impl Pipeline {
             bytes: Default::default(),
         };
         let context = DeadLetter::seal_context(id, letter.reason.kind());
-        let mut pending = Pending::default();
+        let mut pending = Pending {
+            retrying: Some(id),
+            ..Pending::default()
+        };
         let outcome = match &letter.reason {
             DeadLetterReason::ActionFailed {
                 action,
@@ -816,6 +827,10 @@ impl Pipeline {
                     Err(undecodable) => Err(Retried::StillFailing(undecodable.error.reason)),
                 }
             }
+        };
+        let outcome = match (outcome, pending.failed_again.take()) {
+            (Ok(_), Some(error)) => Err(Retried::StillFailing(error)),
+            (outcome, _) => outcome,
         };
         let retried = match outcome {
             Ok(note) => {

@@ -138,6 +138,15 @@ impl DeadLetterReason {
         }
     }
 
+    /// Why the letter was made (safe to show: no values from the record).
+    pub fn error(&self) -> &str {
+        match self {
+            DeadLetterReason::RuleFailed { error, .. }
+            | DeadLetterReason::DecodeFailed { error, .. }
+            | DeadLetterReason::ActionFailed { error, .. } => error,
+        }
+    }
+
     /// What the letter keeps sealed.
     pub fn sealed(&self) -> &str {
         match self {

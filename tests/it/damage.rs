@@ -690,3 +690,71 @@ async fn a_rotated_key_keeps_every_lookup_and_letter() {
     assert_eq!(code, 1);
     assert!(err.contains("fingerprint"), "{err}");
 }
+
+/// SIGTERM while the daemon retries a dead letter: the request in flight finishes and its
+/// outcome is recorded (the drain waits for it), and `--id 1 2` names several letters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_waits_for_a_dead_letter_retry_in_flight() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    put(&client, "events", &traffic(40, 2, 0)).await;
+    // Both requests fail (503) and become letters.
+    let backend = Backend::with_behaviour(Duration::ZERO, |r, earlier| {
+        if earlier == 0 || r.path.contains("del-user-1") {
+            503
+        } else {
+            200
+        }
+    })
+    .await;
+    let slow = Backend::with_behaviour(Duration::from_millis(1500), |_, _| 200).await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    edit_config(
+        &ws,
+        "[state]\n",
+        "[state]\ndead_letter_retry_interval_ms = 1000\n",
+    );
+    edit_config(&ws, "max_attempts = 4", "max_attempts = 1");
+    run_until(&ws, &backend, 2).await;
+    assert_eq!(ws.dead_letters().len(), 2);
+
+    // The backend is now slow: the first scheduled retry is in flight when SIGTERM comes.
+    edit_config(&ws, &backend.url, &slow.url);
+    let daemon = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(30), "a retry in flight", || {
+        slow.count() >= 1
+    })
+    .await;
+    daemon.signal("TERM");
+    let status = daemon.wait_exit();
+    assert!(status.success(), "{status}");
+    assert_eq!(slow.count(), 1, "the drain started another retry");
+    let letters = ws.dead_letters();
+    assert_eq!(
+        letters.len(),
+        1,
+        "the retry in flight was cut off: {letters:?}"
+    );
+
+    // The operator retries the rest, naming ids as `--id 1 2` (one is gone already).
+    let config = ws.config();
+    let config = config.to_str().unwrap();
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        ws.run(&[
+            "dead-letters",
+            "retry",
+            "--config",
+            config,
+            "--id",
+            "1",
+            "2",
+        ])
+    });
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("no dead letter"), "{err}");
+    let id = letters[0]["id"].to_string();
+    let (code, line) = retry(&ws, &id);
+    assert_eq!(code, 0, "{line}");
+    assert!(ws.dead_letters().is_empty());
+}

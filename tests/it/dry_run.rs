@@ -72,6 +72,10 @@ async fn dry_run_prints_matches_and_touches_nothing() {
     let (code, out, err) = dry_run_json();
     assert_eq!(code, 0, "{err}");
     assert!(!ws.path("state.redb").exists() && !ws.path("state.redb.key").exists());
+    assert!(
+        !err.contains("checkpoints flushed"),
+        "a dry-run flushes nothing: {err}"
+    );
     let lines = json_lines(&out);
     let (summary, actions) = lines.split_last().unwrap();
     assert_eq!(actions.len(), 15, "{out}");

@@ -60,7 +60,8 @@ async fn throttling_500s_expired_iterators_and_slow_answers_lose_nothing() {
         log.contains("shard iterator expired; resuming from the last record read"),
         "{log}"
     );
-    assert!(log.contains("GetRecords failed; retrying"), "{log}");
+    assert!(log.contains("Kinesis call failed; retrying"), "{log}");
+    assert!(log.contains("GetRecords"), "{log}");
     assert!(ws.dead_letters().is_empty());
 }
 

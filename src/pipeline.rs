@@ -19,7 +19,7 @@ use crate::dedup::{self, Claim, Claims};
 use crate::keys::{KeyError, Keys};
 use crate::preview::Preview;
 use crate::rules::reload::Rules;
-use crate::rules::{Decision, RuleError, RuleSet, Verdict};
+use crate::rules::{Decision, Rule, RuleError, RuleSet, Verdict};
 use crate::shutdown::Shutdown;
 use crate::source::{Batch, Checkpoint, Position, RawRecord, ShardReader, SourceError};
 use crate::state::{
@@ -412,12 +412,7 @@ impl Pipeline {
         let rules = &outcome.rules;
         for (index, verdict) in outcome.verdicts {
             let rule = &rules.rules()[index];
-            let origin = Origin {
-                record,
-                rule: &rule.name,
-                rule_file: &rule.path,
-                rules_hash: rules.hash(),
-            };
+            let origin = origin(record, rules, rule);
             let decisions = match verdict {
                 Verdict::Skipped => continue,
                 Verdict::Failed(error) => {
@@ -584,7 +579,7 @@ impl Pipeline {
             )
         };
         match carried {
-            Carried::Interrupted => return Ok(Settled::No),
+            Carried::Sent(Outcome::Interrupted) => return Ok(Settled::No),
             Carried::Duplicate { letter } => {
                 pending.writes.audit.push(AuditEntry {
                     dead_letter: letter,
@@ -592,7 +587,7 @@ impl Pipeline {
                 });
                 return Ok(Settled::Yes);
             }
-            Carried::Done { status, attempts } => {
+            Carried::Sent(Outcome::Done { status, attempts }) => {
                 pending.done.insert(id);
                 pending.writes.done.push(id);
                 pending.writes.audit.push(AuditEntry {
@@ -601,12 +596,12 @@ impl Pipeline {
                     ..audit(ActionOutcome::Done)
                 });
             }
-            Carried::Failed {
+            Carried::Sent(Outcome::Failed {
                 error,
                 status,
                 attempts,
                 retryable,
-            } => {
+            }) => {
                 let letter_id = state.new_dead_letter_id();
                 let sealed = SealedDecision {
                     key: decision.key.clone(),
@@ -707,32 +702,25 @@ impl Pipeline {
             }
         }
         let started = Instant::now();
-        let carried = match self.actions.send(request, &self.shutdown).await {
-            Outcome::Done { status, attempts } => {
-                report(ActionOutcome::Done, attempts, Some(started.elapsed()), None);
-                Carried::Done { status, attempts }
-            }
+        let outcome = self.actions.send(request, &self.shutdown).await;
+        match &outcome {
+            Outcome::Done { attempts, .. } => report(
+                ActionOutcome::Done,
+                *attempts,
+                Some(started.elapsed()),
+                None,
+            ),
             Outcome::Failed {
-                error,
-                status,
-                attempts,
-                retryable,
-            } => {
-                report(
-                    ActionOutcome::DeadLettered,
-                    attempts,
-                    Some(started.elapsed()),
-                    Some(&error),
-                );
-                Carried::Failed {
-                    error,
-                    status,
-                    attempts,
-                    retryable,
-                }
-            }
-            Outcome::Interrupted => Carried::Interrupted,
-        };
+                error, attempts, ..
+            } => report(
+                ActionOutcome::DeadLettered,
+                *attempts,
+                Some(started.elapsed()),
+                Some(error),
+            ),
+            Outcome::Interrupted => {}
+        }
+        let carried = Carried::Sent(outcome);
         Ok((carried, claim))
     }
 
@@ -879,7 +867,7 @@ impl Pipeline {
             .await?;
         let request_id = hex::encode(keys.request_id(&decision.action, &decision.key));
         let retried = match carried {
-            Carried::Interrupted => return Ok(Retried::Interrupted),
+            Carried::Sent(Outcome::Interrupted) => return Ok(Retried::Interrupted),
             Carried::Duplicate { .. } => {
                 pending.writes.resolved_dead_letters.push(id);
                 pending.writes.audit.push(AuditEntry::of_letter(
@@ -890,7 +878,7 @@ impl Pipeline {
                 ));
                 Retried::Resolved
             }
-            Carried::Done { status, attempts } => {
+            Carried::Sent(Outcome::Done { status, attempts }) => {
                 pending
                     .writes
                     .done
@@ -910,12 +898,12 @@ impl Pipeline {
                 });
                 Retried::Resolved
             }
-            Carried::Failed {
+            Carried::Sent(Outcome::Failed {
                 error,
                 status,
                 retryable,
                 ..
-            } => {
+            }) => {
                 let error = match status {
                     Some(status) if !error.contains(&status.to_string()) => {
                         format!("{error} (HTTP {status})")
@@ -958,12 +946,7 @@ impl Pipeline {
             ))));
         };
         let rule = &rules.rules()[index];
-        let origin = Origin {
-            record,
-            rule: &rule.name,
-            rule_file: &rule.path,
-            rules_hash: rules.hash(),
-        };
+        let origin = origin(record, &rules, rule);
         let decisions = match rules.evaluate_rule(index, record) {
             Verdict::Skipped => Vec::new(),
             Verdict::Decided(decisions) => decisions,
@@ -998,24 +981,22 @@ impl Pipeline {
     }
 }
 
+/// Where a decision of `rule` on `record` comes from.
+fn origin<'a>(record: &'a Record, rules: &'a RuleSet, rule: &'a Rule) -> Origin<'a> {
+    Origin {
+        record,
+        rule: &rule.name,
+        rule_file: &rule.path,
+        rules_hash: rules.hash(),
+    }
+}
+
 /// How one decision's request ended.
 enum Carried {
-    Done {
-        status: u16,
-        attempts: u32,
-    },
+    /// Sent to the backend: how it ended.
+    Sent(Outcome),
     /// Done already, or held by a pending dead letter (its id).
-    Duplicate {
-        letter: Option<u64>,
-    },
-    Failed {
-        error: String,
-        status: Option<u16>,
-        attempts: u32,
-        retryable: bool,
-    },
-    /// Shutdown came while waiting to retry: nothing is settled.
-    Interrupted,
+    Duplicate { letter: Option<u64> },
 }
 
 /// Opens what a dead letter keeps sealed.

@@ -1293,27 +1293,13 @@ mod tests {
             ..Writes::default()
         })
         .unwrap();
-        let page: Vec<u64> = s
-            .dead_letters_after(0, 2)
-            .unwrap()
-            .iter()
-            .map(|l| l.0)
-            .collect();
-        assert_eq!(page, [1, 2]);
-        let page: Vec<u64> = s
-            .dead_letters_after(2, 2)
-            .unwrap()
-            .iter()
-            .map(|l| l.0)
-            .collect();
-        assert_eq!(page, [3, 4]);
-        let page: Vec<u64> = s
-            .dead_letters_after(4, 2)
-            .unwrap()
-            .iter()
-            .map(|l| l.0)
-            .collect();
-        assert_eq!(page, [5]);
+        let page = |after| -> Vec<u64> {
+            let page = s.dead_letters_after(after, 2).unwrap();
+            page.iter().map(|(id, _)| *id).collect()
+        };
+        assert_eq!(page(0), [1, 2]);
+        assert_eq!(page(2), [3, 4]);
+        assert_eq!(page(4), [5]);
     }
 
     #[test]

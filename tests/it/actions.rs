@@ -10,28 +10,6 @@ use serde_json::{json, Value};
 
 use crate::support::*;
 
-/// Sets keys in the `[state]` table of the workspace's config.
-fn set_state_keys(ws: &Workspace, lines: &str) {
-    let config = std::fs::read_to_string(ws.config())
-        .unwrap()
-        .replace("[state]\n", &format!("[state]\n{lines}\n"));
-    std::fs::write(ws.config(), config).unwrap();
-}
-
-async fn metrics(address: &str) -> HashMap<String, f64> {
-    let text = reqwest::get(format!("http://{address}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .map(|(k, v)| (k.to_owned(), v.parse().unwrap()))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_ends_with_every_request_done_and_no_dead_letter_left() {
     let kinesis = Kinesalite::start();
@@ -49,7 +27,10 @@ async fn an_outage_ends_with_every_request_done_and_no_dead_letter_left() {
         "events",
         &format!("http://127.0.0.1:{port}"),
     );
-    set_state_keys(&ws, "dead_letter_retry_interval_ms = 1000");
+    ws.edit_config(
+        "[state]\n",
+        "[state]\ndead_letter_retry_interval_ms = 1000\n",
+    );
     ws.with_metrics();
     let config = std::fs::read_to_string(ws.config())
         .unwrap()
@@ -317,7 +298,10 @@ async fn a_refusal_waits_for_an_operator_and_retry_completes_it() {
         .await
     };
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
-    set_state_keys(&ws, "dead_letter_retry_interval_ms = 1000");
+    ws.edit_config(
+        "[state]\n",
+        "[state]\ndead_letter_retry_interval_ms = 1000\n",
+    );
     let daemon = ws.start_daemon(&[]);
     wait_until(Duration::from_secs(30), "3 calls", || backend.count() >= 3).await;
     wait_until(Duration::from_secs(30), "caught up", || {

@@ -2,7 +2,6 @@
 //! who they are, a lost key or a broken state file, a worker that keeps failing, signals at
 //! the wrong moment, output that cannot be written.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,27 +9,6 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::support::*;
-
-/// Edits the workspace's config text.
-fn edit_config(ws: &Workspace, from: &str, to: &str) {
-    let text = std::fs::read_to_string(ws.config()).unwrap();
-    assert!(text.contains(from), "{from:?} not in the config");
-    std::fs::write(ws.config(), text.replacen(from, to, 1)).unwrap();
-}
-
-async fn metrics(address: &str) -> HashMap<String, f64> {
-    let text = reqwest::get(format!("http://{address}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .map(|(k, v)| (k.to_owned(), v.parse().unwrap()))
-        .collect()
-}
 
 /// Runs the daemon until the backend got `calls` requests and every shard caught up.
 async fn run_until(ws: &Workspace, backend: &Backend, calls: usize) {
@@ -94,7 +72,7 @@ async fn a_retry_that_cannot_build_its_request_keeps_the_letter_as_it_was() {
 
     // The action's URL now needs a param the kept decision lacks (the rules, and their
     // test cases, were updated with it).
-    edit_config(&ws, "/v1/users/{user_id}/", "/v1/{tenant}/users/{user_id}/");
+    ws.edit_config("/v1/users/{user_id}/", "/v1/{tenant}/users/{user_id}/");
     for entry in std::fs::read_dir(ws.path("rules")).unwrap() {
         std::fs::remove_file(entry.unwrap().path()).unwrap();
     }
@@ -133,7 +111,7 @@ async fn a_retry_that_cannot_build_its_request_keeps_the_letter_as_it_was() {
     // dead-lettered twice.
     let config = ws.config();
     let config = config.to_str().unwrap();
-    edit_config(&ws, "/v1/{tenant}/users/{user_id}/", "/v1/users/{user_id}/");
+    ws.edit_config("/v1/{tenant}/users/{user_id}/", "/v1/users/{user_id}/");
     let (code, _, err) = ws.run(&["checkpoints", "reset", "--all", "--config", config]);
     assert_eq!(code, 0, "{err}");
     let daemon = ws.start_daemon(&[]);
@@ -172,12 +150,11 @@ async fn scheduled_retries_keep_the_letter_and_its_age_grows() {
     let (backend, status) = switchable_backend().await;
     status.store(503, Ordering::SeqCst);
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
-    edit_config(
-        &ws,
+    ws.edit_config(
         "[state]\n",
         "[state]\ndead_letter_retry_interval_ms = 1000\n",
     );
-    edit_config(&ws, "max_attempts = 4", "max_attempts = 1");
+    ws.edit_config("max_attempts = 4", "max_attempts = 1");
     ws.with_metrics();
     let daemon = ws.start_daemon(&[]);
     let address = metrics_address(&daemon).await;
@@ -469,13 +446,6 @@ async fn a_failing_shard_worker_restarts_with_backoff_and_says_why() {
     assert!(daemon.stop().success());
 }
 
-async fn get(address: &str, path: &str) -> (u16, String) {
-    let response = reqwest::get(format!("http://{address}{path}"))
-        .await
-        .unwrap();
-    (response.status().as_u16(), response.text().await.unwrap())
-}
-
 /// SIGHUP as soon as the daemon has started (before its rules watcher runs), and to a
 /// dry-run that follows the stream: neither dies of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -566,13 +536,13 @@ async fn settings_that_would_lose_requests_are_refused_at_start() {
     }
 
     // kinesalite keeps records 24 hours.
-    edit_config(&ws, "[state]\n", "[state]\nledger_retention_days = 0\n");
+    ws.edit_config("[state]\n", "[state]\nledger_retention_days = 0\n");
     let (code, _, err) = tokio::task::block_in_place(|| ws.run(&["run", "--config", config]));
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("ledger_retention_days = 0"), "{err}");
-    edit_config(&ws, "ledger_retention_days = 0\n", "");
+    ws.edit_config("ledger_retention_days = 0\n", "");
 
-    edit_config(&ws, "/anonymize\"", "/anonymize#{user_id}\"");
+    ws.edit_config("/anonymize\"", "/anonymize#{user_id}\"");
     let (code, _, err) = tokio::task::block_in_place(|| ws.run(&["run", "--config", config]));
     assert_eq!(code, 2, "{err}");
     assert!(
@@ -597,8 +567,7 @@ async fn a_409_is_a_refusal_unless_the_config_retries_it() {
         .await;
         let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
         if retried {
-            edit_config(
-                &ws,
+            ws.edit_config(
                 "max_attempts = 4",
                 "max_attempts = 4\nretry_statuses = [409]",
             );
@@ -710,17 +679,16 @@ async fn a_stop_waits_for_a_dead_letter_retry_in_flight() {
     .await;
     let slow = Backend::with_behaviour(Duration::from_millis(1500), |_, _| 200).await;
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
-    edit_config(
-        &ws,
+    ws.edit_config(
         "[state]\n",
         "[state]\ndead_letter_retry_interval_ms = 1000\n",
     );
-    edit_config(&ws, "max_attempts = 4", "max_attempts = 1");
+    ws.edit_config("max_attempts = 4", "max_attempts = 1");
     run_until(&ws, &backend, 2).await;
     assert_eq!(ws.dead_letters().len(), 2);
 
     // The backend is now slow: the first scheduled retry is in flight when SIGTERM comes.
-    edit_config(&ws, &backend.url, &slow.url);
+    ws.edit_config(&backend.url, &slow.url);
     let daemon = ws.start_daemon(&[]);
     wait_until(Duration::from_secs(30), "a retry in flight", || {
         slow.count() >= 1

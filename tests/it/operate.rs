@@ -7,13 +7,6 @@ use serde_json::{json, Value};
 
 use crate::support::*;
 
-async fn get(address: &str, path: &str) -> (u16, String) {
-    let response = reqwest::get(format!("http://{address}{path}"))
-        .await
-        .unwrap();
-    (response.status().as_u16(), response.text().await.unwrap())
-}
-
 /// Prometheus text format into `name{labels}` → value, checking the format as it goes.
 fn parse_metrics(text: &str) -> HashMap<String, f64> {
     assert!(

@@ -135,16 +135,11 @@ async fn a_restart_neither_loses_nor_repeats_a_request() {
 
 /// Records read so far, over every shard, from `/metrics`.
 async fn records_read(address: &str) -> f64 {
-    let text = reqwest::get(format!("http://{address}/metrics"))
+    metrics(address)
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with("gdpr_consumer_records_read_total"))
-        .filter_map(|l| l.rsplit_once(' '))
-        .map(|(_, v)| v.parse::<f64>().unwrap())
+        .iter()
+        .filter(|(name, _)| name.starts_with("gdpr_consumer_records_read_total"))
+        .map(|(_, value)| value)
         .sum()
 }
 

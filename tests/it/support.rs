@@ -501,6 +501,13 @@ timeout_ms = 5000
         std::fs::write(self.config(), text).unwrap();
     }
 
+    /// Replaces the first `from` in the config file with `to`.
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let text = std::fs::read_to_string(self.config()).unwrap();
+        assert!(text.contains(from), "{from:?} not in the config");
+        std::fs::write(self.config(), text.replacen(from, to, 1)).unwrap();
+    }
+
     pub fn write_rule(&self, name: &str, text: &str) {
         std::fs::write(self.path("rules").join(name), text).unwrap();
     }
@@ -662,6 +669,24 @@ pub async fn metrics_address(daemon: &Daemon) -> String {
         .next()
         .unwrap()
         .to_owned()
+}
+
+/// `GET http://{address}{path}`: the status and the body.
+pub async fn get(address: &str, path: &str) -> (u16, String) {
+    let response = reqwest::get(format!("http://{address}{path}"))
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+/// The daemon's `/metrics` as `name{labels}` → value.
+pub async fn metrics(address: &str) -> std::collections::HashMap<String, f64> {
+    let (_, text) = get(address, "/metrics").await;
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .map(|(k, v)| (k.to_owned(), v.parse().unwrap()))
+        .collect()
 }
 
 /// Output of JSON lines, parsed.

@@ -185,7 +185,7 @@ fn front_half(stream: &common::Stream, floors: &Floors, repeats: usize) {
             let started = Instant::now();
             for raw in input {
                 for record in decode::decode(&stream_name, &shard, raw).unwrap() {
-                    for (_, verdict) in set.run(&record) {
+                    for (_, verdict) in set.run(&record).verdicts {
                         if let Verdict::Decided(list) = verdict {
                             for d in list {
                                 decisions +=

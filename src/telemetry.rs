@@ -60,6 +60,7 @@ pub struct Telemetry {
     rule_records: Family<Labels, Counter>,
     rule_matches: Family<Labels, Counter>,
     rule_errors: Family<Labels, Counter>,
+    undecodable_records: Family<Labels, Counter>,
     actions: Family<Labels, Counter>,
     action_seconds: Family<Labels, Histogram>,
     dead_letters_pending: Gauge,
@@ -98,6 +99,7 @@ impl Telemetry {
             rule_records: Family::default(),
             rule_matches: Family::default(),
             rule_errors: Family::default(),
+            undecodable_records: Family::default(),
             actions: Family::default(),
             action_seconds: Family::new_with_constructor(histogram),
             dead_letters_pending: Gauge::default(),
@@ -139,6 +141,11 @@ impl Telemetry {
             "rule_errors",
             "Records a rule failed on (dead-lettered)",
             t.rule_errors.clone(),
+        );
+        r.register(
+            "undecodable_records",
+            "Records that cannot be read as what they look like, by reason",
+            t.undecodable_records.clone(),
         );
         r.register(
             "actions",
@@ -227,6 +234,31 @@ impl Telemetry {
             rule,
             error,
             "rule failed on a record; dead-lettering it"
+        );
+    }
+
+    /// A record cannot be read as what it looks like (damaged compression, a malformed
+    /// aggregate, broken JSON): dead-lettered, or (when it is read as text, or no rule
+    /// would see it) only counted. Never the payload: where, and the `reason` label.
+    pub fn undecodable_record(
+        &self,
+        shard_id: &str,
+        sequence_number: &str,
+        sub_sequence_number: u64,
+        reason: &'static str,
+        dead_lettered: bool,
+    ) {
+        self.undecodable_records
+            .get_or_create(&label("reason", reason))
+            .inc();
+        tracing::warn!(
+            event = "undecodable_record",
+            shard_id,
+            sequence_number,
+            sub_sequence_number,
+            reason,
+            dead_lettered,
+            "record cannot be read as what it looks like"
         );
     }
 

@@ -140,7 +140,22 @@ impl Floors {
             }
             (rate(count, started), maps)
         });
+        // What `RuleSet::run` pays on every event before the prefilter: the check for JSON
+        // that cannot be read as it is (BOM, invalid UTF-8, nesting past the parser's limit).
+        let (readable, faults) = best(repeats, || {
+            let started = Instant::now();
+            let faults = payloads
+                .iter()
+                .filter(|p| decode::readable(p).fault.is_some())
+                .count();
+            (rate(count, started), faults)
+        });
         println!("floor  memmem scan                  {memmem:>10.0} events/s ({hits} hits)");
+        println!(
+            "cost   readable check               {readable:>10.0} events/s ({faults} faults): {:.0} ns an event, {:.0} ns for memmem",
+            1e9 / readable,
+            1e9 / memmem
+        );
         println!("floor  serde_json tokenize          {tokenize:>10.0} events/s ({json} JSON)");
         println!("floor  decode only                  {decode_only:>10.0} events/s ({maps} maps)");
         Floors {

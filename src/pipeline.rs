@@ -23,7 +23,7 @@ use crate::rules::{Decision, RuleError, RuleSet, Verdict};
 use crate::shutdown::Shutdown;
 use crate::source::{Batch, Checkpoint, Position, RawRecord, ShardReader, SourceError};
 use crate::state::{AuditEntry, DeadLetter, DeadLetterReason, State, StateError, Writes};
-use crate::telemetry::{ActionOutcome, Telemetry};
+use crate::telemetry::{ActionOutcome, Telemetry, UnreadableOutcome};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -419,13 +419,18 @@ impl Pipeline {
         if let Some(fault) = run.fault {
             // A record no rule would see is only counted; one a rule would see but that
             // cannot be read is never "not a request".
-            let dead_letter = fault == Unreadable::JsonTooDeep && !run.verdicts.is_empty();
+            let seen = !run.verdicts.is_empty();
+            let dead_letter = fault == Unreadable::JsonTooDeep && seen;
             self.telemetry.undecodable_record(
                 &record.shard_id,
                 &record.sequence_number,
                 record.sub_sequence_number,
                 fault.as_str(),
-                dead_letter,
+                match (dead_letter, seen) {
+                    (true, _) => UnreadableOutcome::DeadLettered,
+                    (false, true) => UnreadableOutcome::ReadAnyway,
+                    (false, false) => UnreadableOutcome::Unseen,
+                },
             );
             if dead_letter {
                 let error = DecodeError {
@@ -503,7 +508,7 @@ impl Pipeline {
             &raw.sequence_number,
             0,
             error.kind.as_str(),
-            true,
+            UnreadableOutcome::DeadLettered,
         );
         let record = Record::undecoded(&self.stream, shard_id, raw);
         self.dead_letter_unreadable(&record, error, pending);

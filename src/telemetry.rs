@@ -43,6 +43,16 @@ impl ActionOutcome {
     }
 }
 
+/// What became of a record that cannot be read as what it looks like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnreadableOutcome {
+    DeadLettered,
+    /// Rules read it as well as it could be read: repaired, or as text.
+    ReadAnyway,
+    /// No rule's prefilter let it through: only counted.
+    Unseen,
+}
+
 /// Where a shard stands, for `/status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ShardView {
@@ -238,26 +248,44 @@ impl Telemetry {
     }
 
     /// A record cannot be read as what it looks like (damaged compression, a malformed
-    /// aggregate, broken JSON): dead-lettered, or (when it is read as text, or no rule
-    /// would see it) only counted. Never the payload: where, and the `reason` label.
+    /// aggregate, broken JSON). Counted whatever became of it; logged as a warning when it
+    /// was dead-lettered or rules read it anyway, and only at debug level when no rule would
+    /// see it (a producer writing Latin-1 JSON to the whole stream must not flood the log).
+    /// Never the payload: where, and the `reason` label.
     pub fn undecodable_record(
         &self,
         shard_id: &str,
         sequence_number: &str,
         sub_sequence_number: u64,
         reason: &'static str,
-        dead_lettered: bool,
+        outcome: UnreadableOutcome,
     ) {
         self.undecodable_records
             .get_or_create(&label("reason", reason))
             .inc();
+        let outcome = match outcome {
+            UnreadableOutcome::DeadLettered => "dead_lettered",
+            UnreadableOutcome::ReadAnyway => "read_anyway",
+            UnreadableOutcome::Unseen => {
+                tracing::debug!(
+                    event = "undecodable_record",
+                    shard_id,
+                    sequence_number,
+                    sub_sequence_number,
+                    reason,
+                    outcome = "unseen",
+                    "record cannot be read as what it looks like; no rule would see it"
+                );
+                return;
+            }
+        };
         tracing::warn!(
             event = "undecodable_record",
             shard_id,
             sequence_number,
             sub_sequence_number,
             reason,
-            dead_lettered,
+            outcome,
             "record cannot be read as what it looks like"
         );
     }

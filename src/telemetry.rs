@@ -53,6 +53,16 @@ pub enum UnreadableOutcome {
     Unseen,
 }
 
+impl UnreadableOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnreadableOutcome::DeadLettered => "dead_lettered",
+            UnreadableOutcome::ReadAnyway => "read_anyway",
+            UnreadableOutcome::Unseen => "unseen",
+        }
+    }
+}
+
 /// Where a shard stands, for `/status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ShardView {
@@ -71,6 +81,8 @@ pub struct Telemetry {
     rule_matches: Family<Labels, Counter>,
     rule_errors: Family<Labels, Counter>,
     undecodable_records: Family<Labels, Counter>,
+    /// When a record read anyway was last logged as a warning, per reason.
+    read_anyway_warned: Mutex<BTreeMap<&'static str, Instant>>,
     actions: Family<Labels, Counter>,
     action_seconds: Family<Labels, Histogram>,
     dead_letters_pending: Gauge,
@@ -110,6 +122,7 @@ impl Telemetry {
             rule_matches: Family::default(),
             rule_errors: Family::default(),
             undecodable_records: Family::default(),
+            read_anyway_warned: Mutex::default(),
             actions: Family::default(),
             action_seconds: Family::new_with_constructor(histogram),
             dead_letters_pending: Gauge::default(),
@@ -248,10 +261,11 @@ impl Telemetry {
     }
 
     /// A record cannot be read as what it looks like (damaged compression, a malformed
-    /// aggregate, broken JSON). Counted whatever became of it; logged as a warning when it
-    /// was dead-lettered or rules read it anyway, and only at debug level when no rule would
-    /// see it (a producer writing Latin-1 JSON to the whole stream must not flood the log).
-    /// Never the payload: where, and the `reason` label.
+    /// aggregate, broken JSON). Counted whatever became of it. Logged as a warning when it
+    /// was dead-lettered; when rules read it anyway, a warning at most once a minute per
+    /// reason; otherwise at debug level. So a producer writing Latin-1 JSON, or text lines
+    /// that start with `[`, to the whole stream shows in the metric and once in the log,
+    /// without flooding it. Never the payload: where, and the `reason` label.
     pub fn undecodable_record(
         &self,
         shard_id: &str,
@@ -263,31 +277,43 @@ impl Telemetry {
         self.undecodable_records
             .get_or_create(&label("reason", reason))
             .inc();
-        let outcome = match outcome {
-            UnreadableOutcome::DeadLettered => "dead_lettered",
-            UnreadableOutcome::ReadAnyway => "read_anyway",
-            UnreadableOutcome::Unseen => {
-                tracing::debug!(
-                    event = "undecodable_record",
-                    shard_id,
-                    sequence_number,
-                    sub_sequence_number,
-                    reason,
-                    outcome = "unseen",
-                    "record cannot be read as what it looks like; no rule would see it"
-                );
-                return;
+        let warn = match outcome {
+            UnreadableOutcome::DeadLettered => true,
+            UnreadableOutcome::ReadAnyway => {
+                let mut warned = self.read_anyway_warned.lock().unwrap();
+                let now = Instant::now();
+                let due = warned
+                    .get(reason)
+                    .is_none_or(|at| now.duration_since(*at) >= Duration::from_secs(60));
+                if due {
+                    warned.insert(reason, now);
+                }
+                due
             }
+            UnreadableOutcome::Unseen => false,
         };
-        tracing::warn!(
-            event = "undecodable_record",
-            shard_id,
-            sequence_number,
-            sub_sequence_number,
-            reason,
-            outcome,
-            "record cannot be read as what it looks like"
-        );
+        let outcome = outcome.as_str();
+        if warn {
+            tracing::warn!(
+                event = "undecodable_record",
+                shard_id,
+                sequence_number,
+                sub_sequence_number,
+                reason,
+                outcome,
+                "record cannot be read as what it looks like"
+            );
+        } else {
+            tracing::debug!(
+                event = "undecodable_record",
+                shard_id,
+                sequence_number,
+                sub_sequence_number,
+                reason,
+                outcome,
+                "record cannot be read as what it looks like"
+            );
+        }
     }
 
     /// A decision ended. `error` must be safe to log (no URL, key or params).

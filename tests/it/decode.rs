@@ -341,6 +341,21 @@ async fn records_that_cannot_be_read_are_dead_letters_and_the_shard_moves_on() {
         "{errors:?}"
     );
 
+    // A retry reads the sealed record again, and it still cannot be read: it stays (and
+    // the command says so with exit code 1).
+    for letter in &letters {
+        let id = letter["id"].as_u64().unwrap().to_string();
+        let config = ws.config();
+        let config = config.to_str().unwrap();
+        let (code, out, err) = ws.run(&["dead-letters", "retry", "--config", config, "--id", &id]);
+        assert_eq!(code, 1, "{out}{err}");
+        let outcome = &json_lines(&out)[0];
+        assert_eq!(outcome["outcome"], "still_failing", "{outcome}");
+        assert_eq!(outcome["error"], letter["error"], "{outcome}");
+    }
+    assert_eq!(ws.dead_letters().len(), 2);
+    assert_eq!(backend.count(), 4);
+
     // The shard moved on past both: its checkpoint is the last record.
     let config = ws.config();
     let (code, out, _) = ws.run(&["checkpoints", "list", "--config", config.to_str().unwrap()]);

@@ -81,6 +81,7 @@ fn main() {
         (true, Err(_)) => 200_000,
         (false, _) => 2_000,
     };
+    inflate_peak_rss();
     let stream = common::stream(0x5eed, wanted, 0);
     let count = stream.events;
     let payloads: Vec<Vec<u8>> = stream
@@ -101,6 +102,45 @@ fn main() {
     let floors = Floors::measure(&stream.records, &payloads, repeats);
     front_half(&stream, &floors, repeats);
     whole_pipeline(&stream, &floors, repeats);
+}
+
+/// The process's peak resident set so far, in MiB (Linux).
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Peak RSS while a KPL aggregate of 28 gzip sub-records, each inflating to 30 MiB (under
+/// 1 MiB in all), is refused: the inflate limit holds for the whole Kinesis record, so
+/// inflating stops at 32 MiB instead of holding about 840 MiB at once.
+fn inflate_peak_rss() {
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let mib = vec![0u8; 1 << 20];
+    for _ in 0..30 {
+        gz.write_all(&mib).unwrap();
+    }
+    let member = gz.finish().unwrap();
+    let aggregate = decode::aggregate(&vec![("k", member.as_slice()); 28]);
+    let before = peak_rss_mib();
+    let raw = RawRecord {
+        sequence_number: "1".into(),
+        partition_key: "k".into(),
+        arrival_time_millis: 0,
+        data: aggregate.clone(),
+    };
+    let refused = decode::decode(&"bench".into(), &"shard".into(), raw).is_err();
+    println!(
+        "memory 28 x 30 MiB gzip sub-records in a {} KiB aggregate: {}, peak RSS {:.0} MiB (before {:.0} MiB)",
+        aggregate.len() >> 10,
+        if refused { "refused" } else { "decoded" },
+        peak_rss_mib(),
+        before
+    );
 }
 
 /// The best of `repeats` runs of a timed measurement (the machine is shared: the best run
@@ -147,7 +187,22 @@ impl Floors {
             }
             (rate(count, started), maps)
         });
+        // What `RuleSet::run` pays on every event before the prefilter: the check for JSON
+        // that cannot be read as it is (BOM, invalid UTF-8, nesting past the parser's limit).
+        let (readable, faults) = best(repeats, || {
+            let started = Instant::now();
+            let faults = payloads
+                .iter()
+                .filter(|p| decode::readable(p).fault.is_some())
+                .count();
+            (rate(count, started), faults)
+        });
         println!("floor  memmem scan                  {memmem:>10.0} events/s ({hits} hits)");
+        println!(
+            "cost   readable check               {readable:>10.0} events/s ({faults} faults): {:.0} ns an event, {:.0} ns for memmem",
+            1e9 / readable,
+            1e9 / memmem
+        );
         println!("floor  serde_json tokenize          {tokenize:>10.0} events/s ({json} JSON)");
         println!("floor  decode only                  {decode_only:>10.0} events/s ({maps} maps)");
         Floors {
@@ -192,7 +247,7 @@ fn front_half(stream: &common::Stream, floors: &Floors, repeats: usize) {
             let started = Instant::now();
             for raw in input {
                 for record in decode::decode(&stream_name, &shard, raw).unwrap() {
-                    for (_, verdict) in set.run(&record) {
+                    for (_, verdict) in set.run(&record).verdicts {
                         if let Verdict::Decided(list) = verdict {
                             for d in list {
                                 decisions +=

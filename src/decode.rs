@@ -3,12 +3,17 @@
 //! A KPL aggregate (magic bytes, protobuf, MD5) becomes its sub-records, each with its
 //! sub-sequence number; sub-records whose explicit hash key falls outside the shard's range
 //! are delivered all the same (dropping them loses requests). A gzip or zlib payload is
-//! inflated, up to a hard limit. A malformed aggregate or a payload that inflates past the
-//! limit is an error: the pipeline dead-letters the record, it is never dropped.
+//! inflated (every gzip member), up to a hard limit for the whole Kinesis record. A malformed
+//! aggregate, damaged compression, or payloads that inflate past the limit are an error: the
+//! pipeline dead-letters the record, it is never dropped, and never taken for "not a request".
 //!
+//! What rules read of a payload ([`readable`]) is cleaned once, before the prefilter looks, so
+//! the prefilter and `record.data` always see the same bytes: a BOM before JSON is dropped,
+//! JSON with invalid UTF-8 is repaired (U+FFFD), JSON too deep to parse is flagged.
 //! `record.data` is built only when some rule needs it ([`rule_data`]): JSON payloads become
 //! JSON values, UTF-8 text that is not JSON stays a string, anything else is a BLOB.
 
+use std::borrow::Cow;
 use std::io::Read;
 use std::sync::Arc;
 
@@ -246,7 +251,39 @@ pub struct Tag {
 pub struct DecodeError {
     pub shard_id: String,
     pub sequence_number: String,
+    pub kind: Unreadable,
     pub reason: String,
+}
+
+/// What is wrong with a record that cannot be read as it claims to be: the `reason` of
+/// `undecodable_records_total` and of the log event that goes with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreadable {
+    /// A KPL aggregate whose MD5 or protobuf is broken.
+    MalformedAggregate,
+    /// gzip or zlib data that does not inflate (truncated, corrupt, trailing garbage).
+    DamagedCompression,
+    /// Payloads that inflate past [`MAX_INFLATED`] (a Kinesis record's total).
+    InflateLimit,
+    /// JSON nested deeper than the parser allows.
+    JsonTooDeep,
+    /// JSON with bytes that are not UTF-8 (Latin-1, say): read with U+FFFD in their place.
+    JsonInvalidUtf8,
+    /// Looks like JSON (starts with `{` or `[`) and does not parse: rules get it as text.
+    JsonInvalid,
+}
+
+impl Unreadable {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unreadable::MalformedAggregate => "malformed_aggregate",
+            Unreadable::DamagedCompression => "damaged_compression",
+            Unreadable::InflateLimit => "inflate_limit",
+            Unreadable::JsonTooDeep => "json_too_deep",
+            Unreadable::JsonInvalidUtf8 => "json_invalid_utf8",
+            Unreadable::JsonInvalid => "json_invalid",
+        }
+    }
 }
 
 /// Builds a KPL aggregate (what the Kinesis Producer Library writes): for tests and the demo.
@@ -291,16 +328,19 @@ pub fn decode(
     shard_id: &Arc<str>,
     mut raw: RawRecord,
 ) -> Result<Records, Box<Undecodable>> {
-    let fail = |raw: RawRecord, reason: String| {
+    let fail = |raw: RawRecord, (kind, reason): (Unreadable, String)| {
         Box::new(Undecodable {
             error: DecodeError {
                 shard_id: shard_id.to_string(),
                 sequence_number: raw.sequence_number.to_string(),
+                kind,
                 reason,
             },
             raw,
         })
     };
+    // What may still be inflated for this Kinesis record, all sub-records together.
+    let mut budget = MAX_INFLATED;
     // Made once per Kinesis record, shared by its sub-records.
     let arrival_time: Arc<str> = rfc3339(raw.arrival_time_millis).into();
     let sequence_number = raw.sequence_number.clone();
@@ -314,7 +354,7 @@ pub fn decode(
         bytes,
     };
     if !raw.data.starts_with(&KPL_MAGIC) {
-        return match inflate(&raw.data) {
+        return match inflate(&raw.data, &mut budget) {
             Ok(inflated) => {
                 let bytes = inflated.unwrap_or_else(|| std::mem::take(&mut raw.data));
                 let key = std::mem::take(&mut raw.partition_key);
@@ -333,7 +373,10 @@ pub fn decode(
         Ok(aggregate) => aggregate,
         Err(reason) => {
             let reason = format!("malformed KPL aggregate: {reason}");
-            return Err(fail(restore(raw, &data), reason));
+            return Err(fail(
+                restore(raw, &data),
+                (Unreadable::MalformedAggregate, reason),
+            ));
         }
     };
     let keys: Vec<Arc<str>> = aggregate
@@ -349,11 +392,17 @@ pub fn decode(
                 sub.partition_key_index,
                 keys.len()
             );
-            return Err(fail(restore(raw, &data), reason));
+            return Err(fail(
+                restore(raw, &data),
+                (Unreadable::MalformedAggregate, reason),
+            ));
         };
-        let bytes = match inflate(&sub.data) {
+        let bytes = match inflate(&sub.data, &mut budget) {
             Ok(inflated) => inflated.map_or(sub.data, Bytes::from),
-            Err(reason) => return Err(fail(restore(raw, &data), reason)),
+            Err((kind, reason)) => {
+                let reason = format!("sub-record {index}: {reason}");
+                return Err(fail(restore(raw, &data), (kind, reason)));
+            }
         };
         records.push(record(index as u64, key.clone(), bytes));
     }
@@ -372,11 +421,13 @@ fn de_aggregate(body: Bytes) -> Result<AggregatedRecord, String> {
     AggregatedRecord::decode(message).map_err(|e| e.to_string())
 }
 
-/// Inflates a gzip or zlib payload (told by its magic bytes), up to [`MAX_INFLATED`];
-/// `None` when it is not compressed. A payload that only looks compressed (plain text
-/// starting `x^`) is taken as not compressed.
-fn inflate(data: &[u8]) -> Result<Option<Vec<u8>>, String> {
-    let gzip = data.starts_with(&[0x1f, 0x8b]);
+/// Inflates a gzip or zlib payload (told by its magic bytes), taking what it inflates to
+/// from `budget` (what the Kinesis record may still inflate to); `None` when it is not
+/// compressed. Every gzip member is inflated; zero bytes or whitespace after the last one
+/// are padding. Data that looks compressed and does not inflate is an error, unless it is
+/// UTF-8 text (plain text may start `x^`, a valid zlib header): then it is not compressed.
+fn inflate(data: &[u8], budget: &mut usize) -> Result<Option<Vec<u8>>, (Unreadable, String)> {
+    let gzip = data.starts_with(&GZIP_MAGIC);
     let zlib = data.len() >= 2
         && data[0] & 0x0f == 8
         && data[0] >> 4 <= 7
@@ -384,38 +435,200 @@ fn inflate(data: &[u8]) -> Result<Option<Vec<u8>>, String> {
     if !gzip && !zlib {
         return Ok(None);
     }
-    // `bufread` decoders read the slice in place (no 32 KiB buffer per record).
-    let reader: Box<dyn Read> = if gzip {
-        Box::new(flate2::bufread::MultiGzDecoder::new(data))
-    } else {
-        Box::new(flate2::bufread::ZlibDecoder::new(data))
-    };
+    let format = if gzip { "gzip" } else { "zlib" };
     // A gzip member ends with its inflated size (modulo 4 GiB), so the output is allocated
     // once; believed only up to deflate's largest ratio (1032:1). A zlib stream does not
-    // say: four times its size is a guess.
+    // say: four times its size is a guess. Never more than the budget allows.
     let expected = match data {
         [.., a, b, c, d] if gzip && data.len() >= 18 => {
             (u32::from_le_bytes([*a, *b, *c, *d]) as usize).min(data.len() * 1032)
         }
         _ => data.len() * 4,
     };
-    let mut out = Vec::with_capacity(expected.min(MAX_INFLATED));
-    match reader.take(MAX_INFLATED as u64 + 1).read_to_end(&mut out) {
-        Ok(_) if out.len() > MAX_INFLATED => Err(format!(
-            "the {} payload inflates past {} MiB (a decompression bomb?)",
-            if gzip { "gzip" } else { "zlib" },
-            MAX_INFLATED >> 20
+    let mut out = Vec::with_capacity(expected.min(*budget + 1));
+    let result = if gzip {
+        inflate_gzip(data, &mut out, *budget)
+    } else {
+        // `bufread` decoders read the slice in place (no 32 KiB buffer per record).
+        read_within(flate2::bufread::ZlibDecoder::new(data), &mut out, *budget)
+    };
+    match result {
+        Ok(()) if out.len() > *budget => Err((
+            Unreadable::InflateLimit,
+            format!(
+                "the {format} payload inflates past {} MiB for this record (a decompression bomb?)",
+                MAX_INFLATED >> 20
+            ),
         )),
-        Ok(_) => Ok(Some(out)),
-        Err(_) => Ok(None),
+        Ok(()) => {
+            *budget -= out.len();
+            Ok(Some(out))
+        }
+        Err(_) if std::str::from_utf8(data).is_ok() => Ok(None),
+        Err(e) => Err((
+            Unreadable::DamagedCompression,
+            format!("the {format} payload does not inflate: {e}"),
+        )),
     }
+}
+
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// Inflates every member of a gzip payload into `out`, stopping once it holds more than
+/// `limit` bytes. What follows the last member must be padding (zero bytes, whitespace).
+fn inflate_gzip(mut data: &[u8], out: &mut Vec<u8>, limit: usize) -> std::io::Result<()> {
+    loop {
+        let mut member = flate2::bufread::GzDecoder::new(data);
+        read_within(&mut member, out, limit - out.len().min(limit))?;
+        if out.len() > limit {
+            return Ok(());
+        }
+        // A `bufread` decoder consumes exactly its member, trailer included.
+        data = member.into_inner();
+        if data.iter().all(|b| *b == 0 || b.is_ascii_whitespace()) {
+            return Ok(());
+        }
+        if !data.starts_with(&GZIP_MAGIC) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "trailing bytes after the last gzip member",
+            ));
+        }
+    }
+}
+
+/// Reads `reader` to its end into `out`, but no more than `limit` bytes past what `out`
+/// holds and one more (to tell "at the limit" from "past it").
+fn read_within(reader: impl Read, out: &mut Vec<u8>, limit: usize) -> std::io::Result<()> {
+    reader.take(limit as u64 + 1).read_to_end(out).map(drop)
+}
+
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+/// serde_json refuses JSON nested this deep (its recursion limit).
+const JSON_DEPTH_LIMIT: usize = 128;
+
+/// A payload as rules read it: the bytes the prefilter searches and `record.data` is made
+/// from, and what was wrong with it, if anything.
+#[derive(Debug)]
+pub struct Readable<'a> {
+    pub bytes: Cow<'a, [u8]>,
+    pub fault: Option<Unreadable>,
+}
+
+/// Cleans a payload for the rules, cheaply: only a payload that looks like JSON (its first
+/// byte past whitespace, or past a UTF-8 BOM, is `{` or `[`) is looked at further, with one
+/// pass over its bytes for non-ASCII bytes and opening brackets. A BOM is dropped; invalid
+/// UTF-8 is replaced with U+FFFD (only non-ASCII payloads are validated); nesting past the
+/// parser's limit is flagged (only payloads with that many opening brackets are parsed to
+/// tell). A BOM or a U+FFFD holds no prefilter literal of plain text, and repairing never
+/// removes one, so the prefilter sees what the rules see.
+pub fn readable(bytes: &[u8]) -> Readable<'_> {
+    let text = bytes.strip_prefix(UTF8_BOM).unwrap_or(bytes);
+    if !looks_like_json(text) {
+        return Readable {
+            bytes: Cow::Borrowed(bytes),
+            fault: None,
+        };
+    }
+    let (ascii, opening) = scan(text);
+    let mut fault = None;
+    let text = match ascii || std::str::from_utf8(text).is_ok() {
+        true => Cow::Borrowed(text),
+        false => {
+            fault = Some(Unreadable::JsonInvalidUtf8);
+            Cow::Owned(String::from_utf8_lossy(text).into_owned().into_bytes())
+        }
+    };
+    if opening >= JSON_DEPTH_LIMIT && too_deep(&text) {
+        fault = Some(Unreadable::JsonTooDeep);
+    }
+    Readable { bytes: text, fault }
+}
+
+/// Whether the first byte past JSON whitespace opens an object or an array.
+fn looks_like_json(bytes: &[u8]) -> bool {
+    let start = bytes
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+    matches!(start.map(|i| bytes[i]), Some(b'{' | b'['))
+}
+
+/// Whether all bytes are ASCII, and how many open an object or an array (strings
+/// included: an upper bound of the nesting depth). One branch-free pass in fixed-size
+/// blocks with byte counters, which the compiler turns into SIMD.
+fn scan(bytes: &[u8]) -> (bool, usize) {
+    fn block(bytes: &[u8]) -> (u8, u8) {
+        let (mut high, mut count) = (0u8, 0u8);
+        for &b in bytes {
+            high |= b;
+            count += u8::from(b == b'{') + u8::from(b == b'[');
+        }
+        (high, count)
+    }
+    let (mut high, mut opening) = (0u8, 0usize);
+    // 128 bytes: a byte counter cannot overflow.
+    let blocks = bytes.chunks_exact(128);
+    let rest = blocks.remainder();
+    for chunk in blocks {
+        let (h, c) = block(chunk);
+        high |= h;
+        opening += usize::from(c);
+    }
+    let (h, c) = block(rest);
+    (high | h < 0x80, opening + usize::from(c))
+}
+
+/// Whether JSON nests as deep as the parser's limit (brackets in strings not counted).
+/// serde_json cannot tell: skipping a value ignores depth, and parsing it to find out costs
+/// several times this one pass.
+fn too_deep(bytes: &[u8]) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth >= JSON_DEPTH_LIMIT {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// The payload as a rule's `record.data`: JSON (null reads as `()`), else text, else a BLOB.
 pub fn rule_data(bytes: &[u8]) -> Dynamic {
-    if let Ok(value) = serde_json::from_slice::<Dynamic>(bytes) {
-        return value;
+    read_data(bytes).0
+}
+
+/// [`rule_data`] of a payload as [`readable`] cleans it, and what was wrong with it: JSON
+/// with invalid UTF-8 or too deep, or JSON-looking bytes that are not JSON (which rules get
+/// as text).
+pub fn read_data(bytes: &[u8]) -> (Dynamic, Option<Unreadable>) {
+    let Readable { bytes, fault } = readable(bytes);
+    match serde_json::from_slice::<Dynamic>(&bytes) {
+        Ok(value) => return (value, fault),
+        Err(_) if fault.is_none() && looks_like_json(&bytes) => {
+            return (text_or_blob(&bytes), Some(Unreadable::JsonInvalid))
+        }
+        Err(_) => {}
     }
+    (text_or_blob(&bytes), fault)
+}
+
+fn text_or_blob(bytes: &[u8]) -> Dynamic {
     match std::str::from_utf8(bytes) {
         Ok(text) => text.into(),
         Err(_) => Dynamic::from_blob(bytes.to_vec()),
@@ -564,26 +777,318 @@ mod tests {
             .contains("decompression bomb"));
     }
 
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(data).unwrap();
+        gz.finish().unwrap()
+    }
+
+    fn zlib(data: &[u8]) -> Vec<u8> {
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(data).unwrap();
+        z.finish().unwrap()
+    }
+
+    fn decoded(data: Vec<u8>) -> Result<Records, Box<Undecodable>> {
+        decode(&"s".into(), &"sh".into(), raw(data))
+    }
+
+    fn failure(data: Vec<u8>) -> DecodeError {
+        decoded(data).expect_err("an undecodable record").error
+    }
+
+    /// A KPL aggregate around any protobuf body, with a valid MD5.
+    fn with_md5(body: &[u8]) -> Vec<u8> {
+        let mut out = KPL_MAGIC.to_vec();
+        out.extend(body);
+        out.extend(Md5::digest(body));
+        out
+    }
+
+    #[test]
+    fn damaged_compression_is_a_dead_letter_not_a_blob() {
+        let json = br#"{"type":"privacy_request","tags":["Delete User"],"user_id":"u-1"}"#;
+        let gz = gzip(json);
+        let z = zlib(json);
+        for (name, damaged) in [
+            ("truncated gzip", gz[..gz.len() / 2].to_vec()),
+            ("gzip without its trailer", gz[..gz.len() - 8].to_vec()),
+            ("gzip header only", gz[..10].to_vec()),
+            ("truncated zlib", z[..z.len() / 2].to_vec()),
+            ("gzip with a bad CRC", {
+                let mut bad = gz.clone();
+                let at = bad.len() - 8;
+                bad[at] ^= 1;
+                bad
+            }),
+        ] {
+            let err = failure(damaged);
+            assert_eq!(err.kind, Unreadable::DamagedCompression, "{name}: {err}");
+            assert!(
+                err.to_string().contains("does not inflate"),
+                "{name}: {err}"
+            );
+        }
+        // Inside an aggregate too: the whole Kinesis record is dead-lettered.
+        let truncated = gz[..gz.len() - 3].to_vec();
+        let err = failure(aggregate(&[("a", b"fine"), ("b", &truncated)]));
+        assert_eq!(err.kind, Unreadable::DamagedCompression);
+        assert!(err.reason.contains("sub-record 1"), "{err}");
+        // Text that merely starts like a zlib header stays text.
+        assert_eq!(
+            decoded(b"x^2 + y = z".to_vec()).unwrap()[0].bytes,
+            &b"x^2 + y = z"[..]
+        );
+    }
+
+    #[test]
+    fn every_gzip_member_is_inflated_and_padding_ignored() {
+        let (one, two) = (
+            &br#"{"type":"privacy_request","#[..],
+            &br#""user_id":"u-1"}"#[..],
+        );
+        let whole = [one, two].concat();
+        let members = [gzip(one), gzip(two)].concat();
+        assert_eq!(decoded(members.clone()).unwrap()[0].bytes, whole);
+        for padding in [&b"\n"[..], b"\r\n", b"\0", b"\0\0\0\0 \t"] {
+            let padded = [members.as_slice(), padding].concat();
+            assert_eq!(decoded(padded).unwrap()[0].bytes, whole, "{padding:?}");
+            let single = [gzip(&whole).as_slice(), padding].concat();
+            assert_eq!(decoded(single).unwrap()[0].bytes, whole, "{padding:?}");
+        }
+        // Anything else after the last member is damage, not padding.
+        for trailing in [&b"garbage"[..], b"\0\0x", &[0x1f, 0x8b, 8]] {
+            let damaged = [members.as_slice(), trailing].concat();
+            assert_eq!(
+                failure(damaged).kind,
+                Unreadable::DamagedCompression,
+                "{trailing:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_inflate_limit_holds_for_a_whole_aggregate() {
+        // Each sub-record inflates to 5 MiB, well under the limit on its own.
+        let five_mib = gzip(&vec![b' '; 5 << 20]);
+        let subs = |n: usize| -> Vec<(&str, &[u8])> { vec![("k", five_mib.as_slice()); n] };
+        let records = decoded(aggregate(&subs(6))).unwrap();
+        assert_eq!(
+            records.iter().map(|r| r.bytes.len()).sum::<usize>(),
+            30 << 20
+        );
+        // Seven of them pass 32 MiB together: the Kinesis record is refused.
+        let err = failure(aggregate(&subs(7)));
+        assert_eq!(err.kind, Unreadable::InflateLimit, "{err}");
+        assert!(err.to_string().contains("decompression bomb"), "{err}");
+        // The budget is per Kinesis record: the next one starts afresh.
+        assert_eq!(decoded(aggregate(&subs(6))).unwrap().len(), 6);
+    }
+
+    #[test]
+    fn readable_strips_a_bom_and_repairs_latin1_json() {
+        let bom = b"\xEF\xBB\xBF{\"type\":\"privacy_request\"}";
+        let read = readable(bom);
+        assert_eq!(&*read.bytes, br#"{"type":"privacy_request"}"#);
+        assert_eq!(read.fault, None);
+        let map = rule_data(bom).cast::<rhai::Map>();
+        assert_eq!(
+            map["type"].clone().into_string().unwrap(),
+            "privacy_request"
+        );
+        // Latin-1: "José" with é as one byte. Read with U+FFFD; the rule still matches.
+        let latin1 = b"{\"tags\":[\"Delete User\"],\"name\":\"Jos\xE9\"}";
+        let read = readable(latin1);
+        assert_eq!(read.fault, Some(Unreadable::JsonInvalidUtf8));
+        assert_eq!(
+            &*read.bytes,
+            "{\"tags\":[\"Delete User\"],\"name\":\"Jos\u{FFFD}\"}".as_bytes()
+        );
+        let (data, fault) = read_data(latin1);
+        assert_eq!(fault, Some(Unreadable::JsonInvalidUtf8));
+        let map = data.cast::<rhai::Map>();
+        assert_eq!(map["name"].clone().into_string().unwrap(), "Jos\u{FFFD}");
+        // Text and binary payloads are left as they are, without a fault.
+        for payload in [&b"GET /x 200 \xE9"[..], b"\xEF\xBB\xBFplain", &[0xff, 0x00]] {
+            let read = readable(payload);
+            assert_eq!((&*read.bytes, read.fault), (payload, None));
+        }
+        // JSON-looking text that is not JSON reaches rules as text, flagged.
+        let (data, fault) = read_data(b"[INFO] Delete User clicked");
+        assert_eq!(data.into_string().unwrap(), "[INFO] Delete User clicked");
+        assert_eq!(fault, Some(Unreadable::JsonInvalid));
+        assert_eq!(read_data(b"{}").1, None);
+    }
+
+    #[test]
+    fn json_too_deep_for_the_parser_is_flagged() {
+        let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        // serde_json reads 127 levels and refuses 128.
+        assert!(serde_json::from_str::<Value>(&nested(127)).is_ok());
+        assert!(serde_json::from_str::<Value>(&nested(128)).is_err());
+        assert_eq!(readable(nested(127).as_bytes()).fault, None);
+        assert_eq!(
+            readable(nested(128).as_bytes()).fault,
+            Some(Unreadable::JsonTooDeep)
+        );
+        let deep = format!(r#"{{"tags":["Delete User"],"x":{}}}"#, nested(200));
+        assert_eq!(
+            readable(deep.as_bytes()).fault,
+            Some(Unreadable::JsonTooDeep)
+        );
+        // Many brackets, shallow (or inside strings): not too deep.
+        let wide = format!(
+            r#"{{"a":[{}],"s":"{}"}}"#,
+            vec!["[]"; 300].join(","),
+            "[".repeat(300)
+        );
+        assert_eq!(readable(wide.as_bytes()).fault, None);
+        // The parser's own verdict on the same documents, brackets in strings included.
+        for doc in [nested(127), nested(128), deep, wide] {
+            let refused = serde_json::from_str::<Value>(&doc)
+                .is_err_and(|e| e.to_string().starts_with("recursion limit exceeded"));
+            assert_eq!(refused, too_deep(doc.as_bytes()), "{doc}");
+        }
+    }
+
+    /// The prefilter searches the bytes rules read: a literal with U+FFFD (written to catch
+    /// Latin-1 records) finds the repaired record, and a rule sees every record it would
+    /// see without a prefilter.
+    #[test]
+    fn the_prefilter_searches_what_rules_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let rule = |name: &str, prefilter: &str| {
+            std::fs::write(
+                dir.path().join(name),
+                format!(
+                    "{prefilter}\nfn decide(record) {{ if type_of(record.data) == \"map\" && record.data.tags == [\"L\u{FFFD}schen\"] {{ #{{ action: \"a\", key: \"k\" }} }} }}"
+                ),
+            )
+            .unwrap()
+        };
+        rule("a_filtered.rhai", "const PREFILTER = [\"L\u{FFFD}schen\"];");
+        rule("b_open.rhai", "");
+        let set = crate::rules::RuleSet::load(dir.path(), None).unwrap();
+        let latin1 = b"\xEF\xBB\xBF{\"tags\":[\"L\xF6schen\"]}".to_vec();
+        let record = decoded(latin1).unwrap().pop().unwrap();
+        let run = set.run(&record);
+        assert_eq!(run.fault, Some(Unreadable::JsonInvalidUtf8));
+        let decided: Vec<bool> = run
+            .verdicts
+            .iter()
+            .map(|(_, v)| matches!(v, crate::rules::Verdict::Decided(d) if d.len() == 1))
+            .collect();
+        assert_eq!(decided, [true, true], "{:?}", run.verdicts);
+    }
+
+    fn nested_message() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        // Arbitrary protobuf-ish bytes, or a real aggregate message.
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..256),
+            (
+                proptest::collection::vec("[a-z]{0,3}", 0..4),
+                proptest::collection::vec(sub_record(), 0..6),
+            )
+                .prop_map(|(keys, records)| AggregatedRecord {
+                    partition_key_table: keys,
+                    explicit_hash_key_table: vec!["1".into()],
+                    records,
+                }
+                .encode_to_vec()),
+        ]
+    }
+
+    /// A sub-record whose payload is plain, gzip or zlib, whole or cut short, maybe with
+    /// trailing bytes; its partition key index is sometimes out of range.
+    fn sub_record() -> impl proptest::strategy::Strategy<Value = SubRecord> {
+        use proptest::prelude::*;
+        (
+            0u64..5,
+            proptest::option::of(0u64..2),
+            proptest::collection::vec(any::<u8>(), 0..128),
+            0u8..3,
+            proptest::option::of(0usize..64),
+            proptest::collection::vec(any::<u8>(), 0..3),
+        )
+            .prop_map(|(key, hash, payload, codec, cut, trailing)| {
+                let mut data = match codec {
+                    0 => payload,
+                    1 => gzip(&payload),
+                    _ => zlib(&payload),
+                };
+                if let Some(cut) = cut {
+                    data.truncate(cut);
+                }
+                data.extend(trailing);
+                SubRecord {
+                    partition_key_index: key,
+                    explicit_hash_key_index: hash,
+                    data: data.into(),
+                    tags: vec![],
+                }
+            })
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
 
-        /// Whatever the bytes, decoding answers (records or an error) and never panics.
+        /// Whatever the bytes, decoding answers (records or an error) and never panics;
+        /// the aggregates carry a valid MD5, so their protobuf and payloads are really read.
         #[test]
-        fn decoding_arbitrary_bytes_never_panics(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512), kpl in proptest::prelude::any::<bool>()) {
-            let mut bytes = if kpl { KPL_MAGIC.to_vec() } else { Vec::new() };
-            bytes.extend(data);
-            let _ = decode(&"s".into(), &"sh".into(), raw(bytes));
+        fn decoding_arbitrary_bytes_never_panics(body in nested_message(), kpl in proptest::prelude::any::<bool>()) {
+            let bytes = if kpl { with_md5(&body) } else { body.clone() };
+            match decode(&"s".into(), &"sh".into(), raw(bytes.clone())) {
+                Ok(records) => {
+                    let parsed = kpl.then(|| AggregatedRecord::decode(&body[..]).ok()).flatten();
+                    let expected = parsed.map_or(1, |a| a.records.len());
+                    proptest::prop_assert_eq!(records.len(), expected);
+                    for record in &records {
+                        proptest::prop_assert!(record.bytes.len() <= MAX_INFLATED);
+                        let _ = readable(&record.bytes);
+                        let _ = read_data(&record.bytes);
+                    }
+                }
+                // A refused record is given back whole, as it came.
+                Err(undecodable) => proptest::prop_assert_eq!(undecodable.raw.data, bytes),
+            }
+        }
+
+        /// The block scan agrees with the obvious one, whatever the length.
+        #[test]
+        fn the_scan_counts_brackets_and_finds_non_ascii(bytes in proptest::collection::vec(proptest::prop_oneof![proptest::prelude::Just(b'{'), proptest::prelude::Just(b'['), proptest::prelude::Just(0x80u8), 0u8..0x80], 0..700)) {
+            let opening = bytes.iter().filter(|b| **b == b'{' || **b == b'[').count();
+            proptest::prop_assert_eq!(scan(&bytes), (bytes.is_ascii(), opening));
+        }
+
+        /// A well-formed aggregate of compressed sub-records yields every payload inflated.
+        #[test]
+        fn compressed_sub_records_are_inflated(payloads in proptest::collection::vec((proptest::collection::vec(proptest::prelude::any::<u8>(), 0..128), 0u8..3), 1..8)) {
+            let data: Vec<Vec<u8>> = payloads.iter().map(|(p, codec)| match codec {
+                0 => gzip(p),
+                1 => zlib(p),
+                _ => [gzip(p), b"\n".to_vec()].concat(),
+            }).collect();
+            let input: Vec<(&str, &[u8])> = data.iter().map(|d| ("k", d.as_slice())).collect();
+            let records = decode(&"s".into(), &"sh".into(), raw(aggregate(&input))).unwrap();
+            proptest::prop_assert_eq!(records.len(), payloads.len());
+            for (record, (payload, _)) in records.iter().zip(&payloads) {
+                proptest::prop_assert_eq!(&record.bytes[..], &payload[..]);
+            }
         }
 
         /// Any list of sub-records survives aggregation and de-aggregation, in order.
         #[test]
         fn aggregates_round_trip(subs in proptest::collection::vec(("[a-z]{1,4}", proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)), 1..20)) {
+            // A first byte that starts neither gzip nor zlib: the payloads stay as they are.
+            let subs: Vec<(String, Vec<u8>)> = subs.into_iter().map(|(k, d)| (k, [&b"p"[..], &d].concat())).collect();
             let input: Vec<(&str, &[u8])> = subs.iter().map(|(k, d)| (k.as_str(), d.as_slice())).collect();
             let records = decode(&"s".into(), &"sh".into(), raw(aggregate(&input))).unwrap();
             proptest::prop_assert_eq!(records.len(), subs.len());
-            for (i, (record, (key, _))) in records.iter().zip(&subs).enumerate() {
+            for (i, (record, (key, data))) in records.iter().zip(&subs).enumerate() {
                 proptest::prop_assert_eq!(record.sub_sequence_number, i as u64);
                 proptest::prop_assert_eq!(&*record.partition_key, key.as_str());
+                proptest::prop_assert_eq!(&record.bytes[..], &data[..]);
             }
         }
     }

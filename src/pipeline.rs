@@ -14,7 +14,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::actions::{ActionSet, Outcome, PreparedRequest};
-use crate::decode::{self, Record, Undecodable};
+use crate::decode::{self, DecodeError, Record, Undecodable, Unreadable};
 use crate::dedup::{self, Claim, Claims};
 use crate::keys::{KeyError, Keys};
 use crate::preview::Preview;
@@ -27,7 +27,7 @@ use crate::state::{
     StateError, Writes,
 };
 use crate::supervisor::ShardExit;
-use crate::telemetry::{ActionOutcome, Telemetry};
+use crate::telemetry::{ActionOutcome, Telemetry, UnreadableOutcome};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -382,8 +382,36 @@ impl Pipeline {
             preview.evaluate(&rules, Some(&self.actions), record);
             return None;
         }
+        let run = rules.run(record);
+        if let Some(fault) = run.fault {
+            // A record no rule would see is only counted; one a rule would see but that
+            // cannot be read is never "not a request".
+            let seen = !run.verdicts.is_empty();
+            let dead_letter = fault == Unreadable::JsonTooDeep && seen;
+            self.telemetry.undecodable_record(
+                &record.shard_id,
+                &record.sequence_number,
+                record.sub_sequence_number,
+                fault.as_str(),
+                match (dead_letter, seen) {
+                    (true, _) => UnreadableOutcome::DeadLettered,
+                    (false, true) => UnreadableOutcome::ReadAnyway,
+                    (false, false) => UnreadableOutcome::Unseen,
+                },
+            );
+            if dead_letter {
+                let error = DecodeError {
+                    shard_id: record.shard_id.to_string(),
+                    sequence_number: record.sequence_number.to_string(),
+                    kind: fault,
+                    reason: "its JSON nests too deep to be parsed".into(),
+                };
+                self.dead_letter_unreadable(record, error, pending);
+                return None;
+            }
+        }
         let mut verdicts = Vec::new();
-        for (index, verdict) in rules.run(record) {
+        for (index, verdict) in run.verdicts {
             match verdict {
                 Verdict::Skipped => {}
                 Verdict::Decided(decisions) if decisions.is_empty() => {
@@ -436,27 +464,31 @@ impl Pipeline {
     /// dead-lettered as it came, sealed: never skipped.
     fn decode_failed(&self, undecodable: Undecodable, shard_id: &Arc<str>, pending: &mut Pending) {
         let Undecodable { error, raw } = undecodable;
-        tracing::warn!(event = "decode_error", shard_id = %shard_id, sequence_number = %raw.sequence_number, error = %error.reason, "record cannot be decoded; dead-lettering it");
+        self.telemetry.undecodable_record(
+            shard_id,
+            &raw.sequence_number,
+            0,
+            error.kind.as_str(),
+            UnreadableOutcome::DeadLettered,
+        );
+        let record = Record::undecoded(&self.stream, shard_id, raw);
+        self.dead_letter_unreadable(&record, error, pending);
+    }
+
+    /// Dead-letters a record (or a sub-record) that cannot be read, sealed as it came:
+    /// a retry decodes it again.
+    fn dead_letter_unreadable(&self, record: &Record, error: DecodeError, pending: &mut Pending) {
         let Sink::Live { state, keys } = &self.sink else {
             return;
         };
         let sealed = SealedRecord {
-            partition_key: raw.partition_key.clone(),
-            payload_hex: hex::encode(&raw.data),
+            partition_key: record.partition_key.to_string(),
+            payload_hex: hex::encode(&record.bytes),
             error: error.to_string(),
         };
-        let record = Record::undecoded(
-            &self.stream,
-            shard_id,
-            RawRecord {
-                partition_key: String::new(),
-                data: Vec::new(),
-                ..raw
-            },
-        );
         let rules = self.rules.load();
         let origin = Origin {
-            record: &record,
+            record,
             rule: "",
             rule_file: Path::new(""),
             rules_hash: rules.hash(),

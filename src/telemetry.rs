@@ -56,6 +56,26 @@ impl ActionOutcome {
     }
 }
 
+/// What became of a record that cannot be read as what it looks like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnreadableOutcome {
+    DeadLettered,
+    /// Rules read it as well as it could be read: repaired, or as text.
+    ReadAnyway,
+    /// No rule's prefilter let it through: only counted.
+    Unseen,
+}
+
+impl UnreadableOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnreadableOutcome::DeadLettered => "dead_lettered",
+            UnreadableOutcome::ReadAnyway => "read_anyway",
+            UnreadableOutcome::Unseen => "unseen",
+        }
+    }
+}
+
 /// Where a shard stands, for `/status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ShardView {
@@ -76,6 +96,9 @@ pub struct Telemetry {
     rule_records: Family<Labels, Counter>,
     rule_matches: Family<Labels, Counter>,
     rule_errors: Family<Labels, Counter>,
+    undecodable_records: Family<Labels, Counter>,
+    /// When a record read anyway was last logged as a warning, per reason.
+    read_anyway_warned: Mutex<BTreeMap<&'static str, Instant>>,
     actions: Family<Labels, Counter>,
     action_seconds: Family<Labels, Histogram>,
     dead_letters_pending: Gauge,
@@ -123,6 +146,8 @@ impl Telemetry {
             rule_records: Family::default(),
             rule_matches: Family::default(),
             rule_errors: Family::default(),
+            undecodable_records: Family::default(),
+            read_anyway_warned: Mutex::default(),
             actions: Family::default(),
             action_seconds: Family::new_with_constructor(histogram),
             dead_letters_pending: Gauge::default(),
@@ -171,6 +196,11 @@ impl Telemetry {
             "rule_errors",
             "Records a rule failed on (dead-lettered)",
             t.rule_errors.clone(),
+        );
+        r.register(
+            "undecodable_records",
+            "Records that cannot be read as what they look like, by reason",
+            t.undecodable_records.clone(),
         );
         r.register(
             "actions",
@@ -295,6 +325,62 @@ impl Telemetry {
             error,
             "rule failed on a record; dead-lettering it"
         );
+    }
+
+    /// A record cannot be read as what it looks like (damaged compression, a malformed
+    /// aggregate, broken JSON). Counted whatever became of it. Logged as a warning when it
+    /// was dead-lettered; when rules read it anyway, a warning at most once a minute per
+    /// reason; otherwise at debug level. So a producer writing Latin-1 JSON, or text lines
+    /// that start with `[`, to the whole stream shows in the metric and once in the log,
+    /// without flooding it. Never the payload: where, and the `reason` label.
+    pub fn undecodable_record(
+        &self,
+        shard_id: &str,
+        sequence_number: &str,
+        sub_sequence_number: u64,
+        reason: &'static str,
+        outcome: UnreadableOutcome,
+    ) {
+        self.undecodable_records
+            .get_or_create(&label("reason", reason))
+            .inc();
+        let warn = match outcome {
+            UnreadableOutcome::DeadLettered => true,
+            UnreadableOutcome::ReadAnyway => {
+                let mut warned = self.read_anyway_warned.lock().unwrap();
+                let now = Instant::now();
+                let due = warned
+                    .get(reason)
+                    .is_none_or(|at| now.duration_since(*at) >= Duration::from_secs(60));
+                if due {
+                    warned.insert(reason, now);
+                }
+                due
+            }
+            UnreadableOutcome::Unseen => false,
+        };
+        let outcome = outcome.as_str();
+        if warn {
+            tracing::warn!(
+                event = "undecodable_record",
+                shard_id,
+                sequence_number,
+                sub_sequence_number,
+                reason,
+                outcome,
+                "record cannot be read as what it looks like"
+            );
+        } else {
+            tracing::debug!(
+                event = "undecodable_record",
+                shard_id,
+                sequence_number,
+                sub_sequence_number,
+                reason,
+                outcome,
+                "record cannot be read as what it looks like"
+            );
+        }
     }
 
     /// A decision ended. `error` must be safe to log (no URL, key or params).

@@ -18,7 +18,7 @@ use rhai::{CallFnOptions, Dynamic, Engine, Scope, AST};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::decode::{rule_data, Record};
+use crate::decode::{self, Readable, Record, Unreadable};
 use guard::{FieldValues, Guard, GuardFields};
 use prefilter::Prefilter;
 
@@ -148,6 +148,16 @@ impl Rule {
     }
 }
 
+/// What the rules made of one record ([`RuleSet::run`]).
+#[derive(Debug)]
+pub struct Run {
+    /// (rule index, verdict) for each rule the prefilter let through, in order.
+    pub verdicts: Vec<(usize, Verdict)>,
+    /// What was wrong with the payload, if anything: for the pipeline to count, and to
+    /// dead-letter JSON too deep to read that some rule would have seen.
+    pub fault: Option<Unreadable>,
+}
+
 /// What one rule made of one record.
 #[derive(Debug)]
 pub enum Verdict {
@@ -228,7 +238,7 @@ impl RuleSet {
     /// Runs every rule on a record, in order. The record is decoded for the rules only
     /// if some rule's prefilter lets it through, and then once for all of them.
     pub fn evaluate(&self, record: &Record) -> Vec<(&Rule, Verdict)> {
-        let mut ran = self.run(record).into_iter().peekable();
+        let mut ran = self.run(record).verdicts.into_iter().peekable();
         self.rules
             .iter()
             .enumerate()
@@ -240,32 +250,60 @@ impl RuleSet {
     }
 
     /// The rules a record's prefilters let through, run on it: (rule index, verdict) in
-    /// order. Empty, without allocating, for a record no rule cares about.
-    pub fn run(&self, record: &Record) -> Vec<(usize, Verdict)> {
-        let Some(eligible) = self.prefilter.eligible(&record.bytes) else {
-            return Vec::new();
+    /// order, and what was wrong with the payload. Empty, without allocating, for a record
+    /// no rule cares about. The prefilter searches the payload as rules read it
+    /// ([`readable`](crate::decode::readable)), so it sees what `record.data` holds. JSON too
+    /// deep to parse is not handed to any rule: each rule it passes fails on it, and the
+    /// pipeline dead-letters the record instead.
+    pub fn run(&self, record: &Record) -> Run {
+        let Readable { bytes, fault } = decode::readable(&record.bytes);
+        let Some(eligible) = self.prefilter.eligible(&bytes) else {
+            return Run {
+                verdicts: Vec::new(),
+                fault,
+            };
         };
-        let mut input = Input::new(record);
-        self.rules
+        let mut input = Input::new(record, &bytes);
+        let verdicts = self
+            .rules
             .iter()
             .enumerate()
             .zip(eligible)
             .filter(|(_, eligible)| *eligible)
-            .map(|((index, rule), _)| (index, self.verdict(rule, &mut input)))
-            .collect()
+            .map(|((index, rule), _)| (index, self.read_verdict(rule, &mut input, fault)))
+            .collect();
+        Run {
+            verdicts,
+            fault: fault.or(input.fault),
+        }
     }
 
     /// Runs one rule on a record, prefilter and guard included (what `rules test` does per
     /// case).
     pub fn evaluate_rule(&self, index: usize, record: &Record) -> Verdict {
-        let eligible = self
-            .prefilter
-            .eligible(&record.bytes)
-            .is_some_and(|e| e[index]);
+        let Readable { bytes, fault } = decode::readable(&record.bytes);
+        let eligible = self.prefilter.eligible(&bytes).is_some_and(|e| e[index]);
         match eligible {
-            true => self.verdict(&self.rules[index], &mut Input::new(record)),
+            true => self.read_verdict(&self.rules[index], &mut Input::new(record, &bytes), fault),
             false => Verdict::Skipped,
         }
+    }
+
+    /// [`Self::verdict`], unless the payload cannot be read at all: then the rule fails.
+    fn read_verdict(&self, rule: &Rule, input: &mut Input, fault: Option<Unreadable>) -> Verdict {
+        if fault != Some(Unreadable::JsonTooDeep) {
+            return self.verdict(rule, input);
+        }
+        Verdict::Failed(RuleError::Runtime {
+            rule: rule.name.clone(),
+            location: Location {
+                file: rule.path.clone(),
+                line: 0,
+                column: 0,
+            },
+            kind: "unreadable record".into(),
+            message: "the record's JSON nests too deep to be parsed".into(),
+        })
     }
 
     /// Runs one rule that its prefilter let through: its guard, then (if admitted) the rule.
@@ -525,39 +563,46 @@ fn escapable(literal: &str) -> Option<String> {
 
 /// A record as rules see it, built once and only as far as the rules need: the guard
 /// fields (read from the JSON without decoding the rest), or the whole `record` map for
-/// a Rhai call.
+/// a Rhai call. Both are read from the payload as [`decode::readable`] cleaned it.
 struct Input<'a> {
     record: &'a Record,
+    bytes: &'a [u8],
     guard_values: Option<FieldValues<'a>>,
     map: Option<Dynamic>,
+    /// Set when `record.data` was built from JSON-looking bytes that are not JSON.
+    fault: Option<Unreadable>,
 }
 
 impl<'a> Input<'a> {
-    fn new(record: &'a Record) -> Self {
+    fn new(record: &'a Record, bytes: &'a [u8]) -> Self {
         Input {
             record,
+            bytes,
             guard_values: None,
             map: None,
+            fault: None,
         }
     }
 
     fn guard_values(&mut self, fields: &GuardFields) -> &FieldValues<'a> {
-        let (record, map) = (self.record, &self.map);
+        let (bytes, map) = (self.bytes, &self.map);
         self.guard_values.get_or_insert_with(|| match map {
             Some(map) => {
                 let map = map.read_lock::<rhai::Map>().expect("the record is a map");
                 fields.of_data(map.get("data").unwrap_or(&Dynamic::UNIT))
             }
-            None => fields.of_json(&record.bytes),
+            None => fields.of_json(bytes),
         })
     }
 
     /// The read-only `record` map a rule receives.
     fn record(&mut self) -> &Dynamic {
-        let record = self.record;
+        let (record, bytes, fault) = (self.record, self.bytes, &mut self.fault);
         self.map.get_or_insert_with(|| {
+            let (data, data_fault) = decode::read_data(bytes);
+            *fault = data_fault;
             let mut map = rhai::Map::new();
-            map.insert("data".into(), rule_data(&record.bytes));
+            map.insert("data".into(), data);
             map.insert("partition_key".into(), (&*record.partition_key).into());
             map.insert("sequence_number".into(), (&*record.sequence_number).into());
             map.insert(

@@ -150,6 +150,7 @@ fn run_case(
     // nothing.
     let verdict = set
         .run(&record)
+        .verdicts
         .into_iter()
         .find(|(i, _)| *i == index)
         .map_or(Verdict::Skipped, |(_, verdict)| verdict);

@@ -231,3 +231,154 @@ async fn a_stop_inside_an_aggregate_resumes_at_the_next_sub_record() {
         "only the sub-record in flight at the kill may be sent twice: {seen:?}"
     );
 }
+
+/// JSON nested `depth` levels deep inside an event with these `tags`.
+fn deep_event(request_id: &str, user_id: &str, tags: &str, depth: usize) -> Vec<u8> {
+    format!(
+        r#"{{"type":"privacy_request","tags":[{tags}],"client":"acme","request_id":"{request_id}","user_id":"{user_id}","extra":{}{}}}"#,
+        "[".repeat(depth),
+        "]".repeat(depth)
+    )
+    .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_that_cannot_be_read_are_dead_letters_and_the_shard_moves_on() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    let (key, plain) = request("truncated-user");
+    let whole = gzip(&plain);
+    let mut records = vec![
+        // A request whose gzip was cut short: a dead letter, not an opaque blob.
+        (key, whole[..whole.len() - 12].to_vec()),
+        // A request too deep for the JSON parser, past the shipped rule's prefilter.
+        (
+            "deep".to_owned(),
+            deep_event("req-deep", "deep-user", r#""GDPR","Delete User""#, 200),
+        ),
+        // Too deep, but no rule's prefilter lets it through: only counted.
+        (
+            "deep-other".to_owned(),
+            deep_event("x-1", "other-user", r#""audit""#, 200),
+        ),
+    ];
+    // JSON behind a BOM with a Latin-1 byte, and gzip with padding after it: read.
+    // Two of those: the second is counted, but not logged again within the minute.
+    for user in ["latin1-user", "latin1-user-2"] {
+        let mut latin1 = b"\xEF\xBB\xBF".to_vec();
+        latin1.extend(
+            deletion(&format!("req-{user}"), user)
+                .to_string()
+                .as_bytes(),
+        );
+        latin1.truncate(latin1.len() - 1);
+        latin1.extend(b",\"name\":\"Jos\xE9\"}");
+        records.push(("latin1".to_owned(), latin1));
+    }
+    let (key, plain) = request("padded-user");
+    records.push((key, [gzip(&plain), b"\n\0".to_vec()].concat()));
+    put(&client, "events", &records).await;
+    let (key, last) = request("after-user");
+    let last_sequence = client
+        .put_record()
+        .stream_name("events")
+        .partition_key(key)
+        .data(aws_sdk_kinesis::primitives::Blob::new(last))
+        .send()
+        .await
+        .unwrap()
+        .sequence_number()
+        .to_owned();
+
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    ws.with_metrics();
+    let daemon = ws.start_daemon(&[]);
+    let address = metrics_address(&daemon).await;
+    wait_until(Duration::from_secs(60), "4 requests", || {
+        backend.count() >= 4
+    })
+    .await;
+    wait_until(Duration::from_secs(30), "caught up", || {
+        caught_up_count(&daemon.stderr()) >= 1
+    })
+    .await;
+    let metrics = reqwest::get(format!("http://{address}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let log = daemon.stderr();
+    assert!(daemon.stop().success());
+
+    let seen = users(&backend);
+    let expected = ["latin1-user", "latin1-user-2", "padded-user", "after-user"];
+    for user in expected {
+        assert_eq!(seen.get(user), Some(&1), "{user}: {seen:?}");
+    }
+    assert_eq!(seen.len(), expected.len(), "{seen:?}");
+
+    let letters = ws.dead_letters();
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert!(
+        letters.iter().all(|l| l["kind"] == "decode_failed"),
+        "{letters:?}"
+    );
+    let errors: Vec<&str> = letters
+        .iter()
+        .map(|l| l["error"].as_str().unwrap())
+        .collect();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("gzip payload does not inflate")),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().any(|e| e.contains("nests too deep")),
+        "{errors:?}"
+    );
+
+    // A retry reads the sealed record again, and it still cannot be read: it stays (and
+    // the command says so with exit code 1).
+    for letter in &letters {
+        let id = letter["id"].as_u64().unwrap().to_string();
+        let config = ws.config();
+        let config = config.to_str().unwrap();
+        let (code, out, err) = ws.run(&["dead-letters", "retry", "--config", config, "--id", &id]);
+        assert_eq!(code, 1, "{out}{err}");
+        let outcome = &json_lines(&out)[0];
+        assert_eq!(outcome["outcome"], "still_failing", "{outcome}");
+        assert_eq!(outcome["error"], letter["error"], "{outcome}");
+    }
+    assert_eq!(ws.dead_letters().len(), 2);
+    assert_eq!(backend.count(), 4);
+
+    // The shard moved on past both: its checkpoint is the last record.
+    let config = ws.config();
+    let (code, out, _) = ws.run(&["checkpoints", "list", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        json_lines(&out)[0]["sequence_number"],
+        last_sequence,
+        "{out}"
+    );
+
+    // Counted by reason, the too-deep record no rule would see included; logged (but that
+    // one) without payload.
+    for (reason, count) in [
+        ("damaged_compression", 1),
+        ("json_too_deep", 2),
+        ("json_invalid_utf8", 2),
+    ] {
+        let line =
+            format!("gdpr_consumer_undecodable_records_total{{reason=\"{reason}\"}} {count}");
+        assert!(metrics.lines().any(|l| l == line), "{line}\n{metrics}");
+    }
+    assert_eq!(log.matches("undecodable_record").count(), 3, "{log}");
+    for user in ["truncated-user", "deep-user", "other-user", "latin1-user"] {
+        assert!(!log.contains(user), "{user} in the log:\n{log}");
+    }
+}

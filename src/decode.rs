@@ -274,6 +274,16 @@ pub enum Unreadable {
 }
 
 impl Unreadable {
+    /// Every reason, for counters that start at zero.
+    pub const ALL: [Unreadable; 6] = [
+        Unreadable::MalformedAggregate,
+        Unreadable::DamagedCompression,
+        Unreadable::InflateLimit,
+        Unreadable::JsonTooDeep,
+        Unreadable::JsonInvalidUtf8,
+        Unreadable::JsonInvalid,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Unreadable::MalformedAggregate => "malformed_aggregate",
@@ -543,6 +553,11 @@ pub fn readable(bytes: &[u8]) -> Readable<'_> {
         fault = Some(Unreadable::JsonTooDeep);
     }
     Readable { bytes: text, fault }
+}
+
+/// Whether the bytes look like JSON (an object or an array) but do not parse.
+pub fn is_broken_json(bytes: &[u8]) -> bool {
+    looks_like_json(bytes) && serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_err()
 }
 
 /// Whether the first byte past JSON whitespace opens an object or an array.

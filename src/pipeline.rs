@@ -385,9 +385,20 @@ impl Pipeline {
         let run = rules.run(record);
         if let Some(fault) = run.fault {
             // A record no rule would see is only counted; one a rule would see but that
-            // cannot be read is never "not a request".
+            // cannot be read is never "not a request": JSON too deep for the parser, or
+            // JSON that does not parse but holds a rule's prefilter literal (a truncated
+            // request, say; text lines that merely start with `[` reach rules without a
+            // prefilter as text).
             let seen = !run.verdicts.is_empty();
-            let dead_letter = fault == Unreadable::JsonTooDeep && seen;
+            let prefiltered = run
+                .verdicts
+                .iter()
+                .any(|(index, _)| rules.rules()[*index].has_prefilter());
+            let dead_letter = match fault {
+                Unreadable::JsonTooDeep => seen,
+                Unreadable::JsonInvalid => prefiltered,
+                _ => false,
+            };
             self.telemetry.undecodable_record(
                 &record.shard_id,
                 &record.sequence_number,
@@ -404,7 +415,11 @@ impl Pipeline {
                     shard_id: record.shard_id.to_string(),
                     sequence_number: record.sequence_number.to_string(),
                     kind: fault,
-                    reason: "its JSON nests too deep to be parsed".into(),
+                    reason: match fault {
+                        Unreadable::JsonTooDeep => "its JSON nests too deep to be parsed",
+                        _ => "it looks like JSON and holds a rule's prefilter literal, but does not parse",
+                    }
+                    .into(),
                 };
                 self.dead_letter_unreadable(record, error, pending);
                 return None;

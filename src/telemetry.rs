@@ -171,6 +171,13 @@ impl Telemetry {
             already_dead_lettered: Counter::default(),
             started: Instant::now(),
         };
+        // Counted from zero, so an alert on their rate works from the first one.
+        for reason in crate::decode::Unreadable::ALL {
+            drop(
+                t.undecodable_records
+                    .get_or_create(&label("reason", reason.as_str())),
+            );
+        }
         let r = &mut t.registry;
         r.register(
             "records_read",

@@ -138,6 +138,12 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// Whether only records holding one of its literals reach the rule: then a record that
+    /// does and cannot be read may be a request.
+    pub fn has_prefilter(&self) -> bool {
+        self.literals.is_some()
+    }
+
     /// What `rules check` says of the rule's prefilter.
     pub fn prefilter_summary(&self) -> String {
         match (&self.literals, self.literals_from_guard) {
@@ -263,6 +269,18 @@ impl RuleSet {
                 fault,
             };
         };
+        // Past a prefilter literal, bytes that look like JSON but do not parse may be a
+        // request cut short: said so even when an opening check (which reads fields
+        // without parsing the whole) turns it away. Only for the few records a literal
+        // lets through.
+        let fault = fault.or_else(|| {
+            let prefiltered = self
+                .rules
+                .iter()
+                .zip(&eligible)
+                .any(|(rule, eligible)| *eligible && rule.has_prefilter());
+            (prefiltered && decode::is_broken_json(&bytes)).then_some(Unreadable::JsonInvalid)
+        });
         let mut input = Input::new(record, &bytes);
         let verdicts = self
             .rules

@@ -278,6 +278,11 @@ async fn records_that_cannot_be_read_are_dead_letters_and_the_shard_moves_on() {
     }
     let (key, plain) = request("padded-user");
     records.push((key, [gzip(&plain), b"\n\0".to_vec()].concat()));
+    // A request cut short (not JSON any more) that holds the prefilter's literal: a dead
+    // letter. A log line that starts like JSON, with no rule's literal: not even parsed.
+    let (key, plain) = request("cut-user");
+    records.push((key, plain[..plain.len() - 3].to_vec()));
+    records.push(("log".to_owned(), b"[INFO] cache warmed in 12 ms".to_vec()));
     put(&client, "events", &records).await;
     let (key, last) = request("after-user");
     let last_sequence = client
@@ -321,7 +326,7 @@ async fn records_that_cannot_be_read_are_dead_letters_and_the_shard_moves_on() {
     assert_eq!(seen.len(), expected.len(), "{seen:?}");
 
     let letters = ws.dead_letters();
-    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert_eq!(letters.len(), 3, "{letters:?}");
     assert!(
         letters.iter().all(|l| l["kind"] == "decode_failed"),
         "{letters:?}"
@@ -340,6 +345,10 @@ async fn records_that_cannot_be_read_are_dead_letters_and_the_shard_moves_on() {
         errors.iter().any(|e| e.contains("nests too deep")),
         "{errors:?}"
     );
+    assert!(
+        errors.iter().any(|e| e.contains("does not parse")),
+        "{errors:?}"
+    );
 
     // A retry reads the sealed record again, and it still cannot be read: it stays (and
     // the command says so with exit code 1).
@@ -353,7 +362,7 @@ async fn records_that_cannot_be_read_are_dead_letters_and_the_shard_moves_on() {
         assert_eq!(outcome["outcome"], "still_failing", "{outcome}");
         assert_eq!(outcome["error"], letter["error"], "{outcome}");
     }
-    assert_eq!(ws.dead_letters().len(), 2);
+    assert_eq!(ws.dead_letters().len(), 3);
     assert_eq!(backend.count(), 4);
 
     // The shard moved on past both: its checkpoint is the last record.
@@ -372,13 +381,20 @@ async fn records_that_cannot_be_read_are_dead_letters_and_the_shard_moves_on() {
         ("damaged_compression", 1),
         ("json_too_deep", 2),
         ("json_invalid_utf8", 2),
+        ("json_invalid", 1),
     ] {
         let line =
             format!("gdpr_consumer_undecodable_records_total{{reason=\"{reason}\"}} {count}");
         assert!(metrics.lines().any(|l| l == line), "{line}\n{metrics}");
     }
-    assert_eq!(log.matches("undecodable_record").count(), 3, "{log}");
-    for user in ["truncated-user", "deep-user", "other-user", "latin1-user"] {
+    assert_eq!(log.matches("undecodable_record").count(), 4, "{log}");
+    for user in [
+        "truncated-user",
+        "deep-user",
+        "other-user",
+        "latin1-user",
+        "cut-user",
+    ] {
         assert!(!log.contains(user), "{user} in the log:\n{log}");
     }
 }

@@ -83,6 +83,8 @@ pub enum StateError {
     },
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error("state file {path} is closed after a write error, and could not be opened again")]
+    Closed { path: PathBuf },
     #[error("state file {path} is open read-only here")]
     ReadOnly { path: PathBuf },
     #[error("state file {path}: no dead letter {id}")]
@@ -385,26 +387,14 @@ impl Writes {
 enum Db {
     Writable(Database),
     ReadOnly(redb::ReadOnlyDatabase),
-}
-
-impl Db {
-    fn begin_read(&self) -> Result<redb::ReadTransaction, redb::TransactionError> {
-        match self {
-            Db::Writable(db) => db.begin_read(),
-            Db::ReadOnly(db) => db.begin_read(),
-        }
-    }
-
-    fn writable(&self) -> Option<&Database> {
-        match self {
-            Db::Writable(db) => Some(db),
-            Db::ReadOnly(_) => None,
-        }
-    }
+    /// Closed to be opened again (after a write error), and not open yet.
+    Closed,
 }
 
 pub struct State {
-    db: Db,
+    /// Swapped only to reopen the file after a write error (redb then wants it closed and
+    /// opened again); transactions hold no borrow of it.
+    db: std::sync::RwLock<Db>,
     path: PathBuf,
     group: Mutex<Group>,
     /// The next dead letter id: ids are given out before a letter is sealed (its seal is
@@ -498,7 +488,7 @@ impl State {
             Access::Run | Access::Write => Db::Writable(open_writable(path)?),
         };
         let state = State {
-            db,
+            db: std::sync::RwLock::new(db),
             path: path.to_owned(),
             group: Mutex::default(),
             next_dead_letter_id: AtomicU64::new(0),
@@ -510,7 +500,7 @@ impl State {
     /// The whole dedup set (dry-run marks requests already done with it).
     pub fn done_set(&self) -> Result<HashSet<[u8; 32]>, StateError> {
         let err = self.db_err("cannot read the dedup set");
-        let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let tx = self.read_tx(&err)?;
         let table = tx.open_table(DONE).map_err(|e| err(e.into()))?;
         let mut done = HashSet::new();
         for entry in table.iter().map_err(|e| err(e.into()))? {
@@ -530,10 +520,53 @@ impl State {
         }
     }
 
-    fn writer(&self) -> Result<&Database, StateError> {
-        self.db.writable().ok_or_else(|| StateError::ReadOnly {
-            path: self.path.clone(),
-        })
+    fn read_tx(
+        &self,
+        err: &impl Fn(redb::Error) -> StateError,
+    ) -> Result<redb::ReadTransaction, StateError> {
+        if matches!(&*self.db.read().expect("state lock"), Db::Closed) {
+            self.reopen()?;
+        }
+        match &*self.db.read().expect("state lock") {
+            Db::Writable(db) => db.begin_read().map_err(|e| err(e.into())),
+            Db::ReadOnly(db) => db.begin_read().map_err(|e| err(e.into())),
+            Db::Closed => Err(StateError::Closed {
+                path: self.path.clone(),
+            }),
+        }
+    }
+
+    fn write_tx(
+        &self,
+        err: &impl Fn(redb::Error) -> StateError,
+    ) -> Result<redb::WriteTransaction, StateError> {
+        match &*self.db.read().expect("state lock") {
+            Db::Writable(db) => db.begin_write().map_err(|e| err(e.into())),
+            Db::ReadOnly(_) => Err(StateError::ReadOnly {
+                path: self.path.clone(),
+            }),
+            Db::Closed => Err(StateError::Closed {
+                path: self.path.clone(),
+            }),
+        }
+    }
+
+    fn is_writable(&self) -> bool {
+        !matches!(&*self.db.read().expect("state lock"), Db::ReadOnly(_))
+    }
+
+    /// Closes the file and opens it again: after a write error (a full disk, an I/O error)
+    /// redb refuses every further write until then.
+    fn reopen(&self) -> Result<(), StateError> {
+        let mut db = self.db.write().expect("state lock");
+        if matches!(&*db, Db::ReadOnly(_)) {
+            return Err(StateError::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        drop(std::mem::replace(&mut *db, Db::Closed));
+        *db = Db::Writable(open_writable(&self.path)?);
+        Ok(())
     }
 
     /// Checks the schema version and the keys; a writer also creates the tables, records
@@ -541,8 +574,8 @@ impl State {
     fn init(&self, keys: &Keys, key_names: &str) -> Result<(), StateError> {
         let err = self.db_err("cannot initialise");
         let fingerprints = keys.fingerprints();
-        let Some(db) = self.db.writable() else {
-            let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
+        if !self.is_writable() {
+            let tx = self.read_tx(&err)?;
             let meta = tx.open_table(META).map_err(|e| err(e.into()))?;
             let version = meta
                 .get("schema_version")
@@ -559,7 +592,7 @@ impl State {
             };
             return self.check_keys(known.as_deref(), &fingerprints, key_names);
         };
-        let tx = db.begin_write().map_err(|e| err(e.into()))?;
+        let tx = self.write_tx(&err)?;
         let (migrate, rotated) = {
             let mut meta = tx.open_table(META).map_err(|e| err(e.into()))?;
             let version = meta
@@ -696,11 +729,12 @@ impl State {
         Ok(letters.len() as u64)
     }
 
-    /// Writes and syncs a small marker: whether the state can be written now (after a
-    /// failed commit, before any backend call).
+    /// Opens the file again, then writes and syncs a small marker: whether the state can be
+    /// written now (after a failed commit, before any backend call).
     pub fn probe_write(&self) -> Result<(), StateError> {
         let err = self.db_err("cannot write");
-        let tx = self.writer()?.begin_write().map_err(|e| err(e.into()))?;
+        self.reopen()?;
+        let tx = self.write_tx(&err)?;
         {
             let mut meta = tx.open_table(META).map_err(|e| err(e.into()))?;
             meta.insert("write_probe", now_ms())
@@ -774,7 +808,7 @@ impl State {
 
     fn commit_group(&self, group: &[Writes]) -> Result<(), StateError> {
         let err = self.db_err("cannot commit");
-        let tx = self.writer()?.begin_write().map_err(|e| err(e.into()))?;
+        let tx = self.write_tx(&err)?;
         for writes in group {
             self.apply(&tx, writes)?;
         }
@@ -865,7 +899,7 @@ impl State {
 
     pub fn checkpoint(&self, shard_id: &str) -> Result<Option<Checkpoint>, StateError> {
         let err = self.db_err("cannot read checkpoint");
-        let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let tx = self.read_tx(&err)?;
         let table = tx.open_table(CHECKPOINTS).map_err(|e| err(e.into()))?;
         let value = table.get(shard_id).map_err(|e| err(e.into()))?;
         value
@@ -875,7 +909,7 @@ impl State {
 
     pub fn checkpoints(&self) -> Result<Vec<(String, Checkpoint)>, StateError> {
         let err = self.db_err("cannot read checkpoints");
-        let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let tx = self.read_tx(&err)?;
         let table = tx.open_table(CHECKPOINTS).map_err(|e| err(e.into()))?;
         let mut out = Vec::new();
         for entry in table.iter().map_err(|e| err(e.into()))? {
@@ -888,7 +922,7 @@ impl State {
     /// Forgets a shard's checkpoint (or every one), so it is read again from the start.
     pub fn reset_checkpoints(&self, shard_id: Option<&str>) -> Result<usize, StateError> {
         let err = self.db_err("cannot reset checkpoints");
-        let tx = self.writer()?.begin_write().map_err(|e| err(e.into()))?;
+        let tx = self.write_tx(&err)?;
         let removed = {
             let mut table = tx.open_table(CHECKPOINTS).map_err(|e| err(e.into()))?;
             match shard_id {
@@ -913,7 +947,7 @@ impl State {
     /// ring: a request done before a key rotation is still found).
     pub fn is_done_any<I: AsRef<[u8]>>(&self, ids: &[I]) -> Result<bool, StateError> {
         let err = self.db_err("cannot read the dedup set");
-        let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let tx = self.read_tx(&err)?;
         let table = tx.open_table(DONE).map_err(|e| err(e.into()))?;
         for id in ids {
             if table.get(id.as_ref()).map_err(|e| err(e.into()))?.is_some() {
@@ -927,7 +961,7 @@ impl State {
     /// retention, so their records can no longer be read again). Returns how many.
     pub fn expire_done(&self, before_ms: u64) -> Result<u64, StateError> {
         let err = self.db_err("cannot expire the dedup set");
-        let tx = self.writer()?.begin_write().map_err(|e| err(e.into()))?;
+        let tx = self.write_tx(&err)?;
         let mut removed = 0;
         {
             let mut table = tx.open_table(DONE).map_err(|e| err(e.into()))?;
@@ -956,7 +990,7 @@ impl State {
         limit: usize,
     ) -> Result<Vec<(u64, DeadLetter)>, StateError> {
         let err = self.db_err("cannot read dead letters");
-        let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let tx = self.read_tx(&err)?;
         let table = tx.open_table(DEAD_LETTERS).map_err(|e| err(e.into()))?;
         let mut out = Vec::new();
         for entry in table
@@ -972,7 +1006,7 @@ impl State {
 
     pub fn dead_letter(&self, id: u64) -> Result<DeadLetter, StateError> {
         let err = self.db_err("cannot read dead letters");
-        let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let tx = self.read_tx(&err)?;
         let table = tx.open_table(DEAD_LETTERS).map_err(|e| err(e.into()))?;
         let value = table.get(id).map_err(|e| err(e.into()))?;
         match value {
@@ -987,7 +1021,7 @@ impl State {
     /// The pending letter that holds this request or record ([`DeadLetter::index_key`]).
     pub fn pending_letter(&self, index_key: &str) -> Result<Option<u64>, StateError> {
         let err = self.db_err("cannot read the dead letter index");
-        let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let tx = self.read_tx(&err)?;
         let table = match tx.open_table(LETTER_INDEX) {
             Ok(table) => table,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
@@ -1000,7 +1034,7 @@ impl State {
     /// How many dead letters are pending, and when the oldest was stored (ms).
     pub fn dead_letter_stats(&self) -> Result<(u64, Option<u64>), StateError> {
         let err = self.db_err("cannot read dead letters");
-        let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let tx = self.read_tx(&err)?;
         let table = tx.open_table(DEAD_LETTERS).map_err(|e| err(e.into()))?;
         let count = table.len().map_err(|e| err(e.into()))?;
         let oldest = match table.first().map_err(|e| err(e.into()))? {
@@ -1016,7 +1050,7 @@ impl State {
     /// Audit entries whose time is in `[since_ms, until_ms)`, oldest first.
     pub fn audit(&self, since_ms: u64, until_ms: u64) -> Result<Vec<AuditEntry>, StateError> {
         let err = self.db_err("cannot read the audit trail");
-        let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let tx = self.read_tx(&err)?;
         let table = tx.open_table(AUDIT).map_err(|e| err(e.into()))?;
         let mut out = Vec::new();
         for entry in table.iter().map_err(|e| err(e.into()))? {
@@ -1032,7 +1066,7 @@ impl State {
     /// Sizes and version, for `gdpr-consumer state`.
     pub fn summary(&self) -> Result<serde_json::Value, StateError> {
         let err = self.db_err("cannot read");
-        let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let tx = self.read_tx(&err)?;
         let meta = tx.open_table(META).map_err(|e| err(e.into()))?;
         let version = meta
             .get("schema_version")

@@ -131,10 +131,20 @@ pub async fn supervise<W: ShardWork>(
             },
             &settings.start,
         );
-        if let Some(e) = state_error {
-            outcome = Err(SupervisorError::Checkpoints(e));
-            break;
-        }
+        let ready = match state_error {
+            Some(e) if ends_when_caught_up => {
+                outcome = Err(SupervisorError::Checkpoints(e));
+                break;
+            }
+            // The state cannot be read now (a failing disk): no shard starts without its
+            // checkpoint (it would start over, or at the tip); said so, and tried again at
+            // the next sync. Running workers go on (their writes fail on their own).
+            Some(e) => {
+                telemetry.state_write(Some(&e));
+                Vec::new()
+            }
+            None => ready,
+        };
         telemetry.set_shards(shard_views(&shards, &started, &ready, |id| {
             work.checkpoint(id).ok().flatten()
         }));

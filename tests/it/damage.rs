@@ -726,3 +726,101 @@ async fn a_stop_waits_for_a_dead_letter_retry_in_flight() {
     assert_eq!(code, 0, "{line}");
     assert!(ws.dead_letters().is_empty());
 }
+
+/// Makes a file immutable (`chattr +i`) until dropped: writes to it fail, as on a failing
+/// disk.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(path: std::path::PathBuf) -> Self {
+        let status = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "chattr +i {}", path.display());
+        Immutable(path)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The state cannot be written for a while (a failing disk): the request whose outcome
+/// could not be recorded is not sent again while it cannot, `/readyz` and `/status` say
+/// why, and once the file can be written the daemon opens it again and carries on: the
+/// request sent once more (its outcome was never recorded), then done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_that_cannot_be_written_stops_the_calls_until_it_can() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    ws.with_metrics();
+    let daemon = ws.start_daemon(&[]);
+    let address = metrics_address(&daemon).await;
+    wait_until(Duration::from_secs(30), "caught up", || {
+        caught_up_count(&daemon.stderr()) >= 1
+    })
+    .await;
+    let immutable = Immutable::set(ws.path("state.redb"));
+    put(&client, "events", &traffic(20, 1, 0)).await;
+    wait_until(Duration::from_secs(30), "the request", || {
+        backend.count() >= 1
+    })
+    .await;
+    wait_until(Duration::from_secs(30), "not ready", || {
+        daemon.stderr().contains("state_write_error")
+    })
+    .await;
+    let (code, body) = get(&address, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("state not writable"), "{body}");
+    let (_, status) = get(&address, "/status").await;
+    let status: Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["state"]["writable"], false, "{status}");
+    // Restarts come and go: no call while the state cannot record its outcome.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(backend.count(), 1, "sent again while the state was broken");
+
+    drop(immutable);
+    for _ in 0..400 {
+        if backend.count() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(backend.count() >= 2, "not sent again:\n{}", daemon.stderr());
+    wait_until(Duration::from_secs(30), "ready", || {
+        daemon.stderr().contains("state_write_recovered")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (code, body) = get(&address, "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(daemon.stop().success());
+    let received = backend.received();
+    assert_eq!(received.len(), 2, "{received:?}");
+    assert_eq!(received[0].idempotency_key, received[1].idempotency_key);
+    assert!(ws.dead_letters().is_empty());
+    let config = ws.config();
+    let (code, out, _) = ws.run(&[
+        "audit",
+        "lookup",
+        "--config",
+        config.to_str().unwrap(),
+        "--action",
+        "anonymize_user",
+        "--key",
+        "r-0",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(json_lines(&out).last().unwrap()["done"], true);
+}

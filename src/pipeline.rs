@@ -555,6 +555,14 @@ impl Pipeline {
         reason: DeadLetterReason,
         pending: &mut Pending,
     ) {
+        // A retry that fails again makes no letter: the retried one stays (see
+        // `Pending::retrying`).
+        if pending.retrying.is_some() {
+            pending
+                .failed_again
+                .get_or_insert_with(|| reason.error().to_owned());
+            return;
+        }
         let record = origin.record;
         let index_key = record_index_key(
             &record.shard_id,
@@ -563,10 +571,6 @@ impl Pipeline {
             origin.rule,
         );
         match state.pending_letter(&index_key) {
-            Ok(Some(id)) if pending.retrying == Some(id) => {
-                pending.failed_again = Some(reason.error().to_owned());
-                return;
-            }
             Ok(Some(id)) => {
                 self.telemetry
                     .already_dead_lettered(&record.shard_id, &record.sequence_number, id);
@@ -610,9 +614,7 @@ impl Pipeline {
             }
         };
         let record = origin.record;
-        let (carried, _claim) = self
-            .carry_out(origin, &decision, &request, pending, None)
-            .await?;
+        let (carried, _claim) = self.carry_out(origin, &decision, &request, pending).await?;
         let id = keys.request_id(&decision.action, &decision.key);
         let request_id = hex::encode(id);
         let regulation = regulation(&decision);
@@ -642,6 +644,10 @@ impl Pipeline {
                     attempts,
                     ..audit(ActionOutcome::Done)
                 });
+            }
+            Carried::Sent(Outcome::Failed { error, status, .. }) if pending.retrying.is_some() => {
+                let error = with_status(error, status);
+                pending.failed_again.get_or_insert(error);
             }
             Carried::Sent(Outcome::Failed {
                 error,
@@ -693,7 +699,6 @@ impl Pipeline {
         decision: &Decision,
         request: &PreparedRequest,
         pending: &Pending,
-        retrying: Option<u64>,
     ) -> Result<(Carried, Claim<'_>), PipelineError> {
         let Sink::Live { state, keys } = &self.sink else {
             unreachable!("only a live sink carries out requests");
@@ -728,7 +733,7 @@ impl Pipeline {
                 .pending_letter(&request_index_key(&hex::encode(id)))
                 .map_err(|source| state_error(record, source))?);
         }
-        if let Some(letter) = held.filter(|held| Some(*held) != retrying) {
+        if let Some(letter) = held.filter(|held| Some(*held) != pending.retrying) {
             report(ActionOutcome::Duplicate, 0, None, None);
             return Ok((
                 Carried::Duplicate {
@@ -760,7 +765,10 @@ impl Pipeline {
             Outcome::Failed {
                 error, attempts, ..
             } => report(
-                ActionOutcome::DeadLettered,
+                match pending.retrying {
+                    Some(_) => ActionOutcome::StillFailing,
+                    None => ActionOutcome::DeadLettered,
+                },
                 *attempts,
                 Some(started.elapsed()),
                 Some(error),
@@ -898,7 +906,10 @@ impl Pipeline {
         decision: Decision,
     ) -> Result<Retried, PipelineError> {
         let mut letter = letter.clone();
-        let mut pending = Pending::default();
+        let mut pending = Pending {
+            retrying: Some(id),
+            ..Pending::default()
+        };
         let request = match self.actions.prepare(&decision) {
             Ok(request) => request,
             Err(e) => {
@@ -910,7 +921,7 @@ impl Pipeline {
             }
         };
         let (carried, _claim) = self
-            .carry_out(origin, &decision, &request, &pending, Some(id))
+            .carry_out(origin, &decision, &request, &pending)
             .await?;
         let request_id = hex::encode(keys.request_id(&decision.action, &decision.key));
         let retried = match carried {
@@ -951,12 +962,7 @@ impl Pipeline {
                 retryable,
                 ..
             }) => {
-                let error = match status {
-                    Some(status) if !error.contains(&status.to_string()) => {
-                        format!("{error} (HTTP {status})")
-                    }
-                    _ => error,
-                };
+                let error = with_status(error, status);
                 letter.retried(error.clone());
                 if let DeadLetterReason::ActionFailed {
                     retryable: was_retryable,
@@ -1044,6 +1050,14 @@ enum Carried {
     Sent(Outcome),
     /// Done already, or held by a pending dead letter (its id).
     Duplicate { letter: Option<u64> },
+}
+
+/// A backend's error with its HTTP status, for a letter's `last_error`.
+fn with_status(error: String, status: Option<u16>) -> String {
+    match status {
+        Some(status) if !error.contains(&status.to_string()) => format!("{error} (HTTP {status})"),
+        _ => error,
+    }
 }
 
 /// Opens what a dead letter keeps sealed.

@@ -44,6 +44,8 @@ pub enum ActionOutcome {
     Done,
     Duplicate,
     DeadLettered,
+    /// A dead letter's retry failed: the letter stays (no new one).
+    StillFailing,
 }
 
 impl ActionOutcome {
@@ -52,6 +54,7 @@ impl ActionOutcome {
             ActionOutcome::Done => "done",
             ActionOutcome::Duplicate => "duplicate",
             ActionOutcome::DeadLettered => "dead_lettered",
+            ActionOutcome::StillFailing => "still_failing",
         }
     }
 }
@@ -433,6 +436,16 @@ impl Telemetry {
                 rule,
                 action,
                 "request already done; skipping duplicate"
+            ),
+            ActionOutcome::StillFailing => tracing::warn!(
+                event,
+                shard_id,
+                sequence_number,
+                rule,
+                action,
+                attempts,
+                error = error.unwrap_or(""),
+                "a dead letter's retry failed; the letter stays"
             ),
             ActionOutcome::DeadLettered => tracing::warn!(
                 event,

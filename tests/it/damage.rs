@@ -824,3 +824,57 @@ async fn a_state_that_cannot_be_written_stops_the_calls_until_it_can() {
     assert_eq!(code, 0, "{out}");
     assert_eq!(json_lines(&out).last().unwrap()["done"], true);
 }
+
+/// A rule_failed letter whose fixed rule now decides, while the backend still fails: the
+/// retry says so (exit 1), the letter stays as it was (no new letter, no new age), and a
+/// later retry completes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_failed_retry_whose_request_fails_keeps_its_letter() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    put(&client, "events", &traffic(20, 1, 0)).await;
+    let (backend, status) = switchable_backend().await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    let rule = |body: &str| {
+        format!("const PREFILTER = [\"Delete User\"];\nfn decide(record) {{\n    if record.data.request_id != \"r-0\" {{ return; }}\n    {body}\n}}\n")
+    };
+    ws.edit_config("max_attempts = 4", "max_attempts = 1");
+    ws.write_rule("thrower.rhai", &rule("throw \"not yet\";"));
+    run_until(&ws, &backend, 1).await;
+    let letters = ws.dead_letters();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let first = letters[0].clone();
+    let id = first["id"].to_string();
+
+    ws.write_rule(
+        "thrower.rhai",
+        &rule("#{ action: \"anonymize_user\", key: \"t-0\", params: #{ user_id: record.data.user_id } }"),
+    );
+    for (answer, attempt) in [(503, 1), (400, 2)] {
+        status.store(answer, Ordering::SeqCst);
+        let (code, line) = retry(&ws, &id);
+        assert_eq!(code, 1, "{line}");
+        assert_eq!(line["outcome"], "still_failing", "{line}");
+        assert!(
+            line["error"]
+                .as_str()
+                .unwrap()
+                .contains(&answer.to_string()),
+            "{line}"
+        );
+        let letters = ws.dead_letters();
+        assert_eq!(letters.len(), 1, "a new letter was made: {letters:?}");
+        for same in ["id", "created_at", "kind", "rule"] {
+            assert_eq!(letters[0][same], first[same], "{same} changed");
+        }
+        assert_eq!(letters[0]["retries"], attempt);
+    }
+    status.store(200, Ordering::SeqCst);
+    let (code, line) = retry(&ws, &id);
+    assert_eq!(code, 0, "{line}");
+    assert_eq!(line["outcome"], "resolved");
+    assert!(ws.dead_letters().is_empty());
+    // The acme rule's request, then the thrower's three tries.
+    assert_eq!(backend.count(), 4);
+}

@@ -72,6 +72,8 @@ pub struct StreamSection {
     pub records_per_call: Option<i32>,
     /// GetRecords answers held at once over all shards, read or being handled: bounds memory.
     pub batches_in_flight: Option<usize>,
+    /// Time limit of one Kinesis call (an endpoint that accepts and never answers).
+    pub call_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -428,6 +430,14 @@ fn resolve_stream(
             }
             n => n,
         },
+        call_timeout: match section.call_timeout_ms.unwrap_or(10_000) {
+            ms if ms < 100 => {
+                return Err(ConfigError::Invalid(format!(
+                    "[stream] call_timeout_ms = {ms} is below 100"
+                )))
+            }
+            ms => Duration::from_millis(ms),
+        },
     })
 }
 
@@ -661,6 +671,7 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
                 list_shards_page_size: Some(1),
                 records_per_call: Some(1),
                 batches_in_flight: Some(1),
+                call_timeout_ms: Some(1000),
             },
             state: StateSection {
                 path: Some("p".into()),

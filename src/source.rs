@@ -66,6 +66,8 @@ pub struct StreamSettings {
     pub list_shards_page_size: Option<i32>,
     pub records_per_call: i32,
     pub batches_in_flight: usize,
+    /// Time limit of one Kinesis call attempt (three attempts at most per call).
+    pub call_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +211,15 @@ impl KinesisSource {
         if let Some(url) = &settings.endpoint_url {
             loader = loader.endpoint_url(url);
         }
+        // Without limits, an endpoint that accepts and never answers stalls a call forever,
+        // unseen: a call that times out is a fault like any other (retried, reported).
+        loader = loader.timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(settings.call_timeout.min(Duration::from_secs(3)))
+                .operation_attempt_timeout(settings.call_timeout)
+                .operation_timeout(settings.call_timeout * 3)
+                .build(),
+        );
         let sdk = loader.load().await;
         let mut builder = aws_sdk_kinesis::config::Builder::from(&sdk);
         // The SDK resolves the service-specific variable itself (`Builder::from`), and the

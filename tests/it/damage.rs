@@ -878,3 +878,49 @@ async fn a_rule_failed_retry_whose_request_fails_keeps_its_letter() {
     // The acme rule's request, then the thrower's three tries.
     assert_eq!(backend.count(), 4);
 }
+
+/// A Kinesis endpoint that accepts connections and never answers: at start, `run` says so
+/// and exits 1; while running, `/readyz` says the reads are failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kinesis_that_never_answers_is_a_fault_not_a_hang() {
+    // Connections complete in the kernel's backlog; nothing ever reads or answers them.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", silent.local_addr().unwrap());
+    let ws = Workspace::new(&endpoint, "events", "http://127.0.0.1:9");
+    ws.edit_config("[stream]\n", "[stream]\ncall_timeout_ms = 300\n");
+    let started = std::time::Instant::now();
+    let (code, _, err) =
+        tokio::task::block_in_place(|| ws.run(&["run", "--config", ws.config().to_str().unwrap()]));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.to_lowercase().contains("timeout") || err.contains("timed out"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    let proxy = FaultProxy::start(&kinesis.endpoint, |operation, n| {
+        (operation == "GetRecords" && n >= 2).then_some(Fault::Slow(Duration::from_secs(600)))
+    })
+    .await;
+    let ws = Workspace::new(&proxy.endpoint, "events", "http://127.0.0.1:9");
+    ws.edit_config("[stream]\n", "[stream]\ncall_timeout_ms = 300\n");
+    ws.with_metrics();
+    let daemon = ws.start_daemon(&[]);
+    let address = metrics_address(&daemon).await;
+    wait_until(Duration::from_secs(30), "reads reported failing", || {
+        daemon.stderr().contains("kinesis_retry")
+    })
+    .await;
+    let (code, body) = get(&address, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("GetRecords"), "{body}");
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit().success());
+}

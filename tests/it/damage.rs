@@ -235,6 +235,29 @@ async fn a_lost_key_or_a_damaged_state_stops_every_command() {
         "re-initialised"
     );
 
+    let flipped = |offset: usize| {
+        let mut bytes = good_state.clone();
+        for b in bytes.iter_mut().skip(offset).take(64) {
+            *b ^= 0xff;
+        }
+        bytes
+    };
+    // A flipped page: a command that reads it stops with exit 1 saying what to restore (a
+    // command that never reads it may work); never a crash.
+    for offset in [4096, 8192, 16384] {
+        std::fs::write(&state, flipped(offset)).unwrap();
+        for command in &commands[1..] {
+            let (code, _, err) = tokio::task::block_in_place(|| ws.run(command));
+            assert!(
+                code == 0 || (code == 1 && err.contains("restore")),
+                "flipped at {offset}: {command:?}: {code} {err}"
+            );
+            assert!(
+                !err.contains("panicked"),
+                "flipped at {offset}: {command:?}: {err}"
+            );
+        }
+    }
     for (what, damaged) in [
         ("truncated", good_state[..good_state.len() / 2].to_vec()),
         (
@@ -251,6 +274,7 @@ async fn a_lost_key_or_a_damaged_state_stops_every_command() {
             let (code, _, err) = tokio::task::block_in_place(|| ws.run(command));
             assert_eq!(code, 1, "{what}: {command:?}: {err}");
             assert!(!err.contains("panicked"), "{what}: {command:?}: {err}");
+            assert!(err.contains("restore"), "{what}: {command:?}: {err}");
         }
     }
 

@@ -456,7 +456,7 @@ name = "{stream}"
 endpoint_url = "{endpoint}"
 region = "us-east-1"
 start = "trim-horizon"
-poll_interval_ms = 100
+poll_interval_ms = 200
 shard_sync_interval_ms = 1000
 
 [state]

@@ -881,7 +881,10 @@ mod tests {
         let err = UrlTemplate::parse("https://h/v1/users/{user_id").unwrap_err();
         assert!(err.to_string().contains("unclosed {"), "{err}");
         let err = BodyTemplate::parse(r#"{"a": [{"{user_id}": 1}]}"#).unwrap_err();
-        assert!(err.contains("\"{user_id}\" holds {user_id}: placeholders stand in values only"), "{err}");
+        assert!(
+            err.contains("\"{user_id}\" holds {user_id}: placeholders stand in values only"),
+            "{err}"
+        );
         let err = check_header("X-User", "id={user_id}").unwrap_err();
         assert!(err.contains("headers are fixed"), "{err}");
         // Braces that are no placeholder stay allowed.

@@ -12,7 +12,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::actions::{
-    check_header, is_backend_fault, ActionSpec, BodyTemplate, Secret, Signing, UrlTemplate};
+    check_header, is_backend_fault, ActionSpec, BodyTemplate, Secret, Signing, UrlTemplate,
+};
 pub use crate::source::{StartPosition, StreamSettings};
 
 const DEFAULT_STATE_PATH: &str = "gdpr-consumer.redb";
@@ -223,7 +224,11 @@ fn resolve_state(
     if flag.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
         return Err(empty("--state"));
     }
-    if section.path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+    if section
+        .path
+        .as_ref()
+        .is_some_and(|p| p.as_os_str().is_empty())
+    {
         return Err(empty("[state] path"));
     }
     if section
@@ -807,15 +812,22 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
         assert!(err.to_string().contains("fragment"), "{err}");
         let (_d, path) = write("[stream]\nname = \"s\"\n[actions.a]\nurl = \"https://h/x?a={id}#top\"\nretry_statuses = [409]\n");
         Settings::resolve(Some(&path), Overrides::default()).unwrap();
-        let (_d, path) = write("[stream]\nname = \"s\"\n[actions.a]\nurl = \"https://h/x/{user_id\"\n");
+        let (_d, path) =
+            write("[stream]\nname = \"s\"\n[actions.a]\nurl = \"https://h/x/{user_id\"\n");
         let err = Settings::resolve(Some(&path), Overrides::default()).unwrap_err();
-        assert!(err.to_string().contains("[actions.a]: invalid url template \"https://h/x/{user_id\": unclosed {"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("[actions.a]: invalid url template \"https://h/x/{user_id\": unclosed {"),
+            "{err}"
+        );
         // The edges of each range are accepted; the method in any case, as before.
         let (_d, path) = write("[stream]\nname = \"s\"\npoll_interval_ms = 200\n[actions.a]\nurl = \"https://h/x\"\nmethod = \"patch\"\ntimeout_ms = 5000\nmax_retry_duration_ms = 5000\ninitial_backoff_ms = 7\nmax_backoff_ms = 7\nsuccess_statuses = [404, 410, 499]\n");
         let s = Settings::resolve(Some(&path), Overrides::default()).unwrap();
         assert_eq!(s.stream.poll_interval, Duration::from_millis(200));
         assert_eq!(s.actions["a"].method, reqwest::Method::PATCH);
-        let err = state_settings(Some(&path), Some(PathBuf::new())).err().unwrap();
+        let err = state_settings(Some(&path), Some(PathBuf::new()))
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("--state is empty"), "{err}");
     }
 

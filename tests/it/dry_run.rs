@@ -403,3 +403,60 @@ async fn settings_that_cannot_work_are_refused_at_start() {
     }
     assert!(wrong.is_empty(), "accepted:\n{}", wrong.join("\n"));
 }
+
+/// A dry-run whose output cannot be written fails (exit 1, `cannot write to stdout`); one
+/// whose reader went away stops quietly (exit 0), `--follow` included: it would otherwise
+/// read the stream for no one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_fails_when_its_output_cannot_be_written() {
+    use crate::preview::Stdout;
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    put(&client, "events", &traffic(40, 4, 0)).await;
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    let config = ws.config().to_string_lossy().into_owned();
+    let mut wrong = Vec::new();
+    for to in [Stdout::Full, Stdout::ClosedPipe] {
+        for extra in [&[][..], &["--output", "json"], &["--follow"]] {
+            let args = [&["run", "--config", &config, "--dry-run"][..], extra].concat();
+            let mut child = command(&ws.config())
+                .args(&args)
+                .stdout(to.stdio())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            // A dry-run that does not end on its own is killed, and reported.
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            let ended = loop {
+                if child.try_wait().unwrap().is_some() {
+                    break true;
+                }
+                if std::time::Instant::now() > deadline {
+                    child.kill().unwrap();
+                    break false;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            let out = child.wait_with_output().unwrap();
+            let (code, err) = (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stderr),
+            );
+            let expected = match to {
+                Stdout::Full => {
+                    code == 1
+                        && err.contains("error: cannot write to stdout: No space left on device")
+                }
+                Stdout::ClosedPipe => code == 0 && !err.contains("error"),
+            };
+            if !ended || !expected {
+                wrong.push(format!(
+                    "{args:?} to {to:?}: ended {ended}, exit {code}, {err}"
+                ));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}

@@ -561,7 +561,7 @@ fn rand_suffix() -> String {
 }
 
 /// The binary with a hermetic environment: static AWS credentials, the backend token.
-fn command(config: &Path) -> Command {
+pub fn command(config: &Path) -> Command {
     let mut cmd = Command::new(bin());
     cmd.current_dir(config.parent().unwrap())
         .env("BACKEND_TOKEN", TOKEN)

@@ -844,7 +844,7 @@ async fn throughput(events: usize, shards: usize, repeats: usize) -> Row {
     for _ in 0..repeats {
         let calls = Calls::default();
         let backend = Server::start(calls.router()).await;
-        let daemon = Daemon::start(&kinesis.url, &backend.url, 100);
+        let daemon = Daemon::start(&kinesis.url, &backend.url, 200);
         let usage = daemon.complete(&last, records).await;
         calls.check(&requests);
         if best.as_ref().is_none_or(|b| usage.wall < b.wall) {

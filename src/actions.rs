@@ -109,7 +109,17 @@ impl UrlTemplate {
                     ));
                 }
                 '{' => {
-                    let name: String = chars.by_ref().take_while(|&c| c != '}').collect();
+                    let mut closed = false;
+                    let name: String = chars
+                        .by_ref()
+                        .take_while(|&c| {
+                            closed = c == '}';
+                            !closed
+                        })
+                        .collect();
+                    if !closed {
+                        return Err(err("unclosed { (placeholders look like {name})"));
+                    }
                     let valid = !name.is_empty()
                         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
                     if !valid {
@@ -214,6 +224,28 @@ fn literal_so_far_has_fragment(parts: &[UrlPart], literal: &str) -> bool {
             .any(|p| matches!(p, UrlPart::Literal(l) if l.contains('#')))
 }
 
+/// An answer that means the backend could not do the request now (5xx, 408, 429): retried,
+/// never "done".
+pub fn is_backend_fault(status: u16) -> bool {
+    (500..600).contains(&status) || status == 408 || status == 429
+}
+
+/// The first `{name}` placeholder in a text, if any.
+fn placeholder_in(text: &str) -> Option<&str> {
+    let mut rest = text;
+    while let Some(start) = rest.find('{') {
+        let after = &rest[start + 1..];
+        let len = after
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(after.len());
+        if len > 0 && after[len..].starts_with('}') {
+            return Some(&rest[start..start + len + 2]);
+        }
+        rest = after;
+    }
+    None
+}
+
 /// Where a secret comes from. Secrets never sit in the config file.
 #[derive(Debug, Clone)]
 pub enum Secret {
@@ -286,6 +318,11 @@ pub fn check_header(name: &str, value: &str) -> Result<(), String> {
             "header {name}: the value holds a control character (CR, LF, ...)"
         ));
     }
+    if let Some(placeholder) = placeholder_in(value) {
+        return Err(format!(
+            "header {name}: the value holds {placeholder}, but headers are fixed; placeholders stand only in the URL and the body"
+        ));
+    }
     Ok(())
 }
 
@@ -297,9 +334,24 @@ pub struct BodyTemplate(Value);
 
 impl BodyTemplate {
     pub fn parse(text: &str) -> Result<Self, String> {
-        serde_json::from_str(text)
-            .map(BodyTemplate)
-            .map_err(|e| format!("not JSON: {e}"))
+        /// A placeholder in an object key would be sent as written: refused.
+        fn check_keys(v: &Value) -> Result<(), String> {
+            match v {
+                Value::Array(items) => items.iter().try_for_each(check_keys),
+                Value::Object(map) => map.iter().try_for_each(|(key, value)| {
+                    if let Some(placeholder) = placeholder_in(key) {
+                        return Err(format!(
+                            "the key {key:?} holds {placeholder}: placeholders stand in values only"
+                        ));
+                    }
+                    check_keys(value)
+                }),
+                _ => Ok(()),
+            }
+        }
+        let value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+        check_keys(&value)?;
+        Ok(BodyTemplate(value))
     }
 
     fn render(&self, params: &serde_json::Map<String, Value>) -> Result<Value, String> {
@@ -578,9 +630,7 @@ impl ActionSet {
                 Some(Ok(status)) => {
                     // A 409 is a refusal unless the config says the backend means "the
                     // same Idempotency-Key is still in flight" by it (retry_statuses).
-                    let retryable = status.is_server_error()
-                        || status == reqwest::StatusCode::REQUEST_TIMEOUT
-                        || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                    let retryable = is_backend_fault(status.as_u16())
                         || spec.retry_statuses.contains(&status.as_u16());
                     let error = format!("backend answered {status}");
                     if !retryable {
@@ -823,6 +873,23 @@ mod tests {
         assert!(UrlTemplate::parse("https://user@h/x").is_err());
         assert!(UrlTemplate::parse("ftp://h/x").is_err());
         assert!(UrlTemplate::parse("https://h/x/{}").is_err());
+    }
+
+    /// Placeholders that would be sent as written, not filled, are refused at start.
+    #[test]
+    fn placeholders_that_would_not_be_filled_are_refused() {
+        let err = UrlTemplate::parse("https://h/v1/users/{user_id").unwrap_err();
+        assert!(err.to_string().contains("unclosed {"), "{err}");
+        let err = BodyTemplate::parse(r#"{"a": [{"{user_id}": 1}]}"#).unwrap_err();
+        assert!(
+            err.contains("\"{user_id}\" holds {user_id}: placeholders stand in values only"),
+            "{err}"
+        );
+        let err = check_header("X-User", "id={user_id}").unwrap_err();
+        assert!(err.contains("headers are fixed"), "{err}");
+        // Braces that are no placeholder stay allowed.
+        BodyTemplate::parse(r#"{"{}": "{user_id}", "a{": 1}"#).unwrap();
+        check_header("X-Json", "{\"a\": 1} {} { x }").unwrap();
     }
 
     #[test]

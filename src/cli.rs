@@ -570,7 +570,7 @@ fn preview(args: PreviewArgs) -> Result<u8, Failure> {
     for (_, record) in &records {
         preview.evaluate(&rules, actions.as_ref(), record);
     }
-    preview.finish();
+    preview.finish().map_err(write_failure)?;
     Ok(0)
 }
 
@@ -619,7 +619,7 @@ fn rules_diff(args: DiffArgs) -> Result<u8, Failure> {
         }
     };
     let mut out = std::io::stdout().lock();
-    diff::diff(&before, &after, records, args.output, &mut out).map_err(Failure::runtime)?;
+    diff::diff(&before, &after, records, args.output, &mut out).map_err(write_failure)?;
     Ok(0)
 }
 

@@ -55,6 +55,8 @@ pub enum RunError {
     },
     #[error("cannot listen for {0}")]
     Signal(&'static str, #[source] std::io::Error),
+    #[error("cannot write to stdout")]
+    Output(#[source] std::io::Error),
 }
 
 impl RunError {
@@ -184,12 +186,16 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
         progress.abort();
         let _ = progress.await;
     }
-    match &pipeline.sink {
-        Sink::Preview(preview) => preview.finish(),
-        Sink::Live { .. } => tracing::info!("stopped; checkpoints flushed"),
-    }
+    let finished = match &pipeline.sink {
+        Sink::Preview(preview) => preview.finish().map_err(RunError::Output),
+        Sink::Live { .. } => {
+            tracing::info!("stopped; checkpoints flushed");
+            Ok(())
+        }
+    };
     drop(hangup);
-    Ok(result?)
+    result?;
+    finished
 }
 
 fn key_source(settings: &Settings) -> KeySource<'_> {

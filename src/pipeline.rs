@@ -380,6 +380,9 @@ impl Pipeline {
         let rules = self.rules.load();
         if let Sink::Preview(preview) = &self.sink {
             preview.evaluate(&rules, Some(&self.actions), record);
+            if preview.output_stopped() {
+                self.shutdown.trigger();
+            }
             return None;
         }
         let run = rules.run(record);

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use serde_json::json;
@@ -59,6 +59,11 @@ pub struct Preview {
     records_read: AtomicU64,
     matches: AtomicU64,
     shards_caught_up: AtomicU64,
+    /// Set once stdout fails: nothing more is written.
+    output_stopped: AtomicBool,
+    /// The first write error other than a broken pipe, which [`Preview::finish`] returns
+    /// (a reader that went away, `| head`, is no failure).
+    write_error: Mutex<Option<std::io::Error>>,
 }
 
 impl Preview {
@@ -81,6 +86,8 @@ impl Preview {
             records_read: AtomicU64::new(0),
             matches: AtomicU64::new(0),
             shards_caught_up: AtomicU64::new(0),
+            output_stopped: AtomicBool::new(false),
+            write_error: Mutex::default(),
         }
     }
 
@@ -263,13 +270,31 @@ impl Preview {
                 block
             }
         };
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(text.as_bytes());
-        let _ = out.flush();
+        self.emit(&text);
     }
 
-    /// Prints the summary that ends a dry-run or preview.
-    pub fn finish(&self) {
+    /// Whether stdout has failed (or its reader went away): the run may as well stop.
+    pub fn output_stopped(&self) -> bool {
+        self.output_stopped.load(Ordering::Relaxed)
+    }
+
+    /// Writes to stdout, or remembers why it cannot and writes nothing more.
+    fn emit(&self, text: &str) {
+        if self.output_stopped() {
+            return;
+        }
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+            self.output_stopped.store(true, Ordering::Relaxed);
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                self.write_error.lock().unwrap().get_or_insert(e);
+            }
+        }
+    }
+
+    /// Prints the summary that ends a dry-run or preview. An error if stdout could not be
+    /// written (a broken pipe excepted): output that was lost must not look complete.
+    pub fn finish(&self) -> std::io::Result<()> {
         let tally = self.tally.lock().unwrap();
         let text = match self.format {
             OutputFormat::Json => format!(
@@ -296,9 +321,12 @@ impl Preview {
                 text
             }
         };
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(text.as_bytes());
-        let _ = out.flush();
+        drop(tally);
+        self.emit(&text);
+        match self.write_error.lock().unwrap().take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }
 

@@ -310,3 +310,153 @@ async fn a_following_dry_run_prints_its_summary_on_ctrl_c() {
     assert_eq!(summary["records"], 101);
     assert_eq!(backend.count(), 0);
 }
+
+/// Settings that cannot work exit 2 at start, naming the key and why, before anything is
+/// read or written (each of these was accepted once; a dry-run would have shown nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_that_cannot_work_are_refused_at_start() {
+    let kinesis = Kinesalite::start();
+    create_stream(&kinesis.client(), "events", 1).await;
+    let url = "url = \"http://127.0.0.1:9/v1/users/{user_id}/anonymize\"";
+    let mut wrong = Vec::new();
+    for (from, to, wanted) in [
+        (
+            "timeout_ms = 5000",
+            "timeout_ms = 5000\nmax_retry_duration_ms = 4000",
+            "[actions.anonymize_user]: timeout_ms = 5000 is longer than max_retry_duration_ms = 4000",
+        ),
+        (
+            "poll_interval_ms = 200",
+            "poll_interval_ms = 0",
+            "[stream] poll_interval_ms = 0 is below 200",
+        ),
+        (
+            "initial_backoff_ms = 20",
+            "initial_backoff_ms = 0",
+            "initial_backoff_ms must be at least 1",
+        ),
+        (
+            "max_backoff_ms = 200",
+            "max_backoff_ms = 0",
+            "max_backoff_ms must be at least 1",
+        ),
+        (
+            "initial_backoff_ms = 20",
+            "initial_backoff_ms = 201",
+            "initial_backoff_ms = 201 is above max_backoff_ms = 200",
+        ),
+        (
+            "timeout_ms = 5000",
+            "timeout_ms = 5000\nsuccess_statuses = [503]",
+            "success_statuses: 503 is a backend fault",
+        ),
+        (
+            "method = \"POST\"",
+            "method = \"GETT\"",
+            "method \"GETT\" is not one of GET, POST, PUT, PATCH, DELETE",
+        ),
+        (
+            url,
+            "url = \"http://127.0.0.1:9/v1/users/{user_id\"",
+            "unclosed {",
+        ),
+        (
+            "timeout_ms = 5000",
+            "timeout_ms = 5000\nbody = '{\"{user_id}\":1}'",
+            "body: the key \"{user_id}\" holds {user_id}: placeholders stand in values only",
+        ),
+        (
+            "timeout_ms = 5000",
+            "timeout_ms = 5000\nheaders = {\"X-User\"=\"{user_id}\"}",
+            "header X-User: the value holds {user_id}, but headers are fixed",
+        ),
+        ("[state]\n", "[state]\nkey_file = \"\"\n", "[state] key_file is empty"),
+        ("[state]\n", "[state]\nkey_env = \"\"\n", "[state] key_env is empty"),
+        (
+            "path = \"state.redb\"",
+            "path = \"\"",
+            "[state] path is empty",
+        ),
+    ] {
+        let ws = Workspace::new(&kinesis.endpoint, "events", "http://127.0.0.1:9");
+        ws.edit_config(from, to);
+        let config = ws.config();
+        let config = config.to_str().unwrap();
+        // A live run only where it stops on its own without the check (it would run on).
+        let args = match from {
+            "path = \"state.redb\"" => &["run", "--config", config][..],
+            _ => &["run", "--config", config, "--dry-run"][..],
+        };
+        let (code, _, err) = tokio::task::block_in_place(|| ws.run(args));
+        if code != 2 || !err.contains(wanted) {
+            wrong.push(format!("{to} ({args:?}): exit {code}, {err}"));
+        }
+        // Nothing written beside the config: no stray `.key` file, no state.
+        let mut files: Vec<String> = std::fs::read_dir(ws.path(""))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        if files != ["config.toml", "rules"] {
+            wrong.push(format!("{to}: left {files:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "accepted:\n{}", wrong.join("\n"));
+}
+
+/// A dry-run whose output cannot be written fails (exit 1, `cannot write to stdout`); one
+/// whose reader went away stops quietly (exit 0), `--follow` included: it would otherwise
+/// read the stream for no one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_fails_when_its_output_cannot_be_written() {
+    use crate::preview::Stdout;
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    put(&client, "events", &traffic(40, 4, 0)).await;
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    let config = ws.config().to_string_lossy().into_owned();
+    let mut wrong = Vec::new();
+    for to in [Stdout::Full, Stdout::ClosedPipe] {
+        for extra in [&[][..], &["--output", "json"], &["--follow"]] {
+            let args = [&["run", "--config", &config, "--dry-run"][..], extra].concat();
+            let mut child = command(&ws.config())
+                .args(&args)
+                .stdout(to.stdio())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            // A dry-run that does not end on its own is killed, and reported.
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            let ended = loop {
+                if child.try_wait().unwrap().is_some() {
+                    break true;
+                }
+                if std::time::Instant::now() > deadline {
+                    child.kill().unwrap();
+                    break false;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            let out = child.wait_with_output().unwrap();
+            let (code, err) = (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stderr),
+            );
+            let expected = match to {
+                Stdout::Full => {
+                    code == 1
+                        && err.contains("error: cannot write to stdout: No space left on device")
+                }
+                Stdout::ClosedPipe => code == 0 && !err.contains("error"),
+            };
+            if !ended || !expected {
+                wrong.push(format!(
+                    "{args:?} to {to:?}: ended {ended}, exit {code}, {err}"
+                ));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}

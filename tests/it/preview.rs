@@ -230,3 +230,84 @@ async fn preview_of_a_capture_sees_the_bytes_the_daemon_sees() {
     };
     assert_eq!(keys(&previewed), keys(&dry));
 }
+
+/// Where a command's stdout goes, for the write-failure tests.
+#[derive(Debug, Clone, Copy)]
+pub enum Stdout {
+    /// `/dev/full`: every write fails (a full disk).
+    Full,
+    /// A pipe whose reader is gone (`| head` that has exited).
+    ClosedPipe,
+}
+
+impl Stdout {
+    pub fn stdio(self) -> std::process::Stdio {
+        match self {
+            Stdout::Full => std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/full")
+                .unwrap()
+                .into(),
+            Stdout::ClosedPipe => {
+                let (reader, writer) = std::io::pipe().unwrap();
+                drop(reader);
+                writer.into()
+            }
+        }
+    }
+}
+
+/// Runs a command of the binary with stdout on `to`: (exit code, stderr).
+pub fn run_to(ws: &Workspace, to: Stdout, args: &[&str]) -> (i32, String) {
+    let out = command(&ws.config())
+        .args(args)
+        .stdout(to.stdio())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Output that cannot be written is a failure (exit 1), as for every other command: a
+/// preview or diff lost on a full disk must not look complete. A reader that went away
+/// (`| head`) is not: output stops quietly, exit 0.
+#[test]
+fn preview_and_diff_fail_when_their_output_cannot_be_written() {
+    let ws = Workspace::new("http://127.0.0.1:9", "events", "https://b.example.com");
+    let (shipped, records, edited) = (
+        repo().join("rules").to_string_lossy().into_owned(),
+        fixture("records.jsonl"),
+        fixture("rules-edited"),
+    );
+    let config = ws.config().to_string_lossy().into_owned();
+    let preview = ["preview", "--rules-dir", &shipped, "--input", &records];
+    let with_config = [&preview[..], &["--config", &config]].concat();
+    let diff = [
+        "rules",
+        "diff",
+        "--rules-dir",
+        &edited,
+        "--against",
+        &shipped,
+        "--input",
+        &records,
+    ];
+    let mut wrong = Vec::new();
+    for command in [&preview[..], &with_config, &diff] {
+        for output in ["human", "json"] {
+            let args = [command, &["--output", output]].concat();
+            let (code, err) = run_to(&ws, Stdout::Full, &args);
+            if code != 1 || !err.contains("error: cannot write to stdout: No space left on device")
+            {
+                wrong.push(format!("{args:?} > /dev/full: exit {code}, {err}"));
+            }
+            let (code, err) = run_to(&ws, Stdout::ClosedPipe, &args);
+            if code != 0 || err.contains("error") {
+                wrong.push(format!("{args:?} | closed pipe: exit {code}, {err}"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}

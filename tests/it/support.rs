@@ -456,7 +456,7 @@ name = "{stream}"
 endpoint_url = "{endpoint}"
 region = "us-east-1"
 start = "trim-horizon"
-poll_interval_ms = 100
+poll_interval_ms = 200
 shard_sync_interval_ms = 1000
 
 [state]
@@ -561,7 +561,7 @@ fn rand_suffix() -> String {
 }
 
 /// The binary with a hermetic environment: static AWS credentials, the backend token.
-fn command(config: &Path) -> Command {
+pub fn command(config: &Path) -> Command {
     let mut cmd = Command::new(bin());
     cmd.current_dir(config.parent().unwrap())
         .env("BACKEND_TOKEN", TOKEN)

@@ -590,6 +590,13 @@ async fn an_endpoint_from_the_environment_gets_placeholder_credentials_too() {
             "{}",
             stderr()
         );
+        // The first-run guide's reason for `AWS_EC2_METADATA_DISABLED=true`: with it, the SDK
+        // never asks the instance metadata service, so it has nothing to warn about.
+        assert!(
+            !stderr().contains("Ec2InstanceMetadata") && !stderr().contains("IMDS"),
+            "{}",
+            stderr()
+        );
         let killed = std::process::Command::new("kill")
             .args(["-TERM", &child.0.id().to_string()])
             .status()
@@ -598,6 +605,55 @@ async fn an_endpoint_from_the_environment_gets_placeholder_credentials_too() {
         let status = child.0.wait().unwrap();
         assert!(status.success(), "{status}:\n{}", stderr());
     }
+}
+
+/// Each `## ` section of a file, as (heading, text).
+fn sections(text: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for line in text.lines() {
+        if let Some(heading) = line.strip_prefix("## ") {
+            out.push((heading.to_owned(), String::new()));
+        } else if let Some((_, body)) = out.last_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    out
+}
+
+/// A reader who follows the README or the guide from a section's start has the binary it
+/// runs: `target/release/gdpr-consumer` comes after `cargo build --release` in its section.
+/// And the first run on a local stream, which has no AWS credentials, sets
+/// `AWS_EC2_METADATA_DISABLED=true` before it starts the daemon.
+#[test]
+fn the_guides_build_the_binary_before_they_run_it() {
+    let mut problems = Vec::new();
+    let mut uses = 0;
+    for file in ["README.md", "docs/operations.md"] {
+        let text = std::fs::read_to_string(repo().join(file)).unwrap();
+        for (heading, body) in sections(&text) {
+            if let Some(first) = body.find("target/release/gdpr-consumer") {
+                uses += 1;
+                if !body[..first].contains("cargo build --release") {
+                    problems.push(format!(
+                        "{file}, ## {heading}: uses target/release/gdpr-consumer without \
+                         `cargo build --release` before it"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(uses >= 3, "too few uses of target/release found: {uses}");
+    assert!(problems.is_empty(), "{problems:#?}");
+    let first_run = guide_section("A first run on a local stream");
+    let run = first_run
+        .find("gdpr-consumer run")
+        .expect("the first run starts no daemon");
+    assert!(
+        first_run[..run].contains("export AWS_EC2_METADATA_DISABLED=true"),
+        "docs/operations.md, ## A first run on a local stream: no \
+         `export AWS_EC2_METADATA_DISABLED=true` before the daemon starts"
+    );
 }
 
 /// A child process killed if the test fails before it stops it.

@@ -157,12 +157,49 @@ fn the_systemd_unit_is_the_documented_one_and_verifies() {
     }
 }
 
+/// The body rows of the one Markdown table in `text`. A row after the table has ended is an
+/// error: a blank line (or text) splits a table, and what follows renders as loose text.
+fn table_rows<'a>(text: &'a str, what: &str) -> Vec<&'a str> {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines
+        .iter()
+        .position(|l| l.starts_with('|'))
+        .unwrap_or_else(|| panic!("{what}: no table"));
+    let end = lines[start..]
+        .iter()
+        .position(|l| !l.starts_with('|'))
+        .map_or(lines.len(), |n| start + n);
+    assert!(
+        end - start >= 2 && lines[start + 1].starts_with("|---"),
+        "{what}: a table starts with a header row and a |---| row: {:?}",
+        &lines[start..end]
+    );
+    if let Some(stray) = lines[end..].iter().find(|l| l.starts_with('|')) {
+        panic!(
+            "{what}: a row after the table has ended (a blank line or text splits it, so the \
+             rest renders as loose text): {stray}"
+        );
+    }
+    lines[start + 2..end].to_vec()
+}
+
+/// The text of the first cell of a table row, without its backquotes.
+fn first_cell(row: &str) -> String {
+    row[1..]
+        .split('|')
+        .next()
+        .unwrap()
+        .trim()
+        .trim_matches('`')
+        .to_owned()
+}
+
 /// Metric names (without `gdpr_consumer_`) in the first column of the guide's metrics table.
 fn metrics_table() -> BTreeSet<String> {
-    guide_section("Metrics, status and alerts")
-        .lines()
-        .filter(|l| l.starts_with("| `"))
-        .map(|l| l[3..].split('`').next().unwrap().to_owned())
+    let section = guide_section("Metrics, status and alerts");
+    table_rows(&section, "docs/operations.md, the metrics table")
+        .into_iter()
+        .map(first_cell)
         .collect()
 }
 
@@ -265,18 +302,26 @@ fn events_in_source() -> BTreeSet<(String, String)> {
     events
 }
 
-/// `event` values listed in the guide: the first column of the table under "Log events".
-fn events_documented() -> BTreeSet<String> {
+/// The table under "### Log events": (event, level cell) for each row.
+fn event_rows() -> Vec<(String, String)> {
     let logs = guide_section("Logs");
-    let table = logs
+    let section = logs
         .split("### Log events")
         .nth(1)
         .expect("docs/operations.md, ## Logs, has no \"### Log events\" table");
-    table
-        .lines()
-        .filter(|l| l.starts_with("| `"))
-        .map(|l| l[3..].split('`').next().unwrap().to_owned())
+    let section = section.split("\n### ").next().unwrap();
+    table_rows(section, "docs/operations.md, ### Log events")
+        .into_iter()
+        .map(|row| {
+            let level = row[1..].split('|').nth(1).unwrap_or("").trim().to_owned();
+            (first_cell(row), level)
+        })
         .collect()
+}
+
+/// `event` values listed in the guide: the first column of the table under "Log events".
+fn events_documented() -> BTreeSet<String> {
+    event_rows().into_iter().map(|(event, _)| event).collect()
 }
 
 #[test]
@@ -303,6 +348,100 @@ fn every_event_the_code_logs_is_listed_in_the_guide() {
     assert!(
         stale.is_empty(),
         "listed in docs/operations.md, ### Log events, but logged nowhere in src/: {stale:?}"
+    );
+}
+
+/// A sample log line of the guide: its format, level, message and `event` field.
+#[derive(Debug)]
+struct Sample {
+    line: String,
+    level: String,
+    message: String,
+    event: Option<String>,
+}
+
+/// The sample lines under "## Logs" (before "### Log events"): each line of a ```text block
+/// (`TIME  LEVEL message key=value...`) and of a ```json block (one object per line).
+fn log_samples() -> Vec<Sample> {
+    let logs = guide_section("Logs");
+    let logs = logs.split("### Log events").next().unwrap();
+    let human =
+        regex::Regex::new(r"^\S+Z\s+(TRACE|DEBUG|INFO|WARN|ERROR) (.*?)(?: [a-z_][a-z0-9_]*=.*)?$")
+            .unwrap();
+    let event = regex::Regex::new(r#" event="([a-z0-9_]+)""#).unwrap();
+    let mut samples = Vec::new();
+    for (fence, json) in [("```text\n", false), ("```json\n", true)] {
+        for block in logs.split(fence).skip(1) {
+            let block = block.split("```").next().unwrap();
+            for line in block.lines().filter(|l| !l.trim().is_empty()) {
+                let sample = if json {
+                    let v: serde_json::Value = serde_json::from_str(line)
+                        .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+                    let fields = &v["fields"];
+                    Sample {
+                        line: line.to_owned(),
+                        level: v["level"].as_str().expect(line).to_owned(),
+                        message: fields["message"].as_str().expect(line).to_owned(),
+                        event: fields["event"].as_str().map(str::to_owned),
+                    }
+                } else {
+                    let m = human
+                        .captures(line)
+                        .unwrap_or_else(|| panic!("not a log line `TIME  LEVEL message`: {line}"));
+                    Sample {
+                        line: line.to_owned(),
+                        level: m[1].to_owned(),
+                        message: m[2].to_owned(),
+                        event: event.captures(line).map(|e| e[1].to_owned()),
+                    }
+                };
+                samples.push(sample);
+            }
+        }
+    }
+    samples
+}
+
+/// The guide's sample log lines are the code's: each message is a string literal in `src/`,
+/// and each `event` is in the "Log events" table at the level the sample shows.
+#[test]
+fn the_sample_log_lines_are_the_code_s_own() {
+    let samples = log_samples();
+    let sources = sources();
+    let events = event_rows();
+    assert!(samples.len() >= 10, "too few samples found: {samples:#?}");
+    assert!(
+        samples.iter().any(|s| s.line.starts_with('{'))
+            && samples.iter().any(|s| s.event.is_some()),
+        "{samples:#?}"
+    );
+    let mut problems = Vec::new();
+    for sample in &samples {
+        let literal = format!("\"{}\"", sample.message);
+        if !sources.iter().any(|(_, text)| text.contains(&literal)) {
+            problems.push(format!(
+                "message {literal} is in no string literal in src/: {}",
+                sample.line
+            ));
+        }
+        if let Some(event) = &sample.event {
+            match events.iter().find(|(e, _)| e == event) {
+                None => problems.push(format!(
+                    "event \"{event}\" is not in ### Log events: {}",
+                    sample.line
+                )),
+                Some((_, level)) if !level.starts_with(&sample.level.to_lowercase()) => problems
+                    .push(format!(
+                        "event \"{event}\" is `{level}` in ### Log events, {} in the sample: {}",
+                        sample.level, sample.line
+                    )),
+                Some(_) => {}
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "docs/operations.md, ## Logs, sample lines that the code does not log: {problems:#?}"
     );
 }
 
@@ -451,6 +590,13 @@ async fn an_endpoint_from_the_environment_gets_placeholder_credentials_too() {
             "{}",
             stderr()
         );
+        // The first-run guide's reason for `AWS_EC2_METADATA_DISABLED=true`: with it, the SDK
+        // never asks the instance metadata service, so it has nothing to warn about.
+        assert!(
+            !stderr().contains("Ec2InstanceMetadata") && !stderr().contains("IMDS"),
+            "{}",
+            stderr()
+        );
         let killed = std::process::Command::new("kill")
             .args(["-TERM", &child.0.id().to_string()])
             .status()
@@ -459,6 +605,55 @@ async fn an_endpoint_from_the_environment_gets_placeholder_credentials_too() {
         let status = child.0.wait().unwrap();
         assert!(status.success(), "{status}:\n{}", stderr());
     }
+}
+
+/// Each `## ` section of a file, as (heading, text).
+fn sections(text: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for line in text.lines() {
+        if let Some(heading) = line.strip_prefix("## ") {
+            out.push((heading.to_owned(), String::new()));
+        } else if let Some((_, body)) = out.last_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    out
+}
+
+/// A reader who follows the README or the guide from a section's start has the binary it
+/// runs: `target/release/gdpr-consumer` comes after `cargo build --release` in its section.
+/// And the first run on a local stream, which has no AWS credentials, sets
+/// `AWS_EC2_METADATA_DISABLED=true` before it starts the daemon.
+#[test]
+fn the_guides_build_the_binary_before_they_run_it() {
+    let mut problems = Vec::new();
+    let mut uses = 0;
+    for file in ["README.md", "docs/operations.md"] {
+        let text = std::fs::read_to_string(repo().join(file)).unwrap();
+        for (heading, body) in sections(&text) {
+            if let Some(first) = body.find("target/release/gdpr-consumer") {
+                uses += 1;
+                if !body[..first].contains("cargo build --release") {
+                    problems.push(format!(
+                        "{file}, ## {heading}: uses target/release/gdpr-consumer without \
+                         `cargo build --release` before it"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(uses >= 3, "too few uses of target/release found: {uses}");
+    assert!(problems.is_empty(), "{problems:#?}");
+    let first_run = guide_section("A first run on a local stream");
+    let run = first_run
+        .find("gdpr-consumer run")
+        .expect("the first run starts no daemon");
+    assert!(
+        first_run[..run].contains("export AWS_EC2_METADATA_DISABLED=true"),
+        "docs/operations.md, ## A first run on a local stream: no \
+         `export AWS_EC2_METADATA_DISABLED=true` before the daemon starts"
+    );
 }
 
 /// A child process killed if the test fails before it stops it.
@@ -701,7 +896,7 @@ async fn every_documented_exit_code_is_the_real_one() {
     assert_eq!(letters.len(), 1, "{letters:?}");
     check(
         "dead-letters",
-        2,
+        1,
         ws.run(&[
             "dead-letters",
             "discard",
@@ -713,20 +908,33 @@ async fn every_documented_exit_code_is_the_real_one() {
             "test",
         ]),
     );
-    let lookup = |key: &str| {
+    // `audit lookup` takes `--config F` or `--state F`, as the README's command table says.
+    let state = ws.path("state.redb").to_str().unwrap().to_owned();
+    let lookup = |flag: &str, value: &str, key: &str| {
         ws.run(&[
             "audit",
             "lookup",
-            "--config",
-            &config,
+            flag,
+            value,
             "--action",
             "anonymize_user",
             "--key",
             key,
         ])
     };
-    check("audit", 0, lookup("r-0"));
-    check("audit", 1, lookup("r-no-such-request"));
+    check("audit", 0, lookup("--state", &state, "r-0"));
+    check("audit", 1, lookup("--config", &config, "r-no-such-request"));
+    // A shard with no checkpoint: 1, and the message names the shards that have one.
+    let reset = ws.run(&[
+        "checkpoints",
+        "reset",
+        "--config",
+        &config,
+        "--shard",
+        "shardId-no-such-shard",
+    ]);
+    assert!(reset.2.contains("shardId-000000000000"), "{}", reset.2);
+    check("checkpoints", 1, reset);
     check(
         "checkpoints",
         0,

@@ -43,6 +43,10 @@ enum LogFormat {
 /// Libraries that would log request URLs, headers or bodies (payloads, params) at their
 /// debug and trace levels: capped whatever level is asked for.
 const QUIET_LIBRARIES: &[&str] = &[
+    // Off EC2, the credential chain's failed instance-metadata lookup prints a long
+    // warning at every start (a chain that finds nothing fails the calls, which say so).
+    "aws_config::imds=error",
+    "aws_config::meta::credentials::chain=error",
     "aws_config",
     "aws_smithy_runtime",
     "aws_smithy_runtime_api",
@@ -268,9 +272,9 @@ enum DeadLettersCommand {
 
 #[derive(Args)]
 struct ConfigArgs {
-    /// Config file.
+    /// Config file (its actions and rules carry out the retry).
     #[arg(long, short)]
-    config: Option<PathBuf>,
+    config: PathBuf,
     /// State file (overrides the config).
     #[arg(long)]
     state: Option<PathBuf>,
@@ -361,14 +365,16 @@ pub fn main() -> ExitCode {
         Command::Rules(RulesCommand::Diff(args)) => rules_diff(args),
         Command::Preview(args) => preview(args),
         Command::Capture(args) => capture(args),
-        Command::Checkpoints(cmd) => checkpoints(cmd),
-        Command::State(StateCommand { args, action: None }) => state_summary(args),
+        Command::Checkpoints(cmd) => reading_state(|| checkpoints(cmd)),
+        Command::State(StateCommand { args, action: None }) => {
+            reading_state(|| state_summary(args))
+        }
         Command::State(StateCommand {
             action: Some(StateAction::RotateKey(args)),
             ..
-        }) => rotate_key(args),
-        Command::DeadLetters(cmd) => dead_letters(cmd),
-        Command::Audit(cmd) => audit(cmd),
+        }) => reading_state(|| rotate_key(args)),
+        Command::DeadLetters(cmd) => reading_state(|| dead_letters(cmd)),
+        Command::Audit(cmd) => reading_state(|| audit(cmd)),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -391,7 +397,11 @@ fn init_logging(format: LogFormat) {
         tracing_subscriber::EnvFilter::new("info")
     });
     for library in QUIET_LIBRARIES {
-        if let Ok(directive) = format!("{library}=warn").parse() {
+        let directive = match library.contains('=') {
+            true => library.to_string(),
+            false => format!("{library}=warn"),
+        };
+        if let Ok(directive) = directive.parse() {
             filter = filter.add_directive(directive);
         }
     }
@@ -424,12 +434,13 @@ fn run(args: RunArgs) -> Result<u8, Failure> {
     };
     let settings = Settings::resolve(args.config.as_deref(), overrides).map_err(Failure::usage)?;
     let runtime = tokio::runtime::Runtime::new().map_err(Failure::runtime)?;
-    runtime
-        .block_on(daemon::run(settings, dry_run))
-        .map_err(|e| Failure {
-            code: e.exit_code(),
-            error: e.into(),
-        })?;
+    let result = runtime.block_on(daemon::run(settings, dry_run));
+    // Blocking work still queued (a rules reload, say) does not hold the exit up.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result.map_err(|e| Failure {
+        code: e.exit_code(),
+        error: e.into(),
+    })?;
     Ok(0)
 }
 
@@ -707,6 +718,23 @@ fn checkpoints(cmd: CheckpointsCommand) -> Result<u8, Failure> {
             let (state, _) = open_state(&state, Access::Write)?;
             let shard = if all { None } else { shard.as_deref() };
             let n = state.reset_checkpoints(shard).map_err(Failure::runtime)?;
+            if let (Some(shard), 0) = (shard, n) {
+                // A typo must not pass for a reset.
+                let known: Vec<String> = state
+                    .checkpoints()
+                    .map_err(Failure::runtime)?
+                    .into_iter()
+                    .map(|(id, _)| id)
+                    .collect();
+                return Err(Failure::runtime(anyhow::anyhow!(
+                    "no checkpoint for shard {shard:?}; shards with one: {}",
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                )));
+            }
             out!(std::io::stdout(), "{n} checkpoint(s) reset");
             Ok(0)
         }
@@ -735,7 +763,7 @@ fn dead_letters(cmd: DeadLettersCommand) -> Result<u8, Failure> {
         }
         DeadLettersCommand::Retry { config, ids, all } => {
             let settings = Settings::resolve(
-                config.config.as_deref(),
+                Some(&config.config),
                 Overrides {
                     state: config.state,
                     ..Overrides::default()
@@ -765,7 +793,7 @@ fn dead_letters(cmd: DeadLettersCommand) -> Result<u8, Failure> {
         }
         DeadLettersCommand::Discard { state, id, reason } => {
             let (state, _) = open_state(&state, Access::Write)?;
-            let letter = state.dead_letter(id).map_err(Failure::usage)?;
+            let letter = state.dead_letter(id).map_err(Failure::runtime)?;
             state
                 .commit(Writes {
                     resolved_dead_letters: vec![id],
@@ -838,11 +866,11 @@ fn audit(cmd: AuditCommand) -> Result<u8, Failure> {
                 .iter()
                 .map(hex::encode)
                 .collect();
-            let mut found = false;
+            let mut found: Option<String> = None;
             let mut out = std::io::stdout().lock();
             for entry in state.audit(0, u64::MAX).map_err(Failure::runtime)? {
                 if ids.contains(&entry.request_id) {
-                    found = true;
+                    found = Some(entry.request_id.clone());
                     let mut line = serde_json::to_value(&entry).unwrap_or_default();
                     line["time"] = crate::clock::rfc3339(entry.time_ms as i64).into();
                     out!(out, "{line}");
@@ -854,11 +882,36 @@ fn audit(cmd: AuditCommand) -> Result<u8, Failure> {
             out!(
                 out,
                 "{}",
-                serde_json::json!({"request_id": ids[0], "done": done, "found": found})
+                // The id the trail knows it by (under the key it was written with).
+                serde_json::json!({
+                    "request_id": found.as_deref().unwrap_or(&ids[0]),
+                    "done": done,
+                    "found": found.is_some(),
+                })
             );
-            Ok(if found { 0 } else { 1 })
+            Ok(if found.is_some() { 0 } else { 1 })
         }
     }
+}
+
+/// Runs a command that reads the state file. redb may panic on pages a damaged file holds
+/// (its open is checked, not every page): that is exit 1 saying what to restore, not a
+/// crash with an undocumented exit code.
+fn reading_state(command: impl FnOnce() -> Result<u8, Failure>) -> Result<u8, Failure> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(command));
+    std::panic::set_hook(hook);
+    result.unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_default();
+        Err(Failure::runtime(anyhow::anyhow!(
+            "the state file cannot be read: it is damaged ({message}); restore it, with its key, from the last backup"
+        )))
+    })
 }
 
 /// Output that cannot be written is an error (exit 1), but for a reader that went away.

@@ -113,6 +113,7 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
         sendable,
     ));
     let source = Arc::new(KinesisSource::connect(&settings.stream).await);
+    let mut listener = None;
     let sink = match &dry_run {
         Some(options) => Sink::Preview(Box::new(Preview::new(
             options.format,
@@ -121,11 +122,11 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
             rule_names,
         ))),
         None => {
+            check_ledger_retention(&source, &settings).await?;
             // Lock the state before anything else can start, the listener included.
             let (state, keys) =
                 State::open(&settings.state_path, key_source(&settings), Access::Run)?;
             let state = Arc::new(state);
-            check_ledger_retention(&source, &settings).await?;
             if let Some(listen) = settings.metrics_listen {
                 let served = Arc::new(Served {
                     telemetry: telemetry.clone(),
@@ -133,9 +134,11 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
                     state: state.clone(),
                     source: source.clone(),
                 });
-                telemetry::serve(listen, served, shutdown.clone())
-                    .await
-                    .map_err(|source| RunError::Listen { listen, source })?;
+                listener = Some(
+                    telemetry::serve(listen, served, shutdown.clone())
+                        .await
+                        .map_err(|source| RunError::Listen { listen, source })?,
+                );
             }
             Sink::Live { state, keys }
         }
@@ -186,13 +189,27 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
         progress.abort();
         let _ = progress.await;
     }
+    // A client that keeps its connection open does not hold the stop up for long.
+    if let Some(mut listener) = listener {
+        if tokio::time::timeout(Duration::from_secs(2), &mut listener)
+            .await
+            .is_err()
+        {
+            listener.abort();
+            let _ = listener.await;
+        }
+    }
     let finished = match &pipeline.sink {
         Sink::Preview(preview) => preview.finish().map_err(RunError::Output),
-        Sink::Live { .. } => {
-            tracing::info!("stopped; checkpoints flushed");
-            Ok(())
-        }
+        Sink::Live { .. } => Ok(()),
     };
+    let live = matches!(pipeline.sink, Sink::Live { .. });
+    // The last holder of the state: the file is closed and its lock let go here, so a
+    // command run right after the daemon said it stopped finds it free.
+    drop(pipeline);
+    if live {
+        tracing::info!("stopped; checkpoints flushed");
+    }
     drop(hangup);
     result?;
     finished

@@ -69,7 +69,7 @@ impl Keys {
             Ok(text) => match parse_ring(&text) {
                 Some(secrets) => Ok(Some(Self { secrets })),
                 None => Err(file_err(
-                    "must hold hex keys of at least 32 bytes, one per line".into(),
+                    "does not hold hex keys of at least 32 bytes, one per line: restore the key file that belongs to the state".into(),
                 )),
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),

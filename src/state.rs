@@ -460,6 +460,19 @@ impl State {
                 })
             }
         };
+        // A writer's open changes the file (redb's header) even when the keys turn out not
+        // to be this state's: a foreign key or a newer schema is found read-only first.
+        if exists && access != Access::Read && access != Access::Peek {
+            // Anything else (an unclean stop to recover, say) is the writer's to handle.
+            if let Err(
+                e @ (StateError::KeyMismatch { .. }
+                | StateError::Schema { .. }
+                | StateError::Locked { .. }),
+            ) = Self::open(path, source, Access::Peek)
+            {
+                return Err(e);
+            }
+        }
         if exists && std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) == 0 {
             return Err(StateError::Damaged {
                 path: path.to_owned(),

@@ -225,6 +225,10 @@ async fn a_lost_key_or_a_damaged_state_stops_every_command() {
 
     std::fs::write(&key, "ab".repeat(32)).unwrap();
     all_refuse("a foreign key", "fingerprint");
+    assert!(
+        std::fs::read(&state).unwrap() == good_state,
+        "a refused command changed the state file"
+    );
     std::fs::write(&key, &good_key).unwrap();
 
     std::fs::write(&state, b"").unwrap();

@@ -318,6 +318,12 @@ impl Preview {
                 for (name, count) in &tally.actions {
                     text.push_str(&format!("  action {name}: {count} would be sent\n"));
                 }
+                if self.ledger.is_none() && !tally.actions.is_empty() {
+                    // The log says why (no state yet, or the daemon holds it).
+                    text.push_str(
+                        "  (not compared with the daemon's ledger: some may be done already)\n",
+                    );
+                }
                 text
             }
         };

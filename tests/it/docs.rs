@@ -847,6 +847,26 @@ async fn every_documented_exit_code_is_the_real_one() {
     let preview =
         |rules: &str, input: &str| ws.run(&["preview", "--rules-dir", rules, "--input", input]);
     check("preview", 0, preview("rules", "records.jsonl"));
+    let to_full = command(&ws.config())
+        .args([
+            "preview",
+            "--rules-dir",
+            "rules",
+            "--input",
+            "records.jsonl",
+        ])
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    check(
+        "preview",
+        1,
+        (
+            to_full.status.code().unwrap_or(-1),
+            String::new(),
+            String::from_utf8_lossy(&to_full.stderr).into_owned(),
+        ),
+    );
     check("preview", 2, preview("rules", "no-such-file.jsonl"));
 
     let diff = |rules: &str, tail: &[&str]| {

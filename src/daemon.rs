@@ -1,8 +1,7 @@
-//! `run`: sets up every stage, then supervises one worker per shard until shutdown (or, in
-//! dry-run, until every shard has caught up).
-//!
-//! The supervisor re-lists shards periodically and right after a shard ends, and starts a
-//! child only when all its parents are finished.
+//! `run`: sets up every stage (rules, actions, the state and its key, the listener), runs
+//! the [`crate::supervisor`] until shutdown (or, in dry-run, until every shard has caught
+//! up) beside the housekeeping (dead-letter retries, ledger expiry), then drains. Also the
+//! other commands that need the whole pipeline: `dead-letters retry` and `capture`.
 
 use std::collections::BTreeSet;
 use std::io::IsTerminal;
@@ -20,7 +19,7 @@ use crate::preview::{Ledger, OutputFormat, Preview};
 use crate::rules::reload::{self, load_tested, LoadFailure, Rules, Sendable};
 use crate::rules::Decision;
 use crate::shutdown::Shutdown;
-use crate::source::{Checkpoint, KinesisSource, Position, ShardReader, SourceError};
+use crate::source::{Checkpoint, KinesisSource, Position, ShardReader};
 use crate::state::{Access, DeadLetterReason, State, StateError, DEAD_LETTER_PAGE};
 use crate::supervisor::{self, ShardExit, ShardWork, SupervisorError};
 use crate::telemetry::{self, Served, Telemetry};
@@ -42,8 +41,6 @@ pub enum RunError {
     Actions(#[from] ActionError),
     #[error(transparent)]
     State(#[from] StateError),
-    #[error(transparent)]
-    Source(#[from] SourceError),
     #[error(transparent)]
     Supervisor(#[from] SupervisorError),
     #[error(transparent)]

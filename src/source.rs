@@ -292,11 +292,6 @@ impl KinesisSource {
         }
     }
 
-    /// Forgets a shard's fault (its worker ended).
-    pub fn clear_fault(&self, shard_id: &str) {
-        self.set_fault(shard_id, None);
-    }
-
     /// Lists every shard the stream still has, open or closed, following NextToken.
     pub async fn list_shards(&self) -> Result<Vec<ShardInfo>, SourceError> {
         let err = |message: String| SourceError::ListShards {

@@ -76,8 +76,9 @@ struct Pending {
     /// Records each rule saw and decided on, counted per batch: one metrics update per
     /// rule and batch rather than per record.
     rule_counts: Option<(Arc<RuleSet>, Vec<RuleCount>)>,
-    /// The dead letter being retried, and the error if the retry would dead-letter the
-    /// same record and rule again: then the letter stays (it is not replaced, nor resolved).
+    /// The dead letter being retried. Whatever fails during its retry (a rule, a request,
+    /// the record's reading) makes no new letter: the first error goes to `failed_again`,
+    /// and the retried letter stays, with its id, contents and age.
     retrying: Option<u64>,
     failed_again: Option<String>,
 }

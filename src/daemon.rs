@@ -109,7 +109,7 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
         action_names,
         sendable,
     ));
-    let source = Arc::new(KinesisSource::connect(&settings.stream).await);
+    let source = connect(&settings.stream, &telemetry).await;
     let mut listener = None;
     let sink = match &dry_run {
         Some(options) => Sink::Preview(Box::new(Preview::new(
@@ -210,6 +210,17 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
     drop(hangup);
     result?;
     finished
+}
+
+/// The stream, its retried calls reported to `telemetry`.
+async fn connect(stream: &StreamSettings, telemetry: &Arc<Telemetry>) -> Arc<KinesisSource> {
+    let telemetry = telemetry.clone();
+    let hook = move |call: &str, error: &str| telemetry.kinesis_retry(call, error);
+    Arc::new(
+        KinesisSource::connect(stream)
+            .await
+            .observed(Box::new(hook)),
+    )
 }
 
 fn key_source(settings: &Settings) -> KeySource<'_> {
@@ -408,11 +419,12 @@ pub async fn capture<W: std::io::Write + Send + 'static>(
     out: W,
     limit: Option<u64>,
 ) -> Result<W, RunError> {
-    let source = Arc::new(KinesisSource::connect(stream).await);
+    let telemetry = Arc::new(Telemetry::new());
+    let source = connect(stream, &telemetry).await;
     let shutdown = Shutdown::new();
     spawn_signal_handler(shutdown.clone());
     let capture = Arc::new(Capture::new(stream.name.clone(), out, limit, shutdown));
-    supervisor::supervise(stream, &source, &capture, &Telemetry::new()).await?;
+    supervisor::supervise(stream, &source, &capture, &telemetry).await?;
     tracing::info!(records = capture.written(), "capture done");
     let capture = Arc::into_inner(capture).expect("every worker has ended");
     Ok(capture.into_inner())

@@ -193,9 +193,13 @@ pub struct KinesisSource {
     /// Calls failing now, by what failed (`ListShards`, or a shard id): what `/readyz`
     /// reports while the reader retries them.
     faults: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
-    /// Calls that failed and were retried, for `kinesis_retries_total`.
-    retries: std::sync::atomic::AtomicU64,
+    /// Told of each call that failed and is retried (the daemon's telemetry logs and
+    /// counts it).
+    on_retry: Option<RetryHook>,
 }
+
+/// Called with what failed (`ListShards`, or a shard id) and why.
+pub type RetryHook = Box<dyn Fn(&str, &str) + Send + Sync>;
 
 impl KinesisSource {
     /// Builds a client from the standard AWS chain, with the config's region and endpoint on
@@ -258,7 +262,7 @@ impl KinesisSource {
             records_per_call: settings.records_per_call,
             in_flight: Arc::new(Semaphore::new(settings.batches_in_flight)),
             faults: Default::default(),
-            retries: Default::default(),
+            on_retry: None,
         }
     }
 
@@ -272,18 +276,21 @@ impl KinesisSource {
         faults.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
-    /// Kinesis calls that failed and were retried so far.
-    pub fn retries(&self) -> u64 {
-        self.retries.load(std::sync::atomic::Ordering::Relaxed)
+    /// Reports each call that failed and is retried to `hook`.
+    pub fn observed(self, hook: RetryHook) -> Self {
+        Self {
+            on_retry: Some(hook),
+            ..self
+        }
     }
 
     fn set_fault(&self, what: &str, fault: Option<String>) {
         let mut faults = self.faults.lock().unwrap();
         match fault {
             Some(message) => {
-                self.retries
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!(event = "kinesis_retry", call = what, error = %message, "Kinesis call failed; retrying");
+                if let Some(hook) = &self.on_retry {
+                    hook(what, &message);
+                }
                 faults.insert(what.to_owned(), message);
             }
             None => {

@@ -497,6 +497,18 @@ impl Telemetry {
         self.checkpoint_commit_seconds.observe(took.as_secs_f64());
     }
 
+    /// A Kinesis call failed (`call`: `ListShards`, or the shard whose reads failed); it is
+    /// tried again with backoff.
+    pub fn kinesis_retry(&self, call: &str, error: &str) {
+        self.kinesis_retries.inc();
+        tracing::warn!(
+            event = "kinesis_retry",
+            call,
+            error,
+            "Kinesis call failed; retrying"
+        );
+    }
+
     /// An action the daemon may call: its retries are counted from zero.
     pub fn action_configured(&self, action: &str) {
         drop(self.action_retries.get_or_create(&label("action", action)));
@@ -656,9 +668,6 @@ impl Telemetry {
 
     fn metrics_text(&self, served: &Served) -> String {
         self.refresh(&served.rules, &served.state);
-        self.kinesis_retries
-            .inner()
-            .store(served.source.retries(), Ordering::Relaxed);
         let mut text = String::new();
         let _ = encode(&mut text, &self.registry);
         text

@@ -860,8 +860,13 @@ impl Pipeline {
                             records.len()
                         ));
                         for sub in records {
+                            // A letter for one sub-record of an aggregate holds that
+                            // sub-record alone: it keeps its place in the aggregate.
                             let sub = Record {
                                 arrival_time: record.arrival_time.clone(),
+                                sub_sequence_number: sub
+                                    .sub_sequence_number
+                                    .max(letter.sub_sequence_number),
                                 ..sub
                             };
                             if let Settled::No = self.handle(&sub, &mut pending).await? {

@@ -210,6 +210,7 @@ impl Pipeline {
                     .unwrap_or_default();
                 let started = Instant::now();
                 let has_checkpoint = !writes.checkpoints.is_empty();
+                let wrote = !writes.is_empty();
                 if let Err(source) = state.commit_shared(writes).await {
                     self.telemetry.state_write(Some(&source));
                     return Err(PipelineError::State {
@@ -218,7 +219,11 @@ impl Pipeline {
                         source,
                     });
                 }
-                self.telemetry.state_write(None);
+                // Only a write says the state can be written again (nothing to commit
+                // touches no file).
+                if wrote {
+                    self.telemetry.state_write(None);
+                }
                 if has_checkpoint {
                     self.telemetry.checkpoint_committed(started.elapsed());
                 }

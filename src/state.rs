@@ -11,7 +11,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -400,6 +400,8 @@ pub struct State {
     /// The next dead letter id: ids are given out before a letter is sealed (its seal is
     /// bound to its id) and never reused.
     next_dead_letter_id: AtomicU64,
+    /// Set by an I/O error: the file must be closed and opened again before it is used.
+    needs_reopen: AtomicBool,
 }
 
 /// Writers waiting for the next group commit, and whether a leader is committing.
@@ -505,6 +507,7 @@ impl State {
             path: path.to_owned(),
             group: Mutex::default(),
             next_dead_letter_id: AtomicU64::new(0),
+            needs_reopen: AtomicBool::new(false),
         };
         state.init(&keys, &source.to_string())?;
         Ok((state, keys))
@@ -526,20 +529,34 @@ impl State {
     }
 
     fn db_err(&self, context: &'static str) -> impl Fn(redb::Error) -> StateError + '_ {
-        move |e| StateError::Db {
-            path: self.path.clone(),
-            context,
-            source: Box::new(e),
+        move |e| {
+            // After an I/O error redb refuses everything until the file is opened again:
+            // the next transaction does that first.
+            if matches!(e, redb::Error::PreviousIo | redb::Error::Io(_)) {
+                self.needs_reopen.store(true, Ordering::SeqCst);
+            }
+            StateError::Db {
+                path: self.path.clone(),
+                context,
+                source: Box::new(e),
+            }
         }
+    }
+
+    /// Opens the file again if it is closed, or an I/O error said it must be.
+    fn reopen_if_needed(&self) -> Result<(), StateError> {
+        let closed = matches!(&*self.db.read().expect("state lock"), Db::Closed);
+        if closed || self.needs_reopen.load(Ordering::SeqCst) {
+            self.reopen()?;
+        }
+        Ok(())
     }
 
     fn read_tx(
         &self,
         err: &impl Fn(redb::Error) -> StateError,
     ) -> Result<redb::ReadTransaction, StateError> {
-        if matches!(&*self.db.read().expect("state lock"), Db::Closed) {
-            self.reopen()?;
-        }
+        self.reopen_if_needed()?;
         match &*self.db.read().expect("state lock") {
             Db::Writable(db) => db.begin_read().map_err(|e| err(e.into())),
             Db::ReadOnly(db) => db.begin_read().map_err(|e| err(e.into())),
@@ -553,6 +570,7 @@ impl State {
         &self,
         err: &impl Fn(redb::Error) -> StateError,
     ) -> Result<redb::WriteTransaction, StateError> {
+        self.reopen_if_needed()?;
         match &*self.db.read().expect("state lock") {
             Db::Writable(db) => db.begin_write().map_err(|e| err(e.into())),
             Db::ReadOnly(_) => Err(StateError::ReadOnly {
@@ -579,6 +597,7 @@ impl State {
         }
         drop(std::mem::replace(&mut *db, Db::Closed));
         *db = Db::Writable(open_writable(&self.path)?);
+        self.needs_reopen.store(false, Ordering::SeqCst);
         Ok(())
     }
 

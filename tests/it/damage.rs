@@ -952,3 +952,57 @@ async fn a_kinesis_that_never_answers_is_a_fault_not_a_hang() {
     daemon.signal("TERM");
     assert!(daemon.wait_exit().success());
 }
+
+/// The daemon's scheduled retries while the state cannot be written: no call until it can
+/// (an idle shard's empty commit must not count as a write that worked), then the letter's
+/// request is sent once and the letter resolved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_retries_wait_while_the_state_cannot_be_written() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    put(&client, "events", &traffic(20, 1, 0)).await;
+    let (backend, status) = switchable_backend().await;
+    status.store(503, Ordering::SeqCst);
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    ws.edit_config(
+        "[state]\n",
+        "[state]\ndead_letter_retry_interval_ms = 1000\n",
+    );
+    ws.edit_config("max_attempts = 4", "max_attempts = 1");
+    ws.with_metrics();
+    let daemon = ws.start_daemon(&[]);
+    let address = metrics_address(&daemon).await;
+    wait_until(Duration::from_secs(30), "a letter retried", || {
+        backend.count() >= 2
+    })
+    .await;
+    let immutable = Immutable::set(ws.path("state.redb"));
+    wait_until(Duration::from_secs(30), "a failed write", || {
+        daemon.stderr().contains("state_write_error")
+    })
+    .await;
+    status.store(200, Ordering::SeqCst);
+    let before = backend.count();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        backend.count(),
+        before,
+        "retried while the state was broken"
+    );
+    let (code, body) = get(&address, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    drop(immutable);
+    wait_until(Duration::from_secs(30), "the retry", || {
+        backend.count() > before
+    })
+    .await;
+    wait_until(Duration::from_secs(30), "resolved", || {
+        daemon.stderr().contains("dead_letter_resolved")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(backend.count(), before + 1, "sent again after it was done");
+    assert!(daemon.stop().success());
+    assert!(ws.dead_letters().is_empty());
+}

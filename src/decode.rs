@@ -46,6 +46,10 @@ pub struct Record {
     pub arrival_time: Arc<str>,
     /// The decoded payload: what the prefilter searches and `record.data` is made from.
     pub bytes: Bytes,
+    /// Why this sub-record of an aggregate cannot be read (its compression is damaged):
+    /// then `bytes` are its payload as written, and it is dead-lettered on its own while
+    /// the aggregate's other events go on.
+    pub unreadable: Option<Arc<DecodeError>>,
 }
 
 /// A record written as JSON: test cases, captured records (`capture`) and `preview` input.
@@ -109,6 +113,7 @@ impl Record {
             sub_sequence_number: 0,
             partition_key: raw.partition_key.into(),
             bytes: raw.data.into(),
+            unreadable: None,
         }
     }
 }
@@ -154,6 +159,7 @@ impl RecordJson {
             partition_key: self.partition_key.into(),
             arrival_time: self.arrival_time.into(),
             bytes: bytes.into(),
+            unreadable: None,
         }
     }
 
@@ -246,7 +252,7 @@ pub struct Tag {
 }
 
 /// Why a record could not be decoded, naming it.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("shard {shard_id}, sequence number {sequence_number}: {reason}")]
 pub struct DecodeError {
     pub shard_id: String,
@@ -362,19 +368,22 @@ pub fn decode(
         partition_key,
         arrival_time: arrival_time.clone(),
         bytes,
+        unreadable: None,
     };
-    if !raw.data.starts_with(&KPL_MAGIC) {
-        return match inflate(&raw.data, &mut budget) {
+    // An aggregate may come compressed too: it is split once inflated.
+    let data = match raw.data.starts_with(&KPL_MAGIC) {
+        true => Bytes::from(std::mem::take(&mut raw.data)),
+        false => match inflate(&raw.data, &mut budget) {
+            Ok(Some(inflated)) if inflated.starts_with(&KPL_MAGIC) => Bytes::from(inflated),
             Ok(inflated) => {
                 let bytes = inflated.unwrap_or_else(|| std::mem::take(&mut raw.data));
                 let key = std::mem::take(&mut raw.partition_key);
-                Ok(smallvec::smallvec![record(0, key.into(), bytes.into())])
+                return Ok(smallvec::smallvec![record(0, key.into(), bytes.into())]);
             }
-            Err(reason) => Err(fail(raw, reason)),
-        };
-    }
+            Err(reason) => return Err(fail(raw, reason)),
+        },
+    };
     // Sub-records are slices of the aggregate's bytes, not copies.
-    let data = Bytes::from(std::mem::take(&mut raw.data));
     let restore = |mut raw: RawRecord, data: &Bytes| {
         raw.data = data.to_vec();
         raw
@@ -407,14 +416,29 @@ pub fn decode(
                 (Unreadable::MalformedAggregate, reason),
             ));
         };
-        let bytes = match inflate(&sub.data, &mut budget) {
-            Ok(inflated) => inflated.map_or(sub.data, Bytes::from),
-            Err((kind, reason)) => {
+        let record = match inflate(&sub.data, &mut budget) {
+            Ok(inflated) => record(
+                index as u64,
+                key.clone(),
+                inflated.map_or(sub.data, Bytes::from),
+            ),
+            // Past the limit, the whole Kinesis record is refused: it is the bound on memory.
+            Err((kind @ Unreadable::InflateLimit, reason)) => {
                 let reason = format!("sub-record {index}: {reason}");
                 return Err(fail(restore(raw, &data), (kind, reason)));
             }
+            // One damaged event: a dead letter of its own, the others go on.
+            Err((kind, reason)) => Record {
+                unreadable: Some(Arc::new(DecodeError {
+                    shard_id: shard_id.to_string(),
+                    sequence_number: sequence_number.to_string(),
+                    kind,
+                    reason: format!("sub-record {index}: {reason}"),
+                })),
+                ..record(index as u64, key.clone(), sub.data)
+            },
         };
-        records.push(record(index as u64, key.clone(), bytes));
+        records.push(record);
     }
     Ok(records)
 }
@@ -844,11 +868,22 @@ mod tests {
                 "{name}: {err}"
             );
         }
-        // Inside an aggregate too: the whole Kinesis record is dead-lettered.
+        // Inside an aggregate: that event alone is unreadable (a letter of its own), the
+        // others are read.
         let truncated = gz[..gz.len() - 3].to_vec();
-        let err = failure(aggregate(&[("a", b"fine"), ("b", &truncated)]));
+        let records = decoded(aggregate(&[("a", b"fine"), ("b", &truncated), ("c", &gz)])).unwrap();
+        assert_eq!(records.len(), 3);
+        assert!(records[0].unreadable.is_none() && records[0].bytes == &b"fine"[..]);
+        let err = records[1].unreadable.as_ref().expect("the damaged event");
         assert_eq!(err.kind, Unreadable::DamagedCompression);
         assert!(err.reason.contains("sub-record 1"), "{err}");
+        assert_eq!(records[1].sub_sequence_number, 1);
+        assert!(records[2].unreadable.is_none() && records[2].bytes == &json[..]);
+        // An aggregate that comes compressed is inflated, then split.
+        let records = decoded(zlib(&aggregate(&[("a", b"one"), ("b", json)]))).unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[1].bytes, &json[..]);
+        assert_eq!(records[1].sub_sequence_number, 1);
         // Text that merely starts like a zlib header stays text.
         assert_eq!(
             decoded(b"x^2 + y = z".to_vec()).unwrap()[0].bytes,

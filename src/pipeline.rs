@@ -383,6 +383,18 @@ impl Pipeline {
     /// decided anything or failed: most records of a shared stream, which never enter the
     /// async path of [`Pipeline::settle`].
     fn evaluate(&self, record: &Record, pending: &mut Pending) -> Option<RulesOutcome> {
+        if let Some(error) = &record.unreadable {
+            // One event of an aggregate that cannot be read: a letter of its own.
+            self.telemetry.undecodable_record(
+                &record.shard_id,
+                &record.sequence_number,
+                record.sub_sequence_number,
+                error.kind.as_str(),
+                UnreadableOutcome::DeadLettered,
+            );
+            self.dead_letter_unreadable(record, DecodeError::clone(error), pending);
+            return None;
+        }
         let rules = self.rules.load();
         if let Sink::Preview(preview) = &self.sink {
             preview.evaluate(&rules, Some(&self.actions), record);
@@ -809,6 +821,7 @@ impl Pipeline {
             partition_key: "".into(),
             arrival_time: letter.arrival_time.as_str().into(),
             bytes: Default::default(),
+            unreadable: None,
         };
         let context = DeadLetter::seal_context(id, letter.reason.kind());
         let mut pending = Pending {

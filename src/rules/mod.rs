@@ -752,6 +752,7 @@ mod tests {
             partition_key: "pk".into(),
             arrival_time: crate::clock::rfc3339(0).into(),
             bytes: json.as_bytes().to_vec().into(),
+            unreadable: None,
         }
     }
 

@@ -398,3 +398,71 @@ async fn records_that_cannot_be_read_are_dead_letters_and_the_shard_moves_on() {
         assert!(!log.contains(user), "{user} in the log:\n{log}");
     }
 }
+
+/// One event of a KPL aggregate whose compression is damaged is a dead letter of its own
+/// (at its sub-sequence number); the aggregate's other requests are carried out. An
+/// aggregate that comes compressed is inflated, then split.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_event_in_an_aggregate_is_a_letter_of_its_own() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    let requests: Vec<(String, Vec<u8>)> =
+        (0..4).map(|n| request(&format!("agg-user-{n}"))).collect();
+    let (cut_key, cut) = request("cut-user");
+    let cut = zlib(&cut);
+    let cut = &cut[..cut.len() - 4];
+    let mut subs: Vec<(&str, &[u8])> = requests
+        .iter()
+        .map(|(k, d)| (k.as_str(), d.as_slice()))
+        .collect();
+    subs.insert(2, (cut_key.as_str(), cut));
+    let with_damage = gdpr_consumer::decode::aggregate(&subs);
+    let (k1, r1) = request("gz-agg-user-1");
+    let (k2, r2) = request("gz-agg-user-2");
+    let compressed = gzip(&gdpr_consumer::decode::aggregate(&[
+        (k1.as_str(), r1.as_slice()),
+        (k2.as_str(), r2.as_slice()),
+    ]));
+    put(
+        &client,
+        "events",
+        &[
+            ("agg".to_owned(), with_damage),
+            ("gz-agg".to_owned(), compressed),
+        ],
+    )
+    .await;
+
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    run_daemon_until(&ws, &backend, 6).await;
+    let seen = users(&backend);
+    for n in 0..4 {
+        assert_eq!(seen.get(&format!("agg-user-{n}")), Some(&1), "{seen:?}");
+    }
+    assert_eq!(seen.get("gz-agg-user-1"), Some(&1), "{seen:?}");
+    assert_eq!(seen.get("gz-agg-user-2"), Some(&1), "{seen:?}");
+    assert_eq!(seen.len(), 6, "{seen:?}");
+    let letters = ws.dead_letters();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["kind"], "decode_failed");
+    assert_eq!(letters[0]["sub_sequence_number"], 2);
+    assert!(letters[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("sub-record 2"));
+}
+
+async fn run_daemon_until(ws: &Workspace, backend: &Backend, calls: usize) {
+    let daemon = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(30), "backend calls", || {
+        backend.count() >= calls
+    })
+    .await;
+    wait_until(Duration::from_secs(30), "caught up", || {
+        caught_up_count(&daemon.stderr()) >= 1
+    })
+    .await;
+    assert!(daemon.stop().success());
+}

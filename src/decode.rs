@@ -873,12 +873,12 @@ mod tests {
         let truncated = gz[..gz.len() - 3].to_vec();
         let records = decoded(aggregate(&[("a", b"fine"), ("b", &truncated), ("c", &gz)])).unwrap();
         assert_eq!(records.len(), 3);
-        assert!(records[0].unreadable.is_none() && records[0].bytes == &b"fine"[..]);
+        assert!(records[0].unreadable.is_none() && records[0].bytes == b"fine"[..]);
         let err = records[1].unreadable.as_ref().expect("the damaged event");
         assert_eq!(err.kind, Unreadable::DamagedCompression);
         assert!(err.reason.contains("sub-record 1"), "{err}");
         assert_eq!(records[1].sub_sequence_number, 1);
-        assert!(records[2].unreadable.is_none() && records[2].bytes == &json[..]);
+        assert!(records[2].unreadable.is_none() && records[2].bytes == json[..]);
         // An aggregate that comes compressed is inflated, then split.
         let records = decoded(zlib(&aggregate(&[("a", b"one"), ("b", json)]))).unwrap();
         assert_eq!(records.len(), 2);

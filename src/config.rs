@@ -361,6 +361,15 @@ fn resolve_action(
             "{both} is in both success_statuses and retry_statuses"
         )));
     }
+    if let Some(bad) = raw
+        .success_statuses
+        .iter()
+        .find(|s| (100..200).contains(*s) || (300..400).contains(*s))
+    {
+        return Err(invalid(format!(
+            "success_statuses: {bad} cannot mean done (an informational or redirect answer carried nothing out); list 2xx or 4xx statuses"
+        )));
+    }
     if raw.timeout_ms == Some(0) {
         return Err(invalid("timeout_ms must be at least 1".into()));
     }
@@ -769,6 +778,12 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
                 "",
                 "success_statuses = [404, 503]",
                 "success_statuses: 503 is a backend fault",
+            ),
+            (
+                "",
+                "",
+                "success_statuses = [301]",
+                "success_statuses: 301 cannot mean done",
             ),
             (
                 "",

@@ -99,7 +99,10 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
         hash = rules.hash(),
         "rules loaded"
     );
+    // From here on a SIGINT or SIGTERM is a clean stop, even while the stream does not
+    // answer yet.
     let shutdown = Shutdown::new();
+    spawn_signal_handler(shutdown.clone());
     let telemetry = Arc::new(Telemetry::new());
     let actions = ActionSet::new(&settings.actions, dry_run.is_none())?.observed(telemetry.clone());
     let rule_names: Vec<String> = rules.rules().iter().map(|r| r.name.clone()).collect();
@@ -140,7 +143,6 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
             Sink::Live { state, keys }
         }
     };
-    spawn_signal_handler(shutdown.clone());
 
     if dry_run.is_none() {
         let (rules, shutdown) = (rules.clone(), shutdown.clone());

@@ -74,6 +74,8 @@ pub struct StreamSettings {
 pub enum SourceError {
     #[error("stream {stream}: cannot list shards: {message}")]
     ListShards { stream: String, message: String },
+    #[error("stream {stream}: cannot describe the stream: {message}")]
+    Describe { stream: String, message: String },
     #[error("stream {stream}, shard {shard_id}: cannot get a shard iterator: {message}")]
     Iterator {
         stream: String,
@@ -355,7 +357,7 @@ impl KinesisSource {
             .stream_name(&self.stream)
             .send()
             .await
-            .map_err(|e| SourceError::ListShards {
+            .map_err(|e| SourceError::Describe {
                 stream: self.stream.clone(),
                 message: describe(&e),
             })?;

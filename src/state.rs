@@ -65,7 +65,7 @@ pub enum StateError {
     },
     #[error("state file {path}: schema version {found} is newer than this build understands ({SCHEMA_VERSION}); run the newer binary, or restore the backup taken before the upgrade")]
     Schema { path: PathBuf, found: u64 },
-    #[error("state file {path}: corrupt {what}: {message}")]
+    #[error("state file {path}: corrupt {what} ({message}); restore it, with its key, from the last backup")]
     Corrupt {
         path: PathBuf,
         what: &'static str,

@@ -90,7 +90,11 @@ pub async fn supervise<W: ShardWork>(
     let shutdown = work.shutdown().clone();
     let ends_when_caught_up = work.ends_when_caught_up();
     // The stream must be reachable at start: a wrong name or endpoint is reported at once.
-    let mut shards = source.list_shards().await?;
+    let mut shards = tokio::select! {
+        listed = source.list_shards() => listed?,
+        // A stop while the stream does not answer yet: nothing has started.
+        _ = shutdown.triggered() => return Ok(()),
+    };
     match source.retention().await {
         Ok(retention) => telemetry.set_retention(retention, settings.retention_margin),
         Err(e) => {

@@ -4,17 +4,20 @@
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::actions::ActionSet;
 use crate::config::{self, Overrides, Settings, StartPosition};
+use crate::control;
 use crate::daemon::{self, DryRun};
 use crate::decode::{self, Record, RecordJson};
 use crate::diff;
 use crate::keys::Keys;
 use crate::keys::{KeyError, KeySource};
 use crate::pipeline::Retried;
+use crate::pipeline::{Pipeline, Sink};
 use crate::preview::OutputFormat;
 use crate::preview::Preview;
 use crate::rules::{testing, Decision, RuleSet};
@@ -365,16 +368,7 @@ pub fn main() -> ExitCode {
         Command::Rules(RulesCommand::Diff(args)) => rules_diff(args),
         Command::Preview(args) => preview(args),
         Command::Capture(args) => capture(args),
-        Command::Checkpoints(cmd) => reading_state(|| checkpoints(cmd)),
-        Command::State(StateCommand { args, action: None }) => {
-            reading_state(|| state_summary(args))
-        }
-        Command::State(StateCommand {
-            action: Some(StateAction::RotateKey(args)),
-            ..
-        }) => reading_state(|| rotate_key(args)),
-        Command::DeadLetters(cmd) => reading_state(|| dead_letters(cmd)),
-        Command::Audit(cmd) => reading_state(|| audit(cmd)),
+        command => state_command(command),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -434,7 +428,7 @@ fn run(args: RunArgs) -> Result<u8, Failure> {
     };
     let settings = Settings::resolve(args.config.as_deref(), overrides).map_err(Failure::usage)?;
     let runtime = tokio::runtime::Runtime::new().map_err(Failure::runtime)?;
-    let result = runtime.block_on(daemon::run(settings, dry_run));
+    let result = runtime.block_on(daemon::run(settings, dry_run, Some(daemon_handler())));
     // Blocking work still queued (a rules reload, say) does not hold the exit up.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     result.map_err(|e| Failure {
@@ -655,11 +649,37 @@ fn open_state(args: &StateArgs, access: Access) -> Result<(State, Keys), Failure
     })
 }
 
-fn state_summary(args: StateArgs) -> Result<u8, Failure> {
-    let (state, _) = open_state(&args, Access::Read)?;
+/// Where a state command gets the state and writes its answer: this process (the file,
+/// stdout), or the running daemon serving the command over its control channel.
+struct Session<'a> {
+    out: &'a mut dyn Write,
+    daemon: Option<&'a Arc<Pipeline>>,
+}
+
+impl Session<'_> {
+    fn open_state(&self, args: &StateArgs, access: Access) -> Result<(Arc<State>, Keys), Failure> {
+        match self.daemon.map(|pipeline| &pipeline.sink) {
+            Some(Sink::Live { state, keys }) => Ok((state.clone(), keys.clone())),
+            _ => open_state(args, access).map(|(state, keys)| (Arc::new(state), keys)),
+        }
+    }
+
+    /// What the running daemon does not do for a command: said so, nothing done.
+    fn not_while_running(&self, what: &str, why: &str) -> Result<(), Failure> {
+        match self.daemon {
+            Some(_) => Err(Failure::runtime(anyhow::anyhow!(
+                "{what} is refused while the daemon runs ({why}): stop it, then run the command again"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+fn state_summary(args: StateArgs, s: &mut Session) -> Result<u8, Failure> {
+    let (state, _) = s.open_state(&args, Access::Read)?;
     let summary = state.summary().map_err(Failure::runtime)?;
     out!(
-        std::io::stdout(),
+        s.out,
         "{}",
         serde_json::to_string_pretty(&summary).unwrap_or_default()
     );
@@ -669,7 +689,8 @@ fn state_summary(args: StateArgs) -> Result<u8, Failure> {
 /// Writes a ring with a new current key over the key file (atomically), then opens the
 /// state, which records the new key and seals its dead letters again under it (an
 /// interrupted rotation completes at the next open).
-fn rotate_key(args: StateArgs) -> Result<u8, Failure> {
+fn rotate_key(args: StateArgs, s: &mut Session) -> Result<u8, Failure> {
+    s.not_while_running("state rotate-key", "its dead letters are in use")?;
     let settings = config::state_settings(args.config.as_deref(), args.state.clone())
         .map_err(Failure::usage)?;
     if let Some(var) = &settings.key_env {
@@ -686,7 +707,7 @@ fn rotate_key(args: StateArgs) -> Result<u8, Failure> {
     let (state, ring) = open_state(&args, Access::Write)?;
     let letters = state.dead_letters().map_err(Failure::runtime)?.len();
     out!(
-        std::io::stdout(),
+        s.out,
         "{}",
         serde_json::json!({
             "key_file": settings.key_file,
@@ -698,11 +719,11 @@ fn rotate_key(args: StateArgs) -> Result<u8, Failure> {
     Ok(0)
 }
 
-fn checkpoints(cmd: CheckpointsCommand) -> Result<u8, Failure> {
+fn checkpoints(cmd: CheckpointsCommand, s: &mut Session) -> Result<u8, Failure> {
     match cmd {
         CheckpointsCommand::List(args) => {
-            let (state, _) = open_state(&args, Access::Read)?;
-            let mut out = std::io::stdout().lock();
+            let (state, _) = s.open_state(&args, Access::Read)?;
+            let out = &mut s.out;
             for (shard_id, cp) in state.checkpoints().map_err(Failure::runtime)? {
                 let line = serde_json::json!({
                     "shard_id": shard_id,
@@ -715,7 +736,11 @@ fn checkpoints(cmd: CheckpointsCommand) -> Result<u8, Failure> {
             Ok(0)
         }
         CheckpointsCommand::Reset { state, shard, all } => {
-            let (state, _) = open_state(&state, Access::Write)?;
+            s.not_while_running(
+                "checkpoints reset",
+                "its shards read on from the positions they hold",
+            )?;
+            let (state, _) = s.open_state(&state, Access::Write)?;
             let shard = if all { None } else { shard.as_deref() };
             let n = state.reset_checkpoints(shard).map_err(Failure::runtime)?;
             if let (Some(shard), 0) = (shard, n) {
@@ -735,17 +760,17 @@ fn checkpoints(cmd: CheckpointsCommand) -> Result<u8, Failure> {
                     }
                 )));
             }
-            out!(std::io::stdout(), "{n} checkpoint(s) reset");
+            out!(s.out, "{n} checkpoint(s) reset");
             Ok(0)
         }
     }
 }
 
-fn dead_letters(cmd: DeadLettersCommand) -> Result<u8, Failure> {
+fn dead_letters(cmd: DeadLettersCommand, s: &mut Session) -> Result<u8, Failure> {
     match cmd {
         DeadLettersCommand::List(args) => {
-            let (state, _) = open_state(&args, Access::Read)?;
-            let mut out = std::io::stdout().lock();
+            let (state, _) = s.open_state(&args, Access::Read)?;
+            let out = &mut s.out;
             for (id, letter) in state.dead_letters().map_err(Failure::runtime)? {
                 let mut line = serde_json::to_value(&letter).unwrap_or_default();
                 if let Some(fields) = line.as_object_mut() {
@@ -762,21 +787,31 @@ fn dead_letters(cmd: DeadLettersCommand) -> Result<u8, Failure> {
             Ok(0)
         }
         DeadLettersCommand::Retry { config, ids, all } => {
-            let settings = Settings::resolve(
-                Some(&config.config),
-                Overrides {
-                    state: config.state,
-                    ..Overrides::default()
-                },
-            )
-            .map_err(Failure::usage)?;
-            let runtime = tokio::runtime::Runtime::new().map_err(Failure::runtime)?;
-            let results = runtime
-                .block_on(daemon::retry_dead_letters(settings, (!all).then_some(ids)))
-                .map_err(|e| Failure {
-                    code: e.exit_code(),
-                    error: e.into(),
-                })?;
+            let ids = (!all).then_some(ids);
+            let failure = |e: daemon::RunError| Failure {
+                code: e.exit_code(),
+                error: e.into(),
+            };
+            let results = match s.daemon {
+                // The daemon's own pipeline: its rules, actions and their limits.
+                Some(pipeline) => tokio::runtime::Handle::current()
+                    .block_on(daemon::retry_letters(pipeline, ids))
+                    .map_err(failure)?,
+                None => {
+                    let settings = Settings::resolve(
+                        Some(&config.config),
+                        Overrides {
+                            state: config.state,
+                            ..Overrides::default()
+                        },
+                    )
+                    .map_err(Failure::usage)?;
+                    let runtime = tokio::runtime::Runtime::new().map_err(Failure::runtime)?;
+                    runtime
+                        .block_on(daemon::retry_dead_letters(settings, ids))
+                        .map_err(failure)?
+                }
+            };
             let mut failed = false;
             for (id, outcome) in results {
                 let line = match outcome {
@@ -787,12 +822,12 @@ fn dead_letters(cmd: DeadLettersCommand) -> Result<u8, Failure> {
                     }
                     Retried::Interrupted => serde_json::json!({"id": id, "outcome": "interrupted"}),
                 };
-                out!(std::io::stdout(), "{line}");
+                out!(s.out, "{line}");
             }
             Ok(u8::from(failed))
         }
         DeadLettersCommand::Discard { state, id, reason } => {
-            let (state, _) = open_state(&state, Access::Write)?;
+            let (state, _) = s.open_state(&state, Access::Write)?;
             let letter = state.dead_letter(id).map_err(Failure::runtime)?;
             state
                 .commit(Writes {
@@ -801,13 +836,13 @@ fn dead_letters(cmd: DeadLettersCommand) -> Result<u8, Failure> {
                     ..Writes::default()
                 })
                 .map_err(Failure::runtime)?;
-            out!(std::io::stdout(), "dead letter {id} discarded (audited)");
+            out!(s.out, "dead letter {id} discarded (audited)");
             Ok(0)
         }
     }
 }
 
-fn audit(cmd: AuditCommand) -> Result<u8, Failure> {
+fn audit(cmd: AuditCommand, s: &mut Session) -> Result<u8, Failure> {
     match cmd {
         AuditCommand::Export {
             state,
@@ -815,14 +850,14 @@ fn audit(cmd: AuditCommand) -> Result<u8, Failure> {
             since,
             until,
         } => {
-            let (state, _) = open_state(&state, Access::Read)?;
+            let (state, _) = s.open_state(&state, Access::Read)?;
             let entries = state
                 .audit(
                     since.map_or(0, |t| t.max(0) as u64),
                     until.map_or(u64::MAX, |t| t.max(0) as u64),
                 )
                 .map_err(Failure::runtime)?;
-            let mut out = std::io::stdout().lock();
+            let out = &mut s.out;
             match format {
                 AuditFormat::Jsonl => {
                     for entry in entries {
@@ -860,14 +895,14 @@ fn audit(cmd: AuditCommand) -> Result<u8, Failure> {
             action,
             key,
         } => {
-            let (state, keys) = open_state(&config, Access::Read)?;
+            let (state, keys) = s.open_state(&config, Access::Read)?;
             let ids: Vec<String> = keys
                 .request_ids(&action, &key)
                 .iter()
                 .map(hex::encode)
                 .collect();
             let mut found: Option<String> = None;
-            let mut out = std::io::stdout().lock();
+            let out = &mut s.out;
             for entry in state.audit(0, u64::MAX).map_err(Failure::runtime)? {
                 if ids.contains(&entry.request_id) {
                     found = Some(entry.request_id.clone());
@@ -892,6 +927,96 @@ fn audit(cmd: AuditCommand) -> Result<u8, Failure> {
             Ok(if found.is_some() { 0 } else { 1 })
         }
     }
+}
+
+/// The state commands: served by the daemon when one holds the state (same flags, output
+/// and exit codes), run on the file otherwise.
+fn state_command(command: Command) -> Result<u8, Failure> {
+    if let Some(path) = state_path_of(&command) {
+        if let Some(stream) = control::connect(&path) {
+            let argv = std::env::args().skip(1).collect();
+            let mut stdout = std::io::stdout().lock();
+            return control::run_remote(stream, &path, argv, &mut stdout).map_err(|e| match e {
+                control::RemoteError::Output(io) => write_failure(io),
+                other => Failure::runtime(other),
+            });
+        }
+    }
+    let mut stdout = std::io::stdout().lock();
+    let mut session = Session {
+        out: &mut stdout,
+        daemon: None,
+    };
+    reading_state(|| dispatch_state_command(command, &mut session))
+}
+
+fn dispatch_state_command(command: Command, s: &mut Session) -> Result<u8, Failure> {
+    match command {
+        Command::Checkpoints(cmd) => checkpoints(cmd, s),
+        Command::State(StateCommand { args, action: None }) => state_summary(args, s),
+        Command::State(StateCommand {
+            action: Some(StateAction::RotateKey(args)),
+            ..
+        }) => rotate_key(args, s),
+        Command::DeadLetters(cmd) => dead_letters(cmd, s),
+        Command::Audit(cmd) => audit(cmd, s),
+        _ => Err(Failure::usage(anyhow::anyhow!(
+            "not a command the daemon serves"
+        ))),
+    }
+}
+
+/// The state file a state command names (with `--config` or `--state`), if it can tell.
+fn state_path_of(command: &Command) -> Option<PathBuf> {
+    let (config, state) = match command {
+        Command::State(StateCommand { args, action: None })
+        | Command::State(StateCommand {
+            action: Some(StateAction::RotateKey(args)),
+            ..
+        })
+        | Command::Checkpoints(CheckpointsCommand::List(args))
+        | Command::Checkpoints(CheckpointsCommand::Reset { state: args, .. })
+        | Command::DeadLetters(DeadLettersCommand::List(args))
+        | Command::DeadLetters(DeadLettersCommand::Discard { state: args, .. })
+        | Command::Audit(AuditCommand::Export { state: args, .. })
+        | Command::Audit(AuditCommand::Lookup { config: args, .. }) => {
+            (args.config.clone(), args.state.clone())
+        }
+        Command::DeadLetters(DeadLettersCommand::Retry { config, .. }) => {
+            (Some(config.config.clone()), config.state.clone())
+        }
+        _ => return None,
+    };
+    config::state_settings(config.as_deref(), state)
+        .ok()
+        .map(|settings| settings.state_path)
+}
+
+/// How the daemon serves a command sent over its control channel.
+fn daemon_handler() -> control::Handler {
+    Arc::new(|argv, pipeline, out, error| {
+        let parsed = Cli::try_parse_from(
+            std::iter::once("gdpr-consumer".to_owned()).chain(argv.iter().cloned()),
+        );
+        let result = match parsed {
+            Ok(cli) => {
+                let mut session = Session {
+                    out,
+                    daemon: Some(pipeline),
+                };
+                dispatch_state_command(cli.command, &mut session)
+            }
+            Err(e) => Err(Failure::usage(anyhow::anyhow!("{e}"))),
+        };
+        match result {
+            Ok(code) => code,
+            Err(failure) if failure.code == 0 => 0,
+            Err(failure) => {
+                *error = format!("error: {:#}", failure.error);
+                failure.code
+            }
+        }
+    })
 }
 
 /// Runs a command that reads the state file. redb may panic on pages a damaged file holds

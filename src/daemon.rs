@@ -13,6 +13,7 @@ use crate::actions::{ActionError, ActionSet};
 use crate::capture::Capture;
 use crate::clock::now_ms;
 use crate::config::{ConfigError, Settings, StreamSettings};
+use crate::control;
 use crate::keys::{KeyError, KeySource};
 use crate::pipeline::{Pipeline, PipelineError, Retried, Sink};
 use crate::preview::{Ledger, OutputFormat, Preview};
@@ -54,6 +55,8 @@ pub enum RunError {
     Signal(&'static str, #[source] std::io::Error),
     #[error("cannot write to stdout")]
     Output(#[source] std::io::Error),
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
 }
 
 impl RunError {
@@ -85,7 +88,11 @@ fn sendable(settings: &Settings) -> Result<Sendable, RunError> {
 }
 
 /// Runs the daemon (or the dry-run) to the end.
-pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunError> {
+pub async fn run(
+    settings: Settings,
+    dry_run: Option<DryRun>,
+    control: Option<control::Handler>,
+) -> Result<(), RunError> {
     // First of all: a SIGHUP (a reload asked too early, or sent to a dry-run) must never
     // kill the process. Once a handler is installed, it stays for the process's life.
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -161,6 +168,16 @@ pub async fn run(settings: Settings, dry_run: Option<DryRun>) -> Result<(), RunE
         telemetry: telemetry.clone(),
         claims: Default::default(),
     });
+    // Commands run while the daemon holds the state are served by it.
+    if let (Some(handler), Sink::Live { .. }) = (control, &pipeline.sink) {
+        control::serve(
+            &settings.state_path,
+            pipeline.clone(),
+            handler,
+            shutdown.clone(),
+        )
+        .await?;
+    }
     let housekeeping = match &pipeline.sink {
         Sink::Live { .. } => Some(tokio::spawn(maintain(
             pipeline.clone(),
@@ -336,16 +353,6 @@ pub async fn retry_dead_letters(
     let actions = ActionSet::new(&settings.actions, true)?.observed(telemetry.clone());
     let (state, keys) = State::open(&settings.state_path, key_source(&settings), Access::Write)?;
     let state = Arc::new(state);
-    if let Some(missing) = ids
-        .iter()
-        .flatten()
-        .find(|id| state.dead_letter(**id).is_err())
-    {
-        return Err(RunError::State(StateError::NoDeadLetter {
-            path: settings.state_path.clone(),
-            id: *missing,
-        }));
-    }
     let shutdown = Shutdown::new();
     spawn_signal_handler(shutdown.clone());
     let pipeline = Pipeline {
@@ -365,6 +372,28 @@ pub async fn retry_dead_letters(
         telemetry,
         claims: Default::default(),
     };
+    retry_letters(&pipeline, ids).await
+}
+
+/// Retries the given dead letters (or all) through `pipeline`: a command's own, or the
+/// running daemon's (its action limits then hold for the retries too).
+pub async fn retry_letters(
+    pipeline: &Pipeline,
+    ids: Option<Vec<u64>>,
+) -> Result<Vec<(u64, Retried)>, RunError> {
+    let Sink::Live { state, .. } = &pipeline.sink else {
+        return Ok(Vec::new());
+    };
+    if let Some(missing) = ids
+        .iter()
+        .flatten()
+        .find(|id| state.dead_letter(**id).is_err())
+    {
+        return Err(RunError::State(StateError::NoDeadLetter {
+            path: state.path().to_owned(),
+            id: *missing,
+        }));
+    }
     let mut results = Vec::new();
     let mut after = 0;
     'pages: loop {

@@ -26,6 +26,7 @@ pub enum KeyError {
     File { path: PathBuf, message: String },
 }
 
+#[derive(Clone)]
 pub struct Keys {
     /// Current key first.
     secrets: Vec<Vec<u8>>,

@@ -775,6 +775,10 @@ impl State {
         tx.commit().map_err(|e| err(e.into()))
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// A new dead letter id, never given out before.
     pub fn new_dead_letter_id(&self) -> u64 {
         self.next_dead_letter_id.fetch_add(1, Ordering::SeqCst)

@@ -308,6 +308,15 @@ enum AuditCommand {
         #[arg(long)]
         key: String,
     },
+    /// Whether a request is done, by its keyed hashes (hex; one per key of the ring):
+    /// what a dry-run asks the running daemon. Prints `true` or `false`.
+    #[command(hide = true)]
+    Done {
+        #[command(flatten)]
+        state: StateArgs,
+        #[arg(long, num_args = 1.., required = true)]
+        ids: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -890,6 +899,23 @@ fn audit(cmd: AuditCommand, s: &mut Session) -> Result<u8, Failure> {
             }
             Ok(0)
         }
+        AuditCommand::Done { state, ids } => {
+            let (state, _) = s.open_state(&state, Access::Read)?;
+            let ids = ids
+                .iter()
+                .map(|id| {
+                    hex::decode(id)
+                        .ok()
+                        .filter(|id| id.len() == 32)
+                        .ok_or_else(|| {
+                            Failure::usage(anyhow::anyhow!("{id:?} is not a request id"))
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let done = state.is_done_any(&ids).map_err(Failure::runtime)?;
+            out!(s.out, "{done}");
+            Ok(0)
+        }
         AuditCommand::Lookup {
             config,
             action,
@@ -979,6 +1005,7 @@ fn state_path_of(command: &Command) -> Option<PathBuf> {
         | Command::DeadLetters(DeadLettersCommand::List(args))
         | Command::DeadLetters(DeadLettersCommand::Discard { state: args, .. })
         | Command::Audit(AuditCommand::Export { state: args, .. })
+        | Command::Audit(AuditCommand::Done { state: args, .. })
         | Command::Audit(AuditCommand::Lookup { config: args, .. }) => {
             (args.config.clone(), args.state.clone())
         }

@@ -16,7 +16,7 @@ use crate::config::{ConfigError, Settings, StreamSettings};
 use crate::control;
 use crate::keys::{KeyError, KeySource};
 use crate::pipeline::{Pipeline, PipelineError, Retried, Sink};
-use crate::preview::{Ledger, OutputFormat, Preview};
+use crate::preview::{Done, Ledger, OutputFormat, Preview};
 use crate::rules::reload::{self, load_tested, LoadFailure, Rules, Sendable};
 use crate::rules::Decision;
 use crate::shutdown::Shutdown;
@@ -476,17 +476,51 @@ fn read_ledger(settings: &Settings) -> Option<Ledger> {
                 done = done.len(),
                 "compared with the daemon's dedup ledger: requests it has done are marked"
             );
-            Some(Ledger { keys, done })
+            Some(Ledger {
+                keys,
+                done: Done::Read(done),
+            })
         }
-        Err(StateError::Locked { .. }) => {
-            tracing::warn!("the state file is in use by the running daemon: dry-run cannot tell which requests it has already done");
-            None
-        }
+        Err(StateError::Locked { .. }) => ask_the_daemon(settings),
         Err(e) => {
             tracing::warn!(error = %telemetry::chain(&e), "cannot tell which requests the daemon has already done");
             None
         }
     }
+}
+
+/// The running daemon holds the state: each would-be request is looked up by asking it
+/// over its control channel (by keyed hashes: the key ring is read here, never the key).
+fn ask_the_daemon(settings: &Settings) -> Option<Ledger> {
+    let keys = match crate::keys::Keys::load(key_source(settings)) {
+        Ok(Some(keys)) => keys,
+        _ => {
+            tracing::warn!("the daemon holds the state and its key cannot be read here: dry-run cannot tell which requests it has already done");
+            return None;
+        }
+    };
+    let path = settings.state_path.clone();
+    let ask = move |ids: &[[u8; 32]]| {
+        let stream = control::connect(&path)?;
+        let mut argv = vec![
+            "audit".to_owned(),
+            "done".to_owned(),
+            "--state".to_owned(),
+            path.display().to_string(),
+            "--ids".to_owned(),
+        ];
+        argv.extend(ids.iter().map(hex::encode));
+        let mut answer = Vec::new();
+        match control::run_remote(stream, &path, argv, &mut answer) {
+            Ok(0) => Some(answer.starts_with(b"true")),
+            _ => None,
+        }
+    };
+    tracing::info!("the daemon holds the state: requests are looked up in its ledger as they come");
+    Some(Ledger {
+        keys,
+        done: Done::Ask(Box::new(ask)),
+    })
 }
 
 fn spawn_signal_handler(shutdown: Shutdown) {

@@ -43,10 +43,28 @@ struct Tally {
     seen: HashSet<(String, String)>,
 }
 
-/// The daemon's dedup ledger, read once, to mark requests it has already done.
+/// The daemon's dedup ledger, to mark requests it has already done.
 pub struct Ledger {
     pub keys: Keys,
-    pub done: HashSet<[u8; 32]>,
+    pub done: Done,
+}
+
+/// Where the ledger is read: a copy read once from the file, or the running daemon, asked
+/// for each request (by its keyed hashes, never its key).
+pub enum Done {
+    Read(HashSet<[u8; 32]>),
+    /// `None` when the daemon could not answer.
+    Ask(Box<dyn Fn(&[[u8; 32]]) -> Option<bool> + Send + Sync>),
+}
+
+impl Ledger {
+    fn is_done(&self, action: &str, key: &str) -> Option<bool> {
+        let ids = self.keys.request_ids(action, key);
+        match &self.done {
+            Done::Read(done) => Some(ids.iter().any(|id| done.contains(id))),
+            Done::Ask(ask) => ask(&ids),
+        }
+    }
 }
 
 pub struct Preview {
@@ -185,13 +203,10 @@ impl Preview {
         record: &Record,
     ) {
         self.matches.fetch_add(1, Ordering::Relaxed);
-        let already_done = self.ledger.as_ref().map(|ledger| {
-            ledger
-                .keys
-                .request_ids(&decision.action, &decision.key)
-                .iter()
-                .any(|id| ledger.done.contains(id))
-        });
+        let already_done = self
+            .ledger
+            .as_ref()
+            .and_then(|ledger| ledger.is_done(&decision.action, &decision.key));
         let duplicate = {
             let mut tally = self.tally.lock().unwrap();
             let first = tally

@@ -199,9 +199,14 @@ async fn dry_run_beside_a_running_daemon_and_capture_for_preview() {
         ws.run(&["run", "--config", config, "--dry-run", "--output", "json"])
     });
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("in use by the running daemon"), "{err}");
+    // The daemon holds the state: it is asked, request by request.
+    assert!(err.contains("looked up in its ledger"), "{err}");
     let lines = json_lines(&out);
     assert_eq!(lines.len(), 11, "{out}");
+    assert!(
+        lines[..10].iter().all(|l| l["already_done"].is_boolean()),
+        "{out}"
+    );
     wait_until(Duration::from_secs(60), "10 requests", || {
         backend.count() >= 10
     })
@@ -210,6 +215,16 @@ async fn dry_run_beside_a_running_daemon_and_capture_for_preview() {
         caught_up_count(&daemon.stderr()) >= 2
     })
     .await;
+    // Once the daemon has done them, a dry-run beside it marks every one done.
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        ws.run(&["run", "--config", config, "--dry-run", "--output", "json"])
+    });
+    assert_eq!(code, 0, "{err}");
+    let lines = json_lines(&out);
+    assert!(
+        lines[..10].iter().all(|l| l["already_done"] == true),
+        "{out}"
+    );
     assert!(daemon.stop().success());
     assert_eq!(backend.count(), 10);
 

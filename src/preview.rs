@@ -53,9 +53,12 @@ pub struct Ledger {
 /// for each request (by its keyed hashes, never its key).
 pub enum Done {
     Read(HashSet<[u8; 32]>),
-    /// `None` when the daemon could not answer.
-    Ask(Box<dyn Fn(&[[u8; 32]]) -> Option<bool> + Send + Sync>),
+    Ask(AskDaemon),
 }
+
+/// Whether the daemon has done a request with one of these keyed hashes; `None` when it
+/// could not answer.
+pub type AskDaemon = Box<dyn Fn(&[[u8; 32]]) -> Option<bool> + Send + Sync>;
 
 impl Ledger {
     fn is_done(&self, action: &str, key: &str) -> Option<bool> {

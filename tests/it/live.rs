@@ -164,15 +164,16 @@ async fn a_command_cut_short_by_the_daemon_says_so() {
     let slow = Arc::new(AtomicU16::new(0));
     let backend = {
         let slow = slow.clone();
-        Backend::with_behaviour(Duration::ZERO, move |_, _| {
-            if slow.load(Ordering::SeqCst) == 1 {
-                std::thread::sleep(Duration::from_secs(3));
-                200
-            } else {
-                400
-            }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // Refused at first; then slow to answer, so the daemon dies with the retry in flight.
+        Backend::serve(listener, move |_, _| match slow.load(Ordering::SeqCst) {
+            1 => Reply {
+                status: 200,
+                retry_after_s: None,
+                delay: Duration::from_secs(5),
+            },
+            _ => 400.into(),
         })
-        .await
     };
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
     let daemon = ws.start_daemon(&[]);

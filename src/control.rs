@@ -116,9 +116,12 @@ fn answer(
     BufReader::new(&stream).read_line(&mut line)?;
     let request: Request = serde_json::from_str(&line)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    let mut out = Frames(&stream);
+    // Lines gathered into frames of up to 8 KiB, not a frame per write.
+    let mut out = std::io::BufWriter::with_capacity(8 << 10, Frames(&stream));
     let mut error = String::new();
     let code = handler(&request.argv, pipeline, &mut out, &mut error);
+    out.flush()?;
+    drop(out);
     if !error.is_empty() {
         send(&stream, &Frame::Err(error))?;
     }

@@ -913,7 +913,10 @@ impl Pipeline {
             }
             Err(Retried::StillFailing(error)) => {
                 letter.retried(error.clone());
-                pending.writes.dead_letters.push((id, letter.clone()));
+                pending
+                    .writes
+                    .retried_dead_letters
+                    .push((id, letter.clone()));
                 Retried::StillFailing(error)
             }
             Err(other) => other,
@@ -942,7 +945,10 @@ impl Pipeline {
             Err(e) => {
                 let error = format!("cannot build the request: {e}");
                 letter.retried(error.clone());
-                pending.writes.dead_letters.push((id, letter.clone()));
+                pending
+                    .writes
+                    .retried_dead_letters
+                    .push((id, letter.clone()));
                 self.flush(&mut pending, &letter.shard_id).await?;
                 return Ok(Retried::StillFailing(error));
             }
@@ -999,7 +1005,10 @@ impl Pipeline {
                     // A refusal now waits for an operator; a fault is retried on schedule.
                     *was_retryable = retryable;
                 }
-                pending.writes.dead_letters.push((id, letter.clone()));
+                pending
+                    .writes
+                    .retried_dead_letters
+                    .push((id, letter.clone()));
                 Retried::StillFailing(error)
             }
         };

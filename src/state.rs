@@ -367,8 +367,11 @@ pub struct AuditEntry {
 pub struct Writes {
     pub checkpoints: Vec<(String, Checkpoint)>,
     pub done: Vec<[u8; 32]>,
-    /// New dead letters, and letters a retry updated, by id ([`State::new_dead_letter_id`]).
+    /// New dead letters, by id ([`State::new_dead_letter_id`]).
     pub dead_letters: Vec<(u64, DeadLetter)>,
+    /// Letters a failed retry updated: written only if the letter is still there (an
+    /// operator may have discarded it meanwhile).
+    pub retried_dead_letters: Vec<(u64, DeadLetter)>,
     pub resolved_dead_letters: Vec<u64>,
     pub audit: Vec<AuditEntry>,
 }
@@ -378,6 +381,7 @@ impl Writes {
         self.checkpoints.is_empty()
             && self.done.is_empty()
             && self.dead_letters.is_empty()
+            && self.retried_dead_letters.is_empty()
             && self.resolved_dead_letters.is_empty()
             && self.audit.is_empty()
     }
@@ -892,6 +896,14 @@ impl State {
                     .insert(letter.index_key().as_str(), id)
                     .map_err(|e| err(e.into()))?;
                 highest = highest.max(*id);
+            }
+            for (id, letter) in &writes.retried_dead_letters {
+                if letters.get(id).map_err(|e| err(e.into()))?.is_some() {
+                    let bytes = serde_json::to_vec(letter).expect("a dead letter serializes");
+                    letters
+                        .insert(id, bytes.as_slice())
+                        .map_err(|e| err(e.into()))?;
+                }
             }
             if highest > self.meta_counter(tx, "dead_letter_ids")? {
                 self.set_meta_counter(tx, "dead_letter_ids", highest)?;
@@ -1552,5 +1564,38 @@ mod tests {
             due_date("2026-01-01T00:00:00Z", "CCPA"),
             "2026-02-15T00:00:00Z"
         );
+    }
+
+    /// A failed retry's update of a letter an operator discarded meanwhile does not bring
+    /// it back.
+    #[test]
+    fn a_retry_does_not_bring_back_a_discarded_letter() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir.path().join("s.redb"), Access::Run).unwrap();
+        let id = s.new_dead_letter_id();
+        s.commit(Writes {
+            dead_letters: vec![(id, letter("a"))],
+            ..Writes::default()
+        })
+        .unwrap();
+        let mut retried = s.dead_letter(id).unwrap();
+        retried.retried("still failing".into());
+        s.commit(Writes {
+            retried_dead_letters: vec![(id, retried.clone())],
+            ..Writes::default()
+        })
+        .unwrap();
+        assert_eq!(s.dead_letter(id).unwrap().retries, 1);
+        s.commit(Writes {
+            resolved_dead_letters: vec![id],
+            ..Writes::default()
+        })
+        .unwrap();
+        s.commit(Writes {
+            retried_dead_letters: vec![(id, retried)],
+            ..Writes::default()
+        })
+        .unwrap();
+        assert!(s.dead_letters().unwrap().is_empty());
     }
 }

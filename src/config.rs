@@ -875,8 +875,9 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
         assert_eq!(s.stream.poll_interval, Duration::from_millis(200));
         assert_eq!(s.stream.idle_poll_interval, Duration::from_millis(5_000));
         // A poll interval above the idle default raises the default with it.
-        let (_d8, slow) =
-            write("[stream]\nname = \"s\"\npoll_interval_ms = 8000\n[actions.a]\nurl = \"https://h/x\"\n");
+        let (_d8, slow) = write(
+            "[stream]\nname = \"s\"\npoll_interval_ms = 8000\n[actions.a]\nurl = \"https://h/x\"\n",
+        );
         let slow = Settings::resolve(Some(&slow), Overrides::default()).unwrap();
         assert_eq!(slow.stream.idle_poll_interval, Duration::from_millis(8_000));
         assert_eq!(s.actions["a"].method, reqwest::Method::PATCH);

@@ -29,7 +29,8 @@ async fn wait_caught_up(daemon: &Daemon, backend: &Backend, shards: usize) {
     .await;
 }
 
-/// Over a quiet period, each idle shard is polled every 1600 ms at most, not every 200 ms.
+/// Over a quiet period, each idle shard is polled every 1600 ms at most, not every 200 ms:
+/// counted by the proxy, and per shard by the daemon's own `get_records_calls_total`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_shards_back_off_their_polling() {
     let kinesis = Kinesalite::start();
@@ -55,14 +56,37 @@ async fn idle_shards_back_off_their_polling() {
     )
     .await;
     let ws = idle_workspace(&proxy.endpoint, &backend.url);
+    ws.with_metrics();
     let daemon = ws.start_daemon(&[]);
+    let address = metrics_address(&daemon).await;
     wait_caught_up(&daemon, &backend, 2).await;
     // 200 + 400 + 800 ms of back-off, then every 1600 ms.
     tokio::time::sleep(Duration::from_millis(3_500)).await;
-    let before = calls.load(Ordering::SeqCst);
+    let per_shard = |m: &std::collections::HashMap<String, f64>| {
+        let mut calls: Vec<(String, f64)> = m
+            .iter()
+            .filter(|(k, _)| k.starts_with("gdpr_consumer_get_records_calls_total{"))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        calls.sort_by(|a, b| a.0.cmp(&b.0));
+        calls
+    };
+    let (before, counted_before) = (calls.load(Ordering::SeqCst), metrics(&address).await);
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let quiet = calls.load(Ordering::SeqCst) - before;
+    let (quiet, counted_after) = (
+        calls.load(Ordering::SeqCst) - before,
+        metrics(&address).await,
+    );
     assert!(daemon.stop().success());
+    let (counted_before, counted_after) = (per_shard(&counted_before), per_shard(&counted_after));
+    assert_eq!(counted_after.len(), 2, "{counted_after:?}");
+    for ((shard, b), (_, a)) in counted_before.iter().zip(&counted_after) {
+        assert!(
+            (1.0..=4.0).contains(&(a - b)),
+            "{shard}: {} GetRecords calls over 4 quiet seconds",
+            a - b
+        );
+    }
     // Per shard: 4 s / 1600 ms is 2.5 calls (3 at a boundary); at 200 ms it would be 20.
     assert!(
         (2..=2 * 4).contains(&quiet),

@@ -5,9 +5,10 @@
 //! wall time, events/s, the daemon's CPU time per event and its peak RSS; then a latency run
 //! releases events live at a steady rate and prints how long each deletion request took from
 //! becoming readable to reaching the backend; then the daemon polls shards with nothing to
-//! read, and the CPU time of one GetRecords call is printed. Every run fails loudly unless
-//! the backend got each request exactly once and the daemon read each record once. Under
-//! `cargo test` the same runs on a few hundred events and 4 shards.
+//! read, without and with the idle back-off, and the CPU time per idle shard-second and per
+//! GetRecords call is printed. Every run fails loudly unless the backend got each request
+//! exactly once and the daemon read each record once. Under `cargo test` the same runs on a
+//! few hundred events and 4 shards.
 //!
 //! GetRecords answers are pre-built in memory, so what is measured is the SDK (HTTP client,
 //! JSON, base64) and the daemon, not the endpoint.
@@ -51,6 +52,9 @@ struct Plan {
     repeats: usize,
     live_events_per_second: f64,
     live_seconds: f64,
+    /// Idle run: time for the poll back-off to settle, then the time measured.
+    idle_settle: Duration,
+    idle_measure: Duration,
 }
 
 #[tokio::main]
@@ -68,6 +72,8 @@ async fn main() {
             repeats: 3,
             live_events_per_second: 20_000.0,
             live_seconds: 5.0,
+            idle_settle: Duration::from_secs(10),
+            idle_measure: Duration::from_secs(30),
         },
         false => Plan {
             shards: 4,
@@ -75,6 +81,8 @@ async fn main() {
             repeats: 1,
             live_events_per_second: 400.0,
             live_seconds: 1.0,
+            idle_settle: Duration::from_millis(700),
+            idle_measure: Duration::from_secs(1),
         },
     };
     print_machine(plan.shards);
@@ -581,7 +589,8 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(kinesis: &str, backend: &str, poll_interval_ms: u64) -> Self {
+    /// `polling` goes in the `[stream]` section as it is (poll and idle intervals).
+    fn start(kinesis: &str, backend: &str, polling: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let rules = dir.path().join("rules");
         std::fs::create_dir(&rules).unwrap();
@@ -596,7 +605,7 @@ name = "{STREAM}"
 endpoint_url = "{kinesis}"
 region = "us-east-1"
 start = "trim-horizon"
-poll_interval_ms = {poll_interval_ms}
+{polling}
 
 [state]
 path = "state.redb"
@@ -844,7 +853,7 @@ async fn throughput(events: usize, shards: usize, repeats: usize) -> Row {
     for _ in 0..repeats {
         let calls = Calls::default();
         let backend = Server::start(calls.router()).await;
-        let daemon = Daemon::start(&kinesis.url, &backend.url, 200);
+        let daemon = Daemon::start(&kinesis.url, &backend.url, "poll_interval_ms = 200");
         let usage = daemon.complete(&last, records).await;
         calls.check(&requests);
         if best.as_ref().is_none_or(|b| usage.wall < b.wall) {
@@ -873,7 +882,13 @@ async fn latency(plan: &Plan) {
     let calls = Calls::default();
     let backend = Server::start(calls.router()).await;
 
-    let mut daemon = Daemon::start(&kinesis.url, &backend.url, 200);
+    // No idle back-off: events are released once every shard is polled, and the figure is
+    // the poll interval's.
+    let mut daemon = Daemon::start(
+        &kinesis.url,
+        &backend.url,
+        "poll_interval_ms = 200\nidle_poll_interval_ms = 200",
+    );
     daemon.wait_until_polling(&last).await;
     let epoch = Instant::now();
     endpoint.epoch.set(epoch).unwrap();
@@ -939,36 +954,61 @@ fn gunzipped(data: &[u8]) -> std::borrow::Cow<'_, [u8]> {
 }
 
 /// The cost of following shards that have nothing new: a daemon polling every shard of a
-/// stream where nothing is readable, every 200 ms (the shortest poll the config takes).
-/// Prints the CPU time per GetRecords call
-/// (the SDK's work, the HTTP exchange and the daemon's handling of an empty answer).
+/// stream where nothing is readable. Prints, for polling without back-off and with the
+/// default back-off, the daemon's CPU time per idle shard-second and per GetRecords call
+/// (the SDK's work, the HTTP exchange and the daemon's handling of an empty answer),
+/// measured once the back-off has settled.
 async fn idle_polling(plan: &Plan) {
-    let stream = common::stream(SEED + 2, plan.shards * 10, 0);
-    // Live, and never opened: nothing is readable, every shard is at its tip.
-    let release = vec![Duration::ZERO; stream.records.len()];
-    let endpoint = Arc::new(Endpoint::live(stream.records, release, plan.shards));
-    let last = endpoint.last_sequence_numbers();
-    let kinesis = Server::start(endpoint.clone().router()).await;
-    let calls = Calls::default();
-    let backend = Server::start(calls.router()).await;
-    let mut daemon = Daemon::start(&kinesis.url, &backend.url, 200);
-    daemon.wait_until_polling(&last).await;
-    let (before, polls_before) = (
-        daemon.usage(),
-        endpoint.get_records_calls.load(Ordering::Relaxed),
-    );
-    tokio::time::sleep(Duration::from_secs_f64(plan.live_seconds.min(2.0))).await;
-    let (after, polls) = (
-        daemon.usage(),
-        endpoint.get_records_calls.load(Ordering::Relaxed),
-    );
-    daemon.stop().await;
-    let polls = polls - polls_before;
-    assert!(polls > 0, "the daemon polled its shards");
-    println!(
-        "idle, {} shards polled every 200 ms: {polls} GetRecords calls in {:.1} s, {:.0} µs of CPU each",
-        plan.shards,
-        (after.wall - before.wall).as_secs_f64(),
-        (after.cpu - before.cpu).as_secs_f64() * 1e6 / polls as f64,
-    );
+    let runs: [(&str, &str); 2] = match plan.shards {
+        // Smoke pass: short intervals, to run in a few seconds.
+        4 => [
+            (
+                "poll 200 ms, no back-off",
+                "poll_interval_ms = 200\nidle_poll_interval_ms = 200",
+            ),
+            (
+                "poll 200 ms, back-off to 400 ms",
+                "poll_interval_ms = 200\nidle_poll_interval_ms = 400",
+            ),
+        ],
+        _ => [
+            ("poll 1000 ms, no back-off", "idle_poll_interval_ms = 1000"),
+            ("defaults: poll 1000 ms, back-off to 5000 ms", ""),
+        ],
+    };
+    for (name, polling) in runs {
+        let stream = common::stream(SEED + 2, plan.shards * 10, 0);
+        // Live, and never opened: nothing is readable, every shard is at its tip.
+        let release = vec![Duration::ZERO; stream.records.len()];
+        let endpoint = Arc::new(Endpoint::live(stream.records, release, plan.shards));
+        let last = endpoint.last_sequence_numbers();
+        let kinesis = Server::start(endpoint.clone().router()).await;
+        let calls = Calls::default();
+        let backend = Server::start(calls.router()).await;
+        let mut daemon = Daemon::start(&kinesis.url, &backend.url, polling);
+        daemon.wait_until_polling(&last).await;
+        // Each shard's pause doubles after each empty answer: 1 + 2 + 4 s to reach 5 s.
+        tokio::time::sleep(plan.idle_settle).await;
+        let (before, polls_before) = (
+            daemon.usage(),
+            endpoint.get_records_calls.load(Ordering::Relaxed),
+        );
+        tokio::time::sleep(plan.idle_measure).await;
+        let (after, polls) = (
+            daemon.usage(),
+            endpoint.get_records_calls.load(Ordering::Relaxed),
+        );
+        daemon.stop().await;
+        let polls = polls - polls_before;
+        assert!(polls > 0, "the daemon polled its shards");
+        let seconds = (after.wall - before.wall).as_secs_f64();
+        let cpu_micros = (after.cpu - before.cpu).as_secs_f64() * 1e6;
+        println!(
+            "idle, {} shards, {name}: {polls} GetRecords calls in {seconds:.1} s, \
+             {:.0} µs of CPU per idle shard-second, {:.0} µs per call",
+            plan.shards,
+            cpu_micros / (plan.shards as f64 * seconds),
+            cpu_micros / polls as f64,
+        );
+    }
 }

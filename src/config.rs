@@ -64,6 +64,9 @@ pub struct StreamSection {
     pub start: Option<String>,
     /// Pause between GetRecords calls on a shard that is caught up.
     pub poll_interval_ms: Option<u64>,
+    /// Longest pause on a shard that keeps answering nothing: the pause doubles from
+    /// `poll_interval_ms` up to this, so idle shards cost little.
+    pub idle_poll_interval_ms: Option<u64>,
     /// How often the shard list is refreshed to find new shards (resharding).
     pub shard_sync_interval_ms: Option<u64>,
     /// Alarm when a shard's unread records come this close to the stream's retention.
@@ -471,15 +474,30 @@ fn resolve_stream(
             None => StartPosition::TrimHorizon,
         },
     };
+    let poll_ms = match section.poll_interval_ms.unwrap_or(1_000) {
+        ms if ms < MIN_POLL_INTERVAL_MS => {
+            return Err(ConfigError::Invalid(format!(
+                "[stream] poll_interval_ms = {ms} is below {MIN_POLL_INTERVAL_MS}: Kinesis serves 5 GetRecords calls a second per shard"
+            )))
+        }
+        ms => ms,
+    };
     Ok(StreamSettings {
         name,
         region: section.region,
         endpoint_url: section.endpoint_url,
         start,
-        poll_interval: match section.poll_interval_ms.unwrap_or(1_000) {
-            ms if ms < MIN_POLL_INTERVAL_MS => {
+        poll_interval: Duration::from_millis(poll_ms),
+        idle_poll_interval: match section.idle_poll_interval_ms.unwrap_or(5_000.max(poll_ms)) {
+            ms if ms < poll_ms => {
                 return Err(ConfigError::Invalid(format!(
-                    "[stream] poll_interval_ms = {ms} is below {MIN_POLL_INTERVAL_MS}: Kinesis serves 5 GetRecords calls a second per shard"
+                    "[stream] idle_poll_interval_ms = {ms} is below poll_interval_ms = {poll_ms}"
+                )))
+            }
+            // A shard iterator expires after 5 minutes unused.
+            ms if ms > 240_000 => {
+                return Err(ConfigError::Invalid(format!(
+                    "[stream] idle_poll_interval_ms = {ms} is above 240000 (four minutes): Kinesis lets a shard iterator expire after five"
                 )))
             }
             ms => Duration::from_millis(ms),
@@ -744,6 +762,18 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
                 "[stream] poll_interval_ms = 0 is below 200",
             ),
             (
+                "poll_interval_ms = 500\nidle_poll_interval_ms = 499",
+                "",
+                "",
+                "[stream] idle_poll_interval_ms = 499 is below poll_interval_ms = 500",
+            ),
+            (
+                "idle_poll_interval_ms = 999",
+                "",
+                "",
+                "[stream] idle_poll_interval_ms = 999 is below poll_interval_ms = 1000",
+            ),
+            (
                 "",
                 "",
                 "timeout_ms = 60001\nmax_retry_duration_ms = 60000",
@@ -849,6 +879,13 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
         let (_d, path) = write("[stream]\nname = \"s\"\npoll_interval_ms = 200\n[actions.a]\nurl = \"https://h/x\"\nmethod = \"patch\"\ntimeout_ms = 5000\nmax_retry_duration_ms = 5000\ninitial_backoff_ms = 7\nmax_backoff_ms = 7\nsuccess_statuses = [404, 410, 499]\n");
         let s = Settings::resolve(Some(&path), Overrides::default()).unwrap();
         assert_eq!(s.stream.poll_interval, Duration::from_millis(200));
+        assert_eq!(s.stream.idle_poll_interval, Duration::from_millis(5_000));
+        // A poll interval above the idle default raises the default with it.
+        let (_d8, slow) = write(
+            "[stream]\nname = \"s\"\npoll_interval_ms = 8000\n[actions.a]\nurl = \"https://h/x\"\n",
+        );
+        let slow = Settings::resolve(Some(&slow), Overrides::default()).unwrap();
+        assert_eq!(slow.stream.idle_poll_interval, Duration::from_millis(8_000));
         assert_eq!(s.actions["a"].method, reqwest::Method::PATCH);
         let err = state_settings(Some(&path), Some(PathBuf::new()))
             .err()
@@ -868,6 +905,7 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
                 endpoint_url: Some("u".into()),
                 start: Some("latest".into()),
                 poll_interval_ms: Some(1),
+                idle_poll_interval_ms: Some(1),
                 shard_sync_interval_ms: Some(1),
                 retention_margin_ms: Some(1),
                 list_shards_page_size: Some(1),

@@ -61,6 +61,8 @@ pub struct StreamSettings {
     pub endpoint_url: Option<String>,
     pub start: StartPosition,
     pub poll_interval: Duration,
+    /// Longest pause on an idle shard (the pause doubles from `poll_interval` up to it).
+    pub idle_poll_interval: Duration,
     pub shard_sync_interval: Duration,
     pub retention_margin: Duration,
     pub list_shards_page_size: Option<i32>,
@@ -190,6 +192,8 @@ pub struct KinesisSource {
     stream: String,
     page_size: Option<i32>,
     records_per_call: i32,
+    /// Longest pause of an idle shard's reader (`[stream] idle_poll_interval_ms`).
+    idle_poll_interval: Duration,
     /// Bounds the answers held at once over all shards (memory stays flat with the count).
     in_flight: Arc<Semaphore>,
     /// Calls failing now, by what failed (`ListShards`, or a shard id): what `/readyz`
@@ -262,6 +266,7 @@ impl KinesisSource {
             stream: settings.name.clone(),
             page_size: settings.list_shards_page_size,
             records_per_call: settings.records_per_call,
+            idle_poll_interval: settings.idle_poll_interval.max(settings.poll_interval),
             in_flight: Arc::new(Semaphore::new(settings.batches_in_flight)),
             faults: Default::default(),
             on_retry: None,
@@ -461,6 +466,22 @@ fn classify<R>(
     }
 }
 
+/// The pause after an answer: none while a shard has records or a backlog; on an idle
+/// shard, `poll` after its first empty answer, then doubling up to `idle` with each further
+/// one, so a shard nobody writes to costs a call every `idle` (each call's CPU is mostly
+/// the SDK's, the same whatever it carries).
+fn idle_pause(
+    previous: Option<Duration>,
+    caught_up: bool,
+    poll: Duration,
+    idle: Duration,
+) -> Option<Duration> {
+    caught_up.then(|| match previous {
+        None => poll,
+        Some(pause) => (pause * 2).min(idle).max(poll),
+    })
+}
+
 /// Reads one shard batch by batch, keeping its place so an expired iterator or a passing
 /// fault never skips or repeats a record.
 pub struct ShardReader {
@@ -470,8 +491,9 @@ pub struct ShardReader {
     iterator: Option<String>,
     poll_interval: Duration,
     last_call: Option<Instant>,
-    /// The last call found nothing new and no backlog: wait the poll interval.
-    caught_up: bool,
+    /// Pause before the next call: `None` while the shard has records or a backlog (read
+    /// again at once), else the idle back-off.
+    idle_pause: Option<Duration>,
 }
 
 impl ShardReader {
@@ -488,7 +510,7 @@ impl ShardReader {
             iterator: None,
             poll_interval,
             last_call: None,
-            caught_up: false,
+            idle_pause: None,
         }
     }
 
@@ -497,11 +519,7 @@ impl ShardReader {
     pub async fn next(&mut self, shutdown: &Shutdown) -> Result<Option<Batch>, SourceError> {
         let mut fault_backoff = Duration::from_millis(100);
         loop {
-            let pause = if self.caught_up {
-                self.poll_interval
-            } else {
-                MIN_CALL_INTERVAL
-            };
+            let pause = self.idle_pause.unwrap_or(MIN_CALL_INTERVAL);
             if let Some(last) = self.last_call {
                 let wait = pause.saturating_sub(last.elapsed());
                 if shutdown.sleep(wait).await.is_err() {
@@ -589,7 +607,13 @@ impl ShardReader {
             self.iterator = output.next_shard_iterator;
             // A shard with a backlog is read again at once (within 5 calls a second), even
             // after an empty answer.
-            self.caught_up = records.is_empty() && output.millis_behind_latest.unwrap_or(0) == 0;
+            let caught_up = records.is_empty() && output.millis_behind_latest.unwrap_or(0) == 0;
+            self.idle_pause = idle_pause(
+                self.idle_pause,
+                caught_up,
+                self.poll_interval,
+                self.source.idle_poll_interval,
+            );
             return Ok(Some(Batch {
                 records,
                 millis_behind_latest: output.millis_behind_latest,
@@ -662,6 +686,24 @@ mod tests {
             parents: parents.iter().map(|s| s.to_string()).collect(),
             closed,
         }
+    }
+
+    /// An idle shard's pause doubles from the poll interval to the idle one and stays
+    /// there; a record, or a backlog behind an empty answer, ends it at once.
+    #[test]
+    fn idle_pause_backs_off_and_a_record_ends_it() {
+        let (poll, idle) = (Duration::from_millis(200), Duration::from_millis(1_600));
+        let mut pause = None;
+        let mut pauses = Vec::new();
+        for _ in 0..6 {
+            pause = idle_pause(pause, true, poll, idle);
+            pauses.push(pause.unwrap().as_millis());
+        }
+        assert_eq!(pauses, [200, 400, 800, 1_600, 1_600, 1_600]);
+        assert_eq!(idle_pause(pause, false, poll, idle), None);
+        assert_eq!(idle_pause(None, true, poll, idle), Some(poll));
+        // Idle equal to poll: no back-off at all.
+        assert_eq!(idle_pause(Some(poll), true, poll, poll), Some(poll));
     }
 
     fn ids(ready: &[(ShardInfo, Position)]) -> Vec<&str> {

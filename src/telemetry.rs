@@ -95,6 +95,7 @@ pub struct ShardView {
 pub struct Telemetry {
     registry: Registry,
     records_read: Family<Labels, Counter>,
+    get_records_calls: Family<Labels, Counter>,
     bytes_read: Family<Labels, Counter>,
     rule_records: Family<Labels, Counter>,
     rule_matches: Family<Labels, Counter>,
@@ -145,6 +146,7 @@ impl Telemetry {
         let mut t = Telemetry {
             registry: Registry::with_prefix("gdpr_consumer"),
             records_read: Family::default(),
+            get_records_calls: Family::default(),
             bytes_read: Family::default(),
             rule_records: Family::default(),
             rule_matches: Family::default(),
@@ -191,6 +193,11 @@ impl Telemetry {
             "bytes_read",
             "Payload bytes read, per shard",
             t.bytes_read.clone(),
+        );
+        r.register(
+            "get_records_calls",
+            "GetRecords answers, per shard (an idle shard's polls back off to idle_poll_interval_ms)",
+            t.get_records_calls.clone(),
         );
         r.register(
             "rule_records",
@@ -300,9 +307,11 @@ impl Telemetry {
         t
     }
 
-    /// A batch of `records` records, `bytes` bytes of payload, read from a shard.
+    /// A batch of `records` records, `bytes` bytes of payload, read from a shard: one
+    /// GetRecords answer (counted, to show what idle shards cost).
     pub fn records_read(&self, shard_id: &str, records: usize, bytes: usize) {
         let shard = label("shard_id", shard_id);
+        self.get_records_calls.get_or_create(&shard).inc();
         self.records_read
             .get_or_create(&shard)
             .inc_by(records as u64);

@@ -8,6 +8,7 @@ mod decode;
 mod docs;
 mod dry_run;
 mod faults;
+mod idle;
 mod live;
 mod operate;
 mod pipeline;

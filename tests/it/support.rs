@@ -457,6 +457,7 @@ endpoint_url = "{endpoint}"
 region = "us-east-1"
 start = "trim-horizon"
 poll_interval_ms = 200
+idle_poll_interval_ms = 400
 shard_sync_interval_ms = 1000
 
 [state]

@@ -10,20 +10,6 @@ use serde_json::Value;
 
 use crate::support::*;
 
-/// Runs the daemon until the backend got `calls` requests and every shard caught up.
-async fn run_until(ws: &Workspace, backend: &Backend, calls: usize) {
-    let daemon = ws.start_daemon(&[]);
-    wait_until(Duration::from_secs(30), "backend calls", || {
-        backend.count() >= calls
-    })
-    .await;
-    wait_until(Duration::from_secs(30), "caught up", || {
-        caught_up_count(&daemon.stderr()) >= 1
-    })
-    .await;
-    assert!(daemon.stop().success());
-}
-
 /// A backend whose answer the test sets (200 until told otherwise).
 async fn switchable_backend() -> (Backend, Arc<AtomicU16>) {
     let status = Arc::new(AtomicU16::new(200));
@@ -62,7 +48,7 @@ async fn a_retry_that_cannot_build_its_request_keeps_the_letter_as_it_was() {
     let (backend, status) = switchable_backend().await;
     status.store(400, Ordering::SeqCst);
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
-    run_until(&ws, &backend, 1).await;
+    ws.run_until(&backend, 1).await;
     let letters = ws.dead_letters();
     assert_eq!(letters.len(), 1, "{letters:?}");
     let first = letters[0].clone();
@@ -150,11 +136,7 @@ async fn scheduled_retries_keep_the_letter_and_its_age_grows() {
     let (backend, status) = switchable_backend().await;
     status.store(503, Ordering::SeqCst);
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
-    ws.edit_config(
-        "[state]\n",
-        "[state]\ndead_letter_retry_interval_ms = 1000\n",
-    );
-    ws.edit_config("max_attempts = 4", "max_attempts = 1");
+    ws.with_quick_retries();
     ws.with_metrics();
     let daemon = ws.start_daemon(&[]);
     let address = metrics_address(&daemon).await;
@@ -186,7 +168,7 @@ async fn a_lost_key_or_a_damaged_state_stops_every_command() {
     put(&client, "events", &traffic(100, 5, 0)).await;
     let backend = Backend::start().await;
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
-    run_until(&ws, &backend, 5).await;
+    ws.run_until(&backend, 5).await;
     let (state, key) = (ws.path("state.redb"), ws.path("state.redb.key"));
     let good_state = std::fs::read(&state).unwrap();
     let good_key = std::fs::read(&key).unwrap();
@@ -306,7 +288,7 @@ async fn inspection_commands_read_a_read_only_copy() {
     put(&client, "events", &traffic(40, 2, 0)).await;
     let backend = Backend::start().await;
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
-    run_until(&ws, &backend, 2).await;
+    ws.run_until(&backend, 2).await;
     let mode = |p: &str| std::fs::metadata(ws.path(p)).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode("state.redb"), 0o600);
     assert_eq!(mode("state.redb.key"), 0o600);
@@ -357,7 +339,7 @@ async fn a_rule_failed_retry_reruns_only_the_rule_that_failed() {
     let throws = "const PREFILTER = [\"Delete User\"];\nfn decide(record) {\n    if record.data.request_id != \"r-0\" { return; }\n    throw \"not yet\";\n}\n";
     ws.write_rule("a_throws.rhai", throws);
     ws.write_rule("b_throws.rhai", throws);
-    run_until(&ws, &backend, 1).await;
+    ws.run_until(&backend, 1).await;
     let letters = ws.dead_letters();
     assert_eq!(letters.len(), 2, "{letters:?}");
     let id_of = |rule: &str| {
@@ -373,7 +355,7 @@ async fn a_rule_failed_retry_reruns_only_the_rule_that_failed() {
     let config = config.to_str().unwrap();
     let (code, _, err) = ws.run(&["checkpoints", "reset", "--all", "--config", config]);
     assert_eq!(code, 0, "{err}");
-    run_until(&ws, &backend, 1).await;
+    ws.run_until(&backend, 1).await;
     assert_eq!(ws.dead_letters().len(), 2, "dead-lettered again");
 
     // Rule a is fixed and now asks for a second request; b still throws.
@@ -600,7 +582,7 @@ async fn a_409_is_a_refusal_unless_the_config_retries_it() {
                 "max_attempts = 4\nretry_statuses = [409]",
             );
         }
-        run_until(&ws, &backend, if retried { 2 } else { 1 }).await;
+        ws.run_until(&backend, if retried { 2 } else { 1 }).await;
         let letters = ws.dead_letters();
         if retried {
             assert!(letters.is_empty(), "{letters:?}");
@@ -631,7 +613,7 @@ async fn a_rotated_key_keeps_every_lookup_and_letter() {
     })
     .await;
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
-    run_until(&ws, &backend, 3).await;
+    ws.run_until(&backend, 3).await;
     let config = ws.config();
     let config = config.to_str().unwrap();
     let summary = |ws: &Workspace| {
@@ -666,7 +648,7 @@ async fn a_rotated_key_keeps_every_lookup_and_letter() {
     assert_eq!(json_lines(&out).last().unwrap()["done"], true);
     let (code, _, err) = ws.run(&["checkpoints", "reset", "--all", "--config", config]);
     assert_eq!(code, 0, "{err}");
-    run_until(&ws, &backend, 3).await;
+    ws.run_until(&backend, 3).await;
     assert_eq!(
         backend.count(),
         3,
@@ -707,12 +689,8 @@ async fn a_stop_waits_for_a_dead_letter_retry_in_flight() {
     .await;
     let slow = Backend::with_behaviour(Duration::from_millis(1500), |_, _| 200).await;
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
-    ws.edit_config(
-        "[state]\n",
-        "[state]\ndead_letter_retry_interval_ms = 1000\n",
-    );
-    ws.edit_config("max_attempts = 4", "max_attempts = 1");
-    run_until(&ws, &backend, 2).await;
+    ws.with_quick_retries();
+    ws.run_until(&backend, 2).await;
     assert_eq!(ws.dead_letters().len(), 2);
 
     // The backend is now slow: the first scheduled retry is in flight when SIGTERM comes.
@@ -869,7 +847,7 @@ async fn a_rule_failed_retry_whose_request_fails_keeps_its_letter() {
     };
     ws.edit_config("max_attempts = 4", "max_attempts = 1");
     ws.write_rule("thrower.rhai", &rule("throw \"not yet\";"));
-    run_until(&ws, &backend, 1).await;
+    ws.run_until(&backend, 1).await;
     let letters = ws.dead_letters();
     assert_eq!(letters.len(), 1, "{letters:?}");
     let first = letters[0].clone();
@@ -965,11 +943,7 @@ async fn scheduled_retries_wait_while_the_state_cannot_be_written() {
     let (backend, status) = switchable_backend().await;
     status.store(503, Ordering::SeqCst);
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
-    ws.edit_config(
-        "[state]\n",
-        "[state]\ndead_letter_retry_interval_ms = 1000\n",
-    );
-    ws.edit_config("max_attempts = 4", "max_attempts = 1");
+    ws.with_quick_retries();
     ws.with_metrics();
     let daemon = ws.start_daemon(&[]);
     let address = metrics_address(&daemon).await;

@@ -436,7 +436,7 @@ async fn a_damaged_event_in_an_aggregate_is_a_letter_of_its_own() {
 
     let backend = Backend::start().await;
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
-    run_daemon_until(&ws, &backend, 6).await;
+    ws.run_until(&backend, 6).await;
     let seen = users(&backend);
     for n in 0..4 {
         assert_eq!(seen.get(&format!("agg-user-{n}")), Some(&1), "{seen:?}");
@@ -452,17 +452,4 @@ async fn a_damaged_event_in_an_aggregate_is_a_letter_of_its_own() {
         .as_str()
         .unwrap()
         .contains("sub-record 2"));
-}
-
-async fn run_daemon_until(ws: &Workspace, backend: &Backend, calls: usize) {
-    let daemon = ws.start_daemon(&[]);
-    wait_until(Duration::from_secs(30), "backend calls", || {
-        backend.count() >= calls
-    })
-    .await;
-    wait_until(Duration::from_secs(30), "caught up", || {
-        caught_up_count(&daemon.stderr()) >= 1
-    })
-    .await;
-    assert!(daemon.stop().success());
 }

@@ -502,6 +502,31 @@ timeout_ms = 5000
         std::fs::write(self.config(), text).unwrap();
     }
 
+    /// Runs the daemon until the backend got `calls` requests and every shard caught up,
+    /// then stops it (SIGTERM, exit 0).
+    pub async fn run_until(&self, backend: &Backend, calls: usize) {
+        let daemon = self.start_daemon(&[]);
+        wait_until(Duration::from_secs(30), "backend calls", || {
+            backend.count() >= calls
+        })
+        .await;
+        wait_until(Duration::from_secs(30), "caught up", || {
+            caught_up_count(&daemon.stderr()) >= 1
+        })
+        .await;
+        assert!(daemon.stop().success());
+    }
+
+    /// Retries dead letters every second and sends each request once before it becomes
+    /// one (for tests of the daemon's own retries).
+    pub fn with_quick_retries(&self) {
+        self.edit_config(
+            "[state]\n",
+            "[state]\ndead_letter_retry_interval_ms = 1000\n",
+        );
+        self.edit_config("max_attempts = 4", "max_attempts = 1");
+    }
+
     /// Replaces the first `from` in the config file with `to`.
     pub fn edit_config(&self, from: &str, to: &str) {
         let text = std::fs::read_to_string(self.config()).unwrap();

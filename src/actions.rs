@@ -545,6 +545,11 @@ impl ActionSet {
         })
     }
 
+    /// The configured actions' names.
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.actions.keys()
+    }
+
     /// Reports each retry of a backend fault to `telemetry` (event and counter).
     pub fn observed(self, telemetry: Arc<Telemetry>) -> Self {
         for name in self.actions.keys() {

@@ -90,6 +90,10 @@ enum Command {
     /// Dead letters: records and requests that could not be settled.
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(DeadLettersCommand),
+    /// Pause and resume actions: a paused action's requests are held, not sent, until it
+    /// is resumed.
+    #[command(subcommand)]
+    Actions(ActionsCommand),
     /// The audit trail: one entry per decision outcome.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -281,6 +285,31 @@ struct ConfigArgs {
     /// State file (overrides the config).
     #[arg(long)]
     state: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ActionsCommand {
+    /// Each action (of the config, or paused, or with requests held): paused or not, why
+    /// and since when, and how many requests are held.
+    List(StateArgs),
+    /// Pause an action: its requests are held durably (not sent, not dead-lettered) and
+    /// its shards read on; audited with the reason. The pause survives restarts.
+    Pause {
+        #[command(flatten)]
+        state: StateArgs,
+        /// The action, as named in the config.
+        name: String,
+        /// Why (kept in the audit trail and shown in /status).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Resume an action: its held requests are sent, in arrival order, within its limits
+    /// (by the running daemon at once; else at its next start). Audited.
+    Resume {
+        #[command(flatten)]
+        state: StateArgs,
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -986,6 +1015,7 @@ fn dispatch_state_command(command: Command, s: &mut Session) -> Result<u8, Failu
         }) => rotate_key(args, s),
         Command::DeadLetters(cmd) => dead_letters(cmd, s),
         Command::Audit(cmd) => audit(cmd, s),
+        Command::Actions(cmd) => actions(cmd, s),
         _ => Err(Failure::usage(anyhow::anyhow!(
             "not a command the daemon serves"
         ))),
@@ -1005,6 +1035,9 @@ fn state_path_of(command: &Command) -> Option<PathBuf> {
         | Command::DeadLetters(DeadLettersCommand::List(args))
         | Command::DeadLetters(DeadLettersCommand::Discard { state: args, .. })
         | Command::Audit(AuditCommand::Export { state: args, .. })
+        | Command::Actions(ActionsCommand::List(args))
+        | Command::Actions(ActionsCommand::Pause { state: args, .. })
+        | Command::Actions(ActionsCommand::Resume { state: args, .. })
         | Command::Audit(AuditCommand::Done { state: args, .. })
         | Command::Audit(AuditCommand::Lookup { config: args, .. }) => {
             (args.config.clone(), args.state.clone())
@@ -1044,6 +1077,125 @@ fn daemon_handler() -> control::Handler {
             }
         }
     })
+}
+
+fn actions(cmd: ActionsCommand, s: &mut Session) -> Result<u8, Failure> {
+    // The names the config gives, when it can tell (the daemon's own, or --config's).
+    let configured = |args: &StateArgs, s: &Session| -> Result<Option<Vec<String>>, Failure> {
+        Ok(match (s.daemon, &args.config) {
+            (Some(pipeline), _) => Some(pipeline.actions.names().cloned().collect()),
+            (None, Some(path)) => Some(
+                config::action_specs(path)
+                    .map_err(Failure::usage)?
+                    .into_keys()
+                    .collect(),
+            ),
+            (None, None) => None,
+        })
+    };
+    let known = |name: &str, names: &Option<Vec<String>>| -> Result<(), Failure> {
+        match names {
+            Some(names) if !names.iter().any(|n| n == name) => {
+                Err(Failure::usage(anyhow::anyhow!(
+                    "no action {name:?} in the config (it has: {})",
+                    names.join(", ")
+                )))
+            }
+            _ => Ok(()),
+        }
+    };
+    match cmd {
+        ActionsCommand::List(args) => {
+            let names = configured(&args, s)?;
+            let (state, _) = s.open_state(&args, Access::Read)?;
+            let pauses = state.pauses().map_err(Failure::runtime)?;
+            let held = state.held_counts().map_err(Failure::runtime)?;
+            let mut all: std::collections::BTreeSet<String> = names.into_iter().flatten().collect();
+            all.extend(pauses.iter().map(|(name, _)| name.clone()));
+            all.extend(held.keys().cloned());
+            for name in all {
+                let pause = pauses.iter().find(|(n, _)| *n == name).map(|(_, p)| p);
+                let line = serde_json::json!({
+                    "action": name,
+                    "paused": pause.is_some(),
+                    "reason": pause.map(|p| p.reason.clone()),
+                    "since": pause.map(|p| crate::clock::rfc3339(p.since_ms as i64)),
+                    "held": held.get(&name).copied().unwrap_or(0),
+                });
+                out!(s.out, "{line}");
+            }
+            Ok(0)
+        }
+        ActionsCommand::Pause {
+            state: args,
+            name,
+            reason,
+        } => {
+            known(&name, &configured(&args, s)?)?;
+            let (state, _) = s.open_state(&args, Access::Write)?;
+            if let Some(pause) = state.pause(&name).map_err(Failure::runtime)? {
+                out!(
+                    s.out,
+                    "action {name} is already paused, since {} ({})",
+                    crate::clock::rfc3339(pause.since_ms as i64),
+                    pause.reason
+                );
+                return Ok(0);
+            }
+            let pause = crate::state::Pause {
+                reason: reason.clone(),
+                since_ms: crate::clock::now_ms(),
+            };
+            state
+                .commit(Writes {
+                    pauses: vec![(name.clone(), Some(pause))],
+                    audit: vec![AuditEntry::of_operator(&name, "paused", Some(reason))],
+                    ..Writes::default()
+                })
+                .map_err(Failure::runtime)?;
+            out!(
+                s.out,
+                "action {name} paused: its requests are held until it is resumed"
+            );
+            Ok(0)
+        }
+        ActionsCommand::Resume { state: args, name } => {
+            known(&name, &configured(&args, s)?)?;
+            let (state, _) = s.open_state(&args, Access::Write)?;
+            if state.pause(&name).map_err(Failure::runtime)?.is_none() {
+                return Err(Failure::runtime(anyhow::anyhow!(
+                    "action {name} is not paused"
+                )));
+            }
+            state
+                .commit(Writes {
+                    pauses: vec![(name.clone(), None)],
+                    audit: vec![AuditEntry::of_operator(&name, "resumed", None)],
+                    ..Writes::default()
+                })
+                .map_err(Failure::runtime)?;
+            match s.daemon {
+                Some(pipeline) => {
+                    let sent = tokio::runtime::Handle::current()
+                        .block_on(pipeline.release_held())
+                        .map_err(Failure::runtime)?;
+                    out!(
+                        s.out,
+                        "action {name} resumed: {sent} held request(s) settled"
+                    );
+                }
+                None => {
+                    let held = state.held_counts().map_err(Failure::runtime)?;
+                    let held = held.get(&name).copied().unwrap_or(0);
+                    out!(
+                        s.out,
+                        "action {name} resumed: its {held} held request(s) are sent when the daemon starts"
+                    );
+                }
+            }
+            Ok(0)
+        }
+    }
 }
 
 /// Runs a command that reads the state file. redb may panic on pages a damaged file holds

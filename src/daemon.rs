@@ -280,7 +280,15 @@ async fn maintain(pipeline: Arc<Pipeline>, retry_every: Duration, ledger_retenti
         return;
     };
     let mut last_expiry: Option<std::time::Instant> = None;
-    while pipeline.shutdown.sleep(retry_every).await.is_ok() {
+    // At start too: requests held while the daemon was stopped and their action resumed.
+    loop {
+        match pipeline.release_held().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(sent = n, "held requests of resumed actions settled"),
+            Err(e) => {
+                tracing::error!(error = %telemetry::chain(&e), "cannot send held requests")
+            }
+        }
         if last_expiry.is_none_or(|t| t.elapsed() > Duration::from_secs(3600)) {
             let before = now_ms().saturating_sub(ledger_retention.as_millis() as u64);
             match state.expire_done(before) {
@@ -312,7 +320,11 @@ async fn maintain(pipeline: Arc<Pipeline>, retry_every: Duration, ledger_retenti
                         ..
                     }
                 );
-                if !retryable {
+                let DeadLetterReason::ActionFailed { action, .. } = &letter.reason else {
+                    continue;
+                };
+                // A paused action's letters wait for its resume like its new requests.
+                if !retryable || state.pause(action).ok().flatten().is_some() {
                     continue;
                 }
                 match pipeline.retry_dead_letter(id, letter).await {
@@ -335,6 +347,9 @@ async fn maintain(pipeline: Arc<Pipeline>, retry_every: Duration, ledger_retenti
                     return;
                 }
             }
+        }
+        if pipeline.shutdown.sleep(retry_every).await.is_err() {
+            return;
         }
     }
 }

@@ -23,8 +23,8 @@ use crate::rules::{Decision, Rule, RuleError, RuleSet, Verdict};
 use crate::shutdown::Shutdown;
 use crate::source::{Batch, Checkpoint, Position, RawRecord, ShardReader, SourceError};
 use crate::state::{
-    record_index_key, request_index_key, AuditEntry, DeadLetter, DeadLetterReason, Origin, State,
-    StateError, Writes,
+    held_index_key, record_index_key, request_index_key, AuditEntry, DeadLetter, DeadLetterReason,
+    Held, Origin, Pause, State, StateError, Writes, DEAD_LETTER_PAGE,
 };
 use crate::supervisor::ShardExit;
 use crate::telemetry::{ActionOutcome, Telemetry, UnreadableOutcome};
@@ -39,6 +39,8 @@ pub enum PipelineError {
         sequence_number: String,
         source: StateError,
     },
+    #[error("held requests")]
+    Held(#[source] StateError),
     #[error("dead letter {id}")]
     Unseal { id: u64, source: KeyError },
 }
@@ -81,6 +83,8 @@ struct Pending {
     /// and the retried letter stays, with its id, contents and age.
     retrying: Option<u64>,
     failed_again: Option<String>,
+    /// The held request being sent (its own hold is not a duplicate).
+    releasing: Option<u64>,
 }
 
 /// Records a rule saw, and decided on.
@@ -650,6 +654,52 @@ impl Pipeline {
         };
         match carried {
             Carried::Sent(Outcome::Interrupted) => return Ok(Settled::No),
+            Carried::Paused(pause) => {
+                // Held durably: settled for the checkpoint, sent when the action resumes.
+                let held_id = state.new_held_id();
+                let sealed = SealedDecision {
+                    key: decision.key.clone(),
+                    params: decision.params.clone(),
+                };
+                let record = origin.record;
+                pending.writes.held.push((
+                    held_id,
+                    Held {
+                        action: decision.action.clone(),
+                        request_id: request_id.clone(),
+                        sealed_decision: keys.seal(
+                            &serde_json::to_vec(&sealed).expect("serializes"),
+                            &Held::seal_context(held_id),
+                        ),
+                        regulation: regulation.to_owned(),
+                        held_at_ms: crate::clock::now_ms(),
+                        stream: record.stream.to_string(),
+                        shard_id: record.shard_id.to_string(),
+                        sequence_number: record.sequence_number.to_string(),
+                        sub_sequence_number: record.sub_sequence_number,
+                        arrival_time: record.arrival_time.to_string(),
+                        rule: origin.rule.to_owned(),
+                        rule_file: origin.rule_file.display().to_string(),
+                        rules_hash: origin.rules_hash.to_owned(),
+                    },
+                ));
+                self.telemetry.action(
+                    ActionOutcome::Held,
+                    &record.shard_id,
+                    &record.sequence_number,
+                    origin.rule,
+                    origin.rules_hash,
+                    &decision.action,
+                    0,
+                    None,
+                    None,
+                );
+                pending.writes.audit.push(AuditEntry {
+                    note: Some(format!("action paused: {}", pause.reason)),
+                    ..audit(ActionOutcome::Held)
+                });
+                return Ok(Settled::Yes);
+            }
             Carried::Duplicate { letter } => {
                 pending.writes.audit.push(AuditEntry {
                     dead_letter: letter,
@@ -762,6 +812,23 @@ impl Pipeline {
                 },
                 claim,
             ));
+        }
+        // Held already for a paused action (read again after a checkpoint reset, say).
+        let mut on_hold = None;
+        for id in keys.request_ids(&decision.action, &decision.key) {
+            on_hold = on_hold.or(state
+                .pending_letter(&held_index_key(&hex::encode(id)))
+                .map_err(|source| state_error(record, source))?);
+        }
+        if on_hold.is_some_and(|held| Some(held) != pending.releasing) {
+            report(ActionOutcome::Duplicate, 0, None, None);
+            return Ok((Carried::Duplicate { letter: None }, claim));
+        }
+        if let Some(pause) = state
+            .pause(&decision.action)
+            .map_err(|source| state_error(record, source))?
+        {
+            return Ok((Carried::Paused(pause), claim));
         }
         // Never call the backend for a request whose outcome could not be recorded: after
         // a failed commit, a write must succeed first.
@@ -926,6 +993,81 @@ impl Pipeline {
         Ok(retried)
     }
 
+    /// Sends the held requests of actions no longer paused, in arrival order, the usual way
+    /// (dedup, the action's limits, dead letters for what the backend does not take).
+    /// Returns how many were settled; stops at shutdown.
+    pub async fn release_held(&self) -> Result<usize, PipelineError> {
+        let Sink::Live { state, keys } = &self.sink else {
+            return Ok(0);
+        };
+        let (mut after, mut settled) = (0, 0);
+        loop {
+            let page = state
+                .held_after(after, DEAD_LETTER_PAGE)
+                .map_err(PipelineError::Held)?;
+            let Some((last, _)) = page.last() else { break };
+            after = *last;
+            for (id, held) in page {
+                if self.shutdown.is_triggered() {
+                    return Ok(settled);
+                }
+                if state
+                    .pause(&held.action)
+                    .map_err(PipelineError::Held)?
+                    .is_some()
+                {
+                    continue;
+                }
+                let record = Record {
+                    stream: held.stream.as_str().into(),
+                    shard_id: held.shard_id.as_str().into(),
+                    sequence_number: held.sequence_number.as_str().into(),
+                    sub_sequence_number: held.sub_sequence_number,
+                    partition_key: "".into(),
+                    arrival_time: held.arrival_time.as_str().into(),
+                    bytes: Default::default(),
+                    unreadable: None,
+                };
+                let sealed: SealedDecision =
+                    open(keys, id, &held.sealed_decision, &Held::seal_context(id))?;
+                let decision = Decision {
+                    action: held.action.clone(),
+                    key: sealed.key,
+                    params: sealed.params,
+                    regulation: Some(held.regulation.clone()),
+                };
+                // A request the config can no longer build stays held (never lost): said
+                // so, and tried again at the next round.
+                if let Err(e) = self.actions.prepare(&decision) {
+                    self.telemetry
+                        .held_unsendable(&held.action, id, &e.to_string());
+                    continue;
+                }
+                let rule_file = PathBuf::from(&held.rule_file);
+                let origin = Origin {
+                    record: &record,
+                    rule: &held.rule,
+                    rule_file: &rule_file,
+                    rules_hash: &held.rules_hash,
+                };
+                let mut pending = Pending {
+                    releasing: Some(id),
+                    ..Pending::default()
+                };
+                if let Settled::No = self
+                    .act(state, keys, &origin, decision, &mut pending)
+                    .await?
+                {
+                    return Ok(settled);
+                }
+                pending.writes.released.push(id);
+                self.flush(&mut pending, &held.shard_id).await?;
+                settled += 1;
+            }
+        }
+        Ok(settled)
+    }
+
     /// Sends a failed action's request again, as the letter keeps it.
     async fn retry_action(
         &self,
@@ -959,6 +1101,13 @@ impl Pipeline {
         let request_id = hex::encode(keys.request_id(&decision.action, &decision.key));
         let retried = match carried {
             Carried::Sent(Outcome::Interrupted) => return Ok(Retried::Interrupted),
+            // Not sent, not a failure: the letter waits as it was.
+            Carried::Paused(pause) => {
+                return Ok(Retried::StillFailing(format!(
+                    "action {:?} is paused ({}): resume it to retry",
+                    decision.action, pause.reason
+                )))
+            }
             Carried::Duplicate { .. } => {
                 pending.writes.resolved_dead_letters.push(id);
                 pending.writes.audit.push(AuditEntry::of_letter(
@@ -1084,8 +1233,11 @@ fn origin<'a>(record: &'a Record, rules: &'a RuleSet, rule: &'a Rule) -> Origin<
 enum Carried {
     /// Sent to the backend: how it ended.
     Sent(Outcome),
-    /// Done already, or held by a pending dead letter (its id).
+    /// Done already, or held by a pending dead letter (its id), or held while its action
+    /// is paused.
     Duplicate { letter: Option<u64> },
+    /// Its action is paused: not sent.
+    Paused(Pause),
 }
 
 /// A backend's error with its HTTP status, for a letter's `last_error`.

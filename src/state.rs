@@ -47,6 +47,10 @@ const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_let
 /// [`DeadLetter::index_key`] → id of the pending letter: a record or request that already
 /// waits in a letter (read again after a checkpoint reset, say) is not dead-lettered twice.
 const LETTER_INDEX: TableDefinition<&str, u64> = TableDefinition::new("letter_index");
+/// action → JSON [`Pause`]: actions an operator paused.
+const PAUSES: TableDefinition<&str, &[u8]> = TableDefinition::new("pauses");
+/// id (in arrival order) → JSON [`Held`]: requests of paused actions, held until resumed.
+const HELD: TableDefinition<u64, &[u8]> = TableDefinition::new("held");
 /// id (in order of writing) → JSON [`AuditEntry`]. Append-only.
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 
@@ -292,6 +296,25 @@ impl AuditEntry {
         }
     }
 
+    /// An operator's decision about an action (a pause, a resume), now.
+    pub fn of_operator(action: &str, outcome: &str, note: Option<String>) -> Self {
+        AuditEntry {
+            time_ms: now_ms(),
+            rule: String::new(),
+            rules_hash: String::new(),
+            action: action.to_owned(),
+            request_id: String::new(),
+            outcome: outcome.to_owned(),
+            http_status: None,
+            attempts: 0,
+            arrival_time: String::new(),
+            regulation: String::new(),
+            due_date: String::new(),
+            note,
+            dead_letter: None,
+        }
+    }
+
     /// An entry about a dead letter (its resolution or discard), now.
     pub fn of_letter(id: u64, letter: &DeadLetter, outcome: &str, note: String) -> Self {
         let (action, request_id, regulation) = match &letter.reason {
@@ -362,6 +385,45 @@ pub struct AuditEntry {
     pub dead_letter: Option<u64>,
 }
 
+/// An action an operator paused: its requests are held, not sent, until it is resumed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pause {
+    pub reason: String,
+    pub since_ms: u64,
+}
+
+/// A request of a paused action, held durably (a settled state for its shard's checkpoint)
+/// and sent, in arrival order, when the action is resumed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Held {
+    pub action: String,
+    /// The keyed hash of (action, key), hex.
+    pub request_id: String,
+    /// The decision (key, params), sealed, bound to [`Held::seal_context`].
+    pub sealed_decision: String,
+    pub regulation: String,
+    pub held_at_ms: u64,
+    pub stream: String,
+    pub shard_id: String,
+    pub sequence_number: String,
+    pub sub_sequence_number: u64,
+    pub arrival_time: String,
+    pub rule: String,
+    pub rule_file: String,
+    pub rules_hash: String,
+}
+
+impl Held {
+    pub fn seal_context(id: u64) -> Vec<u8> {
+        format!("held request {id}").into_bytes()
+    }
+}
+
+/// The letter index's key of a held request.
+pub fn held_index_key(request_id: &str) -> String {
+    format!("held {request_id}")
+}
+
 /// Writes committed together, in one transaction.
 #[derive(Debug, Default)]
 pub struct Writes {
@@ -374,6 +436,11 @@ pub struct Writes {
     pub retried_dead_letters: Vec<(u64, DeadLetter)>,
     pub resolved_dead_letters: Vec<u64>,
     pub audit: Vec<AuditEntry>,
+    /// Pauses set (`Some`) or lifted (`None`), by action.
+    pub pauses: Vec<(String, Option<Pause>)>,
+    /// Requests held, by id ([`State::new_held_id`]), and held requests sent.
+    pub held: Vec<(u64, Held)>,
+    pub released: Vec<u64>,
 }
 
 impl Writes {
@@ -382,6 +449,9 @@ impl Writes {
             && self.done.is_empty()
             && self.dead_letters.is_empty()
             && self.retried_dead_letters.is_empty()
+            && self.pauses.is_empty()
+            && self.held.is_empty()
+            && self.released.is_empty()
             && self.resolved_dead_letters.is_empty()
             && self.audit.is_empty()
     }
@@ -404,6 +474,7 @@ pub struct State {
     /// The next dead letter id: ids are given out before a letter is sealed (its seal is
     /// bound to its id) and never reused.
     next_dead_letter_id: AtomicU64,
+    next_held_id: AtomicU64,
     /// Set by an I/O error: the file must be closed and opened again before it is used.
     needs_reopen: AtomicBool,
 }
@@ -511,6 +582,7 @@ impl State {
             path: path.to_owned(),
             group: Mutex::default(),
             next_dead_letter_id: AtomicU64::new(0),
+            next_held_id: AtomicU64::new(0),
             needs_reopen: AtomicBool::new(false),
         };
         state.init(&keys, &source.to_string())?;
@@ -644,6 +716,12 @@ impl State {
                 .map_or(0, |v| v.value())
                 + 1;
             self.next_dead_letter_id.store(next_id, Ordering::SeqCst);
+            let next_held = meta
+                .get("held_ids")
+                .map_err(|e| err(e.into()))?
+                .map_or(0, |v| v.value())
+                + 1;
+            self.next_held_id.store(next_held, Ordering::SeqCst);
             let mut text = tx.open_table(META_TEXT).map_err(|e| err(e.into()))?;
             let read = |text: &redb::Table<&str, &str>, name| {
                 text.get(name)
@@ -667,6 +745,8 @@ impl State {
             tx.open_table(DEAD_LETTERS).map_err(|e| err(e.into()))?;
             tx.open_table(AUDIT).map_err(|e| err(e.into()))?;
             tx.open_table(LETTER_INDEX).map_err(|e| err(e.into()))?;
+            tx.open_table(PAUSES).map_err(|e| err(e.into()))?;
+            tx.open_table(HELD).map_err(|e| err(e.into()))?;
             let rotated = current.is_some_and(|c| c != fingerprints[0]);
             (version == Some(1), rotated)
         };
@@ -908,6 +988,42 @@ impl State {
             if highest > self.meta_counter(tx, "dead_letter_ids")? {
                 self.set_meta_counter(tx, "dead_letter_ids", highest)?;
             }
+            let mut pauses = tx.open_table(PAUSES).map_err(|e| err(e.into()))?;
+            for (action, pause) in &writes.pauses {
+                match pause {
+                    Some(pause) => {
+                        let bytes = serde_json::to_vec(pause).expect("a pause serializes");
+                        pauses
+                            .insert(action.as_str(), bytes.as_slice())
+                            .map_err(|e| err(e.into()))?;
+                    }
+                    None => {
+                        pauses.remove(action.as_str()).map_err(|e| err(e.into()))?;
+                    }
+                }
+            }
+            let mut held = tx.open_table(HELD).map_err(|e| err(e.into()))?;
+            let mut highest = 0;
+            for (id, request) in &writes.held {
+                let bytes = serde_json::to_vec(request).expect("a held request serializes");
+                held.insert(id, bytes.as_slice())
+                    .map_err(|e| err(e.into()))?;
+                index
+                    .insert(held_index_key(&request.request_id).as_str(), id)
+                    .map_err(|e| err(e.into()))?;
+                highest = highest.max(*id);
+            }
+            for id in &writes.released {
+                if let Some(request) = held.remove(id).map_err(|e| err(e.into()))? {
+                    let request: Held = self.parse("held request", request.value())?;
+                    index
+                        .remove(held_index_key(&request.request_id).as_str())
+                        .map_err(|e| err(e.into()))?;
+                }
+            }
+            if highest > self.meta_counter(tx, "held_ids")? {
+                self.set_meta_counter(tx, "held_ids", highest)?;
+            }
             let mut audit = tx.open_table(AUDIT).map_err(|e| err(e.into()))?;
             for entry in &writes.audit {
                 let next = audit
@@ -1077,6 +1193,73 @@ impl State {
         };
         let value = table.get(index_key).map_err(|e| err(e.into()))?;
         Ok(value.map(|v| v.value()))
+    }
+
+    /// A new held request id, never given out before.
+    pub fn new_held_id(&self) -> u64 {
+        self.next_held_id.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// The paused actions.
+    pub fn pauses(&self) -> Result<Vec<(String, Pause)>, StateError> {
+        let err = self.db_err("cannot read the pauses");
+        let tx = self.read_tx(&err)?;
+        let table = match tx.open_table(PAUSES) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(err(e.into())),
+        };
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| err(e.into()))? {
+            let (k, v) = entry.map_err(|e| err(e.into()))?;
+            out.push((k.value().to_owned(), self.parse("pause", v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Whether `action` is paused, and why.
+    pub fn pause(&self, action: &str) -> Result<Option<Pause>, StateError> {
+        Ok(self
+            .pauses()?
+            .into_iter()
+            .find(|(name, _)| name == action)
+            .map(|(_, pause)| pause))
+    }
+
+    /// Up to `limit` held requests with ids above `after`, in arrival order.
+    pub fn held_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, Held)>, StateError> {
+        let err = self.db_err("cannot read the held requests");
+        let tx = self.read_tx(&err)?;
+        let table = match tx.open_table(HELD) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(err(e.into())),
+        };
+        let mut out = Vec::new();
+        for entry in table
+            .range(after.saturating_add(1)..)
+            .map_err(|e| err(e.into()))?
+            .take(limit)
+        {
+            let (k, v) = entry.map_err(|e| err(e.into()))?;
+            out.push((k.value(), self.parse("held request", v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// How many requests are held, by action.
+    pub fn held_counts(&self) -> Result<std::collections::BTreeMap<String, u64>, StateError> {
+        let mut counts = std::collections::BTreeMap::new();
+        let mut after = 0;
+        loop {
+            let page = self.held_after(after, 1024)?;
+            let Some((last, _)) = page.last() else { break };
+            after = *last;
+            for (_, request) in page {
+                *counts.entry(request.action).or_default() += 1;
+            }
+        }
+        Ok(counts)
     }
 
     /// How many dead letters are pending, and when the oldest was stored (ms).

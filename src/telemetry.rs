@@ -46,6 +46,8 @@ pub enum ActionOutcome {
     DeadLettered,
     /// A dead letter's retry failed: the letter stays (no new one).
     StillFailing,
+    /// Its action is paused: held, sent when the action resumes.
+    Held,
 }
 
 impl ActionOutcome {
@@ -55,6 +57,7 @@ impl ActionOutcome {
             ActionOutcome::Duplicate => "duplicate",
             ActionOutcome::DeadLettered => "dead_lettered",
             ActionOutcome::StillFailing => "still_failing",
+            ActionOutcome::Held => "held",
         }
     }
 }
@@ -127,6 +130,11 @@ pub struct Telemetry {
     state_fault: Mutex<Option<String>>,
     state_write_errors: Counter,
     already_dead_lettered: Counter,
+    held_unsendable: Counter,
+    /// The actions of the config, for their pause gauges.
+    configured_actions: Mutex<std::collections::BTreeSet<String>>,
+    action_paused: Family<Labels, Gauge>,
+    requests_held: Family<Labels, Gauge>,
     started: Instant,
 }
 
@@ -174,6 +182,10 @@ impl Telemetry {
             state_fault: Mutex::default(),
             state_write_errors: Counter::default(),
             already_dead_lettered: Counter::default(),
+            held_unsendable: Counter::default(),
+            configured_actions: Mutex::default(),
+            action_paused: Family::default(),
+            requests_held: Family::default(),
             started: Instant::now(),
         };
         // Counted from zero, so an alert on their rate works from the first one.
@@ -298,6 +310,21 @@ impl Telemetry {
             "already_dead_lettered",
             "Records or requests read again while a pending dead letter holds them",
             t.already_dead_lettered.clone(),
+        );
+        r.register(
+            "held_unsendable",
+            "Held requests the config can no longer turn into a request (they stay held)",
+            t.held_unsendable.clone(),
+        );
+        r.register(
+            "action_paused",
+            "1 while an action is paused",
+            t.action_paused.clone(),
+        );
+        r.register(
+            "requests_held",
+            "Requests held for a paused action, by action",
+            t.requests_held.clone(),
         );
         r.register(
             "checkpoint_commit_seconds",
@@ -446,6 +473,14 @@ impl Telemetry {
                 action,
                 "request already done; skipping duplicate"
             ),
+            ActionOutcome::Held => tracing::info!(
+                event,
+                shard_id,
+                sequence_number,
+                rule,
+                action,
+                "action paused; request held until it is resumed"
+            ),
             ActionOutcome::StillFailing => tracing::warn!(
                 event,
                 shard_id,
@@ -518,9 +553,25 @@ impl Telemetry {
         );
     }
 
+    /// A held request the config can no longer turn into a request: it stays held.
+    pub fn held_unsendable(&self, action: &str, held: u64, error: &str) {
+        self.held_unsendable.inc();
+        tracing::warn!(
+            event = "held_unsendable",
+            action,
+            held,
+            error,
+            "a held request cannot be built with the config; it stays held"
+        );
+    }
+
     /// An action the daemon may call: its retries are counted from zero.
     pub fn action_configured(&self, action: &str) {
         drop(self.action_retries.get_or_create(&label("action", action)));
+        self.configured_actions
+            .lock()
+            .unwrap()
+            .insert(action.to_owned());
     }
 
     /// A backend fault; the request is sent again after `delay`. `error` is safe to log
@@ -652,6 +703,22 @@ impl Telemetry {
 
     /// Brings the gauges computed from the state and the rules up to date.
     fn refresh(&self, rules: &Rules, state: &State) {
+        if let (Ok(pauses), Ok(held)) = (state.pauses(), state.held_counts()) {
+            let configured = self.configured_actions.lock().unwrap();
+            let names = configured
+                .iter()
+                .chain(pauses.iter().map(|(name, _)| name))
+                .chain(held.keys());
+            for name in names {
+                let paused = pauses.iter().any(|(paused, _)| paused == name);
+                self.action_paused
+                    .get_or_create(&label("action", name))
+                    .set(i64::from(paused));
+                self.requests_held
+                    .get_or_create(&label("action", name))
+                    .set(held.get(name).copied().unwrap_or(0) as i64);
+            }
+        }
         let status = rules.status();
         self.rules_stale.set(i64::from(status.stale));
         self.rules_watch_lost
@@ -717,6 +784,12 @@ impl Telemetry {
             "rules": {"hash": r.hash, "stale": r.stale, "loaded": r.loaded, "last_error": r.last_error},
             "shards": shards,
             "dead_letters_pending": pending,
+            "paused": state.pauses().unwrap_or_default().into_iter().map(|(action, pause)| serde_json::json!({
+                "action": action,
+                "reason": pause.reason,
+                "since": crate::clock::rfc3339(pause.since_ms as i64),
+            })).collect::<Vec<_>>(),
+            "requests_held": state.held_counts().unwrap_or_default(),
             "state": {"writable": self.state_fault().is_none(), "last_error": self.state_fault()},
         })
     }

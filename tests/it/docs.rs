@@ -896,11 +896,12 @@ async fn every_documented_exit_code_is_the_real_one() {
     // The inspection commands: 0 on the state the daemon left, 1 for a state file that does
     // not exist, 2 for a config file that cannot be used.
     let missing = ws.path("no-such-state.redb").to_str().unwrap().to_owned();
-    let inspections: [(&str, &[&str]); 4] = [
+    let inspections: [(&str, &[&str]); 5] = [
         ("state", &["state"]),
         ("checkpoints", &["checkpoints", "list"]),
         ("dead-letters", &["dead-letters", "list"]),
         ("audit", &["audit", "export"]),
+        ("actions", &["actions", "list"]),
     ];
     for (command, args) in inspections {
         let with = |flag: &str, value: &str| {

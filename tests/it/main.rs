@@ -11,6 +11,7 @@ mod faults;
 mod idle;
 mod live;
 mod operate;
+mod pause;
 mod pipeline;
 mod preview;
 mod resharding;

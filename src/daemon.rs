@@ -169,14 +169,17 @@ pub async fn run(
         claims: Default::default(),
     });
     // Commands run while the daemon holds the state are served by it.
+    let mut channel = None;
     if let (Some(handler), Sink::Live { .. }) = (control, &pipeline.sink) {
-        control::serve(
-            &settings.state_path,
-            pipeline.clone(),
-            handler,
-            shutdown.clone(),
-        )
-        .await?;
+        channel = Some(
+            control::serve(
+                &settings.state_path,
+                pipeline.clone(),
+                handler,
+                shutdown.clone(),
+            )
+            .await?,
+        );
     }
     let housekeeping = match &pipeline.sink {
         Sink::Live { .. } => Some(tokio::spawn(maintain(
@@ -204,6 +207,10 @@ pub async fn run(
     if let Some(progress) = progress {
         progress.abort();
         let _ = progress.await;
+    }
+    // The control channel stops taking commands and removes its socket.
+    if let Some(channel) = channel {
+        let _ = channel.await;
     }
     // A client that keeps its connection open does not hold the stop up for long.
     if let Some(mut listener) = listener {

@@ -1217,13 +1217,17 @@ impl State {
         Ok(out)
     }
 
-    /// Whether `action` is paused, and why.
+    /// Whether `action` is paused, and why (asked before each request is sent).
     pub fn pause(&self, action: &str) -> Result<Option<Pause>, StateError> {
-        Ok(self
-            .pauses()?
-            .into_iter()
-            .find(|(name, _)| name == action)
-            .map(|(_, pause)| pause))
+        let err = self.db_err("cannot read the pauses");
+        let tx = self.read_tx(&err)?;
+        let table = match tx.open_table(PAUSES) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(err(e.into())),
+        };
+        let value = table.get(action).map_err(|e| err(e.into()))?;
+        value.map(|v| self.parse("pause", v.value())).transpose()
     }
 
     /// Up to `limit` held requests with ids above `after`, in arrival order.

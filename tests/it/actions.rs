@@ -285,18 +285,7 @@ async fn a_refusal_waits_for_an_operator_and_retry_completes_it() {
     let client = kinesis.client();
     create_stream(&client, "events", 1).await;
     put(&client, "events", &traffic(60, 3, 0)).await;
-    let fixed = Arc::new(AtomicU8::new(0));
-    let backend = {
-        let fixed = fixed.clone();
-        Backend::with_behaviour(Duration::ZERO, move |r, _| {
-            if fixed.load(Ordering::SeqCst) == 0 && !r.path.contains("del-user-0") {
-                400
-            } else {
-                200
-            }
-        })
-        .await
-    };
+    let (backend, fixed) = Backend::refusing_until_fixed().await;
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
     ws.edit_config(
         "[state]\n",
@@ -323,7 +312,7 @@ async fn a_refusal_waits_for_an_operator_and_retry_completes_it() {
         .all(|l| l["retryable"] == false && l["http_status"] == 400));
 
     // The backend is fixed; the operator retries one and discards the other.
-    fixed.store(1, Ordering::SeqCst);
+    fixed.store(true, Ordering::SeqCst);
     let config = ws.config();
     let config = config.to_str().unwrap();
     let first = letters[0]["id"].as_u64().unwrap().to_string();

@@ -2,23 +2,12 @@
 //! who they are, a lost key or a broken state file, a worker that keeps failing, signals at
 //! the wrong moment, output that cannot be written.
 
-use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::support::*;
-
-/// A backend whose answer the test sets (200 until told otherwise).
-async fn switchable_backend() -> (Backend, Arc<AtomicU16>) {
-    let status = Arc::new(AtomicU16::new(200));
-    let backend = {
-        let status = status.clone();
-        Backend::with_behaviour(Duration::ZERO, move |_, _| status.load(Ordering::SeqCst)).await
-    };
-    (backend, status)
-}
 
 fn retry(ws: &Workspace, id: &str) -> (i32, Value) {
     let config = ws.config();
@@ -45,7 +34,7 @@ async fn a_retry_that_cannot_build_its_request_keeps_the_letter_as_it_was() {
     let client = kinesis.client();
     create_stream(&client, "events", 1).await;
     put(&client, "events", &traffic(20, 1, 0)).await;
-    let (backend, status) = switchable_backend().await;
+    let (backend, status) = Backend::switchable().await;
     status.store(400, Ordering::SeqCst);
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
     ws.run_until(&backend, 1).await;
@@ -133,7 +122,7 @@ async fn scheduled_retries_keep_the_letter_and_its_age_grows() {
     let client = kinesis.client();
     create_stream(&client, "events", 1).await;
     put(&client, "events", &traffic(20, 1, 0)).await;
-    let (backend, status) = switchable_backend().await;
+    let (backend, status) = Backend::switchable().await;
     status.store(503, Ordering::SeqCst);
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
     ws.with_quick_retries();
@@ -840,7 +829,7 @@ async fn a_rule_failed_retry_whose_request_fails_keeps_its_letter() {
     let client = kinesis.client();
     create_stream(&client, "events", 1).await;
     put(&client, "events", &traffic(20, 1, 0)).await;
-    let (backend, status) = switchable_backend().await;
+    let (backend, status) = Backend::switchable().await;
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
     let rule = |body: &str| {
         format!("const PREFILTER = [\"Delete User\"];\nfn decide(record) {{\n    if record.data.request_id != \"r-0\" {{ return; }}\n    {body}\n}}\n")
@@ -940,7 +929,7 @@ async fn scheduled_retries_wait_while_the_state_cannot_be_written() {
     let client = kinesis.client();
     create_stream(&client, "events", 1).await;
     put(&client, "events", &traffic(20, 1, 0)).await;
-    let (backend, status) = switchable_backend().await;
+    let (backend, status) = Backend::switchable().await;
     status.store(503, Ordering::SeqCst);
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
     ws.with_quick_retries();

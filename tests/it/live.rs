@@ -14,19 +14,7 @@ async fn every_state_command_works_while_the_daemon_runs() {
     let client = kinesis.client();
     create_stream(&client, "events", 1).await;
     put(&client, "events", &traffic(60, 3, 0)).await;
-    // del-user-1 and del-user-2 are refused until the backend is fixed.
-    let fixed = Arc::new(AtomicU16::new(0));
-    let backend = {
-        let fixed = fixed.clone();
-        Backend::with_behaviour(Duration::ZERO, move |r, _| {
-            if fixed.load(Ordering::SeqCst) == 0 && !r.path.contains("del-user-0") {
-                400
-            } else {
-                200
-            }
-        })
-        .await
-    };
+    let (backend, fixed) = Backend::refusing_until_fixed().await;
     let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
     let daemon = ws.start_daemon(&[]);
     wait_until(Duration::from_secs(30), "3 calls", || backend.count() >= 3).await;
@@ -108,7 +96,7 @@ async fn every_state_command_works_while_the_daemon_runs() {
     assert!(err.contains("no dead letter 99"), "{err}");
 
     // Repairs, through the daemon's own pipeline.
-    fixed.store(1, Ordering::SeqCst);
+    fixed.store(true, Ordering::SeqCst);
     let first = letters[0]["id"].to_string();
     let second = letters[1]["id"].to_string();
     let (code, out, err) = run(&["dead-letters", "retry", "--config", config, "--id", &first]);

@@ -417,6 +417,33 @@ impl Backend {
         .await
     }
 
+    /// A backend that answers the status the test sets (200 until told otherwise).
+    pub async fn switchable() -> (Self, Arc<std::sync::atomic::AtomicU16>) {
+        let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let answer = status.clone();
+        let backend = Self::with_behaviour(Duration::ZERO, move |_, _| {
+            answer.load(std::sync::atomic::Ordering::SeqCst)
+        })
+        .await;
+        (backend, status)
+    }
+
+    /// A backend that refuses (400) every request but del-user-0's until it is fixed
+    /// (`true` stored in the flag it returns).
+    pub async fn refusing_until_fixed() -> (Self, Arc<std::sync::atomic::AtomicBool>) {
+        let fixed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = fixed.clone();
+        let backend = Self::with_behaviour(Duration::ZERO, move |r, _| {
+            if !flag.load(std::sync::atomic::Ordering::SeqCst) && !r.path.contains("del-user-0") {
+                400
+            } else {
+                200
+            }
+        })
+        .await;
+        (backend, fixed)
+    }
+
     pub fn received(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
     }

@@ -350,7 +350,8 @@ fn chart(per_day: &[(String, BTreeMap<String, u64>)]) -> Markup {
                 }
             }
             @for (i, (day, _)) in per_day.iter().enumerate() {
-                @if i % 7 == 0 || i + 1 == per_day.len() {
+                // Every 7th day, counted back from today's.
+                @if (per_day.len() - 1 - i) % 7 == 0 {
                     text x=(format!("{:.1}", i as f64 * slot + 2.0)) y=(height - 12.0) font-size="10" fill="#333" { (day.get(5..).unwrap_or(day)) }
                 }
             }

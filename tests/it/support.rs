@@ -1088,6 +1088,16 @@ impl Browser {
             .unwrap()
     }
 
+    /// Waits (at most 10 s) for an element to be on the page.
+    pub async fn wait_for(&self, css: &str) -> fantoccini::elements::Element {
+        self.client
+            .wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(fantoccini::Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{css} never showed on the page: {e}"))
+    }
+
     pub async fn exists(&self, css: &str) -> bool {
         !self.find_all(css).await.is_empty()
     }

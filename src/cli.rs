@@ -692,6 +692,8 @@ fn open_state(args: &StateArgs, access: Access) -> Result<(State, Keys), Failure
 struct Session<'a> {
     out: &'a mut dyn Write,
     daemon: Option<&'a Arc<Pipeline>>,
+    /// Who runs the command, for the audit trail: `cli:USER`, or `console`.
+    by: &'a str,
 }
 
 impl Session<'_> {
@@ -833,7 +835,7 @@ fn dead_letters(cmd: DeadLettersCommand, s: &mut Session) -> Result<u8, Failure>
             let results = match s.daemon {
                 // The daemon's own pipeline: its rules, actions and their limits.
                 Some(pipeline) => tokio::runtime::Handle::current()
-                    .block_on(daemon::retry_letters(pipeline, ids))
+                    .block_on(daemon::retry_letters(pipeline, ids, s.by))
                     .map_err(failure)?,
                 None => {
                     let settings = Settings::resolve(
@@ -846,7 +848,7 @@ fn dead_letters(cmd: DeadLettersCommand, s: &mut Session) -> Result<u8, Failure>
                     .map_err(Failure::usage)?;
                     let runtime = tokio::runtime::Runtime::new().map_err(Failure::runtime)?;
                     runtime
-                        .block_on(daemon::retry_dead_letters(settings, ids))
+                        .block_on(daemon::retry_dead_letters(settings, ids, s.by))
                         .map_err(failure)?
                 }
             };
@@ -870,7 +872,7 @@ fn dead_letters(cmd: DeadLettersCommand, s: &mut Session) -> Result<u8, Failure>
             state
                 .commit(Writes {
                     resolved_dead_letters: vec![id],
-                    audit: vec![AuditEntry::of_letter(id, &letter, "discarded", reason)],
+                    audit: vec![AuditEntry::of_letter(id, &letter, "discarded", reason).by(s.by)],
                     ..Writes::default()
                 })
                 .map_err(Failure::runtime)?;
@@ -905,7 +907,7 @@ fn audit(cmd: AuditCommand, s: &mut Session) -> Result<u8, Failure> {
                     }
                 }
                 AuditFormat::Csv => {
-                    out!(out, "time,rule,rules_hash,action,request_id,outcome,http_status,attempts,arrival_time,regulation,due_date,note");
+                    out!(out, "time,rule,rules_hash,action,request_id,outcome,http_status,attempts,arrival_time,regulation,due_date,note,by");
                     for e in entries {
                         let fields = [
                             crate::clock::rfc3339(e.time_ms as i64),
@@ -920,6 +922,7 @@ fn audit(cmd: AuditCommand, s: &mut Session) -> Result<u8, Failure> {
                             e.regulation,
                             e.due_date,
                             e.note.unwrap_or_default(),
+                            e.by.unwrap_or_default(),
                         ];
                         let row: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
                         out!(out, "{}", row.join(","));
@@ -998,9 +1001,11 @@ fn state_command(command: Command) -> Result<u8, Failure> {
         }
     }
     let mut stdout = std::io::stdout().lock();
+    let by = control::os_user();
     let mut session = Session {
         out: &mut stdout,
         daemon: None,
+        by: &by,
     };
     reading_state(|| dispatch_state_command(command, &mut session))
 }
@@ -1054,7 +1059,7 @@ fn state_path_of(command: &Command) -> Option<PathBuf> {
 
 /// How the daemon serves a command sent over its control channel.
 fn daemon_handler() -> control::Handler {
-    Arc::new(|argv, pipeline, out, error| {
+    Arc::new(|argv, by, pipeline, out, error| {
         let parsed = Cli::try_parse_from(
             std::iter::once("gdpr-consumer".to_owned()).chain(argv.iter().cloned()),
         );
@@ -1063,6 +1068,7 @@ fn daemon_handler() -> control::Handler {
                 let mut session = Session {
                     out,
                     daemon: Some(pipeline),
+                    by,
                 };
                 dispatch_state_command(cli.command, &mut session)
             }
@@ -1149,7 +1155,7 @@ fn actions(cmd: ActionsCommand, s: &mut Session) -> Result<u8, Failure> {
             state
                 .commit(Writes {
                     pauses: vec![(name.clone(), Some(pause))],
-                    audit: vec![AuditEntry::of_operator(&name, "paused", Some(reason))],
+                    audit: vec![AuditEntry::of_operator(&name, "paused", Some(reason)).by(s.by)],
                     ..Writes::default()
                 })
                 .map_err(Failure::runtime)?;
@@ -1170,7 +1176,7 @@ fn actions(cmd: ActionsCommand, s: &mut Session) -> Result<u8, Failure> {
             state
                 .commit(Writes {
                     pauses: vec![(name.clone(), None)],
-                    audit: vec![AuditEntry::of_operator(&name, "resumed", None)],
+                    audit: vec![AuditEntry::of_operator(&name, "resumed", None).by(s.by)],
                     ..Writes::default()
                 })
                 .map_err(Failure::runtime)?;

@@ -46,6 +46,20 @@ pub struct FileConfig {
     pub actions: BTreeMap<String, ActionSection>,
     #[serde(default)]
     pub metrics: MetricsSection,
+    #[serde(default)]
+    pub console: ConsoleSection,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleSection {
+    /// Address of the compliance console (no console unless set).
+    pub listen: Option<std::net::SocketAddr>,
+    /// The environment variable holding its token (required with `listen`).
+    pub token_env: Option<String>,
+    /// A non-loopback `listen` is refused unless this is true (put TLS in front of it).
+    #[serde(default)]
+    pub allow_remote: bool,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -160,6 +174,17 @@ pub struct Settings {
     pub actions: BTreeMap<String, ActionSpec>,
     /// No listener unless set.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// No console unless set.
+    pub console: Option<ConsoleSettings>,
+}
+
+/// Where the console listens, and where its token comes from (read when `run` starts).
+#[derive(Debug, Clone)]
+pub struct ConsoleSettings {
+    pub listen: std::net::SocketAddr,
+    pub token_env: String,
+    /// Whether it listens beyond loopback (then behind TLS, as the docs say).
+    pub remote: bool,
 }
 
 impl FileConfig {
@@ -549,6 +574,27 @@ fn resolve_stream(
 
 /// An interval under a second would make the daemon call its backend or Kinesis in a
 /// loop; refused.
+fn resolve_console(section: ConsoleSection) -> Result<Option<ConsoleSettings>, ConfigError> {
+    let Some(listen) = section.listen else {
+        return Ok(None);
+    };
+    let Some(token_env) = section.token_env.filter(|name| !name.is_empty()) else {
+        return Err(ConfigError::Invalid(
+            "[console] token_env is required with [console] listen: name the environment variable that holds the console's token".into(),
+        ));
+    };
+    if !listen.ip().is_loopback() && !section.allow_remote {
+        return Err(ConfigError::Invalid(format!(
+            "[console] listen = \"{listen}\" is not a loopback address: set [console] allow_remote = true to allow it, and put TLS in front of it (see docs/operations.md)"
+        )));
+    }
+    Ok(Some(ConsoleSettings {
+        listen,
+        token_env,
+        remote: !listen.ip().is_loopback(),
+    }))
+}
+
 fn at_least_a_second(key: &str, ms: u64) -> Result<Duration, ConfigError> {
     if ms < 1_000 {
         return Err(ConfigError::Invalid(format!(
@@ -612,6 +658,7 @@ impl Settings {
             rules_dir,
             actions,
             metrics_listen: file.metrics.listen,
+            console: resolve_console(file.console)?,
         })
     }
 }
@@ -951,6 +998,11 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
             )]),
             metrics: MetricsSection {
                 listen: Some("127.0.0.1:1".parse().unwrap()),
+            },
+            console: ConsoleSection {
+                listen: Some("127.0.0.1:1".parse().unwrap()),
+                token_env: Some("C".into()),
+                allow_remote: true,
             },
         };
         let value = toml::Value::try_from(&full).unwrap();

@@ -18,10 +18,11 @@ use serde::{Deserialize, Serialize};
 use crate::pipeline::Pipeline;
 use crate::shutdown::Shutdown;
 
-/// Runs one command (its arguments, as typed) against the daemon's pipeline, writing what
-/// it prints to the writer and its error (if any) to the string; returns the exit code.
+/// Runs one command (its arguments, as typed, and who asked: see [`os_user`]) against the
+/// daemon's pipeline, writing what it prints to the writer and its error (if any) to the
+/// string; returns the exit code.
 pub type Handler =
-    Arc<dyn Fn(&[String], &Arc<Pipeline>, &mut dyn Write, &mut String) -> u8 + Send + Sync>;
+    Arc<dyn Fn(&[String], &str, &Arc<Pipeline>, &mut dyn Write, &mut String) -> u8 + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -44,6 +45,7 @@ pub enum ControlError {
 #[derive(Serialize, Deserialize)]
 struct Request {
     argv: Vec<String>,
+    by: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -119,7 +121,7 @@ fn answer(
     // Lines gathered into frames of up to 8 KiB, not a frame per write.
     let mut out = std::io::BufWriter::with_capacity(8 << 10, Frames(&stream));
     let mut error = String::new();
-    let code = handler(&request.argv, pipeline, &mut out, &mut error);
+    let code = handler(&request.argv, &request.by, pipeline, &mut out, &mut error);
     out.flush()?;
     drop(out);
     if !error.is_empty() {
@@ -151,6 +153,19 @@ fn send(mut stream: &std::os::unix::net::UnixStream, frame: &Frame) -> std::io::
     stream.write_all(&line)
 }
 
+/// Who runs a command from the command line, as the audit trail names them: `cli:` and the
+/// OS user (only that user can use the channel: its socket is 0600).
+pub fn os_user() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata("/proc/self")
+                .map_or_else(|_| "unknown".into(), |m| format!("uid {}", m.uid()))
+        });
+    format!("cli:{user}")
+}
+
 /// The daemon's answer to a command sent over its channel, or `None` when no daemon
 /// listens there (the command then runs on the file itself).
 pub fn connect(state_path: &Path) -> Option<std::os::unix::net::UnixStream> {
@@ -171,7 +186,11 @@ pub fn run_remote(
             source,
         })
     };
-    let mut request = serde_json::to_vec(&Request { argv }).expect("a request serializes");
+    let request = Request {
+        argv,
+        by: os_user(),
+    };
+    let mut request = serde_json::to_vec(&request).expect("a request serializes");
     request.push(b'\n');
     (&stream).write_all(&request).map_err(io)?;
     for line in BufReader::new(&stream).lines() {

@@ -13,6 +13,7 @@ use crate::actions::{ActionError, ActionSet};
 use crate::capture::Capture;
 use crate::clock::now_ms;
 use crate::config::{ConfigError, Settings, StreamSettings};
+use crate::console;
 use crate::control;
 use crate::keys::{KeyError, KeySource};
 use crate::pipeline::{Pipeline, PipelineError, Retried, Sink};
@@ -57,6 +58,8 @@ pub enum RunError {
     Output(#[source] std::io::Error),
     #[error(transparent)]
     Control(#[from] control::ControlError),
+    #[error(transparent)]
+    Console(#[from] console::ConsoleError),
 }
 
 impl RunError {
@@ -65,6 +68,7 @@ impl RunError {
     pub fn exit_code(&self) -> u8 {
         match self {
             RunError::Config(_) | RunError::Rules(..) => 2,
+            RunError::Console(e) if e.is_usage() => 2,
             RunError::State(StateError::Key(
                 KeyError::MissingEnv { .. } | KeyError::BadEnv { .. },
             )) => 2,
@@ -101,6 +105,11 @@ pub async fn run(
     let sendable = sendable(&settings)?;
     let rules = load_tested(&settings.rules_dir, &action_names, &*sendable)
         .map_err(|failure| RunError::Rules(settings.rules_dir.clone(), failure))?;
+    // A console without its token is refused before anything starts.
+    let console_token = match (&settings.console, &dry_run) {
+        (Some(console), None) => Some(console::token(console)?),
+        _ => None,
+    };
     tracing::info!(
         rules = rules.rules().len(),
         hash = rules.hash(),
@@ -121,6 +130,7 @@ pub async fn run(
     ));
     let source = connect(&settings.stream, &telemetry).await;
     let mut listener = None;
+    let mut served = None;
     let sink = match &dry_run {
         Some(options) => Sink::Preview(Box::new(Preview::new(
             options.format,
@@ -134,19 +144,20 @@ pub async fn run(
             let (state, keys) =
                 State::open(&settings.state_path, key_source(&settings), Access::Run)?;
             let state = Arc::new(state);
+            let status = Arc::new(Served {
+                telemetry: telemetry.clone(),
+                rules: rules.clone(),
+                state: state.clone(),
+                source: source.clone(),
+            });
             if let Some(listen) = settings.metrics_listen {
-                let served = Arc::new(Served {
-                    telemetry: telemetry.clone(),
-                    rules: rules.clone(),
-                    state: state.clone(),
-                    source: source.clone(),
-                });
                 listener = Some(
-                    telemetry::serve(listen, served, shutdown.clone())
+                    telemetry::serve(listen, status.clone(), shutdown.clone())
                         .await
                         .map_err(|source| RunError::Listen { listen, source })?,
                 );
             }
+            served = Some(status);
             Sink::Live { state, keys }
         }
     };
@@ -168,18 +179,34 @@ pub async fn run(
         telemetry: telemetry.clone(),
         claims: Default::default(),
     });
-    // Commands run while the daemon holds the state are served by it.
+    // Commands run while the daemon holds the state are served by it, and by its console.
     let mut channel = None;
+    let mut console = None;
     if let (Some(handler), Sink::Live { .. }) = (control, &pipeline.sink) {
         channel = Some(
             control::serve(
                 &settings.state_path,
                 pipeline.clone(),
-                handler,
+                handler.clone(),
                 shutdown.clone(),
             )
             .await?,
         );
+        if let (Some(settings), Some(token), Some(served)) =
+            (&settings.console, console_token, served)
+        {
+            console = Some(
+                console::serve(
+                    settings,
+                    token,
+                    served,
+                    pipeline.clone(),
+                    handler,
+                    shutdown.clone(),
+                )
+                .await?,
+            );
+        }
     }
     let housekeeping = match &pipeline.sink {
         Sink::Live { .. } => Some(tokio::spawn(maintain(
@@ -213,7 +240,7 @@ pub async fn run(
         let _ = channel.await;
     }
     // A client that keeps its connection open does not hold the stop up for long.
-    if let Some(mut listener) = listener {
+    for mut listener in listener.into_iter().chain(console) {
         if tokio::time::timeout(Duration::from_secs(2), &mut listener)
             .await
             .is_err()
@@ -334,7 +361,7 @@ async fn maintain(pipeline: Arc<Pipeline>, retry_every: Duration, ledger_retenti
                 if !retryable || state.pause(action).ok().flatten().is_some() {
                     continue;
                 }
-                match pipeline.retry_dead_letter(id, letter).await {
+                match pipeline.retry_dead_letter(id, letter, None).await {
                     Ok(Retried::Resolved) => {
                         tracing::info!(
                             event = "dead_letter_resolved",
@@ -366,6 +393,7 @@ async fn maintain(pipeline: Arc<Pipeline>, retry_every: Duration, ledger_retenti
 pub async fn retry_dead_letters(
     settings: Settings,
     ids: Option<Vec<u64>>,
+    by: &str,
 ) -> Result<Vec<(u64, Retried)>, RunError> {
     let action_names: BTreeSet<String> = settings.actions.keys().cloned().collect();
     let sendable = sendable(&settings)?;
@@ -394,7 +422,7 @@ pub async fn retry_dead_letters(
         telemetry,
         claims: Default::default(),
     };
-    retry_letters(&pipeline, ids).await
+    retry_letters(&pipeline, ids, by).await
 }
 
 /// Retries the given dead letters (or all) through `pipeline`: a command's own, or the
@@ -402,6 +430,7 @@ pub async fn retry_dead_letters(
 pub async fn retry_letters(
     pipeline: &Pipeline,
     ids: Option<Vec<u64>>,
+    by: &str,
 ) -> Result<Vec<(u64, Retried)>, RunError> {
     let Sink::Live { state, .. } = &pipeline.sink else {
         return Ok(Vec::new());
@@ -426,7 +455,7 @@ pub async fn retry_letters(
             if ids.as_ref().is_some_and(|ids| !ids.contains(&id)) {
                 continue;
             }
-            let outcome = pipeline.retry_dead_letter(id, letter).await?;
+            let outcome = pipeline.retry_dead_letter(id, letter, Some(by)).await?;
             let stop = outcome == Retried::Interrupted;
             results.push((id, outcome));
             if stop {

@@ -85,6 +85,8 @@ struct Pending {
     failed_again: Option<String>,
     /// The held request being sent (its own hold is not a duplicate).
     releasing: Option<u64>,
+    /// Who asked for what this batch does (an operator's retry), for its audit entries.
+    by: Option<String>,
 }
 
 /// Records a rule saw, and decided on.
@@ -197,7 +199,10 @@ impl Pipeline {
 
     /// Commits the gathered writes (in dry-run, keeps the checkpoints in memory).
     async fn flush(&self, pending: &mut Pending, shard_id: &str) -> Result<(), PipelineError> {
-        let writes = std::mem::take(&mut pending.writes);
+        let mut writes = std::mem::take(&mut pending.writes);
+        for entry in &mut writes.audit {
+            entry.by = entry.by.take().or_else(|| pending.by.clone());
+        }
         pending.done.clear();
         match &self.sink {
             Sink::Preview(preview) => {
@@ -872,10 +877,12 @@ impl Pipeline {
     /// decoded and goes through every rule. Settled, the letter is resolved (and audited);
     /// failing again, it keeps its id, sealed contents and first-failure time, and counts
     /// the retry and its error: a retry never replaces a letter with one that holds less.
+    /// `by` names the operator who asked, for the audit trail (none for a scheduled retry).
     pub async fn retry_dead_letter(
         &self,
         id: u64,
         mut letter: DeadLetter,
+        by: Option<&str>,
     ) -> Result<Retried, PipelineError> {
         let Sink::Live { state, keys } = &self.sink else {
             return Ok(Retried::Interrupted);
@@ -893,6 +900,7 @@ impl Pipeline {
         let context = DeadLetter::seal_context(id, letter.reason.kind());
         let mut pending = Pending {
             retrying: Some(id),
+            by: by.map(str::to_owned),
             ..Pending::default()
         };
         let outcome = match &letter.reason {

@@ -293,6 +293,7 @@ impl AuditEntry {
             due_date: due_date(&origin.record.arrival_time, regulation),
             note: None,
             dead_letter: None,
+            by: None,
         }
     }
 
@@ -312,6 +313,15 @@ impl AuditEntry {
             due_date: String::new(),
             note,
             dead_letter: None,
+            by: None,
+        }
+    }
+
+    /// The same entry, asked for by `who` (see [`AuditEntry::by`]).
+    pub fn by(self, who: &str) -> Self {
+        AuditEntry {
+            by: Some(who.to_owned()),
+            ..self
         }
     }
 
@@ -340,6 +350,7 @@ impl AuditEntry {
             due_date: due_date(&letter.arrival_time, regulation),
             note: Some(note),
             dead_letter: Some(id),
+            by: None,
         }
     }
 }
@@ -383,6 +394,10 @@ pub struct AuditEntry {
     /// The dead letter the entry settles or creates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<u64>,
+    /// Who asked for the change: `console`, or `cli:USER` (the OS user); none for what the
+    /// daemon does by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 /// An action an operator paused: its requests are held, not sent, until it is resumed.
@@ -1294,6 +1309,24 @@ impl State {
             if entry.time_ms >= since_ms && entry.time_ms < until_ms {
                 out.push(entry);
             }
+        }
+        Ok(out)
+    }
+
+    /// The latest audit entries, newest first: at most `limit`, none older than `since_ms`.
+    /// Reads back from the end of the trail (it is kept in time order), not all of it.
+    pub fn audit_latest(&self, since_ms: u64, limit: usize) -> Result<Vec<AuditEntry>, StateError> {
+        let err = self.db_err("cannot read the audit trail");
+        let tx = self.read_tx(&err)?;
+        let table = tx.open_table(AUDIT).map_err(|e| err(e.into()))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| err(e.into()))?.rev() {
+            let (_, v) = entry.map_err(|e| err(e.into()))?;
+            let entry: AuditEntry = self.parse("audit entry", v.value())?;
+            if entry.time_ms < since_ms || out.len() == limit {
+                break;
+            }
+            out.push(entry);
         }
         Ok(out)
     }

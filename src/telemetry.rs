@@ -749,7 +749,8 @@ impl Telemetry {
         text
     }
 
-    fn status_json(&self, served: &Served) -> serde_json::Value {
+    /// What `/status` answers.
+    pub fn status_json(&self, served: &Served) -> serde_json::Value {
         let (rules, state) = (&*served.rules, &*served.state);
         let failing = self.failing_shards.lock().unwrap().clone();
         let checkpoints: BTreeMap<String, crate::source::Checkpoint> = state

@@ -1,0 +1,681 @@
+//! The compliance console: pages drawn by the server (no script, nothing from outside) for
+//! compliance staff, over the running daemon. What it shows comes from the daemon's state and
+//! status; every change it makes runs the command the CLI runs for it (through the control
+//! channel's handler: same checks, same limits), audited with the console as its origin.
+//! No identifier of a data subject is shown but the one an operator types into a lookup.
+
+mod auth;
+mod pages;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Form, Path, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+
+use serde_json::Value;
+
+use crate::config::ConsoleSettings;
+use crate::control::Handler;
+use crate::pipeline::{Pipeline, Sink};
+use crate::shutdown::Shutdown;
+use crate::state::State as Ledger;
+use crate::telemetry::Served;
+use auth::{Auth, Caller, Refusal};
+
+/// The origin the audit trail gives to changes made from the console.
+const ORIGIN: &str = "console";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    #[error("[console] token_env names {env}, which is not set: export the console's token in it")]
+    MissingToken { env: String },
+    #[error("the console's token in {env} is empty: set a long random token")]
+    EmptyToken { env: String },
+    #[error("cannot listen on {listen} ([console] listen)")]
+    Listen {
+        listen: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ConsoleError {
+    /// Whether the user must fix the config or its environment (exit 2).
+    pub fn is_usage(&self) -> bool {
+        !matches!(self, ConsoleError::Listen { .. })
+    }
+}
+
+/// The console's token, read from its environment variable when `run` starts.
+pub fn token(settings: &ConsoleSettings) -> Result<String, ConsoleError> {
+    let env = settings.token_env.clone();
+    match std::env::var(&env) {
+        Ok(token) if token.trim().is_empty() => Err(ConsoleError::EmptyToken { env }),
+        Ok(token) => Ok(token),
+        Err(_) => Err(ConsoleError::MissingToken { env }),
+    }
+}
+
+struct Console {
+    auth: Auth,
+    served: Arc<Served>,
+    pipeline: Arc<Pipeline>,
+    handler: Handler,
+    /// Cookies only over TLS: a console reached from other machines sits behind it.
+    secure_cookie: bool,
+}
+
+type Shared = Arc<Console>;
+
+/// Binds the console's address and serves it until shutdown.
+pub async fn serve(
+    settings: &ConsoleSettings,
+    token: String,
+    served: Arc<Served>,
+    pipeline: Arc<Pipeline>,
+    handler: Handler,
+    shutdown: Shutdown,
+) -> Result<tokio::task::JoinHandle<()>, ConsoleError> {
+    let listen = settings.listen;
+    let bind = |source| ConsoleError::Listen { listen, source };
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(bind)?;
+    tracing::info!(address = %listener.local_addr().map_err(bind)?, "console listening");
+    let console = Arc::new(Console {
+        auth: Auth::new(&token),
+        served,
+        pipeline,
+        handler,
+        secure_cookie: settings.remote,
+    });
+    let app = Router::new()
+        .route("/", get(overview))
+        .route("/requests", get(requests))
+        .route("/requests/lookup", post(lookup))
+        .route("/dead-letters", get(dead_letters))
+        .route("/dead-letters/:id/retry", post(retry))
+        .route("/dead-letters/:id/discard", post(discard))
+        .route("/actions", get(actions))
+        .route("/actions/:name/pause", post(pause))
+        .route("/actions/:name/resume", post(resume))
+        .route("/audit", get(audit))
+        .route("/audit/export", get(export))
+        .route("/api/status", get(api_status))
+        .route("/api/dead-letters", get(api_dead_letters))
+        .route("/api/actions", get(api_actions))
+        .route("/logout", post(logout))
+        .layer(axum::middleware::from_fn_with_state(
+            console.clone(),
+            require_caller,
+        ))
+        .route("/login", get(login_page).post(login))
+        .route("/console.css", get(stylesheet))
+        .layer(axum::middleware::map_response(security_headers))
+        .with_state(console);
+    Ok(tokio::spawn(async move {
+        let _ = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { shutdown.triggered().await })
+        .await;
+    }))
+}
+
+/// Lets in a request with the token or a session; else 401 for the API (and for a wrong
+/// Bearer token), the login page for a browser, and no data either way.
+async fn require_caller(
+    State(console): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let api = request.uri().path().starts_with("/api/")
+        || request.headers().contains_key(header::AUTHORIZATION);
+    match console.auth.caller(request.headers(), peer.ip()).await {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(Refusal::Locked { retry_after }) => too_many(retry_after),
+        Err(_) if api => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            Json(
+                serde_json::json!({"error": "a valid Bearer token or console session is required"}),
+            ),
+        )
+            .into_response(),
+        Err(_) => Redirect::to("/login").into_response(),
+    }
+}
+
+fn too_many(retry_after: Duration) -> Response {
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [(
+            header::RETRY_AFTER,
+            retry_after.as_secs().max(1).to_string(),
+        )],
+        "too many wrong tokens from this address: wait, then try again",
+    )
+        .into_response()
+}
+
+/// On every answer: no script runs, no frame holds the console, nothing is sniffed, kept
+/// in a cache or told to another site.
+async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::CACHE_CONTROL, "no-store"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
+}
+
+async fn stylesheet() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        pages::STYLESHEET,
+    )
+}
+
+async fn login_page() -> Response {
+    pages::login(None).into_response()
+}
+
+async fn login(
+    State(console): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    let token = form.get("token").map(String::as_str).unwrap_or_default();
+    match console.auth.check_token(token, peer.ip()).await {
+        Ok(()) => {
+            let id = console.auth.start_session();
+            (
+                [(header::SET_COOKIE, auth::cookie(&id, console.secure_cookie))],
+                Redirect::to("/"),
+            )
+                .into_response()
+        }
+        Err(Refusal::Locked { retry_after }) => too_many(retry_after),
+        Err(_) => (
+            StatusCode::UNAUTHORIZED,
+            pages::login(Some("That token is not the console's.")),
+        )
+            .into_response(),
+    }
+}
+
+async fn logout(
+    State(console): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    if let Some(refused) = forged(&caller, &form) {
+        return refused;
+    }
+    if let Caller::Session { id, .. } = &caller {
+        console.auth.end_session(id);
+    }
+    (
+        [(header::SET_COOKIE, auth::expired_cookie())],
+        Redirect::to("/login"),
+    )
+        .into_response()
+}
+
+/// What a page needs besides its data: the session's CSRF token for its forms, and the
+/// message the last change left.
+pub struct Frame {
+    pub csrf: String,
+    pub message: Option<String>,
+}
+
+impl Console {
+    fn frame(&self, caller: &Caller) -> Frame {
+        match caller {
+            Caller::Session { id, csrf } => Frame {
+                csrf: csrf.clone(),
+                message: self.auth.take_message(id),
+            },
+            Caller::Bearer => Frame {
+                csrf: String::new(),
+                message: None,
+            },
+        }
+    }
+
+    fn ledger(&self) -> Option<&Arc<Ledger>> {
+        match &self.pipeline.sink {
+            Sink::Live { state, .. } => Some(state),
+            Sink::Preview(_) => None,
+        }
+    }
+
+    /// Runs a command as the CLI would, served by this daemon, with the console as origin.
+    async fn command(&self, argv: Vec<String>) -> Ran {
+        let (handler, pipeline) = (self.handler.clone(), self.pipeline.clone());
+        let ran = tokio::task::spawn_blocking(move || {
+            let (mut out, mut error) = (Vec::new(), String::new());
+            let code = handler(&argv, ORIGIN, &pipeline, &mut out, &mut error);
+            Ran {
+                code,
+                out: String::from_utf8_lossy(&out).into_owned(),
+                error,
+            }
+        })
+        .await;
+        ran.unwrap_or_else(|e| Ran {
+            code: 1,
+            out: String::new(),
+            error: format!("error: the command failed: {e}"),
+        })
+    }
+
+    /// Answers a change: a browser goes back to `page`, which shows what happened; a
+    /// script gets it as JSON.
+    fn changed(&self, caller: &Caller, page: &str, ran: Ran) -> Response {
+        match caller {
+            Caller::Session { id, .. } => {
+                self.auth.tell(id, ran.summary());
+                Redirect::to(page).into_response()
+            }
+            Caller::Bearer => {
+                let status = if ran.code == 0 {
+                    StatusCode::OK
+                } else {
+                    StatusCode::CONFLICT
+                };
+                let body =
+                    serde_json::json!({"exit": ran.code, "output": ran.out, "error": ran.error});
+                (status, Json(body)).into_response()
+            }
+        }
+    }
+}
+
+/// What a command printed, and its exit code.
+struct Ran {
+    code: u8,
+    out: String,
+    error: String,
+}
+
+impl Ran {
+    fn summary(&self) -> String {
+        // A retry's JSON lines, told as sentences.
+        let retried: Vec<String> = self
+            .lines()
+            .iter()
+            .filter_map(|line| {
+                let (id, outcome) = (line.get("id")?, line.get("outcome")?.as_str()?);
+                Some(match line.get("error").and_then(Value::as_str) {
+                    Some(error) => {
+                        format!("dead letter {id}: {} ({error})", outcome.replace('_', " "))
+                    }
+                    None => format!("dead letter {id}: {outcome}"),
+                })
+            })
+            .collect();
+        let out = if retried.is_empty() {
+            self.out.trim().to_owned()
+        } else {
+            retried.join("\n")
+        };
+        let text = [out.as_str(), self.error.trim()]
+            .into_iter()
+            .filter(|t| !t.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n");
+        if text.is_empty() {
+            format!("exit code {}", self.code)
+        } else {
+            text
+        }
+    }
+
+    fn lines(&self) -> Vec<Value> {
+        self.out
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+}
+
+/// A change from a browser needs its CSRF token: 403 and nothing done without it.
+fn forged(caller: &Caller, form: &HashMap<String, String>) -> Option<Response> {
+    (!auth::form_allowed(caller, form.get("csrf").map(String::as_str))).then(|| {
+        (
+            StatusCode::FORBIDDEN,
+            "refused: the form's CSRF token is missing or wrong; reload the page and try again",
+        )
+            .into_response()
+    })
+}
+
+fn unavailable(error: impl std::fmt::Display) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("the state cannot be read now: {error}"),
+    )
+        .into_response()
+}
+
+async fn overview(State(console): State<Shared>, Extension(caller): Extension<Caller>) -> Response {
+    let status = console.served.telemetry.status_json(&console.served);
+    let rules = console.pipeline.rules.load();
+    let files: Vec<String> = rules
+        .rules()
+        .iter()
+        .map(|r| {
+            r.path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    pages::overview(&console.frame(&caller), &status, &files).into_response()
+}
+
+async fn requests(State(console): State<Shared>, Extension(caller): Extension<Caller>) -> Response {
+    let frame = console.frame(&caller);
+    match gather_requests(&console) {
+        Ok(view) => pages::requests(&frame, &view, None).into_response(),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// The requests page's data: what is open, and the outcomes of the last 30 days.
+pub struct RequestsView {
+    pub open: Vec<pages::OpenRequest>,
+    pub per_day: Vec<(String, std::collections::BTreeMap<String, u64>)>,
+    pub actions: Vec<String>,
+}
+
+fn gather_requests(console: &Console) -> Result<RequestsView, crate::state::StateError> {
+    let Some(state) = console.ledger() else {
+        return Ok(RequestsView {
+            open: Vec::new(),
+            per_day: Vec::new(),
+            actions: Vec::new(),
+        });
+    };
+    let mut open = Vec::new();
+    for (id, letter) in state.dead_letters()? {
+        open.push(pages::OpenRequest::of_letter(id, &letter));
+    }
+    let mut after = 0;
+    loop {
+        let page = state.held_after(after, 1000)?;
+        let Some((last, _)) = page.last() else { break };
+        after = *last;
+        open.extend(
+            page.iter()
+                .map(|(_, held)| pages::OpenRequest::of_held(held)),
+        );
+    }
+    open.sort_by(|a, b| a.due_date.cmp(&b.due_date));
+    let days = 30;
+    let now = crate::clock::now_ms();
+    let since = now.saturating_sub(days * 24 * 3600 * 1000);
+    let mut per_day: Vec<(String, std::collections::BTreeMap<String, u64>)> = (0..days)
+        .rev()
+        .map(|back| (day_of(now - back * 24 * 3600 * 1000), Default::default()))
+        .collect();
+    for entry in state.audit_latest(since, usize::MAX)? {
+        let day = day_of(entry.time_ms);
+        if let Some((_, counts)) = per_day.iter_mut().find(|(d, _)| *d == day) {
+            *counts.entry(entry.outcome).or_default() += 1;
+        }
+    }
+    Ok(RequestsView {
+        open,
+        per_day,
+        actions: console.pipeline.actions.names().cloned().collect(),
+    })
+}
+
+fn day_of(ms: u64) -> String {
+    crate::clock::rfc3339(ms as i64)[..10].to_owned()
+}
+
+async fn lookup(
+    State(console): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    if let Some(refused) = forged(&caller, &form) {
+        return refused;
+    }
+    let field = |name: &str| {
+        form.get(name)
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let (action, key) = (field("action"), field("key"));
+    if action.is_empty() || key.is_empty() {
+        return (
+            StatusCode::BAD_REQUEST,
+            "a lookup needs an action and a key",
+        )
+            .into_response();
+    }
+    let ran = console
+        .command(vec![
+            "audit".into(),
+            "lookup".into(),
+            format!("--action={action}"),
+            format!("--key={key}"),
+        ])
+        .await;
+    if let Caller::Bearer = caller {
+        return Json(
+            serde_json::json!({"exit": ran.code, "lines": ran.lines(), "error": ran.error}),
+        )
+        .into_response();
+    }
+    let frame = console.frame(&caller);
+    match gather_requests(&console) {
+        Ok(view) => pages::requests(&frame, &view, Some(&ran.lines())).into_response(),
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn dead_letters(
+    State(console): State<Shared>,
+    Extension(caller): Extension<Caller>,
+) -> Response {
+    let letters = match console.ledger().map(|s| s.dead_letters()) {
+        Some(Ok(letters)) => letters,
+        Some(Err(e)) => return unavailable(e),
+        None => Vec::new(),
+    };
+    pages::dead_letters(&console.frame(&caller), &letters).into_response()
+}
+
+async fn retry(
+    State(console): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<u64>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    if let Some(refused) = forged(&caller, &form) {
+        return refused;
+    }
+    // Served by this daemon: its own config, rules and action limits (the path is not read).
+    let argv = vec![
+        "dead-letters".into(),
+        "retry".into(),
+        "--config=-".into(),
+        format!("--id={id}"),
+    ];
+    let ran = console.command(argv).await;
+    console.changed(&caller, "/dead-letters", ran)
+}
+
+async fn discard(
+    State(console): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<u64>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    if let Some(refused) = forged(&caller, &form) {
+        return refused;
+    }
+    let reason = form.get("reason").map(|r| r.trim()).unwrap_or_default();
+    if reason.is_empty() {
+        return (StatusCode::BAD_REQUEST, "a discard needs a reason").into_response();
+    }
+    let argv = vec![
+        "dead-letters".into(),
+        "discard".into(),
+        format!("--id={id}"),
+        format!("--reason={reason}"),
+    ];
+    let ran = console.command(argv).await;
+    console.changed(&caller, "/dead-letters", ran)
+}
+
+async fn actions(State(console): State<Shared>, Extension(caller): Extension<Caller>) -> Response {
+    let ran = console.command(vec!["actions".into(), "list".into()]).await;
+    pages::actions(&console.frame(&caller), &ran.lines()).into_response()
+}
+
+async fn pause(
+    State(console): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    if let Some(refused) = forged(&caller, &form) {
+        return refused;
+    }
+    let reason = form.get("reason").map(|r| r.trim()).unwrap_or_default();
+    if reason.is_empty() {
+        return (StatusCode::BAD_REQUEST, "a pause needs a reason").into_response();
+    }
+    let argv = vec![
+        "actions".into(),
+        "pause".into(),
+        format!("--reason={reason}"),
+        "--".into(),
+        name,
+    ];
+    let ran = console.command(argv).await;
+    console.changed(&caller, "/actions", ran)
+}
+
+async fn resume(
+    State(console): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    if let Some(refused) = forged(&caller, &form) {
+        return refused;
+    }
+    let ran = console
+        .command(vec!["actions".into(), "resume".into(), "--".into(), name])
+        .await;
+    console.changed(&caller, "/actions", ran)
+}
+
+async fn audit(State(console): State<Shared>, Extension(caller): Extension<Caller>) -> Response {
+    let entries = match console.ledger().map(|s| s.audit_latest(0, 50)) {
+        Some(Ok(entries)) => entries,
+        Some(Err(e)) => return unavailable(e),
+        None => Vec::new(),
+    };
+    pages::audit(&console.frame(&caller), &entries).into_response()
+}
+
+/// `audit export` for a window, as a download.
+async fn export(
+    State(console): State<Shared>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let format = match query.get("format").map(String::as_str) {
+        Some("jsonl") => "jsonl",
+        _ => "csv",
+    };
+    let mut argv = vec![
+        "audit".to_owned(),
+        "export".into(),
+        "--format".into(),
+        format.into(),
+    ];
+    for bound in ["since", "until"] {
+        if let Some(value) = query.get(bound).map(|v| v.trim()).filter(|v| !v.is_empty()) {
+            argv.push(format!("--{bound}={}", time_bound(value, bound == "until")));
+        }
+    }
+    let ran = console.command(argv).await;
+    if ran.code != 0 {
+        return (StatusCode::BAD_REQUEST, ran.summary()).into_response();
+    }
+    let (kind, name) = match format {
+        "jsonl" => ("application/x-ndjson", "jsonl"),
+        _ => ("text/csv; charset=utf-8", "csv"),
+    };
+    let stamp = crate::clock::rfc3339(crate::clock::now_ms() as i64).replace(':', "");
+    (
+        [
+            (header::CONTENT_TYPE, kind.to_owned()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"audit-{stamp}.{name}\""),
+            ),
+        ],
+        ran.out,
+    )
+        .into_response()
+}
+
+/// A day typed into the export form as the command's RFC 3339 bound: its start, or for the
+/// end of a window the start of the next day (the day is included). Anything else as typed.
+fn time_bound(value: &str, end: bool) -> String {
+    match value.parse::<jiff::civil::Date>() {
+        Ok(day) => {
+            let day = if end {
+                day.tomorrow().unwrap_or(day)
+            } else {
+                day
+            };
+            format!("{day}T00:00:00Z")
+        }
+        Err(_) => value.to_owned(),
+    }
+}
+
+async fn api_status(State(console): State<Shared>) -> Response {
+    Json(console.served.telemetry.status_json(&console.served)).into_response()
+}
+
+async fn api_dead_letters(State(console): State<Shared>) -> Response {
+    let ran = console
+        .command(vec!["dead-letters".into(), "list".into()])
+        .await;
+    Json(ran.lines()).into_response()
+}
+
+async fn api_actions(State(console): State<Shared>) -> Response {
+    let ran = console.command(vec!["actions".into(), "list".into()]).await;
+    Json(ran.lines()).into_response()
+}

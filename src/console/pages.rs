@@ -1,0 +1,512 @@
+//! The console's pages, as HTML (maud escapes every value). Plain forms, no script: the
+//! pages work in any browser, and the security policy lets nothing else run.
+
+use std::collections::BTreeMap;
+
+use maud::{html, Markup, DOCTYPE};
+use serde_json::Value;
+
+use super::{Frame, RequestsView};
+use crate::state::{AuditEntry, DeadLetter, DeadLetterReason, Held};
+
+pub const STYLESHEET: &str = include_str!("console.css");
+
+/// Days before its due date a request starts to stand out.
+const DUE_SOON_DAYS: i64 = 7;
+
+fn layout(title: &str, frame: Option<&Frame>, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · gdpr-consumer" }
+                link rel="stylesheet" href="/console.css";
+            }
+            body {
+                header {
+                    span.product { "gdpr-consumer" }
+                    @if let Some(frame) = frame {
+                        nav {
+                            a href="/" { "Overview" }
+                            a href="/requests" { "Requests" }
+                            a href="/dead-letters" { "Dead letters" }
+                            a href="/actions" { "Actions" }
+                            a href="/audit" { "Audit" }
+                        }
+                        form #logout method="post" action="/logout" {
+                            (csrf(frame))
+                            button type="submit" { "Log out" }
+                        }
+                    }
+                }
+                main {
+                    h1 { (title) }
+                    @if let Some(message) = frame.and_then(|f| f.message.as_deref()) {
+                        p #message { (message) }
+                    }
+                    (body)
+                }
+            }
+        }
+    }
+}
+
+fn csrf(frame: &Frame) -> Markup {
+    html! { input type="hidden" name="csrf" value=(frame.csrf); }
+}
+
+pub fn login(error: Option<&str>) -> Markup {
+    layout(
+        "Log in",
+        None,
+        html! {
+            @if let Some(error) = error {
+                p #error .error { (error) }
+            }
+            form #login method="post" action="/login" {
+                label for="token" { "Console token" }
+                input #token name="token" type="password" autocomplete="current-password" required autofocus;
+                button #login-submit type="submit" { "Log in" }
+            }
+            p.hint { "The token is the one in the daemon's " code { "[console] token_env" } " variable." }
+        },
+    )
+}
+
+pub fn overview(frame: &Frame, status: &Value, rule_files: &[String]) -> Markup {
+    let text = |v: &Value| match v {
+        Value::Null => "–".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let empty = Vec::new();
+    let list = |v: &Value| v.as_array().unwrap_or(&empty).clone();
+    let rules = &status["rules"];
+    layout(
+        "Overview",
+        Some(frame),
+        html! {
+            section #health {
+                h2 { "Health" }
+                @if status["ready"].as_bool() == Some(true) {
+                    p.ok { "ready" }
+                } @else {
+                    p.bad { "not ready" }
+                    ul { @for reason in list(&status["not_ready"]) { li { (text(&reason)) } } }
+                }
+                p { "Up for " (text(&status["uptime_s"])) " s. State writable: " (text(&status["state"]["writable"])) "." }
+            }
+            section {
+                h2 { "Dead letters pending" }
+                p #dead-letters-pending { (text(&status["dead_letters_pending"])) }
+            }
+            section #shards-section {
+                h2 { "Shards" }
+                table #shards {
+                    thead { tr { th { "Shard" } th { "State" } th { "Checkpoint" } th { "Behind latest (ms)" } } }
+                    tbody {
+                        @for shard in list(&status["shards"]) {
+                            tr {
+                                td { (text(&shard["shard_id"])) }
+                                td { (text(&shard["state"]))
+                                    @if let Some(error) = shard["last_error"].as_str() { br; small.bad { (error) } } }
+                                td.mono { (text(&shard["checkpoint"])) }
+                                td.num { (text(&shard["millis_behind_latest"])) }
+                            }
+                        }
+                    }
+                }
+            }
+            section #rules {
+                h2 { "Rules in force" }
+                p { "Hash " code { (text(&rules["hash"])) } ", " (text(&rules["loaded"])) " rule(s): " (rule_files.join(", ")) }
+                @if rules["stale"].as_bool() == Some(true) {
+                    p #rules-stale .bad {
+                        "Stale: the rules on disk were not loaded (the rules above still run). Last error: "
+                        (text(&rules["last_error"]))
+                    }
+                }
+            }
+            section #paused {
+                h2 { "Paused actions" }
+                @let paused = list(&status["paused"]);
+                @if paused.is_empty() { p { "None." } }
+                ul {
+                    @for pause in paused {
+                        li { strong { (text(&pause["action"])) } " since " (text(&pause["since"])) ": " (text(&pause["reason"]))
+                            " (" (text(&status["requests_held"][pause["action"].as_str().unwrap_or_default()])) " held)" }
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// A request not done yet: a dead letter, or held while its action is paused.
+pub struct OpenRequest {
+    pub what: String,
+    pub action: String,
+    pub request_id: String,
+    pub regulation: String,
+    pub arrival_time: String,
+    pub due_date: String,
+}
+
+impl OpenRequest {
+    pub fn of_letter(id: u64, letter: &DeadLetter) -> Self {
+        let (action, request_id, regulation) = match &letter.reason {
+            DeadLetterReason::ActionFailed {
+                action,
+                request_id,
+                regulation,
+                ..
+            } => (action.clone(), request_id.clone(), regulation.clone()),
+            // Not a request yet (a rule or the reading failed): counted from its arrival
+            // with the shorter deadline.
+            _ => (String::new(), String::new(), String::new()),
+        };
+        let due = crate::state::due_date(
+            &letter.arrival_time,
+            if regulation.is_empty() {
+                "GDPR"
+            } else {
+                &regulation
+            },
+        );
+        OpenRequest {
+            what: format!("dead letter {id} ({})", letter.reason.kind()),
+            action,
+            request_id,
+            regulation,
+            arrival_time: letter.arrival_time.clone(),
+            due_date: due,
+        }
+    }
+
+    pub fn of_held(held: &Held) -> Self {
+        OpenRequest {
+            what: "held (action paused)".into(),
+            action: held.action.clone(),
+            request_id: held.request_id.clone(),
+            regulation: held.regulation.clone(),
+            arrival_time: held.arrival_time.clone(),
+            due_date: crate::state::due_date(&held.arrival_time, &held.regulation),
+        }
+    }
+
+    fn urgency(&self, now: jiff::Timestamp) -> &'static str {
+        let Ok(due) = self.due_date.parse::<jiff::Timestamp>() else {
+            return "";
+        };
+        if due <= now {
+            "overdue"
+        } else if due.duration_since(now).as_hours() < DUE_SOON_DAYS * 24 {
+            "due-soon"
+        } else {
+            ""
+        }
+    }
+}
+
+pub fn requests(frame: &Frame, view: &RequestsView, lookup: Option<&[Value]>) -> Markup {
+    let now = jiff::Timestamp::now();
+    layout(
+        "Requests",
+        Some(frame),
+        html! {
+            section {
+                h2 { "Look up a request" }
+                p.hint { "The key is hashed by the daemon; it is neither stored nor shown." }
+                form #lookup method="post" action="/requests/lookup" {
+                    (csrf(frame))
+                    label for="lookup-action" { "Action" }
+                    select #lookup-action name="action" {
+                        @for action in &view.actions { option value=(action) { (action) } }
+                    }
+                    label for="lookup-key" { "Key (the rule's decision key)" }
+                    input #lookup-key name="key" type="text" autocomplete="off" required;
+                    button #lookup-submit type="submit" { "Look up" }
+                }
+                @if let Some(lines) = lookup { (lookup_result(lines)) }
+            }
+            section {
+                h2 { "Open requests, by due date" }
+                @if view.open.is_empty() { p { "None: every request is done." } }
+                @else {
+                    table #open-requests {
+                        thead { tr { th { "Due" } th { "What" } th { "Action" } th { "Regulation" } th { "Arrived" } th { "Request id" } } }
+                        tbody {
+                            @for request in &view.open {
+                                tr class=(request.urgency(now)) {
+                                    td { (request.due_date) }
+                                    td { (request.what) }
+                                    td { (request.action) }
+                                    td { (request.regulation) }
+                                    td { (request.arrival_time) }
+                                    td.mono { (short(&request.request_id)) }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            section {
+                h2 { "Outcomes per day, last 30 days" }
+                (chart(&view.per_day))
+            }
+        },
+    )
+}
+
+fn lookup_result(lines: &[Value]) -> Markup {
+    let entries: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l.get("outcome").is_some())
+        .collect();
+    let summary = lines.iter().find(|l| l.get("found").is_some());
+    html! {
+        @if entries.is_empty() {
+            p #lookup-none { "No request with that action and key is in the audit trail." }
+        } @else {
+            p { "Request id " code { (summary.and_then(|s| s["request_id"].as_str()).unwrap_or_default()) }
+                ", done: " (summary.map(|s| s["done"].to_string()).unwrap_or_default()) }
+            table #lookup-result {
+                thead { tr { th { "Time" } th { "Outcome" } th { "HTTP" } th { "Rule" } th { "Regulation" } th { "Due" } th { "Note" } th { "By" } } }
+                tbody {
+                    @for e in entries {
+                        tr {
+                            td { (e["time"].as_str().unwrap_or_default()) }
+                            td.outcome { (e["outcome"].as_str().unwrap_or_default()) }
+                            td { (e["http_status"].as_u64().map(|s| s.to_string()).unwrap_or_default()) }
+                            td { (e["rule"].as_str().unwrap_or_default()) }
+                            td { (e["regulation"].as_str().unwrap_or_default()) }
+                            td { (e["due_date"].as_str().unwrap_or_default()) }
+                            td { (e["note"].as_str().unwrap_or_default()) }
+                            td { (e["by"].as_str().unwrap_or_default()) }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The outcome series of the chart, in stacking order, with their colours.
+const SERIES: [(&str, &str); 5] = [
+    ("done", "#2e7d32"),
+    ("held", "#f9a825"),
+    ("dead_lettered", "#c62828"),
+    ("discarded", "#6d4c41"),
+    ("other", "#90a4ae"),
+];
+
+/// Stacked bars drawn by the server: one per day, one colour per outcome.
+fn chart(per_day: &[(String, BTreeMap<String, u64>)]) -> Markup {
+    let (width, height, top, bottom) = (720.0, 220.0, 10.0, 30.0);
+    let bucket = |outcome: &str| {
+        SERIES
+            .iter()
+            .position(|(name, _)| *name == outcome)
+            .unwrap_or(SERIES.len() - 1)
+    };
+    let stacks: Vec<[u64; SERIES.len()]> = per_day
+        .iter()
+        .map(|(_, counts)| {
+            let mut stack = [0; SERIES.len()];
+            for (outcome, n) in counts {
+                stack[bucket(outcome)] += n;
+            }
+            stack
+        })
+        .collect();
+    let max = stacks
+        .iter()
+        .map(|s| s.iter().sum::<u64>())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let slot = width / per_day.len().max(1) as f64;
+    let scale = (height - top - bottom) / max as f64;
+    // Each day's bars, bottom up: (x, y, height, colour, tooltip).
+    let mut bars = Vec::new();
+    for (i, ((day, _), stack)) in per_day.iter().zip(&stacks).enumerate() {
+        let x = i as f64 * slot + 2.0;
+        let mut y = height - bottom;
+        for (k, n) in stack.iter().enumerate().filter(|(_, n)| **n > 0) {
+            let h = *n as f64 * scale;
+            y -= h;
+            bars.push((x, y, h, SERIES[k].1, format!("{day}: {n} {}", SERIES[k].0)));
+        }
+    }
+    html! {
+        svg #outcomes-chart xmlns="http://www.w3.org/2000/svg" viewBox=(format!("0 0 {width} {height}")) role="img" aria-label="Outcomes per day" {
+            line x1="0" y1=(height - bottom) x2=(width) y2=(height - bottom) stroke="#555" {}
+            text x="0" y=(top + 2.0) font-size="11" fill="#333" { (max) }
+            @for (x, y, h, colour, tip) in &bars {
+                rect x=(format!("{x:.1}")) y=(format!("{y:.1}")) width=(format!("{:.1}", slot - 4.0)) height=(format!("{h:.1}")) fill=(colour) {
+                    title { (tip) }
+                }
+            }
+            @for (i, (day, _)) in per_day.iter().enumerate() {
+                @if i % 7 == 0 || i + 1 == per_day.len() {
+                    text x=(format!("{:.1}", i as f64 * slot + 2.0)) y=(height - 12.0) font-size="10" fill="#333" { (day.get(5..).unwrap_or(day)) }
+                }
+            }
+        }
+        p.legend {
+            @for (name, colour) in SERIES {
+                span.swatch { svg width="10" height="10" xmlns="http://www.w3.org/2000/svg" { rect width="10" height="10" fill=(colour) {} } " " (name) }
+            }
+        }
+    }
+}
+
+pub fn dead_letters(frame: &Frame, letters: &[(u64, DeadLetter)]) -> Markup {
+    let now = crate::clock::now_ms();
+    layout(
+        "Dead letters",
+        Some(frame),
+        html! {
+            @if letters.is_empty() { p { "None pending." } }
+            @else {
+                table #dead-letters {
+                    thead { tr { th { "Id" } th { "Kind" } th { "Rule" } th { "Action" } th { "Error" } th { "Age" } th { "Retries" } th { "Retry" } th { "Discard" } } }
+                    tbody {
+                        @for (id, letter) in letters {
+                            tr id=(format!("letter-{id}")) {
+                                td { (id) }
+                                td.kind { (letter.reason.kind()) }
+                                td { (letter.rule) }
+                                td { (action_of(letter)) }
+                                td.error { (letter.reason.error())
+                                    @if let Some(last) = &letter.last_error { br; small { "last retry: " (last) } } }
+                                td { (age(now.saturating_sub(letter.created_at_ms))) }
+                                td.num { (letter.retries) }
+                                td {
+                                    form.retry method="post" action=(format!("/dead-letters/{id}/retry")) {
+                                        (csrf(frame))
+                                        button type="submit" { "Retry" }
+                                    }
+                                }
+                                td {
+                                    form.discard method="post" action=(format!("/dead-letters/{id}/discard")) {
+                                        (csrf(frame))
+                                        input name="reason" type="text" placeholder="reason (required)" required;
+                                        button type="submit" { "Discard" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+pub fn actions(frame: &Frame, actions: &[Value]) -> Markup {
+    layout(
+        "Actions",
+        Some(frame),
+        html! {
+            p.hint { "A paused action's requests are held, not sent and not lost; resuming sends them in arrival order." }
+            table #actions {
+                thead { tr { th { "Action" } th { "State" } th { "Reason" } th { "Since" } th { "Held" } th {} } }
+                tbody {
+                    @for action in actions {
+                        @let name = action["action"].as_str().unwrap_or_default();
+                        @let paused = action["paused"].as_bool() == Some(true);
+                        tr id=(format!("action-{name}")) {
+                            td { (name) }
+                            td.state { @if paused { "paused" } @else { "running" } }
+                            td { (action["reason"].as_str().unwrap_or_default()) }
+                            td { (action["since"].as_str().unwrap_or_default()) }
+                            td.held.num { (action["held"]) }
+                            td {
+                                @if paused {
+                                    form.resume method="post" action=(format!("/actions/{name}/resume")) {
+                                        (csrf(frame))
+                                        button type="submit" { "Resume" }
+                                    }
+                                } @else {
+                                    form.pause method="post" action=(format!("/actions/{name}/pause")) {
+                                        (csrf(frame))
+                                        input name="reason" type="text" placeholder="reason (required)" required;
+                                        button type="submit" { "Pause" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+pub fn audit(frame: &Frame, latest: &[AuditEntry]) -> Markup {
+    layout(
+        "Audit",
+        Some(frame),
+        html! {
+            section {
+                h2 { "Export" }
+                form #export method="get" action="/audit/export" {
+                    label for="since" { "Since" }
+                    input #since name="since" type="text" placeholder="2026-01-01 or RFC 3339";
+                    label for="until" { "Until" }
+                    input #until name="until" type="text" placeholder="(now)";
+                    label for="format" { "Format" }
+                    select #format name="format" {
+                        option value="csv" { "CSV" }
+                        option value="jsonl" { "JSON lines" }
+                    }
+                    button #export-submit type="submit" { "Download" }
+                }
+            }
+            section {
+                h2 { "Latest entries" }
+                table #recent-audit {
+                    thead { tr { th { "Time" } th { "Action" } th { "Outcome" } th { "Request id" } th { "Rule" } th { "Note" } th { "By" } } }
+                    tbody {
+                        @for e in latest {
+                            tr {
+                                td { (crate::clock::rfc3339(e.time_ms as i64)) }
+                                td { (e.action) }
+                                td.outcome { (e.outcome) }
+                                td.mono { (short(&e.request_id)) }
+                                td { (e.rule) }
+                                td { (e.note.as_deref().unwrap_or_default()) }
+                                td.by { (e.by.as_deref().unwrap_or_default()) }
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+fn action_of(letter: &DeadLetter) -> &str {
+    match &letter.reason {
+        DeadLetterReason::ActionFailed { action, .. } => action,
+        _ => "",
+    }
+}
+
+/// A request id's first 16 hex digits (the full one is in exports).
+fn short(request_id: &str) -> Markup {
+    html! { span title=(request_id) { (request_id.get(..16).unwrap_or(request_id)) } }
+}
+
+fn age(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=119 => format!("{s} s"),
+        120..=7199 => format!("{} min", s / 60),
+        7200..=172_799 => format!("{} h", s / 3600),
+        _ => format!("{} days", s / 86_400),
+    }
+}

@@ -1102,9 +1102,23 @@ impl Browser {
         !self.find_all(css).await.is_empty()
     }
 
-    /// Clicks the element and waits for the page it leads to (pages are server-rendered).
+    /// Clicks the element (see `submit` for one that loads a page).
     pub async fn click(&self, css: &str) {
         self.find(css).await.click().await.unwrap();
+    }
+
+    /// Clicks a submit button (or link) and waits until the page it leads to replaced this
+    /// one: chromedriver does not always wait for a form's navigation itself.
+    pub async fn submit(&self, css: &str) {
+        let page = self.find("html").await;
+        self.click(css).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // The old page's root goes stale once the next page is loaded.
+        while page.tag_name().await.is_ok() {
+            assert!(Instant::now() < deadline, "{css} led to no new page");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.wait_for("body").await;
     }
 
     /// Types `value` into the field (cleared first).
@@ -1136,7 +1150,7 @@ impl Browser {
         path
     }
 
-    /// Waits for a finished, non-empty download (no `.crdownload` left) and returns its path.
+    /// Waits for a finished, non-empty download (nothing in progress left) and returns its path.
     pub async fn download(&self) -> PathBuf {
         let dir = self.downloads.path().to_owned();
         let mut found = None;
@@ -1145,13 +1159,15 @@ impl Browser {
                 .unwrap()
                 .map(|e| e.unwrap().path())
                 .collect();
-            // Chromium may create the final name empty before it writes the file.
+            // While it writes, Chromium keeps a hidden temporary file or a `.crdownload`,
+            // and may create the final name empty first.
+            let in_progress = |p: &PathBuf| {
+                let name = p.file_name().unwrap().to_string_lossy();
+                name.starts_with('.') || name.ends_with(".crdownload")
+            };
             found = files
                 .iter()
-                .find(|p| {
-                    !p.to_string_lossy().ends_with(".crdownload")
-                        && std::fs::metadata(p).is_ok_and(|m| m.len() > 0)
-                })
+                .find(|p| !in_progress(p) && std::fs::metadata(p).is_ok_and(|m| m.len() > 0))
                 .cloned();
             found.is_some() && files.len() == 1
         })

@@ -157,6 +157,19 @@ async fn an_operator_works_through_the_console_in_chromium() {
     assert!(!browser.exists(&format!("#letter-{retried}")).await);
     assert!(browser.exists(&format!("#letter-{discarded}")).await);
     assert_eq!(backend.count(), calls + 1, "the retry reached the backend");
+    let path = backend.received().last().unwrap().path.clone();
+    assert!(
+        [
+            "/v1/users/del-user-1/anonymize",
+            "/v1/users/del-user-2/anonymize"
+        ]
+        .contains(&path.as_str()),
+        "{path}"
+    );
+    // The message shows once.
+    browser.goto(&format!("{console}/dead-letters")).await;
+    browser.wait_for("#dead-letters").await;
+    assert!(!browser.exists("#message").await);
     browser
         .fill(
             &format!("#letter-{discarded} form.discard input[name=reason]"),

@@ -925,7 +925,7 @@ impl Pipeline {
                     rules_hash: &letter.rules_hash,
                 };
                 return self
-                    .retry_action(keys, id, &letter, &origin, decision)
+                    .retry_action(keys, id, &letter, &origin, decision, by)
                     .await;
             }
             DeadLetterReason::RuleFailed { sealed_record, .. } => {
@@ -1084,10 +1084,12 @@ impl Pipeline {
         letter: &DeadLetter,
         origin: &Origin<'_>,
         decision: Decision,
+        by: Option<&str>,
     ) -> Result<Retried, PipelineError> {
         let mut letter = letter.clone();
         let mut pending = Pending {
             retrying: Some(id),
+            by: by.map(str::to_owned),
             ..Pending::default()
         };
         let request = match self.actions.prepare(&decision) {

@@ -194,3 +194,48 @@ fn the_rules_guide_quotes_the_shipped_rules() {
         }
     }
 }
+
+#[test]
+fn a_console_without_its_token_or_on_a_public_address_is_refused_with_exit_2() {
+    let ws = workspace();
+    let config = ws.config();
+    let config = config.to_str().unwrap();
+    let base = std::fs::read_to_string(&config).unwrap();
+    let with_console = |section: &str| {
+        std::fs::write(config, format!("{base}\n[console]\n{section}\n")).unwrap();
+    };
+    let run = |token: Option<&str>| {
+        let mut command = std::process::Command::new(bin());
+        command
+            .args(["run", "--config", config])
+            .current_dir(ws.dir.path())
+            .env("BACKEND_TOKEN", "t");
+        match token {
+            Some(token) => command.env("CONSOLE_TOKEN", token),
+            None => command.env_remove("CONSOLE_TOKEN"),
+        };
+        let out = command.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    with_console(r#"listen = "127.0.0.1:0""#);
+    let (code, err) = run(Some("secret"));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("[console] token_env is required"), "{err}");
+
+    with_console("listen = \"127.0.0.1:0\"\ntoken_env = \"CONSOLE_TOKEN\"");
+    let (code, err) = run(None);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("CONSOLE_TOKEN, which is not set"), "{err}");
+    let (code, err) = run(Some("  "));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("is empty"), "{err}");
+
+    with_console("listen = \"0.0.0.0:0\"\ntoken_env = \"CONSOLE_TOKEN\"");
+    let (code, err) = run(Some("secret"));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("allow_remote = true"), "{err}");
+}

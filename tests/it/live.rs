@@ -95,14 +95,29 @@ async fn every_state_command_works_while_the_daemon_runs() {
     assert_eq!(code, 1);
     assert!(err.contains("no dead letter 99"), "{err}");
 
-    // Repairs, through the daemon's own pipeline.
-    fixed.store(true, Ordering::SeqCst);
+    // A retry that fails again, served live: exit 1, the letter kept as it was.
     let first = letters[0]["id"].to_string();
     let second = letters[1]["id"].to_string();
+    let (code, out, _) = run(&["dead-letters", "retry", "--config", config, "--id", &first]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(json_lines(&out)[0]["outcome"], "still_failing");
+    let (_, out, _) = run(&["dead-letters", "list", "--config", config]);
+    let kept = json_lines(&out);
+    assert_eq!(kept.len(), 2);
+    assert_eq!(kept[0]["id"], letters[0]["id"]);
+    assert_eq!(kept[0]["created_at"], letters[0]["created_at"]);
+    assert_eq!(kept[0]["retries"], 1);
+
+    // Repairs, through the daemon's own pipeline.
+    fixed.store(true, Ordering::SeqCst);
     let (code, out, err) = run(&["dead-letters", "retry", "--config", config, "--id", &first]);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(json_lines(&out)[0]["outcome"], "resolved");
-    assert_eq!(backend.count(), 4);
+    assert_eq!(
+        backend.count(),
+        5,
+        "3 first calls, a retry refused, a retry taken"
+    );
     let (code, out, err) = run(&[
         "dead-letters",
         "discard",
@@ -117,6 +132,15 @@ async fn every_state_command_works_while_the_daemon_runs() {
     assert!(out.contains("discarded"), "{out}");
     let live_audit = run(&["audit", "export", "--format", "csv", "--config", config]);
     assert_eq!(live_audit.0, 0);
+    // The operator's changes say who made them.
+    let (_, out, _) = run(&["audit", "export", "--config", config]);
+    let by: Vec<_> = json_lines(&out)
+        .into_iter()
+        .filter(|e| e["dead_letter"].is_u64() && e["outcome"] != "dead_lettered")
+        .map(|e| e["by"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(by.len(), 2);
+    assert!(by.iter().all(|by| by.starts_with("cli:")), "{by:?}");
     assert!(daemon.stop().success());
 
     // The same answers from the file, the daemon stopped.

@@ -5,6 +5,12 @@
 # themselves, on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The console's browser tests drive Debian's headless Chromium over chromedriver.
+if ! command -v chromedriver >/dev/null || ! command -v chromium >/dev/null; then
+  sudo=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && sudo="sudo"
+  apt() { $sudo env DEBIAN_FRONTEND=noninteractive apt-get "$@" -qq >/dev/null; }
+  apt install -y chromium chromium-driver || { apt update && apt install -y chromium chromium-driver; }
+fi
 npm ci --prefix tools/kinesalite --no-audit --no-fund --loglevel=error
 npm ci --prefix tools/kinesis-mock --no-audit --no-fund --loglevel=error
 cargo test --all-targets

@@ -200,7 +200,7 @@ fn a_console_without_its_token_or_on_a_public_address_is_refused_with_exit_2() {
     let ws = workspace();
     let config = ws.config();
     let config = config.to_str().unwrap();
-    let base = std::fs::read_to_string(&config).unwrap();
+    let base = std::fs::read_to_string(config).unwrap();
     let with_console = |section: &str| {
         std::fs::write(config, format!("{base}\n[console]\n{section}\n")).unwrap();
     };

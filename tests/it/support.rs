@@ -926,3 +926,270 @@ pub async fn shard_keys(client: &Client, stream: &str) -> Vec<String> {
         })
         .collect()
 }
+
+/// Adds a `[console]` section to the config: any free loopback port, the token read from
+/// `CONSOLE_TOKEN` (start the daemon with `start_daemon_with_env(&[], &[("CONSOLE_TOKEN", ..)])`).
+impl Workspace {
+    pub fn with_console(&self) {
+        let mut text = std::fs::read_to_string(self.config()).unwrap();
+        text.push_str("\n[console]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"CONSOLE_TOKEN\"\n");
+        std::fs::write(self.config(), text).unwrap();
+    }
+}
+
+/// The console's address, from the daemon's log (`console listening address=...`).
+pub async fn console_address(daemon: &Daemon) -> String {
+    wait_until(Duration::from_secs(30), "the console listener", || {
+        daemon.stderr().contains("console listening")
+    })
+    .await;
+    let log = daemon.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("console listening"))
+        .unwrap();
+    line.split("address=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .trim_matches('"')
+        .to_owned()
+}
+
+/// Headless Chromium driven over WebDriver: a `chromedriver` of its own on a free port
+/// (in its own process group, so the browser dies with it on drop), a fresh profile, and
+/// downloads landing in `downloads` without a prompt.
+pub struct Browser {
+    pub client: fantoccini::Client,
+    _driver: ChromeDriver,
+    /// Where `screenshot` writes: `docs/console/` with `UPDATE_SCREENSHOTS=1`, else a tempdir.
+    pub shots: PathBuf,
+    pub downloads: tempfile::TempDir,
+    _profile: tempfile::TempDir,
+    _shots: Option<tempfile::TempDir>,
+}
+
+impl Browser {
+    pub async fn start() -> Self {
+        use std::os::unix::process::CommandExt;
+        let mut driver = ChromeDriver(
+            Command::new("chromedriver")
+                .arg("--port=0")
+                .process_group(0)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start chromedriver (scripts/test.sh installs Debian's chromium-driver)"),
+        );
+        let mut lines = BufReader::new(driver.0.stdout.take().unwrap()).lines();
+        let port = loop {
+            let line = lines
+                .next()
+                .expect("chromedriver exited before it listened")
+                .unwrap();
+            if let Some(rest) = line.split("started successfully on port ").nth(1) {
+                break rest.trim_end_matches('.').trim().parse::<u16>().unwrap();
+            }
+        };
+        // Keep draining its output so it never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !reqwest::get(format!("{url}/status"))
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            assert!(Instant::now() < deadline, "chromedriver did not answer");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        let profile = tempfile::tempdir().unwrap();
+        let downloads = tempfile::tempdir().unwrap();
+        let mut args: Vec<String> = [
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            "--window-size=1280,900",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        args.push(format!("--user-data-dir={}", profile.path().display()));
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            serde_json::json!({
+                "binary": "/usr/bin/chromium",
+                "args": args,
+                "prefs": {
+                    "download.default_directory": downloads.path(),
+                    "download.prompt_for_download": false,
+                },
+            }),
+        );
+        // Both of rustls's providers are in the dependency tree: pick one for the process.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = fantoccini::ClientBuilder::rustls()
+            .unwrap()
+            .capabilities(caps)
+            .connect(&url)
+            .await
+            .expect("a Chromium session from chromedriver");
+        let (shots, shots_dir) = if std::env::var_os("UPDATE_SCREENSHOTS").is_some_and(|v| v == "1")
+        {
+            let dir = repo().join("docs/console");
+            std::fs::create_dir_all(&dir).unwrap();
+            (dir, None)
+        } else {
+            let dir = tempfile::tempdir().unwrap();
+            (dir.path().to_owned(), Some(dir))
+        };
+        Browser {
+            client,
+            _driver: driver,
+            shots,
+            downloads,
+            _profile: profile,
+            _shots: shots_dir,
+        }
+    }
+
+    pub async fn goto(&self, url: &str) {
+        self.client
+            .goto(url)
+            .await
+            .unwrap_or_else(|e| panic!("goto {url}: {e}"));
+    }
+
+    /// The current URL's path.
+    pub async fn path(&self) -> String {
+        self.client.current_url().await.unwrap().path().to_owned()
+    }
+
+    pub async fn find(&self, css: &str) -> fantoccini::elements::Element {
+        self.client
+            .find(fantoccini::Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no {css} on the page: {e}"))
+    }
+
+    pub async fn find_all(&self, css: &str) -> Vec<fantoccini::elements::Element> {
+        self.client
+            .find_all(fantoccini::Locator::Css(css))
+            .await
+            .unwrap()
+    }
+
+    /// Waits (at most 10 s) for an element to be on the page.
+    pub async fn wait_for(&self, css: &str) -> fantoccini::elements::Element {
+        self.client
+            .wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(fantoccini::Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{css} never showed on the page: {e}"))
+    }
+
+    pub async fn exists(&self, css: &str) -> bool {
+        !self.find_all(css).await.is_empty()
+    }
+
+    /// Clicks the element (see `submit` for one that loads a page).
+    pub async fn click(&self, css: &str) {
+        self.find(css).await.click().await.unwrap();
+    }
+
+    /// Clicks a submit button (or link) and waits until the page it leads to replaced this
+    /// one: chromedriver does not always wait for a form's navigation itself.
+    pub async fn submit(&self, css: &str) {
+        let page = self.find("html").await;
+        self.click(css).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // The old page's root goes stale once the next page is loaded.
+        while page.tag_name().await.is_ok() {
+            assert!(Instant::now() < deadline, "{css} led to no new page");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.wait_for("body").await;
+    }
+
+    /// Types `value` into the field (cleared first).
+    pub async fn fill(&self, css: &str, value: &str) {
+        let field = self.find(css).await;
+        field.clear().await.unwrap();
+        field.send_keys(value).await.unwrap();
+    }
+
+    /// Picks the option with this value in a `<select>`.
+    pub async fn select(&self, css: &str, value: &str) {
+        self.find(css).await.select_by_value(value).await.unwrap();
+    }
+
+    pub async fn text(&self, css: &str) -> String {
+        self.find(css).await.text().await.unwrap()
+    }
+
+    /// The page's HTML as the browser holds it.
+    pub async fn source(&self) -> String {
+        self.client.source().await.unwrap()
+    }
+
+    /// Saves a PNG of the viewport as `<name>.png` in `shots`.
+    pub async fn screenshot(&self, name: &str) -> PathBuf {
+        let png = self.client.screenshot().await.unwrap();
+        let path = self.shots.join(format!("{name}.png"));
+        std::fs::write(&path, png).unwrap();
+        path
+    }
+
+    /// Waits for a finished, non-empty download (nothing in progress left) and returns its path.
+    pub async fn download(&self) -> PathBuf {
+        let dir = self.downloads.path().to_owned();
+        let mut found = None;
+        wait_until(Duration::from_secs(30), "a download", || {
+            let files: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            // While it writes, Chromium keeps a hidden temporary file or a `.crdownload`,
+            // and may create the final name empty first.
+            let in_progress = |p: &PathBuf| {
+                let name = p.file_name().unwrap().to_string_lossy();
+                name.starts_with('.') || name.ends_with(".crdownload")
+            };
+            found = files
+                .iter()
+                .find(|p| !in_progress(p) && std::fs::metadata(p).is_ok_and(|m| m.len() > 0))
+                .cloned();
+            found.is_some() && files.len() == 1
+        })
+        .await;
+        found.unwrap()
+    }
+
+    /// Ends the session (the browser quits cleanly); drop kills the rest anyway.
+    pub async fn close(self) {
+        let _ = self.client.clone().close().await;
+    }
+}
+
+/// A chromedriver process in its own process group, killed with the Chromium it started
+/// on drop (`Browser::close` first lets the browser quit cleanly).
+struct ChromeDriver(Child);
+
+impl Drop for ChromeDriver {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0.id())])
+            .status();
+        let _ = self.0.wait();
+    }
+}

@@ -352,7 +352,9 @@ fn chart(per_day: &[(String, BTreeMap<String, u64>)]) -> Markup {
             @for (i, (day, _)) in per_day.iter().enumerate() {
                 // Every 7th day, counted back from today's.
                 @if (per_day.len() - 1 - i) % 7 == 0 {
-                    text x=(format!("{:.1}", i as f64 * slot + 2.0)) y=(height - 12.0) font-size="10" fill="#333" { (day.get(5..).unwrap_or(day)) }
+                    // Under its bar; today's ends at the chart's right edge.
+                    @let (x, anchor) = if i + 1 == per_day.len() { (width - 2.0, "end") } else { ((i as f64 + 0.5) * slot, "middle") };
+                    text x=(format!("{x:.1}")) y=(height - 12.0) font-size="10" fill="#333" text-anchor=(anchor) { (day.get(5..).unwrap_or(day)) }
                 }
             }
         }

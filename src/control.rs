@@ -83,6 +83,9 @@ pub async fn serve(
     let listener = tokio::net::UnixListener::bind(&path).map_err(bind)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(bind)?;
     tracing::info!(path = %path.display(), "control channel up");
+    // Commands still running at shutdown finish (their requests settle) before the daemon
+    // lets go of its state.
+    let commands = tokio_util::task::TaskTracker::new();
     Ok(tokio::spawn(async move {
         loop {
             let stream = tokio::select! {
@@ -96,13 +99,15 @@ pub async fn serve(
                 _ = shutdown.triggered() => break,
             };
             let (pipeline, handler) = (pipeline.clone(), handler.clone());
-            tokio::task::spawn_blocking(move || {
+            commands.spawn_blocking(move || {
                 if let Err(e) = answer(stream, &pipeline, &handler) {
                     tracing::warn!(error = %e, "control channel: a command was cut short");
                 }
             });
         }
         let _ = std::fs::remove_file(&path);
+        commands.close();
+        commands.wait().await;
     }))
 }
 

@@ -20,7 +20,7 @@ use crate::pipeline::Retried;
 use crate::pipeline::{Pipeline, Sink};
 use crate::preview::OutputFormat;
 use crate::preview::Preview;
-use crate::rules::{testing, Decision, RuleSet};
+use crate::rules::{explain, testing, Decision, RuleSet};
 use crate::state::{Access, AuditEntry, State, StateError, Writes};
 
 #[derive(Parser)]
@@ -150,6 +150,25 @@ enum RulesCommand {
     Test(RulesArgs),
     /// Show the records whose decisions differ between two rule sets.
     Diff(DiffArgs),
+    /// For each record and rule, why the rule decided what it did: kept out by its
+    /// prefilter, turned away by an opening check, returned nothing, threw, or its
+    /// decisions and their requests.
+    Explain(ExplainArgs),
+}
+
+#[derive(Args)]
+struct ExplainArgs {
+    /// Directory of *.rhai rules.
+    #[arg(long)]
+    rules_dir: PathBuf,
+    /// Records, one per line: as `capture` writes them, or plain JSON events.
+    #[arg(long)]
+    input: PathBuf,
+    /// Config file: decisions must name its actions, and their requests are shown.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "human")]
+    output: OutputFormat,
 }
 
 #[derive(Args)]
@@ -404,6 +423,7 @@ pub fn main() -> ExitCode {
         Command::Rules(RulesCommand::Check(args)) => rules_check(args),
         Command::Rules(RulesCommand::Test(args)) => rules_test(args),
         Command::Rules(RulesCommand::Diff(args)) => rules_diff(args),
+        Command::Rules(RulesCommand::Explain(args)) => rules_explain(args),
         Command::Preview(args) => preview(args),
         Command::Capture(args) => capture(args),
         command => state_command(command),
@@ -614,6 +634,97 @@ fn preview(args: PreviewArgs) -> Result<u8, Failure> {
         preview.evaluate(&rules, actions.as_ref(), record);
     }
     preview.finish().map_err(write_failure)?;
+    Ok(0)
+}
+
+/// The records of an explain input, with their line numbers: lines as `capture` writes
+/// them (`data`, `data_text`... with the record's metadata), or else plain events, whose
+/// line is the payload exactly as written.
+fn read_events(path: &std::path::Path) -> Result<Vec<(usize, Record)>, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::usage(anyhow::anyhow!("{}: {e}", path.display())))?;
+    let mut records = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        // A captured record names its payload (`data`, `data_text`...) and holds only the
+        // fields of one (`RecordJson` refuses others).
+        let names_payload =
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(line)
+                .is_ok_and(|fields| fields.keys().any(|k| k.starts_with("data")));
+        let captured = names_payload
+            .then(|| serde_json::from_str::<RecordJson>(line).ok())
+            .flatten();
+        let record = match captured {
+            Some(record) => record,
+            None => RecordJson {
+                data_text: Some(line.to_owned()),
+                ..serde_json::from_str("{}").expect("every field of a record has a default")
+            },
+        };
+        records.push((index + 1, record.into_record()));
+    }
+    Ok(records)
+}
+
+fn rules_explain(args: ExplainArgs) -> Result<u8, Failure> {
+    let (names, actions) = match &args.config {
+        Some(path) => {
+            let specs = config::action_specs(path).map_err(Failure::usage)?;
+            let actions = ActionSet::new(&specs, false).map_err(Failure::usage)?;
+            (Some(specs.into_keys().collect()), Some(actions))
+        }
+        None => (None, None),
+    };
+    let rules = load_rules(&args.rules_dir, names)?;
+    let records = read_events(&args.input)?;
+    let render = |decision: &Decision| -> Result<serde_json::Value, String> {
+        let Some(actions) = &actions else {
+            return Err("no config".into());
+        };
+        let request = actions.prepare(decision).map_err(|e| e.to_string())?;
+        let headers: serde_json::Map<String, serde_json::Value> = request
+            .redacted_headers()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().into()))
+            .collect();
+        Ok(serde_json::json!({
+            "method": request.method.as_str(),
+            "url": request.url.as_str(),
+            "headers": headers,
+            "body": serde_json::from_str::<serde_json::Value>(&request.body)
+                .unwrap_or_else(|_| request.body.clone().into()),
+        }))
+    };
+    let render: Option<explain::RenderRequest> = actions.as_ref().map(|_| &render as _);
+    let mut out = std::io::stdout().lock();
+    for (line, record) in &records {
+        let traces = rules.explain(record, render);
+        match args.output {
+            OutputFormat::Json => out!(
+                out,
+                "{}",
+                serde_json::json!({
+                    "line": line,
+                    "shard_id": record.shard_id,
+                    "sequence_number": record.sequence_number,
+                    "rules": traces,
+                })
+            ),
+            OutputFormat::Human => {
+                out!(
+                    out,
+                    "line {line} (shard {}, sequence number {}):",
+                    record.shard_id,
+                    record.sequence_number
+                );
+                for trace in &traces {
+                    out!(out, "  {}", trace.human());
+                }
+            }
+        }
+    }
     Ok(0)
 }
 

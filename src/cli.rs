@@ -147,13 +147,22 @@ enum RulesCommand {
     /// Compile every rule; report errors as file:line:col.
     Check(RulesArgs),
     /// Run every rule's test cases (NAME.test.json beside NAME.rhai).
-    Test(RulesArgs),
+    Test(TestArgs),
     /// Show the records whose decisions differ between two rule sets.
     Diff(DiffArgs),
     /// For each record and rule, why the rule decided what it did: kept out by its
     /// prefilter, turned away by an opening check, returned nothing, threw, or its
     /// decisions and their requests.
     Explain(ExplainArgs),
+}
+
+#[derive(Args)]
+struct TestArgs {
+    #[command(flatten)]
+    rules: RulesArgs,
+    /// Also write the results as JUnit XML to this file (for CI).
+    #[arg(long, value_name = "FILE")]
+    junit: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -539,9 +548,16 @@ fn rules_check(args: RulesArgs) -> Result<u8, Failure> {
     }
 }
 
-fn rules_test(args: RulesArgs) -> Result<u8, Failure> {
-    let (dir, actions) = rules_setup(&args)?;
+fn rules_test(args: TestArgs) -> Result<u8, Failure> {
+    let (dir, actions) = rules_setup(&args.rules)?;
     let mut out = std::io::stdout().lock();
+    let junit = |set: Option<&RuleSet>, report: &testing::Report, errors: &[String]| match &args
+        .junit
+    {
+        Some(path) => std::fs::write(path, testing::junit(set, report, errors))
+            .map_err(|e| Failure::runtime(anyhow::anyhow!("cannot write {}: {e}", path.display()))),
+        None => Ok(()),
+    };
     let set = match RuleSet::load(&dir, actions) {
         Ok(set) => set,
         Err(errors) => {
@@ -549,11 +565,13 @@ fn rules_test(args: RulesArgs) -> Result<u8, Failure> {
                 out!(out, "{e}");
             }
             out!(out, "0 passed, 0 failed ({} rule error(s))", errors.len());
+            let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            junit(None, &testing::Report::default(), &errors)?;
             return Ok(1);
         }
     };
     // With a config, every expected decision must be one its actions can send.
-    let actions = match &args.config {
+    let actions = match &args.rules.config {
         Some(path) => {
             let specs = config::action_specs(path).map_err(Failure::usage)?;
             Some(ActionSet::new(&specs, false).map_err(Failure::usage)?)
@@ -573,6 +591,8 @@ fn rules_test(args: RulesArgs) -> Result<u8, Failure> {
             for e in &errors {
                 out!(out, "{e}");
             }
+            let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            junit(Some(&set), &testing::Report::default(), &errors)?;
             return Ok(1);
         }
     };
@@ -595,6 +615,7 @@ fn rules_test(args: RulesArgs) -> Result<u8, Failure> {
             "warning: rule {rule} has no test cases ({rule}.test.json)"
         );
     }
+    junit(Some(&set), &report, &[])?;
     out!(out, "{} passed, {} failed", report.passed, report.failed());
     Ok(if report.failed() == 0 { 0 } else { 1 })
 }

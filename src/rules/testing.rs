@@ -74,8 +74,27 @@ impl std::fmt::Display for Unsendable {
     }
 }
 
+/// One case and how it went, in the order run (for `--junit`).
+#[derive(Debug)]
+pub struct CaseResult {
+    pub rule: String,
+    /// The test file it is in.
+    pub file: PathBuf,
+    pub case: String,
+    /// `None` when it passed; else expected and actual (or why it cannot be sent).
+    pub failure: Option<CaseFailure>,
+}
+
+#[derive(Debug, Clone)]
+pub enum CaseFailure {
+    Differs { expected: String, actual: String },
+    Unsendable(String),
+}
+
 #[derive(Debug, Default)]
 pub struct Report {
+    /// Every case run, in order.
+    pub cases: Vec<CaseResult>,
     pub passed: usize,
     pub failures: Vec<Failure>,
     /// Cases (counted as failed) whose expected decisions cannot be sent.
@@ -161,25 +180,141 @@ fn run_case(
     };
     // A case the rule passes must also expect only decisions the config can send.
     let unsendable = || sendable.and_then(|check| expected.iter().find_map(|d| check(d).err()));
-    match actual {
+    let rule = set.rules()[index].name.clone();
+    let failure = match actual {
         Ok(actual) if actual == expected => match unsendable() {
-            None => report.passed += 1,
-            Some(reason) => report.unsendable.push(Unsendable {
-                file: file.to_owned(),
-                case: case.name,
-                reason,
-            }),
+            None => {
+                report.passed += 1;
+                None
+            }
+            Some(reason) => {
+                report.unsendable.push(Unsendable {
+                    file: file.to_owned(),
+                    case: case.name.clone(),
+                    reason: reason.clone(),
+                });
+                Some(CaseFailure::Unsendable(reason))
+            }
         },
-        actual => report.failures.push(Failure {
-            rule: set.rules()[index].name.clone(),
-            case: case.name,
-            expected: decisions_json(&expected),
-            actual: match actual {
-                Ok(decisions) => decisions_json(&decisions),
-                Err(error) => format!("error: {error}"),
-            },
-        }),
-    }
+        actual => {
+            let failure = Failure {
+                rule: rule.clone(),
+                case: case.name.clone(),
+                expected: decisions_json(&expected),
+                actual: match actual {
+                    Ok(decisions) => decisions_json(&decisions),
+                    Err(error) => format!("error: {error}"),
+                },
+            };
+            let differs = CaseFailure::Differs {
+                expected: failure.expected.clone(),
+                actual: failure.actual.clone(),
+            };
+            report.failures.push(failure);
+            Some(differs)
+        }
+    };
+    report.cases.push(CaseResult {
+        rule,
+        file: file.to_owned(),
+        case: case.name,
+        failure,
+    });
+}
+
+/// The report as JUnit XML, which CI systems read: a testsuite per rule (rules without
+/// cases included, with none), a testcase per case, a failure with expected and actual.
+/// `errors` (rules or test files that cannot be read) become one suite of errors.
+pub fn junit(set: Option<&RuleSet>, report: &Report, errors: &[String]) -> String {
+    use quick_xml::events::{BytesDecl, BytesText, Event};
+    let mut xml = quick_xml::Writer::new_with_indent(Vec::new(), b' ', 2);
+    let count = |n: usize| n.to_string();
+    let rules: Vec<&str> = match set {
+        Some(set) => set.rules().iter().map(|r| r.name.as_str()).collect(),
+        None => Vec::new(),
+    };
+    let written = (|| -> std::io::Result<()> {
+        xml.write_event(Event::Decl(BytesDecl::new("1.0", Some("UTF-8"), None)))?;
+        xml.create_element("testsuites")
+            .with_attribute(("name", "rules test"))
+            .with_attribute(("tests", count(report.cases.len() + errors.len()).as_str()))
+            .with_attribute(("failures", count(report.failed()).as_str()))
+            .with_attribute(("errors", count(errors.len()).as_str()))
+            .write_inner_content(|xml| {
+                for rule in &rules {
+                    let cases: Vec<&CaseResult> =
+                        report.cases.iter().filter(|c| c.rule == *rule).collect();
+                    let failures = cases.iter().filter(|c| c.failure.is_some()).count();
+                    let mut suite = xml
+                        .create_element("testsuite")
+                        .with_attribute(("name", *rule))
+                        .with_attribute(("tests", count(cases.len()).as_str()))
+                        .with_attribute(("failures", count(failures).as_str()))
+                        .with_attribute(("errors", "0"));
+                    if let Some(first) = cases.first() {
+                        suite =
+                            suite.with_attribute(("file", first.file.to_string_lossy().as_ref()));
+                    }
+                    suite.write_inner_content(|xml| {
+                        for case in cases {
+                            let element = xml
+                                .create_element("testcase")
+                                .with_attribute(("name", case.case.as_str()))
+                                .with_attribute(("classname", *rule));
+                            let (message, text) = match &case.failure {
+                                None => {
+                                    element.write_empty()?;
+                                    continue;
+                                }
+                                Some(CaseFailure::Differs { expected, actual }) => (
+                                    "the decisions differ from the expected ones".to_owned(),
+                                    format!("expected: {expected}\nactual:   {actual}"),
+                                ),
+                                Some(CaseFailure::Unsendable(reason)) => (
+                                    "expects a decision the configured actions cannot send"
+                                        .to_owned(),
+                                    reason.clone(),
+                                ),
+                            };
+                            element.write_inner_content(|xml| {
+                                xml.create_element("failure")
+                                    .with_attribute(("message", message.as_str()))
+                                    .write_text_content(BytesText::new(&text))?;
+                                Ok(())
+                            })?;
+                        }
+                        Ok(())
+                    })?;
+                }
+                if !errors.is_empty() {
+                    xml.create_element("testsuite")
+                        .with_attribute(("name", "rules"))
+                        .with_attribute(("tests", count(errors.len()).as_str()))
+                        .with_attribute(("failures", "0"))
+                        .with_attribute(("errors", count(errors.len()).as_str()))
+                        .write_inner_content(|xml| {
+                            for (n, error) in errors.iter().enumerate() {
+                                xml.create_element("testcase")
+                                    .with_attribute(("name", format!("error {}", n + 1).as_str()))
+                                    .with_attribute(("classname", "rules"))
+                                    .write_inner_content(|xml| {
+                                        xml.create_element("error")
+                                            .with_attribute(("message", error.as_str()))
+                                            .write_text_content(BytesText::new(error))?;
+                                        Ok(())
+                                    })?;
+                            }
+                            Ok(())
+                        })?;
+                }
+                Ok(())
+            })?;
+        Ok(())
+    })();
+    written.expect("writing to memory does not fail");
+    let mut text = String::from_utf8(xml.into_inner()).expect("the XML is UTF-8");
+    text.push('\n');
+    text
 }
 
 fn decisions_json(decisions: &[Decision]) -> String {

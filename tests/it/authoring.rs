@@ -148,3 +148,159 @@ fn explain_says_why_each_rule_decided_what_it_did() {
         }
     }
 }
+
+/// The fixture rule that throws, with its test cases.
+fn workspace_with_tests() -> Workspace {
+    let ws = workspace();
+    ws.write_rule(
+        "strict_erasure.test.json",
+        &std::fs::read_to_string(fixture("strict_erasure.test.json")).unwrap(),
+    );
+    ws
+}
+
+/// `N passed, N failed` from the end of `rules test`'s output.
+fn counts(out: &str) -> (usize, usize) {
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.ends_with(" failed"))
+        .unwrap_or_else(|| panic!("no count line in {out}"));
+    let numbers: Vec<usize> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+/// What a JUnit file holds: (testcases, failures, the failures' texts, suite names,
+/// the totals on `testsuites`).
+fn read_junit(path: &std::path::Path) -> (usize, usize, Vec<String>, Vec<String>, (usize, usize)) {
+    use quick_xml::events::Event;
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut reader = quick_xml::Reader::from_str(&text);
+    let (mut cases, mut failures) = (0, 0);
+    let (mut texts, mut suites) = (Vec::new(), Vec::new());
+    let mut totals = (0, 0);
+    let mut in_failure = false;
+    let attribute = |e: &quick_xml::events::BytesStart, name: &str| -> String {
+        e.try_get_attribute(name)
+            .unwrap()
+            .map(|a| {
+                a.normalized_value(quick_xml::XmlVersion::Explicit1_0)
+                    .unwrap()
+                    .into_owned()
+            })
+            .unwrap_or_default()
+    };
+    loop {
+        match reader
+            .read_event()
+            .expect("the JUnit file is well-formed XML")
+        {
+            Event::Start(e) | Event::Empty(e) => match e.name().0 {
+                "testsuites" => {
+                    totals = (
+                        attribute(&e, "tests").parse().unwrap(),
+                        attribute(&e, "failures").parse().unwrap(),
+                    )
+                }
+                "testsuite" => suites.push(attribute(&e, "name")),
+                "testcase" => cases += 1,
+                "failure" => {
+                    failures += 1;
+                    in_failure = true;
+                    texts.push(String::new());
+                }
+                _ => {}
+            },
+            Event::Text(t) if in_failure => {
+                *texts.last_mut().unwrap() += &t.xml10_content();
+            }
+            Event::GeneralRef(r) if in_failure => {
+                let name = r.xml10_content();
+                let c = match name.as_ref() {
+                    "quot" => '"',
+                    "amp" => '&',
+                    "lt" => '<',
+                    "gt" => '>',
+                    "apos" => '\'',
+                    other => panic!("entity {other}"),
+                };
+                texts.last_mut().unwrap().push(c);
+            }
+            Event::End(e) if e.name().as_ref() == "failure" => in_failure = false,
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    (cases, failures, texts, suites, totals)
+}
+
+#[test]
+fn junit_counts_equal_the_summary_line() {
+    let ws = workspace_with_tests();
+    let rules = ws.path("rules");
+    let junit = ws.path("results.xml");
+    let run = |ws: &Workspace| {
+        ws.run(&[
+            "rules",
+            "test",
+            "--rules-dir",
+            rules.to_str().unwrap(),
+            "--junit",
+            junit.to_str().unwrap(),
+        ])
+    };
+    let (code, out, err) = run(&ws);
+    assert_eq!(code, 0, "{out}{err}");
+    let (passed, failed) = counts(&out);
+    assert_eq!(failed, 0);
+    let (cases, failures, _, suites, totals) = read_junit(&junit);
+    assert_eq!((cases - failures, failures), (passed, failed));
+    assert_eq!(totals, (cases, failures));
+    assert!(suites.contains(&"strict_erasure".to_owned()), "{suites:?}");
+    assert!(
+        suites.contains(&"acme_gdpr_delete_user".to_owned()),
+        "{suites:?}"
+    );
+
+    // A case whose record the rule throws on, and one expecting the wrong key.
+    let mut cases_json: Vec<Value> = serde_json::from_str(
+        &std::fs::read_to_string(fixture("strict_erasure.test.json")).unwrap(),
+    )
+    .unwrap();
+    cases_json.push(serde_json::json!({
+        "name": "no user id <& \"quotes\">",
+        "record": {"data": {"type": "strict_erasure", "request_id": "s-3"}},
+        "expect": null
+    }));
+    cases_json.push(serde_json::json!({
+        "name": "the wrong key",
+        "record": {"data": {"type": "strict_erasure", "request_id": "s-4", "user_id": "u-4"}},
+        "expect": {"action": "anonymize_user", "key": "s-4", "params": {"user_id": "u-4"}}
+    }));
+    ws.write_rule(
+        "strict_erasure.test.json",
+        &serde_json::to_string_pretty(&cases_json).unwrap(),
+    );
+    let (code, out, _) = run(&ws);
+    assert_eq!(code, 1, "{out}");
+    let (passed, failed) = counts(&out);
+    assert_eq!(failed, 2, "{out}");
+    let (cases, failures, texts, _, totals) = read_junit(&junit);
+    assert_eq!((cases - failures, failures), (passed, failed));
+    assert_eq!(totals, (cases, failures));
+    assert!(
+        texts[0].contains("expected: null (no decision)")
+            && texts[0].contains("actual:   error: ")
+            && texts[0].contains("strict_erasure without a user_id"),
+        "{texts:?}"
+    );
+    assert!(
+        texts[1].contains(r#"expected: {"action":"anonymize_user","key":"s-4""#)
+            && texts[1].contains(r#"actual:   {"action":"anonymize_user","key":"strict:s-4""#),
+        "{texts:?}"
+    );
+}

@@ -163,6 +163,20 @@ struct TestArgs {
     /// Also write the results as JUnit XML to this file (for CI).
     #[arg(long, value_name = "FILE")]
     junit: Option<PathBuf>,
+    /// Per rule, the share of its statements the cases ran and the lines never run.
+    #[arg(long)]
+    coverage: bool,
+    /// Fail (exit 1) when a rule's cases run less than this percentage of its statements
+    /// (implies --coverage).
+    #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
+    min_coverage: Option<f64>,
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    match s.trim_end_matches('%').parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a percentage from 0 to 100")),
+    }
 }
 
 #[derive(Args)]
@@ -585,7 +599,8 @@ fn rules_test(args: TestArgs) -> Result<u8, Failure> {
             .map_err(|e| e.to_string()),
         None => Ok(()),
     };
-    let report = match testing::run(&set, Some(&sendable)) {
+    let coverage = args.coverage || args.min_coverage.is_some();
+    let report = match testing::run_with(&set, Some(&sendable), coverage) {
         Ok(report) => report,
         Err(errors) => {
             for e in &errors {
@@ -615,9 +630,28 @@ fn rules_test(args: TestArgs) -> Result<u8, Failure> {
             "warning: rule {rule} has no test cases ({rule}.test.json)"
         );
     }
+    for rule in &report.coverage {
+        out!(out, "coverage: {rule}");
+    }
+    let below: Vec<&str> = match args.min_coverage {
+        Some(min) => report
+            .coverage
+            .iter()
+            .filter(|c| !c.reaches(min))
+            .map(|c| c.rule.as_str())
+            .collect(),
+        None => Vec::new(),
+    };
+    if let (Some(min), false) = (args.min_coverage, below.is_empty()) {
+        out!(out, "FAIL coverage below {min}%: {}", below.join(", "));
+    }
     junit(Some(&set), &report, &[])?;
     out!(out, "{} passed, {} failed", report.passed, report.failed());
-    Ok(if report.failed() == 0 { 0 } else { 1 })
+    Ok(if report.failed() == 0 && below.is_empty() {
+        0
+    } else {
+        1
+    })
 }
 
 fn load_rules(

@@ -304,3 +304,55 @@ fn junit_counts_equal_the_summary_line() {
         "{texts:?}"
     );
 }
+
+#[test]
+fn coverage_names_the_lines_no_case_runs() {
+    let ws = Workspace::new("http://127.0.0.1:9", "events", "http://127.0.0.1:9");
+    let rules = ws.path("rules");
+    let test = |extra: &[&str]| {
+        let mut args = vec!["rules", "test", "--rules-dir", rules.to_str().unwrap()];
+        args.extend(extra);
+        ws.run(&args)
+    };
+    let line_of = |out: &str, rule: &str| -> String {
+        out.lines()
+            .find(|l| l.starts_with(&format!("coverage: {rule}: ")))
+            .unwrap_or_else(|| panic!("no coverage of {rule} in {out}"))
+            .to_owned()
+    };
+    // The shipped support rule: no case has a payload that is not a map, so the `return`
+    // of its map check (line 16) never runs.
+    let (code, out, err) = test(&["--coverage"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let support = line_of(&out, "support_erasure_verified_only");
+    assert!(support.ends_with("; never ran: 16"), "{support}");
+    assert!(!support.contains(": 100%"), "{support}");
+    assert!(out.trim_end().ends_with(" passed, 0 failed"), "{out}");
+
+    // Below the bar: exit 1, saying which rule; at a bar every rule reaches: exit 0.
+    let (code, out, _) = test(&["--min-coverage", "100"]);
+    assert_eq!(code, 1, "{out}");
+    let fail = out
+        .lines()
+        .find(|l| l.starts_with("FAIL coverage"))
+        .unwrap();
+    assert!(fail.contains("support_erasure_verified_only"), "{fail}");
+    let (code, out, _) = test(&["--min-coverage", "50"]);
+    assert_eq!(code, 0, "{out}");
+
+    // The case that reaches it: a payload that holds the literal but is not a map.
+    let file = rules.join("support_erasure_verified_only.test.json");
+    let mut cases: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    cases.push(serde_json::json!({
+        "name": "a text payload that mentions erasure_request is not a request",
+        "record": {"data_text": "\"erasure_request\""},
+        "expect": null
+    }));
+    std::fs::write(&file, serde_json::to_string_pretty(&cases).unwrap()).unwrap();
+    let (code, out, _) = test(&["--coverage"]);
+    assert_eq!(code, 0, "{out}");
+    let support = line_of(&out, "support_erasure_verified_only");
+    assert!(support.contains(": 100% of statements"), "{support}");
+    assert!(!support.contains("never ran"), "{support}");
+}

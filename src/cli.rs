@@ -307,6 +307,28 @@ enum DeadLettersCommand {
         #[arg(long)]
         all: bool,
     },
+    /// Turn the record of a rule_failed or decode_failed letter into a test case for the
+    /// rule that failed on it, printed as JSON to add to NAME.test.json. Identifiers are
+    /// replaced by placeholders of the same shape (the texts the rule compares against
+    /// stay); the case expects what the rule does on it now.
+    ToTest {
+        #[command(flatten)]
+        state: StateArgs,
+        #[arg(long)]
+        id: u64,
+        /// Keep the record as it is, identifiers included (keep such a case out of version
+        /// control).
+        #[arg(long)]
+        keep_identifiers: bool,
+        /// The rule the case is for: needed for a decode_failed letter (no rule failed on
+        /// it); default, the rule that failed.
+        #[arg(long)]
+        rule: Option<String>,
+        /// The rules to run the case with (default: the running daemon's rules in force,
+        /// else the config's [rules] dir, else ./rules).
+        #[arg(long)]
+        rules_dir: Option<PathBuf>,
+    },
     /// Give up on a dead letter, with a reason that goes into the audit trail.
     Discard {
         #[command(flatten)]
@@ -1032,6 +1054,70 @@ fn dead_letters(cmd: DeadLettersCommand, s: &mut Session) -> Result<u8, Failure>
             }
             Ok(u8::from(failed))
         }
+        DeadLettersCommand::ToTest {
+            state: args,
+            id,
+            keep_identifiers,
+            rule,
+            rules_dir,
+        } => {
+            let (state, keys) = s.open_state(&args, Access::Read)?;
+            let letter = state.dead_letter(id).map_err(Failure::runtime)?;
+            let record = crate::pipeline::letter_record(&keys, id, &letter)
+                .map_err(Failure::runtime)?
+                .ok_or_else(|| {
+                    Failure::usage(anyhow::anyhow!(
+                        "dead letter {id} is a failed action: it holds a request, not a record"
+                    ))
+                })?;
+            let rule = match (rule, letter.rule.as_str()) {
+                (Some(rule), _) => rule,
+                (None, "") => {
+                    return Err(Failure::usage(anyhow::anyhow!(
+                        "dead letter {id} is a record that could not be decoded: no rule failed on it; name the rule whose test it is for with --rule"
+                    )))
+                }
+                (None, rule) => rule.to_owned(),
+            };
+            let rules = match (s.daemon, rules_dir) {
+                (Some(pipeline), None) => arc_swap::Guard::into_inner(pipeline.rules.load()),
+                (Some(_), Some(dir)) if dir.is_relative() => {
+                    return Err(Failure::usage(anyhow::anyhow!(
+                        "the running daemon serves this command: give --rules-dir as an absolute path"
+                    )))
+                }
+                (_, dir) => {
+                    let (config_dir, names) = match &args.config {
+                        Some(path) => {
+                            let (dir, names) =
+                                config::rules_context(path).map_err(Failure::usage)?;
+                            (dir, Some(names))
+                        }
+                        None => (None, None),
+                    };
+                    let dir = dir.or(config_dir).unwrap_or_else(|| PathBuf::from("rules"));
+                    Arc::new(load_rules(&dir, names)?)
+                }
+            };
+            // The rule file by its name: the directory is the daemon's, not the test's.
+            let directory = std::path::Path::new(&letter.rule_file)
+                .parent()
+                .map(|d| format!("{}/", d.display()))
+                .unwrap_or_default();
+            let error = match directory.as_str() {
+                "/" | "" => letter.reason.error().to_owned(),
+                directory => letter.reason.error().replace(directory, ""),
+            };
+            let name = format!("dead letter {id}: {} ({error})", letter.reason.kind());
+            let case = crate::rules::to_test::case(&rules, &rule, &record, keep_identifiers, &name)
+                .map_err(Failure::usage)?;
+            out!(
+                s.out,
+                "{}",
+                serde_json::to_string_pretty(&case).unwrap_or_default()
+            );
+            Ok(0)
+        }
         DeadLettersCommand::Discard { state, id, reason } => {
             let (state, _) = s.open_state(&state, Access::Write)?;
             let letter = state.dead_letter(id).map_err(Failure::runtime)?;
@@ -1205,6 +1291,7 @@ fn state_path_of(command: &Command) -> Option<PathBuf> {
         | Command::Checkpoints(CheckpointsCommand::Reset { state: args, .. })
         | Command::DeadLetters(DeadLettersCommand::List(args))
         | Command::DeadLetters(DeadLettersCommand::Discard { state: args, .. })
+        | Command::DeadLetters(DeadLettersCommand::ToTest { state: args, .. })
         | Command::Audit(AuditCommand::Export { state: args, .. })
         | Command::Actions(ActionsCommand::List(args))
         | Command::Actions(ActionsCommand::Pause { state: args, .. })

@@ -10,6 +10,7 @@ mod guard;
 mod prefilter;
 pub mod reload;
 pub mod testing;
+pub mod to_test;
 mod trace;
 
 use std::collections::BTreeSet;

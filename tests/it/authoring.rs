@@ -356,3 +356,148 @@ fn coverage_names_the_lines_no_case_runs() {
     assert!(support.contains(": 100% of statements"), "{support}");
     assert!(!support.contains("never ran"), "{support}");
 }
+
+/// The fixture rule fixed: a request without a user id is carried out with its email.
+const STRICT_FIXED: &str = r#"const PREFILTER = ["strict_erasure"];
+
+fn decide(record) {
+    let event = record.data;
+    if type_of(event) != "map" { return; }
+    if event.type != "strict_erasure" { return; }
+    let user = if type_of(event.user_id) == "string" { event.user_id } else { event.email };
+    #{ action: "anonymize_user", key: "strict:" + event.request_id, params: #{ user_id: user } }
+}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_becomes_a_test_case_without_its_identifiers() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    ws.write_rule(
+        "strict_erasure.rhai",
+        &std::fs::read_to_string(fixture("strict_erasure.rhai")).unwrap(),
+    );
+    let tests = std::fs::read_to_string(fixture("strict_erasure.test.json")).unwrap();
+    ws.write_rule("strict_erasure.test.json", &tests);
+    // The rule throws on this one (no user_id); then a request the backend gets, to know
+    // the daemon is past it.
+    let failing = serde_json::json!({
+        "type": "strict_erasure",
+        "request_id": "s-98765",
+        "email": "Jane.Doe@example.org",
+        "phone": "+1 555 0100",
+        "account": 4417123456u64,
+    });
+    put(
+        &client,
+        "events",
+        &[
+            ("jane-doe-42".to_owned(), failing.to_string().into_bytes()),
+            (
+                "k".to_owned(),
+                deletion("r-1", "u-1").to_string().into_bytes(),
+            ),
+        ],
+    )
+    .await;
+    let daemon = ws.start_daemon(&[]);
+    wait_until(std::time::Duration::from_secs(30), "the request", || {
+        backend.count() >= 1
+    })
+    .await;
+    let config = ws.config();
+    let config = config.to_str().unwrap();
+    // Served by the running daemon.
+    let (code, out, err) = ws.run(&["dead-letters", "list", "--config", config]);
+    assert_eq!(code, 0, "{err}");
+    let letters = json_lines(&out);
+    assert_eq!(letters.len(), 1, "{out}");
+    assert_eq!(letters[0]["kind"], "rule_failed");
+    let id = letters[0]["id"].to_string();
+    let to_test = |extra: &[&str]| {
+        let mut args = vec!["dead-letters", "to-test", "--id", &id, "--config", config];
+        args.extend(extra);
+        let (code, out, err) = ws.run(&args);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let served = to_test(&[]);
+    assert!(daemon.stop().success());
+    // On the file, the same.
+    let printed = to_test(&[]);
+    assert_eq!(printed, served);
+
+    // No identifier of the record (in what it holds: its sequence number and arrival time
+    // are the stream's); what the rule compares against stays.
+    let case: Value = serde_json::from_str(&printed).unwrap();
+    let held = format!(
+        "{} {} {}",
+        case["name"], case["record"]["data"], case["record"]["partition_key"]
+    );
+    for identifier in [
+        "98765",
+        "Jane",
+        "Doe",
+        "example.org",
+        "555",
+        "0100",
+        "4417123456",
+        "jane-doe",
+    ] {
+        assert!(!held.contains(identifier), "{identifier} in {printed}");
+    }
+    let data = &case["record"]["data"];
+    assert_eq!(data["type"], "strict_erasure");
+    let email = data["email"].as_str().unwrap();
+    assert_eq!(email.len(), "Jane.Doe@example.org".len());
+    assert_eq!((email.find('.'), email.find('@')), (Some(4), Some(8)));
+    assert_eq!(case["expect"], Value::Null);
+    assert!(
+        case["name"].as_str().unwrap().contains("still fails"),
+        "{case}"
+    );
+
+    // Added to the rule's tests, it fails the way the record did.
+    let mut cases: Vec<Value> = serde_json::from_str(&tests).unwrap();
+    cases.push(case.clone());
+    ws.write_rule(
+        "strict_erasure.test.json",
+        &serde_json::to_string_pretty(&cases).unwrap(),
+    );
+    let rules = ws.path("rules");
+    let (code, out, _) = ws.run(&["rules", "test", "--rules-dir", rules.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("strict_erasure without a user_id"), "{out}");
+    assert!(out.trim_end().ends_with(" passed, 1 failed"), "{out}");
+
+    // With the rule fixed, the case expects its decision, placeholders and all, and passes.
+    let fixed = ws.path("fixed");
+    std::fs::create_dir(&fixed).unwrap();
+    std::fs::write(fixed.join("strict_erasure.rhai"), STRICT_FIXED).unwrap();
+    let out = to_test(&["--rules-dir", fixed.to_str().unwrap()]);
+    let case: Value = serde_json::from_str(&out).unwrap();
+    let data = &case["record"]["data"];
+    assert_eq!(case["expect"]["params"]["user_id"], data["email"], "{case}");
+    assert_eq!(
+        case["expect"]["key"],
+        format!("strict:{}", data["request_id"].as_str().unwrap())
+    );
+    std::fs::write(
+        fixed.join("strict_erasure.test.json"),
+        serde_json::to_string_pretty(&vec![case]).unwrap(),
+    )
+    .unwrap();
+    let (code, out, _) = ws.run(&["rules", "test", "--rules-dir", fixed.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.trim_end().ends_with("1 passed, 0 failed"), "{out}");
+
+    // Kept as it is on request.
+    let kept = to_test(&["--keep-identifiers"]);
+    assert!(
+        kept.contains("s-98765") && kept.contains("jane-doe-42"),
+        "{kept}"
+    );
+}

@@ -301,6 +301,7 @@ fn run_case(
 /// cases included, with none), a testcase per case, a failure with expected and actual.
 /// `errors` (rules or test files that cannot be read) become one suite of errors.
 pub fn junit(set: Option<&RuleSet>, report: &Report, errors: &[String]) -> String {
+    use quick_xml::escape::partial_escape;
     use quick_xml::events::{BytesDecl, BytesText, Event};
     let mut xml = quick_xml::Writer::new_with_indent(Vec::new(), b' ', 2);
     let count = |n: usize| n.to_string();
@@ -354,7 +355,9 @@ pub fn junit(set: Option<&RuleSet>, report: &Report, errors: &[String]) -> Strin
                             element.write_inner_content(|xml| {
                                 xml.create_element("failure")
                                     .with_attribute(("message", message.as_str()))
-                                    .write_text_content(BytesText::new(&text))?;
+                                    .write_text_content(BytesText::from_escaped(partial_escape(
+                                        &text,
+                                    )))?;
                                 Ok(())
                             })?;
                         }
@@ -375,7 +378,9 @@ pub fn junit(set: Option<&RuleSet>, report: &Report, errors: &[String]) -> Strin
                                     .write_inner_content(|xml| {
                                         xml.create_element("error")
                                             .with_attribute(("message", error.as_str()))
-                                            .write_text_content(BytesText::new(error))?;
+                                            .write_text_content(BytesText::from_escaped(
+                                                partial_escape(error.as_str()),
+                                            ))?;
                                         Ok(())
                                     })?;
                             }

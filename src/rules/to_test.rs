@@ -360,4 +360,41 @@ mod tests {
             out
         );
     }
+
+    fn record(bytes: &[u8], partition_key: &str) -> Record {
+        let mut record = serde_json::from_str::<RecordJson>("{}")
+            .unwrap()
+            .into_record();
+        record.bytes = bytes.to_vec().into();
+        record.partition_key = partition_key.into();
+        record
+    }
+
+    /// A record that could not be decoded (a broken aggregate, say) is bytes, not text:
+    /// only kept as it is, on request. A rule that is gone has no tests to add to.
+    #[test]
+    fn binary_records_and_missing_rules_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("r.rhai"), "fn decide(record) { () }").unwrap();
+        let set = RuleSet::load(dir.path(), None).unwrap();
+        let binary = record(&[0xF3, 0x89, 0x9A, 0xC2, 0xff, 0x00], "pk-1");
+        assert!(matches!(
+            case(&set, "r", &binary, false, "n"),
+            Err(ToTestError::Binary)
+        ));
+        let kept = case(&set, "r", &binary, true, "n").unwrap();
+        assert_eq!(kept.record["data_hex"], "f3899ac2ff00");
+        assert_eq!(kept.record["partition_key"], "pk-1");
+        assert!(matches!(
+            case(&set, "gone", &binary, true, "n"),
+            Err(ToTestError::NoRule(_))
+        ));
+        // Text that is not JSON keeps its shape, and the case reads back as a record.
+        let text = case(&set, "r", &record(b"user 4417 deleted", "pk-1"), false, "n").unwrap();
+        let data_text = text.record["data_text"].as_str().unwrap();
+        assert_eq!(data_text.len(), "user 4417 deleted".len());
+        assert_ne!(data_text, "user 4417 deleted");
+        assert_ne!(text.record["partition_key"], "pk-1");
+        serde_json::from_value::<RecordJson>(Value::Object(text.record)).unwrap();
+    }
 }

@@ -20,7 +20,7 @@ use crate::pipeline::Retried;
 use crate::pipeline::{Pipeline, Sink};
 use crate::preview::OutputFormat;
 use crate::preview::Preview;
-use crate::rules::{testing, Decision, RuleSet};
+use crate::rules::{explain, testing, Decision, RuleSet};
 use crate::state::{Access, AuditEntry, State, StateError, Writes};
 
 #[derive(Parser)]
@@ -147,9 +147,51 @@ enum RulesCommand {
     /// Compile every rule; report errors as file:line:col.
     Check(RulesArgs),
     /// Run every rule's test cases (NAME.test.json beside NAME.rhai).
-    Test(RulesArgs),
+    Test(TestArgs),
     /// Show the records whose decisions differ between two rule sets.
     Diff(DiffArgs),
+    /// For each record and rule, why the rule decided what it did: kept out by its
+    /// prefilter, turned away by an opening check, returned nothing, threw, or its
+    /// decisions and their requests.
+    Explain(ExplainArgs),
+}
+
+#[derive(Args)]
+struct TestArgs {
+    #[command(flatten)]
+    rules: RulesArgs,
+    /// Also write the results as JUnit XML to this file (for CI).
+    #[arg(long, value_name = "FILE")]
+    junit: Option<PathBuf>,
+    /// Per rule, the share of its statements the cases ran and the lines never run.
+    #[arg(long)]
+    coverage: bool,
+    /// Fail (exit 1) when a rule's cases run less than this percentage of its statements
+    /// (implies --coverage).
+    #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
+    min_coverage: Option<f64>,
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    match s.trim_end_matches('%').parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a percentage from 0 to 100")),
+    }
+}
+
+#[derive(Args)]
+struct ExplainArgs {
+    /// Directory of *.rhai rules.
+    #[arg(long)]
+    rules_dir: PathBuf,
+    /// Records, one per line: as `capture` writes them, or plain JSON events.
+    #[arg(long)]
+    input: PathBuf,
+    /// Config file: decisions must name its actions, and their requests are shown.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "human")]
+    output: OutputFormat,
 }
 
 #[derive(Args)]
@@ -264,6 +306,28 @@ enum DeadLettersCommand {
         /// Every dead letter.
         #[arg(long)]
         all: bool,
+    },
+    /// Turn the record of a rule_failed or decode_failed letter into a test case for the
+    /// rule that failed on it, printed as JSON to add to NAME.test.json. Identifiers are
+    /// replaced by placeholders of the same shape (the texts the rule compares against
+    /// stay); the case expects what the rule does on it now.
+    ToTest {
+        #[command(flatten)]
+        state: StateArgs,
+        #[arg(long)]
+        id: u64,
+        /// Keep the record as it is, identifiers included (keep such a case out of version
+        /// control).
+        #[arg(long)]
+        keep_identifiers: bool,
+        /// The rule the case is for: needed for a decode_failed letter (no rule failed on
+        /// it); default, the rule that failed.
+        #[arg(long)]
+        rule: Option<String>,
+        /// The rules to run the case with (default: the running daemon's rules in force,
+        /// else the config's [rules] dir, else ./rules).
+        #[arg(long)]
+        rules_dir: Option<PathBuf>,
     },
     /// Give up on a dead letter, with a reason that goes into the audit trail.
     Discard {
@@ -404,6 +468,7 @@ pub fn main() -> ExitCode {
         Command::Rules(RulesCommand::Check(args)) => rules_check(args),
         Command::Rules(RulesCommand::Test(args)) => rules_test(args),
         Command::Rules(RulesCommand::Diff(args)) => rules_diff(args),
+        Command::Rules(RulesCommand::Explain(args)) => rules_explain(args),
         Command::Preview(args) => preview(args),
         Command::Capture(args) => capture(args),
         command => state_command(command),
@@ -519,9 +584,16 @@ fn rules_check(args: RulesArgs) -> Result<u8, Failure> {
     }
 }
 
-fn rules_test(args: RulesArgs) -> Result<u8, Failure> {
-    let (dir, actions) = rules_setup(&args)?;
+fn rules_test(args: TestArgs) -> Result<u8, Failure> {
+    let (dir, actions) = rules_setup(&args.rules)?;
     let mut out = std::io::stdout().lock();
+    let junit = |set: Option<&RuleSet>, report: &testing::Report, errors: &[String]| match &args
+        .junit
+    {
+        Some(path) => std::fs::write(path, testing::junit(set, report, errors))
+            .map_err(|e| Failure::runtime(anyhow::anyhow!("cannot write {}: {e}", path.display()))),
+        None => Ok(()),
+    };
     let set = match RuleSet::load(&dir, actions) {
         Ok(set) => set,
         Err(errors) => {
@@ -529,11 +601,13 @@ fn rules_test(args: RulesArgs) -> Result<u8, Failure> {
                 out!(out, "{e}");
             }
             out!(out, "0 passed, 0 failed ({} rule error(s))", errors.len());
+            let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            junit(None, &testing::Report::default(), &errors)?;
             return Ok(1);
         }
     };
     // With a config, every expected decision must be one its actions can send.
-    let actions = match &args.config {
+    let actions = match &args.rules.config {
         Some(path) => {
             let specs = config::action_specs(path).map_err(Failure::usage)?;
             Some(ActionSet::new(&specs, false).map_err(Failure::usage)?)
@@ -547,12 +621,15 @@ fn rules_test(args: RulesArgs) -> Result<u8, Failure> {
             .map_err(|e| e.to_string()),
         None => Ok(()),
     };
-    let report = match testing::run(&set, Some(&sendable)) {
+    let coverage = args.coverage || args.min_coverage.is_some();
+    let report = match testing::run_with(&set, Some(&sendable), coverage) {
         Ok(report) => report,
         Err(errors) => {
             for e in &errors {
                 out!(out, "{e}");
             }
+            let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            junit(Some(&set), &testing::Report::default(), &errors)?;
             return Ok(1);
         }
     };
@@ -575,8 +652,28 @@ fn rules_test(args: RulesArgs) -> Result<u8, Failure> {
             "warning: rule {rule} has no test cases ({rule}.test.json)"
         );
     }
+    for rule in &report.coverage {
+        out!(out, "coverage: {rule}");
+    }
+    let below: Vec<&str> = match args.min_coverage {
+        Some(min) => report
+            .coverage
+            .iter()
+            .filter(|c| !c.reaches(min))
+            .map(|c| c.rule.as_str())
+            .collect(),
+        None => Vec::new(),
+    };
+    if let (Some(min), false) = (args.min_coverage, below.is_empty()) {
+        out!(out, "FAIL coverage below {min}%: {}", below.join(", "));
+    }
+    junit(Some(&set), &report, &[])?;
     out!(out, "{} passed, {} failed", report.passed, report.failed());
-    Ok(if report.failed() == 0 { 0 } else { 1 })
+    Ok(if report.failed() == 0 && below.is_empty() {
+        0
+    } else {
+        1
+    })
 }
 
 fn load_rules(
@@ -614,6 +711,97 @@ fn preview(args: PreviewArgs) -> Result<u8, Failure> {
         preview.evaluate(&rules, actions.as_ref(), record);
     }
     preview.finish().map_err(write_failure)?;
+    Ok(0)
+}
+
+/// The records of an explain input, with their line numbers: lines as `capture` writes
+/// them (`data`, `data_text`... with the record's metadata), or else plain events, whose
+/// line is the payload exactly as written.
+fn read_events(path: &std::path::Path) -> Result<Vec<(usize, Record)>, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::usage(anyhow::anyhow!("{}: {e}", path.display())))?;
+    let mut records = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        // A captured record names its payload (`data`, `data_text`...) and holds only the
+        // fields of one (`RecordJson` refuses others).
+        let names_payload =
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(line)
+                .is_ok_and(|fields| fields.keys().any(|k| k.starts_with("data")));
+        let captured = names_payload
+            .then(|| serde_json::from_str::<RecordJson>(line).ok())
+            .flatten();
+        let record = match captured {
+            Some(record) => record,
+            None => RecordJson {
+                data_text: Some(line.to_owned()),
+                ..serde_json::from_str("{}").expect("every field of a record has a default")
+            },
+        };
+        records.push((index + 1, record.into_record()));
+    }
+    Ok(records)
+}
+
+fn rules_explain(args: ExplainArgs) -> Result<u8, Failure> {
+    let (names, actions) = match &args.config {
+        Some(path) => {
+            let specs = config::action_specs(path).map_err(Failure::usage)?;
+            let actions = ActionSet::new(&specs, false).map_err(Failure::usage)?;
+            (Some(specs.into_keys().collect()), Some(actions))
+        }
+        None => (None, None),
+    };
+    let rules = load_rules(&args.rules_dir, names)?;
+    let records = read_events(&args.input)?;
+    let render = |decision: &Decision| -> Result<serde_json::Value, String> {
+        let Some(actions) = &actions else {
+            return Err("no config".into());
+        };
+        let request = actions.prepare(decision).map_err(|e| e.to_string())?;
+        let headers: serde_json::Map<String, serde_json::Value> = request
+            .redacted_headers()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().into()))
+            .collect();
+        Ok(serde_json::json!({
+            "method": request.method.as_str(),
+            "url": request.url.as_str(),
+            "headers": headers,
+            "body": serde_json::from_str::<serde_json::Value>(&request.body)
+                .unwrap_or_else(|_| request.body.clone().into()),
+        }))
+    };
+    let render: Option<explain::RenderRequest> = actions.as_ref().map(|_| &render as _);
+    let mut out = std::io::stdout().lock();
+    for (line, record) in &records {
+        let traces = rules.explain(record, render);
+        match args.output {
+            OutputFormat::Json => out!(
+                out,
+                "{}",
+                serde_json::json!({
+                    "line": line,
+                    "shard_id": record.shard_id,
+                    "sequence_number": record.sequence_number,
+                    "rules": traces,
+                })
+            ),
+            OutputFormat::Human => {
+                out!(
+                    out,
+                    "line {line} (shard {}, sequence number {}):",
+                    record.shard_id,
+                    record.sequence_number
+                );
+                for trace in &traces {
+                    out!(out, "  {}", trace.human());
+                }
+            }
+        }
+    }
     Ok(0)
 }
 
@@ -866,6 +1054,70 @@ fn dead_letters(cmd: DeadLettersCommand, s: &mut Session) -> Result<u8, Failure>
             }
             Ok(u8::from(failed))
         }
+        DeadLettersCommand::ToTest {
+            state: args,
+            id,
+            keep_identifiers,
+            rule,
+            rules_dir,
+        } => {
+            let (state, keys) = s.open_state(&args, Access::Read)?;
+            let letter = state.dead_letter(id).map_err(Failure::runtime)?;
+            let record = crate::pipeline::letter_record(&keys, id, &letter)
+                .map_err(Failure::runtime)?
+                .ok_or_else(|| {
+                    Failure::usage(anyhow::anyhow!(
+                        "dead letter {id} is a failed action: it holds a request, not a record"
+                    ))
+                })?;
+            let rule = match (rule, letter.rule.as_str()) {
+                (Some(rule), _) => rule,
+                (None, "") => {
+                    return Err(Failure::usage(anyhow::anyhow!(
+                        "dead letter {id} is a record that could not be decoded: no rule failed on it; name the rule whose test it is for with --rule"
+                    )))
+                }
+                (None, rule) => rule.to_owned(),
+            };
+            let rules = match (s.daemon, rules_dir) {
+                (Some(pipeline), None) => arc_swap::Guard::into_inner(pipeline.rules.load()),
+                (Some(_), Some(dir)) if dir.is_relative() => {
+                    return Err(Failure::usage(anyhow::anyhow!(
+                        "the running daemon serves this command: give --rules-dir as an absolute path"
+                    )))
+                }
+                (_, dir) => {
+                    let (config_dir, names) = match &args.config {
+                        Some(path) => {
+                            let (dir, names) =
+                                config::rules_context(path).map_err(Failure::usage)?;
+                            (dir, Some(names))
+                        }
+                        None => (None, None),
+                    };
+                    let dir = dir.or(config_dir).unwrap_or_else(|| PathBuf::from("rules"));
+                    Arc::new(load_rules(&dir, names)?)
+                }
+            };
+            // The rule file by its name: the directory is the daemon's, not the test's.
+            let directory = std::path::Path::new(&letter.rule_file)
+                .parent()
+                .map(|d| format!("{}/", d.display()))
+                .unwrap_or_default();
+            let error = match directory.as_str() {
+                "/" | "" => letter.reason.error().to_owned(),
+                directory => letter.reason.error().replace(directory, ""),
+            };
+            let name = format!("dead letter {id}: {} ({error})", letter.reason.kind());
+            let case = crate::rules::to_test::case(&rules, &rule, &record, keep_identifiers, &name)
+                .map_err(Failure::usage)?;
+            out!(
+                s.out,
+                "{}",
+                serde_json::to_string_pretty(&case).unwrap_or_default()
+            );
+            Ok(0)
+        }
         DeadLettersCommand::Discard { state, id, reason } => {
             let (state, _) = s.open_state(&state, Access::Write)?;
             let letter = state.dead_letter(id).map_err(Failure::runtime)?;
@@ -1039,6 +1291,7 @@ fn state_path_of(command: &Command) -> Option<PathBuf> {
         | Command::Checkpoints(CheckpointsCommand::Reset { state: args, .. })
         | Command::DeadLetters(DeadLettersCommand::List(args))
         | Command::DeadLetters(DeadLettersCommand::Discard { state: args, .. })
+        | Command::DeadLetters(DeadLettersCommand::ToTest { state: args, .. })
         | Command::Audit(AuditCommand::Export { state: args, .. })
         | Command::Actions(ActionsCommand::List(args))
         | Command::Actions(ActionsCommand::Pause { state: args, .. })

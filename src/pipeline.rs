@@ -1259,6 +1259,33 @@ fn with_status(error: String, status: Option<u16>) -> String {
 }
 
 /// Opens what a dead letter keeps sealed.
+/// The record a `rule_failed` or `decode_failed` letter holds, opened with the key ring
+/// (`None` for a failed action: it holds a decision, not a record). For
+/// `dead-letters to-test`.
+pub fn letter_record(
+    keys: &Keys,
+    id: u64,
+    letter: &DeadLetter,
+) -> Result<Option<Record>, PipelineError> {
+    let sealed = match &letter.reason {
+        DeadLetterReason::RuleFailed { sealed_record, .. }
+        | DeadLetterReason::DecodeFailed { sealed_record, .. } => sealed_record,
+        DeadLetterReason::ActionFailed { .. } => return Ok(None),
+    };
+    let context = DeadLetter::seal_context(id, letter.reason.kind());
+    let sealed: SealedRecord = open(keys, id, sealed, &context)?;
+    Ok(Some(Record {
+        stream: letter.stream.as_str().into(),
+        shard_id: letter.shard_id.as_str().into(),
+        sequence_number: letter.sequence_number.as_str().into(),
+        sub_sequence_number: letter.sub_sequence_number,
+        partition_key: sealed.partition_key.into(),
+        arrival_time: letter.arrival_time.as_str().into(),
+        bytes: hex::decode(sealed.payload_hex).unwrap_or_default().into(),
+        unreadable: None,
+    }))
+}
+
 fn open<T: serde::de::DeserializeOwned>(
     keys: &Keys,
     id: u64,

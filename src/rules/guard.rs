@@ -19,15 +19,41 @@
 
 use std::borrow::Cow;
 
-use rhai::{ASTNode, Dynamic, Expr, ImmutableString, Stmt, AST};
+use rhai::{ASTNode, Dynamic, Expr, ImmutableString, Position, Stmt, AST};
 use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
 /// The opening checks of one rule's `decide`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Guard {
     /// Fields of `record.data` that must hold these strings.
     fields: Vec<(ImmutableString, ImmutableString)>,
+    /// Where the checks are in the rule file (for `rules explain`): the map check, then
+    /// one per field, in order.
+    map_check: Position,
+    field_checks: Vec<Position>,
+}
+
+/// Two guards are equal when they check the same things, wherever they are written.
+impl PartialEq for Guard {
+    fn eq(&self, other: &Self) -> bool {
+        self.fields == other.fields
+    }
+}
+
+/// The opening check that turned a record away, and what it compared.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    /// `record.data` is not a map.
+    NotAMap { at: Position },
+    /// A field of `record.data` does not hold the check's literal: `found` is its string, or
+    /// `None` when it is missing or not a string.
+    Field {
+        at: Position,
+        field: ImmutableString,
+        literal: ImmutableString,
+        found: Option<String>,
+    },
 }
 
 impl Guard {
@@ -42,16 +68,19 @@ impl Guard {
         let mut reader = Reader {
             param,
             alias: None,
-            map_checked: false,
+            map_checked: None,
             fields: Vec::new(),
+            field_checks: Vec::new(),
         };
         only_decide.walk(&mut |path: &[ASTNode]| match path {
             // The body's statements, in order (deeper nodes need no visit).
             [ASTNode::Stmt(stmt)] => reader.read(stmt),
             _ => true,
         });
-        reader.map_checked.then_some(Guard {
+        reader.map_checked.map(|map_check| Guard {
             fields: reader.fields,
+            map_check,
+            field_checks: reader.field_checks,
         })
     }
 
@@ -71,6 +100,26 @@ impl Guard {
             .map(|(_, literal)| literal.as_str())
             .filter(searchable)
             .max_by_key(|literal| literal.len())
+    }
+
+    /// The first check that turns away a record whose guard fields hold `values`, if one
+    /// does: what [`Guard::admits`] decides, with the reason (for `rules explain`).
+    pub fn refusal(&self, names: &GuardFields, values: &FieldValues) -> Option<Refusal> {
+        let Some(values) = values else {
+            return Some(Refusal::NotAMap { at: self.map_check });
+        };
+        self.fields
+            .iter()
+            .zip(&self.field_checks)
+            .find_map(|((field, literal), at)| {
+                let found = names.index(field).and_then(|i| values[i].as_deref());
+                (found != Some(literal.as_str())).then(|| Refusal::Field {
+                    at: *at,
+                    field: field.clone(),
+                    literal: literal.clone(),
+                    found: found.map(str::to_owned),
+                })
+            })
     }
 
     /// Whether the rule must run on a record whose guard fields hold `values`.
@@ -232,8 +281,10 @@ struct Reader {
     param: ImmutableString,
     /// A variable holding `record.data` (`let event = record.data;`).
     alias: Option<ImmutableString>,
-    map_checked: bool,
+    /// Where the map check is, once read.
+    map_checked: Option<Position>,
     fields: Vec<(ImmutableString, ImmutableString)>,
+    field_checks: Vec<Position>,
 }
 
 impl Reader {
@@ -247,15 +298,15 @@ impl Reader {
                 self.alias = Some(var.0.name.clone());
                 true
             }
-            Stmt::If(flow, _) if returns_nothing(&flow.body) && flow.branch.is_empty() => {
-                self.read_condition(&flow.expr)
+            Stmt::If(flow, at) if returns_nothing(&flow.body) && flow.branch.is_empty() => {
+                self.read_condition(&flow.expr, *at)
             }
             _ => false,
         }
     }
 
     /// `type_of(DATA) != "map"` or, after it, `DATA.field != "literal"`.
-    fn read_condition(&mut self, condition: &Expr) -> bool {
+    fn read_condition(&mut self, condition: &Expr, at: Position) -> bool {
         let Expr::FnCall(call, _) = condition else {
             return false;
         };
@@ -272,12 +323,13 @@ impl Reader {
                     && self.is_data(&type_of.args[0])
                     && literal == "map" =>
             {
-                self.map_checked = true;
+                self.map_checked = Some(at);
                 true
             }
-            _ if self.map_checked => match self.data_field(left) {
+            _ if self.map_checked.is_some() => match self.data_field(left) {
                 Some(field) => {
                     self.fields.push((field, literal.clone()));
+                    self.field_checks.push(at);
                     true
                 }
                 None => false,
@@ -380,6 +432,8 @@ mod tests {
                 .iter()
                 .map(|(f, l)| ((*f).into(), (*l).into()))
                 .collect(),
+            map_check: Position::NONE,
+            field_checks: vec![Position::NONE; pairs.len()],
         })
     }
 

@@ -5,10 +5,13 @@
 //! A compiled [`RuleSet`] is immutable, so a reload can swap in a new one between records.
 
 mod engine;
+pub mod explain;
 mod guard;
 mod prefilter;
 pub mod reload;
 pub mod testing;
+pub mod to_test;
+mod trace;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -335,9 +338,14 @@ impl RuleSet {
     }
 
     fn call(&self, rule: &Rule, input: &Dynamic) -> Verdict {
+        self.call_on(&self.engine, rule, input)
+    }
+
+    /// [`Self::call`] on a given engine (the tracing one, for `rules explain`).
+    fn call_on(&self, engine: &Engine, rule: &Rule, input: &Dynamic) -> Verdict {
         let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
         let result = engine::with_deadline(|| {
-            self.engine.call_fn_with_options::<Dynamic>(
+            engine.call_fn_with_options::<Dynamic>(
                 options,
                 &mut Scope::new(),
                 &rule.ast,

@@ -5,10 +5,12 @@
 //! `data`, or `data_text` exactly as a producer writes it) take the daemon's own path,
 //! prefilter and opening checks included, so a wrong literal shows up as a failing case.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::trace::{self, Place};
 use super::{Decision, Location, RuleError, RuleSet, Verdict};
 use crate::decode::RecordJson;
 
@@ -74,14 +76,72 @@ impl std::fmt::Display for Unsendable {
     }
 }
 
+/// One case and how it went, in the order run (for `--junit`).
+#[derive(Debug)]
+pub struct CaseResult {
+    pub rule: String,
+    /// The test file it is in.
+    pub file: PathBuf,
+    pub case: String,
+    /// `None` when it passed; else expected and actual (or why it cannot be sent).
+    pub failure: Option<CaseFailure>,
+}
+
+#[derive(Debug, Clone)]
+pub enum CaseFailure {
+    Differs { expected: String, actual: String },
+    Unsendable(String),
+}
+
 #[derive(Debug, Default)]
 pub struct Report {
+    /// Every case run, in order.
+    pub cases: Vec<CaseResult>,
     pub passed: usize,
     pub failures: Vec<Failure>,
     /// Cases (counted as failed) whose expected decisions cannot be sent.
     pub unsendable: Vec<Unsendable>,
     /// Rules that have no test file.
     pub untested: Vec<String>,
+    /// Per rule, in order, the statements its cases ran (when asked for).
+    pub coverage: Vec<Coverage>,
+}
+
+/// How much of a rule its test cases ran, counted on the compiled rule's statements.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Coverage {
+    pub rule: String,
+    pub statements: usize,
+    pub ran: usize,
+    /// The lines of the statements no case ran.
+    pub never_ran: Vec<usize>,
+}
+
+impl Coverage {
+    /// Whether at least `percent` of the statements ran.
+    pub fn reaches(&self, percent: f64) -> bool {
+        self.statements == 0 || self.ran as f64 * 100.0 >= percent * self.statements as f64
+    }
+}
+
+impl std::fmt::Display for Coverage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Rounded down: 100% only when every statement ran.
+        let percent = match self.statements {
+            0 => 100,
+            n => self.ran * 100 / n,
+        };
+        write!(
+            f,
+            "{}: {percent}% of statements ({} of {})",
+            self.rule, self.ran, self.statements
+        )?;
+        if !self.never_ran.is_empty() {
+            let lines: Vec<String> = self.never_ran.iter().map(|l| l.to_string()).collect();
+            write!(f, "; never ran: {}", lines.join(", "))?;
+        }
+        Ok(())
+    }
 }
 
 /// The test file of a rule.
@@ -99,21 +159,55 @@ impl Report {
 /// Runs every rule's test cases. Unreadable test files are errors with file:line. With
 /// `sendable`, every expected decision must also be one the configured actions can send.
 pub fn run(set: &RuleSet, sendable: Option<SendCheck>) -> Result<Report, Vec<RuleError>> {
+    run_with(set, sendable, false)
+}
+
+/// [`run`], and with `coverage`, which statements of each rule its cases ran (each case is
+/// run a second time, under the debugger).
+pub fn run_with(
+    set: &RuleSet,
+    sendable: Option<SendCheck>,
+    coverage: bool,
+) -> Result<Report, Vec<RuleError>> {
     let mut report = Report::default();
     let mut errors = Vec::new();
     for (index, rule) in set.rules().iter().enumerate() {
+        let mut ran: HashSet<Place> = HashSet::new();
         let path = test_file(&rule.path);
         if !path.exists() {
             report.untested.push(rule.name.clone());
-            continue;
-        }
-        match load_cases(&path) {
-            Ok(cases) => {
-                for case in cases {
-                    run_case(set, index, &path, case, sendable, &mut report);
+        } else {
+            match load_cases(&path) {
+                Ok(cases) => {
+                    for case in cases {
+                        if coverage {
+                            let record = case.record.clone().into_record();
+                            ran.extend(set.statements_run(index, &record).unwrap_or_default());
+                        }
+                        run_case(set, index, &path, case, sendable, &mut report);
+                    }
                 }
+                Err(e) => errors.push(e),
             }
-            Err(e) => errors.push(e),
+        }
+        if coverage {
+            let statements = trace::statements(&rule.ast);
+            let mut never_ran: Vec<usize> = statements
+                .iter()
+                .filter(|(place, _)| !ran.contains(place))
+                .map(|(_, statement)| statement.line)
+                .collect();
+            never_ran.sort_unstable();
+            never_ran.dedup();
+            report.coverage.push(Coverage {
+                rule: rule.name.clone(),
+                statements: statements.len(),
+                ran: statements
+                    .keys()
+                    .filter(|place| ran.contains(place))
+                    .count(),
+                never_ran,
+            });
         }
     }
     if errors.is_empty() {
@@ -161,25 +255,146 @@ fn run_case(
     };
     // A case the rule passes must also expect only decisions the config can send.
     let unsendable = || sendable.and_then(|check| expected.iter().find_map(|d| check(d).err()));
-    match actual {
+    let rule = set.rules()[index].name.clone();
+    let failure = match actual {
         Ok(actual) if actual == expected => match unsendable() {
-            None => report.passed += 1,
-            Some(reason) => report.unsendable.push(Unsendable {
-                file: file.to_owned(),
-                case: case.name,
-                reason,
-            }),
+            None => {
+                report.passed += 1;
+                None
+            }
+            Some(reason) => {
+                report.unsendable.push(Unsendable {
+                    file: file.to_owned(),
+                    case: case.name.clone(),
+                    reason: reason.clone(),
+                });
+                Some(CaseFailure::Unsendable(reason))
+            }
         },
-        actual => report.failures.push(Failure {
-            rule: set.rules()[index].name.clone(),
-            case: case.name,
-            expected: decisions_json(&expected),
-            actual: match actual {
-                Ok(decisions) => decisions_json(&decisions),
-                Err(error) => format!("error: {error}"),
-            },
-        }),
-    }
+        actual => {
+            let failure = Failure {
+                rule: rule.clone(),
+                case: case.name.clone(),
+                expected: decisions_json(&expected),
+                actual: match actual {
+                    Ok(decisions) => decisions_json(&decisions),
+                    Err(error) => format!("error: {error}"),
+                },
+            };
+            let differs = CaseFailure::Differs {
+                expected: failure.expected.clone(),
+                actual: failure.actual.clone(),
+            };
+            report.failures.push(failure);
+            Some(differs)
+        }
+    };
+    report.cases.push(CaseResult {
+        rule,
+        file: file.to_owned(),
+        case: case.name,
+        failure,
+    });
+}
+
+/// The report as JUnit XML, which CI systems read: a testsuite per rule (rules without
+/// cases included, with none), a testcase per case, a failure with expected and actual.
+/// `errors` (rules or test files that cannot be read) become one suite of errors.
+pub fn junit(set: Option<&RuleSet>, report: &Report, errors: &[String]) -> String {
+    use quick_xml::escape::partial_escape;
+    use quick_xml::events::{BytesDecl, BytesText, Event};
+    let mut xml = quick_xml::Writer::new_with_indent(Vec::new(), b' ', 2);
+    let count = |n: usize| n.to_string();
+    let rules: Vec<&str> = match set {
+        Some(set) => set.rules().iter().map(|r| r.name.as_str()).collect(),
+        None => Vec::new(),
+    };
+    let written = (|| -> std::io::Result<()> {
+        xml.write_event(Event::Decl(BytesDecl::new("1.0", Some("UTF-8"), None)))?;
+        xml.create_element("testsuites")
+            .with_attribute(("name", "rules test"))
+            .with_attribute(("tests", count(report.cases.len() + errors.len()).as_str()))
+            .with_attribute(("failures", count(report.failed()).as_str()))
+            .with_attribute(("errors", count(errors.len()).as_str()))
+            .write_inner_content(|xml| {
+                for rule in &rules {
+                    let cases: Vec<&CaseResult> =
+                        report.cases.iter().filter(|c| c.rule == *rule).collect();
+                    let failures = cases.iter().filter(|c| c.failure.is_some()).count();
+                    let mut suite = xml
+                        .create_element("testsuite")
+                        .with_attribute(("name", *rule))
+                        .with_attribute(("tests", count(cases.len()).as_str()))
+                        .with_attribute(("failures", count(failures).as_str()))
+                        .with_attribute(("errors", "0"));
+                    if let Some(first) = cases.first() {
+                        suite =
+                            suite.with_attribute(("file", first.file.to_string_lossy().as_ref()));
+                    }
+                    suite.write_inner_content(|xml| {
+                        for case in cases {
+                            let element = xml
+                                .create_element("testcase")
+                                .with_attribute(("name", case.case.as_str()))
+                                .with_attribute(("classname", *rule));
+                            let (message, text) = match &case.failure {
+                                None => {
+                                    element.write_empty()?;
+                                    continue;
+                                }
+                                Some(CaseFailure::Differs { expected, actual }) => (
+                                    "the decisions differ from the expected ones".to_owned(),
+                                    format!("expected: {expected}\nactual:   {actual}"),
+                                ),
+                                Some(CaseFailure::Unsendable(reason)) => (
+                                    "expects a decision the configured actions cannot send"
+                                        .to_owned(),
+                                    reason.clone(),
+                                ),
+                            };
+                            element.write_inner_content(|xml| {
+                                xml.create_element("failure")
+                                    .with_attribute(("message", message.as_str()))
+                                    .write_text_content(BytesText::from_escaped(partial_escape(
+                                        &text,
+                                    )))?;
+                                Ok(())
+                            })?;
+                        }
+                        Ok(())
+                    })?;
+                }
+                if !errors.is_empty() {
+                    xml.create_element("testsuite")
+                        .with_attribute(("name", "rules"))
+                        .with_attribute(("tests", count(errors.len()).as_str()))
+                        .with_attribute(("failures", "0"))
+                        .with_attribute(("errors", count(errors.len()).as_str()))
+                        .write_inner_content(|xml| {
+                            for (n, error) in errors.iter().enumerate() {
+                                xml.create_element("testcase")
+                                    .with_attribute(("name", format!("error {}", n + 1).as_str()))
+                                    .with_attribute(("classname", "rules"))
+                                    .write_inner_content(|xml| {
+                                        xml.create_element("error")
+                                            .with_attribute(("message", error.as_str()))
+                                            .write_text_content(BytesText::from_escaped(
+                                                partial_escape(error.as_str()),
+                                            ))?;
+                                        Ok(())
+                                    })?;
+                            }
+                            Ok(())
+                        })?;
+                }
+                Ok(())
+            })?;
+        Ok(())
+    })();
+    written.expect("writing to memory does not fail");
+    let mut text = String::from_utf8(xml.into_inner()).expect("the XML is UTF-8");
+    text.push('\n');
+    text
 }
 
 fn decisions_json(decisions: &[Decision]) -> String {
@@ -262,5 +477,55 @@ mod sendable_tests {
         );
         // Without a config, any decision goes.
         assert_eq!(run(&set, None).unwrap().failed(), 0);
+    }
+}
+
+#[cfg(test)]
+mod coverage_tests {
+    use super::*;
+
+    /// Statements in helper functions, loops and `switch` arms count, each where it is.
+    #[test]
+    fn coverage_counts_every_function_and_branch() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("h.rhai"),
+            "fn helper(x) {\n    if x == \"a\" {\n        return 1;\n    }\n    let n = 0;\n    for i in 0..3 { n += i; }\n    n * 1\n}\n\nfn decide(record) {\n    let d = record.data;\n    let h = helper(d.x);\n    if h == 1 { return; }\n    switch d.y {\n        1 => { return; }\n        _ => {}\n    }\n    #{ action: \"a\", key: `k${h}` }\n}\n",
+        )
+        .unwrap();
+        let case = |name: &str, data: &str, expect: &str| {
+            format!(r#"{{"name": "{name}", "record": {{"data": {data}}}, "expect": {expect}}}"#)
+        };
+        let first = case("a", r#"{"x": "a"}"#, "null");
+        std::fs::write(dir.path().join("h.test.json"), format!("[{first}]")).unwrap();
+        let set = RuleSet::load(dir.path(), None).unwrap();
+        let report = run_with(&set, None, true).unwrap();
+        assert_eq!(
+            report.coverage[0].to_string(),
+            "h: 46% of statements (6 of 13); never ran: 5, 6, 7, 14, 15, 18"
+        );
+        assert!(!report.coverage[0].reaches(50.0));
+        let all = [
+            first,
+            case("b", r#"{"x": "b", "y": 1}"#, "null"),
+            case(
+                "c",
+                r#"{"x": "b", "y": 2}"#,
+                r#"{"action": "a", "key": "k3"}"#,
+            ),
+        ];
+        std::fs::write(
+            dir.path().join("h.test.json"),
+            format!("[{}]", all.join(",")),
+        )
+        .unwrap();
+        let report = run_with(&set, None, true).unwrap();
+        assert_eq!(report.passed, 3);
+        assert_eq!(
+            report.coverage[0].to_string(),
+            "h: 100% of statements (13 of 13)"
+        );
+        // Without coverage asked for, none is counted.
+        assert!(run(&set, None).unwrap().coverage.is_empty());
     }
 }

@@ -869,6 +869,33 @@ async fn every_documented_exit_code_is_the_real_one() {
     );
     check("preview", 2, preview("rules", "no-such-file.jsonl"));
 
+    let explain = |rules: &str, input: &str| {
+        ws.run(&["rules", "explain", "--rules-dir", rules, "--input", input])
+    };
+    check("rules explain", 0, explain("rules", "records.jsonl"));
+    let to_full = command(&ws.config())
+        .args([
+            "rules",
+            "explain",
+            "--rules-dir",
+            "rules",
+            "--input",
+            "records.jsonl",
+        ])
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    check(
+        "rules explain",
+        1,
+        (
+            to_full.status.code().unwrap_or(-1),
+            String::new(),
+            String::from_utf8_lossy(&to_full.stderr).into_owned(),
+        ),
+    );
+    check("rules explain", 2, explain("rules", "no-such-file.jsonl"));
+
     let diff = |rules: &str, tail: &[&str]| {
         let mut args = vec!["rules", "diff", "--rules-dir", rules, "--against", "rules"];
         args.extend_from_slice(tail);

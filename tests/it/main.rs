@@ -2,6 +2,7 @@
 //! backend on loopback, each started by the test on a free port.
 
 mod actions;
+mod authoring;
 mod cli;
 mod console;
 mod damage;

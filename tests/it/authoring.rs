@@ -1,0 +1,503 @@
+//! The authoring tools compliance staff use on their own: `rules explain`, `rules test
+//! --coverage` and `--junit`, and `dead-letters to-test`.
+
+use serde_json::Value;
+
+use crate::support::*;
+
+fn fixture(name: &str) -> String {
+    repo()
+        .join("tests/fixtures/authoring")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A workspace with the shipped rules and the fixture rule that throws.
+fn workspace() -> Workspace {
+    let ws = Workspace::new("http://127.0.0.1:9", "events", "http://127.0.0.1:9");
+    ws.write_rule(
+        "strict_erasure.rhai",
+        &std::fs::read_to_string(fixture("strict_erasure.rhai")).unwrap(),
+    );
+    ws
+}
+
+fn trace<'a>(record: &'a Value, rule: &str) -> &'a Value {
+    record["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["rule"] == rule)
+        .unwrap_or_else(|| panic!("no trace of {rule} in {record}"))
+}
+
+#[test]
+fn explain_says_why_each_rule_decided_what_it_did() {
+    let ws = workspace();
+    let config = ws.config();
+    let rules = ws.path("rules");
+    let args = |output: &'static str| {
+        vec![
+            "rules".to_owned(),
+            "explain".into(),
+            "--rules-dir".into(),
+            rules.to_str().unwrap().into(),
+            "--input".into(),
+            fixture("explain.jsonl"),
+            "--config".into(),
+            config.to_str().unwrap().into(),
+            "--output".into(),
+            output.into(),
+        ]
+    };
+    let run = |output| {
+        let args = args(output);
+        let (code, out, err) = ws.run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let records = json_lines(&run("json"));
+    assert_eq!(records.len(), 5, "{records:?}");
+
+    // A matching record: the decision and the exact request, token redacted.
+    let matched = trace(&records[0], "acme_gdpr_delete_user");
+    assert_eq!(matched["outcome"], "decided", "{matched}");
+    let decided = &matched["decisions"][0];
+    assert_eq!(decided["decision"]["key"], "r-456");
+    assert_eq!(decided["request"]["method"], "POST");
+    assert!(decided["request"]["url"]
+        .as_str()
+        .unwrap()
+        .ends_with("/v1/users/u-123/anonymize"));
+    assert!(!records[0].to_string().contains(TOKEN));
+    assert_eq!(records[0]["sequence_number"], "1001");
+
+    // Turned away by an opening check, at its line, with the field and value compared.
+    let away = trace(&records[1], "acme_gdpr_delete_user");
+    assert_eq!(away["outcome"], "turned_away", "{away}");
+    assert_eq!(away["line"], 19);
+    assert_eq!(away["field"], "record.data.client");
+    assert_eq!(away["expected"], "acme");
+    assert_eq!(away["found"], "globex");
+
+    // Without the literal: kept out by the prefilter, which names it.
+    for rule in ["acme_gdpr_delete_user", "ccpa_delete", "strict_erasure"] {
+        assert_eq!(trace(&records[2], rule)["outcome"], "prefiltered");
+    }
+    assert_eq!(
+        trace(&records[2], "acme_gdpr_delete_user")["missing"],
+        serde_json::json!(["Delete User"])
+    );
+
+    // A record the rule throws on: where, and the message.
+    let threw = trace(&records[3], "strict_erasure");
+    assert_eq!(threw["outcome"], "threw", "{threw}");
+    assert_eq!(threw["line"], 11);
+    assert!(threw["message"]
+        .as_str()
+        .unwrap()
+        .contains("strict_erasure without a user_id"));
+
+    // Returned nothing, at the `return` that fired (not an opening check: an `||`).
+    let nothing = trace(&records[4], "support_erasure_verified_only");
+    assert_eq!(nothing["outcome"], "returned_nothing", "{nothing}");
+    assert_eq!(nothing["line"], 19);
+    assert_eq!(nothing["by_return"], true);
+
+    // The text says the same, rule by rule.
+    let human = run("human");
+    let blocks: Vec<&str> = human
+        .split("\nline ")
+        .map(|b| b.trim_start_matches("line "))
+        .collect();
+    assert_eq!(blocks.len(), records.len(), "{human}");
+    for (block, record) in blocks.iter().zip(&records) {
+        assert!(
+            block.starts_with(&format!("{} (shard ", record["line"])),
+            "{block}"
+        );
+        for t in record["rules"].as_array().unwrap() {
+            let file = t["file"].as_str().unwrap();
+            let said = match t["outcome"].as_str().unwrap() {
+                "prefiltered" => format!(
+                    "kept out by its prefilter: the record holds none of {:?}",
+                    t["missing"][0].as_str().unwrap()
+                ),
+                "turned_away" => format!(
+                    "turned away by the opening check at {file}:{}: {} is {:?}, not {:?}",
+                    t["line"],
+                    t["field"].as_str().unwrap(),
+                    t["found"].as_str().unwrap(),
+                    t["expected"].as_str().unwrap()
+                ),
+                "returned_nothing" => format!("returned nothing at {file}:{} (return)", t["line"]),
+                "threw" => format!(
+                    "threw at {file}:{}: {}",
+                    t["line"],
+                    t["message"].as_str().unwrap()
+                ),
+                "decided" => format!(
+                    "decided 1 request(s)\n    anonymize_user key {:?}",
+                    t["decisions"][0]["decision"]["key"].as_str().unwrap()
+                ),
+                other => panic!("{other}"),
+            };
+            let expected = format!("  {}: {said}", t["rule"].as_str().unwrap());
+            assert!(block.contains(&expected), "{expected}\nnot in\n{block}");
+        }
+    }
+}
+
+/// The fixture rule that throws, with its test cases.
+fn workspace_with_tests() -> Workspace {
+    let ws = workspace();
+    ws.write_rule(
+        "strict_erasure.test.json",
+        &std::fs::read_to_string(fixture("strict_erasure.test.json")).unwrap(),
+    );
+    ws
+}
+
+/// `N passed, N failed` from the end of `rules test`'s output.
+fn counts(out: &str) -> (usize, usize) {
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.ends_with(" failed"))
+        .unwrap_or_else(|| panic!("no count line in {out}"));
+    let numbers: Vec<usize> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+/// What a JUnit file holds: (testcases, failures, the failures' texts, suite names,
+/// the totals on `testsuites`).
+fn read_junit(path: &std::path::Path) -> (usize, usize, Vec<String>, Vec<String>, (usize, usize)) {
+    use quick_xml::events::Event;
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut reader = quick_xml::Reader::from_str(&text);
+    let (mut cases, mut failures) = (0, 0);
+    let (mut texts, mut suites) = (Vec::new(), Vec::new());
+    let mut totals = (0, 0);
+    let mut in_failure = false;
+    let attribute = |e: &quick_xml::events::BytesStart, name: &str| -> String {
+        e.try_get_attribute(name)
+            .unwrap()
+            .map(|a| {
+                a.normalized_value(quick_xml::XmlVersion::Explicit1_0)
+                    .unwrap()
+                    .into_owned()
+            })
+            .unwrap_or_default()
+    };
+    loop {
+        match reader
+            .read_event()
+            .expect("the JUnit file is well-formed XML")
+        {
+            Event::Start(e) | Event::Empty(e) => match e.name().0 {
+                "testsuites" => {
+                    totals = (
+                        attribute(&e, "tests").parse().unwrap(),
+                        attribute(&e, "failures").parse().unwrap(),
+                    )
+                }
+                "testsuite" => suites.push(attribute(&e, "name")),
+                "testcase" => cases += 1,
+                "failure" => {
+                    failures += 1;
+                    in_failure = true;
+                    texts.push(String::new());
+                }
+                _ => {}
+            },
+            Event::Text(t) if in_failure => {
+                *texts.last_mut().unwrap() += &t.xml10_content();
+            }
+            Event::GeneralRef(r) if in_failure => {
+                let name = r.xml10_content();
+                let c = match name.as_ref() {
+                    "quot" => '"',
+                    "amp" => '&',
+                    "lt" => '<',
+                    "gt" => '>',
+                    "apos" => '\'',
+                    other => panic!("entity {other}"),
+                };
+                texts.last_mut().unwrap().push(c);
+            }
+            Event::End(e) if e.name().as_ref() == "failure" => in_failure = false,
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    (cases, failures, texts, suites, totals)
+}
+
+#[test]
+fn junit_counts_equal_the_summary_line() {
+    let ws = workspace_with_tests();
+    let rules = ws.path("rules");
+    let junit = ws.path("results.xml");
+    let run = |ws: &Workspace| {
+        ws.run(&[
+            "rules",
+            "test",
+            "--rules-dir",
+            rules.to_str().unwrap(),
+            "--junit",
+            junit.to_str().unwrap(),
+        ])
+    };
+    let (code, out, err) = run(&ws);
+    assert_eq!(code, 0, "{out}{err}");
+    let (passed, failed) = counts(&out);
+    assert_eq!(failed, 0);
+    let (cases, failures, _, suites, totals) = read_junit(&junit);
+    assert_eq!((cases - failures, failures), (passed, failed));
+    assert_eq!(totals, (cases, failures));
+    assert!(suites.contains(&"strict_erasure".to_owned()), "{suites:?}");
+    assert!(
+        suites.contains(&"acme_gdpr_delete_user".to_owned()),
+        "{suites:?}"
+    );
+
+    // A case whose record the rule throws on, and one expecting the wrong key.
+    let mut cases_json: Vec<Value> = serde_json::from_str(
+        &std::fs::read_to_string(fixture("strict_erasure.test.json")).unwrap(),
+    )
+    .unwrap();
+    cases_json.push(serde_json::json!({
+        "name": "no user id <& \"quotes\">",
+        "record": {"data": {"type": "strict_erasure", "request_id": "s-3"}},
+        "expect": null
+    }));
+    cases_json.push(serde_json::json!({
+        "name": "the wrong key",
+        "record": {"data": {"type": "strict_erasure", "request_id": "s-4", "user_id": "u-4"}},
+        "expect": {"action": "anonymize_user", "key": "s-4", "params": {"user_id": "u-4"}}
+    }));
+    ws.write_rule(
+        "strict_erasure.test.json",
+        &serde_json::to_string_pretty(&cases_json).unwrap(),
+    );
+    let (code, out, _) = run(&ws);
+    assert_eq!(code, 1, "{out}");
+    let (passed, failed) = counts(&out);
+    assert_eq!(failed, 2, "{out}");
+    let (cases, failures, texts, _, totals) = read_junit(&junit);
+    assert_eq!((cases - failures, failures), (passed, failed));
+    assert_eq!(totals, (cases, failures));
+    assert!(
+        texts[0].contains("expected: null (no decision)")
+            && texts[0].contains("actual:   error: ")
+            && texts[0].contains("strict_erasure without a user_id"),
+        "{texts:?}"
+    );
+    assert!(
+        texts[1].contains(r#"expected: {"action":"anonymize_user","key":"s-4""#)
+            && texts[1].contains(r#"actual:   {"action":"anonymize_user","key":"strict:s-4""#),
+        "{texts:?}"
+    );
+}
+
+#[test]
+fn coverage_names_the_lines_no_case_runs() {
+    let ws = Workspace::new("http://127.0.0.1:9", "events", "http://127.0.0.1:9");
+    let rules = ws.path("rules");
+    let test = |extra: &[&str]| {
+        let mut args = vec!["rules", "test", "--rules-dir", rules.to_str().unwrap()];
+        args.extend(extra);
+        ws.run(&args)
+    };
+    let line_of = |out: &str, rule: &str| -> String {
+        out.lines()
+            .find(|l| l.starts_with(&format!("coverage: {rule}: ")))
+            .unwrap_or_else(|| panic!("no coverage of {rule} in {out}"))
+            .to_owned()
+    };
+    // The shipped support rule: no case has a payload that is not a map, so the `return`
+    // of its map check (line 16) never runs.
+    let (code, out, err) = test(&["--coverage"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let support = line_of(&out, "support_erasure_verified_only");
+    assert!(support.ends_with("; never ran: 16"), "{support}");
+    assert!(!support.contains(": 100%"), "{support}");
+    assert!(out.trim_end().ends_with(" passed, 0 failed"), "{out}");
+
+    // Below the bar: exit 1, saying which rule; at a bar every rule reaches: exit 0.
+    let (code, out, _) = test(&["--min-coverage", "100"]);
+    assert_eq!(code, 1, "{out}");
+    let fail = out
+        .lines()
+        .find(|l| l.starts_with("FAIL coverage"))
+        .unwrap();
+    assert!(fail.contains("support_erasure_verified_only"), "{fail}");
+    let (code, out, _) = test(&["--min-coverage", "50"]);
+    assert_eq!(code, 0, "{out}");
+
+    // The case that reaches it: a payload that holds the literal but is not a map.
+    let file = rules.join("support_erasure_verified_only.test.json");
+    let mut cases: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    cases.push(serde_json::json!({
+        "name": "a text payload that mentions erasure_request is not a request",
+        "record": {"data_text": "\"erasure_request\""},
+        "expect": null
+    }));
+    std::fs::write(&file, serde_json::to_string_pretty(&cases).unwrap()).unwrap();
+    let (code, out, _) = test(&["--coverage"]);
+    assert_eq!(code, 0, "{out}");
+    let support = line_of(&out, "support_erasure_verified_only");
+    assert!(support.contains(": 100% of statements"), "{support}");
+    assert!(!support.contains("never ran"), "{support}");
+}
+
+/// The fixture rule fixed: a request without a user id is carried out with its email.
+const STRICT_FIXED: &str = r#"const PREFILTER = ["strict_erasure"];
+
+fn decide(record) {
+    let event = record.data;
+    if type_of(event) != "map" { return; }
+    if event.type != "strict_erasure" { return; }
+    let user = if type_of(event.user_id) == "string" { event.user_id } else { event.email };
+    #{ action: "anonymize_user", key: "strict:" + event.request_id, params: #{ user_id: user } }
+}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_becomes_a_test_case_without_its_identifiers() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    ws.write_rule(
+        "strict_erasure.rhai",
+        &std::fs::read_to_string(fixture("strict_erasure.rhai")).unwrap(),
+    );
+    let tests = std::fs::read_to_string(fixture("strict_erasure.test.json")).unwrap();
+    ws.write_rule("strict_erasure.test.json", &tests);
+    // The rule throws on this one (no user_id); then a request the backend gets, to know
+    // the daemon is past it.
+    let failing = serde_json::json!({
+        "type": "strict_erasure",
+        "request_id": "s-98765",
+        "email": "Jane.Doe@example.org",
+        "phone": "+1 555 0100",
+        "account": 4417123456u64,
+    });
+    put(
+        &client,
+        "events",
+        &[
+            ("jane-doe-42".to_owned(), failing.to_string().into_bytes()),
+            (
+                "k".to_owned(),
+                deletion("r-1", "u-1").to_string().into_bytes(),
+            ),
+        ],
+    )
+    .await;
+    let daemon = ws.start_daemon(&[]);
+    wait_until(std::time::Duration::from_secs(30), "the request", || {
+        backend.count() >= 1
+    })
+    .await;
+    let config = ws.config();
+    let config = config.to_str().unwrap();
+    // Served by the running daemon.
+    let (code, out, err) = ws.run(&["dead-letters", "list", "--config", config]);
+    assert_eq!(code, 0, "{err}");
+    let letters = json_lines(&out);
+    assert_eq!(letters.len(), 1, "{out}");
+    assert_eq!(letters[0]["kind"], "rule_failed");
+    let id = letters[0]["id"].to_string();
+    let to_test = |extra: &[&str]| {
+        let mut args = vec!["dead-letters", "to-test", "--id", &id, "--config", config];
+        args.extend(extra);
+        let (code, out, err) = ws.run(&args);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let served = to_test(&[]);
+    assert!(daemon.stop().success());
+    // On the file, the same.
+    let printed = to_test(&[]);
+    assert_eq!(printed, served);
+
+    // No identifier of the record (in what it holds: its sequence number and arrival time
+    // are the stream's); what the rule compares against stays.
+    let case: Value = serde_json::from_str(&printed).unwrap();
+    let held = format!(
+        "{} {} {}",
+        case["name"], case["record"]["data"], case["record"]["partition_key"]
+    );
+    for identifier in [
+        "98765",
+        "Jane",
+        "Doe",
+        "example.org",
+        "555",
+        "0100",
+        "4417123456",
+        "jane-doe",
+    ] {
+        assert!(!held.contains(identifier), "{identifier} in {printed}");
+    }
+    let data = &case["record"]["data"];
+    assert_eq!(data["type"], "strict_erasure");
+    let email = data["email"].as_str().unwrap();
+    assert_eq!(email.len(), "Jane.Doe@example.org".len());
+    assert_eq!((email.find('.'), email.find('@')), (Some(4), Some(8)));
+    assert_eq!(case["expect"], Value::Null);
+    assert!(
+        case["name"].as_str().unwrap().contains("still fails"),
+        "{case}"
+    );
+
+    // Added to the rule's tests, it fails the way the record did.
+    let mut cases: Vec<Value> = serde_json::from_str(&tests).unwrap();
+    cases.push(case.clone());
+    ws.write_rule(
+        "strict_erasure.test.json",
+        &serde_json::to_string_pretty(&cases).unwrap(),
+    );
+    let rules = ws.path("rules");
+    let (code, out, _) = ws.run(&["rules", "test", "--rules-dir", rules.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("strict_erasure without a user_id"), "{out}");
+    assert!(out.trim_end().ends_with(" passed, 1 failed"), "{out}");
+
+    // With the rule fixed, the case expects its decision, placeholders and all, and passes.
+    let fixed = ws.path("fixed");
+    std::fs::create_dir(&fixed).unwrap();
+    std::fs::write(fixed.join("strict_erasure.rhai"), STRICT_FIXED).unwrap();
+    let out = to_test(&["--rules-dir", fixed.to_str().unwrap()]);
+    let case: Value = serde_json::from_str(&out).unwrap();
+    let data = &case["record"]["data"];
+    assert_eq!(case["expect"]["params"]["user_id"], data["email"], "{case}");
+    assert_eq!(
+        case["expect"]["key"],
+        format!("strict:{}", data["request_id"].as_str().unwrap())
+    );
+    std::fs::write(
+        fixed.join("strict_erasure.test.json"),
+        serde_json::to_string_pretty(&vec![case]).unwrap(),
+    )
+    .unwrap();
+    let (code, out, _) = ws.run(&["rules", "test", "--rules-dir", fixed.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.trim_end().ends_with("1 passed, 0 failed"), "{out}");
+
+    // Kept as it is on request.
+    let kept = to_test(&["--keep-identifiers"]);
+    assert!(
+        kept.contains("s-98765") && kept.contains("jane-doe-42"),
+        "{kept}"
+    );
+}

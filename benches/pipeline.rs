@@ -400,6 +400,7 @@ async fn run_pipeline(
         shutdown: Shutdown::new(),
         telemetry: Arc::new(Telemetry::new()),
         claims: Default::default(),
+        release_lock: Default::default(),
     });
     let mut timed = (0.0, Cpu::default());
     for shards in passes {

@@ -1048,7 +1048,11 @@ fn dead_letters(cmd: DeadLettersCommand, s: &mut Session) -> Result<u8, Failure>
                         failed = true;
                         serde_json::json!({"id": id, "outcome": "still_failing", "error": error})
                     }
-                    Retried::Interrupted => serde_json::json!({"id": id, "outcome": "interrupted"}),
+                    // Stopped before it settled: not a success either.
+                    Retried::Interrupted => {
+                        failed = true;
+                        serde_json::json!({"id": id, "outcome": "interrupted"})
+                    }
                 };
                 out!(s.out, "{line}");
             }
@@ -1377,6 +1381,7 @@ fn actions(cmd: ActionsCommand, s: &mut Session) -> Result<u8, Failure> {
                 let line = serde_json::json!({
                     "action": name,
                     "paused": pause.is_some(),
+                    "resuming": pause.is_some_and(|p| p.resuming_since_ms.is_some()),
                     "reason": pause.map(|p| p.reason.clone()),
                     "since": pause.map(|p| crate::clock::rfc3339(p.since_ms as i64)),
                     "held": held.get(&name).copied().unwrap_or(0),
@@ -1390,20 +1395,27 @@ fn actions(cmd: ActionsCommand, s: &mut Session) -> Result<u8, Failure> {
             name,
             reason,
         } => {
-            known(&name, &configured(&args, s)?)?;
+            let names = configured(&args, s)?;
+            known(&name, &names)?;
             let (state, _) = s.open_state(&args, Access::Write)?;
-            if let Some(pause) = state.pause(&name).map_err(Failure::runtime)? {
+            // Paused again while being resumed: its requests queue up again.
+            if let Some(pause) = state
+                .pause(&name)
+                .map_err(Failure::runtime)?
+                .filter(|pause| pause.resuming_since_ms.is_none())
+            {
                 out!(
                     s.out,
                     "action {name} is already paused, since {} ({})",
                     crate::clock::rfc3339(pause.since_ms as i64),
-                    pause.reason
+                    pause.reason.escape_debug()
                 );
                 return Ok(0);
             }
             let pause = crate::state::Pause {
                 reason: reason.clone(),
                 since_ms: crate::clock::now_ms(),
+                resuming_since_ms: None,
             };
             state
                 .commit(Writes {
@@ -1412,23 +1424,38 @@ fn actions(cmd: ActionsCommand, s: &mut Session) -> Result<u8, Failure> {
                     ..Writes::default()
                 })
                 .map_err(Failure::runtime)?;
+            let unchecked = if names.is_none() {
+                " (the name was not checked against a config: give --config for that)"
+            } else {
+                ""
+            };
             out!(
                 s.out,
-                "action {name} paused: its requests are held until it is resumed"
+                "action {name} paused: its requests are held until it is resumed{unchecked}"
             );
             Ok(0)
         }
         ActionsCommand::Resume { state: args, name } => {
-            known(&name, &configured(&args, s)?)?;
             let (state, _) = s.open_state(&args, Access::Write)?;
-            if state.pause(&name).map_err(Failure::runtime)?.is_none() {
+            // A paused action can always be resumed, even one the config no longer has
+            // (its held requests then wait, said so, until the config can send them).
+            let Some(pause) = state.pause(&name).map_err(Failure::runtime)? else {
+                known(&name, &configured(&args, s)?)?;
                 return Err(Failure::runtime(anyhow::anyhow!(
                     "action {name} is not paused"
                 )));
-            }
+            };
+            let held = state.held_counts().map_err(Failure::runtime)?;
+            let held = held.get(&name).copied().unwrap_or(0);
+            // Its held requests go first, in order; its new ones queue behind them until
+            // none is left, then the pause ends.
+            let resuming = (held > 0).then(|| crate::state::Pause {
+                resuming_since_ms: Some(crate::clock::now_ms()),
+                ..pause
+            });
             state
                 .commit(Writes {
-                    pauses: vec![(name.clone(), None)],
+                    pauses: vec![(name.clone(), resuming)],
                     audit: vec![AuditEntry::of_operator(&name, "resumed", None).by(s.by)],
                     ..Writes::default()
                 })
@@ -1444,8 +1471,6 @@ fn actions(cmd: ActionsCommand, s: &mut Session) -> Result<u8, Failure> {
                     );
                 }
                 None => {
-                    let held = state.held_counts().map_err(Failure::runtime)?;
-                    let held = held.get(&name).copied().unwrap_or(0);
                     out!(
                         s.out,
                         "action {name} resumed: its {held} held request(s) are sent when the daemon starts"

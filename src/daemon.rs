@@ -178,6 +178,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         telemetry: telemetry.clone(),
         claims: Default::default(),
+        release_lock: Default::default(),
     });
     // Commands run while the daemon holds the state are served by it, and by its console.
     let mut channel = None;
@@ -421,6 +422,7 @@ pub async fn retry_dead_letters(
         shutdown,
         telemetry,
         claims: Default::default(),
+        release_lock: Default::default(),
     };
     retry_letters(&pipeline, ids, by).await
 }
@@ -435,15 +437,10 @@ pub async fn retry_letters(
     let Sink::Live { state, .. } = &pipeline.sink else {
         return Ok(Vec::new());
     };
-    if let Some(missing) = ids
-        .iter()
-        .flatten()
-        .find(|id| state.dead_letter(**id).is_err())
-    {
-        return Err(RunError::State(StateError::NoDeadLetter {
-            path: state.path().to_owned(),
-            id: *missing,
-        }));
+    // An id that is not a letter is refused before anything is sent (and a state that
+    // cannot be read says so, rather than that the letter is missing).
+    for id in ids.iter().flatten() {
+        state.dead_letter(*id)?;
     }
     let mut results = Vec::new();
     let mut after = 0;

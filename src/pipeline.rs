@@ -60,6 +60,9 @@ pub struct Pipeline {
     pub shutdown: Shutdown,
     pub telemetry: Arc<Telemetry>,
     pub claims: Claims,
+    /// Held requests are released by one caller at a time (a resume, the housekeeping
+    /// round): two at once would each count the other's sends as duplicates.
+    pub release_lock: tokio::sync::Mutex<()>,
 }
 
 /// Whether a record's decisions are all settled.
@@ -829,9 +832,12 @@ impl Pipeline {
             report(ActionOutcome::Duplicate, 0, None, None);
             return Ok((Carried::Duplicate { letter: None }, claim));
         }
+        // Paused, or resuming with held requests still ahead of this one: held (queued).
+        // A held request being released under a resume goes out.
         if let Some(pause) = state
             .pause(&decision.action)
             .map_err(|source| state_error(record, source))?
+            .filter(|pause| pause.resuming_since_ms.is_none() || pending.releasing.is_none())
         {
             return Ok((Carried::Paused(pause), claim));
         }
@@ -1008,6 +1014,7 @@ impl Pipeline {
         let Sink::Live { state, keys } = &self.sink else {
             return Ok(0);
         };
+        let _one_at_a_time = self.release_lock.lock().await;
         let (mut after, mut settled) = (0, 0);
         loop {
             let page = state
@@ -1022,7 +1029,7 @@ impl Pipeline {
                 if state
                     .pause(&held.action)
                     .map_err(PipelineError::Held)?
-                    .is_some()
+                    .is_some_and(|pause| pause.resuming_since_ms.is_none())
                 {
                     continue;
                 }
@@ -1073,7 +1080,33 @@ impl Pipeline {
                 settled += 1;
             }
         }
+        self.end_resumed_pauses(state).await?;
         Ok(settled)
+    }
+
+    /// A resumed action whose held requests are all sent is no longer paused: its new
+    /// requests go out as they come.
+    async fn end_resumed_pauses(&self, state: &Arc<State>) -> Result<(), PipelineError> {
+        let held = state.held_counts().map_err(PipelineError::Held)?;
+        let ended: Vec<(String, Option<crate::state::Pause>)> = state
+            .pauses()
+            .map_err(PipelineError::Held)?
+            .into_iter()
+            .filter(|(action, pause)| {
+                pause.resuming_since_ms.is_some() && held.get(action).copied().unwrap_or(0) == 0
+            })
+            .map(|(action, _)| (action, None))
+            .collect();
+        if ended.is_empty() {
+            return Ok(());
+        }
+        state
+            .commit_shared(Writes {
+                pauses: ended,
+                ..Writes::default()
+            })
+            .await
+            .map_err(PipelineError::Held)
     }
 
     /// Sends a failed action's request again, as the letter keeps it.
@@ -1413,6 +1446,7 @@ mod tests {
             shutdown: Shutdown::new(),
             telemetry: telemetry.clone(),
             claims: Default::default(),
+            release_lock: Default::default(),
         };
         let mut progress = ShardProgress::new(
             "s",

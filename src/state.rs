@@ -405,6 +405,11 @@ pub struct AuditEntry {
 pub struct Pause {
     pub reason: String,
     pub since_ms: u64,
+    /// Set by `actions resume`: the held requests are being sent, in order, and the
+    /// action's new requests still queue behind them, so none overtakes a held one. The
+    /// pause ends when none is left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resuming_since_ms: Option<u64>,
 }
 
 /// A request of a paused action, held durably (a settled state for its shard's checkpoint)

@@ -789,6 +789,7 @@ impl Telemetry {
                 "action": action,
                 "reason": pause.reason,
                 "since": crate::clock::rfc3339(pause.since_ms as i64),
+                "resuming": pause.resuming_since_ms.is_some(),
             })).collect::<Vec<_>>(),
             "requests_held": state.held_counts().unwrap_or_default(),
             "state": {"writable": self.state_fault().is_none(), "last_error": self.state_fault()},

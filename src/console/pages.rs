@@ -420,10 +420,11 @@ pub fn actions(frame: &Frame, actions: &[Value]) -> Markup {
                 tbody {
                     @for action in actions {
                         @let name = action["action"].as_str().unwrap_or_default();
-                        @let paused = action["paused"].as_bool() == Some(true);
+                        @let resuming = action["resuming"].as_bool() == Some(true);
+                        @let paused = action["paused"].as_bool() == Some(true) && !resuming;
                         tr id=(format!("action-{name}")) {
                             td { (name) }
-                            td.state { @if paused { "paused" } @else { "running" } }
+                            td.state { @if resuming { "resuming (sending its held requests)" } @else if paused { "paused" } @else { "running" } }
                             td { (action["reason"].as_str().unwrap_or_default()) }
                             td { (action["since"].as_str().unwrap_or_default()) }
                             td.held.num { (action["held"]) }

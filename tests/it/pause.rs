@@ -185,3 +185,90 @@ async fn a_pause_and_resume_made_while_the_daemon_is_stopped() {
     let (_, out, _) = run(&["actions", "list", "--config", config]);
     assert_eq!(json_lines(&out)[0]["held"], 0, "{out}");
 }
+
+/// A resume sends the held requests first: requests that arrive while they go out queue
+/// behind them (nothing overtakes a held one), and the housekeeping round, releasing at
+/// the same time, records no false duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_arriving_during_a_resume_wait_behind_the_held_ones() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    // Slow enough that the resume is still sending when the next request arrives.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = Backend::serve(listener, |_, _| Reply {
+        delay: Duration::from_millis(400),
+        ..Reply::from(200)
+    });
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    ws.with_quick_retries(); // the housekeeping round every second, releasing too
+    let config = ws.config();
+    let config = config.to_str().unwrap().to_owned();
+    let daemon = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(30), "caught up", || {
+        caught_up_count(&daemon.stderr()) >= 1
+    })
+    .await;
+    let (code, _, err) = ws.run(&[
+        "actions",
+        "pause",
+        "anonymize_user",
+        "--reason",
+        "migration",
+        "--config",
+        &config,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let request = |n: usize| {
+        (
+            "same-key".to_owned(),
+            deletion(&format!("r-{n}"), &format!("user-{n}"))
+                .to_string()
+                .into_bytes(),
+        )
+    };
+    put(&client, "events", &(0..4).map(request).collect::<Vec<_>>()).await;
+    wait_until(Duration::from_secs(30), "4 held", || {
+        daemon.stderr().matches("request held").count() >= 4
+    })
+    .await;
+
+    let resume = {
+        let config = config.clone();
+        std::thread::spawn(move || {
+            command(std::path::Path::new(&config))
+                .args(["actions", "resume", "anonymize_user", "--config", &config])
+                .output()
+                .unwrap()
+        })
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the first held request sent",
+        || backend.count() >= 1,
+    )
+    .await;
+    put(&client, "events", &[request(4)]).await;
+    let out = tokio::task::block_in_place(|| resume.join().unwrap());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(Duration::from_secs(30), "5 calls", || backend.count() >= 5).await;
+
+    let order: Vec<String> = backend.received().iter().map(|r| r.path.clone()).collect();
+    let expected: Vec<String> = (0..5)
+        .map(|n| format!("/v1/users/user-{n}/anonymize"))
+        .collect();
+    assert_eq!(order, expected, "sent out of order");
+    assert!(daemon.stop().success());
+    let (_, out, _) = ws.run(&["audit", "export", "--config", &config]);
+    let entries = json_lines(&out);
+    let count = |outcome: &str| entries.iter().filter(|e| e["outcome"] == outcome).count();
+    assert_eq!(count("done"), 5, "{out}");
+    assert_eq!(count("duplicate"), 0, "{out}");
+    // The pause ended with the last held request: nothing is paused any more.
+    let (_, out, _) = ws.run(&["actions", "list", "--config", &config]);
+    assert_eq!(json_lines(&out)[0]["paused"], false, "{out}");
+}

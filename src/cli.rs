@@ -336,7 +336,7 @@ enum DeadLettersCommand {
         #[arg(long)]
         id: u64,
         /// Why it is given up (kept in the audit trail).
-        #[arg(long)]
+        #[arg(long, value_parser = parse_reason)]
         reason: String,
     },
 }
@@ -364,7 +364,7 @@ enum ActionsCommand {
         /// The action, as named in the config.
         name: String,
         /// Why (kept in the audit trail and shown in /status).
-        #[arg(long)]
+        #[arg(long, value_parser = parse_reason)]
         reason: String,
     },
     /// Resume an action: its held requests are sent, in arrival order, within its limits
@@ -384,11 +384,13 @@ enum AuditCommand {
         state: StateArgs,
         #[arg(long, value_enum, default_value = "jsonl")]
         format: AuditFormat,
-        /// Entries at or after this RFC 3339 time.
-        #[arg(long, value_parser = parse_time)]
+        /// Entries at or after this RFC 3339 time, or since the start of this day
+        /// (YYYY-MM-DD, UTC).
+        #[arg(long, value_parser = parse_since)]
         since: Option<i64>,
-        /// Entries before this RFC 3339 time.
-        #[arg(long, value_parser = parse_time)]
+        /// Entries before this RFC 3339 time, or up to the end of this day (YYYY-MM-DD,
+        /// UTC: the day is included).
+        #[arg(long, value_parser = parse_until)]
         until: Option<i64>,
     },
     /// Find what happened to one request, by its action and plaintext key (hashed for the
@@ -398,7 +400,7 @@ enum AuditCommand {
         config: StateArgs,
         #[arg(long)]
         action: String,
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
         key: String,
     },
     /// Whether a request is done, by its keyed hashes (hex; one per key of the ring):
@@ -416,6 +418,41 @@ enum AuditCommand {
 enum AuditFormat {
     Jsonl,
     Csv,
+}
+
+/// The longest reason an operator may give (it is kept in every entry it explains).
+const MAX_REASON: usize = 1000;
+
+/// A reason for the audit trail: said in words, of a readable length, and without control
+/// characters (it is shown on terminals and pages).
+fn parse_reason(s: &str) -> Result<String, String> {
+    let reason = s.trim();
+    if reason.is_empty() {
+        return Err("a reason is required".into());
+    }
+    if reason.chars().count() > MAX_REASON {
+        return Err(format!("a reason is at most {MAX_REASON} characters"));
+    }
+    if reason.chars().any(char::is_control) {
+        return Err("a reason cannot hold control characters".into());
+    }
+    Ok(reason.to_owned())
+}
+
+/// A day (YYYY-MM-DD, UTC) as the start of that day, or of the next one (`end`).
+fn parse_day(s: &str, end: bool) -> Option<i64> {
+    let day: jiff::civil::Date = s.parse().ok()?;
+    let day = if end { day.tomorrow().ok()? } else { day };
+    let start = day.to_zoned(jiff::tz::TimeZone::UTC).ok()?;
+    Some(start.timestamp().as_millisecond())
+}
+
+fn parse_since(s: &str) -> Result<i64, String> {
+    parse_day(s, false).map_or_else(|| parse_time(s), Ok)
+}
+
+fn parse_until(s: &str) -> Result<i64, String> {
+    parse_day(s, true).map_or_else(|| parse_time(s), Ok)
 }
 
 fn parse_time(s: &str) -> Result<i64, String> {
@@ -1146,6 +1183,13 @@ fn audit(cmd: AuditCommand, s: &mut Session) -> Result<u8, Failure> {
             since,
             until,
         } => {
+            if let (Some(since), Some(until)) = (since, until) {
+                if since >= until {
+                    return Err(Failure::usage(anyhow::anyhow!(
+                        "--since is not before --until: the window is empty"
+                    )));
+                }
+            }
             let (state, _) = s.open_state(&state, Access::Read)?;
             let entries = state
                 .audit(
@@ -1511,11 +1555,40 @@ fn write_failure(e: std::io::Error) -> Failure {
     }
 }
 
-/// A CSV field, quoted when it must be (RFC 4180).
+/// A CSV field, quoted when it must be (RFC 4180). A field that a spreadsheet would run as a formula (`=`, `+`, `-`, `@` first) starts with
+/// a `'`, so an exported note cannot run in the auditor's spreadsheet.
 fn csv_field(field: &str) -> String {
+    let field = if field.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{field}")
+    } else {
+        field.to_owned()
+    };
     if field.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", field.replace('"', "\"\""))
     } else {
-        field.to_owned()
+        field
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exported_fields_cannot_run_as_spreadsheet_formulas() {
+        assert_eq!(csv_field("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
+        assert_eq!(csv_field("-1"), "'-1");
+        assert_eq!(csv_field("@sum"), "'@sum");
+        assert_eq!(csv_field("plain note"), "plain note");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+    }
+
+    #[test]
+    fn a_day_is_a_whole_day_at_either_end_of_a_window() {
+        let since = parse_since("2026-11-30").unwrap();
+        let until = parse_until("2026-11-30").unwrap();
+        assert_eq!(since, parse_time("2026-11-30T00:00:00Z").unwrap());
+        assert_eq!(until, parse_time("2026-12-01T00:00:00Z").unwrap());
+        assert!(parse_since("yesterday").is_err());
     }
 }

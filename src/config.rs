@@ -576,6 +576,11 @@ fn resolve_stream(
 /// loop; refused.
 fn resolve_console(section: ConsoleSection) -> Result<Option<ConsoleSettings>, ConfigError> {
     let Some(listen) = section.listen else {
+        if section.token_env.is_some() || section.allow_remote {
+            return Err(ConfigError::Invalid(
+                "[console] has no listen address: set [console] listen to start the console, or remove the section".into(),
+            ));
+        }
         return Ok(None);
     };
     let Some(token_env) = section.token_env.filter(|name| !name.is_empty()) else {

@@ -45,7 +45,8 @@ pub enum ControlError {
 #[derive(Serialize, Deserialize)]
 struct Request {
     argv: Vec<String>,
-    by: String,
+    /// The user who ran sudo to become the daemon's user, as sudo reported it.
+    sudo_user: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -117,6 +118,8 @@ fn answer(
     pipeline: &Arc<Pipeline>,
     handler: &Handler,
 ) -> std::io::Result<()> {
+    // Who asks is what the kernel says of the socket's peer, not what the request claims.
+    let uid = stream.peer_cred()?.uid();
     let stream = stream.into_std()?;
     stream.set_nonblocking(false)?;
     let mut line = String::new();
@@ -126,7 +129,8 @@ fn answer(
     // Lines gathered into frames of up to 8 KiB, not a frame per write.
     let mut out = std::io::BufWriter::with_capacity(8 << 10, Frames(&stream));
     let mut error = String::new();
-    let code = handler(&request.argv, &request.by, pipeline, &mut out, &mut error);
+    let by = operator_of(uid, request.sudo_user);
+    let code = handler(&request.argv, &by, pipeline, &mut out, &mut error);
     out.flush()?;
     drop(out);
     if !error.is_empty() {
@@ -158,17 +162,30 @@ fn send(mut stream: &std::os::unix::net::UnixStream, frame: &Frame) -> std::io::
     stream.write_all(&line)
 }
 
-/// Who runs a command from the command line, as the audit trail names them: `cli:` and the
-/// OS user (only that user can use the channel: its socket is 0600).
+/// Who runs a command from the command line, as the audit trail names them: `cli:` and
+/// the OS user the kernel says runs it, and the user who became it through sudo, if one did
+/// (as sudo reports it).
 pub fn os_user() -> String {
-    let user = std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| {
-            use std::os::unix::fs::MetadataExt;
-            std::fs::metadata("/proc/self")
-                .map_or_else(|_| "unknown".into(), |m| format!("uid {}", m.uid()))
-        });
-    format!("cli:{user}")
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid());
+    operator_of(uid, std::env::var("SUDO_USER").ok())
+}
+
+fn operator_of(uid: u32, sudo_user: Option<String>) -> String {
+    let name = std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|passwd| {
+            passwd.lines().find_map(|line| {
+                let fields: Vec<&str> = line.split(':').collect();
+                (fields.get(2).and_then(|f| f.parse().ok()) == Some(uid))
+                    .then(|| fields[0].to_owned())
+            })
+        })
+        .unwrap_or_else(|| format!("uid {uid}"));
+    match sudo_user.filter(|user| !user.is_empty() && *user != name) {
+        Some(user) => format!("cli:{name} (sudo by {user})"),
+        None => format!("cli:{name}"),
+    }
 }
 
 /// The daemon's answer to a command sent over its channel, or `None` when no daemon
@@ -193,7 +210,7 @@ pub fn run_remote(
     };
     let request = Request {
         argv,
-        by: os_user(),
+        sudo_user: std::env::var("SUDO_USER").ok(),
     };
     let mut request = serde_json::to_vec(&request).expect("a request serializes");
     request.push(b'\n');

@@ -775,7 +775,8 @@ impl Telemetry {
                 v
             })
             .collect();
-        let (pending, _) = state.dead_letter_stats().unwrap_or_default();
+        // Unknown, not zero, when the state cannot be read.
+        let pending = state.dead_letter_stats().ok().map(|(pending, _)| pending);
         let r = rules.status();
         let not_ready = self.not_ready(served);
         serde_json::json!({

@@ -31,6 +31,8 @@ use auth::{Auth, Caller, Refusal};
 
 /// The origin the audit trail gives to changes made from the console.
 const ORIGIN: &str = "console";
+/// The shortest token the console takes: guessing must be hopeless, the brake aside.
+const MIN_TOKEN: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
@@ -38,6 +40,8 @@ pub enum ConsoleError {
     MissingToken { env: String },
     #[error("the console's token in {env} is empty: set a long random token")]
     EmptyToken { env: String },
+    #[error("the console's token in {env} is shorter than {MIN_TOKEN} characters: use a long random one (openssl rand -hex 32)")]
+    ShortToken { env: String },
     #[error("cannot listen on {listen} ([console] listen)")]
     Listen {
         listen: SocketAddr,
@@ -58,6 +62,7 @@ pub fn token(settings: &ConsoleSettings) -> Result<String, ConsoleError> {
     let env = settings.token_env.clone();
     match std::env::var(&env) {
         Ok(token) if token.trim().is_empty() => Err(ConsoleError::EmptyToken { env }),
+        Ok(token) if token.chars().count() < MIN_TOKEN => Err(ConsoleError::ShortToken { env }),
         Ok(token) => Ok(token),
         Err(_) => Err(ConsoleError::MissingToken { env }),
     }
@@ -179,7 +184,9 @@ async fn security_headers(mut response: Response) -> Response {
         ),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::X_FRAME_OPTIONS, "DENY"),
-        (header::REFERRER_POLICY, "no-referrer"),
+        // Not `no-referrer`: with it a browser sends `Origin: null`, and the login's origin
+        // check could not tell the console's own form.
+        (header::REFERRER_POLICY, "same-origin"),
         (header::CACHE_CONTROL, "no-store"),
     ] {
         headers.insert(name, HeaderValue::from_static(value));
@@ -201,8 +208,17 @@ async fn login_page() -> Response {
 async fn login(
     State(console): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: axum::http::HeaderMap,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
+    // Another site's page posting wrong tokens here would lock everyone out of logging in.
+    if !same_origin(&headers) {
+        return (
+            StatusCode::FORBIDDEN,
+            "refused: a login from another site's page",
+        )
+            .into_response();
+    }
     let token = form.get("token").map(String::as_str).unwrap_or_default();
     match console.auth.check_token(token, peer.ip()).await {
         Ok(()) => {
@@ -220,6 +236,21 @@ async fn login(
         )
             .into_response(),
     }
+}
+
+/// Whether a browser's form came from the console's own pages: its `Origin` (browsers send
+/// one with every POST) names the host it was sent to. No `Origin`: not a browser's form.
+fn same_origin(headers: &axum::http::HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, host)| host);
+    host.is_some() && origin_host == host
 }
 
 async fn logout(
@@ -338,7 +369,11 @@ impl Ran {
         } else {
             retried.join("\n")
         };
-        let text = [out.as_str(), self.error.trim()]
+        // The command's own "error: " prefix (clap's too) is for a terminal.
+        let error = self.error.trim();
+        let error = error.strip_prefix("error: ").unwrap_or(error);
+        let error = error.strip_prefix("error: ").unwrap_or(error);
+        let text = [out.as_str(), error]
             .into_iter()
             .filter(|t| !t.is_empty())
             .collect::<Vec<_>>()
@@ -555,6 +590,9 @@ async fn discard(
 
 async fn actions(State(console): State<Shared>, Extension(caller): Extension<Caller>) -> Response {
     let ran = console.command(vec!["actions".into(), "list".into()]).await;
+    if ran.code != 0 {
+        return unavailable(ran.summary());
+    }
     pages::actions(&console.frame(&caller), &ran.lines()).into_response()
 }
 
@@ -613,7 +651,10 @@ async fn export(
 ) -> Response {
     let format = match query.get("format").map(String::as_str) {
         Some("jsonl") => "jsonl",
-        _ => "csv",
+        Some("csv") | None => "csv",
+        Some(_) => {
+            return (StatusCode::BAD_REQUEST, "format is csv or jsonl").into_response();
+        }
     };
     let mut argv = vec![
         "audit".to_owned(),
@@ -623,7 +664,7 @@ async fn export(
     ];
     for bound in ["since", "until"] {
         if let Some(value) = query.get(bound).map(|v| v.trim()).filter(|v| !v.is_empty()) {
-            argv.push(format!("--{bound}={}", time_bound(value, bound == "until")));
+            argv.push(format!("--{bound}={value}"));
         }
     }
     let ran = console.command(argv).await;
@@ -648,34 +689,30 @@ async fn export(
         .into_response()
 }
 
-/// A day typed into the export form as the command's RFC 3339 bound: its start, or for the
-/// end of a window the start of the next day (the day is included). Anything else as typed.
-fn time_bound(value: &str, end: bool) -> String {
-    match value.parse::<jiff::civil::Date>() {
-        Ok(day) => {
-            let day = if end {
-                day.tomorrow().unwrap_or(day)
-            } else {
-                day
-            };
-            format!("{day}T00:00:00Z")
-        }
-        Err(_) => value.to_owned(),
-    }
-}
-
 async fn api_status(State(console): State<Shared>) -> Response {
     Json(console.served.telemetry.status_json(&console.served)).into_response()
 }
 
 async fn api_dead_letters(State(console): State<Shared>) -> Response {
-    let ran = console
-        .command(vec!["dead-letters".into(), "list".into()])
-        .await;
-    Json(ran.lines()).into_response()
+    api_list(&console, &["dead-letters", "list"]).await
 }
 
 async fn api_actions(State(console): State<Shared>) -> Response {
-    let ran = console.command(vec!["actions".into(), "list".into()]).await;
+    api_list(&console, &["actions", "list"]).await
+}
+
+/// A listing command's JSON lines as one array; a command that fails is an error, never
+/// an empty list.
+async fn api_list(console: &Console, argv: &[&str]) -> Response {
+    let ran = console
+        .command(argv.iter().map(|s| s.to_string()).collect())
+        .await;
+    if ran.code != 0 {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"error": ran.summary()})),
+        )
+            .into_response();
+    }
     Json(ran.lines()).into_response()
 }

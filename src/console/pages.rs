@@ -136,7 +136,7 @@ pub fn overview(frame: &Frame, status: &Value, rule_files: &[String]) -> Markup 
                 ul {
                     @for pause in paused {
                         li { strong { (text(&pause["action"])) } " since " (text(&pause["since"])) ": " (text(&pause["reason"]))
-                            " (" (text(&status["requests_held"][pause["action"].as_str().unwrap_or_default()])) " held)" }
+                            " (" (status["requests_held"][pause["action"].as_str().unwrap_or_default()].as_u64().unwrap_or(0)) " held)" }
                     }
                 }
             }
@@ -294,8 +294,9 @@ fn lookup_result(lines: &[Value]) -> Markup {
 }
 
 /// The outcome series of the chart, in stacking order, with their colours.
-const SERIES: [(&str, &str); 5] = [
+const SERIES: [(&str, &str); 6] = [
     ("done", "#2e7d32"),
+    ("duplicate", "#81c784"),
     ("held", "#f9a825"),
     ("dead_lettered", "#c62828"),
     ("discarded", "#6d4c41"),
@@ -351,7 +352,7 @@ fn chart(per_day: &[(String, BTreeMap<String, u64>)]) -> Markup {
             }
             @for (i, (day, _)) in per_day.iter().enumerate() {
                 // Every 7th day, counted back from today's.
-                @if (per_day.len() - 1 - i) % 7 == 0 {
+                @if (per_day.len() - 1 - i).is_multiple_of(7) {
                     // Under its bar; today's ends at the chart's right edge.
                     @let (x, anchor) = if i + 1 == per_day.len() { (width - 2.0, "end") } else { ((i as f64 + 0.5) * slot, "middle") };
                     text x=(format!("{x:.1}")) y=(height - 12.0) font-size="10" fill="#333" text-anchor=(anchor) { (day.get(5..).unwrap_or(day)) }

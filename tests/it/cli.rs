@@ -233,9 +233,35 @@ fn a_console_without_its_token_or_on_a_public_address_is_refused_with_exit_2() {
     let (code, err) = run(Some("  "));
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("is empty"), "{err}");
+    let (code, err) = run(Some("short"));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("shorter than 16"), "{err}");
 
     with_console("listen = \"0.0.0.0:0\"\ntoken_env = \"CONSOLE_TOKEN\"");
-    let (code, err) = run(Some("secret"));
+    let (code, err) = run(Some("a-long-enough-console-token"));
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("allow_remote = true"), "{err}");
+}
+
+#[test]
+fn a_reason_must_be_said_in_words_of_a_readable_length() {
+    let ws = workspace();
+    let config = ws.config();
+    let config = config.to_str().unwrap();
+    for reason in ["", "   ", "\u{1b}[31mred", &"x".repeat(1001)] {
+        for args in [
+            vec!["dead-letters", "discard", "--id", "1"],
+            vec!["actions", "pause", "anonymize_user"],
+        ] {
+            let mut args = args.clone();
+            args.extend(["--reason", reason, "--config", config]);
+            let (code, _, err) = ws.run(&args);
+            assert_eq!(code, 2, "{args:?}: {err}");
+            assert!(err.contains("reason"), "{err}");
+        }
+    }
+    assert!(
+        !ws.path("state.redb").exists(),
+        "a refused command wrote nothing"
+    );
 }

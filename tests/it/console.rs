@@ -489,6 +489,26 @@ async fn the_console_refuses_no_auth_a_missing_csrf_token_and_guessed_tokens() {
     assert!(status.is_success() || status == 303, "{status}");
     assert!(!paused());
 
+    // Another site's page posting to the login form is refused, and counts as no guess
+    // (it could otherwise lock everyone out).
+    for _ in 0..6 {
+        let answer = http
+            .post(format!("{console}/login"))
+            .header("origin", "http://evil.example")
+            .form(&[("token", "guess")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 403);
+    }
+    let answer = http
+        .post(format!("{console}/login"))
+        .form(&[("token", CONSOLE_TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 303, "locked out by another site's posts");
+
     // Guessing: wrong tokens get no session, and are slowed down, then refused.
     let mut took = Vec::new();
     let mut limited = false;
@@ -561,7 +581,7 @@ fn assert_security_headers(answer: &reqwest::Response, what: &str) {
         header(answer, "x-frame-options").eq_ignore_ascii_case("deny"),
         "{what}"
     );
-    assert_eq!(header(answer, "referrer-policy"), "no-referrer", "{what}");
+    assert_eq!(header(answer, "referrer-policy"), "same-origin", "{what}");
     assert!(
         header(answer, "cache-control").contains("no-store"),
         "{what}"

@@ -454,6 +454,23 @@ impl PreparedRequest {
     pub fn redacted_headers(&self) -> &[(String, String)] {
         &self.shown_headers
     }
+
+    /// The request as JSON for people (dry-run, preview, explain): method, URL, headers
+    /// with secrets redacted, body.
+    pub fn shown(&self) -> serde_json::Value {
+        let headers: serde_json::Map<String, serde_json::Value> = self
+            .shown_headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().into()))
+            .collect();
+        serde_json::json!({
+            "method": self.method.as_str(),
+            "url": self.url.as_str(),
+            "headers": headers,
+            "body": serde_json::from_str::<serde_json::Value>(&self.body)
+                .unwrap_or_else(|_| self.body.clone().into()),
+        })
+    }
 }
 
 /// How a request ended.

@@ -762,22 +762,7 @@ fn read_events(path: &std::path::Path) -> Result<Vec<(usize, Record)>, Failure> 
         if line.trim().is_empty() {
             continue;
         }
-        // A captured record names its payload (`data`, `data_text`...) and holds only the
-        // fields of one (`RecordJson` refuses others).
-        let names_payload =
-            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(line)
-                .is_ok_and(|fields| fields.keys().any(|k| k.starts_with("data")));
-        let captured = names_payload
-            .then(|| serde_json::from_str::<RecordJson>(line).ok())
-            .flatten();
-        let record = match captured {
-            Some(record) => record,
-            None => RecordJson {
-                data_text: Some(line.to_owned()),
-                ..serde_json::from_str("{}").expect("every field of a record has a default")
-            },
-        };
-        records.push((index + 1, record.into_record()));
+        records.push((index + 1, decode::event_line(line)));
     }
     Ok(records)
 }
@@ -797,19 +782,10 @@ fn rules_explain(args: ExplainArgs) -> Result<u8, Failure> {
         let Some(actions) = &actions else {
             return Err("no config".into());
         };
-        let request = actions.prepare(decision).map_err(|e| e.to_string())?;
-        let headers: serde_json::Map<String, serde_json::Value> = request
-            .redacted_headers()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone().into()))
-            .collect();
-        Ok(serde_json::json!({
-            "method": request.method.as_str(),
-            "url": request.url.as_str(),
-            "headers": headers,
-            "body": serde_json::from_str::<serde_json::Value>(&request.body)
-                .unwrap_or_else(|_| request.body.clone().into()),
-        }))
+        actions
+            .prepare(decision)
+            .map(|request| request.shown())
+            .map_err(|e| e.to_string())
     };
     let render: Option<explain::RenderRequest> = actions.as_ref().map(|_| &render as _);
     let mut out = std::io::stdout().lock();

@@ -196,6 +196,26 @@ pub struct InputError {
     pub message: String,
 }
 
+/// One line an operator gives (`rules explain`, the console's playground): a record as
+/// `capture` writes it, or else the line itself as the payload (a plain JSON event).
+pub fn event_line(line: &str) -> Record {
+    // A captured record names its payload (`data`, `data_text`...) and holds only the
+    // fields of one (`RecordJson` refuses others).
+    let names_payload = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(line)
+        .is_ok_and(|fields| fields.keys().any(|k| k.starts_with("data")));
+    let captured = names_payload
+        .then(|| serde_json::from_str::<RecordJson>(line).ok())
+        .flatten();
+    match captured {
+        Some(record) => record,
+        None => RecordJson {
+            data_text: Some(line.to_owned()),
+            ..serde_json::from_str("{}").expect("every field of a record has a default")
+        },
+    }
+    .into_record()
+}
+
 /// Reads records written as JSON lines (blank lines skipped), each with its line number.
 pub fn read_json_lines(path: &std::path::Path) -> Result<Vec<(usize, Record)>, InputError> {
     let err = |line, message: String| InputError {

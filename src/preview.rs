@@ -237,17 +237,7 @@ impl Preview {
                     "arrival_time": record.arrival_time,
                 });
                 if let Some(request) = request {
-                    let headers: serde_json::Map<_, _> = request
-                        .redacted_headers()
-                        .iter()
-                        .map(|(k, v)| (k.clone(), json!(v)))
-                        .collect();
-                    line["request"] = json!({
-                        "method": request.method.as_str(),
-                        "url": request.url.as_str(),
-                        "headers": headers,
-                        "body": serde_json::from_str::<serde_json::Value>(&request.body).unwrap_or_default(),
-                    });
+                    line["request"] = request.shown();
                 }
                 format!("{line}\n")
             }

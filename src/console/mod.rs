@@ -109,6 +109,8 @@ pub async fn serve(
         .route("/actions", get(actions))
         .route("/actions/:name/pause", post(pause))
         .route("/actions/:name/resume", post(resume))
+        .route("/rules", get(playground))
+        .route("/rules/explain", post(explain))
         .route("/audit", get(audit))
         .route("/audit/export", get(export))
         .route("/api/status", get(api_status))
@@ -642,6 +644,87 @@ async fn audit(State(console): State<Shared>, Extension(caller): Extension<Calle
         None => Vec::new(),
     };
     pages::audit(&console.frame(&caller), &entries).into_response()
+}
+
+/// Lines a playground run explains at most: it is for trying records, not for batches
+/// (`rules explain` takes files).
+const PLAYGROUND_LINES: usize = 20;
+
+async fn playground(
+    State(console): State<Shared>,
+    Extension(caller): Extension<Caller>,
+) -> Response {
+    pages::playground(&console.frame(&caller), "", &[], None).into_response()
+}
+
+/// The rule playground: each pasted record through the rules in force and the rules on
+/// disk (what the next reload would run), with each rule's explanation. Read-only.
+async fn explain(
+    State(console): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    if let Some(refused) = forged(&caller, &form) {
+        return refused;
+    }
+    let text = form.get("records").cloned().unwrap_or_default();
+    let lines: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if lines.is_empty() || lines.len() > PLAYGROUND_LINES {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("paste 1 to {PLAYGROUND_LINES} records, one per line"),
+        )
+            .into_response();
+    }
+    let pipeline = console.pipeline.clone();
+    let explained = tokio::task::spawn_blocking(move || {
+        let in_force = Arc::clone(&pipeline.rules.load());
+        let on_disk = pipeline.rules.on_disk();
+        let render = |decision: &crate::rules::Decision| {
+            pipeline
+                .actions
+                .prepare(decision)
+                .map(|request| request.shown())
+                .map_err(|e| e.to_string())
+        };
+        let runs: Vec<pages::Explained> = lines
+            .iter()
+            .map(|line| {
+                let record = crate::decode::event_line(line);
+                pages::Explained {
+                    in_force: in_force.explain(&record, Some(&render)),
+                    on_disk: on_disk
+                        .as_ref()
+                        .ok()
+                        .map(|set| set.explain(&record, Some(&render))),
+                }
+            })
+            .collect();
+        let on_disk = match on_disk {
+            Ok(set) => pages::OnDisk::Loads {
+                hash: set.hash().to_owned(),
+                same: set.hash() == in_force.hash(),
+            },
+            Err(failure) => pages::OnDisk::Refused(failure.to_string()),
+        };
+        (runs, on_disk)
+    })
+    .await;
+    match explained {
+        Ok((runs, on_disk)) => {
+            pages::playground(&console.frame(&caller), &text, &runs, Some(&on_disk)).into_response()
+        }
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the explanation failed: {e}"),
+        )
+            .into_response(),
+    }
 }
 
 /// `audit export` for a window, as a download.

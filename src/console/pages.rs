@@ -7,6 +7,7 @@ use maud::{html, Markup, DOCTYPE};
 use serde_json::Value;
 
 use super::{Frame, RequestsView};
+use crate::rules::explain::RuleTrace;
 use crate::state::{AuditEntry, DeadLetter, DeadLetterReason, Held};
 
 pub const STYLESHEET: &str = include_str!("console.css");
@@ -33,6 +34,7 @@ fn layout(title: &str, frame: Option<&Frame>, body: Markup) -> Markup {
                             a href="/requests" { "Requests" }
                             a href="/dead-letters" { "Dead letters" }
                             a href="/actions" { "Actions" }
+                            a href="/rules" { "Rules" }
                             a href="/audit" { "Audit" }
                         }
                         form #logout method="post" action="/logout" {
@@ -449,6 +451,77 @@ pub fn actions(frame: &Frame, actions: &[Value]) -> Markup {
             }
         },
     )
+}
+
+/// One pasted record, explained by the rules in force and by the rules on disk.
+pub struct Explained {
+    pub in_force: Vec<RuleTrace>,
+    /// None when the rules on disk would not load.
+    pub on_disk: Option<Vec<RuleTrace>>,
+}
+
+/// What the next reload would do with the rules on disk.
+pub enum OnDisk {
+    Loads { hash: String, same: bool },
+    Refused(String),
+}
+
+pub fn playground(
+    frame: &Frame,
+    records: &str,
+    runs: &[Explained],
+    on_disk: Option<&OnDisk>,
+) -> Markup {
+    layout(
+        "Rule playground",
+        Some(frame),
+        html! {
+            p.hint { "Paste records (one per line: a line " code { "capture" } " wrote, or a JSON event) and see what each rule decides and why, with the rules in force and with the rules on disk (what the next reload would run). Nothing is sent, nothing is written; rules are still edited as files." }
+            form #playground method="post" action="/rules/explain" {
+                (csrf(frame))
+                textarea #records name="records" rows="6" cols="100" placeholder=r#"{"type":"privacy_request","tags":["GDPR","Delete User"],"client":"acme","request_id":"r-1","user_id":"u-1"}"# required { (records) }
+                button #explain-submit type="submit" { "Explain" }
+            }
+            @if let Some(on_disk) = on_disk {
+                @match on_disk {
+                    OnDisk::Loads { hash, same: true } => p #on-disk { "The rules on disk are the rules in force (" code { (hash) } ")." },
+                    OnDisk::Loads { hash, same: false } => p #on-disk .bad { "The rules on disk (" code { (hash) } ") differ from the rules in force: the next reload would run them." },
+                    OnDisk::Refused(error) => p #on-disk .bad { "The next reload would be refused (the rules in force would stay): " pre { (error) } },
+                }
+            }
+            @for (n, run) in runs.iter().enumerate() {
+                h2 { "Record " (n + 1) }
+                table.explained {
+                    thead { tr { th { "Rule" } th { "In force" } th { "On disk" } } }
+                    tbody {
+                        @for trace in &run.in_force {
+                            @let disk = run.on_disk.as_ref().and_then(|traces| traces.iter().find(|t| t.rule == trace.rule));
+                            tr.changed[disk.is_some_and(|d| d.outcome != trace.outcome)] {
+                                td { (trace.rule) }
+                                td { pre { (explanation(trace)) } }
+                                td { @match disk { Some(d) => pre { (explanation(d)) }, None => "–" } }
+                            }
+                        }
+                        @for trace in run.on_disk.iter().flatten().filter(|t| !run.in_force.iter().any(|f| f.rule == t.rule)) {
+                            tr.changed {
+                                td { (trace.rule) " (new)" }
+                                td { "–" }
+                                td { pre { (explanation(trace)) } }
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// A trace as the CLI's `rules explain` says it, without the rule's name (its own column).
+fn explanation(trace: &RuleTrace) -> String {
+    let text = trace.human();
+    text.strip_prefix(&format!("{}: ", trace.rule))
+        .map(str::to_owned)
+        .unwrap_or(text)
 }
 
 pub fn audit(frame: &Frame, latest: &[AuditEntry]) -> Markup {

@@ -165,6 +165,12 @@ impl Rules {
         self.current.load()
     }
 
+    /// What the next reload would run: the rules on disk, compiled and tested, or why it
+    /// would be refused (the set in force would stay).
+    pub fn on_disk(&self) -> Result<RuleSet, LoadFailure> {
+        load_tested(&self.dir, &self.actions, &*self.sendable)
+    }
+
     /// The status; rules whose directory is not watched are stale too: the directory may
     /// hold edits the daemon cannot see.
     pub fn status(&self) -> RulesStatus {

@@ -298,6 +298,34 @@ async fn an_operator_works_through_the_console_in_chromium() {
         "the daemon's own entries have no by: {jsonl}"
     );
 
+    // The rule playground: a record through the rules in force and the rules on disk. An
+    // edit on disk that the running daemon has not loaded (its tests fail, so a reload
+    // would be refused) shows as such; nothing is sent.
+    let calls = backend.count();
+    ws.write_rule(
+        "acme_gdpr_delete_user.rhai",
+        "fn decide(record) { return (); }\n",
+    );
+    browser.goto(&format!("{console}/rules")).await;
+    let record = deletion("r-playground", "u-playground").to_string();
+    browser.fill("#records", &record).await;
+    browser.submit("#explain-submit").await;
+    let explained = browser.text("table.explained").await;
+    assert!(
+        explained.contains("acme_gdpr_delete_user") && explained.contains("decided 1 request(s)"),
+        "{explained}"
+    );
+    assert!(
+        explained.contains("/v1/users/u-playground/anonymize"),
+        "{explained}"
+    );
+    assert!(
+        browser.text("#on-disk").await.contains("would be refused"),
+        "the refused edit on disk is not said"
+    );
+    browser.screenshot("playground").await;
+    assert_eq!(backend.count(), calls, "the playground sent a request");
+
     // Logging out ends the session.
     browser.submit("#logout button").await;
     browser.goto(&format!("{console}/")).await;

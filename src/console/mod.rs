@@ -501,11 +501,8 @@ async fn lookup(
     if let Some(refused) = forged(&caller, &form) {
         return refused;
     }
-    let field = |name: &str| {
-        form.get(name)
-            .map(|v| v.trim().to_owned())
-            .unwrap_or_default()
-    };
+    // The key as typed, as the CLI takes it: spaces may be part of it.
+    let field = |name: &str| form.get(name).cloned().unwrap_or_default();
     let (action, key) = (field("action"), field("key"));
     if action.is_empty() || key.is_empty() {
         return (

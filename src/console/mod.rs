@@ -550,18 +550,14 @@ async fn retry(
     Path(id): Path<u64>,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
-    if let Some(refused) = forged(&caller, &form) {
-        return refused;
-    }
     // Served by this daemon: its own config, rules and action limits (the path is not read).
-    let argv = vec![
+    let argv = Ok(vec![
         "dead-letters".into(),
         "retry".into(),
         "--config=-".into(),
         format!("--id={id}"),
-    ];
-    let ran = console.command(argv).await;
-    console.changed(&caller, "/dead-letters", ran)
+    ]);
+    change(&console, &caller, &form, "/dead-letters", argv).await
 }
 
 async fn discard(
@@ -570,21 +566,15 @@ async fn discard(
     Path(id): Path<u64>,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
-    if let Some(refused) = forged(&caller, &form) {
-        return refused;
-    }
-    let reason = form.get("reason").map(|r| r.trim()).unwrap_or_default();
-    if reason.is_empty() {
-        return (StatusCode::BAD_REQUEST, "a discard needs a reason").into_response();
-    }
-    let argv = vec![
-        "dead-letters".into(),
-        "discard".into(),
-        format!("--id={id}"),
-        format!("--reason={reason}"),
-    ];
-    let ran = console.command(argv).await;
-    console.changed(&caller, "/dead-letters", ran)
+    let argv = reason(&form).map(|reason| {
+        vec![
+            "dead-letters".into(),
+            "discard".into(),
+            format!("--id={id}"),
+            format!("--reason={reason}"),
+        ]
+    });
+    change(&console, &caller, &form, "/dead-letters", argv).await
 }
 
 async fn actions(State(console): State<Shared>, Extension(caller): Extension<Caller>) -> Response {
@@ -601,22 +591,16 @@ async fn pause(
     Path(name): Path<String>,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
-    if let Some(refused) = forged(&caller, &form) {
-        return refused;
-    }
-    let reason = form.get("reason").map(|r| r.trim()).unwrap_or_default();
-    if reason.is_empty() {
-        return (StatusCode::BAD_REQUEST, "a pause needs a reason").into_response();
-    }
-    let argv = vec![
-        "actions".into(),
-        "pause".into(),
-        format!("--reason={reason}"),
-        "--".into(),
-        name,
-    ];
-    let ran = console.command(argv).await;
-    console.changed(&caller, "/actions", ran)
+    let argv = reason(&form).map(|reason| {
+        vec![
+            "actions".into(),
+            "pause".into(),
+            format!("--reason={reason}"),
+            "--".into(),
+            name,
+        ]
+    });
+    change(&console, &caller, &form, "/actions", argv).await
 }
 
 async fn resume(
@@ -625,13 +609,37 @@ async fn resume(
     Path(name): Path<String>,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
-    if let Some(refused) = forged(&caller, &form) {
+    let argv = Ok(vec!["actions".into(), "resume".into(), "--".into(), name]);
+    change(&console, &caller, &form, "/actions", argv).await
+}
+
+/// The form's reason, required (the command checks the rest).
+fn reason(form: &HashMap<String, String>) -> Result<String, &'static str> {
+    match form.get("reason").map(|r| r.trim()) {
+        Some(reason) if !reason.is_empty() => Ok(reason.to_owned()),
+        _ => Err("a reason is required"),
+    }
+}
+
+/// A change asked by a form: refused without its CSRF token, or when the form is
+/// incomplete; else the CLI's command, run by this daemon, and its outcome told.
+async fn change(
+    console: &Console,
+    caller: &Caller,
+    form: &HashMap<String, String>,
+    page: &str,
+    argv: Result<Vec<String>, &'static str>,
+) -> Response {
+    if let Some(refused) = forged(caller, form) {
         return refused;
     }
-    let ran = console
-        .command(vec!["actions".into(), "resume".into(), "--".into(), name])
-        .await;
-    console.changed(&caller, "/actions", ran)
+    match argv {
+        Ok(argv) => {
+            let ran = console.command(argv).await;
+            console.changed(caller, page, ran)
+        }
+        Err(missing) => (StatusCode::BAD_REQUEST, missing).into_response(),
+    }
 }
 
 async fn audit(State(console): State<Shared>, Extension(caller): Extension<Caller>) -> Response {

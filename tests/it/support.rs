@@ -706,21 +706,24 @@ pub fn caught_up_count(log: &str) -> usize {
 
 /// The metrics listener's address, from the daemon's log (it listens on port 0).
 pub async fn metrics_address(daemon: &Daemon) -> String {
-    wait_until(Duration::from_secs(30), "the metrics listener", || {
-        daemon.stderr().contains("metrics listener up")
+    logged_address(daemon, "metrics listener up").await
+}
+
+/// The address the daemon logged on the line that says `event` (`... address=...`).
+async fn logged_address(daemon: &Daemon, event: &str) -> String {
+    wait_until(Duration::from_secs(30), event, || {
+        daemon.stderr().contains(event)
     })
     .await;
     let log = daemon.stderr();
-    let line = log
-        .lines()
-        .find(|l| l.contains("metrics listener up"))
-        .unwrap();
+    let line = log.lines().find(|l| l.contains(event)).unwrap();
     line.split("address=")
         .nth(1)
         .unwrap()
         .split_whitespace()
         .next()
         .unwrap()
+        .trim_matches('"')
         .to_owned()
 }
 
@@ -939,23 +942,7 @@ impl Workspace {
 
 /// The console's address, from the daemon's log (`console listening address=...`).
 pub async fn console_address(daemon: &Daemon) -> String {
-    wait_until(Duration::from_secs(30), "the console listener", || {
-        daemon.stderr().contains("console listening")
-    })
-    .await;
-    let log = daemon.stderr();
-    let line = log
-        .lines()
-        .find(|l| l.contains("console listening"))
-        .unwrap();
-    line.split("address=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .trim_matches('"')
-        .to_owned()
+    logged_address(daemon, "console listening").await
 }
 
 /// Headless Chromium driven over WebDriver: a `chromedriver` of its own on a free port

@@ -165,10 +165,17 @@ fn run_in(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// The daemon dies while it answers a command: the command says so, with exit 1, never a
-/// half answer with exit 0.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_command_cut_short_by_the_daemon_says_so() {
+/// A daemon with one refused request (a dead letter), whose backend then answers after
+/// `delay`; and a `dead-letters retry --all` sent to it, in flight once this returns.
+async fn a_retry_in_flight(
+    delay: Duration,
+) -> (
+    Kinesalite,
+    Backend,
+    Workspace,
+    Daemon,
+    tokio::task::JoinHandle<(i32, String, String)>,
+) {
     let kinesis = Kinesalite::start();
     let client = kinesis.client();
     create_stream(&client, "events", 1).await;
@@ -177,12 +184,12 @@ async fn a_command_cut_short_by_the_daemon_says_so() {
     let backend = {
         let slow = slow.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        // Refused at first; then slow to answer, so the daemon dies with the retry in flight.
+        // Refused at first; then slow to answer, so the daemon stops with the retry in flight.
         Backend::serve(listener, move |_, _| match slow.load(Ordering::SeqCst) {
             1 => Reply {
                 status: 200,
                 retry_after_s: None,
-                delay: Duration::from_secs(5),
+                delay,
             },
             _ => 400.into(),
         })
@@ -211,8 +218,38 @@ async fn a_command_cut_short_by_the_daemon_says_so() {
         backend.count() >= 2
     })
     .await;
+    (kinesis, backend, ws, daemon, command)
+}
+
+/// The daemon dies while it answers a command: the command says so, with exit 1, never a
+/// half answer with exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_cut_short_by_the_daemon_says_so() {
+    let (_kinesis, _backend, _ws, daemon, command) =
+        a_retry_in_flight(Duration::from_secs(5)).await;
     daemon.signal("KILL");
     let (code, out, err) = command.await.unwrap();
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains("stopped while answering"), "{err}");
+}
+
+/// Asked to stop while it serves a retry, the daemon lets the retry's request finish and
+/// records it before it lets go of its state, as it does for the shards' requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_lets_a_served_retry_finish_and_records_it() {
+    let (_kinesis, backend, ws, daemon, command) =
+        a_retry_in_flight(Duration::from_millis(1500)).await;
+    daemon.signal("TERM");
+    let (code, out, err) = command.await.unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(json_lines(&out)[0]["outcome"], "resolved", "{out}");
+    let log_file = daemon.log.clone();
+    assert!(daemon.wait_exit().success());
+    let log = std::fs::read_to_string(log_file).unwrap();
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(
+        ws.dead_letters().is_empty(),
+        "the retry's outcome was not recorded"
+    );
+    assert_eq!(backend.count(), 2, "sent again");
 }

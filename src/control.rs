@@ -238,3 +238,19 @@ pub enum RemoteError {
     #[error("cannot write to stdout")]
     Output(#[source] std::io::Error),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_operator_is_named_by_the_os_user_and_who_ran_sudo() {
+        assert_eq!(operator_of(0, None), "cli:root");
+        assert_eq!(
+            operator_of(0, Some("alice".into())),
+            "cli:root (sudo by alice)"
+        );
+        assert_eq!(operator_of(0, Some("root".into())), "cli:root");
+        assert_eq!(operator_of(4_000_000_000, None), "cli:uid 4000000000");
+    }
+}

@@ -77,6 +77,9 @@ pub trait ShardWork: Send + Sync + 'static {
 struct Failing {
     restart_at: Instant,
     failures: u32,
+    /// Whether its worker is yet to be started again (once started, the count stays for
+    /// the backoff should it fail again soon).
+    waiting: bool,
 }
 
 /// Starts a worker for every ready shard, re-lists shards periodically, restarts failed
@@ -116,9 +119,11 @@ pub async fn supervise<W: ShardWork>(
     while !shutdown.is_triggered() {
         // Failed workers whose pause is over may start again.
         let now = Instant::now();
-        for (shard_id, f) in &failing {
-            if f.restart_at <= now {
+        for (shard_id, f) in failing.iter_mut() {
+            if f.waiting && f.restart_at <= now {
                 started.remove(shard_id);
+                f.waiting = false;
+                telemetry.shard_recovered(shard_id);
             }
         }
         let mut state_error = None;
@@ -173,7 +178,7 @@ pub async fn supervise<W: ShardWork>(
         }
         let next_restart = failing
             .values()
-            .filter(|f| f.restart_at > now)
+            .filter(|f| f.waiting && f.restart_at > now)
             .map(|f| f.restart_at)
             .min();
 
@@ -201,7 +206,7 @@ pub async fn supervise<W: ShardWork>(
                         };
                         let delay = restart_delay(failures);
                         telemetry.shard_failed(&shard_id, &e, failures, delay);
-                        failing.insert(shard_id, Failing { restart_at: Instant::now() + delay, failures });
+                        failing.insert(shard_id, Failing { restart_at: Instant::now() + delay, failures, waiting: true });
                     }
                     Some(Err(join_error)) => {
                         tracing::error!(error = %join_error, "shard worker panicked");

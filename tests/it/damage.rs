@@ -442,6 +442,13 @@ async fn a_failing_shard_worker_restarts_with_backoff_and_says_why() {
         m[r#"gdpr_consumer_shard_restarts_total{shard_id="shardId-000000000000"}"#],
         3.0
     );
+    // Restarted once per failure, never again once it runs: one worker per shard.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let starts = daemon.stderr().matches("starting shard").count();
+    assert_eq!(starts, 4, "1 start and 3 restarts");
+    let (_, status) = get(&address, "/status").await;
+    let status: Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["shards"][0]["state"], "reading", "{status}");
     assert!(daemon.stop().success());
 }
 

@@ -401,6 +401,7 @@ async fn run_pipeline(
         telemetry: Arc::new(Telemetry::new()),
         claims: Default::default(),
         release_lock: Default::default(),
+        letters_in_retry: Default::default(),
     });
     let mut timed = (0.0, Cpu::default());
     for shards in passes {

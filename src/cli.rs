@@ -433,8 +433,13 @@ fn parse_reason(s: &str) -> Result<String, String> {
     if reason.chars().count() > MAX_REASON {
         return Err(format!("a reason is at most {MAX_REASON} characters"));
     }
-    if reason.chars().any(char::is_control) {
-        return Err("a reason cannot hold control characters".into());
+    // Invisible characters could hide the reason, or reorder what is shown of it.
+    let invisible = |c: char| {
+        matches!(c, '\u{ad}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+    };
+    if reason.chars().any(|c| c.is_control() || invisible(c)) {
+        return Err("a reason cannot hold control or invisible characters".into());
     }
     Ok(reason.to_owned())
 }
@@ -1136,6 +1141,13 @@ fn dead_letters(cmd: DeadLettersCommand, s: &mut Session) -> Result<u8, Failure>
             Ok(0)
         }
         DeadLettersCommand::Discard { state, id, reason } => {
+            if let Some(pipeline) = s.daemon {
+                if pipeline.letters_in_retry.lock().unwrap().contains(&id) {
+                    return Err(Failure::runtime(anyhow::anyhow!(
+                        "dead letter {id} is being retried now: discard it once the retry is over, if it is still pending"
+                    )));
+                }
+            }
             let (state, _) = s.open_state(&state, Access::Write)?;
             let letter = state.dead_letter(id).map_err(Failure::runtime)?;
             state
@@ -1465,26 +1477,44 @@ fn actions(cmd: ActionsCommand, s: &mut Session) -> Result<u8, Failure> {
                     "action {name} is not paused"
                 )));
             };
-            let held = state.held_counts().map_err(Failure::runtime)?;
-            let held = held.get(&name).copied().unwrap_or(0);
-            // Its held requests go first, in order; its new ones queue behind them until
-            // none is left, then the pause ends.
-            let resuming = (held > 0).then(|| crate::state::Pause {
-                resuming_since_ms: Some(crate::clock::now_ms()),
-                ..pause
-            });
-            state
-                .commit(Writes {
-                    pauses: vec![(name.clone(), resuming)],
-                    audit: vec![AuditEntry::of_operator(&name, "resumed", None).by(s.by)],
-                    ..Writes::default()
-                })
-                .map_err(Failure::runtime)?;
+            let held_of = |state: &State| -> Result<u64, Failure> {
+                let held = state.held_counts().map_err(Failure::runtime)?;
+                Ok(held.get(&name).copied().unwrap_or(0))
+            };
+            let held = held_of(&state)?;
+            // Resumed once: a second resume adds no entry, it waits for the first.
+            if pause.resuming_since_ms.is_none() {
+                // Its held requests go first, in order; its new ones queue behind them
+                // until none is left, then the pause ends.
+                let resuming = (held > 0).then(|| crate::state::Pause {
+                    resuming_since_ms: Some(crate::clock::now_ms()),
+                    ..pause
+                });
+                state
+                    .commit(Writes {
+                        pauses: vec![(name.clone(), resuming)],
+                        audit: vec![AuditEntry::of_operator(&name, "resumed", None).by(s.by)],
+                        ..Writes::default()
+                    })
+                    .map_err(Failure::runtime)?;
+            }
             match s.daemon {
                 Some(pipeline) => {
                     let sent = tokio::runtime::Handle::current()
                         .block_on(pipeline.release_held())
                         .map_err(Failure::runtime)?;
+                    // Stopped before the end (the daemon stopping, the action paused again,
+                    // a request the config cannot build): not a whole resume.
+                    let left = held_of(&state)?;
+                    if left > 0 {
+                        out!(
+                            s.out,
+                            "action {name} resumed: {sent} held request(s) settled, {left} still held"
+                        );
+                        return Err(Failure::runtime(anyhow::anyhow!(
+                            "{left} request(s) of {name} are still held: the daemon is stopping, the action was paused again, or the config cannot build them (its log says which); they are sent when it can"
+                        )));
+                    }
                     out!(
                         s.out,
                         "action {name} resumed: {sent} held request(s) settled"

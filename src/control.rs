@@ -8,7 +8,7 @@
 //! its exit code (the daemon stopped mid-way) is an error for the command, never a half
 //! answer taken for a whole one.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -56,6 +56,11 @@ enum Frame {
     Err(String),
     Exit(u8),
 }
+
+/// How long the daemon waits for a client to send its request, or to take its output.
+const CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The longest request line (arguments are short; a key or a reason at most a few KiB).
+const MAX_REQUEST: u64 = 64 << 10;
 
 /// The socket of the daemon that holds `state_path`.
 pub fn socket_path(state_path: &Path) -> PathBuf {
@@ -122,8 +127,11 @@ fn answer(
     let uid = stream.peer_cred()?.uid();
     let stream = stream.into_std()?;
     stream.set_nonblocking(false)?;
+    // A client that sends nothing, or stops reading, cannot hold the daemon's stop up.
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line)?;
+    BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line)?;
     let request: Request = serde_json::from_str(&line)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     // Lines gathered into frames of up to 8 KiB, not a frame per write.
@@ -182,7 +190,15 @@ fn operator_of(uid: u32, sudo_user: Option<String>) -> String {
             })
         })
         .unwrap_or_else(|| format!("uid {uid}"));
-    match sudo_user.filter(|user| !user.is_empty() && *user != name) {
+    // A user name as sudo sets it; anything else (it comes from the client) is left out.
+    let plausible = |user: &String| {
+        !user.is_empty()
+            && user.len() <= 64
+            && user
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    };
+    match sudo_user.filter(|user| plausible(user) && *user != name) {
         Some(user) => format!("cli:{name} (sudo by {user})"),
         None => format!("cli:{name}"),
     }
@@ -251,6 +267,7 @@ mod tests {
             "cli:root (sudo by alice)"
         );
         assert_eq!(operator_of(0, Some("root".into())), "cli:root");
+        assert_eq!(operator_of(0, Some("x) (by console".into())), "cli:root");
         assert_eq!(operator_of(4_000_000_000, None), "cli:uid 4000000000");
     }
 }

@@ -179,6 +179,7 @@ pub async fn run(
         telemetry: telemetry.clone(),
         claims: Default::default(),
         release_lock: Default::default(),
+        letters_in_retry: Default::default(),
     });
     // Commands run while the daemon holds the state are served by it, and by its console.
     let mut channel = None;
@@ -423,6 +424,7 @@ pub async fn retry_dead_letters(
         telemetry,
         claims: Default::default(),
         release_lock: Default::default(),
+        letters_in_retry: Default::default(),
     };
     retry_letters(&pipeline, ids, by).await
 }

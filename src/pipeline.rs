@@ -63,6 +63,25 @@ pub struct Pipeline {
     /// Held requests are released by one caller at a time (a resume, the housekeeping
     /// round): two at once would each count the other's sends as duplicates.
     pub release_lock: tokio::sync::Mutex<()>,
+    /// Dead letters being retried now: an operator's discard waits until the retry is over
+    /// (else the trail could say both that a request was given up and that it was done).
+    pub letters_in_retry: std::sync::Mutex<HashSet<u64>>,
+}
+
+/// Marks a dead letter as being retried while it lives.
+struct InRetry<'a>(&'a std::sync::Mutex<HashSet<u64>>, u64);
+
+impl<'a> InRetry<'a> {
+    fn new(letters: &'a std::sync::Mutex<HashSet<u64>>, id: u64) -> Self {
+        letters.lock().unwrap().insert(id);
+        InRetry(letters, id)
+    }
+}
+
+impl Drop for InRetry<'_> {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().remove(&self.1);
+    }
 }
 
 /// Whether a record's decisions are all settled.
@@ -893,6 +912,7 @@ impl Pipeline {
         let Sink::Live { state, keys } = &self.sink else {
             return Ok(Retried::Interrupted);
         };
+        let _in_retry = InRetry::new(&self.letters_in_retry, id);
         let record = Record {
             stream: letter.stream.as_str().into(),
             shard_id: letter.shard_id.as_str().into(),
@@ -1146,10 +1166,17 @@ impl Pipeline {
             Carried::Sent(Outcome::Interrupted) => return Ok(Retried::Interrupted),
             // Not sent, not a failure: the letter waits as it was.
             Carried::Paused(pause) => {
+                let why = match pause.resuming_since_ms {
+                    Some(_) => {
+                        "is being resumed: its held requests go first; retry when they are sent"
+                            .to_owned()
+                    }
+                    None => format!("is paused ({}): resume it to retry", pause.reason),
+                };
                 return Ok(Retried::StillFailing(format!(
-                    "action {:?} is paused ({}): resume it to retry",
-                    decision.action, pause.reason
-                )))
+                    "action {:?} {why}",
+                    decision.action
+                )));
             }
             Carried::Duplicate { .. } => {
                 pending.writes.resolved_dead_letters.push(id);
@@ -1447,6 +1474,7 @@ mod tests {
             telemetry: telemetry.clone(),
             claims: Default::default(),
             release_lock: Default::default(),
+            letters_in_retry: Default::default(),
         };
         let mut progress = ShardProgress::new(
             "s",

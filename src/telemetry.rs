@@ -786,13 +786,14 @@ impl Telemetry {
             "rules": {"hash": r.hash, "stale": r.stale, "loaded": r.loaded, "last_error": r.last_error},
             "shards": shards,
             "dead_letters_pending": pending,
-            "paused": state.pauses().unwrap_or_default().into_iter().map(|(action, pause)| serde_json::json!({
+            // Unknown (null), not none, when the state cannot be read.
+            "paused": state.pauses().ok().map(|pauses| pauses.into_iter().map(|(action, pause)| serde_json::json!({
                 "action": action,
                 "reason": pause.reason,
                 "since": crate::clock::rfc3339(pause.since_ms as i64),
                 "resuming": pause.resuming_since_ms.is_some(),
-            })).collect::<Vec<_>>(),
-            "requests_held": state.held_counts().unwrap_or_default(),
+            })).collect::<Vec<_>>()),
+            "requests_held": state.held_counts().ok(),
             "state": {"writable": self.state_fault().is_none(), "last_error": self.state_fault()},
         })
     }

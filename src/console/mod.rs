@@ -335,8 +335,7 @@ impl Console {
                 } else {
                     StatusCode::CONFLICT
                 };
-                let body =
-                    serde_json::json!({"exit": ran.code, "output": ran.out, "error": ran.error});
+                let body = serde_json::json!({"exit": ran.code, "output": ran.out, "error": ran.error_text()});
                 (status, Json(body)).into_response()
             }
         }
@@ -351,6 +350,22 @@ struct Ran {
 }
 
 impl Ran {
+    /// The command's error for people: without the "error: " prefixes and the pointer to
+    /// `--help` that are for a terminal.
+    fn error_text(&self) -> String {
+        let mut error = self.error.trim();
+        while let Some(rest) = error.strip_prefix("error: ") {
+            error = rest;
+        }
+        error
+            .lines()
+            .filter(|line| !line.starts_with("For more information, try"))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .trim()
+            .to_owned()
+    }
+
     fn summary(&self) -> String {
         // A retry's JSON lines, told as sentences.
         let retried: Vec<String> = self
@@ -371,11 +386,8 @@ impl Ran {
         } else {
             retried.join("\n")
         };
-        // The command's own "error: " prefix (clap's too) is for a terminal.
-        let error = self.error.trim();
-        let error = error.strip_prefix("error: ").unwrap_or(error);
-        let error = error.strip_prefix("error: ").unwrap_or(error);
-        let text = [out.as_str(), error]
+        let error = self.error_text();
+        let text = [out.as_str(), error.as_str()]
             .into_iter()
             .filter(|t| !t.is_empty())
             .collect::<Vec<_>>()

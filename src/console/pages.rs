@@ -134,7 +134,8 @@ pub fn overview(frame: &Frame, status: &Value, rule_files: &[String]) -> Markup 
             section #paused {
                 h2 { "Paused actions" }
                 @let paused = list(&status["paused"]);
-                @if paused.is_empty() { p { "None." } }
+                @if status["paused"].is_null() { p.bad { "Unknown: the state cannot be read now." } }
+                @else if paused.is_empty() { p { "None." } }
                 ul {
                     @for pause in paused {
                         li { strong { (text(&pause["action"])) } " since " (text(&pause["since"])) ": " (text(&pause["reason"]))
@@ -433,12 +434,12 @@ pub fn actions(frame: &Frame, actions: &[Value]) -> Markup {
                             td.held.num { (action["held"]) }
                             td {
                                 @if paused {
-                                    form.resume method="post" action=(format!("/actions/{name}/resume")) {
+                                    form.resume method="post" action=(format!("/actions/{}/resume", segment(name))) {
                                         (csrf(frame))
                                         button type="submit" { "Resume" }
                                     }
                                 } @else {
-                                    form.pause method="post" action=(format!("/actions/{name}/pause")) {
+                                    form.pause method="post" action=(format!("/actions/{}/pause", segment(name))) {
                                         (csrf(frame))
                                         input name="reason" type="text" placeholder="reason (required)" required;
                                         button type="submit" { "Pause" }
@@ -565,6 +566,11 @@ pub fn audit(frame: &Frame, latest: &[AuditEntry]) -> Markup {
             }
         },
     )
+}
+
+/// A name as one URL path segment (an action may be named `a/b?c`).
+fn segment(name: &str) -> String {
+    percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
 fn action_of(letter: &DeadLetter) -> &str {

@@ -248,7 +248,14 @@ fn a_reason_must_be_said_in_words_of_a_readable_length() {
     let ws = workspace();
     let config = ws.config();
     let config = config.to_str().unwrap();
-    for reason in ["", "   ", "\u{1b}[31mred", &"x".repeat(1001)] {
+    for reason in [
+        "",
+        "   ",
+        "\u{1b}[31mred",
+        &"x".repeat(1001),
+        "\u{200b}\u{200b}",
+        "ok \u{202e}reversed",
+    ] {
         for args in [
             vec!["dead-letters", "discard", "--id", "1"],
             vec!["actions", "pause", "anonymize_user"],

@@ -253,3 +253,34 @@ async fn a_stop_lets_a_served_retry_finish_and_records_it() {
     );
     assert_eq!(backend.count(), 2, "sent again");
 }
+
+/// A discard asked while the same letter is being retried is refused: the trail never says
+/// both that a request was given up and that it was done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_letter_being_retried_cannot_be_discarded() {
+    let (_kinesis, backend, ws, daemon, command) =
+        a_retry_in_flight(Duration::from_millis(1500)).await;
+    let config = ws.config();
+    let config = config.to_str().unwrap();
+    let (code, _, err) = tokio::task::block_in_place(|| {
+        ws.run(&[
+            "dead-letters",
+            "discard",
+            "--id",
+            "1",
+            "--reason",
+            "given up",
+            "--config",
+            config,
+        ])
+    });
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("being retried now"), "{err}");
+    let (code, out, err) = command.await.unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(backend.count(), 2);
+    let (_, trail, _) =
+        tokio::task::block_in_place(|| ws.run(&["audit", "export", "--config", config]));
+    assert!(!trail.contains("discarded"), "{trail}");
+    assert!(daemon.stop().success());
+}

@@ -31,7 +31,10 @@ const STALE_REMINDER: Duration = Duration::from_secs(60);
 /// parent watch sees, e.g. a symlink's target re-created elsewhere).
 const REARM_RETRY: Duration = Duration::from_secs(2);
 
-/// Why a rule set was refused.
+/// Why a rule set was refused. Its `Display` goes to the daemon's log, `/status` and the
+/// console: it names the failing cases and how they failed, never their expected or actual
+/// decisions (keys, params, thrown messages that may hold a record's values); `rules test`
+/// shows those to the author.
 #[derive(Debug)]
 pub struct LoadFailure {
     pub errors: Vec<RuleError>,
@@ -43,21 +46,32 @@ pub struct LoadFailure {
 impl std::fmt::Display for LoadFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         for e in &self.errors {
-            writeln!(f, "  {e}")?;
+            match e {
+                // A test file that does not parse: the parser's message may quote a value.
+                RuleError::Compile { location, .. }
+                    if location.file.to_string_lossy().ends_with(".test.json") =>
+                {
+                    writeln!(
+                        f,
+                        "  {location}: invalid test cases (`rules test` says why)"
+                    )?
+                }
+                e => writeln!(f, "  {e}")?,
+            }
         }
         for c in &self.failures {
-            writeln!(
-                f,
-                "  test failed: {} / {}: expected {}, got {}",
-                c.rule, c.case, c.expected, c.actual
-            )?;
+            writeln!(f, "  test failed: {} / {}: {}", c.rule, c.case, c.kind)?;
         }
         for c in &self.unsendable {
             writeln!(f, "  test failed: {c}")?;
         }
         let failed = self.failures.len() + self.unsendable.len();
         if failed > 0 {
-            write!(f, "  {} passed, {failed} failed", self.passed)?;
+            write!(
+                f,
+                "  {} passed, {failed} failed (`rules test` shows expected and actual)",
+                self.passed
+            )?;
         }
         Ok(())
     }

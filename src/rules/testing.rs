@@ -50,8 +50,47 @@ impl Expect {
 pub struct Failure {
     pub rule: String,
     pub case: String,
+    /// The expected and actual decisions (or error), for the author at a terminal: they
+    /// hold the case's keys, params and thrown messages, so never for a log.
     pub expected: String,
     pub actual: String,
+    /// How it failed, safe for a log: counts, the fields that differ, where it threw.
+    pub kind: String,
+}
+
+/// How a case failed, without a value: what the daemon may log when it refuses a reload.
+fn failure_kind(expected: &[Decision], actual: &Result<Vec<Decision>, RuleError>) -> String {
+    let plural = |n: usize| match n {
+        1 => "1 decision".to_owned(),
+        n => format!("{n} decisions"),
+    };
+    match actual {
+        Err(error) => format!("the rule failed: {}", error.log_summary()),
+        Ok(actual) if expected.is_empty() => {
+            format!("expected no decision, got {}", plural(actual.len()))
+        }
+        Ok(actual) if actual.is_empty() => format!("expected {}, got none", plural(expected.len())),
+        Ok(actual) if actual.len() != expected.len() => {
+            format!("expected {}, got {}", plural(expected.len()), actual.len())
+        }
+        Ok(actual) => {
+            let mut fields = Vec::new();
+            let pairs = || expected.iter().zip(actual);
+            if pairs().any(|(e, a)| e.action != a.action) {
+                fields.push("action");
+            }
+            if pairs().any(|(e, a)| e.key != a.key) {
+                fields.push("key");
+            }
+            if pairs().any(|(e, a)| e.params != a.params) {
+                fields.push("params");
+            }
+            if pairs().any(|(e, a)| e.regulation != a.regulation) {
+                fields.push("regulation");
+            }
+            format!("the decisions differ in: {}", fields.join(", "))
+        }
+    }
 }
 
 /// A case that expects a decision the configured actions cannot send: the rule would
@@ -251,7 +290,7 @@ fn run_case(
     let actual = match verdict {
         Verdict::Skipped => Ok(Vec::new()),
         Verdict::Decided(decisions) => Ok(decisions),
-        Verdict::Failed(e) => Err(e.to_string()),
+        Verdict::Failed(e) => Err(e),
     };
     // A case the rule passes must also expect only decisions the config can send.
     let unsendable = || sendable.and_then(|check| expected.iter().find_map(|d| check(d).err()));
@@ -276,6 +315,7 @@ fn run_case(
                 rule: rule.clone(),
                 case: case.name.clone(),
                 expected: decisions_json(&expected),
+                kind: failure_kind(&expected, &actual),
                 actual: match actual {
                     Ok(decisions) => decisions_json(&decisions),
                     Err(error) => format!("error: {error}"),

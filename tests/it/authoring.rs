@@ -501,3 +501,88 @@ async fn a_dead_letter_becomes_a_test_case_without_its_identifiers() {
         "{kept}"
     );
 }
+
+/// A rule whose cases hold identifiers; the daemon's log must never show them.
+const PII_RULE: &str = r#"const PREFILTER = ["pii_request"];
+fn decide(record) {
+    let d = record.data;
+    if d.type != "pii_request" { return; }
+    if d.email != () { throw "cannot handle " + d.email; }
+    #{ action: "anonymize_user", key: d.request_id, params: #{ user_id: d.user_id } }
+}
+"#;
+const PII_PASSING: &str = r#"[{"name": "plain", "record": {"data": {"type": "pii_request", "request_id": "r-1", "user_id": "u-1"}},
+  "expect": {"action": "anonymize_user", "key": "r-1", "params": {"user_id": "u-1"}}}]"#;
+const PII_FAILING: &str = r#"[
+  {"name": "wrong key", "record": {"data": {"type": "pii_request", "request_id": "PII-REQ-5521", "user_id": "PII-USER-7731"}},
+   "expect": {"action": "anonymize_user", "key": "PII-KEY-0042", "params": {"user_id": "PII-USER-7731"}}},
+  {"name": "throws", "record": {"data": {"type": "pii_request", "request_id": "r-2", "user_id": "u-2", "email": "pii.person@example.org"}},
+   "expect": {"action": "anonymize_user", "key": "r-2", "params": {"user_id": "PII-PARAM-8812"}}}
+]"#;
+const PII_SECRETS: [&str; 5] = [
+    "PII-REQ-5521",
+    "PII-USER-7731",
+    "PII-KEY-0042",
+    "pii.person@example.org",
+    "PII-PARAM-8812",
+];
+
+/// A refused reload names the failing cases and how they failed, in the log, `/status` and
+/// at startup; the expected and actual decisions (keys, params, thrown messages) only
+/// `rules test` shows, to the author.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_reload_logs_no_keys_params_or_values() {
+    let kinesis = Kinesalite::start();
+    create_stream(&kinesis.client(), "events", 1).await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", "http://127.0.0.1:9");
+    ws.with_metrics();
+    ws.write_rule("pii.rhai", PII_RULE);
+    let check = |text: &str, what: &str| {
+        for secret in PII_SECRETS {
+            assert!(!text.contains(secret), "{what} holds {secret:?}:\n{text}");
+        }
+        assert!(text.contains("pii / wrong key"), "{what}:\n{text}");
+        assert!(
+            text.contains("the decisions differ in: key"),
+            "{what}:\n{text}"
+        );
+        assert!(
+            text.contains("pii / throws: the rule failed: "),
+            "{what}:\n{text}"
+        );
+    };
+
+    // At startup: refused, exit 2, the same summary.
+    ws.write_rule("pii.test.json", PII_FAILING);
+    let config = ws.config();
+    let (code, _, err) = ws.run(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    check(&err, "the startup error");
+
+    // On a reload: the log and /status.
+    ws.write_rule("pii.test.json", PII_PASSING);
+    let daemon = ws.start_daemon(&[]);
+    let address = metrics_address(&daemon).await;
+    ws.write_rule("pii.test.json", PII_FAILING);
+    wait_until(
+        std::time::Duration::from_secs(30),
+        "a refused reload",
+        || daemon.stderr().contains("rules reload refused"),
+    )
+    .await;
+    let status: Value = serde_json::from_str(&get(&address, "/status").await.1).unwrap();
+    let last_error = status["rules"]["last_error"].as_str().unwrap().to_owned();
+    let log_path = daemon.log.clone();
+    assert!(daemon.stop().success());
+    check(&std::fs::read_to_string(log_path).unwrap(), "the log");
+    check(&last_error, "/status");
+
+    // The author sees expected and actual.
+    let rules = ws.path("rules");
+    let (code, out, _) = ws.run(&["rules", "test", "--rules-dir", rules.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("PII-KEY-0042") && out.contains("PII-REQ-5521"),
+        "{out}"
+    );
+}

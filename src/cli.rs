@@ -1096,29 +1096,34 @@ fn dead_letters(cmd: DeadLettersCommand, s: &mut Session) -> Result<u8, Failure>
                 }
                 (None, rule) => rule.to_owned(),
             };
-            let rules = match (s.daemon, rules_dir) {
-                (Some(pipeline), None) => arc_swap::Guard::into_inner(pipeline.rules.load()),
-                (Some(_), Some(dir)) if dir.is_relative() => {
-                    return Err(Failure::usage(anyhow::anyhow!(
-                        "the running daemon serves this command: give --rules-dir as an absolute path"
-                    )))
+            // Relative to where the command runs, also when the daemon serves it.
+            let rules_dir = rules_dir.map(|dir| std::path::absolute(&dir).unwrap_or(dir));
+            let recorded = std::path::Path::new(&letter.rule_file).parent();
+            let (rules, configured) = match (s.daemon, rules_dir) {
+                (Some(pipeline), None) => {
+                    (arc_swap::Guard::into_inner(pipeline.rules.load()), None)
                 }
                 (_, dir) => {
-                    let (config_dir, names) = match &args.config {
+                    let (config_dir, names, actions) = match &args.config {
                         Some(path) => {
                             let (dir, names) =
                                 config::rules_context(path).map_err(Failure::usage)?;
-                            (dir, Some(names))
+                            let specs = config::action_specs(path).map_err(Failure::usage)?;
+                            let actions = ActionSet::new(&specs, false).map_err(Failure::usage)?;
+                            (dir, Some(names), Some(actions))
                         }
-                        None => (None, None),
+                        None => (None, None, None),
                     };
-                    let dir = dir.or(config_dir).unwrap_or_else(|| PathBuf::from("rules"));
-                    Arc::new(load_rules(&dir, names)?)
+                    // Else the directory the rule was in when it failed, if it is still there.
+                    let dir = dir
+                        .or(config_dir)
+                        .or_else(|| recorded.filter(|d| d.is_dir()).map(PathBuf::from))
+                        .unwrap_or_else(|| PathBuf::from("rules"));
+                    (Arc::new(load_rules(&dir, names)?), actions)
                 }
             };
             // The rule file by its name: the directory is the daemon's, not the test's.
-            let directory = std::path::Path::new(&letter.rule_file)
-                .parent()
+            let directory = recorded
                 .map(|d| format!("{}/", d.display()))
                 .unwrap_or_default();
             let error = match directory.as_str() {
@@ -1126,8 +1131,25 @@ fn dead_letters(cmd: DeadLettersCommand, s: &mut Session) -> Result<u8, Failure>
                 directory => letter.reason.error().replace(directory, ""),
             };
             let name = format!("dead letter {id}: {} ({error})", letter.reason.kind());
-            let case = crate::rules::to_test::case(&rules, &rule, &record, keep_identifiers, &name)
-                .map_err(Failure::usage)?;
+            let actions = configured
+                .as_ref()
+                .or(s.daemon.map(|pipeline| &pipeline.actions));
+            let sendable = |decision: &Decision| match actions {
+                Some(actions) => actions
+                    .prepare(decision)
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
+                None => Ok(()),
+            };
+            let case = crate::rules::to_test::case(
+                &rules,
+                &rule,
+                &record,
+                keep_identifiers,
+                &name,
+                Some(&sendable),
+            )
+            .map_err(Failure::usage)?;
             out!(
                 s.out,
                 "{}",

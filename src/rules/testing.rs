@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use super::trace::{self, Place};
 use super::{Decision, Location, RuleError, RuleSet, Verdict};
-use crate::decode::RecordJson;
+use crate::decode::{self, Record, RecordJson, Unreadable};
 
 /// Whether the configured actions can turn a decision into a request (`Err` says why). The
 /// caller builds it from its config: rules know nothing of actions (data flows one way).
@@ -58,22 +58,95 @@ pub struct Failure {
     pub kind: String,
 }
 
+/// What the daemon does with a record, as far as one rule goes: it decodes it first
+/// (inflates gzip or zlib, splits a KPL aggregate), and dead-letters as `decode_failed`
+/// what it cannot decode, or JSON it cannot parse that some rule would see.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Dead-lettered as `decode_failed`, before the rule ran.
+    Undecodable(Unreadable),
+    /// The rule's verdict (decisions of every sub-record of an aggregate together).
+    Ran(Verdict),
+}
+
+/// [`Outcome`] of rule `index` on `record`, taking the daemon's own path.
+pub fn outcome(set: &RuleSet, index: usize, record: &Record) -> Outcome {
+    if let Some(error) = &record.unreadable {
+        return Outcome::Undecodable(error.kind);
+    }
+    let raw = crate::source::RawRecord {
+        sequence_number: record.sequence_number.clone(),
+        partition_key: record.partition_key.to_string(),
+        arrival_time_millis: 0,
+        data: record.bytes.to_vec(),
+    };
+    let records = match decode::decode(&record.stream, &record.shard_id, raw) {
+        Ok(records) => records,
+        Err(undecodable) => return Outcome::Undecodable(undecodable.error.kind),
+    };
+    let single = records.len() == 1;
+    let mut decisions = Vec::new();
+    for mut sub in records {
+        if let Some(error) = &sub.unreadable {
+            return Outcome::Undecodable(error.kind);
+        }
+        sub.arrival_time = record.arrival_time.clone();
+        if single {
+            sub.sub_sequence_number = record.sub_sequence_number;
+        }
+        let run = set.run(&sub);
+        // As the pipeline: JSON too deep that a rule would see, or broken JSON that holds a
+        // prefilter literal, is dead-lettered.
+        let prefiltered = run
+            .verdicts
+            .iter()
+            .any(|(i, _)| set.rules()[*i].has_prefilter());
+        match run.fault {
+            Some(fault @ Unreadable::JsonTooDeep) if !run.verdicts.is_empty() => {
+                return Outcome::Undecodable(fault)
+            }
+            Some(fault @ Unreadable::JsonInvalid) if prefiltered => {
+                return Outcome::Undecodable(fault)
+            }
+            _ => {}
+        }
+        match run.verdicts.into_iter().find(|(i, _)| *i == index) {
+            Some((_, Verdict::Decided(more))) => decisions.extend(more),
+            Some((_, failed @ Verdict::Failed(_))) => return Outcome::Ran(failed),
+            Some((_, Verdict::Skipped)) | None => {}
+        }
+    }
+    Outcome::Ran(Verdict::Decided(decisions))
+}
+
+/// What a case got: its decisions, the rule's error, or a record the daemon cannot decode.
+#[derive(Debug)]
+enum Actual {
+    Decided(Vec<Decision>),
+    Failed(RuleError),
+    Undecodable(Unreadable),
+}
+
 /// How a case failed, without a value: what the daemon may log when it refuses a reload.
-fn failure_kind(expected: &[Decision], actual: &Result<Vec<Decision>, RuleError>) -> String {
+fn failure_kind(expected: &[Decision], actual: &Actual) -> String {
     let plural = |n: usize| match n {
         1 => "1 decision".to_owned(),
         n => format!("{n} decisions"),
     };
+    let actual = match actual {
+        Actual::Failed(error) => return format!("the rule failed: {}", error.log_summary()),
+        Actual::Undecodable(kind) => return undecodable(*kind),
+        Actual::Decided(actual) => actual,
+    };
     match actual {
-        Err(error) => format!("the rule failed: {}", error.log_summary()),
-        Ok(actual) if expected.is_empty() => {
+        actual if expected.is_empty() => {
             format!("expected no decision, got {}", plural(actual.len()))
         }
-        Ok(actual) if actual.is_empty() => format!("expected {}, got none", plural(expected.len())),
-        Ok(actual) if actual.len() != expected.len() => {
+        actual if actual.is_empty() => format!("expected {}, got none", plural(expected.len())),
+        actual if actual.len() != expected.len() => {
             format!("expected {}, got {}", plural(expected.len()), actual.len())
         }
-        Ok(actual) => {
+        actual => {
             let mut fields = Vec::new();
             let pairs = || expected.iter().zip(actual);
             if pairs().any(|(e, a)| e.action != a.action) {
@@ -91,6 +164,14 @@ fn failure_kind(expected: &[Decision], actual: &Result<Vec<Decision>, RuleError>
             format!("the decisions differ in: {}", fields.join(", "))
         }
     }
+}
+
+/// What a case's `actual` says of a record the daemon cannot decode.
+fn undecodable(kind: Unreadable) -> String {
+    format!(
+        "the record cannot be decoded ({}): the daemon dead-letters it as decode_failed",
+        kind.as_str()
+    )
 }
 
 /// A case that expects a decision the configured actions cannot send: the rule would
@@ -279,24 +360,19 @@ fn run_case(
 ) {
     let record = case.record.into_record();
     let expected = case.expect.into_list();
-    // Exactly what the daemon runs on a record: a rule the prefilter leaves out decides
-    // nothing.
-    let verdict = set
-        .run(&record)
-        .verdicts
-        .into_iter()
-        .find(|(i, _)| *i == index)
-        .map_or(Verdict::Skipped, |(_, verdict)| verdict);
-    let actual = match verdict {
-        Verdict::Skipped => Ok(Vec::new()),
-        Verdict::Decided(decisions) => Ok(decisions),
-        Verdict::Failed(e) => Err(e),
+    // Exactly what the daemon does with a record: decoded first; a rule the prefilter
+    // leaves out decides nothing.
+    let actual = match outcome(set, index, &record) {
+        Outcome::Undecodable(kind) => Actual::Undecodable(kind),
+        Outcome::Ran(Verdict::Skipped) => Actual::Decided(Vec::new()),
+        Outcome::Ran(Verdict::Decided(decisions)) => Actual::Decided(decisions),
+        Outcome::Ran(Verdict::Failed(e)) => Actual::Failed(e),
     };
     // A case the rule passes must also expect only decisions the config can send.
     let unsendable = || sendable.and_then(|check| expected.iter().find_map(|d| check(d).err()));
     let rule = set.rules()[index].name.clone();
     let failure = match actual {
-        Ok(actual) if actual == expected => match unsendable() {
+        Actual::Decided(actual) if actual == expected => match unsendable() {
             None => {
                 report.passed += 1;
                 None
@@ -317,8 +393,9 @@ fn run_case(
                 expected: decisions_json(&expected),
                 kind: failure_kind(&expected, &actual),
                 actual: match actual {
-                    Ok(decisions) => decisions_json(&decisions),
-                    Err(error) => format!("error: {error}"),
+                    Actual::Decided(decisions) => decisions_json(&decisions),
+                    Actual::Failed(error) => format!("error: {error}"),
+                    Actual::Undecodable(kind) => format!("error: {}", undecodable(kind)),
                 },
             };
             let differs = CaseFailure::Differs {

@@ -184,7 +184,7 @@ struct ExplainArgs {
     /// Directory of *.rhai rules.
     #[arg(long)]
     rules_dir: PathBuf,
-    /// Records, one per line: as `capture` writes them, or plain JSON events.
+    /// Records, one per line: as `capture` writes them, or plain JSON events (`-`: stdin).
     #[arg(long)]
     input: PathBuf,
     /// Config file: decisions must name its actions, and their requests are shown.
@@ -751,18 +751,34 @@ fn preview(args: PreviewArgs) -> Result<u8, Failure> {
     Ok(0)
 }
 
-/// The records of an explain input, with their line numbers: lines as `capture` writes
-/// them (`data`, `data_text`... with the record's metadata), or else plain events, whose
-/// line is the payload exactly as written.
+/// The records of an explain input (`-`: stdin), with their line numbers: lines as
+/// `capture` writes them (`data`, `data_text`... with the record's metadata), or else plain
+/// events, whose line is the payload exactly as written (bytes: Latin-1 lines too).
 fn read_events(path: &std::path::Path) -> Result<Vec<(usize, Record)>, Failure> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Failure::usage(anyhow::anyhow!("{}: {e}", path.display())))?;
+    let failure =
+        |e: &dyn std::fmt::Display| Failure::usage(anyhow::anyhow!("{}: {e}", path.display()));
+    let bytes = match path.as_os_str() == "-" {
+        true => {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut bytes)
+                .map_err(|e| failure(&e))?;
+            bytes
+        }
+        false => std::fs::read(path).map_err(|e| failure(&e))?,
+    };
     let mut records = Vec::new();
-    for (index, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
+    for (index, line) in bytes.split(|b| *b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.trim_ascii().is_empty() {
             continue;
         }
-        records.push((index + 1, decode::event_line(line)));
+        let record = decode::event_line_bytes(line).map_err(|e| {
+            Failure::usage(anyhow::anyhow!("{}:{}: {e}", path.display(), index + 1))
+        })?;
+        records.push((index + 1, record));
+    }
+    if records.is_empty() {
+        eprintln!("note: no records in {}", path.display());
     }
     Ok(records)
 }
@@ -789,28 +805,33 @@ fn rules_explain(args: ExplainArgs) -> Result<u8, Failure> {
     };
     let render: Option<explain::RenderRequest> = actions.as_ref().map(|_| &render as _);
     let mut out = std::io::stdout().lock();
-    for (line, record) in &records {
-        let traces = rules.explain(record, render);
-        match args.output {
-            OutputFormat::Json => out!(
-                out,
-                "{}",
-                serde_json::json!({
-                    "line": line,
-                    "shard_id": record.shard_id,
-                    "sequence_number": record.sequence_number,
-                    "rules": traces,
-                })
-            ),
-            OutputFormat::Human => {
-                out!(
+    for (line, given) in &records {
+        // Decoded as the daemon decodes it: a KPL aggregate is explained sub-record by
+        // sub-record.
+        for (record, traces) in rules.explain_all(given, render) {
+            match args.output {
+                OutputFormat::Json => out!(
                     out,
-                    "line {line} (shard {}, sequence number {}):",
-                    record.shard_id,
-                    record.sequence_number
-                );
-                for trace in &traces {
-                    out!(out, "  {}", trace.human());
+                    "{}",
+                    serde_json::json!({
+                        "line": line,
+                        "shard_id": record.shard_id,
+                        "sequence_number": record.sequence_number,
+                        "sub_sequence_number": record.sub_sequence_number,
+                        "rules": traces,
+                    })
+                ),
+                OutputFormat::Human => {
+                    out!(
+                        out,
+                        "line {line} (shard {}, sequence number {}, sub-sequence number {}):",
+                        record.shard_id,
+                        record.sequence_number,
+                        record.sub_sequence_number
+                    );
+                    for trace in &traces {
+                        out!(out, "  {}", trace.human());
+                    }
                 }
             }
         }

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use super::trace::{self, Place};
 use super::{Decision, Location, RuleError, RuleSet, Verdict};
-use crate::decode::{self, Record, RecordJson, Unreadable};
+use crate::decode::{Record, RecordJson, Unreadable};
 
 /// Whether the configured actions can turn a decision into a request (`Err` says why). The
 /// caller builds it from its config: rules know nothing of actions (data flows one way).
@@ -71,49 +71,22 @@ pub enum Outcome {
 
 /// [`Outcome`] of rule `index` on `record`, taking the daemon's own path.
 pub fn outcome(set: &RuleSet, index: usize, record: &Record) -> Outcome {
-    if let Some(error) = &record.unreadable {
-        return Outcome::Undecodable(error.kind);
-    }
-    let raw = crate::source::RawRecord {
-        sequence_number: record.sequence_number.clone(),
-        partition_key: record.partition_key.to_string(),
-        arrival_time_millis: 0,
-        data: record.bytes.to_vec(),
-    };
-    let records = match decode::decode(&record.stream, &record.shard_id, raw) {
+    let records = match super::decode_as_daemon(record) {
         Ok(records) => records,
-        Err(undecodable) => return Outcome::Undecodable(undecodable.error.kind),
+        Err(error) => return Outcome::Undecodable(error.kind),
     };
-    let single = records.len() == 1;
     let mut decisions = Vec::new();
-    for mut sub in records {
+    for sub in records {
         if let Some(error) = &sub.unreadable {
             return Outcome::Undecodable(error.kind);
         }
-        sub.arrival_time = record.arrival_time.clone();
-        if single {
-            sub.sub_sequence_number = record.sub_sequence_number;
+        if let Some(fault) = set.dead_letter_fault(&sub) {
+            return Outcome::Undecodable(fault);
         }
-        let run = set.run(&sub);
-        // As the pipeline: JSON too deep that a rule would see, or broken JSON that holds a
-        // prefilter literal, is dead-lettered.
-        let prefiltered = run
-            .verdicts
-            .iter()
-            .any(|(i, _)| set.rules()[*i].has_prefilter());
-        match run.fault {
-            Some(fault @ Unreadable::JsonTooDeep) if !run.verdicts.is_empty() => {
-                return Outcome::Undecodable(fault)
-            }
-            Some(fault @ Unreadable::JsonInvalid) if prefiltered => {
-                return Outcome::Undecodable(fault)
-            }
-            _ => {}
-        }
-        match run.verdicts.into_iter().find(|(i, _)| *i == index) {
-            Some((_, Verdict::Decided(more))) => decisions.extend(more),
-            Some((_, failed @ Verdict::Failed(_))) => return Outcome::Ran(failed),
-            Some((_, Verdict::Skipped)) | None => {}
+        match set.evaluate_rule(index, &sub) {
+            Verdict::Decided(more) => decisions.extend(more),
+            failed @ Verdict::Failed(_) => return Outcome::Ran(failed),
+            Verdict::Skipped => {}
         }
     }
     Outcome::Ran(Verdict::Decided(decisions))
@@ -644,5 +617,55 @@ mod coverage_tests {
         );
         // Without coverage asked for, none is counted.
         assert!(run(&set, None).unwrap().coverage.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod decode_tests {
+    use super::*;
+
+    /// A case's bytes are decoded as the daemon decodes them: a gzip payload is inflated,
+    /// a damaged one fails the way the daemon fails it (a decode_failed dead letter).
+    #[test]
+    fn cases_take_the_daemons_decoding() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("r.rhai"),
+            "const PREFILTER = [\"erase\"];\nfn decide(record) { #{ action: \"a\", key: record.data.id } }\n",
+        )
+        .unwrap();
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder
+            .write_all(br#"{"type":"erase","id":"k-1"}"#)
+            .unwrap();
+        let zipped = encoder.finish().unwrap();
+        let damaged = hex::encode(&zipped[..zipped.len() - 6]);
+        let cases = format!(
+            r#"[{{"name": "zipped", "record": {{"data_hex": "{}"}}, "expect": {{"action": "a", "key": "k-1"}}}},
+               {{"name": "damaged", "record": {{"data_hex": "{damaged}"}}, "expect": null}},
+               {{"name": "cut short", "record": {{"data_text": "{{\"type\":\"erase\",\"id\":"}}, "expect": null}}]"#,
+            hex::encode(&zipped)
+        );
+        std::fs::write(dir.path().join("r.test.json"), cases).unwrap();
+        let set = RuleSet::load(dir.path(), None).unwrap();
+        let report = run(&set, None).unwrap();
+        assert_eq!(report.passed, 1, "{:?}", report.failures);
+        let failed: Vec<(&str, &str)> = report
+            .failures
+            .iter()
+            .map(|f| (f.case.as_str(), f.kind.as_str()))
+            .collect();
+        assert_eq!(failed.len(), 2);
+        assert!(
+            failed[0]
+                .1
+                .contains("cannot be decoded (damaged_compression)"),
+            "{failed:?}"
+        );
+        assert!(
+            failed[1].1.contains("cannot be decoded (json_invalid)"),
+            "{failed:?}"
+        );
     }
 }

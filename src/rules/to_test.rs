@@ -760,4 +760,24 @@ mod tests {
         let made = case(&set, "r", &good, false, "n", Some(&check)).unwrap();
         assert_eq!(made.expect["key"], "k");
     }
+
+    /// A decode_failed letter's record (damaged gzip): refused without the exact bytes;
+    /// with them, the case expects null and says the rule still fails on it, as
+    /// `rules test` then does (the record cannot be decoded).
+    #[test]
+    fn a_record_that_cannot_be_decoded_still_fails() {
+        use std::io::Write;
+        let (_dir, set) = rule_set("fn decide(record) { #{ action: \"a\", key: \"k\" } }");
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(br#"{"user": "u-77"}"#).unwrap();
+        let zipped = encoder.finish().unwrap();
+        let damaged = record(&zipped[..zipped.len() - 6], "pk");
+        assert!(matches!(
+            case(&set, "r", &damaged, false, "n", None),
+            Err(ToTestError::Binary)
+        ));
+        let kept = case(&set, "r", &damaged, true, "n", None).unwrap();
+        assert_eq!(kept.expect, Value::Null);
+        assert!(kept.name.contains("still fails"), "{}", kept.name);
+    }
 }

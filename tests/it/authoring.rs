@@ -586,3 +586,81 @@ async fn a_refused_reload_logs_no_keys_params_or_values() {
         "{out}"
     );
 }
+
+/// `rules explain` reads its input as the daemon reads records: as bytes (a Latin-1 line
+/// too), decoded first; what the daemon cannot decode is said to become a decode_failed
+/// dead letter. `-` reads stdin; an empty input says so; a line that names a payload field
+/// but is not a captured record is an error naming the line.
+#[test]
+fn explain_reads_records_as_the_daemon_does() {
+    use base64::Engine;
+    use std::io::Write;
+    let ws = workspace();
+    let rules = ws.path("rules");
+    let rules = rules.to_str().unwrap();
+    let request = br#"{"type":"privacy_request","tags":["GDPR","Delete User"],"client":"acme","request_id":"r-456","user_id":"u-123"}"#;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(request).unwrap();
+    let zipped = encoder.finish().unwrap();
+    let captured = |bytes: &[u8]| {
+        serde_json::json!({
+            "data_base64": base64::engine::general_purpose::STANDARD.encode(bytes),
+            "sequence_number": "77",
+            "sub_sequence_number": 2,
+        })
+        .to_string()
+    };
+    let mut input = Vec::new();
+    input.extend(captured(&zipped[..zipped.len() - 6]).as_bytes());
+    input.extend(b"\n{\"type\":\"privacy_request\",\"tags\":[\"Delete User\"],\"user_id\":\n");
+    input.extend(b"{\"type\":\"privacy_request\",\"tags\":[\"GDPR\",\"Delete User\"],\"client\":\"acme\",\"request_id\":\"r-1\",\"user_id\":\"u-1\",\"name\":\"Jos\xe9\"}\n");
+    input.extend(captured(&zipped).as_bytes());
+    input.push(b'\n');
+    let file = ws.path("input.jsonl");
+    std::fs::write(&file, &input).unwrap();
+    let explain = |input: &str, stdin: &[u8]| {
+        let mut child = command(&ws.config())
+            .args(["rules", "explain", "--rules-dir", rules, "--output", "json"])
+            .args(["--input", input])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code().unwrap(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = explain(file.to_str().unwrap(), b"");
+    assert_eq!(code, 0, "{err}");
+    let records = json_lines(&out);
+    assert_eq!(records.len(), 4, "{out}");
+    let damaged = trace(&records[0], "acme_gdpr_delete_user");
+    assert_eq!(damaged["outcome"], "undecodable", "{damaged}");
+    assert_eq!(damaged["kind"], "damaged_compression");
+    assert_eq!(records[0]["sub_sequence_number"], 2);
+    let cut = trace(&records[1], "acme_gdpr_delete_user");
+    assert_eq!(cut["kind"], "json_invalid", "{cut}");
+    let latin1 = trace(&records[2], "acme_gdpr_delete_user");
+    assert_eq!(latin1["outcome"], "decided", "{latin1}");
+    let inflated = trace(&records[3], "acme_gdpr_delete_user");
+    assert_eq!(inflated["outcome"], "decided", "{inflated}");
+    assert_eq!(inflated["decisions"][0]["decision"]["key"], "r-456");
+
+    // The same from stdin.
+    let (code, from_stdin, err) = explain("-", &input);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(from_stdin, out);
+    // Nothing to explain: said on stderr.
+    let (code, out, err) = explain("-", b"\n");
+    assert_eq!((code, out.as_str()), (0, ""));
+    assert!(err.contains("no records in -"), "{err}");
+    // A captured record that is not one: the line named.
+    let (code, _, err) = explain("-", b"{\"data\":{}}\n{\"data_base64\":\"!!!\"}\n");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("-:2: names a payload field"), "{err}");
+}

@@ -592,7 +592,7 @@ mod coverage_tests {
         let report = run_with(&set, None, true).unwrap();
         assert_eq!(
             report.coverage[0].to_string(),
-            "h: 46% of statements (6 of 13); never ran: 5, 6, 7, 14, 15, 18"
+            "h: 42% of statements (6 of 14); never ran: 5, 6, 7, 14, 15, 16, 18"
         );
         assert!(!report.coverage[0].reaches(50.0));
         let all = [
@@ -613,10 +613,38 @@ mod coverage_tests {
         assert_eq!(report.passed, 3);
         assert_eq!(
             report.coverage[0].to_string(),
-            "h: 100% of statements (13 of 13)"
+            "h: 100% of statements (14 of 14)"
         );
         // Without coverage asked for, none is counted.
         assert!(run(&set, None).unwrap().coverage.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod switch_coverage_tests {
+    use super::*;
+
+    /// A `switch` whose arms are plain expressions: each arm counts, and an arm no case
+    /// reaches is named by its line.
+    #[test]
+    fn switch_arms_that_are_expressions_count() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("s.rhai"),
+            "fn decide(record) {\n    let key = switch record.data.kind {\n        \"a\" => \"k-a\",\n        \"b\" => \"k-b\",\n        _ => \"k-other\"\n    };\n    #{ action: \"x\", key: key }\n}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("s.test.json"),
+            r#"[{"name": "a", "record": {"data": {"kind": "a"}}, "expect": {"action": "x", "key": "k-a"}}]"#,
+        )
+        .unwrap();
+        let set = RuleSet::load(dir.path(), None).unwrap();
+        let report = run_with(&set, None, true).unwrap();
+        assert_eq!(report.passed, 1, "{:?}", report.failures);
+        let coverage = &report.coverage[0];
+        assert_eq!(coverage.never_ran, vec![4, 5], "{coverage}");
+        assert_eq!(coverage.statements - coverage.ran, 2, "{coverage}");
     }
 }
 

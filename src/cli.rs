@@ -624,24 +624,30 @@ fn rules_check(args: RulesArgs) -> Result<u8, Failure> {
 fn rules_test(args: TestArgs) -> Result<u8, Failure> {
     let (dir, actions) = rules_setup(&args.rules)?;
     let mut out = std::io::stdout().lock();
-    let junit = |set: Option<&RuleSet>, report: &testing::Report, errors: &[String]| match &args
-        .junit
-    {
-        Some(path) => std::fs::write(path, testing::junit(set, report, errors))
+    // What a terminal shows of a name or a message: no control characters.
+    let shown = |text: &str| testing::escape_controls(text, false).into_owned();
+    // Written after the count line: a file that cannot be written still leaves the count.
+    let junit = |set: Option<&RuleSet>,
+                 report: &testing::Report,
+                 errors: &[String],
+                 below: &[testing::BelowMinimum]| match &args.junit {
+        Some(path) => std::fs::write(path, testing::junit(set, report, errors, below))
             .map_err(|e| Failure::runtime(anyhow::anyhow!("cannot write {}: {e}", path.display()))),
         None => Ok(()),
     };
+    // Rules or test files that cannot be read: each counts as failed, as in the JUnit file.
+    let mut refused = |set: Option<&RuleSet>, errors: Vec<crate::rules::RuleError>| {
+        for e in &errors {
+            out!(out, "{}", testing::escape_controls(&e.to_string(), true));
+        }
+        out!(out, "0 passed, {} failed", errors.len());
+        let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        junit(set, &testing::Report::default(), &errors, &[])?;
+        Ok(1)
+    };
     let set = match RuleSet::load(&dir, actions) {
         Ok(set) => set,
-        Err(errors) => {
-            for e in &errors {
-                out!(out, "{e}");
-            }
-            out!(out, "0 passed, 0 failed ({} rule error(s))", errors.len());
-            let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
-            junit(None, &testing::Report::default(), &errors)?;
-            return Ok(1);
-        }
+        Err(errors) => return refused(None, errors),
     };
     // With a config, every expected decision must be one its actions can send.
     let actions = match &args.rules.config {
@@ -661,56 +667,52 @@ fn rules_test(args: TestArgs) -> Result<u8, Failure> {
     let coverage = args.coverage || args.min_coverage.is_some();
     let report = match testing::run_with(&set, Some(&sendable), coverage) {
         Ok(report) => report,
-        Err(errors) => {
-            for e in &errors {
-                out!(out, "{e}");
-            }
-            let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
-            junit(Some(&set), &testing::Report::default(), &errors)?;
-            return Ok(1);
-        }
+        Err(errors) => return refused(Some(&set), errors),
     };
     for f in &report.failures {
         out!(
             out,
             "FAIL {} / {}\n  expected: {}\n  actual:   {}",
-            f.rule,
-            f.case,
-            f.expected,
-            f.actual
+            shown(&f.rule),
+            shown(&f.case),
+            shown(&f.expected),
+            shown(&f.actual)
         );
     }
     for u in &report.unsendable {
-        out!(out, "FAIL {u}");
+        out!(out, "FAIL {}", shown(&u.to_string()));
     }
     for rule in &report.untested {
+        let rule = shown(rule);
         out!(
             out,
             "warning: rule {rule} has no test cases ({rule}.test.json)"
         );
     }
     for rule in &report.coverage {
-        out!(out, "coverage: {rule}");
+        out!(out, "coverage: {}", shown(&rule.to_string()));
     }
-    let below: Vec<&str> = match args.min_coverage {
+    let below: Vec<testing::BelowMinimum> = match args.min_coverage {
         Some(min) => report
             .coverage
             .iter()
             .filter(|c| !c.reaches(min))
-            .map(|c| c.rule.as_str())
+            .map(|c| testing::BelowMinimum {
+                rule: c.rule.clone(),
+                message: format!("below the minimum coverage of {min}%: {c}"),
+            })
             .collect(),
         None => Vec::new(),
     };
     if let (Some(min), false) = (args.min_coverage, below.is_empty()) {
-        out!(out, "FAIL coverage below {min}%: {}", below.join(", "));
+        let rules: Vec<String> = below.iter().map(|b| shown(&b.rule)).collect();
+        out!(out, "FAIL coverage below {min}%: {}", rules.join(", "));
     }
-    junit(Some(&set), &report, &[])?;
-    out!(out, "{} passed, {} failed", report.passed, report.failed());
-    Ok(if report.failed() == 0 && below.is_empty() {
-        0
-    } else {
-        1
-    })
+    // A rule below the minimum counts as one failed, as its `coverage` testcase in JUnit.
+    let failed = report.failed() + below.len();
+    out!(out, "{} passed, {failed} failed", report.passed);
+    junit(Some(&set), &report, &[], &below)?;
+    Ok(u8::from(failed > 0))
 }
 
 fn load_rules(

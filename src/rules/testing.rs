@@ -219,10 +219,15 @@ impl Coverage {
 
 impl std::fmt::Display for Coverage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Rounded down: 100% only when every statement ran.
-        let percent = match self.statements {
-            0 => 100,
-            n => self.ran * 100 / n,
+        // Rounded down to a tenth, never up: 100% only when every statement ran, and never
+        // a figure at or past a minimum the exact share misses ([`Self::reaches`]).
+        let tenths = match self.statements {
+            0 => 1000,
+            n => self.ran * 1000 / n,
+        };
+        let percent = match tenths % 10 {
+            0 => format!("{}", tenths / 10),
+            tenth => format!("{}.{tenth}", tenths / 10),
         };
         write!(
             f,
@@ -387,46 +392,89 @@ fn run_case(
     });
 }
 
+/// `text` with the characters XML 1.0 cannot hold (control characters other than tab, CR
+/// and LF, and U+FFFE, U+FFFF) written as escapes (`\u{1}`); with `lines: false`, tab, CR
+/// and LF too (an attribute, a name on a terminal line). For JUnit files and the terminal
+/// alike: a case name or a thrown message may hold anything.
+pub fn escape_controls(text: &str, lines: bool) -> std::borrow::Cow<'_, str> {
+    let escaped = |c: char| {
+        (c.is_control() && !(lines && matches!(c, '\t' | '\n' | '\r')))
+            || matches!(c, '\u{FFFE}' | '\u{FFFF}')
+    };
+    if !text.chars().any(escaped) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| match escaped(c) {
+            true => format!("\\u{{{:x}}}", u32::from(c)),
+            false => c.to_string(),
+        })
+        .collect::<String>()
+        .into()
+}
+
+/// A rule whose cases ran less of it than `--min-coverage` asks: a failing testcase
+/// `coverage` in its suite, so CI is red where the run is.
+#[derive(Debug, Clone)]
+pub struct BelowMinimum {
+    pub rule: String,
+    pub message: String,
+}
+
 /// The report as JUnit XML, which CI systems read: a testsuite per rule (rules without
-/// cases included, with none), a testcase per case, a failure with expected and actual.
+/// cases included, with none), a testcase per case, a failure with expected and actual,
+/// and a failing testcase `coverage` for each rule `below` the minimum coverage.
 /// `errors` (rules or test files that cannot be read) become one suite of errors.
-pub fn junit(set: Option<&RuleSet>, report: &Report, errors: &[String]) -> String {
+pub fn junit(
+    set: Option<&RuleSet>,
+    report: &Report,
+    errors: &[String],
+    below: &[BelowMinimum],
+) -> String {
     use quick_xml::escape::partial_escape;
     use quick_xml::events::{BytesDecl, BytesText, Event};
     let mut xml = quick_xml::Writer::new_with_indent(Vec::new(), b' ', 2);
     let count = |n: usize| n.to_string();
+    let attr = |text: &str| escape_controls(text, false).into_owned();
+    let body = |text: &str| escape_controls(text, true).into_owned();
     let rules: Vec<&str> = match set {
         Some(set) => set.rules().iter().map(|r| r.name.as_str()).collect(),
         None => Vec::new(),
     };
     let written = (|| -> std::io::Result<()> {
         xml.write_event(Event::Decl(BytesDecl::new("1.0", Some("UTF-8"), None)))?;
+        let tests = report.cases.len() + errors.len() + below.len();
         xml.create_element("testsuites")
             .with_attribute(("name", "rules test"))
-            .with_attribute(("tests", count(report.cases.len() + errors.len()).as_str()))
-            .with_attribute(("failures", count(report.failed()).as_str()))
+            .with_attribute(("tests", count(tests).as_str()))
+            .with_attribute(("failures", count(report.failed() + below.len()).as_str()))
             .with_attribute(("errors", count(errors.len()).as_str()))
             .write_inner_content(|xml| {
                 for rule in &rules {
                     let cases: Vec<&CaseResult> =
                         report.cases.iter().filter(|c| c.rule == *rule).collect();
-                    let failures = cases.iter().filter(|c| c.failure.is_some()).count();
+                    let coverage = below.iter().find(|b| b.rule == *rule);
+                    let failures = cases.iter().filter(|c| c.failure.is_some()).count()
+                        + usize::from(coverage.is_some());
+                    let tests = cases.len() + usize::from(coverage.is_some());
+                    let rule = attr(rule);
                     let mut suite = xml
                         .create_element("testsuite")
-                        .with_attribute(("name", *rule))
-                        .with_attribute(("tests", count(cases.len()).as_str()))
+                        .with_attribute(("name", rule.as_str()))
+                        .with_attribute(("tests", count(tests).as_str()))
                         .with_attribute(("failures", count(failures).as_str()))
                         .with_attribute(("errors", "0"));
-                    if let Some(first) = cases.first() {
-                        suite =
-                            suite.with_attribute(("file", first.file.to_string_lossy().as_ref()));
+                    let file = cases.first().map(|c| attr(&c.file.to_string_lossy()));
+                    if let Some(file) = &file {
+                        suite = suite.with_attribute(("file", file.as_str()));
                     }
                     suite.write_inner_content(|xml| {
                         for case in cases {
+                            let name = attr(&case.case);
                             let element = xml
                                 .create_element("testcase")
-                                .with_attribute(("name", case.case.as_str()))
-                                .with_attribute(("classname", *rule));
+                                .with_attribute(("name", name.as_str()))
+                                .with_attribute(("classname", rule.as_str()));
                             let (message, text) = match &case.failure {
                                 None => {
                                     element.write_empty()?;
@@ -444,12 +492,28 @@ pub fn junit(set: Option<&RuleSet>, report: &Report, errors: &[String]) -> Strin
                             };
                             element.write_inner_content(|xml| {
                                 xml.create_element("failure")
-                                    .with_attribute(("message", message.as_str()))
+                                    .with_attribute(("message", attr(&message).as_str()))
                                     .write_text_content(BytesText::from_escaped(partial_escape(
-                                        &text,
+                                        &body(&text),
                                     )))?;
                                 Ok(())
                             })?;
+                        }
+                        if let Some(coverage) = coverage {
+                            xml.create_element("testcase")
+                                .with_attribute(("name", "coverage"))
+                                .with_attribute(("classname", rule.as_str()))
+                                .write_inner_content(|xml| {
+                                    xml.create_element("failure")
+                                        .with_attribute((
+                                            "message",
+                                            attr(&coverage.message).as_str(),
+                                        ))
+                                        .write_text_content(BytesText::from_escaped(
+                                            partial_escape(&body(&coverage.message)),
+                                        ))?;
+                                    Ok(())
+                                })?;
                         }
                         Ok(())
                     })?;
@@ -467,9 +531,9 @@ pub fn junit(set: Option<&RuleSet>, report: &Report, errors: &[String]) -> Strin
                                     .with_attribute(("classname", "rules"))
                                     .write_inner_content(|xml| {
                                         xml.create_element("error")
-                                            .with_attribute(("message", error.as_str()))
+                                            .with_attribute(("message", attr(error).as_str()))
                                             .write_text_content(BytesText::from_escaped(
-                                                partial_escape(error.as_str()),
+                                                partial_escape(&body(error)),
                                             ))?;
                                         Ok(())
                                     })?;
@@ -592,7 +656,7 @@ mod coverage_tests {
         let report = run_with(&set, None, true).unwrap();
         assert_eq!(
             report.coverage[0].to_string(),
-            "h: 42% of statements (6 of 14); never ran: 5, 6, 7, 14, 15, 16, 18"
+            "h: 42.8% of statements (6 of 14); never ran: 5, 6, 7, 14, 15, 16, 18"
         );
         assert!(!report.coverage[0].reaches(50.0));
         let all = [

@@ -664,3 +664,110 @@ fn explain_reads_records_as_the_daemon_does() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("-:2: names a payload field"), "{err}");
 }
+
+/// The JUnit file holds only what XML 1.0 can (control characters escaped, as on the
+/// terminal); a rule below `--min-coverage` is a failing `coverage` testcase, counted in the
+/// summary line too; with no rules, the counts still agree; a file that cannot be written
+/// still leaves the count line.
+#[test]
+fn junit_holds_what_xml_can_and_whatever_failed_the_run() {
+    let ws = workspace_with_tests();
+    let rules = ws.path("rules");
+    let junit = ws.path("results.xml");
+    let test = |dir: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "rules",
+            "test",
+            "--rules-dir",
+            dir.to_str().unwrap(),
+            "--junit",
+            junit.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        ws.run(&args)
+    };
+    let unfit = |c: char| {
+        (c.is_control() && !matches!(c, '\t' | '\n' | '\r')) || matches!(c, '\u{FFFE}' | '\u{FFFF}')
+    };
+
+    // Control characters in a case's name and in what its rule threw.
+    ws.write_rule(
+        "ctl.rhai",
+        "fn decide(record) {\n    if record.data.t == \"ctl\" { throw \"bad \" + record.data.v; }\n}\n",
+    );
+    let cases = serde_json::json!([{
+        "name": "bell \u{7} escape \u{1b}[31m",
+        "record": {"data": {"t": "ctl", "v": "a\u{1}b\u{FFFF}"}},
+        "expect": null
+    }]);
+    ws.write_rule("ctl.test.json", &cases.to_string());
+    let (code, out, _) = test(&rules, &[]);
+    assert_eq!(code, 1, "{out}");
+    let text = std::fs::read_to_string(&junit).unwrap();
+    assert!(!text.chars().any(unfit), "{text:?}");
+    for escaped in ["\\u{7}", "\\u{1b}", "\\u{1}", "\\u{ffff}"] {
+        assert!(text.contains(escaped), "{escaped} not in {text}");
+    }
+    assert!(!out.chars().any(|c| c != '\n' && unfit(c)), "{out:?}");
+    assert!(out.contains("bell \\u{7} escape \\u{1b}[31m"), "{out}");
+    let (passed, failed) = counts(&out);
+    let (cases, failures, _, _, totals) = read_junit(&junit);
+    assert_eq!((cases - failures, failures), (passed, failed));
+    assert_eq!(totals, (cases, failures));
+    std::fs::remove_file(rules.join("ctl.rhai")).unwrap();
+    std::fs::remove_file(rules.join("ctl.test.json")).unwrap();
+
+    // Below --min-coverage: the support rule runs 8 of its 9 statements (88.8%, never
+    // shown rounded up to 89%).
+    let (code, out, _) = test(&rules, &["--min-coverage", "88.9"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("coverage: support_erasure_verified_only: 88.8% of statements (8 of 9)"),
+        "{out}"
+    );
+    // Three rules are below it (ccpa_delete and strict_erasure too), all cases pass.
+    let (passed, failed) = counts(&out);
+    assert_eq!(failed, 3, "{out}");
+    let (cases, failures, texts, _, totals) = read_junit(&junit);
+    assert_eq!((cases - failures, failures), (passed, failed));
+    assert_eq!(totals, (cases, failures));
+    assert!(
+        texts
+            .iter()
+            .any(|t| t
+                .contains("below the minimum coverage of 88.9%: support_erasure_verified_only")),
+        "{texts:?}"
+    );
+    let (code, out, _) = test(&rules, &["--min-coverage", "88.8"]);
+    assert_eq!(code, 1, "{out}");
+    let fail = out
+        .lines()
+        .find(|l| l.starts_with("FAIL coverage"))
+        .unwrap();
+    assert!(!fail.contains("support_erasure_verified_only"), "{fail}");
+    let (code, out, _) = test(&rules, &["--min-coverage", "75"]);
+    assert_eq!(code, 0, "{out}");
+
+    // No rules at all: one error, counted on both sides.
+    let empty = ws.path("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let (code, out, _) = test(&empty, &[]);
+    assert_eq!(code, 1, "{out}");
+    let (passed, failed) = counts(&out);
+    let (cases, _, _, _, (tests, _)) = read_junit(&junit);
+    assert_eq!((cases, tests), (passed + failed, passed + failed), "{out}");
+    assert_eq!(failed, 1, "{out}");
+
+    // A JUnit file that cannot be written: the count line first, then the error.
+    let (code, out, err) = ws.run(&[
+        "rules",
+        "test",
+        "--rules-dir",
+        rules.to_str().unwrap(),
+        "--junit",
+        ws.path("no/such/dir.xml").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.trim_end().ends_with(" passed, 0 failed"), "{out}");
+    assert!(err.contains("cannot write"), "{err}");
+}

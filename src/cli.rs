@@ -325,7 +325,8 @@ enum DeadLettersCommand {
         #[arg(long)]
         rule: Option<String>,
         /// The rules to run the case with (default: the running daemon's rules in force,
-        /// else the config's [rules] dir, else ./rules).
+        /// else the config's [rules] dir, else the directory of the rule file the letter
+        /// names, else ./rules). Relative to where the command runs.
         #[arg(long)]
         rules_dir: Option<PathBuf>,
     },
@@ -1119,12 +1120,17 @@ fn dead_letters(cmd: DeadLettersCommand, s: &mut Session) -> Result<u8, Failure>
                 }
                 (None, rule) => rule.to_owned(),
             };
-            // Relative to where the command runs, also when the daemon serves it.
-            let rules_dir = rules_dir.map(|dir| std::path::absolute(&dir).unwrap_or(dir));
             let recorded = std::path::Path::new(&letter.rule_file).parent();
             let (rules, configured) = match (s.daemon, rules_dir) {
                 (Some(pipeline), None) => {
                     (arc_swap::Guard::into_inner(pipeline.rules.load()), None)
+                }
+                // The command resolves it where it runs before sending it (see
+                // `state_command`): a relative one here would be the daemon's.
+                (Some(_), Some(dir)) if dir.is_relative() => {
+                    return Err(Failure::usage(anyhow::anyhow!(
+                        "the running daemon serves this command: give --rules-dir as an absolute path"
+                    )))
                 }
                 (_, dir) => {
                     let (config_dir, names, actions) = match &args.config {
@@ -1313,7 +1319,12 @@ fn audit(cmd: AuditCommand, s: &mut Session) -> Result<u8, Failure> {
 fn state_command(command: Command) -> Result<u8, Failure> {
     if let Some(path) = state_path_of(&command) {
         if let Some(stream) = control::connect(&path) {
-            let argv = std::env::args().skip(1).collect();
+            let argv: Vec<String> = std::env::args().skip(1).collect();
+            // The daemon runs elsewhere: a rules directory is the one here.
+            let argv = match &command {
+                Command::DeadLetters(DeadLettersCommand::ToTest { .. }) => absolute_rules_dir(argv),
+                _ => argv,
+            };
             let mut stdout = std::io::stdout().lock();
             return control::run_remote(stream, &path, argv, &mut stdout).map_err(|e| match e {
                 control::RemoteError::Output(io) => write_failure(io),
@@ -1329,6 +1340,28 @@ fn state_command(command: Command) -> Result<u8, Failure> {
         by: &by,
     };
     reading_state(|| dispatch_state_command(command, &mut session))
+}
+
+/// `argv` with a `--rules-dir` made absolute against the working directory.
+fn absolute_rules_dir(argv: Vec<String>) -> Vec<String> {
+    let absolute = |dir: &str| match std::path::absolute(dir) {
+        Ok(path) => path.display().to_string(),
+        Err(_) => dir.to_owned(),
+    };
+    let mut out = Vec::with_capacity(argv.len());
+    let mut value_next = false;
+    for arg in argv {
+        if value_next {
+            out.push(absolute(&arg));
+            value_next = false;
+        } else if let Some(dir) = arg.strip_prefix("--rules-dir=") {
+            out.push(format!("--rules-dir={}", absolute(dir)));
+        } else {
+            value_next = arg == "--rules-dir";
+            out.push(arg);
+        }
+    }
+    out
 }
 
 fn dispatch_state_command(command: Command, s: &mut Session) -> Result<u8, Failure> {

@@ -425,10 +425,31 @@ async fn a_dead_letter_becomes_a_test_case_without_its_identifiers() {
         out
     };
     let served = to_test(&[]);
+    // A relative --rules-dir is the one where the command runs, not the daemon's.
+    let fixed = ws.path("fixed");
+    std::fs::create_dir(&fixed).unwrap();
+    std::fs::write(fixed.join("strict_erasure.rhai"), STRICT_FIXED).unwrap();
+    let served_fixed = to_test(&["--rules-dir", "fixed"]);
     assert!(daemon.stop().success());
     // On the file, the same.
     let printed = to_test(&[]);
     assert_eq!(printed, served);
+    assert_eq!(
+        to_test(&["--rules-dir", fixed.to_str().unwrap()]),
+        served_fixed
+    );
+    // Without a config or --rules-dir, from elsewhere: the rules where the rule was.
+    let elsewhere = ws.path("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let state = ws.path("state.redb");
+    let out = command(&elsewhere.join("none"))
+        .args(["dead-letters", "to-test", "--id", &id])
+        .args(["--state", state.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), printed);
 
     // No identifier of the record (in what it holds: its sequence number and arrival time
     // are the stream's); what the rule compares against stays.
@@ -474,10 +495,7 @@ async fn a_dead_letter_becomes_a_test_case_without_its_identifiers() {
     assert!(out.trim_end().ends_with(" passed, 1 failed"), "{out}");
 
     // With the rule fixed, the case expects its decision, placeholders and all, and passes.
-    let fixed = ws.path("fixed");
-    std::fs::create_dir(&fixed).unwrap();
-    std::fs::write(fixed.join("strict_erasure.rhai"), STRICT_FIXED).unwrap();
-    let out = to_test(&["--rules-dir", fixed.to_str().unwrap()]);
+    let out = served_fixed;
     let case: Value = serde_json::from_str(&out).unwrap();
     let data = &case["record"]["data"];
     assert_eq!(case["expect"]["params"]["user_id"], data["email"], "{case}");

@@ -357,6 +357,15 @@ fn coverage_names_the_lines_no_case_runs() {
     assert!(!support.contains("never ran"), "{support}");
 }
 
+/// A rule whose decision the action cannot send: its `user_id` param is a map.
+const BAD_PARAMS: &str = r#"const PREFILTER = ["bad_params"];
+fn decide(record) {
+    let d = record.data;
+    if type_of(d) != "map" || d.type != "bad_params" { return; }
+    #{ action: "anonymize_user", key: d.request_id, params: #{ user_id: d.user } }
+}
+"#;
+
 /// The fixture rule fixed: a request without a user id is carried out with its email.
 const STRICT_FIXED: &str = r#"const PREFILTER = ["strict_erasure"];
 
@@ -382,6 +391,8 @@ async fn a_dead_letter_becomes_a_test_case_without_its_identifiers() {
     );
     let tests = std::fs::read_to_string(fixture("strict_erasure.test.json")).unwrap();
     ws.write_rule("strict_erasure.test.json", &tests);
+    // A rule whose decision cannot be sent (its user_id param is a map).
+    ws.write_rule("bad_params.rhai", BAD_PARAMS);
     // The rule throws on this one (no user_id); then a request the backend gets, to know
     // the daemon is past it.
     let failing = serde_json::json!({
@@ -396,6 +407,12 @@ async fn a_dead_letter_becomes_a_test_case_without_its_identifiers() {
         "events",
         &[
             ("jane-doe-42".to_owned(), failing.to_string().into_bytes()),
+            (
+                "k".to_owned(),
+                serde_json::json!({"type": "bad_params", "request_id": "b-1", "user": {"id": "u-55"}})
+                    .to_string()
+                    .into_bytes(),
+            ),
             (
                 "k".to_owned(),
                 deletion("r-1", "u-1").to_string().into_bytes(),
@@ -414,9 +431,33 @@ async fn a_dead_letter_becomes_a_test_case_without_its_identifiers() {
     let (code, out, err) = ws.run(&["dead-letters", "list", "--config", config]);
     assert_eq!(code, 0, "{err}");
     let letters = json_lines(&out);
-    assert_eq!(letters.len(), 1, "{out}");
-    assert_eq!(letters[0]["kind"], "rule_failed");
-    let id = letters[0]["id"].to_string();
+    assert_eq!(letters.len(), 2, "{out}");
+    let letter = |rule: &str| {
+        letters
+            .iter()
+            .find(|l| l["rule"] == rule)
+            .unwrap_or_else(|| panic!("no letter of {rule} in {out}"))
+    };
+    assert_eq!(letter("strict_erasure")["kind"], "rule_failed");
+    let id = letter("strict_erasure")["id"].to_string();
+    // A decision that cannot be sent: the case does not expect it, and says it still fails.
+    let unsendable = letter("bad_params")["id"].to_string();
+    let (code, out, err) = ws.run(&[
+        "dead-letters",
+        "to-test",
+        "--id",
+        &unsendable,
+        "--config",
+        config,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let case: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(case["expect"], Value::Null, "{case}");
+    let name = case["name"].as_str().unwrap();
+    assert!(
+        name.contains("still fails") && name.contains("is a map or an array"),
+        "{name}"
+    );
     let to_test = |extra: &[&str]| {
         let mut args = vec!["dead-letters", "to-test", "--id", &id, "--config", config];
         args.extend(extra);

@@ -357,6 +357,15 @@ fn coverage_names_the_lines_no_case_runs() {
     assert!(!support.contains("never ran"), "{support}");
 }
 
+/// A rule that throws on ids of one form (their first letter).
+const ID_FORM: &str = r#"const PREFILTER = ["id_form"];
+fn decide(record) {
+    let d = record.data;
+    if type_of(d) != "map" || d.type != "id_form" { return; }
+    if d.id[0] == 'x' { throw "x ids are not ours"; }
+}
+"#;
+
 /// A rule whose decision the action cannot send: its `user_id` param is a map.
 const BAD_PARAMS: &str = r#"const PREFILTER = ["bad_params"];
 fn decide(record) {
@@ -393,6 +402,8 @@ async fn a_dead_letter_becomes_a_test_case_without_its_identifiers() {
     ws.write_rule("strict_erasure.test.json", &tests);
     // A rule whose decision cannot be sent (its user_id param is a map).
     ws.write_rule("bad_params.rhai", BAD_PARAMS);
+    // A rule that looks at the form of an id: placeholders would take it elsewhere.
+    ws.write_rule("id_form.rhai", ID_FORM);
     // The rule throws on this one (no user_id); then a request the backend gets, to know
     // the daemon is past it.
     let failing = serde_json::json!({
@@ -407,6 +418,12 @@ async fn a_dead_letter_becomes_a_test_case_without_its_identifiers() {
         "events",
         &[
             ("jane-doe-42".to_owned(), failing.to_string().into_bytes()),
+            (
+                "k".to_owned(),
+                serde_json::json!({"type": "id_form", "id": "x-991"})
+                    .to_string()
+                    .into_bytes(),
+            ),
             (
                 "k".to_owned(),
                 serde_json::json!({"type": "bad_params", "request_id": "b-1", "user": {"id": "u-55"}})
@@ -431,7 +448,7 @@ async fn a_dead_letter_becomes_a_test_case_without_its_identifiers() {
     let (code, out, err) = ws.run(&["dead-letters", "list", "--config", config]);
     assert_eq!(code, 0, "{err}");
     let letters = json_lines(&out);
-    assert_eq!(letters.len(), 2, "{out}");
+    assert_eq!(letters.len(), 3, "{out}");
     let letter = |rule: &str| {
         letters
             .iter()
@@ -440,6 +457,20 @@ async fn a_dead_letter_becomes_a_test_case_without_its_identifiers() {
     };
     assert_eq!(letter("strict_erasure")["kind"], "rule_failed");
     let id = letter("strict_erasure")["id"].to_string();
+    // Placeholders that change the rule's path: refused (exit 2), unless kept as it is.
+    let form = letter("id_form")["id"].to_string();
+    let args = ["dead-letters", "to-test", "--id", &form, "--config", config];
+    let (code, out, err) = ws.run(&args);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("the placeholders change the rule's path")
+            && err.contains("--keep-identifiers"),
+        "{err}"
+    );
+    assert!(out.is_empty(), "{out}");
+    let (code, out, err) = ws.run(&[&args[..], &["--keep-identifiers"]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("x-991"), "{out}");
     // A decision that cannot be sent: the case does not expect it, and says it still fails.
     let unsendable = letter("bad_params")["id"].to_string();
     let (code, out, err) = ws.run(&[

@@ -279,8 +279,14 @@ pub fn run_with(
                 Ok(cases) => {
                     for case in cases {
                         if coverage {
+                            // Decoded as the case runs (a compressed payload inflated).
                             let record = case.record.clone().into_record();
-                            ran.extend(set.statements_run(index, &record).unwrap_or_default());
+                            for sub in super::decode_as_daemon(&record).unwrap_or_default() {
+                                if sub.unreadable.is_none() && set.dead_letter_fault(&sub).is_none()
+                                {
+                                    ran.extend(set.statements_run(index, &sub).unwrap_or_default());
+                                }
+                            }
                         }
                         run_case(set, index, &path, case, sendable, &mut report);
                     }
@@ -494,7 +500,7 @@ pub fn junit(
                                 xml.create_element("failure")
                                     .with_attribute(("message", attr(&message).as_str()))
                                     .write_text_content(BytesText::from_escaped(partial_escape(
-                                        &body(&text),
+                                        body(&text),
                                     )))?;
                                 Ok(())
                             })?;
@@ -510,7 +516,7 @@ pub fn junit(
                                             attr(&coverage.message).as_str(),
                                         ))
                                         .write_text_content(BytesText::from_escaped(
-                                            partial_escape(&body(&coverage.message)),
+                                            partial_escape(body(&coverage.message)),
                                         ))?;
                                     Ok(())
                                 })?;
@@ -533,7 +539,7 @@ pub fn junit(
                                         xml.create_element("error")
                                             .with_attribute(("message", attr(error).as_str()))
                                             .write_text_content(BytesText::from_escaped(
-                                                partial_escape(&body(error)),
+                                                partial_escape(body(error)),
                                             ))?;
                                         Ok(())
                                     })?;

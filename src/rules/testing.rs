@@ -765,5 +765,8 @@ mod decode_tests {
             failed[1].1.contains("cannot be decoded (json_invalid)"),
             "{failed:?}"
         );
+        // Coverage counts what the inflated case ran.
+        let report = run_with(&set, None, true).unwrap();
+        assert_eq!(report.coverage[0].ran, report.coverage[0].statements);
     }
 }

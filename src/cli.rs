@@ -833,7 +833,9 @@ fn rules_explain(args: ExplainArgs) -> Result<u8, Failure> {
                         record.sub_sequence_number
                     );
                     for trace in &traces {
-                        out!(out, "  {}", trace.human());
+                        // A value or a thrown message may hold control characters.
+                        let human = trace.human();
+                        out!(out, "  {}", testing::escape_controls(&human, true));
                     }
                 }
             }

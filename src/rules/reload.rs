@@ -60,7 +60,8 @@ impl std::fmt::Display for LoadFailure {
             }
         }
         for c in &self.failures {
-            writeln!(f, "  test failed: {} / {}: {}", c.rule, c.case, c.kind)?;
+            let case = testing::escape_controls(&c.case, false);
+            writeln!(f, "  test failed: {} / {case}: {}", c.rule, c.kind)?;
         }
         for c in &self.unsendable {
             writeln!(f, "  test failed: {c}")?;
@@ -351,5 +352,35 @@ pub async fn watch(rules: Arc<Rules>, shutdown: Shutdown) -> Result<(), notify::
         rules.set_watch_lost(watch.rearm().err());
         let rules = rules.clone();
         let _ = tokio::task::spawn_blocking(move || rules.reload(cause)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the log and `/status` say of a failing case: its rule, its name (control
+    /// characters escaped) and how it failed; never the expected or actual decisions.
+    #[test]
+    fn a_refusal_names_the_case_and_the_kind_only() {
+        let failure = LoadFailure {
+            errors: Vec::new(),
+            failures: vec![Failure {
+                rule: "r".into(),
+                case: "bell \u{7}".into(),
+                expected: r#"{"key":"PII-1"}"#.into(),
+                actual: r#"{"key":"PII-2"}"#.into(),
+                kind: "the decisions differ in: key".into(),
+            }],
+            unsendable: Vec::new(),
+            passed: 2,
+        };
+        let text = failure.to_string();
+        assert!(!text.contains("PII"), "{text}");
+        assert!(
+            text.contains("test failed: r / bell \\u{7}: the decisions differ in: key"),
+            "{text}"
+        );
+        assert!(text.contains("2 passed, 1 failed"), "{text}");
     }
 }

@@ -753,6 +753,28 @@ fn explain_reads_records_as_the_daemon_does() {
     let (code, _, err) = explain("-", b"{\"data\":{}}\n{\"data_base64\":\"!!!\"}\n");
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("-:2: names a payload field"), "{err}");
+
+    // What a rule threw is shown without its control characters.
+    ws.write_rule(
+        "ctl.rhai",
+        "const PREFILTER = [\"ctl_event\"];\nfn decide(record) { throw \"bad \" + record.data.v; }\n",
+    );
+    let mut child = command(&ws.config())
+        .args(["rules", "explain", "--rules-dir", rules, "--input", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(br#"{"type":"ctl_event","v":"a\u001b[31mb"}"#)
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let out = String::from_utf8(out.stdout).unwrap();
+    assert!(out.contains("bad a\\u{1b}[31mb"), "{out}");
+    assert!(!out.contains('\u{1b}'), "{out:?}");
 }
 
 /// The JUnit file holds only what XML 1.0 can (control characters escaped, as on the

@@ -184,7 +184,7 @@ struct ExplainArgs {
     /// Directory of *.rhai rules.
     #[arg(long)]
     rules_dir: PathBuf,
-    /// Records, one per line: as `capture` writes them, or plain JSON events.
+    /// Records, one per line: as `capture` writes them, or plain JSON events (`-`: stdin).
     #[arg(long)]
     input: PathBuf,
     /// Config file: decisions must name its actions, and their requests are shown.
@@ -325,7 +325,8 @@ enum DeadLettersCommand {
         #[arg(long)]
         rule: Option<String>,
         /// The rules to run the case with (default: the running daemon's rules in force,
-        /// else the config's [rules] dir, else ./rules).
+        /// else the config's [rules] dir, else the directory of the rule file the letter
+        /// names, else ./rules). Relative to where the command runs.
         #[arg(long)]
         rules_dir: Option<PathBuf>,
     },
@@ -629,24 +630,30 @@ fn rules_check(args: RulesArgs) -> Result<u8, Failure> {
 fn rules_test(args: TestArgs) -> Result<u8, Failure> {
     let (dir, actions) = rules_setup(&args.rules)?;
     let mut out = std::io::stdout().lock();
-    let junit = |set: Option<&RuleSet>, report: &testing::Report, errors: &[String]| match &args
-        .junit
-    {
-        Some(path) => std::fs::write(path, testing::junit(set, report, errors))
+    // What a terminal shows of a name or a message: no control characters.
+    let shown = |text: &str| testing::escape_controls(text, false).into_owned();
+    // Written after the count line: a file that cannot be written still leaves the count.
+    let junit = |set: Option<&RuleSet>,
+                 report: &testing::Report,
+                 errors: &[String],
+                 below: &[testing::BelowMinimum]| match &args.junit {
+        Some(path) => std::fs::write(path, testing::junit(set, report, errors, below))
             .map_err(|e| Failure::runtime(anyhow::anyhow!("cannot write {}: {e}", path.display()))),
         None => Ok(()),
     };
+    // Rules or test files that cannot be read: each counts as failed, as in the JUnit file.
+    let mut refused = |set: Option<&RuleSet>, errors: Vec<crate::rules::RuleError>| {
+        for e in &errors {
+            out!(out, "{}", testing::escape_controls(&e.to_string(), true));
+        }
+        out!(out, "0 passed, {} failed", errors.len());
+        let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        junit(set, &testing::Report::default(), &errors, &[])?;
+        Ok(1)
+    };
     let set = match RuleSet::load(&dir, actions) {
         Ok(set) => set,
-        Err(errors) => {
-            for e in &errors {
-                out!(out, "{e}");
-            }
-            out!(out, "0 passed, 0 failed ({} rule error(s))", errors.len());
-            let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
-            junit(None, &testing::Report::default(), &errors)?;
-            return Ok(1);
-        }
+        Err(errors) => return refused(None, errors),
     };
     // With a config, every expected decision must be one its actions can send.
     let actions = match &args.rules.config {
@@ -666,56 +673,52 @@ fn rules_test(args: TestArgs) -> Result<u8, Failure> {
     let coverage = args.coverage || args.min_coverage.is_some();
     let report = match testing::run_with(&set, Some(&sendable), coverage) {
         Ok(report) => report,
-        Err(errors) => {
-            for e in &errors {
-                out!(out, "{e}");
-            }
-            let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
-            junit(Some(&set), &testing::Report::default(), &errors)?;
-            return Ok(1);
-        }
+        Err(errors) => return refused(Some(&set), errors),
     };
     for f in &report.failures {
         out!(
             out,
             "FAIL {} / {}\n  expected: {}\n  actual:   {}",
-            f.rule,
-            f.case,
-            f.expected,
-            f.actual
+            shown(&f.rule),
+            shown(&f.case),
+            shown(&f.expected),
+            shown(&f.actual)
         );
     }
     for u in &report.unsendable {
-        out!(out, "FAIL {u}");
+        out!(out, "FAIL {}", shown(&u.to_string()));
     }
     for rule in &report.untested {
+        let rule = shown(rule);
         out!(
             out,
             "warning: rule {rule} has no test cases ({rule}.test.json)"
         );
     }
     for rule in &report.coverage {
-        out!(out, "coverage: {rule}");
+        out!(out, "coverage: {}", shown(&rule.to_string()));
     }
-    let below: Vec<&str> = match args.min_coverage {
+    let below: Vec<testing::BelowMinimum> = match args.min_coverage {
         Some(min) => report
             .coverage
             .iter()
             .filter(|c| !c.reaches(min))
-            .map(|c| c.rule.as_str())
+            .map(|c| testing::BelowMinimum {
+                rule: c.rule.clone(),
+                message: format!("below the minimum coverage of {min}%: {c}"),
+            })
             .collect(),
         None => Vec::new(),
     };
     if let (Some(min), false) = (args.min_coverage, below.is_empty()) {
-        out!(out, "FAIL coverage below {min}%: {}", below.join(", "));
+        let rules: Vec<String> = below.iter().map(|b| shown(&b.rule)).collect();
+        out!(out, "FAIL coverage below {min}%: {}", rules.join(", "));
     }
-    junit(Some(&set), &report, &[])?;
-    out!(out, "{} passed, {} failed", report.passed, report.failed());
-    Ok(if report.failed() == 0 && below.is_empty() {
-        0
-    } else {
-        1
-    })
+    // A rule below the minimum counts as one failed, as its `coverage` testcase in JUnit.
+    let failed = report.failed() + below.len();
+    out!(out, "{} passed, {failed} failed", report.passed);
+    junit(Some(&set), &report, &[], &below)?;
+    Ok(u8::from(failed > 0))
 }
 
 fn load_rules(
@@ -756,18 +759,34 @@ fn preview(args: PreviewArgs) -> Result<u8, Failure> {
     Ok(0)
 }
 
-/// The records of an explain input, with their line numbers: lines as `capture` writes
-/// them (`data`, `data_text`... with the record's metadata), or else plain events, whose
-/// line is the payload exactly as written.
+/// The records of an explain input (`-`: stdin), with their line numbers: lines as
+/// `capture` writes them (`data`, `data_text`... with the record's metadata), or else plain
+/// events, whose line is the payload exactly as written (bytes: Latin-1 lines too).
 fn read_events(path: &std::path::Path) -> Result<Vec<(usize, Record)>, Failure> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Failure::usage(anyhow::anyhow!("{}: {e}", path.display())))?;
+    let failure =
+        |e: &dyn std::fmt::Display| Failure::usage(anyhow::anyhow!("{}: {e}", path.display()));
+    let bytes = match path.as_os_str() == "-" {
+        true => {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut bytes)
+                .map_err(|e| failure(&e))?;
+            bytes
+        }
+        false => std::fs::read(path).map_err(|e| failure(&e))?,
+    };
     let mut records = Vec::new();
-    for (index, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
+    for (index, line) in bytes.split(|b| *b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.trim_ascii().is_empty() {
             continue;
         }
-        records.push((index + 1, decode::event_line(line)));
+        let record = decode::event_line_bytes(line).map_err(|e| {
+            Failure::usage(anyhow::anyhow!("{}:{}: {e}", path.display(), index + 1))
+        })?;
+        records.push((index + 1, record));
+    }
+    if records.is_empty() {
+        eprintln!("note: no records in {}", path.display());
     }
     Ok(records)
 }
@@ -794,28 +813,35 @@ fn rules_explain(args: ExplainArgs) -> Result<u8, Failure> {
     };
     let render: Option<explain::RenderRequest> = actions.as_ref().map(|_| &render as _);
     let mut out = std::io::stdout().lock();
-    for (line, record) in &records {
-        let traces = rules.explain(record, render);
-        match args.output {
-            OutputFormat::Json => out!(
-                out,
-                "{}",
-                serde_json::json!({
-                    "line": line,
-                    "shard_id": record.shard_id,
-                    "sequence_number": record.sequence_number,
-                    "rules": traces,
-                })
-            ),
-            OutputFormat::Human => {
-                out!(
+    for (line, given) in &records {
+        // Decoded as the daemon decodes it: a KPL aggregate is explained sub-record by
+        // sub-record.
+        for (record, traces) in rules.explain_all(given, render) {
+            match args.output {
+                OutputFormat::Json => out!(
                     out,
-                    "line {line} (shard {}, sequence number {}):",
-                    record.shard_id,
-                    record.sequence_number
-                );
-                for trace in &traces {
-                    out!(out, "  {}", trace.human());
+                    "{}",
+                    serde_json::json!({
+                        "line": line,
+                        "shard_id": record.shard_id,
+                        "sequence_number": record.sequence_number,
+                        "sub_sequence_number": record.sub_sequence_number,
+                        "rules": traces,
+                    })
+                ),
+                OutputFormat::Human => {
+                    out!(
+                        out,
+                        "line {line} (shard {}, sequence number {}, sub-sequence number {}):",
+                        record.shard_id,
+                        record.sequence_number,
+                        record.sub_sequence_number
+                    );
+                    for trace in &traces {
+                        // A value or a thrown message may hold control characters.
+                        let human = trace.human();
+                        out!(out, "  {}", testing::escape_controls(&human, true));
+                    }
                 }
             }
         }
@@ -1101,29 +1127,39 @@ fn dead_letters(cmd: DeadLettersCommand, s: &mut Session) -> Result<u8, Failure>
                 }
                 (None, rule) => rule.to_owned(),
             };
-            let rules = match (s.daemon, rules_dir) {
-                (Some(pipeline), None) => arc_swap::Guard::into_inner(pipeline.rules.load()),
+            let recorded = std::path::Path::new(&letter.rule_file).parent();
+            let (rules, configured) = match (s.daemon, rules_dir) {
+                (Some(pipeline), None) => {
+                    (arc_swap::Guard::into_inner(pipeline.rules.load()), None)
+                }
+                // The command resolves it where it runs before sending it (see
+                // `state_command`): a relative one here would be the daemon's.
                 (Some(_), Some(dir)) if dir.is_relative() => {
                     return Err(Failure::usage(anyhow::anyhow!(
                         "the running daemon serves this command: give --rules-dir as an absolute path"
                     )))
                 }
                 (_, dir) => {
-                    let (config_dir, names) = match &args.config {
+                    let (config_dir, names, actions) = match &args.config {
                         Some(path) => {
                             let (dir, names) =
                                 config::rules_context(path).map_err(Failure::usage)?;
-                            (dir, Some(names))
+                            let specs = config::action_specs(path).map_err(Failure::usage)?;
+                            let actions = ActionSet::new(&specs, false).map_err(Failure::usage)?;
+                            (dir, Some(names), Some(actions))
                         }
-                        None => (None, None),
+                        None => (None, None, None),
                     };
-                    let dir = dir.or(config_dir).unwrap_or_else(|| PathBuf::from("rules"));
-                    Arc::new(load_rules(&dir, names)?)
+                    // Else the directory the rule was in when it failed, if it is still there.
+                    let dir = dir
+                        .or(config_dir)
+                        .or_else(|| recorded.filter(|d| d.is_dir()).map(PathBuf::from))
+                        .unwrap_or_else(|| PathBuf::from("rules"));
+                    (Arc::new(load_rules(&dir, names)?), actions)
                 }
             };
             // The rule file by its name: the directory is the daemon's, not the test's.
-            let directory = std::path::Path::new(&letter.rule_file)
-                .parent()
+            let directory = recorded
                 .map(|d| format!("{}/", d.display()))
                 .unwrap_or_default();
             let error = match directory.as_str() {
@@ -1131,8 +1167,25 @@ fn dead_letters(cmd: DeadLettersCommand, s: &mut Session) -> Result<u8, Failure>
                 directory => letter.reason.error().replace(directory, ""),
             };
             let name = format!("dead letter {id}: {} ({error})", letter.reason.kind());
-            let case = crate::rules::to_test::case(&rules, &rule, &record, keep_identifiers, &name)
-                .map_err(Failure::usage)?;
+            let actions = configured
+                .as_ref()
+                .or(s.daemon.map(|pipeline| &pipeline.actions));
+            let sendable = |decision: &Decision| match actions {
+                Some(actions) => actions
+                    .prepare(decision)
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
+                None => Ok(()),
+            };
+            let case = crate::rules::to_test::case(
+                &rules,
+                &rule,
+                &record,
+                keep_identifiers,
+                &name,
+                Some(&sendable),
+            )
+            .map_err(Failure::usage)?;
             out!(
                 s.out,
                 "{}",
@@ -1280,7 +1333,12 @@ fn audit(cmd: AuditCommand, s: &mut Session) -> Result<u8, Failure> {
 fn state_command(command: Command) -> Result<u8, Failure> {
     if let Some(path) = state_path_of(&command) {
         if let Some(stream) = control::connect(&path) {
-            let argv = std::env::args().skip(1).collect();
+            let argv: Vec<String> = std::env::args().skip(1).collect();
+            // The daemon runs elsewhere: a rules directory is the one here.
+            let argv = match &command {
+                Command::DeadLetters(DeadLettersCommand::ToTest { .. }) => absolute_rules_dir(argv),
+                _ => argv,
+            };
             let mut stdout = std::io::stdout().lock();
             return control::run_remote(stream, &path, argv, &mut stdout).map_err(|e| match e {
                 control::RemoteError::Output(io) => write_failure(io),
@@ -1296,6 +1354,28 @@ fn state_command(command: Command) -> Result<u8, Failure> {
         by: &by,
     };
     reading_state(|| dispatch_state_command(command, &mut session))
+}
+
+/// `argv` with a `--rules-dir` made absolute against the working directory.
+fn absolute_rules_dir(argv: Vec<String>) -> Vec<String> {
+    let absolute = |dir: &str| match std::path::absolute(dir) {
+        Ok(path) => path.display().to_string(),
+        Err(_) => dir.to_owned(),
+    };
+    let mut out = Vec::with_capacity(argv.len());
+    let mut value_next = false;
+    for arg in argv {
+        if value_next {
+            out.push(absolute(&arg));
+            value_next = false;
+        } else if let Some(dir) = arg.strip_prefix("--rules-dir=") {
+            out.push(format!("--rules-dir={}", absolute(dir)));
+        } else {
+            value_next = arg == "--rules-dir";
+            out.push(arg);
+        }
+    }
+    out
 }
 
 fn dispatch_state_command(command: Command, s: &mut Session) -> Result<u8, Failure> {

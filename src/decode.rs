@@ -216,6 +216,31 @@ pub fn event_line(line: &str) -> Record {
     .into_record()
 }
 
+/// [`event_line`] on a line's bytes, as `rules explain` reads a file: a line that is not
+/// UTF-8 (Latin-1, say) is a plain event whose payload is those bytes, as the daemon would
+/// read them; a line that names a payload field (`data`, `data_base64`...) but is not a
+/// captured record is an error, not an event.
+pub fn event_line_bytes(line: &[u8]) -> Result<Record, String> {
+    let plain = |bytes: &[u8]| {
+        RecordJson {
+            data_base64: Some(bytes.to_vec()),
+            ..serde_json::from_str("{}").expect("every field of a record has a default")
+        }
+        .into_record()
+    };
+    let Ok(text) = std::str::from_utf8(line) else {
+        return Ok(plain(line));
+    };
+    let names_payload = serde_json::from_str::<serde_json::Map<String, Value>>(text)
+        .is_ok_and(|fields| fields.keys().any(|k| k.starts_with("data")));
+    if !names_payload {
+        return Ok(plain(line));
+    }
+    serde_json::from_str::<RecordJson>(text)
+        .map(RecordJson::into_record)
+        .map_err(|e| format!("names a payload field but is not a captured record: {e}"))
+}
+
 /// Reads records written as JSON lines (blank lines skipped), each with its line number.
 pub fn read_json_lines(path: &std::path::Path) -> Result<Vec<(usize, Record)>, InputError> {
     let err = |line, message: String| InputError {

@@ -34,6 +34,14 @@ pub struct RuleTrace {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
+    /// No rule runs: the daemon keeps the record as a `decode_failed` dead letter (damaged
+    /// gzip or zlib, a malformed KPL aggregate, a payload past the inflate limit, JSON too
+    /// deep to parse, or JSON that does not parse and holds a rule's prefilter literal).
+    Undecodable {
+        /// What is wrong (`damaged_compression`, `json_invalid`...).
+        kind: String,
+        reason: String,
+    },
     /// Its prefilter kept the record out: the record's bytes hold none of these literals.
     Prefiltered { missing: Vec<String> },
     /// An opening check turned the record away (before any Rhai runs, as in the daemon).
@@ -82,6 +90,9 @@ impl RuleTrace {
     pub fn human(&self) -> String {
         let file = self.file.display();
         let what = match &self.outcome {
+            Outcome::Undecodable { kind, reason } => format!(
+                "not run: the record cannot be decoded ({kind}: {reason}); the daemon keeps it as a decode_failed dead letter"
+            ),
             Outcome::Prefiltered { missing } => format!(
                 "kept out by its prefilter: the record holds none of {}",
                 quoted(missing)
@@ -168,7 +179,68 @@ fn request_text(request: &serde_json::Value) -> String {
 impl RuleSet {
     /// Why each rule decided what it did on `record`, in rule order. With `request`, each
     /// decision also shows the request it makes.
+    ///
+    /// The record is decoded first, as the daemon decodes it; of a KPL aggregate, this
+    /// explains the first sub-record ([`Self::explain_all`] explains each).
     pub fn explain(&self, record: &Record, request: Option<RenderRequest>) -> Vec<RuleTrace> {
+        self.explain_all(record, request)
+            .into_iter()
+            .next()
+            .map(|(_, traces)| traces)
+            .unwrap_or_default()
+    }
+
+    /// [`Self::explain`] for each record the daemon decodes `record` into (one, unless it
+    /// is a KPL aggregate), with that record; a record it cannot decode is explained as
+    /// such, for every rule.
+    pub fn explain_all(
+        &self,
+        record: &Record,
+        request: Option<RenderRequest>,
+    ) -> Vec<(Record, Vec<RuleTrace>)> {
+        let records = match super::decode_as_daemon(record) {
+            Ok(records) => records,
+            Err(error) => {
+                return vec![(
+                    record.clone(),
+                    self.undecodable(error.kind.as_str(), &error.reason),
+                )]
+            }
+        };
+        records
+            .into_iter()
+            .map(|sub| {
+                let traces = match (&sub.unreadable, self.dead_letter_fault(&sub)) {
+                    (Some(error), _) => self.undecodable(error.kind.as_str(), &error.reason),
+                    (None, Some(Unreadable::JsonTooDeep)) => {
+                        self.undecodable("json_too_deep", "its JSON nests too deep to be parsed")
+                    }
+                    (None, Some(fault)) => self.undecodable(
+                        fault.as_str(),
+                        "it looks like JSON and holds a rule's prefilter literal, but does not parse",
+                    ),
+                    (None, None) => self.explain_decoded(&sub, request),
+                };
+                (sub, traces)
+            })
+            .collect()
+    }
+
+    fn undecodable(&self, kind: &str, reason: &str) -> Vec<RuleTrace> {
+        self.rules
+            .iter()
+            .map(|rule| RuleTrace {
+                rule: rule.name.clone(),
+                file: rule.path.clone(),
+                outcome: Outcome::Undecodable {
+                    kind: kind.to_owned(),
+                    reason: reason.to_owned(),
+                },
+            })
+            .collect()
+    }
+
+    fn explain_decoded(&self, record: &Record, request: Option<RenderRequest>) -> Vec<RuleTrace> {
         let Readable { bytes, fault } = decode::readable(&record.bytes);
         let eligible = self.prefilter.eligible(&bytes);
         let mut input = Input::new(record, &bytes);
@@ -409,5 +481,64 @@ fn decide(record) {
             panic!()
         };
         assert_eq!(decisions[0].decision.key, "r-1");
+    }
+
+    fn explain_bytes(bytes: &[u8]) -> Vec<(Record, Vec<RuleTrace>)> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("r.rhai"), RULE).unwrap();
+        let set = RuleSet::load(dir.path(), None).unwrap();
+        let record = crate::decode::RecordJson {
+            data_base64: Some(bytes.to_vec()),
+            ..serde_json::from_str("{}").unwrap()
+        }
+        .into_record();
+        set.explain_all(&record, None)
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(bytes).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    /// What the daemon cannot decode is said so (it becomes a decode_failed dead letter),
+    /// not "kept out by its prefilter"; what it inflates or splits is explained decoded.
+    #[test]
+    fn records_the_daemon_cannot_decode_are_said_so() {
+        let request = br#"{"type":"privacy_request","user_id":"u","request_id":"r-1"}"#;
+        let undecodable = |bytes: &[u8]| -> String {
+            let explained = explain_bytes(bytes);
+            assert_eq!(explained.len(), 1);
+            match &explained[0].1[0].outcome {
+                Outcome::Undecodable { kind, .. } => {
+                    assert!(explained[0].1[0]
+                        .human()
+                        .contains("decode_failed dead letter"));
+                    kind.clone()
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        let zipped = gzip(request);
+        assert_eq!(
+            undecodable(&zipped[..zipped.len() - 6]),
+            "damaged_compression"
+        );
+        let mut aggregate = crate::decode::aggregate(&[("k", request)]);
+        let last = aggregate.len() - 1;
+        aggregate[last] ^= 0xff;
+        assert_eq!(undecodable(&aggregate), "malformed_aggregate");
+        assert_eq!(
+            undecodable(br#"{"type":"privacy_request","user_id":"#),
+            "json_invalid"
+        );
+        // Inflated, and split, as the daemon does.
+        let explained = explain_bytes(&zipped);
+        assert!(matches!(explained[0].1[0].outcome, Outcome::Decided { .. }));
+        let explained = explain_bytes(&crate::decode::aggregate(&[("k", b"{}"), ("k", request)]));
+        assert_eq!(explained.len(), 2);
+        assert_eq!(explained[1].0.sub_sequence_number, 1);
+        assert!(matches!(explained[1].1[0].outcome, Outcome::Decided { .. }));
     }
 }

@@ -299,6 +299,29 @@ impl RuleSet {
         }
     }
 
+    /// Why the daemon dead-letters a decoded record as `decode_failed` before any rule
+    /// runs, if it does: JSON too deep to parse that some rule would see, or JSON that does
+    /// not parse and holds a rule's prefilter literal (as the pipeline decides on a
+    /// [`Run`]'s fault).
+    pub fn dead_letter_fault(&self, record: &Record) -> Option<Unreadable> {
+        let Readable { bytes, fault } = decode::readable(&record.bytes);
+        let eligible = self.prefilter.eligible(&bytes)?;
+        let seen = eligible.iter().any(|e| *e);
+        let prefiltered = self
+            .rules
+            .iter()
+            .zip(&eligible)
+            .any(|(rule, eligible)| *eligible && rule.has_prefilter());
+        let fault = fault.or_else(|| {
+            (prefiltered && decode::is_broken_json(&bytes)).then_some(Unreadable::JsonInvalid)
+        });
+        match fault {
+            Some(Unreadable::JsonTooDeep) if seen => fault,
+            Some(Unreadable::JsonInvalid) if prefiltered => fault,
+            _ => None,
+        }
+    }
+
     /// Runs one rule on a record, prefilter and guard included (what `rules test` does per
     /// case).
     pub fn evaluate_rule(&self, index: usize, record: &Record) -> Verdict {
@@ -386,6 +409,35 @@ impl RuleSet {
             }
         }
     }
+}
+
+/// A record decoded as the daemon decodes what it reads (gzip or zlib inflated, a KPL
+/// aggregate split into its sub-records, each of which may be unreadable on its own), for
+/// the authoring tools: a test case, a captured record and a dead letter's record take the
+/// daemon's path. `Err`: the daemon dead-letters the whole record as `decode_failed`.
+pub fn decode_as_daemon(record: &Record) -> Result<Vec<Record>, Arc<decode::DecodeError>> {
+    if let Some(error) = &record.unreadable {
+        return Err(error.clone());
+    }
+    let raw = crate::source::RawRecord {
+        sequence_number: record.sequence_number.clone(),
+        partition_key: record.partition_key.to_string(),
+        arrival_time_millis: 0,
+        data: record.bytes.to_vec(),
+    };
+    let records = decode::decode(&record.stream, &record.shard_id, raw)
+        .map_err(|undecodable| Arc::new(undecodable.error))?;
+    let single = records.len() == 1;
+    Ok(records
+        .into_iter()
+        .map(|mut sub| {
+            sub.arrival_time = record.arrival_time.clone();
+            if single {
+                sub.sub_sequence_number = record.sub_sequence_number;
+            }
+            sub
+        })
+        .collect())
 }
 
 /// What a rules directory holds.

@@ -31,7 +31,10 @@ const STALE_REMINDER: Duration = Duration::from_secs(60);
 /// parent watch sees, e.g. a symlink's target re-created elsewhere).
 const REARM_RETRY: Duration = Duration::from_secs(2);
 
-/// Why a rule set was refused.
+/// Why a rule set was refused. Its `Display` goes to the daemon's log, `/status` and the
+/// console: it names the failing cases and how they failed, never their expected or actual
+/// decisions (keys, params, thrown messages that may hold a record's values); `rules test`
+/// shows those to the author.
 #[derive(Debug)]
 pub struct LoadFailure {
     pub errors: Vec<RuleError>,
@@ -43,21 +46,33 @@ pub struct LoadFailure {
 impl std::fmt::Display for LoadFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         for e in &self.errors {
-            writeln!(f, "  {e}")?;
+            match e {
+                // A test file that does not parse: the parser's message may quote a value.
+                RuleError::Compile { location, .. }
+                    if location.file.to_string_lossy().ends_with(".test.json") =>
+                {
+                    writeln!(
+                        f,
+                        "  {location}: invalid test cases (`rules test` says why)"
+                    )?
+                }
+                e => writeln!(f, "  {e}")?,
+            }
         }
         for c in &self.failures {
-            writeln!(
-                f,
-                "  test failed: {} / {}: expected {}, got {}",
-                c.rule, c.case, c.expected, c.actual
-            )?;
+            let case = testing::escape_controls(&c.case, false);
+            writeln!(f, "  test failed: {} / {case}: {}", c.rule, c.kind)?;
         }
         for c in &self.unsendable {
             writeln!(f, "  test failed: {c}")?;
         }
         let failed = self.failures.len() + self.unsendable.len();
         if failed > 0 {
-            write!(f, "  {} passed, {failed} failed", self.passed)?;
+            write!(
+                f,
+                "  {} passed, {failed} failed (`rules test` shows expected and actual)",
+                self.passed
+            )?;
         }
         Ok(())
     }
@@ -337,5 +352,35 @@ pub async fn watch(rules: Arc<Rules>, shutdown: Shutdown) -> Result<(), notify::
         rules.set_watch_lost(watch.rearm().err());
         let rules = rules.clone();
         let _ = tokio::task::spawn_blocking(move || rules.reload(cause)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the log and `/status` say of a failing case: its rule, its name (control
+    /// characters escaped) and how it failed; never the expected or actual decisions.
+    #[test]
+    fn a_refusal_names_the_case_and_the_kind_only() {
+        let failure = LoadFailure {
+            errors: Vec::new(),
+            failures: vec![Failure {
+                rule: "r".into(),
+                case: "bell \u{7}".into(),
+                expected: r#"{"key":"PII-1"}"#.into(),
+                actual: r#"{"key":"PII-2"}"#.into(),
+                kind: "the decisions differ in: key".into(),
+            }],
+            unsendable: Vec::new(),
+            passed: 2,
+        };
+        let text = failure.to_string();
+        assert!(!text.contains("PII"), "{text}");
+        assert!(
+            text.contains("test failed: r / bell \\u{7}: the decisions differ in: key"),
+            "{text}"
+        );
+        assert!(text.contains("2 passed, 1 failed"), "{text}");
     }
 }

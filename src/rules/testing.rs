@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use super::trace::{self, Place};
 use super::{Decision, Location, RuleError, RuleSet, Verdict};
-use crate::decode::RecordJson;
+use crate::decode::{Record, RecordJson, Unreadable};
 
 /// Whether the configured actions can turn a decision into a request (`Err` says why). The
 /// caller builds it from its config: rules know nothing of actions (data flows one way).
@@ -50,8 +50,101 @@ impl Expect {
 pub struct Failure {
     pub rule: String,
     pub case: String,
+    /// The expected and actual decisions (or error), for the author at a terminal: they
+    /// hold the case's keys, params and thrown messages, so never for a log.
     pub expected: String,
     pub actual: String,
+    /// How it failed, safe for a log: counts, the fields that differ, where it threw.
+    pub kind: String,
+}
+
+/// What the daemon does with a record, as far as one rule goes: it decodes it first
+/// (inflates gzip or zlib, splits a KPL aggregate), and dead-letters as `decode_failed`
+/// what it cannot decode, or JSON it cannot parse that some rule would see.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Dead-lettered as `decode_failed`, before the rule ran.
+    Undecodable(Unreadable),
+    /// The rule's verdict (decisions of every sub-record of an aggregate together).
+    Ran(Verdict),
+}
+
+/// [`Outcome`] of rule `index` on `record`, taking the daemon's own path.
+pub fn outcome(set: &RuleSet, index: usize, record: &Record) -> Outcome {
+    let records = match super::decode_as_daemon(record) {
+        Ok(records) => records,
+        Err(error) => return Outcome::Undecodable(error.kind),
+    };
+    let mut decisions = Vec::new();
+    for sub in records {
+        if let Some(error) = &sub.unreadable {
+            return Outcome::Undecodable(error.kind);
+        }
+        if let Some(fault) = set.dead_letter_fault(&sub) {
+            return Outcome::Undecodable(fault);
+        }
+        match set.evaluate_rule(index, &sub) {
+            Verdict::Decided(more) => decisions.extend(more),
+            failed @ Verdict::Failed(_) => return Outcome::Ran(failed),
+            Verdict::Skipped => {}
+        }
+    }
+    Outcome::Ran(Verdict::Decided(decisions))
+}
+
+/// What a case got: its decisions, the rule's error, or a record the daemon cannot decode.
+#[derive(Debug)]
+enum Actual {
+    Decided(Vec<Decision>),
+    Failed(RuleError),
+    Undecodable(Unreadable),
+}
+
+/// How a case failed, without a value: what the daemon may log when it refuses a reload.
+fn failure_kind(expected: &[Decision], actual: &Actual) -> String {
+    let plural = |n: usize| match n {
+        1 => "1 decision".to_owned(),
+        n => format!("{n} decisions"),
+    };
+    let actual = match actual {
+        Actual::Failed(error) => return format!("the rule failed: {}", error.log_summary()),
+        Actual::Undecodable(kind) => return undecodable(*kind),
+        Actual::Decided(actual) => actual,
+    };
+    match actual {
+        actual if expected.is_empty() => {
+            format!("expected no decision, got {}", plural(actual.len()))
+        }
+        actual if actual.is_empty() => format!("expected {}, got none", plural(expected.len())),
+        actual if actual.len() != expected.len() => {
+            format!("expected {}, got {}", plural(expected.len()), actual.len())
+        }
+        actual => {
+            let mut fields = Vec::new();
+            let pairs = || expected.iter().zip(actual);
+            if pairs().any(|(e, a)| e.action != a.action) {
+                fields.push("action");
+            }
+            if pairs().any(|(e, a)| e.key != a.key) {
+                fields.push("key");
+            }
+            if pairs().any(|(e, a)| e.params != a.params) {
+                fields.push("params");
+            }
+            if pairs().any(|(e, a)| e.regulation != a.regulation) {
+                fields.push("regulation");
+            }
+            format!("the decisions differ in: {}", fields.join(", "))
+        }
+    }
+}
+
+/// What a case's `actual` says of a record the daemon cannot decode.
+fn undecodable(kind: Unreadable) -> String {
+    format!(
+        "the record cannot be decoded ({}): the daemon dead-letters it as decode_failed",
+        kind.as_str()
+    )
 }
 
 /// A case that expects a decision the configured actions cannot send: the rule would
@@ -126,10 +219,15 @@ impl Coverage {
 
 impl std::fmt::Display for Coverage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Rounded down: 100% only when every statement ran.
-        let percent = match self.statements {
-            0 => 100,
-            n => self.ran * 100 / n,
+        // Rounded down to a tenth, never up: 100% only when every statement ran, and never
+        // a figure at or past a minimum the exact share misses ([`Self::reaches`]).
+        let tenths = match self.statements {
+            0 => 1000,
+            n => self.ran * 1000 / n,
+        };
+        let percent = match tenths % 10 {
+            0 => format!("{}", tenths / 10),
+            tenth => format!("{}.{tenth}", tenths / 10),
         };
         write!(
             f,
@@ -181,8 +279,14 @@ pub fn run_with(
                 Ok(cases) => {
                     for case in cases {
                         if coverage {
+                            // Decoded as the case runs (a compressed payload inflated).
                             let record = case.record.clone().into_record();
-                            ran.extend(set.statements_run(index, &record).unwrap_or_default());
+                            for sub in super::decode_as_daemon(&record).unwrap_or_default() {
+                                if sub.unreadable.is_none() && set.dead_letter_fault(&sub).is_none()
+                                {
+                                    ran.extend(set.statements_run(index, &sub).unwrap_or_default());
+                                }
+                            }
                         }
                         run_case(set, index, &path, case, sendable, &mut report);
                     }
@@ -240,24 +344,19 @@ fn run_case(
 ) {
     let record = case.record.into_record();
     let expected = case.expect.into_list();
-    // Exactly what the daemon runs on a record: a rule the prefilter leaves out decides
-    // nothing.
-    let verdict = set
-        .run(&record)
-        .verdicts
-        .into_iter()
-        .find(|(i, _)| *i == index)
-        .map_or(Verdict::Skipped, |(_, verdict)| verdict);
-    let actual = match verdict {
-        Verdict::Skipped => Ok(Vec::new()),
-        Verdict::Decided(decisions) => Ok(decisions),
-        Verdict::Failed(e) => Err(e.to_string()),
+    // Exactly what the daemon does with a record: decoded first; a rule the prefilter
+    // leaves out decides nothing.
+    let actual = match outcome(set, index, &record) {
+        Outcome::Undecodable(kind) => Actual::Undecodable(kind),
+        Outcome::Ran(Verdict::Skipped) => Actual::Decided(Vec::new()),
+        Outcome::Ran(Verdict::Decided(decisions)) => Actual::Decided(decisions),
+        Outcome::Ran(Verdict::Failed(e)) => Actual::Failed(e),
     };
     // A case the rule passes must also expect only decisions the config can send.
     let unsendable = || sendable.and_then(|check| expected.iter().find_map(|d| check(d).err()));
     let rule = set.rules()[index].name.clone();
     let failure = match actual {
-        Ok(actual) if actual == expected => match unsendable() {
+        Actual::Decided(actual) if actual == expected => match unsendable() {
             None => {
                 report.passed += 1;
                 None
@@ -276,9 +375,11 @@ fn run_case(
                 rule: rule.clone(),
                 case: case.name.clone(),
                 expected: decisions_json(&expected),
+                kind: failure_kind(&expected, &actual),
                 actual: match actual {
-                    Ok(decisions) => decisions_json(&decisions),
-                    Err(error) => format!("error: {error}"),
+                    Actual::Decided(decisions) => decisions_json(&decisions),
+                    Actual::Failed(error) => format!("error: {error}"),
+                    Actual::Undecodable(kind) => format!("error: {}", undecodable(kind)),
                 },
             };
             let differs = CaseFailure::Differs {
@@ -297,46 +398,89 @@ fn run_case(
     });
 }
 
+/// `text` with the characters XML 1.0 cannot hold (control characters other than tab, CR
+/// and LF, and U+FFFE, U+FFFF) written as escapes (`\u{1}`); with `lines: false`, tab, CR
+/// and LF too (an attribute, a name on a terminal line). For JUnit files and the terminal
+/// alike: a case name or a thrown message may hold anything.
+pub fn escape_controls(text: &str, lines: bool) -> std::borrow::Cow<'_, str> {
+    let escaped = |c: char| {
+        (c.is_control() && !(lines && matches!(c, '\t' | '\n' | '\r')))
+            || matches!(c, '\u{FFFE}' | '\u{FFFF}')
+    };
+    if !text.chars().any(escaped) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| match escaped(c) {
+            true => format!("\\u{{{:x}}}", u32::from(c)),
+            false => c.to_string(),
+        })
+        .collect::<String>()
+        .into()
+}
+
+/// A rule whose cases ran less of it than `--min-coverage` asks: a failing testcase
+/// `coverage` in its suite, so CI is red where the run is.
+#[derive(Debug, Clone)]
+pub struct BelowMinimum {
+    pub rule: String,
+    pub message: String,
+}
+
 /// The report as JUnit XML, which CI systems read: a testsuite per rule (rules without
-/// cases included, with none), a testcase per case, a failure with expected and actual.
+/// cases included, with none), a testcase per case, a failure with expected and actual,
+/// and a failing testcase `coverage` for each rule `below` the minimum coverage.
 /// `errors` (rules or test files that cannot be read) become one suite of errors.
-pub fn junit(set: Option<&RuleSet>, report: &Report, errors: &[String]) -> String {
+pub fn junit(
+    set: Option<&RuleSet>,
+    report: &Report,
+    errors: &[String],
+    below: &[BelowMinimum],
+) -> String {
     use quick_xml::escape::partial_escape;
     use quick_xml::events::{BytesDecl, BytesText, Event};
     let mut xml = quick_xml::Writer::new_with_indent(Vec::new(), b' ', 2);
     let count = |n: usize| n.to_string();
+    let attr = |text: &str| escape_controls(text, false).into_owned();
+    let body = |text: &str| escape_controls(text, true).into_owned();
     let rules: Vec<&str> = match set {
         Some(set) => set.rules().iter().map(|r| r.name.as_str()).collect(),
         None => Vec::new(),
     };
     let written = (|| -> std::io::Result<()> {
         xml.write_event(Event::Decl(BytesDecl::new("1.0", Some("UTF-8"), None)))?;
+        let tests = report.cases.len() + errors.len() + below.len();
         xml.create_element("testsuites")
             .with_attribute(("name", "rules test"))
-            .with_attribute(("tests", count(report.cases.len() + errors.len()).as_str()))
-            .with_attribute(("failures", count(report.failed()).as_str()))
+            .with_attribute(("tests", count(tests).as_str()))
+            .with_attribute(("failures", count(report.failed() + below.len()).as_str()))
             .with_attribute(("errors", count(errors.len()).as_str()))
             .write_inner_content(|xml| {
                 for rule in &rules {
                     let cases: Vec<&CaseResult> =
                         report.cases.iter().filter(|c| c.rule == *rule).collect();
-                    let failures = cases.iter().filter(|c| c.failure.is_some()).count();
+                    let coverage = below.iter().find(|b| b.rule == *rule);
+                    let failures = cases.iter().filter(|c| c.failure.is_some()).count()
+                        + usize::from(coverage.is_some());
+                    let tests = cases.len() + usize::from(coverage.is_some());
+                    let rule = attr(rule);
                     let mut suite = xml
                         .create_element("testsuite")
-                        .with_attribute(("name", *rule))
-                        .with_attribute(("tests", count(cases.len()).as_str()))
+                        .with_attribute(("name", rule.as_str()))
+                        .with_attribute(("tests", count(tests).as_str()))
                         .with_attribute(("failures", count(failures).as_str()))
                         .with_attribute(("errors", "0"));
-                    if let Some(first) = cases.first() {
-                        suite =
-                            suite.with_attribute(("file", first.file.to_string_lossy().as_ref()));
+                    let file = cases.first().map(|c| attr(&c.file.to_string_lossy()));
+                    if let Some(file) = &file {
+                        suite = suite.with_attribute(("file", file.as_str()));
                     }
                     suite.write_inner_content(|xml| {
                         for case in cases {
+                            let name = attr(&case.case);
                             let element = xml
                                 .create_element("testcase")
-                                .with_attribute(("name", case.case.as_str()))
-                                .with_attribute(("classname", *rule));
+                                .with_attribute(("name", name.as_str()))
+                                .with_attribute(("classname", rule.as_str()));
                             let (message, text) = match &case.failure {
                                 None => {
                                     element.write_empty()?;
@@ -354,12 +498,28 @@ pub fn junit(set: Option<&RuleSet>, report: &Report, errors: &[String]) -> Strin
                             };
                             element.write_inner_content(|xml| {
                                 xml.create_element("failure")
-                                    .with_attribute(("message", message.as_str()))
+                                    .with_attribute(("message", attr(&message).as_str()))
                                     .write_text_content(BytesText::from_escaped(partial_escape(
-                                        &text,
+                                        body(&text),
                                     )))?;
                                 Ok(())
                             })?;
+                        }
+                        if let Some(coverage) = coverage {
+                            xml.create_element("testcase")
+                                .with_attribute(("name", "coverage"))
+                                .with_attribute(("classname", rule.as_str()))
+                                .write_inner_content(|xml| {
+                                    xml.create_element("failure")
+                                        .with_attribute((
+                                            "message",
+                                            attr(&coverage.message).as_str(),
+                                        ))
+                                        .write_text_content(BytesText::from_escaped(
+                                            partial_escape(body(&coverage.message)),
+                                        ))?;
+                                    Ok(())
+                                })?;
                         }
                         Ok(())
                     })?;
@@ -377,9 +537,9 @@ pub fn junit(set: Option<&RuleSet>, report: &Report, errors: &[String]) -> Strin
                                     .with_attribute(("classname", "rules"))
                                     .write_inner_content(|xml| {
                                         xml.create_element("error")
-                                            .with_attribute(("message", error.as_str()))
+                                            .with_attribute(("message", attr(error).as_str()))
                                             .write_text_content(BytesText::from_escaped(
-                                                partial_escape(error.as_str()),
+                                                partial_escape(body(error)),
                                             ))?;
                                         Ok(())
                                     })?;
@@ -502,7 +662,7 @@ mod coverage_tests {
         let report = run_with(&set, None, true).unwrap();
         assert_eq!(
             report.coverage[0].to_string(),
-            "h: 46% of statements (6 of 13); never ran: 5, 6, 7, 14, 15, 18"
+            "h: 42.8% of statements (6 of 14); never ran: 5, 6, 7, 14, 15, 16, 18"
         );
         assert!(!report.coverage[0].reaches(50.0));
         let all = [
@@ -523,9 +683,90 @@ mod coverage_tests {
         assert_eq!(report.passed, 3);
         assert_eq!(
             report.coverage[0].to_string(),
-            "h: 100% of statements (13 of 13)"
+            "h: 100% of statements (14 of 14)"
         );
         // Without coverage asked for, none is counted.
         assert!(run(&set, None).unwrap().coverage.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod switch_coverage_tests {
+    use super::*;
+
+    /// A `switch` whose arms are plain expressions: each arm counts, and an arm no case
+    /// reaches is named by its line.
+    #[test]
+    fn switch_arms_that_are_expressions_count() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("s.rhai"),
+            "fn decide(record) {\n    let key = switch record.data.kind {\n        \"a\" => \"k-a\",\n        \"b\" => \"k-b\",\n        _ => \"k-other\"\n    };\n    #{ action: \"x\", key: key }\n}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("s.test.json"),
+            r#"[{"name": "a", "record": {"data": {"kind": "a"}}, "expect": {"action": "x", "key": "k-a"}}]"#,
+        )
+        .unwrap();
+        let set = RuleSet::load(dir.path(), None).unwrap();
+        let report = run_with(&set, None, true).unwrap();
+        assert_eq!(report.passed, 1, "{:?}", report.failures);
+        let coverage = &report.coverage[0];
+        assert_eq!(coverage.never_ran, vec![4, 5], "{coverage}");
+        assert_eq!(coverage.statements - coverage.ran, 2, "{coverage}");
+    }
+}
+
+#[cfg(test)]
+mod decode_tests {
+    use super::*;
+
+    /// A case's bytes are decoded as the daemon decodes them: a gzip payload is inflated,
+    /// a damaged one fails the way the daemon fails it (a decode_failed dead letter).
+    #[test]
+    fn cases_take_the_daemons_decoding() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("r.rhai"),
+            "const PREFILTER = [\"erase\"];\nfn decide(record) { #{ action: \"a\", key: record.data.id } }\n",
+        )
+        .unwrap();
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder
+            .write_all(br#"{"type":"erase","id":"k-1"}"#)
+            .unwrap();
+        let zipped = encoder.finish().unwrap();
+        let damaged = hex::encode(&zipped[..zipped.len() - 6]);
+        let cases = format!(
+            r#"[{{"name": "zipped", "record": {{"data_hex": "{}"}}, "expect": {{"action": "a", "key": "k-1"}}}},
+               {{"name": "damaged", "record": {{"data_hex": "{damaged}"}}, "expect": null}},
+               {{"name": "cut short", "record": {{"data_text": "{{\"type\":\"erase\",\"id\":"}}, "expect": null}}]"#,
+            hex::encode(&zipped)
+        );
+        std::fs::write(dir.path().join("r.test.json"), cases).unwrap();
+        let set = RuleSet::load(dir.path(), None).unwrap();
+        let report = run(&set, None).unwrap();
+        assert_eq!(report.passed, 1, "{:?}", report.failures);
+        let failed: Vec<(&str, &str)> = report
+            .failures
+            .iter()
+            .map(|f| (f.case.as_str(), f.kind.as_str()))
+            .collect();
+        assert_eq!(failed.len(), 2);
+        assert!(
+            failed[0]
+                .1
+                .contains("cannot be decoded (damaged_compression)"),
+            "{failed:?}"
+        );
+        assert!(
+            failed[1].1.contains("cannot be decoded (json_invalid)"),
+            "{failed:?}"
+        );
+        // Coverage counts what the inflated case ran.
+        let report = run_with(&set, None, true).unwrap();
+        assert_eq!(report.coverage[0].ran, report.coverage[0].statements);
     }
 }

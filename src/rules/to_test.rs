@@ -2,11 +2,14 @@
 //!
 //! Test files go to version control, so by default every identifier in the record is
 //! replaced by a placeholder of the same shape (digits by digits, letters by letters of the
-//! same case, length and punctuation kept), the same value by the same placeholder
-//! throughout. What the rule compares against stays: keys, and every text the rule itself
-//! spells (its prefilter literals, the values of its opening checks, any other string in
-//! it), or the case would no longer reach the branch the record took. The expectation is
-//! what the rule does on the case now, so the case passes, or fails the way the record did.
+//! same case, length and punctuation kept): the same value by the same placeholder
+//! everywhere (inside longer texts and map keys too), distinct values by distinct ones.
+//! What the rule compares against stays: every text and number the rule itself spells (its
+//! prefilter literals, the values of its opening checks, any other literal in it), or the
+//! case would no longer reach the branch the record took. Since a placeholder may still
+//! change the rule's path (a rule that tests a value's form, say), the case is run on both
+//! records as `rules test` would, and refused when they part. The expectation is what the
+//! rule does on the case, so the case passes, or fails the way the record did.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -14,13 +17,18 @@ use rand::{Rng, SeedableRng};
 use rhai::{ASTNode, Expr};
 use serde_json::{json, Value};
 
-use super::{Decision, Rule, RuleSet, Verdict};
+use super::testing::{self, Outcome, SendCheck};
+use super::{Decision, Rule, RuleError, RuleSet, Verdict};
 use crate::decode::{self, Record, RecordJson};
 
 /// Numbers with at least this many digits are taken for identifiers.
 const ID_DIGITS: usize = 5;
-/// A text of the rule at least this long is kept where a record's value contains it.
+/// A text of the rule (or a replaced value) at least this long is kept (or replaced the
+/// same way) where a record's value contains it.
 const KEPT_WITHIN: usize = 3;
+/// Placeholders tried for one value before giving up (a value too short to have distinct
+/// stand-ins enough).
+const TRIES: u64 = 10_000;
 
 /// Why a record cannot become a case.
 #[derive(Debug, thiserror::Error)]
@@ -31,15 +39,61 @@ pub enum ToTestError {
     NoRule(String),
     #[error("the record is binary, not text: its identifiers cannot be told apart; use --keep-identifiers (and keep the case out of version control)")]
     Binary,
+    #[error("with its identifiers replaced by placeholders, the record takes another path through rule {rule:?} (the record: {original}; with placeholders: {replaced}): the placeholders change the rule's path; use --keep-identifiers (and keep the test file private) or write the case by hand")]
+    PathChanged {
+        rule: String,
+        original: String,
+        replaced: String,
+    },
+    #[error("the record holds values too short to get distinct placeholders; use --keep-identifiers (and keep the test file private) or write the case by hand")]
+    NoPlaceholder,
+}
+
+/// The path a record takes through a rule, as far as a case must keep it.
+#[derive(Debug, PartialEq)]
+enum Path {
+    Undecodable(&'static str),
+    /// The rule failed: the line (0 when there is none) and the kind of failure.
+    Failed(usize, String),
+    Decided,
+    Nothing,
+}
+
+impl std::fmt::Display for Path {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Path::Undecodable(kind) => write!(f, "cannot be decoded ({kind})"),
+            Path::Failed(0, kind) => write!(f, "the rule fails ({kind})"),
+            Path::Failed(line, kind) => write!(f, "the rule fails at line {line} ({kind})"),
+            Path::Decided => f.write_str("the rule decides"),
+            Path::Nothing => f.write_str("the rule decides nothing"),
+        }
+    }
+}
+
+fn path(outcome: &Outcome) -> Path {
+    match outcome {
+        Outcome::Undecodable(kind) => Path::Undecodable(kind.as_str()),
+        Outcome::Ran(Verdict::Failed(error)) => match error {
+            RuleError::Runtime { location, kind, .. } => Path::Failed(location.line, kind.clone()),
+            RuleError::Decision { .. } => Path::Failed(0, "invalid decision".into()),
+            other => Path::Failed(0, other.log_summary()),
+        },
+        Outcome::Ran(Verdict::Decided(decisions)) if !decisions.is_empty() => Path::Decided,
+        Outcome::Ran(_) => Path::Nothing,
+    }
 }
 
 /// The test case for rule `rule` on `record`, named `name`, as a `NAME.test.json` entry.
+/// With `sendable`, a decision the configured actions cannot send is not expected: the
+/// case is marked as still failing.
 pub fn case(
     set: &RuleSet,
     rule: &str,
     record: &Record,
     keep_identifiers: bool,
     name: &str,
+    sendable: Option<SendCheck>,
 ) -> Result<Case, ToTestError> {
     let index = set
         .rules()
@@ -49,16 +103,39 @@ pub fn case(
     let mut fields = record_fields(&set.rules()[index], record, keep_identifiers)?;
     let record_json: RecordJson =
         serde_json::from_value(Value::Object(fields.clone())).expect("the fields of a record");
-    let (expect, fails) = match set.evaluate_rule(index, &record_json.into_record()) {
-        Verdict::Skipped => (Value::Null, false),
-        Verdict::Decided(decisions) => (expectation(&decisions), false),
-        Verdict::Failed(_) => (Value::Null, true),
+    let replaced = testing::outcome(set, index, &record_json.into_record());
+    if !keep_identifiers {
+        let (original, now) = (path(&testing::outcome(set, index, record)), path(&replaced));
+        if original != now {
+            return Err(ToTestError::PathChanged {
+                rule: rule.to_owned(),
+                original: original.to_string(),
+                replaced: now.to_string(),
+            });
+        }
+    }
+    let unsendable = |decisions: &[Decision]| {
+        sendable.and_then(|check| decisions.iter().find_map(|d| check(d).err()))
+    };
+    let (expect, fails) = match replaced {
+        Outcome::Ran(Verdict::Decided(decisions)) => match unsendable(&decisions) {
+            None => (expectation(&decisions), None),
+            Some(reason) => (
+                Value::Null,
+                Some(format!(
+                    "its decision cannot be sent ({reason}): fix the rule, then replace null by the decision it should make"
+                )),
+            ),
+        },
+        Outcome::Ran(Verdict::Skipped) => (Value::Null, None),
+        Outcome::Ran(Verdict::Failed(_)) | Outcome::Undecodable(_) => (
+            Value::Null,
+            Some("replace null by the decision it should make".to_owned()),
+        ),
     };
     let name = match fails {
-        false => name.to_owned(),
-        true => format!(
-            "{name}; the rule still fails on it: replace null by the decision it should make"
-        ),
+        None => name.to_owned(),
+        Some(what) => format!("{name}; the rule still fails on it: {what}"),
     };
     // Defaults a case need not spell out.
     fields.retain(|key, value| match key.as_str() {
@@ -99,7 +176,8 @@ fn record_fields(
     keep_identifiers: bool,
 ) -> Result<serde_json::Map<String, Value>, ToTestError> {
     let mut fields = serde_json::Map::new();
-    let mut placeholders = Placeholders::new(rule_texts(rule));
+    let (texts, numbers) = rule_literals(rule);
+    let mut placeholders = Placeholders::new(texts, numbers);
     let mut partition_key = record.partition_key.to_string();
     if keep_identifiers {
         // The exact bytes, as the producer wrote them.
@@ -111,16 +189,21 @@ fn record_fields(
         let readable = decode::readable(&record.bytes).bytes;
         match serde_json::from_slice::<Value>(&readable) {
             Ok(data) => {
+                placeholders.prepare(&data, &partition_key);
                 fields.insert("data".into(), placeholders.value(&data));
             }
             Err(_) => match std::str::from_utf8(&readable) {
                 Ok(text) => {
+                    placeholders.prepare(&Value::String(text.to_owned()), &partition_key);
                     fields.insert("data_text".into(), placeholders.text(text).into());
                 }
                 Err(_) => return Err(ToTestError::Binary),
             },
         }
         partition_key = placeholders.text(&partition_key);
+        if placeholders.exhausted {
+            return Err(ToTestError::NoPlaceholder);
+        }
     }
     fields.insert("partition_key".into(), partition_key.into());
     fields.insert("shard_id".into(), record.shard_id.to_string().into());
@@ -140,89 +223,170 @@ fn record_fields(
     Ok(fields)
 }
 
-/// Every text the rule spells: its prefilter literals and the strings in its code.
-fn rule_texts(rule: &Rule) -> BTreeSet<String> {
+/// Every text the rule spells (its prefilter literals and the strings in its code), and
+/// every number in its code, as JSON writes it.
+fn rule_literals(rule: &Rule) -> (BTreeSet<String>, BTreeSet<String>) {
     let mut texts: BTreeSet<String> = rule
         .literals
         .clone()
         .unwrap_or_default()
         .into_iter()
         .collect();
+    let mut numbers = BTreeSet::new();
     rule.ast.walk(&mut |path: &[ASTNode]| {
         if let Some(ASTNode::Expr(expr)) = path.last() {
             match expr {
                 Expr::StringConstant(text, _) => {
                     texts.insert(text.to_string());
                 }
-                Expr::DynamicConstant(value, _) => collect_strings(value, &mut texts),
+                Expr::IntegerConstant(n, _) => {
+                    numbers.insert(n.to_string());
+                }
+                Expr::FloatConstant(x, _) => {
+                    numbers.extend(number_text(**x));
+                }
+                Expr::DynamicConstant(value, _) => {
+                    collect_literals(value, &mut texts, &mut numbers)
+                }
                 _ => {}
             }
         }
         true
     });
     texts.retain(|t| t.chars().any(char::is_alphanumeric));
-    texts
+    (texts, numbers)
 }
 
-/// Strings in a constant the optimizer folded (an array of literals, say).
-fn collect_strings(value: &rhai::Dynamic, texts: &mut BTreeSet<String>) {
+/// A float as JSON writes it (`2` for `2.0`, as a record's `2` reads).
+fn number_text(x: f64) -> Option<String> {
+    serde_json::Number::from_f64(x).map(|n| match x.fract() == 0.0 && x.abs() < 1e15 {
+        true => (x as i64).to_string(),
+        false => n.to_string(),
+    })
+}
+
+/// Literals in a constant the optimizer folded (an array of literals, say).
+fn collect_literals(
+    value: &rhai::Dynamic,
+    texts: &mut BTreeSet<String>,
+    numbers: &mut BTreeSet<String>,
+) {
     if let Some(text) = value.read_lock::<rhai::ImmutableString>() {
         texts.insert(text.to_string());
+    } else if let Ok(n) = value.as_int() {
+        numbers.insert(n.to_string());
+    } else if let Ok(x) = value.as_float() {
+        numbers.extend(number_text(x));
     } else if let Some(array) = value.read_lock::<rhai::Array>() {
         for item in array.iter() {
-            collect_strings(item, texts);
+            collect_literals(item, texts, numbers);
         }
     } else if let Some(map) = value.read_lock::<rhai::Map>() {
         for item in map.values() {
-            collect_strings(item, texts);
+            collect_literals(item, texts, numbers);
         }
     }
 }
 
-/// Replaces values by placeholders of the same shape, the same value by the same one.
+/// Whether a map key is an identifier rather than a field name: an email, a number (a
+/// phone), a UUID or long hex, or a name with a long run of digits (`acct_4417123`).
+fn key_is_identifier(key: &str) -> bool {
+    let digits = key.bytes().filter(u8::is_ascii_digit).count();
+    let longest_run = key
+        .split(|c: char| !c.is_ascii_digit())
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
+    let hex = key.chars().filter(char::is_ascii_hexdigit).count();
+    key.contains('@')
+        || (digits > 0
+            && key
+                .chars()
+                .all(|c| c.is_ascii_digit() || "+-. ()".contains(c)))
+        || longest_run >= ID_DIGITS
+        || (hex >= 16 && digits > 0 && key.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
+}
+
+/// Replaces values by placeholders of the same shape: the same value by the same one,
+/// distinct values by distinct ones.
 struct Placeholders {
     /// The rule's texts, kept where they appear.
     kept: Vec<String>,
-    /// The same, lower-cased and trimmed: a value equal to one of them is kept whole (a
-    /// rule may compare `lower(x)` or `trimmed(x)`).
+    /// The same, lower-cased and trimmed, and the rule's numbers: a value equal to one of
+    /// them is kept whole (a rule may compare `lower(x)` or `trimmed(x)`).
     kept_whole: HashSet<String>,
     given: HashMap<String, String>,
-    used: HashSet<String>,
+    /// Values replaced character for character, for their occurrences inside longer
+    /// texts, longest first.
+    shaped: Vec<(Vec<char>, Vec<char>)>,
+    /// Every text in the record, and every placeholder given: a new placeholder is none of
+    /// them, so no two values end up the same.
+    taken: HashSet<String>,
     /// Placeholders come from a generator seeded by their order of first use, never from
     /// the value: a placeholder tells nothing of the value it replaces.
     next: u64,
+    /// Some value found no free placeholder.
+    exhausted: bool,
 }
 
 impl Placeholders {
-    fn new(texts: BTreeSet<String>) -> Self {
+    fn new(texts: BTreeSet<String>, numbers: BTreeSet<String>) -> Self {
+        let mut kept_whole: HashSet<String> =
+            texts.iter().map(|t| t.trim().to_lowercase()).collect();
+        kept_whole.extend(numbers);
         Placeholders {
-            kept_whole: texts.iter().map(|t| t.trim().to_lowercase()).collect(),
+            kept_whole,
             kept: texts
                 .into_iter()
                 .filter(|t| t.chars().count() >= KEPT_WITHIN)
                 .collect(),
             given: HashMap::new(),
-            used: HashSet::new(),
+            shaped: Vec::new(),
+            taken: HashSet::new(),
             next: 0,
+            exhausted: false,
+        }
+    }
+
+    /// Notes every text of the record, then gives the shorter ones their placeholders
+    /// first, so a longer text that holds one replaces it the same way.
+    fn prepare(&mut self, data: &Value, partition_key: &str) {
+        let mut texts = vec![partition_key.to_owned()];
+        collect_texts(data, &mut texts);
+        self.taken.extend(texts.iter().cloned());
+        texts.sort_by_key(|t| t.chars().count());
+        texts.dedup();
+        for text in texts {
+            self.text(&text);
         }
     }
 
     fn value(&mut self, value: &Value) -> Value {
         match value {
             Value::String(text) => Value::String(self.text(text)),
-            Value::Number(n) if n.is_i64() || n.is_u64() => {
-                let digits = n.to_string();
-                if digits.trim_start_matches('-').len() < ID_DIGITS {
+            Value::Number(n) => {
+                let written = n.to_string();
+                if self.kept_whole.contains(&written) {
                     return value.clone();
                 }
-                let replaced = self.text(&digits);
-                replaced.parse().map(Value::Number).unwrap_or(Value::Null)
+                // Decimals and integers past 64 bits too: their digits before an exponent.
+                let Some((mantissa, exponent)) = identifier_digits(&written) else {
+                    return value.clone();
+                };
+                let replaced = format!("{}{exponent}", self.text(mantissa));
+                serde_json::from_str(&replaced).unwrap_or(Value::Null)
             }
             Value::Array(items) => Value::Array(items.iter().map(|v| self.value(v)).collect()),
             Value::Object(fields) => Value::Object(
                 fields
                     .iter()
-                    .map(|(k, v)| (k.clone(), self.value(v)))
+                    .map(|(k, v)| {
+                        let key = match key_is_identifier(k) {
+                            true => self.text(k),
+                            false => k.clone(),
+                        };
+                        (key, self.value(v))
+                    })
                     .collect(),
             ),
             other => other.clone(),
@@ -240,65 +404,142 @@ impl Placeholders {
         if let Ok(inner @ (Value::Object(_) | Value::Array(_))) = serde_json::from_str(text) {
             let replaced = self.value(&inner).to_string();
             self.given.insert(text.to_owned(), replaced.clone());
+            self.taken.insert(replaced.clone());
             return replaced;
         }
         let chars: Vec<char> = text.chars().collect();
-        let mut keep = vec![false; chars.len()];
+        // Characters fixed already: the rule's texts (as they are), values replaced before
+        // (as they were replaced).
+        let mut fixed: Vec<Option<char>> = vec![None; chars.len()];
         for kept in &self.kept {
             let kept: Vec<char> = kept.chars().collect();
             for start in 0..chars.len().saturating_sub(kept.len() - 1) {
                 if chars[start..start + kept.len()] == kept[..] {
-                    keep[start..start + kept.len()].fill(true);
+                    for i in start..start + kept.len() {
+                        fixed[i] = Some(chars[i]);
+                    }
+                }
+            }
+        }
+        for (from, to) in &self.shaped {
+            if from.len() >= chars.len() {
+                continue;
+            }
+            let mut start = 0;
+            while start + from.len() <= chars.len() {
+                let end = start + from.len();
+                if chars[start..end] == from[..] && fixed[start..end].iter().all(Option::is_none) {
+                    for (i, c) in (start..end).zip(to) {
+                        fixed[i] = Some(*c);
+                    }
+                    start = end;
+                } else {
+                    start += 1;
                 }
             }
         }
         let replaceable = chars
             .iter()
-            .zip(&keep)
-            .any(|(c, kept)| !kept && c.is_alphanumeric());
-        if !replaceable {
-            return text.to_owned();
-        }
-        let mut placeholder = String::new();
-        for _ in 0..64 {
-            self.next += 1;
-            placeholder = shaped(&chars, &keep, self.next);
-            if placeholder != text && !self.used.contains(&placeholder) {
-                break;
+            .zip(&fixed)
+            .any(|(c, fixed)| fixed.is_none() && c.is_alphanumeric());
+        let placeholder = if replaceable {
+            let mut found = None;
+            for _ in 0..TRIES {
+                self.next += 1;
+                let candidate = shaped(&chars, &fixed, self.next);
+                if !self.taken.contains(&candidate) {
+                    found = Some(candidate);
+                    break;
+                }
+            }
+            found.unwrap_or_else(|| {
+                self.exhausted = true;
+                text.to_owned()
+            })
+        } else {
+            let out: String = chars
+                .iter()
+                .zip(&fixed)
+                .map(|(c, fixed)| fixed.unwrap_or(*c))
+                .collect();
+            if out != text && self.taken.contains(&out) {
+                self.exhausted = true;
+            }
+            out
+        };
+        if placeholder != text {
+            self.taken.insert(placeholder.clone());
+            if chars.len() >= KEPT_WITHIN {
+                let at = self
+                    .shaped
+                    .partition_point(|(from, _)| from.len() >= chars.len());
+                self.shaped
+                    .insert(at, (chars.clone(), placeholder.chars().collect()));
             }
         }
-        self.used.insert(placeholder.clone());
         self.given.insert(text.to_owned(), placeholder.clone());
         placeholder
     }
 }
 
-/// `chars` with every character not kept replaced by one of its kind: a digit (not a
+/// A number as JSON writes it, split before its exponent, if its digits are many enough
+/// to be an identifier's.
+fn identifier_digits(written: &str) -> Option<(&str, &str)> {
+    let at = written.find(['e', 'E']).unwrap_or(written.len());
+    let (mantissa, exponent) = written.split_at(at);
+    let digits = mantissa.bytes().filter(u8::is_ascii_digit).count();
+    (digits >= ID_DIGITS).then_some((mantissa, exponent))
+}
+
+/// Every string in a value (map keys that are identifiers included) and every number
+/// written out.
+fn collect_texts(value: &Value, texts: &mut Vec<String>) {
+    match value {
+        Value::String(text) => texts.push(text.clone()),
+        Value::Number(n) => {
+            if let Some((mantissa, _)) = identifier_digits(&n.to_string()) {
+                texts.push(mantissa.to_owned());
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_texts(v, texts)),
+        Value::Object(fields) => {
+            for (key, value) in fields {
+                if key_is_identifier(key) {
+                    texts.push(key.clone());
+                }
+                collect_texts(value, texts);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `chars` with every character not fixed replaced by one of its kind: a digit (not a
 /// leading zero), a letter of the same case; the rest stays.
-fn shaped(chars: &[char], keep: &[bool], seed: u64) -> String {
+fn shaped(chars: &[char], fixed: &[Option<char>], seed: u64) -> String {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut lower = || (b'a' + rng.gen_range(0..26)) as char;
     let mut out = String::with_capacity(chars.len());
     let mut digits = Vec::new();
-    for (i, (&c, &kept)) in chars.iter().zip(keep).enumerate() {
-        let replaced = match c {
-            _ if kept => c,
-            '0'..='9' => {
+    for (i, (&c, &fixed)) in chars.iter().zip(fixed).enumerate() {
+        let replaced = match (c, fixed) {
+            (_, Some(fixed)) => fixed,
+            ('0'..='9', None) => {
                 digits.push(i);
                 '0'
             }
-            c if c.is_uppercase() => lower().to_ascii_uppercase(),
-            c if c.is_alphabetic() => lower(),
-            c => c,
+            (c, None) if c.is_uppercase() => lower().to_ascii_uppercase(),
+            (c, None) if c.is_alphabetic() => lower(),
+            (c, None) => c,
         };
         out.push(replaced);
     }
     // Digits drawn apart, so a number keeps its count of digits (no leading zero).
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
     let mut out: Vec<char> = out.chars().collect();
-    for (n, i) in digits.into_iter().enumerate() {
-        let first = n == 0 && (i == 0 || !chars[i - 1].is_ascii_digit());
-        out[i] = char::from(b'0' + rng.gen_range(u8::from(first)..10));
+    for i in digits {
+        let leading = i == 0 || !chars[i - 1].is_ascii_digit();
+        out[i] = char::from(b'0' + rng.gen_range(u8::from(leading)..10));
     }
     out.into_iter().collect()
 }
@@ -308,7 +549,10 @@ mod tests {
     use super::*;
 
     fn placeholders(texts: &[&str]) -> Placeholders {
-        Placeholders::new(texts.iter().map(|t| t.to_string()).collect())
+        Placeholders::new(
+            texts.iter().map(|t| t.to_string()).collect(),
+            BTreeSet::new(),
+        )
     }
 
     #[test]
@@ -379,22 +623,161 @@ mod tests {
         let set = RuleSet::load(dir.path(), None).unwrap();
         let binary = record(&[0xF3, 0x89, 0x9A, 0xC2, 0xff, 0x00], "pk-1");
         assert!(matches!(
-            case(&set, "r", &binary, false, "n"),
+            case(&set, "r", &binary, false, "n", None),
             Err(ToTestError::Binary)
         ));
-        let kept = case(&set, "r", &binary, true, "n").unwrap();
+        let kept = case(&set, "r", &binary, true, "n", None).unwrap();
         assert_eq!(kept.record["data_hex"], "f3899ac2ff00");
         assert_eq!(kept.record["partition_key"], "pk-1");
         assert!(matches!(
-            case(&set, "gone", &binary, true, "n"),
+            case(&set, "gone", &binary, true, "n", None),
             Err(ToTestError::NoRule(_))
         ));
         // Text that is not JSON keeps its shape, and the case reads back as a record.
-        let text = case(&set, "r", &record(b"user 4417 deleted", "pk-1"), false, "n").unwrap();
+        let text = case(
+            &set,
+            "r",
+            &record(b"user 4417 deleted", "pk-1"),
+            false,
+            "n",
+            None,
+        )
+        .unwrap();
         let data_text = text.record["data_text"].as_str().unwrap();
         assert_eq!(data_text.len(), "user 4417 deleted".len());
         assert_ne!(data_text, "user 4417 deleted");
         assert_ne!(text.record["partition_key"], "pk-1");
         serde_json::from_value::<RecordJson>(Value::Object(text.record)).unwrap();
+    }
+
+    /// The same value is replaced the same way inside longer texts and keys; map keys that
+    /// are identifiers, decimals and integers past 64 bits are replaced; numbers the rule
+    /// spells stay.
+    #[test]
+    fn placeholders_reach_keys_numbers_and_longer_texts() {
+        let mut p = Placeholders::new(
+            ["privacy_request".to_owned()].into(),
+            ["10001".to_owned()].into(),
+        );
+        let data: Value = serde_json::from_str(
+            r#"{"type": "privacy_request", "user_id": "u-12345", "message": "deleted u-12345 today",
+                "by_id": {"pii@example.org": 1, "4417123456": "x", "name": "n"},
+                "amount": 4417123456.78, "big": 123456789012345678901234, "code": 10001,
+                "small": 3}"#,
+        )
+        .unwrap();
+        p.prepare(&data, "u-12345");
+        let out = p.value(&data);
+        let user = out["user_id"].as_str().unwrap();
+        assert_ne!(user, "u-12345");
+        let message = out["message"].as_str().unwrap();
+        assert_eq!(&message[8..15], user, "{message}");
+        assert_eq!(p.text("u-12345"), user, "the partition key too");
+        let keys: Vec<&String> = out["by_id"].as_object().unwrap().keys().collect();
+        assert_eq!(keys.len(), 3);
+        assert!(keys.iter().any(|k| *k == "name"));
+        let text = out.to_string();
+        for original in ["pii", "example", "4417123456", "12345678901", "u-12345"] {
+            assert!(!text.contains(original), "{original} in {text}");
+        }
+        assert!(out["amount"].is_f64() && out["big"].is_number(), "{out}");
+        assert_eq!(out["code"], 10001);
+        assert_eq!(out["small"], 3);
+        assert!(!p.exhausted);
+    }
+
+    /// Distinct values never share a placeholder, nor take another value's.
+    #[test]
+    fn placeholders_never_collide() {
+        let values: Vec<String> = ('a'..='z')
+            .flat_map(|a| ('a'..='j').map(move |b| format!("{a}{b}")))
+            .collect();
+        let data = Value::Array(values.iter().map(|v| json!(v)).collect());
+        let mut p = placeholders(&[]);
+        p.prepare(&data, "");
+        let out = p.value(&data);
+        let replaced: HashSet<&str> = out
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(replaced.len(), values.len());
+        assert!(values.iter().all(|v| !replaced.contains(v.as_str())));
+        // Too few stand-ins for one-letter values: refused, not merged.
+        let letters: Vec<Value> = ('a'..='z').map(|c| json!(c.to_string())).collect();
+        let mut p = placeholders(&[]);
+        p.prepare(&Value::Array(letters.clone()), "");
+        p.value(&Value::Array(letters));
+        assert!(p.exhausted);
+    }
+
+    fn rule_set(rule: &str) -> (tempfile::TempDir, RuleSet) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("r.rhai"), rule).unwrap();
+        let set = RuleSet::load(dir.path(), None).unwrap();
+        (dir, set)
+    }
+
+    /// A record whose placeholders would take the rule elsewhere is refused, not printed.
+    #[test]
+    fn a_case_that_takes_another_path_is_refused() {
+        let (_dir, set) = rule_set(
+            "fn decide(record) {\n    let id = record.data.id;\n    if id[0] == 'x' {\n        throw \"x ids are refused\";\n    }\n    #{ action: \"a\", key: id }\n}\n",
+        );
+        let failing = record(br#"{"id": "x-991"}"#, "");
+        let err = case(&set, "r", &failing, false, "n", None).unwrap_err();
+        assert!(matches!(err, ToTestError::PathChanged { .. }), "{err}");
+        let message = err.to_string();
+        assert!(
+            message.contains("the rule fails at line 4") && message.contains("--keep-identifiers"),
+            "{message}"
+        );
+        // Kept as it is, the case fails the way the record did.
+        let kept = case(&set, "r", &failing, true, "n", None).unwrap();
+        assert_eq!(kept.expect, Value::Null);
+        assert!(kept.name.contains("still fails"), "{}", kept.name);
+    }
+
+    /// A decision the configured actions cannot send is not expected: the case still fails.
+    #[test]
+    fn an_unsendable_decision_is_not_expected() {
+        let (_dir, set) =
+            rule_set("fn decide(record) { #{ action: \"a\", key: \"k\", params: #{ user_id: record.data.user } } }");
+        let check = |d: &Decision| match d.params["user_id"].is_string() {
+            true => Ok(()),
+            false => Err("param user_id is a map or an array".to_owned()),
+        };
+        let bad = record(br#"{"user": {"id": "u-77"}}"#, "");
+        let made = case(&set, "r", &bad, false, "n", Some(&check)).unwrap();
+        assert_eq!(made.expect, Value::Null);
+        assert!(
+            made.name.contains("still fails") && made.name.contains("cannot be sent"),
+            "{}",
+            made.name
+        );
+        let good = record(br#"{"user": "u-77"}"#, "");
+        let made = case(&set, "r", &good, false, "n", Some(&check)).unwrap();
+        assert_eq!(made.expect["key"], "k");
+    }
+
+    /// A decode_failed letter's record (damaged gzip): refused without the exact bytes;
+    /// with them, the case expects null and says the rule still fails on it, as
+    /// `rules test` then does (the record cannot be decoded).
+    #[test]
+    fn a_record_that_cannot_be_decoded_still_fails() {
+        use std::io::Write;
+        let (_dir, set) = rule_set("fn decide(record) { #{ action: \"a\", key: \"k\" } }");
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(br#"{"user": "u-77"}"#).unwrap();
+        let zipped = encoder.finish().unwrap();
+        let damaged = record(&zipped[..zipped.len() - 6], "pk");
+        assert!(matches!(
+            case(&set, "r", &damaged, false, "n", None),
+            Err(ToTestError::Binary)
+        ));
+        let kept = case(&set, "r", &damaged, true, "n", None).unwrap();
+        assert_eq!(kept.expect, Value::Null);
+        assert!(kept.name.contains("still fails"), "{}", kept.name);
     }
 }

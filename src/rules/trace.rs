@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::OnceLock;
 
 use rhai::debugger::{DebuggerCommand, DebuggerEvent};
-use rhai::{ASTNode, Engine, Position, Stmt, AST};
+use rhai::{ASTNode, Engine, Expr, Position, Stmt, AST};
 
 /// A statement's place as the debugger reports it when the statement runs: (line, column).
 pub type Place = (usize, usize);
@@ -26,7 +26,8 @@ pub struct Statement {
 }
 
 /// Every statement of the rule's functions (top-level statements such as `const
-/// PREFILTER` run once at load, not per record), by the place the debugger reports.
+/// PREFILTER` run once at load, not per record), and every `switch` arm that is a plain
+/// expression, by the place the debugger reports.
 pub fn statements(ast: &AST) -> BTreeMap<Place, Statement> {
     let mut found = BTreeMap::new();
     ast.clone_functions_only().walk(&mut |path: &[ASTNode]| {
@@ -45,6 +46,25 @@ pub fn statements(ast: &AST) -> BTreeMap<Place, Statement> {
         if let (Some(place), Some(line)) = (place(reported), stmt.position().line()) {
             let is_return = matches!(stmt, Stmt::Return(_, flags, _) if flags.is_empty());
             found.insert(place, Statement { line, is_return });
+        }
+        // A `switch` arm that is a plain expression (`1 => "low"`) is a unit of its own to
+        // run, like a statement; an arm that is a block has its statements counted.
+        if let Stmt::Switch(switch, _) = stmt {
+            for arm in &switch.1.expressions {
+                if matches!(arm.rhs, Expr::Stmt(..)) {
+                    continue;
+                }
+                let at = arm.rhs.position();
+                if let (Some(place), Some(line)) = (place(at), at.line()) {
+                    found.insert(
+                        place,
+                        Statement {
+                            line,
+                            is_return: false,
+                        },
+                    );
+                }
+            }
         }
         true
     });

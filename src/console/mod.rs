@@ -709,19 +709,27 @@ async fn explain(
                 .map(|request| request.shown())
                 .map_err(|e| e.to_string())
         };
-        let runs: Vec<pages::Explained> = lines
-            .iter()
-            .map(|line| {
-                let record = crate::decode::event_line(line);
-                pages::Explained {
-                    in_force: in_force.explain(&record, Some(&render)),
-                    on_disk: on_disk
-                        .as_ref()
-                        .ok()
-                        .map(|set| set.explain(&record, Some(&render))),
-                }
-            })
-            .collect();
+        // Each line, and each event of a KPL aggregate in it, as the daemon decodes it.
+        let mut runs = Vec::new();
+        for (n, line) in lines.iter().enumerate() {
+            let record = crate::decode::event_line(line);
+            let mut disk = on_disk
+                .as_ref()
+                .ok()
+                .map(|set| set.explain_all(&record, Some(&render)).into_iter());
+            let events = in_force.explain_all(&record, Some(&render));
+            let several = events.len() > 1;
+            for (sub, (_, traces)) in events.into_iter().enumerate() {
+                runs.push(pages::Explained {
+                    title: match several {
+                        true => format!("Record {}, event {}", n + 1, sub + 1),
+                        false => format!("Record {}", n + 1),
+                    },
+                    in_force: traces,
+                    on_disk: disk.as_mut().and_then(|d| d.next()).map(|(_, t)| t),
+                });
+            }
+        }
         let on_disk = match on_disk {
             Ok(set) => pages::OnDisk::Loads {
                 hash: set.hash().to_owned(),

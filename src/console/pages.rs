@@ -456,6 +456,7 @@ pub fn actions(frame: &Frame, actions: &[Value]) -> Markup {
 
 /// One pasted record, explained by the rules in force and by the rules on disk.
 pub struct Explained {
+    pub title: String,
     pub in_force: Vec<RuleTrace>,
     /// None when the rules on disk would not load.
     pub on_disk: Option<Vec<RuleTrace>>,
@@ -490,8 +491,8 @@ pub fn playground(
                     OnDisk::Refused(error) => p #on-disk .bad { "The next reload would be refused (the rules in force would stay): " pre { (error) } },
                 }
             }
-            @for (n, run) in runs.iter().enumerate() {
-                h2 { "Record " (n + 1) }
+            @for run in runs {
+                h2 { (run.title) }
                 table.explained {
                     thead { tr { th { "Rule" } th { "In force" } th { "On disk" } } }
                     tbody {

@@ -184,6 +184,7 @@ pub async fn run(
     // Commands run while the daemon holds the state are served by it, and by its console.
     let mut channel = None;
     let mut console = None;
+    let console_commands = tokio_util::task::TaskTracker::new();
     if let (Some(handler), Sink::Live { .. }) = (control, &pipeline.sink) {
         channel = Some(
             control::serve(
@@ -203,7 +204,7 @@ pub async fn run(
                     token,
                     served,
                     pipeline.clone(),
-                    handler,
+                    (handler, console_commands.clone()),
                     shutdown.clone(),
                 )
                 .await?,
@@ -251,6 +252,9 @@ pub async fn run(
             let _ = listener.await;
         }
     }
+    // Commands the console started finish, as the control channel's do.
+    console_commands.close();
+    console_commands.wait().await;
     let finished = match &pipeline.sink {
         Sink::Preview(preview) => preview.finish().map_err(RunError::Output),
         Sink::Live { .. } => Ok(()),

@@ -73,19 +73,22 @@ struct Console {
     served: Arc<Served>,
     pipeline: Arc<Pipeline>,
     handler: Handler,
+    /// Commands it runs: the daemon waits for them before it lets go of its state.
+    commands: tokio_util::task::TaskTracker,
     /// Cookies only over TLS: a console reached from other machines sits behind it.
     secure_cookie: bool,
 }
 
 type Shared = Arc<Console>;
 
-/// Binds the console's address and serves it until shutdown.
+/// Binds the console's address and serves it until shutdown. The commands it runs are
+/// tracked by `commands`, for the daemon to wait for at its stop.
 pub async fn serve(
     settings: &ConsoleSettings,
     token: String,
     served: Arc<Served>,
     pipeline: Arc<Pipeline>,
-    handler: Handler,
+    (handler, commands): (Handler, tokio_util::task::TaskTracker),
     shutdown: Shutdown,
 ) -> Result<tokio::task::JoinHandle<()>, ConsoleError> {
     let listen = settings.listen;
@@ -97,6 +100,7 @@ pub async fn serve(
         served,
         pipeline,
         handler,
+        commands,
         secure_cookie: settings.remote,
     });
     let app = Router::new()
@@ -304,16 +308,18 @@ impl Console {
     /// Runs a command as the CLI would, served by this daemon, with the console as origin.
     async fn command(&self, argv: Vec<String>) -> Ran {
         let (handler, pipeline) = (self.handler.clone(), self.pipeline.clone());
-        let ran = tokio::task::spawn_blocking(move || {
-            let (mut out, mut error) = (Vec::new(), String::new());
-            let code = handler(&argv, ORIGIN, &pipeline, &mut out, &mut error);
-            Ran {
-                code,
-                out: String::from_utf8_lossy(&out).into_owned(),
-                error,
-            }
-        })
-        .await;
+        let ran = self
+            .commands
+            .spawn_blocking(move || {
+                let (mut out, mut error) = (Vec::new(), String::new());
+                let code = handler(&argv, ORIGIN, &pipeline, &mut out, &mut error);
+                Ran {
+                    code,
+                    out: String::from_utf8_lossy(&out).into_owned(),
+                    error,
+                }
+            })
+            .await;
         ran.unwrap_or_else(|e| Ran {
             code: 1,
             out: String::new(),

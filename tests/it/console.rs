@@ -668,3 +668,61 @@ fn csv_rows(text: &str) -> Vec<Vec<String>> {
     }
     rows
 }
+
+/// Asked to stop while the console serves a retry, the daemon lets the retry finish and
+/// records it before it lets go of its state (as for a command on the control channel).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_lets_a_retry_asked_from_the_console_finish() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    put(&client, "events", &traffic(20, 1, 0)).await;
+    let slow = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = Backend::serve(listener, {
+        let slow = slow.clone();
+        move |_, _| match slow.load(Ordering::SeqCst) {
+            true => Reply {
+                delay: Duration::from_millis(2500),
+                ..Reply::from(200)
+            },
+            false => 400.into(),
+        }
+    });
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    ws.with_console();
+    let daemon = ws.start_daemon_with_env(&[], &[("CONSOLE_TOKEN", CONSOLE_TOKEN)]);
+    let console = format!("http://{}", console_address(&daemon).await);
+    wait_until(Duration::from_secs(30), "a refusal", || {
+        backend.count() >= 1
+    })
+    .await;
+    wait_until(Duration::from_secs(30), "its dead letter", || {
+        ws.dead_letters().len() == 1
+    })
+    .await;
+    slow.store(true, Ordering::SeqCst);
+    let retry = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(format!("{console}/dead-letters/1/retry"))
+            .bearer_auth(CONSOLE_TOKEN)
+            .form(&[("csrf", "")])
+            .send()
+            .await
+    });
+    wait_until(Duration::from_secs(30), "the retry in flight", || {
+        backend.count() >= 2
+    })
+    .await;
+    daemon.signal("TERM");
+    let log_file = daemon.log.clone();
+    assert!(daemon.wait_exit().success());
+    let log = std::fs::read_to_string(log_file).unwrap();
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(
+        ws.dead_letters().is_empty(),
+        "the retry's outcome was not recorded"
+    );
+    let _ = retry.await;
+    assert_eq!(backend.count(), 2, "sent again");
+}

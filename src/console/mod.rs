@@ -669,9 +669,9 @@ async fn audit(State(console): State<Shared>, Extension(caller): Extension<Calle
     pages::audit(&console.frame(&caller), &entries).into_response()
 }
 
-/// Lines a playground run explains at most: it is for trying records, not for batches
-/// (`rules explain` takes files).
-const PLAYGROUND_LINES: usize = 20;
+/// Events a playground run explains at most (an aggregate counts each of its events): it
+/// is for trying records, not for batches (`rules explain` takes files).
+const PLAYGROUND_EVENTS: usize = 20;
 
 async fn playground(
     State(console): State<Shared>,
@@ -697,10 +697,18 @@ async fn explain(
         .filter(|line| !line.is_empty())
         .map(str::to_owned)
         .collect();
-    if lines.is_empty() || lines.len() > PLAYGROUND_LINES {
+    let records: Vec<_> = lines
+        .iter()
+        .map(|line| crate::decode::event_line(line))
+        .collect();
+    let events: usize = records
+        .iter()
+        .map(|record| crate::rules::decode_as_daemon(record).map_or(1, |events| events.len()))
+        .sum();
+    if records.is_empty() || events > PLAYGROUND_EVENTS {
         return (
             StatusCode::BAD_REQUEST,
-            format!("paste 1 to {PLAYGROUND_LINES} records, one per line"),
+            format!("paste 1 to {PLAYGROUND_EVENTS} events, one per line (an aggregate counts each of its events)"),
         )
             .into_response();
     }
@@ -717,13 +725,12 @@ async fn explain(
         };
         // Each line, and each event of a KPL aggregate in it, as the daemon decodes it.
         let mut runs = Vec::new();
-        for (n, line) in lines.iter().enumerate() {
-            let record = crate::decode::event_line(line);
+        for (n, record) in records.iter().enumerate() {
             let mut disk = on_disk
                 .as_ref()
                 .ok()
-                .map(|set| set.explain_all(&record, Some(&render)).into_iter());
-            let events = in_force.explain_all(&record, Some(&render));
+                .map(|set| set.explain_all(record, Some(&render)).into_iter());
+            let events = in_force.explain_all(record, Some(&render));
             let several = events.len() > 1;
             for (sub, (_, traces)) in events.into_iter().enumerate() {
                 runs.push(pages::Explained {

@@ -439,6 +439,17 @@ async fn the_console_refuses_no_auth_a_missing_csrf_token_and_guessed_tokens() {
     assert!(status.get("ready").is_some(), "{status}");
     assert!(status["shards"].is_array(), "{status}");
 
+    // The playground explains at most 20 events: 21 pasted are refused.
+    let records = vec![deletion("r-1", "u-1").to_string(); 21].join("\n");
+    let answer = http
+        .post(format!("{console}/rules/explain"))
+        .bearer_auth(CONSOLE_TOKEN)
+        .form(&[("records", records.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 400);
+
     // A session from the login form: HttpOnly, SameSite=Strict.
     let answer = http.get(format!("{console}/login")).send().await.unwrap();
     assert_eq!(answer.status(), 200);

@@ -52,6 +52,34 @@ fn assert_each_once_in_key_order(backend: &Backend, n: usize) {
     }
 }
 
+/// Records read and requests found already done, from a daemon's metrics: a record read
+/// twice shows in both.
+fn reads(m: &HashMap<String, f64>) -> (f64, f64) {
+    (
+        metric_sum(m, "gdpr_consumer_records_read_total", ""),
+        metric_sum(m, "gdpr_consumer_actions_total", "outcome=\"duplicate\""),
+    )
+}
+
+/// Starts the daemon (with metrics), waits until the backend has `total` calls, and stops
+/// it: its metrics and log.
+async fn run_phase(
+    ws: &Workspace,
+    backend: &Backend,
+    total: usize,
+) -> (HashMap<String, f64>, String) {
+    let daemon = ws.start_daemon(&[]);
+    let address = metrics_address(&daemon).await;
+    wait_until(Duration::from_secs(60), "the backend calls", || {
+        backend.count() >= total
+    })
+    .await;
+    let m = metrics(&address).await;
+    let log = daemon.stderr();
+    assert!(daemon.stop().success(), "{log}");
+    (m, log)
+}
+
 fn fan_out(ws: &Workspace) {
     ws.edit_config("[stream]\n", "[stream]\nread = \"fan-out\"\n");
 }
@@ -163,4 +191,159 @@ async fn fan_out_sends_every_request_once_and_keeps_the_consumer() {
         Some("ACTIVE"),
         "the daemon removed its consumer"
     );
+}
+
+/// A split while subscribed: the parent is read to its end (kinesis-mock never ends a
+/// closed shard's subscription: the shard list says it closed, and its last records are
+/// polled), then the children are subscribed to; every request once, each key in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_while_subscribed_reads_parents_before_children() {
+    let kinesis = KinesisMock::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    // Slow enough that the parent still has unhandled records when the split happens.
+    let backend = Backend::with_behaviour(Duration::from_millis(30), |_, _| 200).await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    fan_out(&ws);
+    put(&client, "events", &requests(0, 40)).await;
+    let daemon = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(30), "a first call", || {
+        backend.count() >= 3
+    })
+    .await;
+    split_in_half(&client, "events", "shardId-000000000000").await;
+    wait_active(&client, "events").await;
+    assert!(
+        backend.count() < 40,
+        "the parent was drained before the split"
+    );
+    put(&client, "events", &requests(40, 80)).await;
+    wait_until(Duration::from_secs(60), "all 80", || backend.count() >= 80).await;
+    let log = daemon.stderr();
+    assert!(daemon.stop().success(), "{log}");
+
+    assert_each_once_in_key_order(&backend, 80);
+    assert!(log.contains("shard read to its end"), "{log}");
+    for child in ["shardId-000000000001", "shardId-000000000002"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("starting shard") && l.contains(child)),
+            "{child} not started: {log}"
+        );
+    }
+    let (_, out, _) = ws.run(&[
+        "checkpoints",
+        "list",
+        "--config",
+        ws.config().to_str().unwrap(),
+    ]);
+    let checkpoints = json_lines(&out);
+    assert!(
+        checkpoints
+            .iter()
+            .any(|c| c["shard_id"] == "shardId-000000000000" && c["shard_end"] == true),
+        "{out}"
+    );
+}
+
+/// A stop and an immediate start mid-stream: the new subscriptions start after the
+/// checkpoint, and Kinesis's ResourceInUseException (the old subscription still counted
+/// as open) is waited out, not a failure; nothing repeated, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_mid_stream_resumes_after_the_checkpoint_through_resource_in_use() {
+    let kinesis = KinesisMock::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 2).await;
+    let backend = Backend::with_behaviour(Duration::from_millis(20), |_, _| 200).await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    fan_out(&ws);
+    ws.with_metrics();
+    put(&client, "events", &requests(0, 60)).await;
+    let daemon = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(30), "some calls", || {
+        backend.count() >= 10
+    })
+    .await;
+    let first = daemon.stderr();
+    assert!(daemon.stop().success(), "{first}");
+    let before = backend.count();
+    assert!(before < 60, "everything handled before the restart");
+    put(&client, "events", &requests(60, 80)).await;
+    let (m, log) = run_phase(&ws, &backend, 80).await;
+
+    assert_each_once_in_key_order(&backend, 80);
+    assert_eq!(
+        reads(&m),
+        ((80 - before) as f64, 0.0),
+        "the second run read a record the first had handled"
+    );
+    assert!(
+        log.contains("ResourceInUseException"),
+        "no ResourceInUse seen: nothing tested: {log}"
+    );
+    assert!(log.contains("Kinesis call failed; retrying"), "{log}");
+    assert!(
+        !log.contains("shard worker failed"),
+        "ResourceInUse failed a worker: {log}"
+    );
+}
+
+/// polling → fan-out → polling on one state file: each run goes on where the last one
+/// stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_read_modes_keeps_the_position() {
+    let kinesis = KinesisMock::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 2).await;
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    ws.with_metrics();
+    put(&client, "events", &requests(0, 20)).await;
+    let (m, _) = run_phase(&ws, &backend, 20).await;
+    assert_eq!(reads(&m), (20.0, 0.0), "polling");
+    fan_out(&ws);
+    put(&client, "events", &requests(20, 40)).await;
+    let (m, log) = run_phase(&ws, &backend, 40).await;
+    assert!(log.contains("enhanced fan-out consumer active"), "{log}");
+    assert_eq!(reads(&m), (20.0, 0.0), "fan-out after polling");
+    ws.edit_config("read = \"fan-out\"\n", "");
+    put(&client, "events", &requests(40, 60)).await;
+    let (m, _) = run_phase(&ws, &backend, 60).await;
+    assert_eq!(reads(&m), (20.0, 0.0), "polling after fan-out");
+    assert_each_once_in_key_order(&backend, 60);
+}
+
+/// Subscriptions renewed every second (Kinesis's five minutes, shortened) while records
+/// keep coming: each renewal goes on from the last continuation sequence number, nothing
+/// lost or repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewed_subscriptions_lose_and_repeat_nothing() {
+    let kinesis = KinesisMock::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    fan_out(&ws);
+    ws.edit_config("[stream]\n", "[stream]\nsubscription_renew_ms = 1000\n");
+    ws.with_metrics();
+    let daemon = ws.start_daemon(&[]);
+    // kinesis-mock holds a dropped subscription open for a few seconds: each renewal
+    // waits out its ResourceInUseException (real Kinesis lets a new one take over).
+    for wave in 0..12 {
+        put(&client, "events", &requests(wave * 5, wave * 5 + 5)).await;
+        tokio::time::sleep(Duration::from_millis(900)).await;
+    }
+    wait_until(Duration::from_secs(30), "all 60", || backend.count() >= 60).await;
+    let address = metrics_address(&daemon).await;
+    let m = metrics(&address).await;
+    let log = daemon.stderr();
+    assert!(daemon.stop().success(), "{log}");
+
+    assert_each_once_in_key_order(&backend, 60);
+    assert_eq!(reads(&m), (60.0, 0.0), "a record read twice");
+    let renewed = metric(
+        &m,
+        "gdpr_consumer_subscriptions_started_total{reason=\"renewal\"}",
+    );
+    assert!(renewed >= 2.0, "renewals: {m:?}");
 }

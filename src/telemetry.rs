@@ -142,6 +142,9 @@ pub struct Telemetry {
     started: Instant,
 }
 
+/// Why a fan-out subscription started (`subscriptions_started_total{reason}`).
+pub const SUBSCRIPTION_REASONS: [&str; 4] = ["initial", "renewal", "ended", "error"];
+
 fn label(name: &'static str, value: &str) -> Labels {
     vec![(name, value.to_owned())]
 }
@@ -195,6 +198,12 @@ impl Telemetry {
             started: Instant::now(),
         };
         // Counted from zero, so an alert on their rate works from the first one.
+        for reason in SUBSCRIPTION_REASONS {
+            drop(
+                t.subscriptions_started
+                    .get_or_create(&label("reason", reason)),
+            );
+        }
         for reason in crate::decode::Unreadable::ALL {
             drop(
                 t.undecodable_records
@@ -314,7 +323,7 @@ impl Telemetry {
         );
         r.register(
             "kinesis_retries",
-            "Kinesis calls that failed and were retried (ListShards, GetShardIterator, GetRecords)",
+            "Kinesis calls that failed and were retried (ListShards, GetShardIterator, GetRecords, SubscribeToShard)",
             t.kinesis_retries.clone(),
         );
         r.register(
@@ -712,11 +721,12 @@ impl Telemetry {
             .collect();
         shards.clear();
         for mut view in views {
-            // Counted from zero, so a rate over the first restart works.
-            drop(
-                self.shard_restarts
-                    .get_or_create(&label("shard_id", &view.shard_id)),
-            );
+            // Counted from zero, so a rate over the first restart works (and the reads
+            // of either mode show 0 in the other).
+            let shard = label("shard_id", &view.shard_id);
+            drop(self.shard_restarts.get_or_create(&shard));
+            drop(self.get_records_calls.get_or_create(&shard));
+            drop(self.subscription_events.get_or_create(&shard));
             view.millis_behind_latest = lags.get(&view.shard_id).copied().flatten();
             shards.insert(view.shard_id.clone(), view);
         }

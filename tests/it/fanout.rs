@@ -224,6 +224,11 @@ async fn a_split_while_subscribed_reads_parents_before_children() {
 
     assert_each_once_in_key_order(&backend, 80);
     assert!(log.contains("shard read to its end"), "{log}");
+    // kinesis-mock never ends a closed shard's subscription: the fallback finished it.
+    assert!(
+        log.contains("shard closed and its subscription idle"),
+        "{log}"
+    );
     for child in ["shardId-000000000001", "shardId-000000000002"] {
         assert!(
             log.lines()
@@ -346,4 +351,95 @@ async fn renewed_subscriptions_lose_and_repeat_nothing() {
         "gdpr_consumer_subscriptions_started_total{reason=\"renewal\"}",
     );
     assert!(renewed >= 2.0, "renewals: {m:?}");
+}
+
+/// A subscription lives past the Kinesis call time limit (`call_timeout_ms` bounds the
+/// SubscribeToShard call, not its event stream): no error, no resubscription, and records
+/// written late still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_outlives_the_call_timeout() {
+    let kinesis = KinesisMock::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    fan_out(&ws);
+    ws.edit_config("[stream]\n", "[stream]\ncall_timeout_ms = 1000\n");
+    ws.with_metrics();
+    let daemon = ws.start_daemon(&[]);
+    let address = metrics_address(&daemon).await;
+    put(&client, "events", &requests(0, 5)).await;
+    wait_until(Duration::from_secs(30), "5", || backend.count() >= 5).await;
+    // Past three attempts of one call.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    put(&client, "events", &requests(5, 10)).await;
+    wait_until(Duration::from_secs(30), "10", || backend.count() >= 10).await;
+    let m = metrics(&address).await;
+    let log = daemon.stderr();
+    assert!(daemon.stop().success(), "{log}");
+    assert_each_once_in_key_order(&backend, 10);
+    let started = |reason: &str| {
+        metric(
+            &m,
+            &format!("gdpr_consumer_subscriptions_started_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!(
+        (started("initial"), started("error"), started("ended")),
+        (1.0, 0.0, 0.0),
+        "{log}"
+    );
+}
+
+/// Two shards merged while subscribed: both parents are read to their end before the
+/// child starts; every request once, each key in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_while_subscribed_reads_both_parents_before_the_child() {
+    let kinesis = KinesisMock::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 2).await;
+    let backend = Backend::with_behaviour(Duration::from_millis(30), |_, _| 200).await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    fan_out(&ws);
+    put(&client, "events", &requests(0, 40)).await;
+    let daemon = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(30), "a first call", || {
+        backend.count() >= 3
+    })
+    .await;
+    client
+        .merge_shards()
+        .stream_name("events")
+        .shard_to_merge("shardId-000000000000")
+        .adjacent_shard_to_merge("shardId-000000000001")
+        .send()
+        .await
+        .unwrap();
+    wait_active(&client, "events").await;
+    assert!(
+        backend.count() < 40,
+        "the parents were drained before the merge"
+    );
+    put(&client, "events", &requests(40, 80)).await;
+    wait_until(Duration::from_secs(60), "all 80", || backend.count() >= 80).await;
+    let log = daemon.stderr();
+    assert!(daemon.stop().success(), "{log}");
+
+    assert_each_once_in_key_order(&backend, 80);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("starting shard") && l.contains("shardId-000000000002")),
+        "the child did not start: {log}"
+    );
+    let (_, out, _) = ws.run(&[
+        "checkpoints",
+        "list",
+        "--config",
+        ws.config().to_str().unwrap(),
+    ]);
+    let ended = json_lines(&out)
+        .iter()
+        .filter(|c| c["shard_end"] == true)
+        .count();
+    assert_eq!(ended, 2, "{out}");
 }

@@ -11,7 +11,9 @@
 //! - Backpressure: the next event is read only when the previous batch is handled and one
 //!   of `batches_in_flight` is free; meanwhile HTTP flow control holds the sender back.
 //! - A shard ends with an event without a continuation sequence number (Kinesis sends its
-//!   `ChildShards` then). Where an implementation never ends a closed shard's subscription
+//!   `ChildShards` then). Such an event naming no children, for a shard the shard list does
+//!   not show closed, is taken as a fault (subscribe again), never as an end: finishing a
+//!   shard wrongly would skip its records. Where an implementation never ends a closed shard's subscription
 //!   (kinesis-mock), the shard list is the fallback: once ListShards shows the shard closed
 //!   and its subscription delivers an event without records (nothing left to push), the
 //!   reader drops the subscription and polls the shard's last records from its position
@@ -217,6 +219,30 @@ fn event_error_name(e: &SubscribeToShardEventStreamError) -> String {
     }
 }
 
+/// What an event says about its shard.
+#[derive(Debug, PartialEq, Eq)]
+enum Meaning {
+    /// More to come.
+    Continue,
+    /// The shard is read to its end: no continuation sequence number, and Kinesis names
+    /// its children (or the shard list shows it closed).
+    ShardEnd,
+    /// The shard is closed and the subscription has nothing more, yet has not ended it:
+    /// its last records are polled.
+    PollTail,
+    /// No continuation for a shard neither named as ending nor listed as closed.
+    Invalid,
+}
+
+fn meaning(continuation: &str, child_shards: bool, records: bool, closed: bool) -> Meaning {
+    match (continuation.is_empty(), child_shards || closed) {
+        (true, true) => Meaning::ShardEnd,
+        (true, false) => Meaning::Invalid,
+        (false, _) if closed && !records => Meaning::PollTail,
+        (false, _) => Meaning::Continue,
+    }
+}
+
 struct Subscription {
     events: aws_sdk_kinesis::primitives::event_stream::EventReceiver<
         SubscribeToShardEventStream,
@@ -407,14 +433,27 @@ impl FanOutReader {
             }
             let continuation = event.continuation_sequence_number;
             let millis_behind_latest = Some(event.millis_behind_latest);
+            let meaning = meaning(
+                &continuation,
+                event.child_shards.as_ref().is_some_and(|c| !c.is_empty()),
+                !event.records.is_empty(),
+                self.source.is_closed(&self.shard_id),
+            );
+            if meaning == Meaning::Invalid {
+                // Finishing the shard on it could skip records: subscribe again instead.
+                let message = "an event without a continuation sequence number for a shard not known to be closed".to_owned();
+                if !self.fault(Fault::Transient, message, shutdown).await? {
+                    return Ok(Step::Stopped);
+                }
+                continue;
+            }
             let records: Vec<_> = event.records.into_iter().map(raw_record).collect();
             self.advance(records.last().map(|r| &*r.sequence_number), &continuation);
-            // No continuation: the shard is read to its end (Kinesis names its children).
-            let shard_end = continuation.is_empty();
-            if !shard_end && records.is_empty() && self.source.is_closed(&self.shard_id) {
+            if meaning == Meaning::PollTail {
                 self.subscription = None;
                 return Ok(Step::PollTail(self.position.clone()));
             }
+            let shard_end = meaning == Meaning::ShardEnd;
             return Ok(Step::Batch(Batch {
                 records,
                 millis_behind_latest,
@@ -452,6 +491,21 @@ mod tests {
         };
         let source = KinesisSource::connect(&settings).await;
         FanOutReader::new(Arc::new(source), "shard".into(), position)
+    }
+
+    /// A shard ends only on an event without continuation that names children (or for a
+    /// shard listed as closed); a closed shard whose subscription idles is polled to its end.
+    #[test]
+    fn what_an_event_means() {
+        assert_eq!(meaning("5", false, true, false), Meaning::Continue);
+        assert_eq!(meaning("5", false, false, false), Meaning::Continue);
+        assert_eq!(meaning("", true, false, false), Meaning::ShardEnd);
+        assert_eq!(meaning("", true, true, true), Meaning::ShardEnd);
+        assert_eq!(meaning("", false, false, true), Meaning::ShardEnd);
+        assert_eq!(meaning("", false, true, false), Meaning::Invalid);
+        // Closed, but records still coming: read them from the subscription.
+        assert_eq!(meaning("5", false, true, true), Meaning::Continue);
+        assert_eq!(meaning("5", false, false, true), Meaning::PollTail);
     }
 
     /// A subscription renewed or restarted goes on after the last continuation; inside

@@ -443,3 +443,33 @@ async fn a_merge_while_subscribed_reads_both_parents_before_the_child() {
         .count();
     assert_eq!(ended, 2, "{out}");
 }
+
+/// `run --dry-run` and `capture` poll even with a fan-out config, so they never take the
+/// daemon's subscriptions: on kinesalite, which has no fan-out at all, both work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_and_capture_poll_in_a_fan_out_config() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    put(&client, "events", &requests(0, 3)).await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", "http://127.0.0.1:9");
+    fan_out(&ws);
+    let config = ws.config().to_str().unwrap().to_owned();
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        ws.run(&["run", "--config", &config, "--dry-run", "--output", "json"])
+    });
+    assert_eq!(code, 0, "{err}");
+    let decisions = json_lines(&out)
+        .iter()
+        .filter(|l| l["action"] == "anonymize_user")
+        .count();
+    assert_eq!(decisions, 3, "{out}");
+    let (code, out, err) =
+        tokio::task::block_in_place(|| ws.run(&["capture", "--config", &config]));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 3, "{out}");
+    // The daemon itself does fan-out: kinesalite refuses it at start.
+    let (code, _, err) = tokio::task::block_in_place(|| ws.run(&["run", "--config", &config]));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("consumer gdpr-consumer"), "{err}");
+}

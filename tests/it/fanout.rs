@@ -473,3 +473,172 @@ async fn dry_run_and_capture_poll_in_a_fan_out_config() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("consumer gdpr-consumer"), "{err}");
 }
+
+/// A TLS endpoint that speaks HTTP/2 only (ALPN `h2`), in front of kinesis-mock (which the
+/// daemon cannot verify over TLS): each request is passed on over HTTP/1.1 and its answer
+/// streamed back, so SubscribeToShard's event stream flows over HTTP/2 as with AWS. Its
+/// certificate (tests/fixtures/h2-proxy) is signed by a test CA the daemon is told to trust
+/// with `SSL_CERT_FILE`.
+struct H2Proxy {
+    endpoint: String,
+    /// (HTTP version, operation) of each request received.
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(hyper::Version, String)>>>,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+/// A response body fed chunk by chunk from the upstream answer.
+struct ChannelBody(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(hyper::body::Frame::data(c))))
+    }
+}
+
+impl H2Proxy {
+    async fn start(upstream: &str) -> Self {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let dir = repo().join("tests/fixtures/h2-proxy");
+        let certs = vec![CertificateDer::from_pem_file(dir.join("cert.pem")).unwrap()];
+        let key = PrivateKeyDer::from_pem_file(dir.join("key.pem")).unwrap();
+        let mut tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("https://{}", listener.local_addr().unwrap());
+        let seen: std::sync::Arc<std::sync::Mutex<Vec<(hyper::Version, String)>>> =
+            Default::default();
+        let client = reqwest::Client::new();
+        let upstream = upstream.to_owned();
+        let log = seen.clone();
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let (acceptor, client, upstream, log) = (
+                    acceptor.clone(),
+                    client.clone(),
+                    upstream.clone(),
+                    log.clone(),
+                );
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(move |request| {
+                        forward(request, client.clone(), upstream.clone(), log.clone())
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+                });
+            }
+        });
+        H2Proxy {
+            endpoint,
+            seen,
+            _server: server,
+        }
+    }
+}
+
+async fn forward(
+    request: hyper::Request<hyper::body::Incoming>,
+    client: reqwest::Client,
+    upstream: String,
+    log: std::sync::Arc<std::sync::Mutex<Vec<(hyper::Version, String)>>>,
+) -> Result<hyper::Response<ChannelBody>, std::convert::Infallible> {
+    use http_body_util::BodyExt;
+    let (parts, body) = request.into_parts();
+    let target = parts
+        .headers
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let operation = target.rsplit('.').next().unwrap_or("").to_owned();
+    log.lock().unwrap().push((parts.version, operation));
+    let body = body.collect().await.unwrap().to_bytes();
+    let mut upstream_request = client.post(&upstream).body(body);
+    for (name, value) in &parts.headers {
+        if name != "host" && name != "content-length" {
+            upstream_request = upstream_request.header(name.as_str(), value.as_bytes());
+        }
+    }
+    let mut response = upstream_request.send().await.unwrap();
+    let mut reply = hyper::Response::builder().status(response.status().as_u16());
+    for (name, value) in response.headers() {
+        let name = name.as_str();
+        if ![
+            "connection",
+            "transfer-encoding",
+            "content-length",
+            "keep-alive",
+        ]
+        .contains(&name)
+        {
+            reply = reply.header(name, value.as_bytes());
+        }
+    }
+    let (sender, receiver) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        while let Ok(Some(chunk)) = response.chunk().await {
+            if sender.send(chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(reply.body(ChannelBody(receiver)).unwrap())
+}
+
+/// Fan-out over HTTP/2 and TLS, as against AWS: every Kinesis call (SubscribeToShard
+/// included) goes over HTTP/2, and the requests arrive once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_over_http2() {
+    let kinesis = KinesisMock::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    let proxy = H2Proxy::start(&kinesis.endpoint).await;
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&proxy.endpoint, "events", &backend.url);
+    fan_out(&ws);
+    put(&client, "events", &requests(0, 10)).await;
+    let ca = repo().join("tests/fixtures/h2-proxy/ca.pem");
+    let daemon = ws.start_daemon_with_env(&[], &[("SSL_CERT_FILE", ca.to_str().unwrap())]);
+    wait_until(Duration::from_secs(30), "the first 10", || {
+        backend.count() >= 10
+    })
+    .await;
+    put(&client, "events", &requests(10, 20)).await;
+    wait_until(Duration::from_secs(30), "all 20", || backend.count() >= 20).await;
+    let log = daemon.stderr();
+    assert!(daemon.stop().success(), "{log}");
+    assert_each_once_in_key_order(&backend, 20);
+    let seen = proxy.seen.lock().unwrap().clone();
+    assert!(
+        seen.iter().any(|(_, op)| op == "SubscribeToShard"),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .all(|(version, _)| *version == hyper::Version::HTTP_2),
+        "{seen:?}"
+    );
+}

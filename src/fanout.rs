@@ -8,8 +8,11 @@
 //! - Each event moves the position to after its `ContinuationSequenceNumber`; a new
 //!   subscription (renewal before Kinesis's five-minute end, after an error or a dropped
 //!   connection) starts there, so nothing is skipped or read twice.
-//! - Backpressure: the next event is read only when the previous batch is handled and one
-//!   of `batches_in_flight` is free; meanwhile HTTP flow control holds the sender back.
+//! - Backpressure: the next event is read only when the previous batch is handled, and
+//!   handed on only when one of `batches_in_flight` is free (taken once the event is here,
+//!   so a quiet shard waiting for its next event holds no slot); meanwhile HTTP flow
+//!   control holds the sender back. Each subscription may thus hold one received event
+//!   beyond the bound.
 //! - A shard ends with an event without a continuation sequence number (Kinesis sends its
 //!   `ChildShards` then). Such an event naming no children, for a shard the shard list does
 //!   not show closed, is taken as a fault (subscribe again), never as an end: finishing a
@@ -361,15 +364,18 @@ impl FanOutReader {
                 self.reason = "renewal";
             }
             if self.subscription.is_none() {
-                let sent = self
+                let request = self
                     .source
                     .client
                     .subscribe_to_shard()
                     .consumer_arn(&arn)
                     .shard_id(&self.shard_id)
-                    .starting_position(self.starting_position())
-                    .send()
-                    .await;
+                    .starting_position(self.starting_position());
+                // The call returns with the stream's first message: a stop does not wait.
+                let sent = tokio::select! {
+                    sent = request.send() => sent,
+                    _ = shutdown.triggered() => return Ok(Step::Stopped),
+                };
                 match sent {
                     Ok(output) => {
                         tracing::debug!(shard_id = %self.shard_id, position = %self.position, reason = self.reason, "subscribed");
@@ -388,10 +394,6 @@ impl FanOutReader {
                     }
                 }
             }
-            let permit = tokio::select! {
-                permit = self.source.in_flight.clone().acquire_owned() => permit.expect("never closed"),
-                _ = shutdown.triggered() => return Ok(Step::Stopped),
-            };
             let subscription = self.subscription.as_mut().expect("subscribed above");
             let left = renew.saturating_sub(subscription.since.elapsed());
             let received = tokio::select! {
@@ -454,6 +456,13 @@ impl FanOutReader {
                 return Ok(Step::PollTail(self.position.clone()));
             }
             let shard_end = meaning == Meaning::ShardEnd;
+            // Taken once the event is here, not while waiting for it: a subscription waits
+            // seconds for an event on a quiet shard, and holding a slot meanwhile would
+            // starve the busy shards. Meanwhile HTTP flow control holds Kinesis back.
+            let permit = tokio::select! {
+                permit = self.source.in_flight.clone().acquire_owned() => permit.expect("never closed"),
+                _ = shutdown.triggered() => return Ok(Step::Stopped),
+            };
             return Ok(Step::Batch(Batch {
                 records,
                 millis_behind_latest,

@@ -481,6 +481,8 @@ async fn dry_run_and_capture_poll_in_a_fan_out_config() {
 /// with `SSL_CERT_FILE`.
 struct H2Proxy {
     endpoint: String,
+    /// A shard whose subscriptions go silent after their first message, if any.
+    stall: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     /// (HTTP version, operation) of each request received.
     seen: std::sync::Arc<std::sync::Mutex<Vec<(hyper::Version, String)>>>,
     _server: tokio::task::JoinHandle<()>,
@@ -503,6 +505,11 @@ impl hyper::body::Body for ChannelBody {
 }
 
 impl H2Proxy {
+    /// From now on, subscriptions to `shard` get their first message, then nothing.
+    fn stall(&self, shard: &str) {
+        *self.stall.lock().unwrap() = Some(shard.to_owned());
+    }
+
     async fn start(upstream: &str) -> Self {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -526,23 +533,33 @@ impl H2Proxy {
         let client = reqwest::Client::new();
         let upstream = upstream.to_owned();
         let log = seen.clone();
+        let stall: std::sync::Arc<std::sync::Mutex<Option<String>>> = Default::default();
+        let stalled = stall.clone();
         let server = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
-                let (acceptor, client, upstream, log) = (
+                let (acceptor, client, upstream, log, stalled) = (
                     acceptor.clone(),
                     client.clone(),
                     upstream.clone(),
                     log.clone(),
+                    stalled.clone(),
                 );
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
                     let service = hyper::service::service_fn(move |request| {
-                        forward(request, client.clone(), upstream.clone(), log.clone())
+                        let stall = stalled.lock().unwrap().clone();
+                        forward(
+                            request,
+                            client.clone(),
+                            upstream.clone(),
+                            log.clone(),
+                            stall,
+                        )
                     });
                     let _ = hyper::server::conn::http2::Builder::new(
                         hyper_util::rt::TokioExecutor::new(),
@@ -554,6 +571,7 @@ impl H2Proxy {
         });
         H2Proxy {
             endpoint,
+            stall,
             seen,
             _server: server,
         }
@@ -565,6 +583,7 @@ async fn forward(
     client: reqwest::Client,
     upstream: String,
     log: std::sync::Arc<std::sync::Mutex<Vec<(hyper::Version, String)>>>,
+    stall: Option<String>,
 ) -> Result<hyper::Response<ChannelBody>, std::convert::Infallible> {
     use http_body_util::BodyExt;
     let (parts, body) = request.into_parts();
@@ -574,8 +593,10 @@ async fn forward(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let operation = target.rsplit('.').next().unwrap_or("").to_owned();
-    log.lock().unwrap().push((parts.version, operation));
+    log.lock().unwrap().push((parts.version, operation.clone()));
     let body = body.collect().await.unwrap().to_bytes();
+    let silent = operation == "SubscribeToShard"
+        && stall.is_some_and(|shard| String::from_utf8_lossy(&body).contains(&shard));
     let mut upstream_request = client.post(&upstream).body(body);
     for (name, value) in &parts.headers {
         if name != "host" && name != "content-length" {
@@ -599,9 +620,25 @@ async fn forward(
     }
     let (sender, receiver) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move {
+        // Silent: the first message (so the call returns), then nothing until the reader
+        // hangs up. A message starts with its total length (4 bytes, big-endian).
+        let mut first: Vec<u8> = Vec::new();
         while let Ok(Some(chunk)) = response.chunk().await {
-            if sender.send(chunk).await.is_err() {
-                return;
+            if !silent {
+                if sender.send(chunk).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            first.extend_from_slice(&chunk);
+            if first.len() >= 4 {
+                let length = u32::from_be_bytes(first[..4].try_into().unwrap()) as usize;
+                if first.len() >= length {
+                    first.truncate(length);
+                    let _ = sender.send(first.into()).await;
+                    sender.closed().await;
+                    return;
+                }
             }
         }
     });
@@ -641,4 +678,58 @@ async fn fan_out_over_http2() {
             .all(|(version, _)| *version == hyper::Version::HTTP_2),
         "{seen:?}"
     );
+}
+
+/// A shard whose subscription goes silent (no event, not even a heartbeat) holds none of
+/// `batches_in_flight` while it waits: with one slot for four shards, the other shards'
+/// requests all arrive, wave after wave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_subscription_does_not_hold_up_the_other_shards() {
+    let kinesis = KinesisMock::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 4).await;
+    let keys = shard_keys(&client, "events").await;
+    let proxy = H2Proxy::start(&kinesis.endpoint).await;
+    proxy.stall("shardId-000000000000");
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&proxy.endpoint, "events", &backend.url);
+    fan_out(&ws);
+    ws.edit_config("[stream]\n", "[stream]\nbatches_in_flight = 1\n");
+    let ca = repo().join("tests/fixtures/h2-proxy/ca.pem");
+    let daemon = ws.start_daemon_with_env(&[], &[("SSL_CERT_FILE", ca.to_str().unwrap())]);
+    // Requests on shards 1 to 3 only, written once every shard is subscribed.
+    wait_until(Duration::from_secs(20), "four subscriptions", || {
+        proxy
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, op)| op == "SubscribeToShard")
+            .count()
+            >= 4
+    })
+    .await;
+    // In waves: kinesis-mock pushes what a shard has in one event, so each wave needs
+    // each shard to read again after the silent one started waiting.
+    for wave in 0..3 {
+        let records: Vec<(String, Vec<u8>)> = (wave * 12..wave * 12 + 12)
+            .map(|n| {
+                let user = format!("f-{n}");
+                (
+                    keys[1 + n % 3].clone(),
+                    deletion(&user, &user).to_string().into_bytes(),
+                )
+            })
+            .collect();
+        put(&client, "events", &records).await;
+        wait_until(Duration::from_secs(20), "the wave's requests", || {
+            backend.count() >= wave * 12 + 12
+        })
+        .await;
+    }
+    let log = daemon.stderr();
+    assert!(daemon.stop().success(), "{log}");
+    let mut got = numbers(&backend);
+    got.sort();
+    assert_eq!(got, (0..36).collect::<Vec<_>>());
 }

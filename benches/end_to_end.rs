@@ -11,7 +11,11 @@
 //! few hundred events and 4 shards.
 //!
 //! GetRecords answers are pre-built in memory, so what is measured is the SDK (HTTP client,
-//! JSON, base64) and the daemon, not the endpoint.
+//! JSON, base64) and the daemon, not the endpoint. Each replay and the latency run go once
+//! polling and once in fan-out mode (`[stream] read = "fan-out"`): the endpoint then also
+//! answers DescribeStreamConsumer and serves SubscribeToShard event streams from the same
+//! pre-built records (an event per pre-built batch, or per what became readable; a
+//! heartbeat a second on an idle shard), and the idle run adds a fan-out daemon.
 
 mod common;
 

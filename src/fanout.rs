@@ -34,7 +34,7 @@ use aws_sdk_kinesis::types::{
 
 use crate::shutdown::Shutdown;
 use crate::source::{
-    describe, jitter, raw_record, Batch, KinesisSource, Position, ReadMode, SourceError,
+    describe, jitter, raw_record, Batch, KinesisSource, Position, RawRecord, ReadMode, SourceError,
     StartPosition, MAX_FAULT_BACKOFF,
 };
 
@@ -261,6 +261,8 @@ pub(crate) struct FanOutReader {
     /// Where the next subscription starts.
     position: Position,
     subscription: Option<Subscription>,
+    /// An event of the subscription received while gathering a batch, not yet handled.
+    pending: Option<aws_sdk_kinesis::types::SubscribeToShardEvent>,
     /// Why the next subscription starts: `initial`, `renewal`, `ended`, `error`.
     reason: &'static str,
     backoff: Duration,
@@ -275,6 +277,7 @@ impl FanOutReader {
             shard_id,
             position,
             subscription: None,
+            pending: None,
             reason: "initial",
             backoff: FIRST_BACKOFF,
             subscribed: Vec::new(),
@@ -311,8 +314,7 @@ impl FanOutReader {
         message: String,
         shutdown: &Shutdown,
     ) -> Result<bool, SourceError> {
-        self.subscription = None;
-        self.reason = "error";
+        self.end_subscription("error");
         if let Fault::Fatal = fault {
             return Err(SourceError::Subscribe {
                 stream: self.source.stream.clone(),
@@ -327,6 +329,14 @@ impl FanOutReader {
         Ok(shutdown.sleep(pause).await.is_ok())
     }
 
+    /// Drops the subscription (and an event it sent that is not handled yet: the next
+    /// subscription sends it again from the position); the next one starts for `reason`.
+    fn end_subscription(&mut self, reason: &'static str) {
+        self.subscription = None;
+        self.pending = None;
+        self.reason = reason;
+    }
+
     /// Moves the position past an event: after its last record, then after its
     /// continuation sequence number (past any gap), except while still inside the
     /// aggregate the reader started in.
@@ -337,6 +347,66 @@ impl FanOutReader {
         if !continuation.is_empty() && !matches!(self.position, Position::Within(..)) {
             self.position = Position::After(continuation.to_owned());
         }
+    }
+
+    /// Adds to `records` the events the subscription has already received (Kinesis pushes
+    /// small events on a busy shard, and more arrive while a batch waits for its slot), up
+    /// to `records_per_call` records: one batch and one checkpoint commit for them all, as
+    /// a GetRecords answer would be. Never waits. An event that ends the shard or needs
+    /// care is kept for the next call. Returns the last event's MillisBehindLatest.
+    fn gather(&mut self, records: &mut Vec<RawRecord>, mut millis: Option<i64>) -> Option<i64> {
+        let closed = self.source.is_closed(&self.shard_id);
+        while records.len() < self.source.records_per_call.max(1) as usize {
+            let Some(subscription) = self.subscription.as_mut() else {
+                break;
+            };
+            // Only what is already here: polled once. Receiving is cancel-safe (a message
+            // not complete yet stays in the receiver's buffer).
+            let received = {
+                let mut receiving = std::pin::pin!(subscription.events.recv());
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                match std::future::Future::poll(receiving.as_mut(), &mut cx) {
+                    std::task::Poll::Ready(received) => received,
+                    std::task::Poll::Pending => break,
+                }
+            };
+            let event = match received {
+                Ok(Some(SubscribeToShardEventStream::SubscribeToShardEvent(event))) => event,
+                Ok(Some(_)) => continue,
+                // Ended or failed: the next call subscribes again from the position.
+                Ok(None) => {
+                    self.end_subscription("ended");
+                    break;
+                }
+                Err(e) => {
+                    let message = match e.as_service_error() {
+                        Some(service) => event_error_name(service),
+                        None => describe(&e),
+                    };
+                    self.source
+                        .set_fault(&self.shard_id, Some(format!("SubscribeToShard: {message}")));
+                    self.end_subscription("error");
+                    break;
+                }
+            };
+            let kind = meaning(
+                &event.continuation_sequence_number,
+                event.child_shards.as_ref().is_some_and(|c| !c.is_empty()),
+                !event.records.is_empty(),
+                closed,
+            );
+            if kind != Meaning::Continue {
+                self.pending = Some(event);
+                break;
+            }
+            millis = Some(event.millis_behind_latest);
+            records.extend(event.records.into_iter().map(raw_record));
+            self.advance(
+                records.last().map(|r| &*r.sequence_number),
+                &event.continuation_sequence_number,
+            );
+        }
+        millis
     }
 
     pub(crate) async fn next(&mut self, shutdown: &Shutdown) -> Result<Step, SourceError> {
@@ -360,8 +430,7 @@ impl FanOutReader {
                 .as_ref()
                 .is_some_and(|s| s.since.elapsed() >= renew)
             {
-                self.subscription = None;
-                self.reason = "renewal";
+                self.end_subscription("renewal");
             }
             if self.subscription.is_none() {
                 let request = self
@@ -396,9 +465,14 @@ impl FanOutReader {
             }
             let subscription = self.subscription.as_mut().expect("subscribed above");
             let left = renew.saturating_sub(subscription.since.elapsed());
-            let received = tokio::select! {
-                received = tokio::time::timeout(left.min(SILENCE), subscription.events.recv()) => received,
-                _ = shutdown.triggered() => return Ok(Step::Stopped),
+            let received = match self.pending.take() {
+                Some(event) => Ok(Ok(Some(
+                    SubscribeToShardEventStream::SubscribeToShardEvent(event),
+                ))),
+                None => tokio::select! {
+                    received = tokio::time::timeout(left.min(SILENCE), subscription.events.recv()) => received,
+                    _ = shutdown.triggered() => return Ok(Step::Stopped),
+                },
             };
             let event = match received {
                 // Its time is up (renewed at the top), or the connection went silent.
@@ -412,8 +486,7 @@ impl FanOutReader {
                 }
                 // Kinesis ended it (its five minutes are up): go on from the position.
                 Ok(Ok(None)) => {
-                    self.subscription = None;
-                    self.reason = "ended";
+                    self.end_subscription("ended");
                     continue;
                 }
                 Ok(Ok(Some(SubscribeToShardEventStream::SubscribeToShardEvent(event)))) => event,
@@ -452,7 +525,7 @@ impl FanOutReader {
             let records: Vec<_> = event.records.into_iter().map(raw_record).collect();
             self.advance(records.last().map(|r| &*r.sequence_number), &continuation);
             if meaning == Meaning::PollTail {
-                self.subscription = None;
+                self.end_subscription("initial");
                 return Ok(Step::PollTail(self.position.clone()));
             }
             let shard_end = meaning == Meaning::ShardEnd;
@@ -463,6 +536,13 @@ impl FanOutReader {
                 permit = self.source.in_flight.clone().acquire_owned() => permit.expect("never closed"),
                 _ = shutdown.triggered() => return Ok(Step::Stopped),
             };
+            let mut records = records;
+            let mut millis_behind_latest = millis_behind_latest;
+            if meaning == Meaning::Continue {
+                millis_behind_latest = self
+                    .gather(&mut records, millis_behind_latest)
+                    .or(millis_behind_latest);
+            }
             return Ok(Step::Batch(Batch {
                 records,
                 millis_behind_latest,

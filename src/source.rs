@@ -232,7 +232,7 @@ pub struct KinesisSource {
     pub(crate) client: Client,
     pub(crate) stream: String,
     page_size: Option<i32>,
-    records_per_call: i32,
+    pub(crate) records_per_call: i32,
     /// Longest pause of an idle shard's reader (`[stream] idle_poll_interval_ms`).
     idle_poll_interval: Duration,
     /// Bounds the answers held at once over all shards (memory stays flat with the count).

@@ -11,7 +11,11 @@
 //! few hundred events and 4 shards.
 //!
 //! GetRecords answers are pre-built in memory, so what is measured is the SDK (HTTP client,
-//! JSON, base64) and the daemon, not the endpoint.
+//! JSON, base64) and the daemon, not the endpoint. Each replay and the latency run go once
+//! polling and once in fan-out mode (`[stream] read = "fan-out"`): the endpoint then also
+//! answers DescribeStreamConsumer and serves SubscribeToShard event streams from the same
+//! pre-built records (an event per pre-built batch, or per what became readable; a
+//! heartbeat a second on an idle shard), and the idle run adds a fan-out daemon.
 
 mod common;
 
@@ -39,6 +43,9 @@ const BATCH: usize = 2_500;
 /// Shard `s` numbers its records from `s * SEQUENCE_STRIDE`: increasing in a shard, unique
 /// in the stream.
 const SEQUENCE_STRIDE: u64 = 1_000_000_000_000;
+/// Pause between two events of an idle subscription (Kinesis sends one every few seconds;
+/// kinesis-mock every second).
+const HEARTBEAT: Duration = Duration::from_secs(1);
 /// MillisBehindLatest of a replayed answer that leaves records behind it.
 const BACKLOG_MILLIS: u128 = 60_000;
 const JSON_1_1: &str = "application/x-amz-json-1.1";
@@ -87,13 +94,45 @@ async fn main() {
     };
     print_machine(plan.shards);
     println!(
-        "   events  records requests   wall s   events/s  records/s CPU µs/event peak RSS MiB"
+        "mode       events  records requests   wall s   events/s  records/s CPU µs/event peak RSS MiB"
     );
     for &events in &plan.sizes {
-        throughput(events, plan.shards, plan.repeats).await.print();
+        for mode in [Mode::Polling, Mode::FanOut] {
+            throughput(events, plan.shards, plan.repeats, mode)
+                .await
+                .print(mode);
+        }
     }
-    latency(&plan).await;
+    for mode in [Mode::Polling, Mode::FanOut] {
+        latency(&plan, mode).await;
+    }
     idle_polling(&plan).await;
+}
+
+/// How the daemon reads the replay endpoint (`[stream] read`).
+#[derive(Clone, Copy)]
+enum Mode {
+    Polling,
+    FanOut,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Polling => "polling",
+            Mode::FanOut => "fan-out",
+        }
+    }
+
+    /// The `[stream]` lines of the mode (polling: its poll interval, and no idle back-off
+    /// where `no_back_off`).
+    fn config(self, no_back_off: bool) -> &'static str {
+        match (self, no_back_off) {
+            (Mode::Polling, false) => "poll_interval_ms = 200",
+            (Mode::Polling, true) => "poll_interval_ms = 200\nidle_poll_interval_ms = 200",
+            (Mode::FanOut, _) => "read = \"fan-out\"",
+        }
+    }
 }
 
 fn print_machine(shards: usize) {
@@ -215,6 +254,49 @@ fn write_record(out: &mut Vec<u8>, sequence_number: &str, record: &RawRecord) {
     out.extend_from_slice(br#""}"#);
 }
 
+fn event_tail(millis_behind: u128, continuation: &str) -> String {
+    format!(
+        r#"],"ContinuationSequenceNumber":"{continuation}","MillisBehindLatest":{millis_behind}}}"#
+    )
+}
+
+/// One message of an event stream, framed as Kinesis frames it.
+fn event_message(event_type: &'static str, payload: Vec<u8>) -> Bytes {
+    use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
+    let message = Message::new(payload)
+        .add_header(Header::new(
+            ":message-type",
+            HeaderValue::String("event".into()),
+        ))
+        .add_header(Header::new(
+            ":event-type",
+            HeaderValue::String(event_type.into()),
+        ))
+        .add_header(Header::new(
+            ":content-type",
+            HeaderValue::String("application/json".into()),
+        ));
+    let mut frame = Vec::new();
+    aws_smithy_eventstream::frame::write_message_to(&message, &mut frame).unwrap();
+    frame.into()
+}
+
+/// A response body fed message by message.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(hyper::body::Frame::data(c))))
+    }
+}
+
 fn answer_tail(millis_behind: u128, next_iterator: &str) -> String {
     format!(r#"],"MillisBehindLatest":{millis_behind},"NextShardIterator":"{next_iterator}"}}"#)
 }
@@ -223,8 +305,18 @@ fn shard_id(shard: usize) -> String {
     format!("shardId-{shard:012}")
 }
 
+/// Record `position` of `shard`. Numbers start at 1 in a shard, so that
+/// [`continuation`] can name the point before the first record.
 fn sequence_number(shard: usize, position: usize) -> String {
-    format!("{:056}", shard as u64 * SEQUENCE_STRIDE + position as u64)
+    format!(
+        "{:056}",
+        shard as u64 * SEQUENCE_STRIDE + position as u64 + 1
+    )
+}
+
+/// A SubscribeToShard continuation: after it, `next` is the record to read.
+fn continuation(shard: usize, next: usize) -> String {
+    format!("{:056}", shard as u64 * SEQUENCE_STRIDE + next as u64)
 }
 
 /// An iterator names the shard and the position of the next record to read.
@@ -260,6 +352,9 @@ struct Endpoint {
     epoch: OnceLock<Instant>,
     /// GetRecords calls answered.
     get_records_calls: AtomicU64,
+    /// SubscribeToShard calls answered, and the events sent on them.
+    subscriptions: AtomicU64,
+    subscription_events: AtomicU64,
 }
 
 impl Endpoint {
@@ -271,6 +366,8 @@ impl Endpoint {
             live: false,
             epoch: OnceLock::new(),
             get_records_calls: AtomicU64::new(0),
+            subscriptions: AtomicU64::new(0),
+            subscription_events: AtomicU64::new(0),
         }
     }
 
@@ -281,6 +378,8 @@ impl Endpoint {
             live: true,
             epoch: OnceLock::new(),
             get_records_calls: AtomicU64::new(0),
+            subscriptions: AtomicU64::new(0),
+            subscription_events: AtomicU64::new(0),
         }
     }
 
@@ -312,6 +411,7 @@ impl Endpoint {
             "DescribeStreamSummary" => Ok(self.describe_stream_summary()),
             "GetShardIterator" => self.get_shard_iterator(request),
             "GetRecords" => self.get_records(request),
+            "DescribeStreamConsumer" => Ok(self.describe_stream_consumer()),
             _ => Err(ApiError {
                 kind: "UnknownOperationException",
                 message: format!("{operation} is not served"),
@@ -366,18 +466,13 @@ impl Endpoint {
     }
 
     fn get_shard_iterator(&self, request: &Value) -> Result<Bytes, ApiError> {
-        let shard = field(request, "ShardId")?
-            .strip_prefix("shardId-")
-            .and_then(|n| n.parse::<usize>().ok())
-            .filter(|&s| s < self.shards.len())
-            .ok_or_else(|| ApiError {
-                kind: "ResourceNotFoundException",
-                message: "no such shard".into(),
-            })?;
+        let shard = self.shard_of(request)?;
         let position = match field(request, "ShardIteratorType")? {
             "TRIM_HORIZON" => 0,
             "AT_SEQUENCE_NUMBER" => self.position_of(shard, request)?,
-            "AFTER_SEQUENCE_NUMBER" => self.position_of(shard, request)? + 1,
+            "AFTER_SEQUENCE_NUMBER" => {
+                self.after(shard, field(request, "StartingSequenceNumber")?)?
+            }
             other => return Err(invalid(format!("ShardIteratorType {other} is not served"))),
         };
         Ok(json!({ "ShardIterator": iterator(shard, position) })
@@ -387,14 +482,117 @@ impl Endpoint {
 
     /// The position of the record `StartingSequenceNumber` names in `shard`.
     fn position_of(&self, shard: usize, request: &Value) -> Result<usize, ApiError> {
-        let number: u64 = field(request, "StartingSequenceNumber")?
+        let after = self.after(shard, field(request, "StartingSequenceNumber")?)?;
+        after
+            .checked_sub(1)
+            .filter(|&p| p < self.shards[shard].len())
+            .ok_or_else(|| invalid("StartingSequenceNumber is not a record of the shard"))
+    }
+
+    /// The position of the record after `number` (a record's, or a continuation).
+    fn after(&self, shard: usize, number: &str) -> Result<usize, ApiError> {
+        let number: u64 = number
             .parse()
-            .map_err(|_| invalid("StartingSequenceNumber is not a number"))?;
-        let position = (number % SEQUENCE_STRIDE) as usize;
-        if number / SEQUENCE_STRIDE != shard as u64 || position >= self.shards[shard].len() {
-            return Err(invalid("StartingSequenceNumber is not in the shard"));
+            .map_err(|_| invalid("the sequence number is not a number"))?;
+        let after = (number % SEQUENCE_STRIDE) as usize;
+        if number / SEQUENCE_STRIDE != shard as u64 || after > self.shards[shard].len() {
+            return Err(invalid("the sequence number is not in the shard"));
         }
-        Ok(position)
+        Ok(after)
+    }
+
+    fn shard_of(&self, request: &Value) -> Result<usize, ApiError> {
+        field(request, "ShardId")?
+            .strip_prefix("shardId-")
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|&s| s < self.shards.len())
+            .ok_or_else(|| ApiError {
+                kind: "ResourceNotFoundException",
+                message: "no such shard".into(),
+            })
+    }
+
+    /// The consumer, always ACTIVE (fan-out).
+    fn describe_stream_consumer(&self) -> Bytes {
+        json!({"ConsumerDescription": {
+            "ConsumerName": "gdpr-consumer",
+            "ConsumerARN": format!("arn:aws:kinesis:us-east-1:000000000000:stream/{STREAM}/consumer/gdpr-consumer:1767225600"),
+            "ConsumerStatus": "ACTIVE",
+            "ConsumerCreationTimestamp": 1_767_225_600.0,
+            "StreamARN": format!("arn:aws:kinesis:us-east-1:000000000000:stream/{STREAM}"),
+        }})
+        .to_string()
+        .into()
+    }
+
+    /// SubscribeToShard: an event stream of the shard's records from the starting
+    /// position, each event up to the end of a pre-built batch (as a GetRecords answer
+    /// would be), a heartbeat (no records) every [`HEARTBEAT`] while nothing is readable.
+    /// The next event is built only when the daemon has taken the last one (HTTP flow
+    /// control), as Kinesis pushes.
+    fn subscribe(self: Arc<Self>, request: &Value) -> Result<Response, ApiError> {
+        let shard = self.shard_of(request)?;
+        let start = &request["StartingPosition"];
+        let mut next = match field(start, "Type")? {
+            "TRIM_HORIZON" => 0,
+            "AT_SEQUENCE_NUMBER" => self.position_of(
+                shard,
+                &json!({"StartingSequenceNumber": field(start, "SequenceNumber")?}),
+            )?,
+            "AFTER_SEQUENCE_NUMBER" => self.after(shard, field(start, "SequenceNumber")?)?,
+            other => return Err(invalid(format!("StartingPosition {other} is not served"))),
+        };
+        self.subscriptions.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(1);
+        tokio::spawn(async move {
+            if sender
+                .send(event_message("initial-response", b"{}".to_vec()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let mut last_event = Instant::now();
+            loop {
+                let readable = self.readable(&self.shards[shard]);
+                let payload = if next < readable {
+                    let batch = &self.shards[shard].batches[next / BATCH];
+                    let batch_start = next - next % BATCH;
+                    let end = readable.min(batch_start + batch.spans.len());
+                    let spans = &batch.spans[next - batch_start..end - batch_start];
+                    let mut payload = RECORDS_OPEN.to_vec();
+                    payload.extend_from_slice(
+                        &batch.answer[spans[0].start..spans[spans.len() - 1].end],
+                    );
+                    let millis_behind = self.millis_behind(&self.shards[shard], end, readable);
+                    next = end;
+                    payload.extend_from_slice(
+                        event_tail(millis_behind, &continuation(shard, next)).as_bytes(),
+                    );
+                    payload
+                } else if last_event.elapsed() >= HEARTBEAT {
+                    let mut payload = RECORDS_OPEN.to_vec();
+                    payload.extend_from_slice(event_tail(0, &continuation(shard, next)).as_bytes());
+                    payload
+                } else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                };
+                self.subscription_events.fetch_add(1, Ordering::Relaxed);
+                if sender
+                    .send(event_message("SubscribeToShardEvent", payload))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                last_event = Instant::now();
+            }
+        });
+        Ok(Response::builder()
+            .header(CONTENT_TYPE, "application/vnd.amazon.eventstream")
+            .body(axum::body::Body::new(ChannelBody(receiver)))
+            .unwrap())
     }
 
     /// From the iterator's position to the end of its batch, the `Limit` or the last record
@@ -484,11 +682,16 @@ async fn kinesis(
         .and_then(|v| v.to_str().ok())
         .and_then(|t| t.strip_prefix("Kinesis_20131202."))
         .unwrap_or("");
-    let answer = serde_json::from_slice(&body)
-        .map_err(|e| invalid(format!("body is not JSON: {e}")))
-        .and_then(|request| endpoint.call(operation, &request));
+    let request: Result<Value, ApiError> =
+        serde_json::from_slice(&body).map_err(|e| invalid(format!("body is not JSON: {e}")));
+    let answer = match operation {
+        "SubscribeToShard" => request.and_then(|r| endpoint.subscribe(&r)),
+        _ => request
+            .and_then(|request| endpoint.call(operation, &request))
+            .map(|bytes| ([(CONTENT_TYPE, JSON_1_1)], bytes).into_response()),
+    };
     match answer {
-        Ok(bytes) => ([(CONTENT_TYPE, JSON_1_1)], bytes).into_response(),
+        Ok(response) => response,
         Err(e) => (
             StatusCode::BAD_REQUEST,
             [(CONTENT_TYPE, JSON_1_1)],
@@ -824,10 +1027,11 @@ struct Row {
 }
 
 impl Row {
-    fn print(&self) {
+    fn print(&self, mode: Mode) {
         let wall = self.usage.wall.as_secs_f64();
         println!(
-            "{:>9} {:>8} {:>8} {:>8.2} {:>10.0} {:>10.0} {:>12.1} {:>12.1}",
+            "{:<7} {:>9} {:>8} {:>8} {:>8.2} {:>10.0} {:>10.0} {:>12.1} {:>12.1}",
+            mode.name(),
             self.events,
             self.records,
             self.requests,
@@ -843,7 +1047,7 @@ impl Row {
 /// Replays `events` events over `shards` shards to a daemon, from its start until every
 /// shard is checkpointed at its last record; `repeats` times, each with a fresh daemon and
 /// state. The fastest run is the one reported.
-async fn throughput(events: usize, shards: usize, repeats: usize) -> Row {
+async fn throughput(events: usize, shards: usize, repeats: usize, mode: Mode) -> Row {
     let stream = common::stream(SEED, events, 0);
     let (records, events, requests) = (stream.records.len(), stream.events, stream.requests);
     let endpoint = Arc::new(Endpoint::replay(stream.records, shards));
@@ -853,7 +1057,7 @@ async fn throughput(events: usize, shards: usize, repeats: usize) -> Row {
     for _ in 0..repeats {
         let calls = Calls::default();
         let backend = Server::start(calls.router()).await;
-        let daemon = Daemon::start(&kinesis.url, &backend.url, "poll_interval_ms = 200");
+        let daemon = Daemon::start(&kinesis.url, &backend.url, mode.config(false));
         let usage = daemon.complete(&last, records).await;
         calls.check(&requests);
         if best.as_ref().is_none_or(|b| usage.wall < b.wall) {
@@ -870,7 +1074,7 @@ async fn throughput(events: usize, shards: usize, repeats: usize) -> Row {
 
 /// Releases events live at a steady rate once every shard is being polled, and measures
 /// each deletion request from its record becoming readable to its backend call.
-async fn latency(plan: &Plan) {
+async fn latency(plan: &Plan, mode: Mode) {
     let rate = plan.live_events_per_second;
     let stream = common::stream(SEED + 1, (rate * plan.live_seconds) as usize, 0);
     let duration = Duration::from_secs_f64(stream.events as f64 / rate);
@@ -884,11 +1088,7 @@ async fn latency(plan: &Plan) {
 
     // No idle back-off: events are released once every shard is polled, and the figure is
     // the poll interval's.
-    let mut daemon = Daemon::start(
-        &kinesis.url,
-        &backend.url,
-        "poll_interval_ms = 200\nidle_poll_interval_ms = 200",
-    );
+    let mut daemon = Daemon::start(&kinesis.url, &backend.url, mode.config(true));
     daemon.wait_until_polling(&last).await;
     let epoch = Instant::now();
     endpoint.epoch.set(epoch).unwrap();
@@ -900,10 +1100,15 @@ async fn latency(plan: &Plan) {
         .collect();
     latencies.sort();
     println!(
-        "latency, readable -> backend ({rate} events/s released over {} shards for {:.1} s, \
-         poll 200 ms): {} requests, p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        "latency, {}, readable -> backend ({rate} events/s released over {} shards for {:.1} s{}): \
+         {} requests, p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        mode.name(),
         plan.shards,
         duration.as_secs_f64(),
+        match mode {
+            Mode::Polling => ", poll 200 ms",
+            Mode::FanOut => ", events pushed as records become readable",
+        },
         latencies.len(),
         percentile_ms(&latencies, 0.5),
         percentile_ms(&latencies, 0.99),
@@ -959,7 +1164,11 @@ fn gunzipped(data: &[u8]) -> std::borrow::Cow<'_, [u8]> {
 /// (the SDK's work, the HTTP exchange and the daemon's handling of an empty answer),
 /// measured once the back-off has settled.
 async fn idle_polling(plan: &Plan) {
-    let runs: [(&str, &str); 2] = match plan.shards {
+    let fan_out = (
+        "fan-out, a heartbeat event a second per shard",
+        "read = \"fan-out\"",
+    );
+    let runs: [(&str, &str); 3] = match plan.shards {
         // Smoke pass: short intervals, to run in a few seconds.
         4 => [
             (
@@ -970,10 +1179,12 @@ async fn idle_polling(plan: &Plan) {
                 "poll 200 ms, back-off to 400 ms",
                 "poll_interval_ms = 200\nidle_poll_interval_ms = 400",
             ),
+            fan_out,
         ],
         _ => [
             ("poll 1000 ms, no back-off", "idle_poll_interval_ms = 1000"),
             ("defaults: poll 1000 ms, back-off to 5000 ms", ""),
+            fan_out,
         ],
     };
     for (name, polling) in runs {
@@ -989,23 +1200,22 @@ async fn idle_polling(plan: &Plan) {
         daemon.wait_until_polling(&last).await;
         // Each shard's pause doubles after each empty answer: 1 + 2 + 4 s to reach 5 s.
         tokio::time::sleep(plan.idle_settle).await;
-        let (before, polls_before) = (
-            daemon.usage(),
-            endpoint.get_records_calls.load(Ordering::Relaxed),
-        );
+        // A GetRecords call, or a subscription's event.
+        let calls = || {
+            endpoint.get_records_calls.load(Ordering::Relaxed)
+                + endpoint.subscription_events.load(Ordering::Relaxed)
+        };
+        let (before, polls_before) = (daemon.usage(), calls());
         tokio::time::sleep(plan.idle_measure).await;
-        let (after, polls) = (
-            daemon.usage(),
-            endpoint.get_records_calls.load(Ordering::Relaxed),
-        );
+        let (after, polls) = (daemon.usage(), calls());
         daemon.stop().await;
         let polls = polls - polls_before;
-        assert!(polls > 0, "the daemon polled its shards");
+        assert!(polls > 0, "the daemon read its shards");
         let seconds = (after.wall - before.wall).as_secs_f64();
         let cpu_micros = (after.cpu - before.cpu).as_secs_f64() * 1e6;
         println!(
-            "idle, {} shards, {name}: {polls} GetRecords calls in {seconds:.1} s, \
-             {:.0} µs of CPU per idle shard-second, {:.0} µs per call",
+            "idle, {} shards, {name}: {polls} GetRecords calls or events in {seconds:.1} s, \
+             {:.0} µs of CPU per idle shard-second, {:.0} µs per call or event",
             plan.shards,
             cpu_micros / (plan.shards as f64 * seconds),
             cpu_micros / polls as f64,

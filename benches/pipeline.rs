@@ -358,6 +358,7 @@ fn shard_batches(records: &[RawRecord], batch: usize) -> Vec<Vec<Batch>> {
                     millis_behind_latest: Some(1_000),
                     shard_end: false,
                     in_flight: None,
+                    ..Default::default()
                 })
                 .collect()
         })

@@ -97,6 +97,26 @@ enum Command {
     /// The audit trail: one entry per decision outcome.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The enhanced fan-out consumer (`[stream] consumer_name`) that fan-out mode registers.
+    #[command(subcommand)]
+    Consumer(ConsumerCommand),
+}
+
+#[derive(Subcommand)]
+enum ConsumerCommand {
+    /// Remove the consumer from the stream (the daemon never does). A daemon still reading
+    /// in fan-out mode loses its subscriptions: stop it first, or switch it to polling.
+    Deregister(ConsumerArgs),
+}
+
+#[derive(Args)]
+struct ConsumerArgs {
+    /// Config file whose [stream] names the stream and the consumer.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Kinesis stream name (overrides [stream] name).
+    #[arg(long)]
+    stream: Option<String>,
 }
 
 #[derive(Args)]
@@ -514,6 +534,7 @@ pub fn main() -> ExitCode {
         Command::Rules(RulesCommand::Explain(args)) => rules_explain(args),
         Command::Preview(args) => preview(args),
         Command::Capture(args) => capture(args),
+        Command::Consumer(ConsumerCommand::Deregister(args)) => consumer_deregister(args),
         command => state_command(command),
     };
     match result {
@@ -867,6 +888,31 @@ fn read_stream<W: std::io::Write + Send + 'static>(
             code: e.exit_code(),
             error: e.into(),
         })
+}
+
+/// Removes the fan-out consumer: exit 1 when the stream has none of that name.
+fn consumer_deregister(args: ConsumerArgs) -> Result<u8, Failure> {
+    let stream = config::stream_settings(args.config.as_deref(), args.stream, None)
+        .map_err(Failure::usage)?;
+    let runtime = tokio::runtime::Runtime::new().map_err(Failure::runtime)?;
+    let removed = runtime.block_on(async {
+        let source = crate::source::KinesisSource::connect(&stream).await;
+        source.deregister_consumer().await
+    });
+    match removed.map_err(Failure::runtime)? {
+        true => {
+            println!(
+                "consumer {} deregistered from stream {}",
+                stream.consumer_name, stream.name
+            );
+            Ok(0)
+        }
+        false => Err(Failure::runtime(anyhow::anyhow!(
+            "stream {} has no consumer named {}: nothing to deregister",
+            stream.name,
+            stream.consumer_name
+        ))),
+    }
 }
 
 fn capture(args: CaptureArgs) -> Result<u8, Failure> {

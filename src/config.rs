@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::actions::{
     check_header, is_backend_fault, ActionSpec, BodyTemplate, Secret, Signing, UrlTemplate,
 };
-pub use crate::source::{StartPosition, StreamSettings};
+pub use crate::source::{ReadMode, StartPosition, StreamSettings};
 
 const DEFAULT_STATE_PATH: &str = "gdpr-consumer.redb";
 
@@ -93,6 +93,12 @@ pub struct StreamSection {
     pub batches_in_flight: Option<usize>,
     /// Time limit of one Kinesis call (an endpoint that accepts and never answers).
     pub call_timeout_ms: Option<u64>,
+    /// How shards are read: `polling` (GetRecords) or `fan-out` (SubscribeToShard).
+    pub read: Option<String>,
+    /// The enhanced fan-out consumer registered on the stream (fan-out mode).
+    pub consumer_name: Option<String>,
+    /// A subscription is renewed after this long (Kinesis ends it after five minutes).
+    pub subscription_renew_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -569,6 +575,40 @@ fn resolve_stream(
             }
             ms => Duration::from_millis(ms),
         },
+        read: match section.read.as_deref() {
+            None | Some("polling") => ReadMode::Polling,
+            Some("fan-out") => ReadMode::FanOut,
+            Some(other) => {
+                return Err(ConfigError::Invalid(format!(
+                    "[stream] read = {other:?}: expected \"polling\" or \"fan-out\""
+                )))
+            }
+        },
+        consumer_name: match section.consumer_name {
+            None => "gdpr-consumer".to_owned(),
+            // Kinesis's own rule for a consumer name.
+            Some(name)
+                if (1..=128).contains(&name.len())
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) =>
+            {
+                name
+            }
+            Some(name) => {
+                return Err(ConfigError::Invalid(format!(
+                    "[stream] consumer_name = {name:?}: 1 to 128 letters, digits, '_', '.' or '-'"
+                )))
+            }
+        },
+        subscription_renew: match section.subscription_renew_ms.unwrap_or(290_000) {
+            ms if !(1_000..=300_000).contains(&ms) => {
+                return Err(ConfigError::Invalid(format!(
+                    "[stream] subscription_renew_ms = {ms} is not between 1000 and 300000 (Kinesis ends a subscription after five minutes)"
+                )))
+            }
+            ms => Duration::from_millis(ms),
+        },
     })
 }
 
@@ -757,6 +797,15 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
                 "batches_in_flight = 0",
                 "batches_in_flight must be at least 1",
             ),
+            ("read = \"push\"", "[stream] read = \"push\": expected"),
+            (
+                "consumer_name = \"a b\"",
+                "[stream] consumer_name = \"a b\"",
+            ),
+            (
+                "subscription_renew_ms = 300001",
+                "[stream] subscription_renew_ms = 300001 is not between",
+            ),
         ] {
             let config =
                 format!("[stream]\nname = \"s\"\n{line}\n[actions.a]\nurl = \"https://h/x\"\n");
@@ -932,6 +981,9 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
         let s = Settings::resolve(Some(&path), Overrides::default()).unwrap();
         assert_eq!(s.stream.poll_interval, Duration::from_millis(200));
         assert_eq!(s.stream.idle_poll_interval, Duration::from_millis(5_000));
+        assert_eq!(s.stream.read, ReadMode::Polling);
+        assert_eq!(s.stream.consumer_name, "gdpr-consumer");
+        assert_eq!(s.stream.subscription_renew, Duration::from_millis(290_000));
         // A poll interval above the idle default raises the default with it.
         let (_d8, slow) = write(
             "[stream]\nname = \"s\"\npoll_interval_ms = 8000\n[actions.a]\nurl = \"https://h/x\"\n",
@@ -964,6 +1016,9 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
                 records_per_call: Some(1),
                 batches_in_flight: Some(1),
                 call_timeout_ms: Some(1000),
+                read: Some("fan-out".into()),
+                consumer_name: Some("c".into()),
+                subscription_renew_ms: Some(1000),
             },
             state: StateSection {
                 path: Some("p".into()),

@@ -21,7 +21,7 @@ use crate::preview::{Done, Ledger, OutputFormat, Preview};
 use crate::rules::reload::{self, load_tested, LoadFailure, Rules, Sendable};
 use crate::rules::Decision;
 use crate::shutdown::Shutdown;
-use crate::source::{Checkpoint, KinesisSource, Position, ShardReader};
+use crate::source::{Checkpoint, KinesisSource, Position, ReadMode, ShardReader};
 use crate::state::{Access, DeadLetterReason, State, StateError, DEAD_LETTER_PAGE};
 use crate::supervisor::{self, ShardExit, ShardWork, SupervisorError};
 use crate::telemetry::{self, Served, Telemetry};
@@ -128,6 +128,11 @@ pub async fn run(
         action_names,
         sendable,
     ));
+    // A preview never takes the fan-out consumer's subscriptions from the daemon.
+    let mut settings = settings;
+    if dry_run.is_some() {
+        settings.stream.read = ReadMode::Polling;
+    }
     let source = connect(&settings.stream, &telemetry).await;
     let mut listener = None;
     let mut served = None;
@@ -505,6 +510,11 @@ pub async fn capture<W: std::io::Write + Send + 'static>(
     limit: Option<u64>,
 ) -> Result<W, RunError> {
     let telemetry = Arc::new(Telemetry::new());
+    // A capture never takes the fan-out consumer's subscriptions from the daemon.
+    let stream = &StreamSettings {
+        read: ReadMode::Polling,
+        ..stream.clone()
+    };
     let source = connect(stream, &telemetry).await;
     let shutdown = Shutdown::new();
     spawn_signal_handler(shutdown.clone());

@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod decode;
 pub mod dedup;
 pub mod diff;
+pub mod fanout;
 pub mod keys;
 pub mod pipeline;
 pub mod preview;

@@ -321,7 +321,10 @@ impl Pipeline {
             .shard_lag(shard_id, batch.millis_behind_latest);
         let bytes = batch.records.iter().map(|r| r.data.len()).sum();
         self.telemetry
-            .records_read(shard_id, batch.records.len(), bytes);
+            .records_read(shard_id, batch.records.len(), bytes, batch.read_mode);
+        for reason in &batch.subscribed {
+            self.telemetry.subscription_started(shard_id, reason);
+        }
         let pending = &mut progress.pending;
         'records: for raw in batch.records {
             let sequence_number = raw.sequence_number.clone();
@@ -1422,6 +1425,7 @@ mod tests {
             millis_behind_latest: Some(0),
             shard_end: false,
             in_flight: None,
+            ..Default::default()
         }
     }
 

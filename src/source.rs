@@ -18,7 +18,7 @@ use crate::shutdown::Shutdown;
 
 /// Kinesis allows 5 GetRecords calls per second per shard.
 const MIN_CALL_INTERVAL: Duration = Duration::from_millis(200);
-const MAX_FAULT_BACKOFF: Duration = Duration::from_secs(10);
+pub(crate) const MAX_FAULT_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Errors of the source stage, naming the stream or shard.
 /// Where a shard with no checkpoint starts reading.
@@ -70,6 +70,30 @@ pub struct StreamSettings {
     pub batches_in_flight: usize,
     /// Time limit of one Kinesis call attempt (three attempts at most per call).
     pub call_timeout: Duration,
+    pub read: ReadMode,
+    /// The enhanced fan-out consumer (fan-out mode): registered when missing, never removed
+    /// by the daemon.
+    pub consumer_name: String,
+    /// A subscription is renewed after this long (Kinesis ends one after five minutes).
+    pub subscription_renew: Duration,
+}
+
+/// How shards are read (`[stream] read`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMode {
+    /// GetRecords, sharing each shard's 5 calls and 2 MB a second with every consumer.
+    Polling,
+    /// SubscribeToShard: a registered consumer's own 2 MB a second per shard, pushed.
+    FanOut,
+}
+
+impl ReadMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadMode::Polling => "polling",
+            ReadMode::FanOut => "fan-out",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +110,18 @@ pub enum SourceError {
     },
     #[error("stream {stream}, shard {shard_id}: GetRecords failed: {message}")]
     GetRecords {
+        stream: String,
+        shard_id: String,
+        message: String,
+    },
+    #[error("stream {stream}, consumer {consumer}: {message}")]
+    Consumer {
+        stream: String,
+        consumer: String,
+        message: String,
+    },
+    #[error("stream {stream}, shard {shard_id}: SubscribeToShard failed: {message}")]
+    Subscribe {
         stream: String,
         shard_id: String,
         message: String,
@@ -184,24 +220,37 @@ pub struct Batch {
     /// One of the stream's `batches_in_flight`, given back when the batch is dropped
     /// (handled).
     pub in_flight: Option<OwnedSemaphorePermit>,
+    /// How it was read: a GetRecords answer, or a subscription's event.
+    pub read_mode: Option<ReadMode>,
+    /// Subscriptions started since the previous batch, by reason (fan-out): `initial`,
+    /// `renewal`, `ended`, `error`.
+    pub subscribed: Vec<&'static str>,
 }
 
 /// The Kinesis stream the daemon reads.
 pub struct KinesisSource {
-    client: Client,
-    stream: String,
+    pub(crate) client: Client,
+    pub(crate) stream: String,
     page_size: Option<i32>,
-    records_per_call: i32,
+    pub(crate) records_per_call: i32,
     /// Longest pause of an idle shard's reader (`[stream] idle_poll_interval_ms`).
     idle_poll_interval: Duration,
     /// Bounds the answers held at once over all shards (memory stays flat with the count).
-    in_flight: Arc<Semaphore>,
+    pub(crate) in_flight: Arc<Semaphore>,
     /// Calls failing now, by what failed (`ListShards`, or a shard id): what `/readyz`
     /// reports while the reader retries them.
     faults: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
     /// Told of each call that failed and is retried (the daemon's telemetry logs and
     /// counts it).
     on_retry: Option<RetryHook>,
+    pub(crate) read: ReadMode,
+    pub(crate) consumer_name: String,
+    pub(crate) subscription_renew: Duration,
+    /// The registered consumer's ARN (fan-out), once [`KinesisSource::ensure_consumer`] ran.
+    pub(crate) consumer_arn: std::sync::OnceLock<String>,
+    /// Shards the last ListShards showed closed: a fan-out reader finishes such a shard
+    /// by polling where the subscription does not end it (see `fanout`).
+    closed: std::sync::Mutex<HashSet<String>>,
 }
 
 /// Called with what failed (`ListShards`, or a shard id) and why.
@@ -270,7 +319,22 @@ impl KinesisSource {
             in_flight: Arc::new(Semaphore::new(settings.batches_in_flight)),
             faults: Default::default(),
             on_retry: None,
+            read: settings.read,
+            consumer_name: settings.consumer_name.clone(),
+            subscription_renew: settings.subscription_renew,
+            consumer_arn: Default::default(),
+            closed: Default::default(),
         }
+    }
+
+    /// How shards are read.
+    pub fn read_mode(&self) -> ReadMode {
+        self.read
+    }
+
+    /// Whether the last shard list showed `shard_id` closed.
+    pub(crate) fn is_closed(&self, shard_id: &str) -> bool {
+        self.closed.lock().unwrap().contains(shard_id)
     }
 
     pub fn stream(&self) -> &str {
@@ -291,7 +355,7 @@ impl KinesisSource {
         }
     }
 
-    fn set_fault(&self, what: &str, fault: Option<String>) {
+    pub(crate) fn set_fault(&self, what: &str, fault: Option<String>) {
         let mut faults = self.faults.lock().unwrap();
         match fault {
             Some(message) => {
@@ -348,6 +412,11 @@ impl KinesisSource {
                 Some(token) if !token.is_empty() => next_token = Some(token.to_owned()),
                 _ => {
                     self.set_fault("ListShards", None);
+                    *self.closed.lock().unwrap() = shards
+                        .iter()
+                        .filter(|s| s.closed)
+                        .map(|s| s.id.clone())
+                        .collect();
                     return Ok(shards);
                 }
             }
@@ -411,14 +480,28 @@ impl KinesisSource {
     }
 }
 
+/// A record as the SDK gives it (GetRecords or an event), owned: payloads (up to 10 MiB
+/// each) move on without a copy.
+pub(crate) fn raw_record(r: aws_sdk_kinesis::types::Record) -> RawRecord {
+    RawRecord {
+        arrival_time_millis: r
+            .approximate_arrival_timestamp
+            .and_then(|t| t.to_millis().ok())
+            .unwrap_or(0),
+        sequence_number: r.sequence_number.into(),
+        partition_key: r.partition_key.unwrap_or_default(),
+        data: r.data.into_inner(),
+    }
+}
+
 /// Half to all of `delay`, so shards throttled together do not retry together.
-fn jitter(delay: Duration) -> Duration {
+pub(crate) fn jitter(delay: Duration) -> Duration {
     use rand::Rng;
     delay.mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
 }
 
 /// Renders an SDK error with its service code, without request details.
-fn describe<E, R>(e: &aws_sdk_kinesis::error::SdkError<E, R>) -> String
+pub(crate) fn describe<E, R>(e: &aws_sdk_kinesis::error::SdkError<E, R>) -> String
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
@@ -485,6 +568,9 @@ fn idle_pause(
 /// Reads one shard batch by batch, keeping its place so an expired iterator or a passing
 /// fault never skips or repeats a record.
 pub struct ShardReader {
+    /// In fan-out mode, the subscription; `None` in polling mode, or once a closed shard's
+    /// tail is polled (see `fanout`).
+    fan_out: Option<crate::fanout::FanOutReader>,
     source: Arc<KinesisSource>,
     shard_id: String,
     position: Position,
@@ -503,7 +589,11 @@ impl ShardReader {
         position: Position,
         poll_interval: Duration,
     ) -> Self {
+        let fan_out = (source.read == ReadMode::FanOut).then(|| {
+            crate::fanout::FanOutReader::new(source.clone(), shard_id.clone(), position.clone())
+        });
         Self {
+            fan_out,
             source,
             shard_id,
             position,
@@ -517,6 +607,23 @@ impl ShardReader {
     /// The next batch, or `Ok(None)` when shutdown came first. Passing faults are retried
     /// with backoff; only faults that retrying cannot mend are returned.
     pub async fn next(&mut self, shutdown: &Shutdown) -> Result<Option<Batch>, SourceError> {
+        if let Some(fan_out) = &mut self.fan_out {
+            match fan_out.next(shutdown).await? {
+                crate::fanout::Step::Batch(batch) => return Ok(Some(batch)),
+                crate::fanout::Step::Stopped => return Ok(None),
+                crate::fanout::Step::PollTail(position) => {
+                    tracing::info!(shard_id = %self.shard_id, %position, "shard closed and its subscription idle: reading its last records by polling");
+                    self.position = position;
+                    self.iterator = None;
+                    self.fan_out = None;
+                }
+            }
+        }
+        self.poll(shutdown).await
+    }
+
+    /// The next GetRecords answer.
+    async fn poll(&mut self, shutdown: &Shutdown) -> Result<Option<Batch>, SourceError> {
         let mut fault_backoff = Duration::from_millis(100);
         loop {
             let pause = self.idle_pause.unwrap_or(MIN_CALL_INTERVAL);
@@ -588,19 +695,7 @@ impl ShardReader {
                 self.source.set_fault(&self.shard_id, None);
             }
             // Owned: payloads (up to 10 MiB each) move on without a copy.
-            let records: Vec<RawRecord> = output
-                .records
-                .into_iter()
-                .map(|r| RawRecord {
-                    arrival_time_millis: r
-                        .approximate_arrival_timestamp
-                        .and_then(|t| t.to_millis().ok())
-                        .unwrap_or(0),
-                    sequence_number: r.sequence_number.into(),
-                    partition_key: r.partition_key.unwrap_or_default(),
-                    data: r.data.into_inner(),
-                })
-                .collect();
+            let records: Vec<RawRecord> = output.records.into_iter().map(raw_record).collect();
             if let Some(last) = records.last() {
                 self.position = Position::After(last.sequence_number.to_string());
             }
@@ -619,6 +714,8 @@ impl ShardReader {
                 millis_behind_latest: output.millis_behind_latest,
                 shard_end: self.iterator.is_none(),
                 in_flight: Some(permit),
+                read_mode: Some(ReadMode::Polling),
+                subscribed: Vec::new(),
             }));
         }
     }

@@ -15,8 +15,8 @@ use tokio::time::Instant;
 use crate::pipeline::PipelineError;
 use crate::shutdown::Shutdown;
 use crate::source::{
-    ready_shards, Checkpoint, KinesisSource, Position, ShardInfo, ShardReader, SourceError,
-    StreamSettings,
+    ready_shards, Checkpoint, KinesisSource, Position, ReadMode, ShardInfo, ShardReader,
+    SourceError, StreamSettings,
 };
 use crate::state::StateError;
 use crate::telemetry::{ShardView, Telemetry};
@@ -109,6 +109,12 @@ pub async fn supervise<W: ShardWork>(
         shards = shards.len(),
         "stream reachable"
     );
+    if source.read_mode() == ReadMode::FanOut {
+        // Every subscription needs the consumer: registered (when missing) before any.
+        if source.ensure_consumer(&shutdown).await?.is_none() {
+            return Ok(());
+        }
+    }
     let mut started: HashSet<String> = HashSet::new();
     let at_start: HashSet<String> = shards.iter().map(|s| s.id.clone()).collect();
     let mut workers: JoinSet<(String, Result<ShardExit, PipelineError>)> = JoinSet::new();
@@ -154,9 +160,13 @@ pub async fn supervise<W: ShardWork>(
             }
             None => ready,
         };
-        telemetry.set_shards(shard_views(&shards, &started, &ready, |id| {
-            work.checkpoint(id).ok().flatten()
-        }));
+        telemetry.set_shards(shard_views(
+            &shards,
+            &started,
+            &ready,
+            |id| work.checkpoint(id).ok().flatten(),
+            source.read_mode(),
+        ));
         for (shard, position) in ready {
             tracing::info!(shard_id = %shard.id, %position, "starting shard");
             started.insert(shard.id.clone());
@@ -254,6 +264,7 @@ fn shard_views(
     started: &HashSet<String>,
     starting: &[(ShardInfo, Position)],
     checkpoint: impl Fn(&str) -> Option<Checkpoint>,
+    mode: ReadMode,
 ) -> Vec<ShardView> {
     shards
         .iter()
@@ -274,6 +285,7 @@ fn shard_views(
                 state,
                 checkpoint: own.and_then(|c| c.sequence_number),
                 millis_behind_latest: None,
+                read_mode: mode.as_str(),
                 last_error: None,
             }
         })

@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::clock::now_ms;
 use crate::rules::reload::Rules;
 use crate::shutdown::Shutdown;
-use crate::source::KinesisSource;
+use crate::source::{KinesisSource, ReadMode};
 use crate::state::State;
 
 /// An error and its causes, each once: `outer: cause: root cause`.
@@ -90,6 +90,8 @@ pub struct ShardView {
     pub state: &'static str,
     pub checkpoint: Option<String>,
     pub millis_behind_latest: Option<i64>,
+    /// `polling` or `fan-out`.
+    pub read_mode: &'static str,
     /// Why its worker last failed, while it waits to be restarted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -99,6 +101,8 @@ pub struct Telemetry {
     registry: Registry,
     records_read: Family<Labels, Counter>,
     get_records_calls: Family<Labels, Counter>,
+    subscription_events: Family<Labels, Counter>,
+    subscriptions_started: Family<Labels, Counter>,
     bytes_read: Family<Labels, Counter>,
     rule_records: Family<Labels, Counter>,
     rule_matches: Family<Labels, Counter>,
@@ -138,6 +142,9 @@ pub struct Telemetry {
     started: Instant,
 }
 
+/// Why a fan-out subscription started (`subscriptions_started_total{reason}`).
+pub const SUBSCRIPTION_REASONS: [&str; 4] = ["initial", "renewal", "ended", "error"];
+
 fn label(name: &'static str, value: &str) -> Labels {
     vec![(name, value.to_owned())]
 }
@@ -155,6 +162,8 @@ impl Telemetry {
             registry: Registry::with_prefix("gdpr_consumer"),
             records_read: Family::default(),
             get_records_calls: Family::default(),
+            subscription_events: Family::default(),
+            subscriptions_started: Family::default(),
             bytes_read: Family::default(),
             rule_records: Family::default(),
             rule_matches: Family::default(),
@@ -189,6 +198,12 @@ impl Telemetry {
             started: Instant::now(),
         };
         // Counted from zero, so an alert on their rate works from the first one.
+        for reason in SUBSCRIPTION_REASONS {
+            drop(
+                t.subscriptions_started
+                    .get_or_create(&label("reason", reason)),
+            );
+        }
         for reason in crate::decode::Unreadable::ALL {
             drop(
                 t.undecodable_records
@@ -198,7 +213,7 @@ impl Telemetry {
         let r = &mut t.registry;
         r.register(
             "records_read",
-            "Records read, per shard",
+            "Records read, per shard and read mode (polling or fan-out)",
             t.records_read.clone(),
         );
         r.register(
@@ -210,6 +225,16 @@ impl Telemetry {
             "get_records_calls",
             "GetRecords answers, per shard (an idle shard's polls back off to idle_poll_interval_ms)",
             t.get_records_calls.clone(),
+        );
+        r.register(
+            "subscription_events",
+            "SubscribeToShard events received, per shard (fan-out; heartbeats included)",
+            t.subscription_events.clone(),
+        );
+        r.register(
+            "subscriptions_started",
+            "SubscribeToShard subscriptions started, by reason (initial, renewal, ended, error)",
+            t.subscriptions_started.clone(),
         );
         r.register(
             "rule_records",
@@ -298,7 +323,7 @@ impl Telemetry {
         );
         r.register(
             "kinesis_retries",
-            "Kinesis calls that failed and were retried (ListShards, GetShardIterator, GetRecords)",
+            "Kinesis calls that failed and were retried (ListShards, GetShardIterator, GetRecords, SubscribeToShard)",
             t.kinesis_retries.clone(),
         );
         r.register(
@@ -336,13 +361,41 @@ impl Telemetry {
 
     /// A batch of `records` records, `bytes` bytes of payload, read from a shard: one
     /// GetRecords answer (counted, to show what idle shards cost).
-    pub fn records_read(&self, shard_id: &str, records: usize, bytes: usize) {
+    pub fn records_read(
+        &self,
+        shard_id: &str,
+        records: usize,
+        bytes: usize,
+        mode: Option<ReadMode>,
+    ) {
         let shard = label("shard_id", shard_id);
-        self.get_records_calls.get_or_create(&shard).inc();
+        let mode = mode.unwrap_or(ReadMode::Polling);
+        match mode {
+            ReadMode::Polling => self.get_records_calls.get_or_create(&shard).inc(),
+            ReadMode::FanOut => self.subscription_events.get_or_create(&shard).inc(),
+        };
+        let labels = vec![
+            ("shard_id", shard_id.to_owned()),
+            ("read_mode", mode.as_str().to_owned()),
+        ];
         self.records_read
-            .get_or_create(&shard)
+            .get_or_create(&labels)
             .inc_by(records as u64);
         self.bytes_read.get_or_create(&shard).inc_by(bytes as u64);
+    }
+
+    /// A shard's subscription started (`reason`: `initial`, `renewal` before Kinesis ends
+    /// it, `ended` by Kinesis, `error` after a fault or a dropped connection).
+    pub fn subscription_started(&self, shard_id: &str, reason: &'static str) {
+        self.subscriptions_started
+            .get_or_create(&label("reason", reason))
+            .inc();
+        tracing::debug!(
+            event = "subscription_started",
+            shard_id,
+            reason,
+            "subscribed to the shard"
+        );
     }
 
     /// A rule saw `seen` records and decided on `matched` of them.
@@ -668,11 +721,12 @@ impl Telemetry {
             .collect();
         shards.clear();
         for mut view in views {
-            // Counted from zero, so a rate over the first restart works.
-            drop(
-                self.shard_restarts
-                    .get_or_create(&label("shard_id", &view.shard_id)),
-            );
+            // Counted from zero, so a rate over the first restart works (and the reads
+            // of either mode show 0 in the other).
+            let shard = label("shard_id", &view.shard_id);
+            drop(self.shard_restarts.get_or_create(&shard));
+            drop(self.get_records_calls.get_or_create(&shard));
+            drop(self.subscription_events.get_or_create(&shard));
             view.millis_behind_latest = lags.get(&view.shard_id).copied().flatten();
             shards.insert(view.shard_id.clone(), view);
         }

@@ -989,6 +989,52 @@ async fn every_documented_exit_code_is_the_real_one() {
         ws.run(&["checkpoints", "reset", "--config", &config, "--all"]),
     );
 
+    // consumer deregister, on kinesis-mock (kinesalite has no fan-out consumers).
+    let mock = KinesisMock::start();
+    let mock_client = mock.client();
+    create_stream(&mock_client, "events", 1).await;
+    let efo = Workspace::new(&mock.endpoint, "events", &backend.url);
+    let efo_config = efo.config().to_str().unwrap().to_owned();
+    let deregister = || efo.run(&["consumer", "deregister", "--config", &efo_config]);
+    check("consumer deregister", 1, deregister());
+    let arn = mock_client
+        .describe_stream_summary()
+        .stream_name("events")
+        .send()
+        .await
+        .unwrap()
+        .stream_description_summary()
+        .unwrap()
+        .stream_arn()
+        .to_owned();
+    mock_client
+        .register_stream_consumer()
+        .stream_arn(&arn)
+        .consumer_name("gdpr-consumer")
+        .send()
+        .await
+        .unwrap();
+    // Refused (exit 1) while the consumer is still being created.
+    let mut removed = deregister();
+    for _ in 0..40 {
+        if removed.0 == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        removed = deregister();
+    }
+    assert!(
+        removed.1.contains("consumer gdpr-consumer deregistered"),
+        "{removed:?}"
+    );
+    check("consumer deregister", 0, removed);
+    let bad = ws.path("bad.toml");
+    check(
+        "consumer deregister",
+        2,
+        efo.run(&["consumer", "deregister", "--config", bad.to_str().unwrap()]),
+    );
+
     let untested: Vec<&(String, i32)> = documented
         .iter()
         .filter(|row| !seen.contains(row))

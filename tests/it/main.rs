@@ -9,6 +9,7 @@ mod damage;
 mod decode;
 mod docs;
 mod dry_run;
+mod fanout;
 mod faults;
 mod idle;
 mod live;

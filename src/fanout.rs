@@ -44,6 +44,9 @@ const SILENCE: Duration = Duration::from_secs(30);
 /// Pause between DescribeStreamConsumer calls while the consumer is being created.
 const CONSUMER_POLL: Duration = Duration::from_millis(250);
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+/// After the daemon renews a subscription, Kinesis may count the old one as open for a few
+/// seconds (ResourceInUse): expected then, not a fault.
+const RENEWAL_GRACE: Duration = Duration::from_secs(15);
 
 impl KinesisSource {
     async fn stream_arn(&self) -> Result<String, SourceError> {
@@ -96,7 +99,8 @@ impl KinesisSource {
                             consumer = %self.consumer_name,
                             "enhanced fan-out consumer active"
                         );
-                        let _ = self.consumer_arn.set(consumer.consumer_arn().to_owned());
+                        *self.consumer_arn.write().unwrap() =
+                            Some(consumer.consumer_arn().to_owned());
                         return Ok(Some(()));
                     }
                     // CREATING, or DELETING (then registered again once gone).
@@ -252,6 +256,9 @@ struct Subscription {
         SubscribeToShardEventStreamError,
     >,
     since: Instant,
+    /// Whether an event came: only then is it counted as started (Kinesis may refuse it
+    /// inside the stream after the call succeeded).
+    counted: bool,
 }
 
 /// Reads one shard from its subscriptions, one event per batch.
@@ -268,6 +275,8 @@ pub(crate) struct FanOutReader {
     backoff: Duration,
     /// Subscriptions started since the last batch, by reason (counted by the pipeline).
     subscribed: Vec<&'static str>,
+    /// When the daemon last renewed the subscription itself.
+    renewed: Option<Instant>,
 }
 
 impl FanOutReader {
@@ -281,6 +290,7 @@ impl FanOutReader {
             reason: "initial",
             backoff: FIRST_BACKOFF,
             subscribed: Vec::new(),
+            renewed: None,
         }
     }
 
@@ -314,6 +324,16 @@ impl FanOutReader {
         message: String,
         shutdown: &Shutdown,
     ) -> Result<bool, SourceError> {
+        if self.reason == "renewal"
+            && message.contains("ResourceInUseException")
+            && self.renewed.is_some_and(|at| at.elapsed() < RENEWAL_GRACE)
+        {
+            // The subscription this daemon just dropped to renew it, still counted as open.
+            tracing::debug!(shard_id = %self.shard_id, "the renewed subscription is not free yet");
+            self.subscription = None;
+            self.pending = None;
+            return Ok(shutdown.sleep(jitter(FIRST_BACKOFF * 2)).await.is_ok());
+        }
         self.end_subscription("error");
         if let Fault::Fatal = fault {
             return Err(SourceError::Subscribe {
@@ -329,12 +349,27 @@ impl FanOutReader {
         Ok(shutdown.sleep(pause).await.is_ok())
     }
 
+    /// The consumer is gone (removed with `consumer deregister` or by hand while the daemon
+    /// runs): it is registered again, as at start, or the stream's own error is returned.
+    async fn register_again(
+        &mut self,
+        error: &str,
+        shutdown: &Shutdown,
+    ) -> Result<bool, SourceError> {
+        self.end_subscription("error");
+        tracing::warn!(shard_id = %self.shard_id, consumer = %self.source.consumer_name, error, "the enhanced fan-out consumer is gone: registering it again");
+        Ok(self.source.ensure_consumer(shutdown).await?.is_some())
+    }
+
     /// Drops the subscription (and an event it sent that is not handled yet: the next
     /// subscription sends it again from the position); the next one starts for `reason`.
     fn end_subscription(&mut self, reason: &'static str) {
         self.subscription = None;
         self.pending = None;
         self.reason = reason;
+        if reason == "renewal" {
+            self.renewed = Some(Instant::now());
+        }
     }
 
     /// Moves the position past an event: after its last record, then after its
@@ -410,16 +445,6 @@ impl FanOutReader {
     }
 
     pub(crate) async fn next(&mut self, shutdown: &Shutdown) -> Result<Step, SourceError> {
-        let arn =
-            self.source
-                .consumer_arn
-                .get()
-                .cloned()
-                .ok_or_else(|| SourceError::Subscribe {
-                    stream: self.source.stream.clone(),
-                    shard_id: self.shard_id.clone(),
-                    message: "no fan-out consumer registered".into(),
-                })?;
         loop {
             if shutdown.is_triggered() {
                 return Ok(Step::Stopped);
@@ -433,6 +458,17 @@ impl FanOutReader {
                 self.end_subscription("renewal");
             }
             if self.subscription.is_none() {
+                let arn = self
+                    .source
+                    .consumer_arn
+                    .read()
+                    .unwrap()
+                    .clone()
+                    .ok_or_else(|| SourceError::Subscribe {
+                        stream: self.source.stream.clone(),
+                        shard_id: self.shard_id.clone(),
+                        message: "no fan-out consumer registered".into(),
+                    })?;
                 let request = self
                     .source
                     .client
@@ -448,11 +484,19 @@ impl FanOutReader {
                 match sent {
                     Ok(output) => {
                         tracing::debug!(shard_id = %self.shard_id, position = %self.position, reason = self.reason, "subscribed");
-                        self.subscribed.push(self.reason);
                         self.subscription = Some(Subscription {
                             events: output.event_stream,
                             since: Instant::now(),
+                            counted: false,
                         });
+                    }
+                    // The consumer was removed behind the daemon's back: registered again
+                    // (as at start), then subscribed from the position.
+                    Err(e) if e.code() == Some("ResourceNotFoundException") => {
+                        if !self.register_again(&describe(&e), shutdown).await? {
+                            return Ok(Step::Stopped);
+                        }
+                        continue;
                     }
                     Err(e) => {
                         let fault = classify_code(e.code());
@@ -489,8 +533,30 @@ impl FanOutReader {
                     self.end_subscription("ended");
                     continue;
                 }
-                Ok(Ok(Some(SubscribeToShardEventStream::SubscribeToShardEvent(event)))) => event,
+                Ok(Ok(Some(SubscribeToShardEventStream::SubscribeToShardEvent(event)))) => {
+                    if let Some(subscription) = self.subscription.as_mut().filter(|s| !s.counted) {
+                        subscription.counted = true;
+                        self.subscribed.push(self.reason);
+                    }
+                    event
+                }
                 Ok(Ok(Some(_))) => continue,
+                Ok(Err(e))
+                    if matches!(
+                        e.as_service_error(),
+                        Some(SubscribeToShardEventStreamError::ResourceNotFoundException(
+                            _
+                        ))
+                    ) =>
+                {
+                    if !self
+                        .register_again("ResourceNotFoundException", shutdown)
+                        .await?
+                    {
+                        return Ok(Step::Stopped);
+                    }
+                    continue;
+                }
                 Ok(Err(e)) => {
                     let (fault, message) = match e.as_service_error() {
                         Some(service) => (classify_event_error(service), event_error_name(service)),

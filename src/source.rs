@@ -247,7 +247,8 @@ pub struct KinesisSource {
     pub(crate) consumer_name: String,
     pub(crate) subscription_renew: Duration,
     /// The registered consumer's ARN (fan-out), once [`KinesisSource::ensure_consumer`] ran.
-    pub(crate) consumer_arn: std::sync::OnceLock<String>,
+    /// Replaced when the consumer is registered again (removed behind the daemon's back).
+    pub(crate) consumer_arn: std::sync::RwLock<Option<String>>,
     /// Shards the last ListShards showed closed: a fan-out reader finishes such a shard
     /// by polling where the subscription does not end it (see `fanout`).
     closed: std::sync::Mutex<HashSet<String>>,

@@ -351,6 +351,56 @@ async fn renewed_subscriptions_lose_and_repeat_nothing() {
         "gdpr_consumer_subscriptions_started_total{reason=\"renewal\"}",
     );
     assert!(renewed >= 2.0, "renewals: {m:?}");
+    // A planned renewal is quiet: the old subscription still counted open for a moment is
+    // no fault, no retry, and no failed attempt counts as a subscription started.
+    assert_eq!(
+        metric(
+            &m,
+            "gdpr_consumer_subscriptions_started_total{reason=\"error\"}"
+        ),
+        0.0,
+        "{m:?}"
+    );
+    assert!(!log.contains("kinesis_retry"), "{log}");
+}
+
+/// The consumer removed while the daemon runs (by hand, or `consumer deregister`): it is
+/// registered again, as at start, and reading goes on; nothing is lost or repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_removed_while_running_is_registered_again() {
+    let kinesis = KinesisMock::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    fan_out(&ws);
+    ws.edit_config("[stream]\n", "[stream]\nsubscription_renew_ms = 1000\n");
+    let daemon = ws.start_daemon(&[]);
+    put(&client, "events", &requests(0, 5)).await;
+    wait_until(Duration::from_secs(30), "5", || backend.count() >= 5).await;
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        ws.run(&[
+            "consumer",
+            "deregister",
+            "--config",
+            ws.config().to_str().unwrap(),
+        ])
+    });
+    assert_eq!(code, 0, "{out}{err}");
+    // Found gone at the next subscription (kinesis-mock keeps open ones going).
+    wait_until(Duration::from_secs(30), "registered again", || {
+        daemon.stderr().contains("registering it again")
+    })
+    .await;
+    put(&client, "events", &requests(5, 10)).await;
+    wait_until(Duration::from_secs(60), "10", || backend.count() >= 10).await;
+    let log = daemon.stderr();
+    assert!(daemon.stop().success(), "{log}");
+    assert_each_once_in_key_order(&backend, 10);
+    assert!(
+        consumer_status(&client, "events").await.is_some(),
+        "the consumer is registered"
+    );
 }
 
 /// A subscription lives past the Kinesis call time limit (`call_timeout_ms` bounds the

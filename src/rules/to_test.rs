@@ -11,13 +11,14 @@
 //! records as `rules test` would, and refused when they part. The expectation is what the
 //! rule does on the case, so the case passes, or fails the way the record did.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use rand::{Rng, SeedableRng};
 use rhai::{ASTNode, Expr};
 use serde_json::{json, Value};
 
 use super::testing::{self, Outcome, SendCheck};
+use super::trace::Place;
 use super::{Decision, Rule, RuleError, RuleSet, Verdict};
 use crate::decode::{self, Record, RecordJson};
 
@@ -84,6 +85,132 @@ fn path(outcome: &Outcome) -> Path {
     }
 }
 
+/// What a case must keep of a record's run through a rule: how it ends, which statements
+/// and expressions ran (for each record the daemon decodes it into; `None` when the
+/// prefilter keeps it out), and the form of its decisions. Two outcomes of the same kind
+/// may still come by different branches: only the places run tell them apart.
+#[derive(Debug, PartialEq)]
+struct Run {
+    path: Path,
+    places: Vec<Option<BTreeSet<Place>>>,
+    decisions: Vec<Shape>,
+}
+
+/// A decision as far as its form goes: no value of the record in it.
+#[derive(Debug, PartialEq)]
+struct Shape {
+    action: String,
+    regulation: Option<String>,
+    /// Each param and what it is (`a string`, `a map`...).
+    params: BTreeMap<String, &'static str>,
+    /// Whether the configured actions can send it (always, without a config).
+    sendable: bool,
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let params: Vec<String> = self
+            .params
+            .iter()
+            .map(|(name, kind)| format!("{name} ({kind})"))
+            .collect();
+        write!(f, "{} with params [{}]", self.action, params.join(", "))?;
+        if let Some(regulation) = &self.regulation {
+            write!(f, " regulation {regulation}")?;
+        }
+        match self.sendable {
+            true => Ok(()),
+            false => f.write_str(" that cannot be sent"),
+        }
+    }
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "a map",
+    }
+}
+
+/// The outcome of rule `index` on `record` as `rules test` sees it, and its [`Run`].
+fn run(
+    set: &RuleSet,
+    index: usize,
+    record: &Record,
+    sendable: Option<SendCheck>,
+) -> (Outcome, Run) {
+    let outcome = testing::outcome(set, index, record);
+    let places = match (&outcome, super::decode_as_daemon(record)) {
+        (Outcome::Ran(_), Ok(records)) => records
+            .iter()
+            .map(|sub| {
+                set.statements_run(index, sub)
+                    .map(|places| places.into_iter().collect())
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let decisions = match &outcome {
+        Outcome::Ran(Verdict::Decided(decisions)) => decisions
+            .iter()
+            .map(|d| Shape {
+                action: d.action.clone(),
+                regulation: d.regulation.clone(),
+                params: d.params.iter().map(|(k, v)| (k.clone(), kind(v))).collect(),
+                sendable: sendable.is_none_or(|check| check(d).is_ok()),
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let run = Run {
+        path: path(&outcome),
+        places,
+        decisions,
+    };
+    (outcome, run)
+}
+
+/// How two runs part, as (the record's, the placeholders'), told without a value.
+fn parting(original: &Run, replaced: &Run) -> Option<(String, String)> {
+    if original.path != replaced.path {
+        return Some((original.path.to_string(), replaced.path.to_string()));
+    }
+    if original.places != replaced.places {
+        let lines = |of: &Run, not_in: &Run| -> String {
+            let others: BTreeSet<Place> =
+                not_in.places.iter().flatten().flatten().copied().collect();
+            let lines: BTreeSet<usize> = of
+                .places
+                .iter()
+                .flatten()
+                .flatten()
+                .filter(|p| !others.contains(p))
+                .map(|p| p.0)
+                .collect();
+            match lines.is_empty() {
+                true => format!("{} by other statements", of.path),
+                false => {
+                    let lines: Vec<String> = lines.iter().map(usize::to_string).collect();
+                    format!("{}, running line(s) {}", of.path, lines.join(", "))
+                }
+            }
+        };
+        return Some((lines(original, replaced), lines(replaced, original)));
+    }
+    if original.decisions != replaced.decisions {
+        let said = |run: &Run| {
+            let shapes: Vec<String> = run.decisions.iter().map(Shape::to_string).collect();
+            format!("{} decision(s): {}", run.decisions.len(), shapes.join("; "))
+        };
+        return Some((said(original), said(replaced)));
+    }
+    None
+}
+
 /// The test case for rule `rule` on `record`, named `name`, as a `NAME.test.json` entry.
 /// With `sendable`, a decision the configured actions cannot send is not expected: the
 /// case is marked as still failing.
@@ -103,14 +230,14 @@ pub fn case(
     let mut fields = record_fields(&set.rules()[index], record, keep_identifiers)?;
     let record_json: RecordJson =
         serde_json::from_value(Value::Object(fields.clone())).expect("the fields of a record");
-    let replaced = testing::outcome(set, index, &record_json.into_record());
+    let (replaced, now) = run(set, index, &record_json.into_record(), sendable);
     if !keep_identifiers {
-        let (original, now) = (path(&testing::outcome(set, index, record)), path(&replaced));
-        if original != now {
+        let (_, original) = run(set, index, record, sendable);
+        if let Some((original, replaced)) = parting(&original, &now) {
             return Err(ToTestError::PathChanged {
                 rule: rule.to_owned(),
-                original: original.to_string(),
-                replaced: now.to_string(),
+                original,
+                replaced,
             });
         }
     }
@@ -737,6 +864,66 @@ mod tests {
         let kept = case(&set, "r", &failing, true, "n", None).unwrap();
         assert_eq!(kept.expect, Value::Null);
         assert!(kept.name.contains("still fails"), "{}", kept.name);
+    }
+
+    /// Two outcomes of the same kind by different branches are different paths: the
+    /// statements run are compared, and the decisions' form, and whether they can be sent.
+    #[test]
+    fn the_same_outcome_by_another_branch_is_refused() {
+        // The tester's rule: the record's id takes the first branch, a placeholder the second.
+        let (_dir, set) = rule_set(
+            "fn decide(record) {\n    let uid = record.data.uid;\n    if uid.sub_string(2, 1) == \"7\" {\n        return #{ action: \"a\", key: \"k-\" + uid, params: #{ user_id: #{ x: 1 } } };\n    }\n    #{ action: \"a\", key: \"k-\" + uid, params: #{ user_id: uid } }\n}\n",
+        );
+        let branching = record(br#"{"uid": "u-77777"}"#, "");
+        let err = case(&set, "r", &branching, false, "n", None).unwrap_err();
+        assert!(matches!(err, ToTestError::PathChanged { .. }), "{err}");
+        let message = err.to_string();
+        assert!(message.contains("line(s) 4"), "{message}");
+        assert!(!message.contains("77777"), "{message}");
+        // Two "decides nothing" by different returns.
+        let (_dir, set) = rule_set(
+            "fn decide(record) {\n    if record.data.id.starts_with(\"u\") { return; }\n    return;\n}\n",
+        );
+        let err = case(
+            &set,
+            "r",
+            &record(br#"{"id": "u-1"}"#, ""),
+            false,
+            "n",
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(err, ToTestError::PathChanged { .. }), "{err}");
+        // The same statements, but a decision that can be sent only on the record.
+        let (_dir, set) =
+            rule_set("fn decide(record) { #{ action: \"a\", key: \"k\", params: #{ user_id: record.data.user } } }");
+        let check = |d: &Decision| match d.params["user_id"] == "u-77" {
+            true => Ok(()),
+            false => Err("no".to_owned()),
+        };
+        let err = case(
+            &set,
+            "r",
+            &record(br#"{"user": "u-77"}"#, ""),
+            false,
+            "n",
+            Some(&check),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("cannot be sent"), "{err}");
+        // A path the placeholders keep is not refused.
+        let (_dir, set) = rule_set(
+            "fn decide(record) {\n    if record.data.id.len() > 3 { return #{ action: \"a\", key: record.data.id }; }\n}\n",
+        );
+        case(
+            &set,
+            "r",
+            &record(br#"{"id": "u-12345"}"#, ""),
+            false,
+            "n",
+            None,
+        )
+        .unwrap();
     }
 
     /// A decision the configured actions cannot send is not expected: the case still fails.

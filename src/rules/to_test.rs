@@ -4,6 +4,9 @@
 //! replaced by a placeholder of the same shape (digits by digits, letters by letters of the
 //! same case, length and punctuation kept): the same value by the same placeholder
 //! everywhere (inside longer texts and map keys too), distinct values by distinct ones.
+//! Every number is replaced (a PIN is four digits), its magnitude kept; map keys are when
+//! they look like identifiers or hold a value replaced elsewhere, but the fields the rule
+//! reads by name.
 //! What the rule compares against stays: every text and number the rule itself spells (its
 //! prefilter literals, the values of its opening checks, any other literal in it), or the
 //! case would no longer reach the branch the record took. Since a placeholder may still
@@ -305,6 +308,7 @@ fn record_fields(
     let mut fields = serde_json::Map::new();
     let (texts, numbers) = rule_literals(rule);
     let mut placeholders = Placeholders::new(texts, numbers);
+    placeholders.fields = rule_fields(rule);
     let mut partition_key = record.partition_key.to_string();
     if keep_identifiers {
         // The exact bytes, as the producer wrote them.
@@ -384,6 +388,19 @@ fn rule_literals(rule: &Rule) -> (BTreeSet<String>, BTreeSet<String>) {
     (texts, numbers)
 }
 
+/// The fields the rule reads by name (`record.data.user_id`): a map key it names stays,
+/// or the case would no longer reach the value the record holds there.
+fn rule_fields(rule: &Rule) -> HashSet<String> {
+    let mut fields = HashSet::new();
+    rule.ast.walk(&mut |path: &[ASTNode]| {
+        if let Some(ASTNode::Expr(Expr::Property(property, _))) = path.last() {
+            fields.insert(property.2.to_string());
+        }
+        true
+    });
+    fields
+}
+
 /// A float as JSON writes it (`2` for `2.0`, as a record's `2` reads).
 fn number_text(x: f64) -> Option<String> {
     serde_json::Number::from_f64(x).map(|n| match x.fract() == 0.0 && x.abs() < 1e15 {
@@ -442,6 +459,8 @@ struct Placeholders {
     /// The same, lower-cased and trimmed, and the rule's numbers: a value equal to one of
     /// them is kept whole (a rule may compare `lower(x)` or `trimmed(x)`).
     kept_whole: HashSet<String>,
+    /// The fields the rule reads by name: map keys that stay.
+    fields: HashSet<String>,
     given: HashMap<String, String>,
     /// Values replaced character for character, for their occurrences inside longer
     /// texts, longest first.
@@ -467,6 +486,7 @@ impl Placeholders {
                 .into_iter()
                 .filter(|t| t.chars().count() >= KEPT_WITHIN)
                 .collect(),
+            fields: HashSet::new(),
             given: HashMap::new(),
             shaped: Vec::new(),
             taken: HashSet::new(),
@@ -496,10 +516,9 @@ impl Placeholders {
                 if self.kept_whole.contains(&written) {
                     return value.clone();
                 }
-                // Decimals and integers past 64 bits too: their digits before an exponent.
-                let Some((mantissa, exponent)) = identifier_digits(&written) else {
-                    return value.clone();
-                };
+                // Any number may be an identifier (a PIN, an account): each is replaced but
+                // those the rule spells, its digits before an exponent (the magnitude stays).
+                let (mantissa, exponent) = number_digits(&written);
                 let replaced = format!("{}{exponent}", self.text(mantissa));
                 serde_json::from_str(&replaced).unwrap_or(Value::Null)
             }
@@ -508,9 +527,16 @@ impl Placeholders {
                 fields
                     .iter()
                     .map(|(k, v)| {
-                        let key = match key_is_identifier(k) {
-                            true => self.text(k),
-                            false => k.clone(),
+                        // A key stays when the rule reads it by name; it is replaced as a
+                        // value is when it looks like an identifier or equals a value
+                        // replaced elsewhere (`consents: {"u-123": true}`), and a replaced
+                        // value within it is replaced the same way.
+                        let key = if self.fields.contains(k) {
+                            k.clone()
+                        } else if key_is_identifier(k) || self.given.contains_key(k) {
+                            self.text(k)
+                        } else {
+                            self.within(k)
                         };
                         (key, self.value(v))
                     })
@@ -518,6 +544,19 @@ impl Placeholders {
             ),
             other => other.clone(),
         }
+    }
+
+    /// `text` with the values replaced so far replaced within it the same way, the rest
+    /// as it is (a map key that holds an identifier: `consent_u-123`).
+    fn within(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for (from, to) in &self.shaped {
+            let from: String = from.iter().collect();
+            if !self.kept.contains(&from) && !self.kept_whole.contains(&from) {
+                out = out.replace(&from, &to.iter().collect::<String>());
+            }
+        }
+        out
     }
 
     fn text(&mut self, text: &str) -> String {
@@ -565,6 +604,17 @@ impl Placeholders {
                 }
             }
         }
+        // Zeros that open a run of digits stay: a number keeps its magnitude (`0.05` stays
+        // below 0.1), and they tell nothing of an identifier.
+        for i in 0..chars.len() {
+            let opens = (0..i)
+                .rev()
+                .take_while(|&j| chars[j].is_ascii_digit())
+                .all(|j| chars[j] == '0');
+            if chars[i] == '0' && opens && fixed[i].is_none() {
+                fixed[i] = Some('0');
+            }
+        }
         let replaceable = chars
             .iter()
             .zip(&fixed)
@@ -609,13 +659,10 @@ impl Placeholders {
     }
 }
 
-/// A number as JSON writes it, split before its exponent, if its digits are many enough
-/// to be an identifier's.
-fn identifier_digits(written: &str) -> Option<(&str, &str)> {
+/// A number as JSON writes it, split before its exponent.
+fn number_digits(written: &str) -> (&str, &str) {
     let at = written.find(['e', 'E']).unwrap_or(written.len());
-    let (mantissa, exponent) = written.split_at(at);
-    let digits = mantissa.bytes().filter(u8::is_ascii_digit).count();
-    (digits >= ID_DIGITS).then_some((mantissa, exponent))
+    written.split_at(at)
 }
 
 /// Every string in a value (map keys that are identifiers included) and every number
@@ -623,11 +670,7 @@ fn identifier_digits(written: &str) -> Option<(&str, &str)> {
 fn collect_texts(value: &Value, texts: &mut Vec<String>) {
     match value {
         Value::String(text) => texts.push(text.clone()),
-        Value::Number(n) => {
-            if let Some((mantissa, _)) = identifier_digits(&n.to_string()) {
-                texts.push(mantissa.to_owned());
-            }
-        }
+        Value::Number(n) => texts.push(number_digits(&n.to_string()).0.to_owned()),
         Value::Array(items) => items.iter().for_each(|v| collect_texts(v, texts)),
         Value::Object(fields) => {
             for (key, value) in fields {
@@ -665,7 +708,11 @@ fn shaped(chars: &[char], fixed: &[Option<char>], seed: u64) -> String {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
     let mut out: Vec<char> = out.chars().collect();
     for i in digits {
-        let leading = i == 0 || !chars[i - 1].is_ascii_digit();
+        // The first digit of a run but its opening zeros (kept): not a zero.
+        let leading = (0..i)
+            .rev()
+            .take_while(|&j| chars[j].is_ascii_digit())
+            .all(|j| chars[j] == '0');
         out[i] = char::from(b'0' + rng.gen_range(u8::from(leading)..10));
     }
     out.into_iter().collect()
@@ -721,7 +768,8 @@ mod tests {
         assert_ne!(email, "Jo.Smith@example.com");
         let account = out["account"].as_i64().unwrap();
         assert!(account != 9876543 && (1_000_000..10_000_000).contains(&account));
-        assert_eq!(out["count"], 3);
+        let count = out["count"].as_i64().unwrap();
+        assert!(count != 3 && (1..10).contains(&count), "{count}");
         assert_eq!(out["verified"], true);
         let message: Value = serde_json::from_str(out["message"].as_str().unwrap()).unwrap();
         assert_eq!(message["user"], out["user_id"]);
@@ -809,8 +857,60 @@ mod tests {
         }
         assert!(out["amount"].is_f64() && out["big"].is_number(), "{out}");
         assert_eq!(out["code"], 10001);
-        assert_eq!(out["small"], 3);
+        assert_ne!(out["small"], 3);
         assert!(!p.exhausted);
+    }
+
+    /// Map keys equal to a value replaced elsewhere get its stand-in, but keys the rule
+    /// reads; every number is replaced but those the rule names, decimals keeping their
+    /// magnitude; booleans stay.
+    #[test]
+    fn keys_and_short_numbers_do_not_leak() {
+        let (_dir, set) = rule_set(
+            "fn decide(record) {\n    let d = record.data;\n    if d.version != 2 { return; }\n    if d.ratio < 1.0 { return #{ action: \"a\", key: d.user_id }; }\n}\n",
+        );
+        let data = json!({
+            "version": 2,
+            "user_id": "u-123",
+            "consents": {"u-123": true, "Jane Doe": 1, "mail_u-123": 2},
+            "name": "Jane Doe",
+            "pin": 4821,
+            "pin_text": "4821",
+            "ratio": 0.0523,
+            "neg": -0.5,
+            "zero": 0,
+        });
+        let made = case(
+            &set,
+            "r",
+            &record(data.to_string().as_bytes(), ""),
+            false,
+            "n",
+            None,
+        )
+        .unwrap();
+        let out = &made.record["data"];
+        let text = out.to_string();
+        for original in ["u-123", "Jane", "4821"] {
+            assert!(!text.contains(original), "{original} in {text}");
+        }
+        let user = out["user_id"].as_str().unwrap();
+        let consents = out["consents"].as_object().unwrap();
+        assert_eq!(consents[user], true, "{text}");
+        assert!(
+            consents.contains_key(out["name"].as_str().unwrap()),
+            "{text}"
+        );
+        assert!(consents.contains_key(&format!("mail_{user}")), "{text}");
+        assert_eq!(out["version"], 2, "a number the rule names stays");
+        assert_eq!(out["pin"].to_string(), out["pin_text"].as_str().unwrap());
+        assert_eq!(out["pin"].to_string().len(), 4);
+        let ratio = out["ratio"].as_f64().unwrap();
+        assert!(ratio != 0.0523 && (0.01..0.1).contains(&ratio), "{ratio}");
+        let neg = out["neg"].as_f64().unwrap();
+        assert!(neg != -0.5 && (-1.0..0.0).contains(&neg), "{neg}");
+        assert_eq!(out["zero"], 0);
+        assert_eq!(made.expect["key"], user);
     }
 
     /// Distinct values never share a placeholder, nor take another value's.

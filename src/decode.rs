@@ -59,9 +59,11 @@ pub struct Record {
 /// when present, holds the exact bytes and wins over the others: `capture` writes it beside
 /// the readable view, so a preview on captured traffic searches and decodes the very bytes
 /// the daemon saw (`"type": "x"` with a space, `\/`, `\u` escapes), not a re-serialization.
-/// Left-out fields get the defaults of a test case.
+/// Left-out fields get the defaults of a test case. Read from JSON, a record whose hex or
+/// base64 does not decode, or that gives its payload twice (`data` and `data_text`...), is
+/// an error of its line or case, never an empty event.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RecordFields")]
 pub struct RecordJson {
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub data: Value,
@@ -87,6 +89,70 @@ pub struct RecordJson {
     pub arrival_time: String,
     #[serde(default = "default_stream")]
     pub stream: String,
+}
+
+/// [`RecordJson`] as written, before it is checked.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordFields {
+    #[serde(default)]
+    data: Value,
+    #[serde(default, with = "base64_bytes")]
+    data_base64: Option<Vec<u8>>,
+    #[serde(default)]
+    data_text: Option<String>,
+    #[serde(default)]
+    data_hex: Option<String>,
+    #[serde(default)]
+    partition_key: String,
+    #[serde(default = "default_sequence_number")]
+    sequence_number: String,
+    #[serde(default)]
+    sub_sequence_number: u64,
+    #[serde(default = "default_shard_id")]
+    shard_id: String,
+    #[serde(default = "default_arrival_time")]
+    arrival_time: String,
+    #[serde(default = "default_stream")]
+    stream: String,
+}
+
+impl TryFrom<RecordFields> for RecordJson {
+    type Error = String;
+
+    fn try_from(f: RecordFields) -> Result<Self, String> {
+        // `data_base64` (the exact bytes) may come with one readable view of them, as
+        // `capture` writes it; two views are two payloads.
+        let views: Vec<&str> = [
+            (!f.data.is_null(), "data"),
+            (f.data_text.is_some(), "data_text"),
+            (f.data_hex.is_some(), "data_hex"),
+        ]
+        .into_iter()
+        .filter_map(|(given, name)| given.then_some(name))
+        .collect();
+        if views.len() > 1 {
+            return Err(format!(
+                "the payload is given twice ({}): which one is the record's is ambiguous; give one",
+                views.join(" and ")
+            ));
+        }
+        if let Some(hex) = &f.data_hex {
+            hex::decode(hex).map_err(|e| format!("data_hex: {e}"))?;
+        }
+        Ok(RecordJson {
+            data: f.data,
+            data_base64: f.data_base64,
+            data_text: f.data_text,
+            data_hex: f.data_hex,
+            partition_key: f.partition_key,
+            sequence_number: f.sequence_number,
+            sub_sequence_number: f.sub_sequence_number,
+            shard_id: f.shard_id,
+            arrival_time: f.arrival_time,
+            stream: f.stream,
+        })
+    }
 }
 
 fn default_sequence_number() -> String {
@@ -148,7 +214,8 @@ impl RecordJson {
         let bytes = match (self.data_base64, self.data_text, self.data_hex) {
             (Some(bytes), _, _) => bytes,
             (None, Some(text), _) => text.into_bytes(),
-            (None, None, Some(hex)) => hex::decode(hex).unwrap_or_default(),
+            // Checked when read from JSON; built in code, it is hex the code encoded.
+            (None, None, Some(hex)) => hex::decode(hex).expect("data_hex is checked when read"),
             (None, None, None) => serde_json::to_vec(&self.data).unwrap_or_default(),
         };
         Record {
@@ -1245,5 +1312,32 @@ mod tests {
         assert_eq!(old.into_record().bytes, &br#"{"type":"x"}"#[..]);
         let bad = serde_json::from_str::<RecordJson>(r#"{"data_base64":"***"}"#).unwrap_err();
         assert!(bad.to_string().contains("data_base64"), "{bad}");
+    }
+
+    /// Hex that does not decode, or a payload given twice, is an error of the line that
+    /// holds it, not an empty event.
+    #[test]
+    fn bad_hex_and_two_payloads_are_errors() {
+        for (line, says) in [
+            (r#"{"data_hex":"zz"}"#, "data_hex"),
+            (r#"{"data_hex":"abc"}"#, "data_hex"),
+            (r#"{"data":{"a":1},"data_text":"x"}"#, "data and data_text"),
+            (
+                r#"{"data_text":"x","data_hex":"00"}"#,
+                "data_text and data_hex",
+            ),
+        ] {
+            let bad = serde_json::from_str::<RecordJson>(line).unwrap_err();
+            assert!(bad.to_string().contains(says), "{line}: {bad}");
+        }
+        // As capture writes it: the exact bytes and one view.
+        let captured: RecordJson =
+            serde_json::from_str(r#"{"data_base64":"AP8=","data_hex":"00ff"}"#).unwrap();
+        assert_eq!(captured.into_record().bytes, &[0x00, 0xff][..]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.jsonl");
+        std::fs::write(&path, "{\"data\":{}}\n{\"data_hex\":\"0\"}\n").unwrap();
+        let err = read_json_lines(&path).unwrap_err();
+        assert_eq!(err.line, 2, "{err}");
     }
 }

@@ -679,8 +679,9 @@ async fn a_refused_reload_logs_no_keys_params_or_values() {
 
 /// `rules explain` reads its input as the daemon reads records: as bytes (a Latin-1 line
 /// too), decoded first; what the daemon cannot decode is said to become a decode_failed
-/// dead letter. `-` reads stdin; an empty input says so; a line that names a payload field
-/// but is not a captured record is an error naming the line.
+/// dead letter. `-` reads stdin; an empty input says so; a line that holds a field only
+/// `capture` writes but is not a captured record is an error naming the line; a plain
+/// event with a `data` field of its own is a plain event.
 #[test]
 fn explain_reads_records_as_the_daemon_does() {
     use base64::Engine;
@@ -752,7 +753,22 @@ fn explain_reads_records_as_the_daemon_does() {
     // A captured record that is not one: the line named.
     let (code, _, err) = explain("-", b"{\"data\":{}}\n{\"data_base64\":\"!!!\"}\n");
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("-:2: names a payload field"), "{err}");
+    assert!(
+        err.contains("-:2: looks like a captured record (it has data_base64)"),
+        "{err}"
+    );
+    // A plain event with a `data` field of its own is a plain event, its whole line the
+    // payload; hex that does not decode is an error, not an empty event.
+    let plain = br#"{"type":"privacy_request","client":"acme","tags":["GDPR","Delete User"],"request_id":"r-77","user_id":"u-77","data":{"source":"web"}}"#;
+    let (code, out, err) = explain("-", plain);
+    assert_eq!(code, 0, "{err}");
+    let traced: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    let rule = trace(&traced, "acme_gdpr_delete_user");
+    assert_eq!(rule["outcome"], "decided", "{rule}");
+    assert_eq!(rule["decisions"][0]["decision"]["key"], "r-77", "{rule}");
+    let (code, _, err) = explain("-", b"{\"sequence_number\":\"1\",\"data_hex\":\"abc\"}\n");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("-:1:") && err.contains("data_hex"), "{err}");
 
     // What a rule threw is shown without its control characters.
     ws.write_rule(

@@ -366,6 +366,20 @@ fn decide(record) {
 }
 "#;
 
+/// The tester's rule: on a user id of one form (its third character), a decision that
+/// cannot be sent; else one that can. A placeholder of another form takes the other branch.
+const BRANCH: &str = r#"const PREFILTER = ["branch_form"];
+fn decide(record) {
+    let d = record.data;
+    if type_of(d) != "map" || d.type != "branch_form" { return; }
+    let uid = d.uid;
+    if uid.sub_string(2, 1) == "7" {
+        return #{ action: "anonymize_user", key: "k-" + uid, params: #{ user_id: #{ x: 1 } } };
+    }
+    #{ action: "anonymize_user", key: "k-" + uid, params: #{ user_id: uid } }
+}
+"#;
+
 /// A rule whose decision the action cannot send: its `user_id` param is a map.
 const BAD_PARAMS: &str = r#"const PREFILTER = ["bad_params"];
 fn decide(record) {
@@ -404,6 +418,7 @@ async fn a_dead_letter_becomes_a_test_case_without_its_identifiers() {
     ws.write_rule("bad_params.rhai", BAD_PARAMS);
     // A rule that looks at the form of an id: placeholders would take it elsewhere.
     ws.write_rule("id_form.rhai", ID_FORM);
+    ws.write_rule("branch.rhai", BRANCH);
     // The rule throws on this one (no user_id); then a request the backend gets, to know
     // the daemon is past it.
     let failing = serde_json::json!({
@@ -412,6 +427,8 @@ async fn a_dead_letter_becomes_a_test_case_without_its_identifiers() {
         "email": "Jane.Doe@example.org",
         "phone": "+1 555 0100",
         "account": 4417123456u64,
+        "pin": 4821,
+        "consents": {"s-98765": true, "Jane.Doe@example.org": 1},
     });
     put(
         &client,
@@ -427,6 +444,12 @@ async fn a_dead_letter_becomes_a_test_case_without_its_identifiers() {
             (
                 "k".to_owned(),
                 serde_json::json!({"type": "bad_params", "request_id": "b-1", "user": {"id": "u-55"}})
+                    .to_string()
+                    .into_bytes(),
+            ),
+            (
+                "k".to_owned(),
+                serde_json::json!({"type": "branch_form", "uid": "u-77777"})
                     .to_string()
                     .into_bytes(),
             ),
@@ -448,7 +471,7 @@ async fn a_dead_letter_becomes_a_test_case_without_its_identifiers() {
     let (code, out, err) = ws.run(&["dead-letters", "list", "--config", config]);
     assert_eq!(code, 0, "{err}");
     let letters = json_lines(&out);
-    assert_eq!(letters.len(), 3, "{out}");
+    assert_eq!(letters.len(), 4, "{out}");
     let letter = |rule: &str| {
         letters
             .iter()
@@ -471,6 +494,23 @@ async fn a_dead_letter_becomes_a_test_case_without_its_identifiers() {
     let (code, out, err) = ws.run(&[&args[..], &["--keep-identifiers"]].concat());
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("x-991"), "{out}");
+    // The same outcome kind by another branch (a decision that can be sent, where the
+    // record's could not): refused too, saying where they part.
+    let branch = letter("branch")["id"].to_string();
+    let (code, out, err) = ws.run(&[
+        "dead-letters",
+        "to-test",
+        "--id",
+        &branch,
+        "--config",
+        config,
+    ]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("the placeholders change the rule's path") && err.contains("line(s) 7"),
+        "{err}"
+    );
+    assert!(!err.contains("77777"), "{err}");
     // A decision that cannot be sent: the case does not expect it, and says it still fails.
     let unsendable = letter("bad_params")["id"].to_string();
     let (code, out, err) = ws.run(&[
@@ -538,6 +578,7 @@ async fn a_dead_letter_becomes_a_test_case_without_its_identifiers() {
         "555",
         "0100",
         "4417123456",
+        "4821",
         "jane-doe",
     ] {
         assert!(!held.contains(identifier), "{identifier} in {printed}");

@@ -110,24 +110,6 @@ struct Shape {
     sendable: bool,
 }
 
-impl std::fmt::Display for Shape {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let params: Vec<String> = self
-            .params
-            .iter()
-            .map(|(name, kind)| format!("{name} ({kind})"))
-            .collect();
-        write!(f, "{} with params [{}]", self.action, params.join(", "))?;
-        if let Some(regulation) = &self.regulation {
-            write!(f, " regulation {regulation}")?;
-        }
-        match self.sendable {
-            true => Ok(()),
-            false => f.write_str(" that cannot be sent"),
-        }
-    }
-}
-
 fn kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
@@ -204,14 +186,48 @@ fn parting(original: &Run, replaced: &Run) -> Option<(String, String)> {
         };
         return Some((lines(original, replaced), lines(replaced, original)));
     }
-    if original.decisions != replaced.decisions {
-        let said = |run: &Run| {
-            let shapes: Vec<String> = run.decisions.iter().map(Shape::to_string).collect();
-            format!("{} decision(s): {}", run.decisions.len(), shapes.join("; "))
-        };
-        return Some((said(original), said(replaced)));
+    // Actions, regulations and param names may come from the record: only told apart.
+    let (ours, theirs) = (&original.decisions, &replaced.decisions);
+    if ours.len() != theirs.len() {
+        let count = |n: usize| format!("{n} decision(s)");
+        return Some((count(ours.len()), count(theirs.len())));
     }
-    None
+    let (n, a, b) = ours
+        .iter()
+        .zip(theirs)
+        .enumerate()
+        .find(|(_, (a, b))| a != b)
+        .map(|(i, (a, b))| (i + 1, a, b))?;
+    let kinds = |shape: &Shape| {
+        let mut kinds: Vec<&str> = shape.params.values().copied().collect();
+        kinds.sort_unstable();
+        kinds.join(", ")
+    };
+    let (ours, theirs) = if a.sendable != b.sendable {
+        let said = |sendable: bool| match sendable {
+            true => "can be sent",
+            false => "cannot be sent",
+        };
+        (said(a.sendable).to_owned(), said(b.sendable).to_owned())
+    } else if a.action != b.action {
+        ("has one action".to_owned(), "has another".to_owned())
+    } else if a.regulation != b.regulation {
+        ("has one regulation".to_owned(), "has another".to_owned())
+    } else if kinds(a) != kinds(b) {
+        (
+            format!("has params [{}]", kinds(a)),
+            format!("has params [{}]", kinds(b)),
+        )
+    } else {
+        (
+            "has params of some names".to_owned(),
+            "has params of other names".to_owned(),
+        )
+    };
+    Some((
+        format!("{}, and its decision {n} {ours}", original.path),
+        format!("{}, and its decision {n} {theirs}", replaced.path),
+    ))
 }
 
 /// The test case for rule `rule` on `record`, named `name`, as a `NAME.test.json` entry.
@@ -1011,6 +1027,22 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("cannot be sent"), "{err}");
+        // What parts them is told without a value of the record (an action taken from it).
+        let (_dir, set) =
+            rule_set("fn decide(record) { #{ action: record.data.act, key: \"k\" } }");
+        let leaky = record(br#"{"act": "Secret-u-1"}"#, "");
+        let check = |d: &Decision| match d.action == "Secret-u-1" {
+            true => Ok(()),
+            false => Err("no such action".to_owned()),
+        };
+        for check in [None, Some(&check as SendCheck)] {
+            let err = case(&set, "r", &leaky, false, "n", check).unwrap_err();
+            let message = err.to_string();
+            assert!(
+                matches!(err, ToTestError::PathChanged { .. }) && !message.contains("Secret"),
+                "{message}"
+            );
+        }
         // A path the placeholders keep is not refused.
         let (_dir, set) = rule_set(
             "fn decide(record) {\n    if record.data.id.len() > 3 { return #{ action: \"a\", key: record.data.id }; }\n}\n",

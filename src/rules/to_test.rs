@@ -25,7 +25,7 @@ use super::trace::Place;
 use super::{Decision, Rule, RuleError, RuleSet, Verdict};
 use crate::decode::{self, Record, RecordJson};
 
-/// Numbers with at least this many digits are taken for identifiers.
+/// A map key with a run of at least this many digits is taken for an identifier.
 const ID_DIGITS: usize = 5;
 /// A text of the rule (or a replaced value) at least this long is kept (or replaced the
 /// same way) where a record's value contains it.

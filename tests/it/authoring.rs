@@ -467,8 +467,14 @@ async fn a_dead_letter_becomes_a_test_case_without_its_identifiers() {
     .await;
     let config = ws.config();
     let config = config.to_str().unwrap();
-    // Served by the running daemon.
-    let (code, out, err) = ws.run(&["dead-letters", "list", "--config", config]);
+    // Served by the running daemon (its letters are written with the batch's progress,
+    // after the request went out).
+    let list = || ws.run(&["dead-letters", "list", "--config", config]);
+    wait_until(std::time::Duration::from_secs(30), "the letters", || {
+        json_lines(&list().1).len() >= 4
+    })
+    .await;
+    let (code, out, err) = list();
     assert_eq!(code, 0, "{err}");
     let letters = json_lines(&out);
     assert_eq!(letters.len(), 4, "{out}");

@@ -59,9 +59,11 @@ pub struct Record {
 /// when present, holds the exact bytes and wins over the others: `capture` writes it beside
 /// the readable view, so a preview on captured traffic searches and decodes the very bytes
 /// the daemon saw (`"type": "x"` with a space, `\/`, `\u` escapes), not a re-serialization.
-/// Left-out fields get the defaults of a test case.
+/// Left-out fields get the defaults of a test case. Read from JSON, a record whose hex or
+/// base64 does not decode, or that gives its payload twice (`data` and `data_text`...), is
+/// an error of its line or case, never an empty event.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RecordFields")]
 pub struct RecordJson {
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub data: Value,
@@ -87,6 +89,70 @@ pub struct RecordJson {
     pub arrival_time: String,
     #[serde(default = "default_stream")]
     pub stream: String,
+}
+
+/// [`RecordJson`] as written, before it is checked.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordFields {
+    #[serde(default)]
+    data: Value,
+    #[serde(default, with = "base64_bytes")]
+    data_base64: Option<Vec<u8>>,
+    #[serde(default)]
+    data_text: Option<String>,
+    #[serde(default)]
+    data_hex: Option<String>,
+    #[serde(default)]
+    partition_key: String,
+    #[serde(default = "default_sequence_number")]
+    sequence_number: String,
+    #[serde(default)]
+    sub_sequence_number: u64,
+    #[serde(default = "default_shard_id")]
+    shard_id: String,
+    #[serde(default = "default_arrival_time")]
+    arrival_time: String,
+    #[serde(default = "default_stream")]
+    stream: String,
+}
+
+impl TryFrom<RecordFields> for RecordJson {
+    type Error = String;
+
+    fn try_from(f: RecordFields) -> Result<Self, String> {
+        // `data_base64` (the exact bytes) may come with one readable view of them, as
+        // `capture` writes it; two views are two payloads.
+        let views: Vec<&str> = [
+            (!f.data.is_null(), "data"),
+            (f.data_text.is_some(), "data_text"),
+            (f.data_hex.is_some(), "data_hex"),
+        ]
+        .into_iter()
+        .filter_map(|(given, name)| given.then_some(name))
+        .collect();
+        if views.len() > 1 {
+            return Err(format!(
+                "the payload is given twice ({}): which one is the record's is ambiguous; give one",
+                views.join(" and ")
+            ));
+        }
+        if let Some(hex) = &f.data_hex {
+            hex::decode(hex).map_err(|e| format!("data_hex: {e}"))?;
+        }
+        Ok(RecordJson {
+            data: f.data,
+            data_base64: f.data_base64,
+            data_text: f.data_text,
+            data_hex: f.data_hex,
+            partition_key: f.partition_key,
+            sequence_number: f.sequence_number,
+            sub_sequence_number: f.sub_sequence_number,
+            shard_id: f.shard_id,
+            arrival_time: f.arrival_time,
+            stream: f.stream,
+        })
+    }
 }
 
 fn default_sequence_number() -> String {
@@ -148,7 +214,8 @@ impl RecordJson {
         let bytes = match (self.data_base64, self.data_text, self.data_hex) {
             (Some(bytes), _, _) => bytes,
             (None, Some(text), _) => text.into_bytes(),
-            (None, None, Some(hex)) => hex::decode(hex).unwrap_or_default(),
+            // Checked when read from JSON; built in code, it is hex the code encoded.
+            (None, None, Some(hex)) => hex::decode(hex).expect("data_hex is checked when read"),
             (None, None, None) => serde_json::to_vec(&self.data).unwrap_or_default(),
         };
         Record {
@@ -196,49 +263,59 @@ pub struct InputError {
     pub message: String,
 }
 
+/// Fields `capture` writes on every line that a plain event has no reason to hold: a line
+/// with one of them is a captured record. A payload field (`data`...) does not tell: a
+/// plain event may have a `data` field of its own.
+const CAPTURE_FIELDS: [&str; 6] = [
+    "data_base64",
+    "shard_id",
+    "sequence_number",
+    "sub_sequence_number",
+    "partition_key",
+    "arrival_time",
+];
+
+/// The capture-only field a line holds, if it is a JSON object with one.
+fn capture_field(text: &str) -> Option<&'static str> {
+    let fields = serde_json::from_str::<serde_json::Map<String, Value>>(text).ok()?;
+    CAPTURE_FIELDS
+        .into_iter()
+        .find(|name| fields.contains_key(*name))
+}
+
 /// One line an operator gives (`rules explain`, the console's playground): a record as
-/// `capture` writes it, or else the line itself as the payload (a plain JSON event).
+/// `capture` writes it (told by the fields only `capture` writes), or else the line itself
+/// as the payload (a plain event, `data` field or not). A line that looks captured but is
+/// not a record is taken as a plain event here ([`event_line_bytes`] says it is wrong).
 pub fn event_line(line: &str) -> Record {
-    // A captured record names its payload (`data`, `data_text`...) and holds only the
-    // fields of one (`RecordJson` refuses others).
-    let names_payload = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(line)
-        .is_ok_and(|fields| fields.keys().any(|k| k.starts_with("data")));
-    let captured = names_payload
-        .then(|| serde_json::from_str::<RecordJson>(line).ok())
-        .flatten();
-    match captured {
-        Some(record) => record,
-        None => RecordJson {
-            data_text: Some(line.to_owned()),
-            ..serde_json::from_str("{}").expect("every field of a record has a default")
-        },
+    let captured = capture_field(line)
+        .and_then(|_| serde_json::from_str::<RecordJson>(line).ok())
+        .map(RecordJson::into_record);
+    captured.unwrap_or_else(|| plain_event(line.as_bytes()))
+}
+
+fn plain_event(bytes: &[u8]) -> Record {
+    RecordJson {
+        data_base64: Some(bytes.to_vec()),
+        ..serde_json::from_str("{}").expect("every field of a record has a default")
     }
     .into_record()
 }
 
 /// [`event_line`] on a line's bytes, as `rules explain` reads a file: a line that is not
 /// UTF-8 (Latin-1, say) is a plain event whose payload is those bytes, as the daemon would
-/// read them; a line that names a payload field (`data`, `data_base64`...) but is not a
-/// captured record is an error, not an event.
+/// read them; a line that holds a field only `capture` writes (`shard_id`,
+/// `data_base64`...) but is not a captured record is an error, not an event.
 pub fn event_line_bytes(line: &[u8]) -> Result<Record, String> {
-    let plain = |bytes: &[u8]| {
-        RecordJson {
-            data_base64: Some(bytes.to_vec()),
-            ..serde_json::from_str("{}").expect("every field of a record has a default")
-        }
-        .into_record()
-    };
     let Ok(text) = std::str::from_utf8(line) else {
-        return Ok(plain(line));
+        return Ok(plain_event(line));
     };
-    let names_payload = serde_json::from_str::<serde_json::Map<String, Value>>(text)
-        .is_ok_and(|fields| fields.keys().any(|k| k.starts_with("data")));
-    if !names_payload {
-        return Ok(plain(line));
-    }
+    let Some(field) = capture_field(text) else {
+        return Ok(plain_event(line));
+    };
     serde_json::from_str::<RecordJson>(text)
         .map(RecordJson::into_record)
-        .map_err(|e| format!("names a payload field but is not a captured record: {e}"))
+        .map_err(|e| format!("looks like a captured record (it has {field}) but is not one: {e}"))
 }
 
 /// Reads records written as JSON lines (blank lines skipped), each with its line number.
@@ -1245,5 +1322,66 @@ mod tests {
         assert_eq!(old.into_record().bytes, &br#"{"type":"x"}"#[..]);
         let bad = serde_json::from_str::<RecordJson>(r#"{"data_base64":"***"}"#).unwrap_err();
         assert!(bad.to_string().contains("data_base64"), "{bad}");
+    }
+
+    /// A plain event with a `data` field of its own is a plain event: only the fields
+    /// `capture` alone writes make a line a captured record.
+    #[test]
+    fn plain_events_with_a_data_field_are_plain_events() {
+        for line in [
+            r#"{"data":{"type":"x","user_id":"u-1"}}"#,
+            r#"{"type":"x","data":{"user_id":"u-1"}}"#,
+            r#"{"data_text":"x","type":"y"}"#,
+        ] {
+            assert_eq!(
+                event_line_bytes(line.as_bytes()).unwrap().bytes,
+                line.as_bytes()
+            );
+            assert_eq!(event_line(line).bytes, line.as_bytes());
+        }
+        let record = RecordJson {
+            data_text: Some("payload".into()),
+            partition_key: "pk".into(),
+            sequence_number: "42".into(),
+            ..serde_json::from_str("{}").unwrap()
+        }
+        .into_record();
+        let line = serde_json::to_string(&RecordJson::from_record(&record)).unwrap();
+        let read = event_line_bytes(line.as_bytes()).unwrap();
+        assert_eq!(
+            (&*read.bytes, &*read.sequence_number),
+            (&b"payload"[..], "42")
+        );
+        assert_eq!(event_line(&line).bytes, &b"payload"[..]);
+        // Holds a field only capture writes, but is no record: an error, naming the field.
+        let err = event_line_bytes(br#"{"shard_id":"s","type":"x"}"#).unwrap_err();
+        assert!(err.contains("shard_id"), "{err}");
+    }
+
+    /// Hex that does not decode, or a payload given twice, is an error of the line that
+    /// holds it, not an empty event.
+    #[test]
+    fn bad_hex_and_two_payloads_are_errors() {
+        for (line, says) in [
+            (r#"{"data_hex":"zz"}"#, "data_hex"),
+            (r#"{"data_hex":"abc"}"#, "data_hex"),
+            (r#"{"data":{"a":1},"data_text":"x"}"#, "data and data_text"),
+            (
+                r#"{"data_text":"x","data_hex":"00"}"#,
+                "data_text and data_hex",
+            ),
+        ] {
+            let bad = serde_json::from_str::<RecordJson>(line).unwrap_err();
+            assert!(bad.to_string().contains(says), "{line}: {bad}");
+        }
+        // As capture writes it: the exact bytes and one view.
+        let captured: RecordJson =
+            serde_json::from_str(r#"{"data_base64":"AP8=","data_hex":"00ff"}"#).unwrap();
+        assert_eq!(captured.into_record().bytes, &[0x00, 0xff][..]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.jsonl");
+        std::fs::write(&path, "{\"data\":{}}\n{\"data_hex\":\"0\"}\n").unwrap();
+        let err = read_json_lines(&path).unwrap_err();
+        assert_eq!(err.line, 2, "{err}");
     }
 }

@@ -769,4 +769,24 @@ mod decode_tests {
         let report = run_with(&set, None, true).unwrap();
         assert_eq!(report.coverage[0].ran, report.coverage[0].statements);
     }
+
+    /// A case whose hex does not decode is an error of the test file, at its line, not a
+    /// case run on an empty event.
+    #[test]
+    fn a_case_with_bad_hex_is_an_error_of_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("r.rhai"), "fn decide(record) { () }\n").unwrap();
+        std::fs::write(
+            dir.path().join("r.test.json"),
+            "[\n{\"name\": \"odd\", \"record\": {\"data_hex\": \"abc\"}, \"expect\": null}\n]",
+        )
+        .unwrap();
+        let set = RuleSet::load(dir.path(), None).unwrap();
+        let errors = run(&set, None).unwrap_err();
+        let error = errors[0].to_string();
+        assert!(
+            error.contains("r.test.json:2") && error.contains("data_hex"),
+            "{error}"
+        );
+    }
 }

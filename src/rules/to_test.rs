@@ -4,6 +4,9 @@
 //! replaced by a placeholder of the same shape (digits by digits, letters by letters of the
 //! same case, length and punctuation kept): the same value by the same placeholder
 //! everywhere (inside longer texts and map keys too), distinct values by distinct ones.
+//! Every number is replaced (a PIN is four digits), its magnitude kept; map keys are when
+//! they look like identifiers or hold a value replaced elsewhere, but the fields the rule
+//! reads by name.
 //! What the rule compares against stays: every text and number the rule itself spells (its
 //! prefilter literals, the values of its opening checks, any other literal in it), or the
 //! case would no longer reach the branch the record took. Since a placeholder may still
@@ -11,17 +14,18 @@
 //! records as `rules test` would, and refused when they part. The expectation is what the
 //! rule does on the case, so the case passes, or fails the way the record did.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use rand::{Rng, SeedableRng};
 use rhai::{ASTNode, Expr};
 use serde_json::{json, Value};
 
 use super::testing::{self, Outcome, SendCheck};
+use super::trace::Place;
 use super::{Decision, Rule, RuleError, RuleSet, Verdict};
 use crate::decode::{self, Record, RecordJson};
 
-/// Numbers with at least this many digits are taken for identifiers.
+/// A map key with a run of at least this many digits is taken for an identifier.
 const ID_DIGITS: usize = 5;
 /// A text of the rule (or a replaced value) at least this long is kept (or replaced the
 /// same way) where a record's value contains it.
@@ -84,6 +88,148 @@ fn path(outcome: &Outcome) -> Path {
     }
 }
 
+/// What a case must keep of a record's run through a rule: how it ends, which statements
+/// and expressions ran (for each record the daemon decodes it into; `None` when the
+/// prefilter keeps it out), and the form of its decisions. Two outcomes of the same kind
+/// may still come by different branches: only the places run tell them apart.
+#[derive(Debug, PartialEq)]
+struct Run {
+    path: Path,
+    places: Vec<Option<BTreeSet<Place>>>,
+    decisions: Vec<Shape>,
+}
+
+/// A decision as far as its form goes: no value of the record in it.
+#[derive(Debug, PartialEq)]
+struct Shape {
+    action: String,
+    regulation: Option<String>,
+    /// Each param and what it is (`a string`, `a map`...).
+    params: BTreeMap<String, &'static str>,
+    /// Whether the configured actions can send it (always, without a config).
+    sendable: bool,
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "a map",
+    }
+}
+
+/// The outcome of rule `index` on `record` as `rules test` sees it, and its [`Run`].
+fn run(
+    set: &RuleSet,
+    index: usize,
+    record: &Record,
+    sendable: Option<SendCheck>,
+) -> (Outcome, Run) {
+    let outcome = testing::outcome(set, index, record);
+    let places = match (&outcome, super::decode_as_daemon(record)) {
+        (Outcome::Ran(_), Ok(records)) => records
+            .iter()
+            .map(|sub| {
+                set.statements_run(index, sub)
+                    .map(|places| places.into_iter().collect())
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let decisions = match &outcome {
+        Outcome::Ran(Verdict::Decided(decisions)) => decisions
+            .iter()
+            .map(|d| Shape {
+                action: d.action.clone(),
+                regulation: d.regulation.clone(),
+                params: d.params.iter().map(|(k, v)| (k.clone(), kind(v))).collect(),
+                sendable: sendable.is_none_or(|check| check(d).is_ok()),
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let run = Run {
+        path: path(&outcome),
+        places,
+        decisions,
+    };
+    (outcome, run)
+}
+
+/// How two runs part, as (the record's, the placeholders'), told without a value.
+fn parting(original: &Run, replaced: &Run) -> Option<(String, String)> {
+    if original.path != replaced.path {
+        return Some((original.path.to_string(), replaced.path.to_string()));
+    }
+    if original.places != replaced.places {
+        let lines = |of: &Run, not_in: &Run| -> String {
+            let others: BTreeSet<Place> =
+                not_in.places.iter().flatten().flatten().copied().collect();
+            let lines: BTreeSet<usize> = of
+                .places
+                .iter()
+                .flatten()
+                .flatten()
+                .filter(|p| !others.contains(p))
+                .map(|p| p.0)
+                .collect();
+            match lines.is_empty() {
+                true => format!("{} by other statements", of.path),
+                false => {
+                    let lines: Vec<String> = lines.iter().map(usize::to_string).collect();
+                    format!("{}, running line(s) {}", of.path, lines.join(", "))
+                }
+            }
+        };
+        return Some((lines(original, replaced), lines(replaced, original)));
+    }
+    // Actions, regulations and param names may come from the record: only told apart.
+    let (ours, theirs) = (&original.decisions, &replaced.decisions);
+    if ours.len() != theirs.len() {
+        let count = |n: usize| format!("{n} decision(s)");
+        return Some((count(ours.len()), count(theirs.len())));
+    }
+    let (n, a, b) = ours
+        .iter()
+        .zip(theirs)
+        .enumerate()
+        .find(|(_, (a, b))| a != b)
+        .map(|(i, (a, b))| (i + 1, a, b))?;
+    let kinds = |shape: &Shape| {
+        let mut kinds: Vec<&str> = shape.params.values().copied().collect();
+        kinds.sort_unstable();
+        kinds.join(", ")
+    };
+    let (ours, theirs) = if a.sendable != b.sendable {
+        let said = |sendable: bool| match sendable {
+            true => "can be sent",
+            false => "cannot be sent",
+        };
+        (said(a.sendable).to_owned(), said(b.sendable).to_owned())
+    } else if a.action != b.action {
+        ("has one action".to_owned(), "has another".to_owned())
+    } else if a.regulation != b.regulation {
+        ("has one regulation".to_owned(), "has another".to_owned())
+    } else if kinds(a) != kinds(b) {
+        (
+            format!("has params [{}]", kinds(a)),
+            format!("has params [{}]", kinds(b)),
+        )
+    } else {
+        (
+            "has params of some names".to_owned(),
+            "has params of other names".to_owned(),
+        )
+    };
+    Some((
+        format!("{}, and its decision {n} {ours}", original.path),
+        format!("{}, and its decision {n} {theirs}", replaced.path),
+    ))
+}
+
 /// The test case for rule `rule` on `record`, named `name`, as a `NAME.test.json` entry.
 /// With `sendable`, a decision the configured actions cannot send is not expected: the
 /// case is marked as still failing.
@@ -103,14 +249,14 @@ pub fn case(
     let mut fields = record_fields(&set.rules()[index], record, keep_identifiers)?;
     let record_json: RecordJson =
         serde_json::from_value(Value::Object(fields.clone())).expect("the fields of a record");
-    let replaced = testing::outcome(set, index, &record_json.into_record());
+    let (replaced, now) = run(set, index, &record_json.into_record(), sendable);
     if !keep_identifiers {
-        let (original, now) = (path(&testing::outcome(set, index, record)), path(&replaced));
-        if original != now {
+        let (_, original) = run(set, index, record, sendable);
+        if let Some((original, replaced)) = parting(&original, &now) {
             return Err(ToTestError::PathChanged {
                 rule: rule.to_owned(),
-                original: original.to_string(),
-                replaced: now.to_string(),
+                original,
+                replaced,
             });
         }
     }
@@ -178,6 +324,7 @@ fn record_fields(
     let mut fields = serde_json::Map::new();
     let (texts, numbers) = rule_literals(rule);
     let mut placeholders = Placeholders::new(texts, numbers);
+    placeholders.fields = rule_fields(rule);
     let mut partition_key = record.partition_key.to_string();
     if keep_identifiers {
         // The exact bytes, as the producer wrote them.
@@ -257,6 +404,19 @@ fn rule_literals(rule: &Rule) -> (BTreeSet<String>, BTreeSet<String>) {
     (texts, numbers)
 }
 
+/// The fields the rule reads by name (`record.data.user_id`): a map key it names stays,
+/// or the case would no longer reach the value the record holds there.
+fn rule_fields(rule: &Rule) -> HashSet<String> {
+    let mut fields = HashSet::new();
+    rule.ast.walk(&mut |path: &[ASTNode]| {
+        if let Some(ASTNode::Expr(Expr::Property(property, _))) = path.last() {
+            fields.insert(property.2.to_string());
+        }
+        true
+    });
+    fields
+}
+
 /// A float as JSON writes it (`2` for `2.0`, as a record's `2` reads).
 fn number_text(x: f64) -> Option<String> {
     serde_json::Number::from_f64(x).map(|n| match x.fract() == 0.0 && x.abs() < 1e15 {
@@ -315,6 +475,8 @@ struct Placeholders {
     /// The same, lower-cased and trimmed, and the rule's numbers: a value equal to one of
     /// them is kept whole (a rule may compare `lower(x)` or `trimmed(x)`).
     kept_whole: HashSet<String>,
+    /// The fields the rule reads by name: map keys that stay.
+    fields: HashSet<String>,
     given: HashMap<String, String>,
     /// Values replaced character for character, for their occurrences inside longer
     /// texts, longest first.
@@ -340,6 +502,7 @@ impl Placeholders {
                 .into_iter()
                 .filter(|t| t.chars().count() >= KEPT_WITHIN)
                 .collect(),
+            fields: HashSet::new(),
             given: HashMap::new(),
             shaped: Vec::new(),
             taken: HashSet::new(),
@@ -369,10 +532,9 @@ impl Placeholders {
                 if self.kept_whole.contains(&written) {
                     return value.clone();
                 }
-                // Decimals and integers past 64 bits too: their digits before an exponent.
-                let Some((mantissa, exponent)) = identifier_digits(&written) else {
-                    return value.clone();
-                };
+                // Any number may be an identifier (a PIN, an account): each is replaced but
+                // those the rule spells, its digits before an exponent (the magnitude stays).
+                let (mantissa, exponent) = number_digits(&written);
                 let replaced = format!("{}{exponent}", self.text(mantissa));
                 serde_json::from_str(&replaced).unwrap_or(Value::Null)
             }
@@ -381,9 +543,16 @@ impl Placeholders {
                 fields
                     .iter()
                     .map(|(k, v)| {
-                        let key = match key_is_identifier(k) {
-                            true => self.text(k),
-                            false => k.clone(),
+                        // A key stays when the rule reads it by name; it is replaced as a
+                        // value is when it looks like an identifier or equals a value
+                        // replaced elsewhere (`consents: {"u-123": true}`), and a replaced
+                        // value within it is replaced the same way.
+                        let key = if self.fields.contains(k) {
+                            k.clone()
+                        } else if key_is_identifier(k) || self.given.contains_key(k) {
+                            self.text(k)
+                        } else {
+                            self.within(k)
                         };
                         (key, self.value(v))
                     })
@@ -391,6 +560,19 @@ impl Placeholders {
             ),
             other => other.clone(),
         }
+    }
+
+    /// `text` with the values replaced so far replaced within it the same way, the rest
+    /// as it is (a map key that holds an identifier: `consent_u-123`).
+    fn within(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for (from, to) in &self.shaped {
+            let from: String = from.iter().collect();
+            if !self.kept.contains(&from) && !self.kept_whole.contains(&from) {
+                out = out.replace(&from, &to.iter().collect::<String>());
+            }
+        }
+        out
     }
 
     fn text(&mut self, text: &str) -> String {
@@ -438,6 +620,17 @@ impl Placeholders {
                 }
             }
         }
+        // Zeros that open a run of digits stay: a number keeps its magnitude (`0.05` stays
+        // below 0.1), and they tell nothing of an identifier.
+        for i in 0..chars.len() {
+            let opens = (0..i)
+                .rev()
+                .take_while(|&j| chars[j].is_ascii_digit())
+                .all(|j| chars[j] == '0');
+            if chars[i] == '0' && opens && fixed[i].is_none() {
+                fixed[i] = Some('0');
+            }
+        }
         let replaceable = chars
             .iter()
             .zip(&fixed)
@@ -482,13 +675,10 @@ impl Placeholders {
     }
 }
 
-/// A number as JSON writes it, split before its exponent, if its digits are many enough
-/// to be an identifier's.
-fn identifier_digits(written: &str) -> Option<(&str, &str)> {
+/// A number as JSON writes it, split before its exponent.
+fn number_digits(written: &str) -> (&str, &str) {
     let at = written.find(['e', 'E']).unwrap_or(written.len());
-    let (mantissa, exponent) = written.split_at(at);
-    let digits = mantissa.bytes().filter(u8::is_ascii_digit).count();
-    (digits >= ID_DIGITS).then_some((mantissa, exponent))
+    written.split_at(at)
 }
 
 /// Every string in a value (map keys that are identifiers included) and every number
@@ -496,11 +686,7 @@ fn identifier_digits(written: &str) -> Option<(&str, &str)> {
 fn collect_texts(value: &Value, texts: &mut Vec<String>) {
     match value {
         Value::String(text) => texts.push(text.clone()),
-        Value::Number(n) => {
-            if let Some((mantissa, _)) = identifier_digits(&n.to_string()) {
-                texts.push(mantissa.to_owned());
-            }
-        }
+        Value::Number(n) => texts.push(number_digits(&n.to_string()).0.to_owned()),
         Value::Array(items) => items.iter().for_each(|v| collect_texts(v, texts)),
         Value::Object(fields) => {
             for (key, value) in fields {
@@ -538,7 +724,11 @@ fn shaped(chars: &[char], fixed: &[Option<char>], seed: u64) -> String {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
     let mut out: Vec<char> = out.chars().collect();
     for i in digits {
-        let leading = i == 0 || !chars[i - 1].is_ascii_digit();
+        // The first digit of a run but its opening zeros (kept): not a zero.
+        let leading = (0..i)
+            .rev()
+            .take_while(|&j| chars[j].is_ascii_digit())
+            .all(|j| chars[j] == '0');
         out[i] = char::from(b'0' + rng.gen_range(u8::from(leading)..10));
     }
     out.into_iter().collect()
@@ -594,7 +784,8 @@ mod tests {
         assert_ne!(email, "Jo.Smith@example.com");
         let account = out["account"].as_i64().unwrap();
         assert!(account != 9876543 && (1_000_000..10_000_000).contains(&account));
-        assert_eq!(out["count"], 3);
+        let count = out["count"].as_i64().unwrap();
+        assert!(count != 3 && (1..10).contains(&count), "{count}");
         assert_eq!(out["verified"], true);
         let message: Value = serde_json::from_str(out["message"].as_str().unwrap()).unwrap();
         assert_eq!(message["user"], out["user_id"]);
@@ -682,8 +873,60 @@ mod tests {
         }
         assert!(out["amount"].is_f64() && out["big"].is_number(), "{out}");
         assert_eq!(out["code"], 10001);
-        assert_eq!(out["small"], 3);
+        assert_ne!(out["small"], 3);
         assert!(!p.exhausted);
+    }
+
+    /// Map keys equal to a value replaced elsewhere get its stand-in, but keys the rule
+    /// reads; every number is replaced but those the rule names, decimals keeping their
+    /// magnitude; booleans stay.
+    #[test]
+    fn keys_and_short_numbers_do_not_leak() {
+        let (_dir, set) = rule_set(
+            "fn decide(record) {\n    let d = record.data;\n    if d.version != 2 { return; }\n    if d.ratio < 1.0 { return #{ action: \"a\", key: d.user_id }; }\n}\n",
+        );
+        let data = json!({
+            "version": 2,
+            "user_id": "u-123",
+            "consents": {"u-123": true, "Jane Doe": 1, "mail_u-123": 2},
+            "name": "Jane Doe",
+            "pin": 4821,
+            "pin_text": "4821",
+            "ratio": 0.0523,
+            "neg": -0.5,
+            "zero": 0,
+        });
+        let made = case(
+            &set,
+            "r",
+            &record(data.to_string().as_bytes(), ""),
+            false,
+            "n",
+            None,
+        )
+        .unwrap();
+        let out = &made.record["data"];
+        let text = out.to_string();
+        for original in ["u-123", "Jane", "4821"] {
+            assert!(!text.contains(original), "{original} in {text}");
+        }
+        let user = out["user_id"].as_str().unwrap();
+        let consents = out["consents"].as_object().unwrap();
+        assert_eq!(consents[user], true, "{text}");
+        assert!(
+            consents.contains_key(out["name"].as_str().unwrap()),
+            "{text}"
+        );
+        assert!(consents.contains_key(&format!("mail_{user}")), "{text}");
+        assert_eq!(out["version"], 2, "a number the rule names stays");
+        assert_eq!(out["pin"].to_string(), out["pin_text"].as_str().unwrap());
+        assert_eq!(out["pin"].to_string().len(), 4);
+        let ratio = out["ratio"].as_f64().unwrap();
+        assert!(ratio != 0.0523 && (0.01..0.1).contains(&ratio), "{ratio}");
+        let neg = out["neg"].as_f64().unwrap();
+        assert!(neg != -0.5 && (-1.0..0.0).contains(&neg), "{neg}");
+        assert_eq!(out["zero"], 0);
+        assert_eq!(made.expect["key"], user);
     }
 
     /// Distinct values never share a placeholder, nor take another value's.
@@ -737,6 +980,82 @@ mod tests {
         let kept = case(&set, "r", &failing, true, "n", None).unwrap();
         assert_eq!(kept.expect, Value::Null);
         assert!(kept.name.contains("still fails"), "{}", kept.name);
+    }
+
+    /// Two outcomes of the same kind by different branches are different paths: the
+    /// statements run are compared, and the decisions' form, and whether they can be sent.
+    #[test]
+    fn the_same_outcome_by_another_branch_is_refused() {
+        // The tester's rule: the record's id takes the first branch, a placeholder the second.
+        let (_dir, set) = rule_set(
+            "fn decide(record) {\n    let uid = record.data.uid;\n    if uid.sub_string(2, 1) == \"7\" {\n        return #{ action: \"a\", key: \"k-\" + uid, params: #{ user_id: #{ x: 1 } } };\n    }\n    #{ action: \"a\", key: \"k-\" + uid, params: #{ user_id: uid } }\n}\n",
+        );
+        let branching = record(br#"{"uid": "u-77777"}"#, "");
+        let err = case(&set, "r", &branching, false, "n", None).unwrap_err();
+        assert!(matches!(err, ToTestError::PathChanged { .. }), "{err}");
+        let message = err.to_string();
+        assert!(message.contains("line(s) 4"), "{message}");
+        assert!(!message.contains("77777"), "{message}");
+        // Two "decides nothing" by different returns.
+        let (_dir, set) = rule_set(
+            "fn decide(record) {\n    if record.data.id.starts_with(\"u\") { return; }\n    return;\n}\n",
+        );
+        let err = case(
+            &set,
+            "r",
+            &record(br#"{"id": "u-1"}"#, ""),
+            false,
+            "n",
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(err, ToTestError::PathChanged { .. }), "{err}");
+        // The same statements, but a decision that can be sent only on the record.
+        let (_dir, set) =
+            rule_set("fn decide(record) { #{ action: \"a\", key: \"k\", params: #{ user_id: record.data.user } } }");
+        let check = |d: &Decision| match d.params["user_id"] == "u-77" {
+            true => Ok(()),
+            false => Err("no".to_owned()),
+        };
+        let err = case(
+            &set,
+            "r",
+            &record(br#"{"user": "u-77"}"#, ""),
+            false,
+            "n",
+            Some(&check),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("cannot be sent"), "{err}");
+        // What parts them is told without a value of the record (an action taken from it).
+        let (_dir, set) =
+            rule_set("fn decide(record) { #{ action: record.data.act, key: \"k\" } }");
+        let leaky = record(br#"{"act": "Secret-u-1"}"#, "");
+        let check = |d: &Decision| match d.action == "Secret-u-1" {
+            true => Ok(()),
+            false => Err("no such action".to_owned()),
+        };
+        for check in [None, Some(&check as SendCheck)] {
+            let err = case(&set, "r", &leaky, false, "n", check).unwrap_err();
+            let message = err.to_string();
+            assert!(
+                matches!(err, ToTestError::PathChanged { .. }) && !message.contains("Secret"),
+                "{message}"
+            );
+        }
+        // A path the placeholders keep is not refused.
+        let (_dir, set) = rule_set(
+            "fn decide(record) {\n    if record.data.id.len() > 3 { return #{ action: \"a\", key: record.data.id }; }\n}\n",
+        );
+        case(
+            &set,
+            "r",
+            &record(br#"{"id": "u-12345"}"#, ""),
+            false,
+            "n",
+            None,
+        )
+        .unwrap();
     }
 
     /// A decision the configured actions cannot send is not expected: the case still fails.

@@ -366,6 +366,20 @@ fn decide(record) {
 }
 "#;
 
+/// The tester's rule: on a user id of one form (its third character), a decision that
+/// cannot be sent; else one that can. A placeholder of another form takes the other branch.
+const BRANCH: &str = r#"const PREFILTER = ["branch_form"];
+fn decide(record) {
+    let d = record.data;
+    if type_of(d) != "map" || d.type != "branch_form" { return; }
+    let uid = d.uid;
+    if uid.sub_string(2, 1) == "7" {
+        return #{ action: "anonymize_user", key: "k-" + uid, params: #{ user_id: #{ x: 1 } } };
+    }
+    #{ action: "anonymize_user", key: "k-" + uid, params: #{ user_id: uid } }
+}
+"#;
+
 /// A rule whose decision the action cannot send: its `user_id` param is a map.
 const BAD_PARAMS: &str = r#"const PREFILTER = ["bad_params"];
 fn decide(record) {
@@ -404,6 +418,7 @@ async fn a_dead_letter_becomes_a_test_case_without_its_identifiers() {
     ws.write_rule("bad_params.rhai", BAD_PARAMS);
     // A rule that looks at the form of an id: placeholders would take it elsewhere.
     ws.write_rule("id_form.rhai", ID_FORM);
+    ws.write_rule("branch.rhai", BRANCH);
     // The rule throws on this one (no user_id); then a request the backend gets, to know
     // the daemon is past it.
     let failing = serde_json::json!({
@@ -412,6 +427,8 @@ async fn a_dead_letter_becomes_a_test_case_without_its_identifiers() {
         "email": "Jane.Doe@example.org",
         "phone": "+1 555 0100",
         "account": 4417123456u64,
+        "pin": 4821,
+        "consents": {"s-98765": true, "Jane.Doe@example.org": 1},
     });
     put(
         &client,
@@ -432,6 +449,12 @@ async fn a_dead_letter_becomes_a_test_case_without_its_identifiers() {
             ),
             (
                 "k".to_owned(),
+                serde_json::json!({"type": "branch_form", "uid": "u-77777"})
+                    .to_string()
+                    .into_bytes(),
+            ),
+            (
+                "k".to_owned(),
                 deletion("r-1", "u-1").to_string().into_bytes(),
             ),
         ],
@@ -444,11 +467,17 @@ async fn a_dead_letter_becomes_a_test_case_without_its_identifiers() {
     .await;
     let config = ws.config();
     let config = config.to_str().unwrap();
-    // Served by the running daemon.
-    let (code, out, err) = ws.run(&["dead-letters", "list", "--config", config]);
+    // Served by the running daemon (its letters are written with the batch's progress,
+    // after the request went out).
+    let list = || ws.run(&["dead-letters", "list", "--config", config]);
+    wait_until(std::time::Duration::from_secs(30), "the letters", || {
+        json_lines(&list().1).len() >= 4
+    })
+    .await;
+    let (code, out, err) = list();
     assert_eq!(code, 0, "{err}");
     let letters = json_lines(&out);
-    assert_eq!(letters.len(), 3, "{out}");
+    assert_eq!(letters.len(), 4, "{out}");
     let letter = |rule: &str| {
         letters
             .iter()
@@ -471,6 +500,23 @@ async fn a_dead_letter_becomes_a_test_case_without_its_identifiers() {
     let (code, out, err) = ws.run(&[&args[..], &["--keep-identifiers"]].concat());
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("x-991"), "{out}");
+    // The same outcome kind by another branch (a decision that can be sent, where the
+    // record's could not): refused too, saying where they part.
+    let branch = letter("branch")["id"].to_string();
+    let (code, out, err) = ws.run(&[
+        "dead-letters",
+        "to-test",
+        "--id",
+        &branch,
+        "--config",
+        config,
+    ]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("the placeholders change the rule's path") && err.contains("line(s) 7"),
+        "{err}"
+    );
+    assert!(!err.contains("77777"), "{err}");
     // A decision that cannot be sent: the case does not expect it, and says it still fails.
     let unsendable = letter("bad_params")["id"].to_string();
     let (code, out, err) = ws.run(&[
@@ -538,6 +584,7 @@ async fn a_dead_letter_becomes_a_test_case_without_its_identifiers() {
         "555",
         "0100",
         "4417123456",
+        "4821",
         "jane-doe",
     ] {
         assert!(!held.contains(identifier), "{identifier} in {printed}");
@@ -679,8 +726,9 @@ async fn a_refused_reload_logs_no_keys_params_or_values() {
 
 /// `rules explain` reads its input as the daemon reads records: as bytes (a Latin-1 line
 /// too), decoded first; what the daemon cannot decode is said to become a decode_failed
-/// dead letter. `-` reads stdin; an empty input says so; a line that names a payload field
-/// but is not a captured record is an error naming the line.
+/// dead letter. `-` reads stdin; an empty input says so; a line that holds a field only
+/// `capture` writes but is not a captured record is an error naming the line; a plain
+/// event with a `data` field of its own is a plain event.
 #[test]
 fn explain_reads_records_as_the_daemon_does() {
     use base64::Engine;
@@ -752,7 +800,22 @@ fn explain_reads_records_as_the_daemon_does() {
     // A captured record that is not one: the line named.
     let (code, _, err) = explain("-", b"{\"data\":{}}\n{\"data_base64\":\"!!!\"}\n");
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("-:2: names a payload field"), "{err}");
+    assert!(
+        err.contains("-:2: looks like a captured record (it has data_base64)"),
+        "{err}"
+    );
+    // A plain event with a `data` field of its own is a plain event, its whole line the
+    // payload; hex that does not decode is an error, not an empty event.
+    let plain = br#"{"type":"privacy_request","client":"acme","tags":["GDPR","Delete User"],"request_id":"r-77","user_id":"u-77","data":{"source":"web"}}"#;
+    let (code, out, err) = explain("-", plain);
+    assert_eq!(code, 0, "{err}");
+    let traced: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    let rule = trace(&traced, "acme_gdpr_delete_user");
+    assert_eq!(rule["outcome"], "decided", "{rule}");
+    assert_eq!(rule["decisions"][0]["decision"]["key"], "r-77", "{rule}");
+    let (code, _, err) = explain("-", b"{\"sequence_number\":\"1\",\"data_hex\":\"abc\"}\n");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("-:1:") && err.contains("data_hex"), "{err}");
 
     // What a rule threw is shown without its control characters.
     ws.write_rule(

@@ -801,7 +801,7 @@ fn read_events(path: &std::path::Path) -> Result<Vec<(usize, Record)>, Failure> 
         if line.trim_ascii().is_empty() {
             continue;
         }
-        let record = decode::event_line_bytes(line).map_err(|e| {
+        let record = decode::event_line(line).map_err(|e| {
             Failure::usage(anyhow::anyhow!("{}:{}: {e}", path.display(), index + 1))
         })?;
         records.push((index + 1, record));

@@ -283,17 +283,6 @@ fn capture_field(text: &str) -> Option<&'static str> {
         .find(|name| fields.contains_key(*name))
 }
 
-/// One line an operator gives (`rules explain`, the console's playground): a record as
-/// `capture` writes it (told by the fields only `capture` writes), or else the line itself
-/// as the payload (a plain event, `data` field or not). A line that looks captured but is
-/// not a record is taken as a plain event here ([`event_line_bytes`] says it is wrong).
-pub fn event_line(line: &str) -> Record {
-    let captured = capture_field(line)
-        .and_then(|_| serde_json::from_str::<RecordJson>(line).ok())
-        .map(RecordJson::into_record);
-    captured.unwrap_or_else(|| plain_event(line.as_bytes()))
-}
-
 fn plain_event(bytes: &[u8]) -> Record {
     RecordJson {
         data_base64: Some(bytes.to_vec()),
@@ -302,11 +291,13 @@ fn plain_event(bytes: &[u8]) -> Record {
     .into_record()
 }
 
-/// [`event_line`] on a line's bytes, as `rules explain` reads a file: a line that is not
+/// One line an operator gives (`rules explain`, the console's playground): a record as
+/// `capture` writes it (told by the fields only `capture` writes), or else the line itself
+/// as the payload (a plain event, `data` field or not). A line that is not
 /// UTF-8 (Latin-1, say) is a plain event whose payload is those bytes, as the daemon would
 /// read them; a line that holds a field only `capture` writes (`shard_id`,
 /// `data_base64`...) but is not a captured record is an error, not an event.
-pub fn event_line_bytes(line: &[u8]) -> Result<Record, String> {
+pub fn event_line(line: &[u8]) -> Result<Record, String> {
     let Ok(text) = std::str::from_utf8(line) else {
         return Ok(plain_event(line));
     };
@@ -1333,11 +1324,8 @@ mod tests {
             r#"{"type":"x","data":{"user_id":"u-1"}}"#,
             r#"{"data_text":"x","type":"y"}"#,
         ] {
-            assert_eq!(
-                event_line_bytes(line.as_bytes()).unwrap().bytes,
-                line.as_bytes()
-            );
-            assert_eq!(event_line(line).bytes, line.as_bytes());
+            assert_eq!(event_line(line.as_bytes()).unwrap().bytes, line.as_bytes());
+            assert_eq!(event_line(line.as_bytes()).unwrap().bytes, line.as_bytes());
         }
         let record = RecordJson {
             data_text: Some("payload".into()),
@@ -1347,14 +1335,14 @@ mod tests {
         }
         .into_record();
         let line = serde_json::to_string(&RecordJson::from_record(&record)).unwrap();
-        let read = event_line_bytes(line.as_bytes()).unwrap();
+        let read = event_line(line.as_bytes()).unwrap();
         assert_eq!(
             (&*read.bytes, &*read.sequence_number),
             (&b"payload"[..], "42")
         );
-        assert_eq!(event_line(&line).bytes, &b"payload"[..]);
+        assert_eq!(event_line(line.as_bytes()).unwrap().bytes, &b"payload"[..]);
         // Holds a field only capture writes, but is no record: an error, naming the field.
-        let err = event_line_bytes(br#"{"shard_id":"s","type":"x"}"#).unwrap_err();
+        let err = event_line(br#"{"shard_id":"s","type":"x"}"#).unwrap_err();
         assert!(err.contains("shard_id"), "{err}");
     }
 

@@ -697,10 +697,15 @@ async fn explain(
         .filter(|line| !line.is_empty())
         .map(str::to_owned)
         .collect();
-    let records: Vec<_> = lines
-        .iter()
-        .map(|line| crate::decode::event_line(line))
-        .collect();
+    let mut records = Vec::new();
+    for (n, line) in lines.iter().enumerate() {
+        match crate::decode::event_line(line.as_bytes()) {
+            Ok(record) => records.push(record),
+            Err(e) => {
+                return (StatusCode::BAD_REQUEST, format!("line {}: {e}", n + 1)).into_response()
+            }
+        }
+    }
     let events: usize = records
         .iter()
         .map(|record| crate::rules::decode_as_daemon(record).map_or(1, |events| events.len()))

@@ -50,17 +50,9 @@ const RENEWAL_GRACE: Duration = Duration::from_secs(15);
 
 impl KinesisSource {
     async fn stream_arn(&self) -> Result<String, SourceError> {
-        let output = self
-            .client
-            .describe_stream_summary()
-            .stream_name(&self.stream)
-            .send()
-            .await
-            .map_err(|e| SourceError::Describe {
-                stream: self.stream.clone(),
-                message: describe(&e),
-            })?;
-        Ok(output
+        Ok(self
+            .summary()
+            .await?
             .stream_description_summary()
             .map(|s| s.stream_arn().to_owned())
             .unwrap_or_default())

@@ -424,10 +424,14 @@ impl KinesisSource {
         }
     }
 
-    /// How long the stream keeps records (DescribeStreamSummary).
-    pub async fn retention(&self) -> Result<Duration, SourceError> {
-        let output = self
-            .client
+    /// DescribeStreamSummary.
+    pub(crate) async fn summary(
+        &self,
+    ) -> Result<
+        aws_sdk_kinesis::operation::describe_stream_summary::DescribeStreamSummaryOutput,
+        SourceError,
+    > {
+        self.client
             .describe_stream_summary()
             .stream_name(&self.stream)
             .send()
@@ -435,8 +439,14 @@ impl KinesisSource {
             .map_err(|e| SourceError::Describe {
                 stream: self.stream.clone(),
                 message: describe(&e),
-            })?;
-        let hours = output
+            })
+    }
+
+    /// How long the stream keeps records.
+    pub async fn retention(&self) -> Result<Duration, SourceError> {
+        let hours = self
+            .summary()
+            .await?
             .stream_description_summary()
             .map_or(24, |s| s.retention_period_hours());
         Ok(Duration::from_secs(hours.max(1) as u64 * 3600))

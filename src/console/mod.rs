@@ -23,9 +23,8 @@ use serde_json::Value;
 
 use crate::config::ConsoleSettings;
 use crate::control::Handler;
-use crate::pipeline::{Pipeline, Sink};
+use crate::pipeline::Pipeline;
 use crate::shutdown::Shutdown;
-use crate::state::State as Ledger;
 use crate::telemetry::Served;
 use auth::{Auth, Caller, Refusal};
 
@@ -298,13 +297,6 @@ impl Console {
         }
     }
 
-    fn ledger(&self) -> Option<&Arc<Ledger>> {
-        match &self.pipeline.sink {
-            Sink::Live { state, .. } => Some(state),
-            Sink::Preview(_) => None,
-        }
-    }
-
     /// Runs a command as the CLI would, served by this daemon, with the console as origin.
     async fn command(&self, argv: Vec<String>) -> Ran {
         let (handler, pipeline) = (self.handler.clone(), self.pipeline.clone());
@@ -465,13 +457,8 @@ pub struct RequestsView {
 }
 
 fn gather_requests(console: &Console) -> Result<RequestsView, crate::state::StateError> {
-    let Some(state) = console.ledger() else {
-        return Ok(RequestsView {
-            open: Vec::new(),
-            per_day: Vec::new(),
-            actions: Vec::new(),
-        });
-    };
+    // The daemon's state (the console runs only beside a live one).
+    let state = &console.served.state;
     let mut open = Vec::new();
     for (id, letter) in state.dead_letters()? {
         open.push(pages::OpenRequest::of_letter(id, &letter));
@@ -554,10 +541,9 @@ async fn dead_letters(
     State(console): State<Shared>,
     Extension(caller): Extension<Caller>,
 ) -> Response {
-    let letters = match console.ledger().map(|s| s.dead_letters()) {
-        Some(Ok(letters)) => letters,
-        Some(Err(e)) => return unavailable(e),
-        None => Vec::new(),
+    let letters = match console.served.state.dead_letters() {
+        Ok(letters) => letters,
+        Err(e) => return unavailable(e),
     };
     pages::dead_letters(&console.frame(&caller), &letters).into_response()
 }
@@ -661,10 +647,9 @@ async fn change(
 }
 
 async fn audit(State(console): State<Shared>, Extension(caller): Extension<Caller>) -> Response {
-    let entries = match console.ledger().map(|s| s.audit_latest(0, 50)) {
-        Some(Ok(entries)) => entries,
-        Some(Err(e)) => return unavailable(e),
-        None => Vec::new(),
+    let entries = match console.served.state.audit_latest(0, 50) {
+        Ok(entries) => entries,
+        Err(e) => return unavailable(e),
     };
     pages::audit(&console.frame(&caller), &entries).into_response()
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every test: installs the pinned Kinesis emulators (kinesalite, and kinesis-mock for the
-# lineage tests it adds, from npm, per their lockfiles), then runs the unit and integration
-# tests. The tests start kinesalite and a backend
+# Every test: installs the pinned emulators from npm, per their lockfiles (kinesalite;
+# kinesis-mock for the lineage and fan-out tests; dynalite for the fleet's DynamoDB tables),
+# then runs the unit and integration tests. The tests start the emulators and a backend
 # themselves, on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,7 @@ if ! command -v chromedriver >/dev/null || ! command -v chromium >/dev/null; the
 fi
 npm ci --prefix tools/kinesalite --no-audit --no-fund --loglevel=error
 npm ci --prefix tools/kinesis-mock --no-audit --no-fund --loglevel=error
+npm ci --prefix tools/dynalite --no-audit --no-fund --loglevel=error
 cargo test --all-targets
 # The demo checks its own report against the data it wrote.
 bash scripts/demo.sh | tail -n 9

@@ -31,7 +31,7 @@ use gdpr_consumer::rules::reload::Rules;
 use gdpr_consumer::rules::{RuleSet, Verdict};
 use gdpr_consumer::shutdown::Shutdown;
 use gdpr_consumer::source::{Batch, Position, RawRecord};
-use gdpr_consumer::state::{Access, State};
+use gdpr_consumer::state::{Access, LocalState, State};
 use gdpr_consumer::telemetry::Telemetry;
 
 /// The daemon's allocator (see src/main.rs).
@@ -375,7 +375,7 @@ async fn run_pipeline(
 ) -> (f64, Cpu) {
     let actions: BTreeSet<String> = settings.actions.keys().cloned().collect();
     let set = RuleSet::load(&settings.rules_dir, Some(actions.clone())).unwrap();
-    let (state, keys) = State::open(
+    let (state, keys) = LocalState::open(
         &settings.state_path,
         KeySource {
             env: None,
@@ -395,7 +395,7 @@ async fn run_pipeline(
         )),
         actions: ActionSet::new(&settings.actions, true).unwrap(),
         sink: Sink::Live {
-            state: Arc::new(state),
+            state: Arc::new(State::local(state)),
             keys,
         },
         shutdown: Shutdown::new(),

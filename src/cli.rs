@@ -21,7 +21,7 @@ use crate::pipeline::{Pipeline, Sink};
 use crate::preview::OutputFormat;
 use crate::preview::Preview;
 use crate::rules::{explain, testing, Decision, RuleSet};
-use crate::state::{Access, AuditEntry, State, StateError, Writes};
+use crate::state::{Access, AuditEntry, LocalState, State, StateError, Writes};
 
 #[derive(Parser)]
 #[command(
@@ -953,16 +953,18 @@ fn open_state(args: &StateArgs, access: Access) -> Result<(State, Keys), Failure
         env: settings.key_env.as_deref(),
         file: &settings.key_file,
     };
-    State::open(&settings.state_path, source, access).map_err(|e| {
-        let code = match &e {
-            StateError::Key(KeyError::MissingEnv { .. } | KeyError::BadEnv { .. }) => 2,
-            _ => 1,
-        };
-        Failure {
-            code,
-            error: e.into(),
-        }
-    })
+    LocalState::open(&settings.state_path, source, access)
+        .map(|(state, keys)| (State::local(state), keys))
+        .map_err(|e| {
+            let code = match &e {
+                StateError::Key(KeyError::MissingEnv { .. } | KeyError::BadEnv { .. }) => 2,
+                _ => 1,
+            };
+            Failure {
+                code,
+                error: e.into(),
+            }
+        })
 }
 
 /// Where a state command gets the state and writes its answer: this process (the file,

@@ -15,6 +15,7 @@ use crate::actions::{
     check_header, is_backend_fault, ActionSpec, BodyTemplate, Secret, Signing, UrlTemplate,
 };
 pub use crate::source::{ReadMode, StartPosition, StreamSettings};
+pub use crate::state::shared::SharedSettings;
 
 const DEFAULT_STATE_PATH: &str = "gdpr-consumer.redb";
 
@@ -48,6 +49,26 @@ pub struct FileConfig {
     pub metrics: MetricsSection,
     #[serde(default)]
     pub console: ConsoleSection,
+    #[serde(default)]
+    pub coordination: CoordinationSection,
+}
+
+/// `[coordination]`: one daemon with its state file (the default), or a fleet sharing the
+/// stream through DynamoDB.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinationSection {
+    /// `local` (default) or `dynamodb`.
+    pub kind: Option<String>,
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    pub lease_table: Option<String>,
+    pub state_table: Option<String>,
+    /// Create both tables (on-demand) when missing.
+    pub create_tables: Option<bool>,
+    /// Default: the host name and the process id.
+    pub worker_id: Option<String>,
+    pub lease_duration_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -174,6 +195,8 @@ pub struct Settings {
     pub state_path: PathBuf,
     pub key_file: PathBuf,
     pub key_env: Option<String>,
+    /// A fleet's tables, when `[coordination] kind = "dynamodb"`; a state file otherwise.
+    pub fleet: Option<SharedSettings>,
     pub ledger_retention: Duration,
     pub dead_letter_retry_interval: Duration,
     pub rules_dir: PathBuf,
@@ -230,6 +253,8 @@ pub struct StateSettings {
     pub state_path: PathBuf,
     pub key_file: PathBuf,
     pub key_env: Option<String>,
+    /// A fleet's tables, when `[coordination] kind = "dynamodb"`.
+    pub fleet: Option<SharedSettings>,
 }
 
 /// The state file and key: the flag, else the config's, else the defaults.
@@ -237,18 +262,21 @@ pub fn state_settings(
     config: Option<&Path>,
     flag: Option<PathBuf>,
 ) -> Result<StateSettings, ConfigError> {
-    let section = match config {
-        Some(path) => FileConfig::load(path)?.state,
-        None => StateSection::default(),
+    let file = match config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
     };
     let base = config.and_then(Path::parent);
-    resolve_state(section, flag, base)
+    let call_timeout = Duration::from_millis(file.stream.call_timeout_ms.unwrap_or(10_000));
+    resolve_state(file.state, file.coordination, flag, base, call_timeout)
 }
 
 fn resolve_state(
     section: StateSection,
+    coordination: CoordinationSection,
     flag: Option<PathBuf>,
     base: Option<&Path>,
+    call_timeout: Duration,
 ) -> Result<StateSettings, ConfigError> {
     // An empty path would name the config's directory (or a stray `.key` file there), and
     // an empty variable name can never be set.
@@ -291,11 +319,118 @@ fn resolve_state(
             name.push(".key");
             PathBuf::from(name)
         });
+    let fleet = resolve_coordination(coordination, section.key_env.as_deref(), call_timeout)?;
     Ok(StateSettings {
         state_path,
         key_file,
         key_env: section.key_env,
+        fleet,
     })
+}
+
+/// A DynamoDB table name: 3 to 255 letters, digits, `_`, `-` or `.`.
+fn table_name(key: &str, name: Option<String>, default: &str) -> Result<String, ConfigError> {
+    let name = name.unwrap_or_else(|| default.to_owned());
+    let valid = (3..=255).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if !valid {
+        return Err(ConfigError::Invalid(format!(
+            "[coordination] {key} = {name:?}: 3 to 255 letters, digits, '_', '-' or '.'"
+        )));
+    }
+    Ok(name)
+}
+
+/// The host name and process id: unique among running workers, new at each start.
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+fn resolve_coordination(
+    section: CoordinationSection,
+    key_env: Option<&str>,
+    call_timeout: Duration,
+) -> Result<Option<SharedSettings>, ConfigError> {
+    match section.kind.as_deref().unwrap_or("local") {
+        "local" => {
+            let set = section.region.is_some()
+                || section.endpoint_url.is_some()
+                || section.lease_table.is_some()
+                || section.state_table.is_some()
+                || section.create_tables.is_some()
+                || section.worker_id.is_some()
+                || section.lease_duration_ms.is_some();
+            if set {
+                return Err(ConfigError::Invalid(
+                    "[coordination] settings are only read with kind = \"dynamodb\": set it, or remove them".into(),
+                ));
+            }
+            return Ok(None);
+        }
+        "dynamodb" => {}
+        other => {
+            return Err(ConfigError::Invalid(format!(
+                "[coordination] kind = {other:?}: expected \"local\" or \"dynamodb\""
+            )))
+        }
+    }
+    if key_env.is_none() {
+        return Err(ConfigError::Invalid(
+            "[coordination] kind = \"dynamodb\" needs [state] key_env: every worker must share the state's key (set the same variable on each host)".into(),
+        ));
+    }
+    let lease_table = table_name("lease_table", section.lease_table, "gdpr-consumer")?;
+    let state_table = table_name("state_table", section.state_table, "gdpr-consumer-state")?;
+    if lease_table == state_table {
+        return Err(ConfigError::Invalid(format!(
+            "[coordination] lease_table and state_table are both {lease_table:?}: they must be two tables"
+        )));
+    }
+    let worker_id = match section.worker_id {
+        Some(id) if id.trim().is_empty() || id.len() > 128 || id.chars().any(char::is_control) => {
+            return Err(ConfigError::Invalid(format!(
+                "[coordination] worker_id = {id:?}: 1 to 128 printable characters"
+            )))
+        }
+        Some(id) => id,
+        None => default_worker_id(),
+    };
+    let lease_duration = match section.lease_duration_ms.unwrap_or(10_000) {
+        ms if !(1_000..=600_000).contains(&ms) => {
+            return Err(ConfigError::Invalid(format!(
+                "[coordination] lease_duration_ms = {ms} is not between 1000 and 600000"
+            )))
+        }
+        ms => Duration::from_millis(ms),
+    };
+    if section
+        .endpoint_url
+        .as_ref()
+        .is_some_and(|u| u.trim().is_empty())
+    {
+        return Err(ConfigError::Invalid(
+            "[coordination] endpoint_url is empty: remove it for the AWS default, or name a URL"
+                .into(),
+        ));
+    }
+    Ok(Some(SharedSettings {
+        region: section.region,
+        endpoint_url: section.endpoint_url,
+        state_table,
+        lease_table,
+        create_tables: section.create_tables.unwrap_or(false),
+        worker_id,
+        lease_duration,
+        call_timeout,
+    }))
 }
 
 fn resolve_actions(
@@ -677,7 +812,14 @@ impl Settings {
             state_path,
             key_file,
             key_env,
-        } = resolve_state(file.state, overrides.state, base)?;
+            fleet,
+        } = resolve_state(
+            file.state,
+            file.coordination,
+            overrides.state,
+            base,
+            stream.call_timeout,
+        )?;
         let rules_dir = overrides
             .rules_dir
             .or_else(|| file.rules.dir.map(|p| resolve(base, p)))
@@ -695,6 +837,7 @@ impl Settings {
             state_path,
             key_file,
             key_env,
+            fleet,
             ledger_retention: Duration::from_secs(ledger_retention_days * 24 * 3600),
             dead_letter_retry_interval: at_least_a_second(
                 "[state] dead_letter_retry_interval_ms",
@@ -1058,6 +1201,16 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
             )]),
             metrics: MetricsSection {
                 listen: Some("127.0.0.1:1".parse().unwrap()),
+            },
+            coordination: CoordinationSection {
+                kind: Some("dynamodb".into()),
+                region: Some("r".into()),
+                endpoint_url: Some("u".into()),
+                lease_table: Some("l".into()),
+                state_table: Some("s".into()),
+                create_tables: Some(true),
+                worker_id: Some("w".into()),
+                lease_duration_ms: Some(1000),
             },
             console: ConsoleSection {
                 listen: Some("127.0.0.1:1".parse().unwrap()),

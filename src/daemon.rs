@@ -22,7 +22,7 @@ use crate::rules::reload::{self, load_tested, LoadFailure, Rules, Sendable};
 use crate::rules::Decision;
 use crate::shutdown::Shutdown;
 use crate::source::{Checkpoint, KinesisSource, Position, ReadMode, ShardReader};
-use crate::state::{Access, DeadLetterReason, State, StateError, DEAD_LETTER_PAGE};
+use crate::state::{Access, DeadLetterReason, LocalState, State, StateError, DEAD_LETTER_PAGE};
 use crate::supervisor::{self, ShardExit, ShardWork, SupervisorError};
 use crate::telemetry::{self, Served, Telemetry};
 
@@ -147,8 +147,8 @@ pub async fn run(
             check_ledger_retention(&source, &settings).await?;
             // Lock the state before anything else can start, the listener included.
             let (state, keys) =
-                State::open(&settings.state_path, key_source(&settings), Access::Run)?;
-            let state = Arc::new(state);
+                LocalState::open(&settings.state_path, key_source(&settings), Access::Run)?;
+            let state = Arc::new(State::local(state));
             let status = Arc::new(Served {
                 telemetry: telemetry.clone(),
                 rules: rules.clone(),
@@ -412,8 +412,9 @@ pub async fn retry_dead_letters(
         .map_err(|failure| RunError::Rules(settings.rules_dir.clone(), failure))?;
     let telemetry = Arc::new(Telemetry::new());
     let actions = ActionSet::new(&settings.actions, true)?.observed(telemetry.clone());
-    let (state, keys) = State::open(&settings.state_path, key_source(&settings), Access::Write)?;
-    let state = Arc::new(state);
+    let (state, keys) =
+        LocalState::open(&settings.state_path, key_source(&settings), Access::Write)?;
+    let state = Arc::new(State::local(state));
     let shutdown = Shutdown::new();
     spawn_signal_handler(shutdown.clone());
     let pipeline = Pipeline {
@@ -532,7 +533,7 @@ fn read_ledger(settings: &Settings) -> Option<Ledger> {
         tracing::info!("no state file yet: no request is marked as already done");
         return None;
     }
-    let opened = State::open(&settings.state_path, key_source(settings), Access::Peek)
+    let opened = LocalState::open(&settings.state_path, key_source(settings), Access::Peek)
         .and_then(|(state, keys)| Ok((state.done_set()?, keys)));
     match opened {
         Ok((done, keys)) => {

@@ -1458,8 +1458,9 @@ mod tests {
             env: None,
             file: &key,
         };
-        drop(State::open(&path, source, Access::Run).unwrap());
-        let (state, keys) = State::open(&path, source, Access::Read).unwrap();
+        drop(crate::state::LocalState::open(&path, source, Access::Run).unwrap());
+        let (state, keys) = crate::state::LocalState::open(&path, source, Access::Read).unwrap();
+        let state = State::local(state);
         let telemetry = Arc::new(Telemetry::new());
         let pipeline = Pipeline {
             stream: "s".into(),

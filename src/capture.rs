@@ -67,6 +67,7 @@ impl<W: Write + Send + 'static> ShardWork for Capture<W> {
         mut reader: ShardReader,
         shard_id: String,
         _start: Position,
+        _stop: Shutdown,
     ) -> Result<ShardExit, PipelineError> {
         let (stream, shard): (Arc<str>, Arc<str>) =
             (self.stream.as_str().into(), shard_id.as_str().into());

@@ -230,7 +230,8 @@ pub async fn run(
         }
         _ => None,
     };
-    let result = supervisor::supervise(&settings.stream, &source, &pipeline, &telemetry).await;
+    let result =
+        supervisor::supervise(&settings.stream, &source, &pipeline, &telemetry, None).await;
     // The drain: a dead letter being retried finishes (or is left as it was) like the
     // shards' requests.
     shutdown.trigger();
@@ -520,7 +521,7 @@ pub async fn capture<W: std::io::Write + Send + 'static>(
     let shutdown = Shutdown::new();
     spawn_signal_handler(shutdown.clone());
     let capture = Arc::new(Capture::new(stream.name.clone(), out, limit, shutdown));
-    supervisor::supervise(stream, &source, &capture, &telemetry).await?;
+    supervisor::supervise(stream, &source, &capture, &telemetry, None).await?;
     tracing::info!(records = capture.written(), "capture done");
     let capture = Arc::into_inner(capture).expect("every worker has ended");
     Ok(capture.into_inner())
@@ -617,8 +618,9 @@ impl ShardWork for Pipeline {
         reader: ShardReader,
         shard_id: String,
         start: Position,
+        stop: Shutdown,
     ) -> Result<ShardExit, PipelineError> {
-        Pipeline::run_shard(&self, reader, &shard_id, start).await
+        Pipeline::run_shard(&self, reader, &shard_id, start, stop).await
     }
 
     fn shutdown(&self) -> &Shutdown {

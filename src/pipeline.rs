@@ -23,9 +23,12 @@ use crate::rules::{Decision, Rule, RuleError, RuleSet, Verdict};
 use crate::shutdown::Shutdown;
 use crate::source::{Batch, Checkpoint, Position, RawRecord, ShardReader, SourceError};
 use crate::state::{
-    held_index_key, record_index_key, request_index_key, AuditEntry, DeadLetter, DeadLetterReason,
-    Held, Origin, Pause, State, StateError, Writes, DEAD_LETTER_PAGE,
+    held_index_key, record_index_key, request_index_key, AuditEntry, ClaimOutcome, DeadLetter,
+    DeadLetterReason, Held, Origin, Pause, State, StateError, Writes, DEAD_LETTER_PAGE,
 };
+
+/// How often a fleet's worker asks again about a request another worker is sending.
+const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 use crate::supervisor::ShardExit;
 use crate::telemetry::{ActionOutcome, Telemetry, UnreadableOutcome};
 
@@ -43,6 +46,19 @@ pub enum PipelineError {
     Held(#[source] StateError),
     #[error("dead letter {id}")]
     Unseal { id: u64, source: KeyError },
+}
+
+impl PipelineError {
+    /// A fleet's worker lost the shard's lease: another worker reads it now.
+    pub fn is_lease_lost(&self) -> bool {
+        matches!(
+            self,
+            PipelineError::State {
+                source: StateError::LeaseLost { .. },
+                ..
+            }
+        )
+    }
 }
 
 /// Where decisions go: the backend and the state, or the dry-run preview.
@@ -269,12 +285,13 @@ impl Pipeline {
         mut reader: ShardReader,
         shard_id: &str,
         start: Position,
+        stop: Shutdown,
     ) -> Result<ShardExit, PipelineError> {
         let mut progress = ShardProgress::new(&self.stream, shard_id, start);
         let mut caught_up = false;
         let mut first = true;
         loop {
-            let Some(batch) = reader.next(&self.shutdown).await? else {
+            let Some(batch) = reader.next(&stop).await? else {
                 return Ok(ShardExit::Stopped);
             };
             if first {
@@ -682,8 +699,15 @@ impl Pipeline {
                 regulation,
             )
         };
+        let let_go = matches!(
+            carried,
+            Carried::Sent(Outcome::Failed { .. } | Outcome::Interrupted)
+        );
         match carried {
-            Carried::Sent(Outcome::Interrupted) => return Ok(Settled::No),
+            Carried::Sent(Outcome::Interrupted) => {
+                self.let_go(id, record).await?;
+                return Ok(Settled::No);
+            }
             Carried::Paused(pause) => {
                 // Held durably: settled for the checkpoint, sent when the action resumes.
                 let held_id = state.new_held_id();
@@ -789,6 +813,9 @@ impl Pipeline {
         // A backend call happened: make its outcome durable before anything else (and
         // before the claim is let go).
         self.flush(pending, &record.shard_id).await?;
+        if let_go {
+            self.let_go(id, record).await?;
+        }
         Ok(Settled::Yes)
     }
 
@@ -874,6 +901,11 @@ impl Pipeline {
                 }
             }
         }
+        if state.is_shared() {
+            if let Some(carried) = self.claim_in_fleet(origin, decision, pending).await? {
+                return Ok((carried, claim));
+            }
+        }
         let started = Instant::now();
         let outcome = self.actions.send(request, &self.shutdown).await;
         match &outcome {
@@ -898,6 +930,84 @@ impl Pipeline {
         }
         let carried = Carried::Sent(outcome);
         Ok((carried, claim))
+    }
+
+    /// A fleet's worker claims the request in the shared state before sending it: the same
+    /// request read by two workers (under two partition keys, or a shard changing hands) is
+    /// sent by one; the other waits for its outcome and finds it done, or held by the dead
+    /// letter it became. `None`: claimed, send it. A worker that lost the shard's lease
+    /// sends nothing more for it.
+    async fn claim_in_fleet(
+        &self,
+        origin: &Origin<'_>,
+        decision: &Decision,
+        pending: &Pending,
+    ) -> Result<Option<Carried>, PipelineError> {
+        let Sink::Live { state, keys } = &self.sink else {
+            unreachable!("only a live sink carries out requests");
+        };
+        let record = origin.record;
+        let id = keys.request_id(&decision.action, &decision.key);
+        let duplicate = |letter| {
+            self.telemetry.action(
+                ActionOutcome::Duplicate,
+                &record.shard_id,
+                &record.sequence_number,
+                origin.rule,
+                origin.rules_hash,
+                &decision.action,
+                0,
+                None,
+                None,
+            );
+            Ok(Some(Carried::Duplicate { letter }))
+        };
+        loop {
+            if !state.holds_lease(&record.shard_id) {
+                return Ok(Some(Carried::Sent(Outcome::Interrupted)));
+            }
+            let claimed = state
+                .claim(id, &record.shard_id)
+                .await
+                .map_err(|source| state_error(record, source))?;
+            match claimed {
+                ClaimOutcome::Claimed => break,
+                ClaimOutcome::Done => return duplicate(None),
+                ClaimOutcome::Busy { .. } => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(CLAIM_WAIT) => {}
+                        _ = self.shutdown.triggered() => {
+                            return Ok(Some(Carried::Sent(Outcome::Interrupted)));
+                        }
+                    }
+                }
+            }
+        }
+        // The worker that held it may have let go after its call failed: the dead letter it
+        // wrote first holds the request now.
+        for other in keys.request_ids(&decision.action, &decision.key) {
+            let letter = state
+                .pending_letter(&request_index_key(&hex::encode(other)))
+                .map_err(|source| state_error(record, source))?
+                .filter(|letter| Some(*letter) != pending.retrying);
+            if letter.is_some() {
+                self.let_go(id, record).await?;
+                return duplicate(letter);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Lets go of a fleet's claim whose call did not end done (its dead letter, written
+    /// first, holds the request; or it was interrupted). Done replaces the claim itself.
+    async fn let_go(&self, id: [u8; 32], record: &Record) -> Result<(), PipelineError> {
+        let Sink::Live { state, .. } = &self.sink else {
+            return Ok(());
+        };
+        state
+            .release_claim(id)
+            .await
+            .map_err(|source| state_error(record, source))
     }
 
     /// Retries one dead letter: a failed action is sent again; a record a rule failed on
@@ -1164,9 +1274,14 @@ impl Pipeline {
         let (carried, _claim) = self
             .carry_out(origin, &decision, &request, &pending)
             .await?;
-        let request_id = hex::encode(keys.request_id(&decision.action, &decision.key));
+        let id_now = keys.request_id(&decision.action, &decision.key);
+        let request_id = hex::encode(id_now);
+        let let_go = matches!(carried, Carried::Sent(Outcome::Failed { .. }));
         let retried = match carried {
-            Carried::Sent(Outcome::Interrupted) => return Ok(Retried::Interrupted),
+            Carried::Sent(Outcome::Interrupted) => {
+                self.let_go(id_now, origin.record).await?;
+                return Ok(Retried::Interrupted);
+            }
             // Not sent, not a failure: the letter waits as it was.
             Carried::Paused(pause) => {
                 let why = match pause.resuming_since_ms {
@@ -1235,6 +1350,9 @@ impl Pipeline {
             }
         };
         self.flush(&mut pending, &letter.shard_id).await?;
+        if let_go {
+            self.let_go(id_now, origin.record).await?;
+        }
         Ok(retried)
     }
 

@@ -13,6 +13,8 @@ pub struct Shutdown {
     token: CancellationToken,
     /// Read for every record: an atomic load, where the token would take a lock.
     triggered: Arc<AtomicBool>,
+    /// A child's parent's flag: a child is stopped with its parent, or alone.
+    parent: Option<Arc<AtomicBool>>,
 }
 
 /// Returned by a wait that shutdown cut short.
@@ -24,6 +26,16 @@ impl Shutdown {
         Self::default()
     }
 
+    /// A shutdown of its own that the parent's triggers too (a fleet's shard worker stops
+    /// alone when its lease is lost).
+    pub fn child(&self) -> Self {
+        Shutdown {
+            token: self.token.child_token(),
+            triggered: Arc::default(),
+            parent: Some(self.triggered.clone()),
+        }
+    }
+
     pub fn trigger(&self) {
         self.triggered.store(true, Ordering::Release);
         self.token.cancel();
@@ -31,6 +43,10 @@ impl Shutdown {
 
     pub fn is_triggered(&self) -> bool {
         self.triggered.load(Ordering::Acquire)
+            || self
+                .parent
+                .as_ref()
+                .is_some_and(|parent| parent.load(Ordering::Acquire))
     }
 
     /// Resolves when shutdown is triggered.

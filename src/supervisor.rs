@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,11 +67,25 @@ pub trait ShardWork: Send + Sync + 'static {
         reader: ShardReader,
         shard_id: String,
         start: Position,
+        stop: Shutdown,
     ) -> impl Future<Output = Result<ShardExit, PipelineError>> + Send;
     fn shutdown(&self) -> &Shutdown;
     /// Whether the run ends once every shard has caught up (dry-run, capture): then a
     /// failing worker ends the run instead of being restarted.
     fn ends_when_caught_up(&self) -> bool;
+}
+
+/// A fleet worker's share of the stream, its leases: the supervisor reads only these shards,
+/// and stops a shard's worker when its lease goes to another worker.
+pub trait Leases: Send + Sync + 'static {
+    /// The shards whose leases this worker holds now.
+    fn held(&self) -> HashSet<String>;
+    /// Resolves when the held shards may have changed.
+    fn changed(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    /// Brings the lease table in line with the stream's shards (new shards get a lease,
+    /// finished ones whose children finished are cleaned up).
+    fn sync<'a>(&'a self, shards: &'a [ShardInfo])
+        -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 }
 
 /// A shard whose worker failed: when it may start again, and how many failures in a row.
@@ -89,6 +104,7 @@ pub async fn supervise<W: ShardWork>(
     source: &Arc<KinesisSource>,
     work: &Arc<W>,
     telemetry: &Telemetry,
+    leases: Option<&dyn Leases>,
 ) -> Result<(), SupervisorError> {
     let shutdown = work.shutdown().clone();
     let ends_when_caught_up = work.ends_when_caught_up();
@@ -115,7 +131,12 @@ pub async fn supervise<W: ShardWork>(
             return Ok(());
         }
     }
+    if let Some(leases) = leases {
+        leases.sync(&shards).await;
+    }
     let mut started: HashSet<String> = HashSet::new();
+    // Each running worker's own stop (a fleet's worker stops alone when its lease is lost).
+    let mut stops: HashMap<String, Shutdown> = HashMap::new();
     let at_start: HashSet<String> = shards.iter().map(|s| s.id.clone()).collect();
     let mut workers: JoinSet<(String, Result<ShardExit, PipelineError>)> = JoinSet::new();
     let mut began: HashMap<String, Instant> = HashMap::new();
@@ -146,6 +167,16 @@ pub async fn supervise<W: ShardWork>(
             },
             &settings.start,
         );
+        // A fleet's worker reads the shards it holds, and stops those it no longer holds.
+        let held = leases.map(|l| l.held());
+        if let Some(held) = &held {
+            for (shard_id, stop) in &stops {
+                if !held.contains(shard_id) && !stop.is_triggered() {
+                    tracing::info!(%shard_id, "lease gone: stopping the shard's worker");
+                    stop.trigger();
+                }
+            }
+        }
         let ready = match state_error {
             Some(e) if ends_when_caught_up => {
                 outcome = Err(SupervisorError::Checkpoints(e));
@@ -160,6 +191,10 @@ pub async fn supervise<W: ShardWork>(
             }
             None => ready,
         };
+        let ready: Vec<_> = ready
+            .into_iter()
+            .filter(|(shard, _)| held.as_ref().is_none_or(|held| held.contains(&shard.id)))
+            .collect();
         telemetry.set_shards(shard_views(
             &shards,
             &started,
@@ -178,8 +213,12 @@ pub async fn supervise<W: ShardWork>(
                 settings.poll_interval,
             );
             let work = work.clone();
+            let stop = shutdown.child();
+            stops.insert(shard.id.clone(), stop.clone());
             workers.spawn(async move {
-                let result = work.run_shard(reader, shard.id.clone(), position).await;
+                let result = work
+                    .run_shard(reader, shard.id.clone(), position, stop)
+                    .await;
                 (shard.id, result)
             });
         }
@@ -195,6 +234,22 @@ pub async fn supervise<W: ShardWork>(
         let mut relist_now = false;
         tokio::select! {
             joined = workers.join_next(), if !workers.is_empty() => {
+                let joined = match joined {
+                    // Its lease went to another worker: not a failure of the shard.
+                    Some(Ok((shard_id, Err(e)))) if e.is_lease_lost() => {
+                        tracing::info!(%shard_id, "lease lost: the shard's worker stopped");
+                        Some(Ok((shard_id, Ok(ShardExit::Stopped))))
+                    }
+                    other => other,
+                };
+                if let (Some(Ok((shard_id, result))), Some(_)) = (&joined, leases) {
+                    stops.remove(shard_id);
+                    // A fleet's shard goes on wherever its lease is: here again when this
+                    // worker takes it back.
+                    if matches!(result, Ok(ShardExit::Stopped)) {
+                        started.remove(shard_id);
+                    }
+                }
                 match joined {
                     Some(Ok((shard_id, Ok(exit)))) => {
                         failing.remove(&shard_id);
@@ -228,6 +283,7 @@ pub async fn supervise<W: ShardWork>(
             }
             _ = tokio::time::sleep_until(next_restart.unwrap_or(now + settings.shard_sync_interval)), if next_restart.is_some() => {}
             _ = tokio::time::sleep(settings.shard_sync_interval) => relist_now = true,
+            _ = async { match leases { Some(l) => l.changed().await, None => std::future::pending().await } } => {}
             _ = shutdown.triggered() => break,
         }
         if relist_now {
@@ -235,6 +291,9 @@ pub async fn supervise<W: ShardWork>(
             // asked for again next time.
             if let Ok(list) = source.list_shards().await {
                 shards = list;
+                if let Some(leases) = leases {
+                    leases.sync(&shards).await;
+                }
             }
         }
     }

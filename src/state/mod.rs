@@ -637,6 +637,15 @@ impl State {
         }
     }
 
+    /// Whether this worker may call the backend for a record of `shard_id`: a fleet's
+    /// worker must hold the shard's lease.
+    pub fn holds_lease(&self, shard_id: &str) -> bool {
+        match self {
+            State::Local(_) => true,
+            State::Shared(s) => s.holds_lease(shard_id),
+        }
+    }
+
     /// Lets go of a claim that ended without the request done.
     pub async fn release_claim(&self, id: [u8; 32]) -> Result<(), StateError> {
         match self {

@@ -56,6 +56,9 @@ pub trait CheckpointStore: Send + Sync + 'static {
         checkpoint: Checkpoint,
     ) -> BoxFuture<'_, Result<(), StateError>>;
     fn reset(&self, shard_id: Option<String>) -> BoxFuture<'_, Result<usize, StateError>>;
+    /// Whether this worker holds the shard's lease now (asked before each backend call: a
+    /// worker that lost it stops calling for that shard). Commands hold none and ask not.
+    fn holds(&self, shard_id: &str) -> bool;
 }
 
 /// How to reach the fleet's tables.
@@ -276,6 +279,10 @@ impl SharedState {
 
     pub fn path(&self) -> &Path {
         &self.name
+    }
+
+    pub fn holds_lease(&self, shard_id: &str) -> bool {
+        self.inner.checkpoints.holds(shard_id)
     }
 
     pub fn worker_id(&self) -> &str {

@@ -21,7 +21,10 @@ use crate::pipeline::{Pipeline, Sink};
 use crate::preview::OutputFormat;
 use crate::preview::Preview;
 use crate::rules::{explain, testing, Decision, RuleSet};
-use crate::state::{Access, AuditEntry, LocalState, State, StateError, Writes};
+use crate::fleet::lease::LeaseTable;
+use crate::fleet::share::LeaseCheckpoints;
+use crate::state::shared::SharedSettings;
+use crate::state::{Access, AuditEntry, LocalState, SharedState, State, StateError, Writes};
 
 #[derive(Parser)]
 #[command(
@@ -953,13 +956,33 @@ fn open_state(args: &StateArgs, access: Access) -> Result<(State, Keys), Failure
         env: settings.key_env.as_deref(),
         file: &settings.key_file,
     };
-    LocalState::open(&settings.state_path, source, access)
-        .map(|(state, keys)| (State::local(state), keys))
-        .map_err(|e| {
-            let code = match &e {
-                StateError::Key(KeyError::MissingEnv { .. } | KeyError::BadEnv { .. }) => 2,
-                _ => 1,
+    let opened = match &settings.fleet {
+        None => LocalState::open(&settings.state_path, source, access)
+            .map(|(state, keys)| (State::local(state), keys)),
+        // A fleet's tables: read and written directly, with or without workers running.
+        // A command never creates them.
+        Some(fleet) => {
+            let fleet = SharedSettings {
+                create_tables: false,
+                worker_id: format!("command-{}", std::process::id()),
+                ..fleet.clone()
             };
+            let lease_table = fleet.lease_table.clone();
+            SharedState::open(&fleet, source, move |client| {
+                Arc::new(LeaseCheckpoints {
+                    table: LeaseTable::new(client, lease_table),
+                    coordinator: None,
+                })
+            })
+            .map(|(state, keys)| (State::Shared(state), keys))
+        }
+    };
+    opened.map_err(|e| {
+        let code = match &e {
+            StateError::Key(KeyError::MissingEnv { .. } | KeyError::BadEnv { .. })
+            | StateError::SharedMissing { .. } => 2,
+            _ => 1,
+        };
             Failure {
                 code,
                 error: e.into(),
@@ -1469,8 +1492,10 @@ fn state_path_of(command: &Command) -> Option<PathBuf> {
         }
         _ => return None,
     };
+    // A fleet's workers serve no channel: its commands use the shared tables.
     config::state_settings(config.as_deref(), state)
         .ok()
+        .filter(|settings| settings.fleet.is_none())
         .map(|settings| settings.state_path)
 }
 
@@ -1646,6 +1671,12 @@ fn actions(cmd: ActionsCommand, s: &mut Session) -> Result<u8, Failure> {
                     out!(
                         s.out,
                         "action {name} resumed: {sent} held request(s) settled"
+                    );
+                }
+                None if state.is_shared() => {
+                    out!(
+                        s.out,
+                        "action {name} resumed: its {held} held request(s) are sent by the fleet's workers"
                     );
                 }
                 None => {

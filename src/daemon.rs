@@ -22,7 +22,13 @@ use crate::rules::reload::{self, load_tested, LoadFailure, Rules, Sendable};
 use crate::rules::Decision;
 use crate::shutdown::Shutdown;
 use crate::source::{Checkpoint, KinesisSource, Position, ReadMode, ShardReader};
-use crate::state::{Access, DeadLetterReason, LocalState, State, StateError, DEAD_LETTER_PAGE};
+use crate::fleet::coordinator::Coordinator;
+use crate::fleet::lease::{LeaseError, LeaseTable};
+use crate::fleet::share::{initial_sentinel, LeaseCheckpoints, WorkerLeases};
+use crate::state::shared::{dynamodb_client, SharedSettings};
+use crate::state::{
+    Access, DeadLetterReason, LocalState, SharedState, State, StateError, DEAD_LETTER_PAGE,
+};
 use crate::supervisor::{self, ShardExit, ShardWork, SupervisorError};
 use crate::telemetry::{self, Served, Telemetry};
 
@@ -60,6 +66,8 @@ pub enum RunError {
     Control(#[from] control::ControlError),
     #[error(transparent)]
     Console(#[from] console::ConsoleError),
+    #[error(transparent)]
+    Leases(#[from] LeaseError),
 }
 
 impl RunError {
@@ -68,6 +76,9 @@ impl RunError {
     pub fn exit_code(&self) -> u8 {
         match self {
             RunError::Config(_) | RunError::Rules(..) => 2,
+            // A fleet's table missing: created by the operator, or by `create_tables`.
+            RunError::Leases(LeaseError::MissingTable { .. })
+            | RunError::State(StateError::SharedMissing { .. }) => 2,
             RunError::Console(e) if e.is_usage() => 2,
             RunError::State(StateError::Key(
                 KeyError::MissingEnv { .. } | KeyError::BadEnv { .. },
@@ -136,6 +147,7 @@ pub async fn run(
     let source = connect(&settings.stream, &telemetry).await;
     let mut listener = None;
     let mut served = None;
+    let mut fleet_worker: Option<FleetWorker> = None;
     let sink = match &dry_run {
         Some(options) => Sink::Preview(Box::new(Preview::new(
             options.format,
@@ -146,9 +158,22 @@ pub async fn run(
         None => {
             check_ledger_retention(&source, &settings).await?;
             // Lock the state before anything else can start, the listener included.
-            let (state, keys) =
-                LocalState::open(&settings.state_path, key_source(&settings), Access::Run)?;
-            let state = Arc::new(State::local(state));
+            let (state, keys) = match &settings.fleet {
+                None => {
+                    let (state, keys) = LocalState::open(
+                        &settings.state_path,
+                        key_source(&settings),
+                        Access::Run,
+                    )?;
+                    (State::local(state), keys)
+                }
+                Some(fleet) => {
+                    let (state, keys, worker) = join_fleet(fleet, &settings, &telemetry).await?;
+                    fleet_worker = Some(worker);
+                    (State::Shared(state), keys)
+                }
+            };
+            let state = Arc::new(state);
             let status = Arc::new(Served {
                 telemetry: telemetry.clone(),
                 rules: rules.clone(),
@@ -191,15 +216,18 @@ pub async fn run(
     let mut console = None;
     let console_commands = tokio_util::task::TaskTracker::new();
     if let (Some(handler), Sink::Live { .. }) = (control, &pipeline.sink) {
-        channel = Some(
-            control::serve(
-                &settings.state_path,
-                pipeline.clone(),
-                handler.clone(),
-                shutdown.clone(),
-            )
-            .await?,
-        );
+        // A fleet's commands go to the shared tables themselves: no local channel.
+        if fleet_worker.is_none() {
+            channel = Some(
+                control::serve(
+                    &settings.state_path,
+                    pipeline.clone(),
+                    handler.clone(),
+                    shutdown.clone(),
+                )
+                .await?,
+            );
+        }
         if let (Some(settings), Some(token), Some(served)) =
             (&settings.console, console_token, served)
         {
@@ -230,8 +258,17 @@ pub async fn run(
         }
         _ => None,
     };
-    let result =
-        supervisor::supervise(&settings.stream, &source, &pipeline, &telemetry, None).await;
+    let beating = fleet_worker
+        .as_ref()
+        .map(|worker| worker.start(&pipeline));
+    let result = supervisor::supervise(
+        &settings.stream,
+        &source,
+        &pipeline,
+        &telemetry,
+        fleet_worker.as_ref().map(|w| &w.leases as &dyn supervisor::Leases),
+    )
+    .await;
     // The drain: a dead letter being retried finishes (or is left as it was) like the
     // shards' requests.
     shutdown.trigger();
@@ -261,6 +298,10 @@ pub async fn run(
     // Commands the console started finish, as the control channel's do.
     console_commands.close();
     console_commands.wait().await;
+    // Every shard checkpointed: the leases go to the other workers at once.
+    if let (Some(worker), Some(beating)) = (&fleet_worker, beating) {
+        worker.hand_off(&pipeline, beating).await;
+    }
     let finished = match &pipeline.sink {
         Sink::Preview(preview) => preview.finish().map_err(RunError::Output),
         Sink::Live { .. } => Ok(()),
@@ -275,6 +316,108 @@ pub async fn run(
     drop(hangup);
     result?;
     finished
+}
+
+/// A fleet's worker: its leases, their coordinator's loop, and its heartbeat.
+struct FleetWorker {
+    coordinator: Arc<Coordinator>,
+    leases: WorkerLeases,
+    /// The coordinator's own stop: it renews the leases until the shards checkpointed.
+    stop: Shutdown,
+    lease_duration: Duration,
+}
+
+/// Joins the fleet: the lease table (created when asked), the shared state, and this
+/// worker's coordinator.
+async fn join_fleet(
+    fleet: &SharedSettings,
+    settings: &Settings,
+    telemetry: &Arc<Telemetry>,
+) -> Result<(SharedState, crate::keys::Keys, FleetWorker), RunError> {
+    let table = LeaseTable::new(dynamodb_client(fleet).await, fleet.lease_table.clone());
+    table.ensure(fleet.create_tables).await?;
+    let coordinator = Arc::new(Coordinator::new(
+        table,
+        fleet.worker_id.clone(),
+        fleet.lease_duration,
+        telemetry.clone(),
+    ));
+    let lease_table = fleet.lease_table.clone();
+    let writer = coordinator.clone();
+    let (state, keys) = SharedState::open(fleet, key_source(settings), move |client| {
+        Arc::new(LeaseCheckpoints {
+            table: LeaseTable::new(client, lease_table),
+            coordinator: Some(writer),
+        })
+    })?;
+    tracing::info!(
+        worker_id = %fleet.worker_id,
+        lease_table = %fleet.lease_table,
+        state_table = %fleet.state_table,
+        "joined the fleet"
+    );
+    let leases = WorkerLeases {
+        owned: tokio::sync::Mutex::new(coordinator.owned()),
+        coordinator: coordinator.clone(),
+        initial: initial_sentinel(&settings.stream.start),
+    };
+    Ok((
+        state,
+        keys,
+        FleetWorker {
+            coordinator,
+            leases,
+            stop: Shutdown::new(),
+            lease_duration: fleet.lease_duration,
+        },
+    ))
+}
+
+impl FleetWorker {
+    /// Starts the coordinator's loop and the heartbeat (every third of a lease duration:
+    /// its claims live as long as it beats).
+    fn start(&self, pipeline: &Arc<Pipeline>) -> tokio::task::JoinHandle<()> {
+        let coordinator = self.coordinator.clone();
+        let stop = self.stop.clone();
+        let leases = tokio::spawn(coordinator.clone().run(stop.clone()));
+        let pipeline = pipeline.clone();
+        let period = self.lease_duration / 3;
+        tokio::spawn(async move {
+            if let Sink::Live { state, .. } = &pipeline.sink {
+                if let State::Shared(shared) = &**state {
+                    loop {
+                        let hash = pipeline.rules.load().hash().to_owned();
+                        let held = coordinator.owned().borrow().len() as u64;
+                        if let Err(e) = shared.heartbeat(hash, held, false).await {
+                            pipeline.telemetry.state_write(Some(&e));
+                        }
+                        if stop.sleep(period).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = leases.await;
+        })
+    }
+
+    /// SIGTERM's last step: the shards have checkpointed; the leases are released for the
+    /// other workers to take at once, and the heartbeat says this worker stopped.
+    async fn hand_off(&self, pipeline: &Arc<Pipeline>, beating: tokio::task::JoinHandle<()>) {
+        self.stop.trigger();
+        let _ = beating.await;
+        if let Err(e) = self.coordinator.release_all().await {
+            tracing::warn!(error = %telemetry::chain(&e), "cannot release every lease; the others take them when they expire");
+        }
+        if let Sink::Live { state, .. } = &pipeline.sink {
+            if let State::Shared(shared) = &**state {
+                let hash = pipeline.rules.load().hash().to_owned();
+                if let Err(e) = shared.heartbeat(hash, 0, true).await {
+                    tracing::warn!(error = %telemetry::chain(&e), "cannot say this worker stopped");
+                }
+            }
+        }
+    }
 }
 
 /// The stream, its retried calls reported to `telemetry`.

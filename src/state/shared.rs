@@ -210,10 +210,11 @@ const DAY_MS: u64 = 24 * 3600 * 1000;
 impl SharedState {
     /// Opens the fleet's state table (creating it when asked), checking that the key ring
     /// holds every key the state was written with; the first worker records its key.
+    /// `checkpoints` makes the checkpoint store from a client of the state's own runtime.
     pub fn open(
         settings: &SharedSettings,
         source: KeySource,
-        checkpoints: Arc<dyn CheckpointStore>,
+        checkpoints: impl FnOnce(Client) -> Arc<dyn CheckpointStore>,
     ) -> Result<(Self, Keys), StateError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -230,6 +231,7 @@ impl SharedState {
             let settings = settings.clone();
             block_on(&runtime, async move { dynamodb_client(&settings).await })
         };
+        let checkpoints = checkpoints(client.clone());
         let inner = Arc::new(Inner {
             client,
             table: settings.state_table.clone(),

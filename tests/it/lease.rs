@@ -287,10 +287,15 @@ async fn three_workers_on_eight_leases_settle_at_three_three_two() {
         spread().await == (vec![2, 3, 3], true)
     })
     .await;
-    // Settled: a few more rounds move nothing.
-    let before = owners(&table).await;
+    // Settled: a few more rounds move nothing (every take counts an owner switch; no
+    // checkpoint resets them here).
+    let switches = || async {
+        let leases = table.list().await.unwrap();
+        leases.iter().map(|l| l.owner_switches).sum::<u64>()
+    };
+    let before = (owners(&table).await, switches().await);
     tokio::time::sleep(SHORT * 2).await;
-    assert_eq!(owners(&table).await, before);
+    assert_eq!((owners(&table).await, switches().await), before);
     assert_eq!(spread().await, (vec![2, 3, 3], true));
     stop.trigger();
     for run in runs {

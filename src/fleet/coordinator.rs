@@ -34,16 +34,23 @@ pub struct HeldLease {
 
 struct Held {
     /// The lease as last written by this worker; the lock serialises its writes.
-    lease: tokio::sync::Mutex<HeldState>,
+    lease: tokio::sync::Mutex<Lease>,
+    /// A lease duration after the last successful write was sent: past it, another worker
+    /// may have taken the lease by its own clock (it saw the counter move after we sent).
+    valid_until: Mutex<Instant>,
     token: CancellationToken,
     parents: Vec<String>,
     taken_at: Option<Checkpoint>,
 }
 
-struct HeldState {
-    lease: Lease,
-    /// Last successful write: past a lease duration without one, others may hold it.
-    renewed: Instant,
+impl Held {
+    fn written(&self, sent: Instant, duration: Duration) {
+        *self.valid_until.lock().unwrap() = sent + duration;
+    }
+
+    fn valid(&self) -> bool {
+        Instant::now() < *self.valid_until.lock().unwrap()
+    }
 }
 
 /// One worker's leases.
@@ -98,9 +105,15 @@ impl Coordinator {
             .map(|h| h.token.clone())
     }
 
-    /// Does this worker hold the shard's lease (as far as it knows)? Cheap.
+    /// Does this worker hold the shard's lease? Cheap: for a check before each backend
+    /// call. False as soon as the lease is lost, or a lease duration has passed since its
+    /// last successful renewal was sent (another worker may have it by then).
     pub fn holds(&self, shard: &str) -> bool {
-        self.held.lock().unwrap().contains_key(shard)
+        self.held
+            .lock()
+            .unwrap()
+            .get(shard)
+            .is_some_and(|h| h.valid() && !h.token.is_cancelled())
     }
 
     /// Renews and takes leases every third of the lease duration until shutdown. Leases
@@ -130,19 +143,20 @@ impl Coordinator {
     /// Renews every held lease once; a refused renewal loses the lease.
     pub async fn renew_all(&self) {
         for (shard, held) in self.held_now() {
-            let mut state = held.lease.lock().await;
+            let mut lease = held.lease.lock().await;
             if held.token.is_cancelled() {
                 continue;
             }
-            match self.table.renew(&state.lease, &self.worker_id).await {
-                Ok(Fenced::Won(lease)) => {
-                    state.lease = lease;
-                    state.renewed = Instant::now();
+            let sent = Instant::now();
+            match self.table.renew(&lease, &self.worker_id).await {
+                Ok(Fenced::Won(renewed)) => {
+                    *lease = renewed;
+                    held.written(sent, self.lease_duration);
                 }
                 Ok(Fenced::Lost) => self.lose(&shard, &held, "renewal refused"),
                 Err(e) => {
                     self.telemetry.lease_table_error(&self.worker_id, &e);
-                    if state.renewed.elapsed() >= self.lease_duration {
+                    if !held.valid() {
                         self.lose(&shard, &held, "not renewed for a lease duration");
                     }
                 }
@@ -240,6 +254,7 @@ impl Coordinator {
     }
 
     async fn take(&self, lease: &Lease, steal: bool) -> Result<(), LeaseError> {
+        let sent = Instant::now();
         match self.table.take(lease, &self.worker_id).await? {
             Fenced::Won(taken) => {
                 let previous = lease.owner.as_deref().filter(|o| *o != self.worker_id);
@@ -256,10 +271,8 @@ impl Coordinator {
                     token: CancellationToken::new(),
                     parents: taken.parents.clone(),
                     taken_at: taken.position(),
-                    lease: tokio::sync::Mutex::new(HeldState {
-                        lease: taken,
-                        renewed: Instant::now(),
-                    }),
+                    lease: tokio::sync::Mutex::new(taken),
+                    valid_until: Mutex::new(sent + self.lease_duration),
                 });
                 let replaced = self
                     .held
@@ -288,18 +301,19 @@ impl Coordinator {
         let Some(held) = held else {
             return Err(lost());
         };
-        let mut state = held.lease.lock().await;
+        let mut lease = held.lease.lock().await;
         if held.token.is_cancelled() {
             return Err(lost());
         }
+        let sent = Instant::now();
         match self
             .table
-            .checkpoint(&state.lease, &self.worker_id, checkpoint)
+            .checkpoint(&lease, &self.worker_id, checkpoint)
             .await?
         {
-            Fenced::Won(lease) => {
-                state.lease = lease;
-                state.renewed = Instant::now();
+            Fenced::Won(written) => {
+                *lease = written;
+                held.written(sent, self.lease_duration);
             }
             Fenced::Lost => {
                 self.lose(shard, &held, "checkpoint refused");
@@ -307,8 +321,12 @@ impl Coordinator {
             }
         }
         if checkpoint.shard_end {
-            if let Fenced::Won(lease) = self.table.release(&state.lease, &self.worker_id).await? {
-                state.lease = lease;
+            // Written: a failed release only leaves our name on a finished lease, which no
+            // one takes anyway.
+            match self.table.release(&lease, &self.worker_id).await {
+                Ok(Fenced::Won(released)) => *lease = released,
+                Ok(Fenced::Lost) => {}
+                Err(e) => self.telemetry.lease_table_error(&self.worker_id, &e),
             }
             if self.forget(shard, &held) {
                 self.telemetry.lease_released(shard, &self.worker_id);
@@ -382,8 +400,8 @@ impl Coordinator {
     pub async fn release_all(&self) -> Result<(), LeaseError> {
         let mut first_error = None;
         for (shard, held) in self.held_now() {
-            let state = held.lease.lock().await;
-            match self.table.release(&state.lease, &self.worker_id).await {
+            let lease = held.lease.lock().await;
+            match self.table.release(&lease, &self.worker_id).await {
                 Ok(Fenced::Won(_)) => {
                     if self.forget(&shard, &held) {
                         self.telemetry.lease_released(&shard, &self.worker_id);
@@ -392,6 +410,7 @@ impl Coordinator {
                 Ok(Fenced::Lost) => self.lose(&shard, &held, "release refused"),
                 Err(e) => {
                     self.forget(&shard, &held);
+                    self.telemetry.lease_table_error(&self.worker_id, &e);
                     first_error.get_or_insert(e);
                 }
             }

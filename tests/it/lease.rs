@@ -437,3 +437,30 @@ async fn a_checkpoint_reset_fences_the_holder() {
     );
     assert!(table.get(&shard(9)).await.unwrap().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_off_from_the_table_stops_holding_after_a_lease_duration() {
+    let dynalite = Dynalite::start();
+    let table = table(&dynalite).await;
+    let a = coordinator(&table, "a", SHORT);
+    a.sync_shards(&shards(&[(0, &[])]), TRIM_HORIZON)
+        .await
+        .unwrap();
+    a.take_round().await.unwrap();
+    assert!(a.holds(&shard(0)));
+    let token = a.token(&shard(0)).unwrap();
+    // The table becomes unreachable. Another worker takes the lease a lease duration after
+    // it last saw the counter move; by then a no longer holds it, whether or not its
+    // renewal loop has run in between.
+    drop(dynalite);
+    tokio::time::sleep(SHORT).await;
+    assert!(!a.holds(&shard(0)));
+    // The renewal fails and drops the lease.
+    a.renew_all().await;
+    assert!(token.is_cancelled());
+    assert!(a.owned().borrow().is_empty());
+    assert!(a
+        .checkpoint(&shard(0), &Checkpoint::at("1".into()))
+        .await
+        .is_err());
+}

@@ -973,6 +973,7 @@ struct LeaseMetrics {
     stolen: Counter,
     lost: Counter,
     released: Counter,
+    deleted: Counter,
     table_errors: Counter,
 }
 
@@ -1002,6 +1003,11 @@ impl LeaseMetrics {
             "leases_released",
             "Shard leases given up (shutdown, or the shard read to its end)",
             self.released.clone(),
+        );
+        r.register(
+            "leases_deleted",
+            "Leases of finished shards deleted (the shard is gone and its children finished)",
+            self.deleted.clone(),
         );
         r.register(
             "lease_table_errors",
@@ -1061,6 +1067,17 @@ impl Telemetry {
             shard_id,
             worker_id,
             "shard lease released"
+        );
+    }
+
+    /// The lease of a shard gone from the stream, finished with its children, deleted.
+    pub fn lease_deleted(&self, shard_id: &str, worker_id: &str) {
+        self.leases.deleted.inc();
+        tracing::info!(
+            event = "lease_deleted",
+            shard_id,
+            worker_id,
+            "lease of a finished shard deleted"
         );
     }
 

@@ -21,6 +21,9 @@ use crate::shutdown::Shutdown;
 use crate::source::{Checkpoint, ShardInfo};
 use crate::telemetry::Telemetry;
 
+/// Renewals in flight at once.
+const RENEWALS_AT_ONCE: usize = 16;
+
 /// A lease this worker holds, as the supervisor sees it.
 #[derive(Debug, Clone)]
 pub struct HeldLease {
@@ -140,25 +143,37 @@ impl Coordinator {
         held.iter().map(|(s, h)| (s.clone(), h.clone())).collect()
     }
 
-    /// Renews every held lease once; a refused renewal loses the lease.
-    pub async fn renew_all(&self) {
+    /// Renews every held lease once (several at a time, so many leases still renew
+    /// within a third of the lease duration); a refused renewal loses the lease.
+    pub async fn renew_all(self: &Arc<Self>) {
+        let limit = Arc::new(tokio::sync::Semaphore::new(RENEWALS_AT_ONCE));
+        let mut renewals = tokio::task::JoinSet::new();
         for (shard, held) in self.held_now() {
-            let mut lease = held.lease.lock().await;
-            if held.token.is_cancelled() {
-                continue;
+            let (this, limit) = (self.clone(), limit.clone());
+            renewals.spawn(async move {
+                let _permit = limit.acquire().await;
+                this.renew(&shard, &held).await
+            });
+        }
+        while renewals.join_next().await.is_some() {}
+    }
+
+    async fn renew(&self, shard: &str, held: &Arc<Held>) {
+        let mut lease = held.lease.lock().await;
+        if held.token.is_cancelled() {
+            return;
+        }
+        let sent = Instant::now();
+        match self.table.renew(&lease, &self.worker_id).await {
+            Ok(Fenced::Won(renewed)) => {
+                *lease = renewed;
+                held.written(sent, self.lease_duration);
             }
-            let sent = Instant::now();
-            match self.table.renew(&lease, &self.worker_id).await {
-                Ok(Fenced::Won(renewed)) => {
-                    *lease = renewed;
-                    held.written(sent, self.lease_duration);
-                }
-                Ok(Fenced::Lost) => self.lose(&shard, &held, "renewal refused"),
-                Err(e) => {
-                    self.telemetry.lease_table_error(&self.worker_id, &e);
-                    if !held.valid() {
-                        self.lose(&shard, &held, "not renewed for a lease duration");
-                    }
+            Ok(Fenced::Lost) => self.lose(shard, held, "renewal refused"),
+            Err(e) => {
+                self.telemetry.lease_table_error(&self.worker_id, &e);
+                if !held.valid() {
+                    self.lose(shard, held, "not renewed for a lease duration");
                 }
             }
         }
@@ -384,12 +399,8 @@ impl Coordinator {
                 .filter(|l| l.parents.contains(&lease.shard_id))
                 .all(Lease::finished);
             if children_done && self.table.delete(&lease.shard_id).await? {
-                tracing::info!(
-                    event = "lease_deleted",
-                    shard_id = %lease.shard_id,
-                    worker_id = %self.worker_id,
-                    "lease of a finished shard deleted: the shard is gone and its children finished"
-                );
+                self.telemetry
+                    .lease_deleted(&lease.shard_id, &self.worker_id);
             }
         }
         Ok(())

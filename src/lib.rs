@@ -18,6 +18,7 @@ pub mod decode;
 pub mod dedup;
 pub mod diff;
 pub mod fanout;
+pub mod fleet;
 pub mod keys;
 pub mod pipeline;
 pub mod preview;

@@ -140,6 +140,7 @@ pub struct Telemetry {
     action_paused: Family<Labels, Gauge>,
     requests_held: Family<Labels, Gauge>,
     started: Instant,
+    leases: LeaseMetrics,
 }
 
 /// Why a fan-out subscription started (`subscriptions_started_total{reason}`).
@@ -196,6 +197,7 @@ impl Telemetry {
             action_paused: Family::default(),
             requests_held: Family::default(),
             started: Instant::now(),
+            leases: LeaseMetrics::default(),
         };
         // Counted from zero, so an alert on their rate works from the first one.
         for reason in SUBSCRIPTION_REASONS {
@@ -356,6 +358,7 @@ impl Telemetry {
             "Time to commit a checkpoint",
             t.checkpoint_commit_seconds.clone(),
         );
+        t.leases.register(&mut t.registry);
         t
     }
 
@@ -958,6 +961,135 @@ mod tests {
                 .get_or_create(&label("shard_id", "s"))
                 .get(),
             1
+        );
+    }
+}
+
+/// The fleet's lease metrics (`src/fleet`).
+#[derive(Default)]
+struct LeaseMetrics {
+    owned: Gauge,
+    taken: Counter,
+    stolen: Counter,
+    lost: Counter,
+    released: Counter,
+    deleted: Counter,
+    table_errors: Counter,
+}
+
+impl LeaseMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "leases_owned",
+            "Shard leases this worker holds",
+            self.owned.clone(),
+        );
+        r.register(
+            "leases_taken",
+            "Free or expired shard leases taken",
+            self.taken.clone(),
+        );
+        r.register(
+            "leases_stolen",
+            "Shard leases taken from a live worker to even the share",
+            self.stolen.clone(),
+        );
+        r.register(
+            "leases_lost",
+            "Shard leases lost (another worker took them, or they could not be renewed)",
+            self.lost.clone(),
+        );
+        r.register(
+            "leases_released",
+            "Shard leases given up (shutdown, or the shard read to its end)",
+            self.released.clone(),
+        );
+        r.register(
+            "leases_deleted",
+            "Leases of finished shards deleted (the shard is gone and its children finished)",
+            self.deleted.clone(),
+        );
+        r.register(
+            "lease_table_errors",
+            "Lease table calls that failed (retried at the next round)",
+            self.table_errors.clone(),
+        );
+    }
+}
+
+impl Telemetry {
+    /// How many shard leases this worker holds now.
+    pub fn leases_owned(&self, count: usize) {
+        self.leases.owned.set(count as i64);
+    }
+
+    /// A free or expired lease taken (`previous_owner`: the worker whose lease expired).
+    pub fn lease_taken(&self, shard_id: &str, worker_id: &str, previous_owner: Option<&str>) {
+        self.leases.taken.inc();
+        tracing::info!(
+            event = "lease_taken",
+            shard_id,
+            worker_id,
+            previous_owner = previous_owner.unwrap_or(""),
+            "shard lease taken"
+        );
+    }
+
+    /// A lease taken from a live worker, toward an even share.
+    pub fn lease_stolen(&self, shard_id: &str, worker_id: &str, from: &str) {
+        self.leases.stolen.inc();
+        tracing::info!(
+            event = "lease_stolen",
+            shard_id,
+            worker_id,
+            previous_owner = from,
+            "shard lease stolen toward an even share"
+        );
+    }
+
+    /// A lease this worker held is lost: its shard's worker stops before its next call.
+    pub fn lease_lost(&self, shard_id: &str, worker_id: &str, reason: &'static str) {
+        self.leases.lost.inc();
+        tracing::warn!(
+            event = "lease_lost",
+            shard_id,
+            worker_id,
+            reason,
+            "shard lease lost; its reader stops"
+        );
+    }
+
+    /// A lease given up: others may take it at once.
+    pub fn lease_released(&self, shard_id: &str, worker_id: &str) {
+        self.leases.released.inc();
+        tracing::info!(
+            event = "lease_released",
+            shard_id,
+            worker_id,
+            "shard lease released"
+        );
+    }
+
+    /// The lease of a shard gone from the stream, finished with its children, deleted.
+    pub fn lease_deleted(&self, shard_id: &str, worker_id: &str) {
+        self.leases.deleted.inc();
+        tracing::info!(
+            event = "lease_deleted",
+            shard_id,
+            worker_id,
+            "lease of a finished shard deleted"
+        );
+    }
+
+    /// A lease table call failed; the coordinator tries again at its next round.
+    pub fn lease_table_error(&self, worker_id: &str, error: &dyn std::error::Error) {
+        self.leases.table_errors.inc();
+        let error = chain(error);
+        tracing::warn!(
+            event = "lease_table_error",
+            worker_id,
+            error = %error,
+            "lease table call failed; retrying at the next round"
         );
     }
 }

@@ -12,6 +12,7 @@ mod dry_run;
 mod fanout;
 mod faults;
 mod idle;
+mod lease;
 mod live;
 mod operate;
 mod pause;

@@ -1180,3 +1180,61 @@ impl Drop for ChromeDriver {
         let _ = self.0.wait();
     }
 }
+
+/// A dynalite process (DynamoDB in memory, pinned in tools/dynalite) on a free loopback
+/// port, killed on drop.
+pub struct Dynalite {
+    child: Child,
+    pub endpoint: String,
+}
+
+impl Dynalite {
+    pub fn start() -> Self {
+        let dir = repo().join("tools/dynalite");
+        assert!(
+            dir.join("node_modules/dynalite").exists(),
+            "dynalite is not installed: run `npm ci --prefix tools/dynalite` (scripts/test.sh does)"
+        );
+        let mut child = Command::new("node")
+            .arg(dir.join("start-loopback.js"))
+            .env("DYNALITE_PORT", "0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start node (is Node.js installed?)");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("listening ")
+            .unwrap_or_else(|| panic!("unexpected dynalite output {line:?}"));
+        Dynalite {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    pub fn client(&self) -> aws_sdk_dynamodb::Client {
+        dynamodb_client_for(&self.endpoint)
+    }
+}
+
+impl Drop for Dynalite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A test client for a local DynamoDB endpoint.
+pub fn dynamodb_client_for(endpoint: &str) -> aws_sdk_dynamodb::Client {
+    let conf = aws_sdk_dynamodb::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(Credentials::new("AKIDTEST", "secret", None, None, "test"))
+        .build();
+    aws_sdk_dynamodb::Client::from_conf(conf)
+}

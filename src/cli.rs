@@ -14,6 +14,8 @@ use crate::control;
 use crate::daemon::{self, DryRun};
 use crate::decode::{self, Record, RecordJson};
 use crate::diff;
+use crate::fleet::lease::LeaseTable;
+use crate::fleet::share::LeaseCheckpoints;
 use crate::keys::Keys;
 use crate::keys::{KeyError, KeySource};
 use crate::pipeline::Retried;
@@ -21,8 +23,6 @@ use crate::pipeline::{Pipeline, Sink};
 use crate::preview::OutputFormat;
 use crate::preview::Preview;
 use crate::rules::{explain, testing, Decision, RuleSet};
-use crate::fleet::lease::LeaseTable;
-use crate::fleet::share::LeaseCheckpoints;
 use crate::state::shared::SharedSettings;
 use crate::state::{Access, AuditEntry, LocalState, SharedState, State, StateError, Writes};
 
@@ -983,11 +983,11 @@ fn open_state(args: &StateArgs, access: Access) -> Result<(State, Keys), Failure
             | StateError::SharedMissing { .. } => 2,
             _ => 1,
         };
-            Failure {
-                code,
-                error: e.into(),
-            }
-        })
+        Failure {
+            code,
+            error: e.into(),
+        }
+    })
 }
 
 /// Where a state command gets the state and writes its answer: this process (the file,

@@ -15,6 +15,9 @@ use crate::clock::now_ms;
 use crate::config::{ConfigError, Settings, StreamSettings};
 use crate::console;
 use crate::control;
+use crate::fleet::coordinator::Coordinator;
+use crate::fleet::lease::{LeaseError, LeaseTable};
+use crate::fleet::share::{initial_sentinel, LeaseCheckpoints, WorkerLeases};
 use crate::keys::{KeyError, KeySource};
 use crate::pipeline::{Pipeline, PipelineError, Retried, Sink};
 use crate::preview::{Done, Ledger, OutputFormat, Preview};
@@ -22,9 +25,6 @@ use crate::rules::reload::{self, load_tested, LoadFailure, Rules, Sendable};
 use crate::rules::Decision;
 use crate::shutdown::Shutdown;
 use crate::source::{Checkpoint, KinesisSource, Position, ReadMode, ShardReader};
-use crate::fleet::coordinator::Coordinator;
-use crate::fleet::lease::{LeaseError, LeaseTable};
-use crate::fleet::share::{initial_sentinel, LeaseCheckpoints, WorkerLeases};
 use crate::state::shared::{dynamodb_client, SharedSettings};
 use crate::state::{
     Access, DeadLetterReason, LocalState, SharedState, State, StateError, DEAD_LETTER_PAGE,
@@ -160,11 +160,8 @@ pub async fn run(
             // Lock the state before anything else can start, the listener included.
             let (state, keys) = match &settings.fleet {
                 None => {
-                    let (state, keys) = LocalState::open(
-                        &settings.state_path,
-                        key_source(&settings),
-                        Access::Run,
-                    )?;
+                    let (state, keys) =
+                        LocalState::open(&settings.state_path, key_source(&settings), Access::Run)?;
                     (State::local(state), keys)
                 }
                 Some(fleet) => {
@@ -258,15 +255,15 @@ pub async fn run(
         }
         _ => None,
     };
-    let beating = fleet_worker
-        .as_ref()
-        .map(|worker| worker.start(&pipeline));
+    let beating = fleet_worker.as_ref().map(|worker| worker.start(&pipeline));
     let result = supervisor::supervise(
         &settings.stream,
         &source,
         &pipeline,
         &telemetry,
-        fleet_worker.as_ref().map(|w| &w.leases as &dyn supervisor::Leases),
+        fleet_worker
+            .as_ref()
+            .map(|w| &w.leases as &dyn supervisor::Leases),
     )
     .await;
     // The drain: a dead letter being retried finishes (or is left as it was) like the

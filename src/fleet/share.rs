@@ -100,16 +100,18 @@ impl CheckpointStore for LeaseCheckpoints {
     }
 
     fn holds(&self, shard_id: &str) -> bool {
-        self.coordinator
-            .as_ref()
-            .is_some_and(|c| c.holds(shard_id))
+        self.coordinator.as_ref().is_some_and(|c| c.holds(shard_id))
     }
 }
 
 /// This worker's leases, as the supervisor reads them.
 pub struct WorkerLeases {
     pub coordinator: Arc<Coordinator>,
-    pub owned: tokio::sync::Mutex<tokio::sync::watch::Receiver<std::collections::BTreeMap<String, super::coordinator::HeldLease>>>,
+    pub owned: tokio::sync::Mutex<
+        tokio::sync::watch::Receiver<
+            std::collections::BTreeMap<String, super::coordinator::HeldLease>,
+        >,
+    >,
     pub initial: &'static str,
 }
 
@@ -129,7 +131,10 @@ impl Leases for WorkerLeases {
         })
     }
 
-    fn sync<'a>(&'a self, shards: &'a [ShardInfo]) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+    fn sync<'a>(
+        &'a self,
+        shards: &'a [ShardInfo],
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
             if let Err(e) = self.coordinator.sync_shards(shards, self.initial).await {
                 tracing::warn!(error = %e, "cannot bring the lease table in line with the stream's shards; tried again at the next sync");

@@ -320,7 +320,7 @@ impl SharedState {
                 .client
                 .put_item()
                 .table_name(&inner.table)
-                .set_item(Some(with(key, [("at", n(now_ms()))])))
+                .set_item(Some(with(key, [("probe_at", n(now_ms()))])))
                 .send()
                 .await
                 .map_err(|e| inner.err("cannot write", e))
@@ -414,7 +414,7 @@ impl SharedState {
             Ok(inner
                 .get("index", &index_key)
                 .await?
-                .and_then(|item| get_n(&item, "id")))
+                .and_then(|item| get_n(&item, "letter_id")))
         })
     }
 
@@ -481,7 +481,7 @@ impl SharedState {
             let keys = inner.get("meta", "keys").await?;
             let fingerprints = keys
                 .as_ref()
-                .and_then(|item| get_s(item, "fingerprints"))
+                .and_then(|item| get_s(item, "key_fingerprints"))
                 .map(|all| all.split(',').map(str::to_owned).collect::<Vec<_>>());
             let workers = inner.workers().await?;
             Ok::<_, StateError>((done, fingerprints, workers))
@@ -514,7 +514,7 @@ impl SharedState {
         self.run_async(|inner| async move {
             let pk = format!("request#{}", hex::encode(id));
             let condition = (
-                "#st = :claimed AND worker = :me",
+                "#st = :claimed AND claimed_by = :me",
                 [(":claimed", s("claimed")), (":me", s(inner.worker.clone()))],
             );
             match inner.delete(&pk, "ledger", Some(condition)).await {
@@ -540,7 +540,7 @@ impl SharedState {
                 .table_name(&inner.table)
                 .set_key(Some(key))
                 .update_expression(
-                    "ADD heartbeat :one SET rules_hash = :h, leases = :l, seen_at = :t, stopped = :s",
+                    "ADD heart_beats :one SET rules_hash = :h, lease_count = :l, seen_at = :t, is_stopped = :s",
                 )
                 .expression_attribute_values(":one", n(1))
                 .expression_attribute_values(":h", s(rules_hash))
@@ -702,7 +702,7 @@ impl Inner {
         let known = self.get("meta", "keys").await?;
         let known: Vec<String> = known
             .as_ref()
-            .and_then(|item| get_s(item, "fingerprints"))
+            .and_then(|item| get_s(item, "key_fingerprints"))
             .map(|all| {
                 all.split(',')
                     .filter(|f| !f.is_empty())
@@ -727,7 +727,7 @@ impl Inner {
             all.push(ring[0].clone());
             let item = with(
                 self.key("meta", "keys"),
-                [("fingerprints", s(all.join(",")))],
+                [("key_fingerprints", s(all.join(",")))],
             );
             self.client
                 .put_item()
@@ -930,7 +930,7 @@ impl Inner {
             .update_item()
             .table_name(&self.table)
             .set_key(Some(self.key("meta", counter)))
-            .update_expression("ADD n :one")
+            .update_expression("ADD next_n :one")
             .expression_attribute_values(":one", n(1))
             .return_values(aws_sdk_dynamodb::types::ReturnValue::UpdatedNew)
             .send()
@@ -939,7 +939,7 @@ impl Inner {
         Ok(updated
             .attributes
             .as_ref()
-            .and_then(|a| get_n(a, "n"))
+            .and_then(|a| get_n(a, "next_n"))
             .unwrap_or(1))
     }
 
@@ -952,7 +952,7 @@ impl Inner {
                 [
                     ("state", s("done")),
                     ("done_at", n(now)),
-                    ("worker", s(self.worker.clone())),
+                    ("done_by", s(self.worker.clone())),
                 ],
             );
             self.client
@@ -1030,7 +1030,7 @@ impl Inner {
     }
 
     async fn put_index(&self, index_key: &str, id: u64) -> Result<(), StateError> {
-        let item = with(self.key("index", index_key), [("id", n(id))]);
+        let item = with(self.key("index", index_key), [("letter_id", n(id))]);
         self.client
             .put_item()
             .table_name(&self.table)
@@ -1048,7 +1048,7 @@ impl Inner {
             .delete_item()
             .table_name(&self.table)
             .set_key(Some(self.key("index", index_key)))
-            .condition_expression("id = :id")
+            .condition_expression("letter_id = :id")
             .expression_attribute_values(":id", n(id))
             .send()
             .await;
@@ -1179,10 +1179,10 @@ impl Inner {
                 .table_name(&self.table)
                 .set_key(Some(self.key(&pk, "ledger")))
                 .update_expression(
-                    "SET #st = :claimed, worker = :me, shard = :shard, claimed_at = :t",
+                    "SET #st = :claimed, claimed_by = :me, claim_shard = :shard, claimed_at = :t",
                 )
                 .condition_expression(
-                    "attribute_not_exists(pk) OR (#st = :claimed AND worker = :me)",
+                    "attribute_not_exists(pk) OR (#st = :claimed AND claimed_by = :me)",
                 )
                 .expression_attribute_names("#st", "state")
                 .expression_attribute_values(":claimed", s("claimed"))
@@ -1204,7 +1204,7 @@ impl Inner {
             if get_s(&item, "state") == Some("done") {
                 return Ok(ClaimOutcome::Done);
             }
-            let holder = get_s(&item, "worker").unwrap_or_default().to_owned();
+            let holder = get_s(&item, "claimed_by").unwrap_or_default().to_owned();
             let claimed_at = get_n(&item, "claimed_at").unwrap_or(0);
             if self.alive(&holder).await? {
                 return Ok(ClaimOutcome::Busy { worker: holder });
@@ -1216,8 +1216,10 @@ impl Inner {
                 .update_item()
                 .table_name(&self.table)
                 .set_key(Some(self.key(&pk, "ledger")))
-                .update_expression("SET worker = :me, shard = :shard, claimed_at = :t")
-                .condition_expression("#st = :claimed AND worker = :holder AND claimed_at = :then")
+                .update_expression("SET claimed_by = :me, claim_shard = :shard, claimed_at = :t")
+                .condition_expression(
+                    "#st = :claimed AND claimed_by = :holder AND claimed_at = :then",
+                )
                 .expression_attribute_names("#st", "state")
                 .expression_attribute_values(":claimed", s("claimed"))
                 .expression_attribute_values(":me", s(self.worker.clone()))
@@ -1251,10 +1253,10 @@ impl Inner {
         }
         let item = self.get("worker", worker).await?;
         let Some(item) = item else { return Ok(false) };
-        if item.get("stopped").and_then(|v| v.as_bool().ok()) == Some(&true) {
+        if item.get("is_stopped").and_then(|v| v.as_bool().ok()) == Some(&true) {
             return Ok(false);
         }
-        let beat = get_n(&item, "heartbeat").unwrap_or(0);
+        let beat = get_n(&item, "heart_beats").unwrap_or(0);
         let mut seen = self.heartbeats.lock().expect("heartbeats lock");
         let now = Instant::now();
         let entry = seen.entry(worker.to_owned()).or_insert((beat, now));
@@ -1269,11 +1271,11 @@ impl Inner {
         let mut out = Vec::new();
         for item in items {
             let worker_id = get_s(&item, SK).unwrap_or_default().to_owned();
-            let stopped = item.get("stopped").and_then(|v| v.as_bool().ok()) == Some(&true);
+            let stopped = item.get("is_stopped").and_then(|v| v.as_bool().ok()) == Some(&true);
             let live = !stopped && self.alive(&worker_id).await?;
             out.push(WorkerView {
                 rules_hash: get_s(&item, "rules_hash").unwrap_or_default().to_owned(),
-                leases: get_n(&item, "leases").unwrap_or(0),
+                leases: get_n(&item, "lease_count").unwrap_or(0),
                 seen_at_ms: get_n(&item, "seen_at").unwrap_or(0),
                 live,
                 stopped,

@@ -15,10 +15,7 @@ const LEASE_MS: u64 = 1500;
 /// A workspace whose config runs a fleet on `dynamo` (tables created on first start).
 fn fleet(kinesis: &str, stream: &str, backend: &str, dynamo: &str) -> Workspace {
     let ws = Workspace::new(kinesis, stream, backend);
-    ws.edit_config(
-        "[state]\n",
-        "[state]\nkey_env = \"GDPR_TEST_STATE_KEY\"\n",
-    );
+    ws.edit_config("[state]\n", "[state]\nkey_env = \"GDPR_TEST_STATE_KEY\"\n");
     let text = std::fs::read_to_string(ws.config()).unwrap();
     std::fs::write(
         ws.config(),
@@ -28,6 +25,26 @@ fn fleet(kinesis: &str, stream: &str, backend: &str, dynamo: &str) -> Workspace 
     )
     .unwrap();
     ws
+}
+
+/// Waits for `cond`, failing with the workers' logs.
+async fn wait_fleet(
+    workers: &[Daemon],
+    timeout_s: u64,
+    what: &str,
+    mut cond: impl FnMut() -> bool,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(timeout_s);
+    while !cond() {
+        if std::time::Instant::now() > deadline {
+            let logs: Vec<String> = workers.iter().map(|w| w.stderr()).collect();
+            panic!(
+                "timed out waiting for {what}; logs:\n{}",
+                logs.join("\n-----\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn start_worker(ws: &Workspace) -> Daemon {
@@ -59,7 +76,9 @@ fn dynamo(endpoint: &str) -> aws_sdk_dynamodb::Client {
 }
 
 /// Every item of the lease table.
-async fn leases(client: &aws_sdk_dynamodb::Client) -> Vec<std::collections::HashMap<String, AttributeValue>> {
+async fn leases(
+    client: &aws_sdk_dynamodb::Client,
+) -> Vec<std::collections::HashMap<String, AttributeValue>> {
     let mut out = Vec::new();
     let mut start = None;
     loop {
@@ -147,21 +166,29 @@ async fn three_workers_share_eight_shards_and_send_each_request_once() {
     let client = kinesis.client();
     create_stream(&client, "events", 8).await;
     let backend = Backend::with_behaviour(Duration::from_millis(5), |_, _| 200).await;
-    let ws = fleet(&kinesis.endpoint, "events", &backend.url, &dynalite.endpoint);
+    let ws = fleet(
+        &kinesis.endpoint,
+        "events",
+        &backend.url,
+        &dynalite.endpoint,
+    );
     let db = dynamo(&dynalite.endpoint);
     let workers: Vec<Daemon> = (0..3).map(|_| start_worker(&ws)).collect();
     wait_spread(&db, 3, 8).await;
     // 60 requests, the first 40 written again under another partition key: the same
     // request reaches two shards, read by different workers.
     put(&client, "events", &traffic(600, 60, 40)).await;
-    wait_until(Duration::from_secs(90), "60 requests sent", || {
+    wait_fleet(&workers, 90, "60 requests sent", || {
         sent_users(&backend).len() >= 60
     })
     .await;
     // Give a request read twice time to be sent twice, were it to be.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let users = sent_users(&backend);
-    assert_eq!(users.keys().cloned().collect::<BTreeSet<_>>(), deletions(0..60));
+    assert_eq!(
+        users.keys().cloned().collect::<BTreeSet<_>>(),
+        deletions(0..60)
+    );
     let twice: Vec<_> = users.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "sent more than once: {twice:?}");
     wait_spread(&db, 3, 8).await;
@@ -185,11 +212,13 @@ async fn three_workers_share_eight_shards_and_send_each_request_once() {
     let entries = json_lines(&out);
     let done = entries.iter().filter(|e| e["outcome"] == "done").count();
     assert_eq!(done, 60, "{out}");
+    // Each request written twice is found done the second time (and a record read again
+    // after its lease moved, before its checkpoint, is found done too).
     let duplicates = entries
         .iter()
         .filter(|e| e["outcome"] == "duplicate")
         .count();
-    assert_eq!(duplicates, 40, "{out}");
+    assert!(duplicates >= 40, "{duplicates} duplicates: {out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,7 +229,12 @@ async fn a_killed_worker_s_shards_are_taken_over_and_nothing_is_lost() {
     create_stream(&client, "events", 8).await;
     // Slow enough that calls are in flight when the worker is killed.
     let backend = Backend::with_behaviour(Duration::from_millis(30), |_, _| 200).await;
-    let ws = fleet(&kinesis.endpoint, "events", &backend.url, &dynalite.endpoint);
+    let ws = fleet(
+        &kinesis.endpoint,
+        "events",
+        &backend.url,
+        &dynalite.endpoint,
+    );
     let db = dynamo(&dynalite.endpoint);
     let mut workers: Vec<Daemon> = (0..3).map(|_| start_worker(&ws)).collect();
     wait_spread(&db, 3, 8).await;
@@ -213,7 +247,10 @@ async fn a_killed_worker_s_shards_are_taken_over_and_nothing_is_lost() {
     victim.signal("KILL");
     let _ = victim.wait_exit();
     let sent_at_kill = backend.count();
-    assert!(sent_at_kill < 120, "everything was sent before the kill; nothing tested");
+    assert!(
+        sent_at_kill < 120,
+        "everything was sent before the kill; nothing tested"
+    );
     // The other two take its leases over after the lease duration.
     wait_spread(&db, 2, 8).await;
     wait_until(Duration::from_secs(90), "120 requests sent", || {
@@ -222,7 +259,10 @@ async fn a_killed_worker_s_shards_are_taken_over_and_nothing_is_lost() {
     .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let users = sent_users(&backend);
-    assert_eq!(users.keys().cloned().collect::<BTreeSet<_>>(), deletions(0..120));
+    assert_eq!(
+        users.keys().cloned().collect::<BTreeSet<_>>(),
+        deletions(0..120)
+    );
     // At most the calls in flight at the kill are sent again: one per shard it read.
     let repeats: usize = users.values().map(|n| n - 1).sum();
     assert!(repeats <= 3, "{repeats} repeats: {users:?}");
@@ -238,7 +278,12 @@ async fn a_rolling_restart_loses_and_repeats_nothing() {
     let client = kinesis.client();
     create_stream(&client, "events", 8).await;
     let backend = Backend::with_behaviour(Duration::from_millis(20), |_, _| 200).await;
-    let ws = fleet(&kinesis.endpoint, "events", &backend.url, &dynalite.endpoint);
+    let ws = fleet(
+        &kinesis.endpoint,
+        "events",
+        &backend.url,
+        &dynalite.endpoint,
+    );
     let db = dynamo(&dynalite.endpoint);
     let mut workers: Vec<Daemon> = (0..3).map(|_| start_worker(&ws)).collect();
     wait_spread(&db, 3, 8).await;
@@ -265,7 +310,10 @@ async fn a_rolling_restart_loses_and_repeats_nothing() {
     .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let users = sent_users(&backend);
-    assert_eq!(users.keys().cloned().collect::<BTreeSet<_>>(), deletions(0..150));
+    assert_eq!(
+        users.keys().cloned().collect::<BTreeSet<_>>(),
+        deletions(0..150)
+    );
     let twice: Vec<_> = users.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "sent more than once: {twice:?}");
     for worker in workers {
@@ -292,7 +340,12 @@ async fn a_split_and_a_merge_while_three_workers_run_lose_nothing() {
     let client = kinesis.client();
     create_stream(&client, "events", 4).await;
     let backend = Backend::with_behaviour(Duration::from_millis(5), |_, _| 200).await;
-    let ws = fleet(&kinesis.endpoint, "events", &backend.url, &dynalite.endpoint);
+    let ws = fleet(
+        &kinesis.endpoint,
+        "events",
+        &backend.url,
+        &dynalite.endpoint,
+    );
     let db = dynamo(&dynalite.endpoint);
     let workers: Vec<Daemon> = (0..3).map(|_| start_worker(&ws)).collect();
     wait_spread(&db, 3, 4).await;
@@ -301,7 +354,13 @@ async fn a_split_and_a_merge_while_three_workers_run_lose_nothing() {
     split_in_half(&client, "events", "shardId-000000000000").await;
     wait_active(&client, "events").await;
     put(&client, "events", &records[300..600]).await;
-    merge(&client, "events", "shardId-000000000002", "shardId-000000000003").await;
+    merge(
+        &client,
+        "events",
+        "shardId-000000000002",
+        "shardId-000000000003",
+    )
+    .await;
     put(&client, "events", &records[600..]).await;
     wait_until(Duration::from_secs(120), "90 requests sent", || {
         sent_users(&backend).len() >= 90
@@ -309,7 +368,10 @@ async fn a_split_and_a_merge_while_three_workers_run_lose_nothing() {
     .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let users = sent_users(&backend);
-    assert_eq!(users.keys().cloned().collect::<BTreeSet<_>>(), deletions(0..90));
+    assert_eq!(
+        users.keys().cloned().collect::<BTreeSet<_>>(),
+        deletions(0..90)
+    );
     let twice: Vec<_> = users.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "sent more than once: {twice:?}");
     // Parents were read to their end, children started after them, all in the one table.
@@ -319,8 +381,15 @@ async fn a_split_and_a_merge_while_three_workers_run_lose_nothing() {
         .filter(|i| text(i, "checkpoint").as_deref() == Some("SHARD_END"))
         .filter_map(|i| text(i, "leaseKey"))
         .collect();
-    for parent in ["shardId-000000000000", "shardId-000000000002", "shardId-000000000003"] {
-        assert!(finished.contains(parent), "{parent} not finished: {table:?}");
+    for parent in [
+        "shardId-000000000000",
+        "shardId-000000000002",
+        "shardId-000000000003",
+    ] {
+        assert!(
+            finished.contains(parent),
+            "{parent} not finished: {table:?}"
+        );
     }
     let children: Vec<_> = table
         .iter()
@@ -373,7 +442,12 @@ async fn a_worker_whose_lease_is_stolen_mid_call_does_not_move_the_checkpoint() 
         200
     })
     .await;
-    let ws = fleet(&kinesis.endpoint, "events", &backend.url, &dynalite.endpoint);
+    let ws = fleet(
+        &kinesis.endpoint,
+        "events",
+        &backend.url,
+        &dynalite.endpoint,
+    );
     let db = dynamo(&dynalite.endpoint);
     let worker = start_worker(&ws);
     wait_spread(&db, 1, 1).await;
@@ -442,7 +516,12 @@ async fn every_command_works_with_the_fleet_s_config_with_or_without_workers() {
         }
     })
     .await;
-    let ws = fleet(&kinesis.endpoint, "events", &backend.url, &dynalite.endpoint);
+    let ws = fleet(
+        &kinesis.endpoint,
+        "events",
+        &backend.url,
+        &dynalite.endpoint,
+    );
     let config = ws.config();
     let config = config.to_str().unwrap();
     let db = dynamo(&dynalite.endpoint);
@@ -458,17 +537,32 @@ async fn every_command_works_with_the_fleet_s_config_with_or_without_workers() {
         assert_eq!(code, 0, "{err}");
         json_lines(&out)
     };
-    wait_until(Duration::from_secs(10), "the dead letter", || letters().len() == 1).await;
+    wait_until(Duration::from_secs(10), "the dead letter", || {
+        letters().len() == 1
+    })
+    .await;
     // Paused while workers run: a new request is held, not sent.
     let (code, _, err) = run_command(
         &ws,
-        &["actions", "pause", "anonymize_user", "--reason", "legal review", "--config", config],
+        &[
+            "actions",
+            "pause",
+            "anonymize_user",
+            "--reason",
+            "legal review",
+            "--config",
+            config,
+        ],
     );
     assert_eq!(code, 0, "{err}");
-    put(&client, "events", &[(
-        "held-key".to_owned(),
-        deletion("h-1", "held-user").to_string().into_bytes(),
-    )])
+    put(
+        &client,
+        "events",
+        &[(
+            "held-key".to_owned(),
+            deletion("h-1", "held-user").to_string().into_bytes(),
+        )],
+    )
     .await;
     wait_until(Duration::from_secs(30), "the request held", || {
         let (_, out, _) = run_command(&ws, &["actions", "list", "--config", config]);
@@ -476,7 +570,10 @@ async fn every_command_works_with_the_fleet_s_config_with_or_without_workers() {
     })
     .await;
     assert!(!sent_users(&backend).contains_key("held-user"));
-    let (code, out, err) = run_command(&ws, &["actions", "resume", "anonymize_user", "--config", config]);
+    let (code, out, err) = run_command(
+        &ws,
+        &["actions", "resume", "anonymize_user", "--config", config],
+    );
     assert_eq!(code, 0, "{out}{err}");
     wait_until(Duration::from_secs(30), "the held request sent", || {
         sent_users(&backend).contains_key("held-user")
@@ -496,14 +593,30 @@ async fn every_command_works_with_the_fleet_s_config_with_or_without_workers() {
     let id = letters()[0]["id"].as_u64().unwrap().to_string();
     let (code, _, err) = run_command(
         &ws,
-        &["dead-letters", "discard", "--id", &id, "--reason", "user unknown", "--config", config],
+        &[
+            "dead-letters",
+            "discard",
+            "--id",
+            &id,
+            "--reason",
+            "user unknown",
+            "--config",
+            config,
+        ],
     );
     assert_eq!(code, 0, "{err}");
     assert!(letters().is_empty());
     let (code, out, err) = run_command(&ws, &["audit", "export", "--config", config]);
     assert_eq!(code, 0, "{err}");
     let entries = json_lines(&out);
-    for outcome in ["done", "dead_lettered", "held", "paused", "resumed", "discarded"] {
+    for outcome in [
+        "done",
+        "dead_lettered",
+        "held",
+        "paused",
+        "resumed",
+        "discarded",
+    ] {
         assert!(
             entries.iter().any(|e| e["outcome"] == outcome),
             "no {outcome} entry: {out}"
@@ -518,13 +631,21 @@ async fn every_command_works_with_the_fleet_s_config_with_or_without_workers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_tables_or_a_missing_shared_key_are_refused_with_exit_2() {
     let dynalite = Dynalite::start();
-    let ws = fleet("http://127.0.0.1:9", "events", "http://127.0.0.1:9", &dynalite.endpoint);
+    let ws = fleet(
+        "http://127.0.0.1:9",
+        "events",
+        "http://127.0.0.1:9",
+        &dynalite.endpoint,
+    );
     ws.edit_config("create_tables = true", "create_tables = false");
     let config = ws.config();
     let config = config.to_str().unwrap();
     let (code, _, err) = run_command(&ws, &["run", "--config", config]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("gdpr-consumer") && err.contains("create-table"), "{err}");
+    assert!(
+        err.contains("gdpr-consumer") && err.contains("create-table"),
+        "{err}"
+    );
     let (code, _, err) = run_command(&ws, &["dead-letters", "list", "--config", config]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("does not exist"), "{err}");

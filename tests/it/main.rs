@@ -11,6 +11,7 @@ mod docs;
 mod dry_run;
 mod fanout;
 mod faults;
+mod fleet;
 mod idle;
 mod lease;
 mod live;

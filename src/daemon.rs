@@ -388,6 +388,16 @@ impl FleetWorker {
                         if let Err(e) = shared.heartbeat(hash, held, false).await {
                             pipeline.telemetry.state_write(Some(&e));
                         }
+                        // An action resumed from another host: its held requests are sent
+                        // now, not at the next scheduled retry.
+                        let resuming = state.pauses().is_ok_and(|pauses| {
+                            pauses.iter().any(|(_, p)| p.resuming_since_ms.is_some())
+                        });
+                        if resuming {
+                            if let Err(e) = pipeline.release_held().await {
+                                tracing::error!(error = %telemetry::chain(&e), "cannot send held requests");
+                            }
+                        }
                         if stop.sleep(period).await.is_err() {
                             break;
                         }

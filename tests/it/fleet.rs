@@ -351,7 +351,15 @@ async fn a_split_and_a_merge_while_three_workers_run_lose_nothing() {
     wait_spread(&db, 3, 4).await;
     let records = traffic(900, 90, 0);
     put(&client, "events", &records[..300]).await;
-    split_in_half(&client, "events", "shardId-000000000000").await;
+    // Shard 0 of 4 holds the first quarter of the hash keys: split at the eighth.
+    client
+        .split_shard()
+        .stream_name("events")
+        .shard_to_split("shardId-000000000000")
+        .new_starting_hash_key("42535295865117307932921825928971026432")
+        .send()
+        .await
+        .unwrap();
     wait_active(&client, "events").await;
     put(&client, "events", &records[300..600]).await;
     merge(

@@ -415,7 +415,8 @@ impl Coordinator {
     }
 
     /// Releases every held lease (SIGTERM, after the shard workers checkpointed), so other
-    /// workers take them at once. Tokens are cancelled.
+    /// workers take them at once. Tokens are cancelled. Call it once shutdown is triggered:
+    /// before, `run`'s next taking round would take the free leases back.
     pub async fn release_all(&self) -> Result<(), LeaseError> {
         let mut first_error = None;
         for (shard, held) in self.held_now() {

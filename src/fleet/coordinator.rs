@@ -119,21 +119,29 @@ impl Coordinator {
             .is_some_and(|h| h.valid() && !h.token.is_cancelled())
     }
 
-    /// Renews and takes leases every third of the lease duration until shutdown. Leases
-    /// are not released here: the daemon calls [`Coordinator::release_all`] once its shard
-    /// workers have checkpointed.
+    /// Renews and takes leases every third of the lease duration. After shutdown it takes
+    /// no more, but keeps renewing what it holds (while the shard workers finish their
+    /// calls and checkpoint) and returns once nothing is held: after
+    /// [`Coordinator::release_all`], or when every lease is lost. So call `release_all`
+    /// before awaiting it.
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
         let period = self.lease_duration / 3;
         loop {
             self.renew_all().await;
             if shutdown.is_triggered() {
-                return;
+                break;
             }
             if let Err(e) = self.take_round().await {
                 self.telemetry.lease_table_error(&self.worker_id, &e);
             }
             if shutdown.sleep(period).await.is_err() {
-                return;
+                break;
+            }
+        }
+        let mut owned = self.owned.subscribe();
+        while !self.held.lock().unwrap().is_empty() {
+            if tokio::time::timeout(period, owned.changed()).await.is_err() {
+                self.renew_all().await;
             }
         }
     }
@@ -407,7 +415,8 @@ impl Coordinator {
     }
 
     /// Releases every held lease (SIGTERM, after the shard workers checkpointed), so other
-    /// workers take them at once. Tokens are cancelled.
+    /// workers take them at once. Tokens are cancelled. Call it once shutdown is triggered:
+    /// before, `run`'s next taking round would take the free leases back.
     pub async fn release_all(&self) -> Result<(), LeaseError> {
         let mut first_error = None;
         for (shard, held) in self.held_now() {

@@ -234,8 +234,8 @@ async fn renewal_keeps_a_lease_and_a_lease_not_renewed_expires_to_the_other_work
     assert!(a.holds(&shard(0)) && !b.holds(&shard(0)));
 
     // a stops renewing (as a worker killed -9 would): after a lease duration b takes it.
-    a_stop.trigger();
-    a_run.await.unwrap();
+    a_run.abort();
+    let _ = a_run.await;
     eventually("b takes the expired lease", || async { b.holds(&shard(0)) }).await;
     assert_eq!(owners(&table).await[&shard(0)].as_deref(), Some("b"));
     // a finds out at its next renewal.
@@ -243,6 +243,7 @@ async fn renewal_keeps_a_lease_and_a_lease_not_renewed_expires_to_the_other_work
     assert!(!a.holds(&shard(0)));
     assert!(a_token.is_cancelled());
     b_stop.trigger();
+    b.release_all().await.unwrap();
     b_run.await.unwrap();
 }
 
@@ -298,6 +299,9 @@ async fn three_workers_on_eight_leases_settle_at_three_three_two() {
     assert_eq!((owners(&table).await, switches().await), before);
     assert_eq!(spread().await, (vec![2, 3, 3], true));
     stop.trigger();
+    for worker in &workers {
+        worker.release_all().await.unwrap();
+    }
     for run in runs {
         run.await.unwrap();
     }
@@ -463,4 +467,45 @@ async fn a_worker_cut_off_from_the_table_stops_holding_after_a_lease_duration() 
         .checkpoint(&shard(0), &Checkpoint::at("1".into()))
         .await
         .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_shutdown_a_worker_keeps_its_leases_until_it_releases_them() {
+    let dynalite = Dynalite::start();
+    let table = table(&dynalite).await;
+    let a = coordinator(&table, "a", SHORT);
+    let b = coordinator(&table, "b", SHORT);
+    a.sync_shards(&shards(&[(0, &[])]), TRIM_HORIZON)
+        .await
+        .unwrap();
+    a.take_round().await.unwrap();
+    let (a_stop, b_stop) = (
+        gdpr_consumer::shutdown::Shutdown::new(),
+        gdpr_consumer::shutdown::Shutdown::new(),
+    );
+    let a_run = tokio::spawn(a.clone().run(a_stop.clone()));
+    let b_run = tokio::spawn(b.clone().run(b_stop.clone()));
+    // SIGTERM: a's shard workers finish their calls and checkpoint, which may take longer
+    // than a lease duration; a keeps the lease meanwhile.
+    a_stop.trigger();
+    tokio::time::sleep(SHORT * 4).await;
+    assert!(a.holds(&shard(0)));
+    assert!(!a_run.is_finished());
+    a.checkpoint(&shard(0), &Checkpoint::at("5".into()))
+        .await
+        .unwrap();
+    // Then it hands the lease off, and its coordinator ends.
+    a.release_all().await.unwrap();
+    a_run.await.unwrap();
+    eventually("b takes the released lease", || async {
+        b.holds(&shard(0))
+    })
+    .await;
+    assert_eq!(
+        b.owned().borrow()[&shard(0)].checkpoint,
+        Some(Checkpoint::at("5".into()))
+    );
+    b_stop.trigger();
+    b.release_all().await.unwrap();
+    b_run.await.unwrap();
 }

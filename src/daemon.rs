@@ -255,7 +255,9 @@ pub async fn run(
         }
         _ => None,
     };
-    let beating = fleet_worker.as_ref().map(|worker| worker.start(&pipeline));
+    let beating = fleet_worker
+        .as_ref()
+        .map(|worker| worker.start(&pipeline, &shutdown));
     let result = supervisor::supervise(
         &settings.stream,
         &source,
@@ -319,7 +321,7 @@ pub async fn run(
 struct FleetWorker {
     coordinator: Arc<Coordinator>,
     leases: WorkerLeases,
-    /// The coordinator's own stop: it renews the leases until the shards checkpointed.
+    /// The heartbeat's own stop: it beats until the leases are handed off.
     stop: Shutdown,
     lease_duration: Duration,
 }
@@ -371,50 +373,58 @@ async fn join_fleet(
 }
 
 impl FleetWorker {
-    /// Starts the coordinator's loop and the heartbeat (every third of a lease duration:
-    /// its claims live as long as it beats).
-    fn start(&self, pipeline: &Arc<Pipeline>) -> tokio::task::JoinHandle<()> {
+    /// Starts the coordinator's loop (it takes no lease after `shutdown`, and renews those
+    /// it holds until they are handed off) and the heartbeat, every third of a lease
+    /// duration: this worker's claims live as long as it beats.
+    fn start(
+        &self,
+        pipeline: &Arc<Pipeline>,
+        shutdown: &Shutdown,
+    ) -> [tokio::task::JoinHandle<()>; 2] {
         let coordinator = self.coordinator.clone();
-        let stop = self.stop.clone();
-        let leases = tokio::spawn(coordinator.clone().run(stop.clone()));
-        let pipeline = pipeline.clone();
+        let leases = tokio::spawn(coordinator.clone().run(shutdown.clone()));
+        let (pipeline, stop) = (pipeline.clone(), self.stop.clone());
         let period = self.lease_duration / 3;
-        tokio::spawn(async move {
-            if let Sink::Live { state, .. } = &pipeline.sink {
-                if let State::Shared(shared) = &**state {
-                    loop {
-                        let hash = pipeline.rules.load().hash().to_owned();
-                        let held = coordinator.owned().borrow().len() as u64;
-                        if let Err(e) = shared.heartbeat(hash, held, false).await {
-                            pipeline.telemetry.state_write(Some(&e));
-                        }
-                        // An action resumed from another host: its held requests are sent
-                        // now, not at the next scheduled retry.
-                        let resuming = state.pauses().is_ok_and(|pauses| {
-                            pauses.iter().any(|(_, p)| p.resuming_since_ms.is_some())
-                        });
-                        if resuming {
-                            if let Err(e) = pipeline.release_held().await {
-                                tracing::error!(error = %telemetry::chain(&e), "cannot send held requests");
-                            }
-                        }
-                        if stop.sleep(period).await.is_err() {
-                            break;
-                        }
+        let beating = tokio::spawn(async move {
+            let Sink::Live { state, .. } = &pipeline.sink else {
+                return;
+            };
+            let State::Shared(shared) = &**state else {
+                return;
+            };
+            loop {
+                let hash = pipeline.rules.load().hash().to_owned();
+                let held = coordinator.owned().borrow().len() as u64;
+                if let Err(e) = shared.heartbeat(hash, held, false).await {
+                    pipeline.telemetry.state_write(Some(&e));
+                }
+                // An action resumed from another host: its held requests are sent now,
+                // not at the next scheduled retry.
+                let resuming = state
+                    .pauses()
+                    .is_ok_and(|pauses| pauses.iter().any(|(_, p)| p.resuming_since_ms.is_some()));
+                if resuming && !pipeline.shutdown.is_triggered() {
+                    if let Err(e) = pipeline.release_held().await {
+                        tracing::error!(error = %telemetry::chain(&e), "cannot send held requests");
                     }
                 }
+                if stop.sleep(period).await.is_err() {
+                    return;
+                }
             }
-            let _ = leases.await;
-        })
+        });
+        [leases, beating]
     }
 
     /// SIGTERM's last step: the shards have checkpointed; the leases are released for the
     /// other workers to take at once, and the heartbeat says this worker stopped.
-    async fn hand_off(&self, pipeline: &Arc<Pipeline>, beating: tokio::task::JoinHandle<()>) {
-        self.stop.trigger();
-        let _ = beating.await;
+    async fn hand_off(&self, pipeline: &Arc<Pipeline>, tasks: [tokio::task::JoinHandle<()>; 2]) {
         if let Err(e) = self.coordinator.release_all().await {
             tracing::warn!(error = %telemetry::chain(&e), "cannot release every lease; the others take them when they expire");
+        }
+        self.stop.trigger();
+        for task in tasks {
+            let _ = task.await;
         }
         if let Sink::Live { state, .. } = &pipeline.sink {
             if let State::Shared(shared) = &**state {

@@ -972,6 +972,10 @@ impl Pipeline {
                 .map_err(|source| state_error(record, source))?;
             match claimed {
                 ClaimOutcome::Claimed => break,
+                ClaimOutcome::TakenOver { from } => {
+                    self.telemetry.claim_taken_over(&from);
+                    break;
+                }
                 ClaimOutcome::Done => return duplicate(None),
                 ClaimOutcome::Busy { .. } => {
                     tokio::select! {

@@ -201,6 +201,7 @@ pub async fn supervise<W: ShardWork>(
             &ready,
             |id| work.checkpoint(id).ok().flatten(),
             source.read_mode(),
+            held.as_ref(),
         ));
         for (shard, position) in ready {
             tracing::info!(shard_id = %shard.id, %position, "starting shard");
@@ -324,6 +325,7 @@ fn shard_views(
     starting: &[(ShardInfo, Position)],
     checkpoint: impl Fn(&str) -> Option<Checkpoint>,
     mode: ReadMode,
+    held: Option<&HashSet<String>>,
 ) -> Vec<ShardView> {
     shards
         .iter()
@@ -331,6 +333,9 @@ fn shard_views(
             let own = checkpoint(&shard.id);
             let state = if own.as_ref().is_some_and(|c| c.shard_end) {
                 "finished"
+            } else if held.is_some_and(|held| !held.contains(&shard.id)) {
+                // A fleet's shard whose lease another worker holds (or no one yet).
+                "other_worker"
             } else if started.contains(&shard.id) || starting.iter().any(|(s, _)| s.id == shard.id)
             {
                 "reading"

@@ -792,6 +792,11 @@ impl Telemetry {
             .get_or_create(&label("result", "refused"))
             .inner()
             .store(status.reloads_failed, Ordering::Relaxed);
+        if let crate::state::State::Shared(shared) = state {
+            if let Ok(workers) = shared.workers() {
+                self.fleet(&workers);
+            }
+        }
         if let Ok((pending, oldest)) = state.dead_letter_stats() {
             self.dead_letters_pending.set(pending as i64);
             let age = oldest.map_or(0, |created| now_ms().saturating_sub(created) / 1000);
@@ -851,9 +856,31 @@ impl Telemetry {
                 "resuming": pause.resuming_since_ms.is_some(),
             })).collect::<Vec<_>>()),
             "requests_held": state.held_counts().ok(),
+            "fleet": fleet_json(state),
             "state": {"writable": self.state_fault().is_none(), "last_error": self.state_fault()},
         })
     }
+}
+
+/// A fleet worker's view of the fleet for `/status` (none for a single daemon): itself,
+/// and every worker with its rule-set hash, so workers running different rules show.
+fn fleet_json(state: &State) -> Option<serde_json::Value> {
+    let crate::state::State::Shared(shared) = state else {
+        return None;
+    };
+    let workers = shared.workers().ok();
+    let hashes: Option<std::collections::BTreeSet<String>> = workers.as_ref().map(|workers| {
+        workers
+            .iter()
+            .filter(|w| w.live)
+            .map(|w| w.rules_hash.clone())
+            .collect()
+    });
+    Some(serde_json::json!({
+        "worker_id": shared.worker_id(),
+        "workers": workers,
+        "rules_agree": hashes.as_ref().map(|h| h.len() <= 1),
+    }))
 }
 
 /// What the listener serves from.
@@ -975,6 +1002,12 @@ struct LeaseMetrics {
     released: Counter,
     deleted: Counter,
     table_errors: Counter,
+    claims_taken_over: Counter,
+    /// The fleet as the heartbeats say: live workers, the distinct rule sets they run, and
+    /// each live worker's rule-set hash.
+    workers: Gauge,
+    rules_hashes: Gauge,
+    worker_rules: Family<Labels, Gauge>,
 }
 
 impl LeaseMetrics {
@@ -1013,6 +1046,26 @@ impl LeaseMetrics {
             "lease_table_errors",
             "Lease table calls that failed (retried at the next round)",
             self.table_errors.clone(),
+        );
+        r.register(
+            "claims_taken_over",
+            "Claims on requests of a worker that stopped beating, taken over (its call may be repeated)",
+            self.claims_taken_over.clone(),
+        );
+        r.register(
+            "fleet_workers",
+            "Live workers of the fleet (heartbeat within a lease duration)",
+            self.workers.clone(),
+        );
+        r.register(
+            "fleet_rules_hashes",
+            "Distinct rule sets the fleet's live workers run (more than 1: workers disagree)",
+            self.rules_hashes.clone(),
+        );
+        r.register(
+            "fleet_worker_rules_info",
+            "Each live worker's rule-set hash (worker_id, hash)",
+            self.worker_rules.clone(),
         );
     }
 }
@@ -1091,5 +1144,35 @@ impl Telemetry {
             error = %error,
             "lease table call failed; retrying at the next round"
         );
+    }
+
+    /// A claim of a worker that stopped beating was taken over: its call, if it was made,
+    /// is made again (at most the calls in flight when it died).
+    pub fn claim_taken_over(&self, from_worker: &str) {
+        self.leases.claims_taken_over.inc();
+        tracing::warn!(
+            event = "claim_taken_over",
+            from_worker,
+            "a request claimed by a worker that stopped beating is taken over; its call may be repeated"
+        );
+    }
+
+    /// The fleet's workers, as their heartbeats say (on each scrape).
+    fn fleet(&self, workers: &[crate::state::shared::WorkerView]) {
+        let live: Vec<_> = workers.iter().filter(|w| w.live).collect();
+        self.leases.workers.set(live.len() as i64);
+        let hashes: std::collections::BTreeSet<&str> =
+            live.iter().map(|w| w.rules_hash.as_str()).collect();
+        self.leases.rules_hashes.set(hashes.len() as i64);
+        self.leases.worker_rules.clear();
+        for worker in live {
+            self.leases
+                .worker_rules
+                .get_or_create(&vec![
+                    ("worker_id", worker.worker_id.clone()),
+                    ("hash", worker.rules_hash.clone()),
+                ])
+                .set(1);
+        }
     }
 }

@@ -83,6 +83,8 @@ pub enum ClaimOutcome {
     Done,
     /// Another worker holds it and was alive when last seen: wait for its outcome.
     Busy { worker: String },
+    /// Ours now: the worker that held it stopped beating (its call may have been made).
+    TakenOver { from: String },
 }
 
 /// A worker of the fleet, as its heartbeat item says.
@@ -556,9 +558,8 @@ impl SharedState {
     }
 
     /// The fleet's workers, as their heartbeats say.
-    pub async fn workers(&self) -> Result<Vec<WorkerView>, StateError> {
-        self.run_async(|inner| async move { inner.workers().await })
-            .await
+    pub fn workers(&self) -> Result<Vec<WorkerView>, StateError> {
+        self.run(|inner| async move { inner.workers().await })
     }
 }
 
@@ -1231,8 +1232,7 @@ impl Inner {
                 .await;
             match taken {
                 Ok(_) => {
-                    tracing::info!(event = "claim_taken_over", from = %holder, "a claim of a stopped worker taken over");
-                    return Ok(ClaimOutcome::Claimed);
+                    return Ok(ClaimOutcome::TakenOver { from: holder });
                 }
                 Err(e)
                     if e.as_service_error()

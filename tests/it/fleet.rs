@@ -662,3 +662,113 @@ async fn missing_tables_or_a_missing_shared_key_are_refused_with_exit_2() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("key_env"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_metrics_show_leases_and_workers_that_disagree_on_rules() {
+    let kinesis = Kinesalite::start();
+    let dynalite = Dynalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 4).await;
+    let backend = Backend::start().await;
+    let ws = fleet(
+        &kinesis.endpoint,
+        "events",
+        &backend.url,
+        &dynalite.endpoint,
+    );
+    ws.with_metrics();
+    // The second worker's host has an edited rule set.
+    std::fs::create_dir(ws.path("other-rules")).unwrap();
+    for entry in std::fs::read_dir(ws.path("rules")).unwrap() {
+        let path = entry.unwrap().path();
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        if path.extension().is_some_and(|e| e == "rhai") {
+            text.push_str("\n// edited on host b\n");
+        }
+        std::fs::write(ws.path("other-rules").join(path.file_name().unwrap()), text).unwrap();
+    }
+    let db = dynamo(&dynalite.endpoint);
+    let a = start_worker(&ws);
+    let b = ws.start_daemon_with_env(
+        &["--rules-dir", "other-rules"],
+        &[("GDPR_TEST_STATE_KEY", STATE_KEY)],
+    );
+    wait_spread(&db, 2, 4).await;
+    let address = metrics_address(&a).await;
+    let status = || async {
+        let (code, body) = get(&address, "/status").await;
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    wait_until(Duration::from_secs(20), "both workers beating", || {
+        let held = held_by_worker_blocking(&dynalite.endpoint);
+        held.len() == 2
+    })
+    .await;
+    let mut seen = serde_json::Value::Null;
+    for _ in 0..100 {
+        seen = status().await;
+        let live = seen["fleet"]["workers"]
+            .as_array()
+            .map_or(0, |w| w.iter().filter(|w| w["live"] == true).count());
+        if live == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let workers = seen["fleet"]["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 2, "{seen}");
+    assert_eq!(seen["fleet"]["rules_agree"], false, "{seen}");
+    let hashes: BTreeSet<&str> = workers
+        .iter()
+        .map(|w| w["rules_hash"].as_str().unwrap())
+        .collect();
+    assert_eq!(hashes.len(), 2, "{seen}");
+    // Its shards are read here, the others elsewhere.
+    let states: Vec<&str> = seen["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states.iter().filter(|s| **s == "reading").count(),
+        2,
+        "{seen}"
+    );
+    assert_eq!(
+        states.iter().filter(|s| **s == "other_worker").count(),
+        2,
+        "{seen}"
+    );
+    let (_, metrics) = get(&address, "/metrics").await;
+    assert!(
+        metrics.contains("gdpr_consumer_fleet_rules_hashes 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("gdpr_consumer_fleet_workers 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("gdpr_consumer_leases_owned 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("gdpr_consumer_leases_taken_total"),
+        "{metrics}"
+    );
+    assert!(a.stop().success());
+    assert!(b.stop().success());
+}
+
+fn held_by_worker_blocking(endpoint: &str) -> BTreeMap<String, usize> {
+    let endpoint = endpoint.to_owned();
+    std::thread::spawn(move || {
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(async { held_by_worker(&dynamo(&endpoint)).await })
+    })
+    .join()
+    .unwrap()
+}

@@ -1003,11 +1003,10 @@ struct LeaseMetrics {
     deleted: Counter,
     table_errors: Counter,
     claims_taken_over: Counter,
-    /// The fleet as the heartbeats say: live workers, the distinct rule sets they run, and
-    /// each live worker's rule-set hash.
+    /// The fleet as the heartbeats say: live workers, and the distinct rule sets they run
+    /// (each worker's own hash is its `rules_info`).
     workers: Gauge,
     rules_hashes: Gauge,
-    worker_rules: Family<Labels, Gauge>,
 }
 
 impl LeaseMetrics {
@@ -1061,11 +1060,6 @@ impl LeaseMetrics {
             "fleet_rules_hashes",
             "Distinct rule sets the fleet's live workers run (more than 1: workers disagree)",
             self.rules_hashes.clone(),
-        );
-        r.register(
-            "fleet_worker_rules_info",
-            "Each live worker's rule-set hash (worker_id, hash)",
-            self.worker_rules.clone(),
         );
     }
 }
@@ -1164,15 +1158,5 @@ impl Telemetry {
         let hashes: std::collections::BTreeSet<&str> =
             live.iter().map(|w| w.rules_hash.as_str()).collect();
         self.leases.rules_hashes.set(hashes.len() as i64);
-        self.leases.worker_rules.clear();
-        for worker in live {
-            self.leases
-                .worker_rules
-                .get_or_create(&vec![
-                    ("worker_id", worker.worker_id.clone()),
-                    ("hash", worker.rules_hash.clone()),
-                ])
-                .set(1);
-        }
     }
 }

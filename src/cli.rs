@@ -14,8 +14,7 @@ use crate::control;
 use crate::daemon::{self, DryRun};
 use crate::decode::{self, Record, RecordJson};
 use crate::diff;
-use crate::fleet::lease::LeaseTable;
-use crate::fleet::share::LeaseCheckpoints;
+use crate::fleet::share::open_for_command;
 use crate::keys::Keys;
 use crate::keys::{KeyError, KeySource};
 use crate::pipeline::Retried;
@@ -23,8 +22,7 @@ use crate::pipeline::{Pipeline, Sink};
 use crate::preview::OutputFormat;
 use crate::preview::Preview;
 use crate::rules::{explain, testing, Decision, RuleSet};
-use crate::state::shared::SharedSettings;
-use crate::state::{Access, AuditEntry, LocalState, SharedState, State, StateError, Writes};
+use crate::state::{Access, AuditEntry, State, StateError, Writes};
 
 #[derive(Parser)]
 #[command(
@@ -956,28 +954,13 @@ fn open_state(args: &StateArgs, access: Access) -> Result<(State, Keys), Failure
         env: settings.key_env.as_deref(),
         file: &settings.key_file,
     };
-    let opened = match &settings.fleet {
-        None => LocalState::open(&settings.state_path, source, access)
-            .map(|(state, keys)| (State::local(state), keys)),
-        // A fleet's tables: read and written directly, with or without workers running.
-        // A command never creates them.
-        Some(fleet) => {
-            let fleet = SharedSettings {
-                create_tables: false,
-                worker_id: format!("command-{}", std::process::id()),
-                ..fleet.clone()
-            };
-            let lease_table = fleet.lease_table.clone();
-            SharedState::open(&fleet, source, move |client| {
-                Arc::new(LeaseCheckpoints {
-                    table: LeaseTable::new(client, lease_table),
-                    coordinator: None,
-                })
-            })
-            .map(|(state, keys)| (State::Shared(state), keys))
-        }
-    };
-    opened.map_err(|e| {
+    open_for_command(
+        &settings.state_path,
+        source,
+        settings.fleet.as_ref(),
+        access,
+    )
+    .map_err(|e| {
         let code = match &e {
             StateError::Key(KeyError::MissingEnv { .. } | KeyError::BadEnv { .. })
             | StateError::SharedMissing { .. } => 2,

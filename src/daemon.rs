@@ -17,7 +17,7 @@ use crate::console;
 use crate::control;
 use crate::fleet::coordinator::Coordinator;
 use crate::fleet::lease::{LeaseError, LeaseTable};
-use crate::fleet::share::{initial_sentinel, LeaseCheckpoints, WorkerLeases};
+use crate::fleet::share::{initial_sentinel, open_for_command, LeaseCheckpoints, WorkerLeases};
 use crate::keys::{KeyError, KeySource};
 use crate::pipeline::{Pipeline, PipelineError, Retried, Sink};
 use crate::preview::{Done, Ledger, OutputFormat, Preview};
@@ -573,9 +573,13 @@ pub async fn retry_dead_letters(
         .map_err(|failure| RunError::Rules(settings.rules_dir.clone(), failure))?;
     let telemetry = Arc::new(Telemetry::new());
     let actions = ActionSet::new(&settings.actions, true)?.observed(telemetry.clone());
-    let (state, keys) =
-        LocalState::open(&settings.state_path, key_source(&settings), Access::Write)?;
-    let state = Arc::new(State::local(state));
+    let (state, keys) = open_for_command(
+        &settings.state_path,
+        key_source(&settings),
+        settings.fleet.as_ref(),
+        Access::Write,
+    )?;
+    let state = Arc::new(state);
     let shutdown = Shutdown::new();
     spawn_signal_handler(shutdown.clone());
     let pipeline = Pipeline {
@@ -690,12 +694,17 @@ pub async fn capture<W: std::io::Write + Send + 'static>(
 /// The daemon's dedup ledger, for dry-run to mark requests already done. Never creates,
 /// locks for long, or writes anything; says why when it cannot.
 fn read_ledger(settings: &Settings) -> Option<Ledger> {
-    if !settings.state_path.exists() {
+    if settings.fleet.is_none() && !settings.state_path.exists() {
         tracing::info!("no state file yet: no request is marked as already done");
         return None;
     }
-    let opened = LocalState::open(&settings.state_path, key_source(settings), Access::Peek)
-        .and_then(|(state, keys)| Ok((state.done_set()?, keys)));
+    let opened = open_for_command(
+        &settings.state_path,
+        key_source(settings),
+        settings.fleet.as_ref(),
+        Access::Peek,
+    )
+    .and_then(|(state, keys)| Ok((state.done_set()?, keys)));
     match opened {
         Ok((done, keys)) => {
             tracing::info!(

@@ -962,8 +962,11 @@ impl Pipeline {
             );
             Ok(Some(Carried::Duplicate { letter }))
         };
+        // A record read from a shard is sent only while this worker holds the shard's lease;
+        // a dead letter's retry or a held request's release is no shard's.
+        let from_shard = pending.retrying.is_none() && pending.releasing.is_none();
         loop {
-            if !state.holds_lease(&record.shard_id) {
+            if from_shard && !state.holds_lease(&record.shard_id) {
                 return Ok(Some(Carried::Sent(Outcome::Interrupted)));
             }
             let claimed = state

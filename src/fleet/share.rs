@@ -8,9 +8,10 @@ use std::sync::Arc;
 
 use super::coordinator::Coordinator;
 use super::lease::{LeaseError, LeaseTable};
+use crate::keys::{KeySource, Keys};
 use crate::source::{Checkpoint, ShardInfo, StartPosition};
-use crate::state::shared::{BoxFuture, CheckpointStore};
-use crate::state::StateError;
+use crate::state::shared::{BoxFuture, CheckpointStore, SharedSettings};
+use crate::state::{Access, LocalState, SharedState, State, StateError};
 use crate::supervisor::Leases;
 
 /// The lease sentinel a new shard starts at, KCL's name for the configured start.
@@ -102,6 +103,33 @@ impl CheckpointStore for LeaseCheckpoints {
     fn holds(&self, shard_id: &str) -> bool {
         self.coordinator.as_ref().is_some_and(|c| c.holds(shard_id))
     }
+}
+
+/// Opens the state a command works on: the state file, or a fleet's tables (read and
+/// written directly, with or without workers running; never created by a command).
+pub fn open_for_command(
+    state_path: &std::path::Path,
+    keys: KeySource,
+    fleet: Option<&SharedSettings>,
+    access: Access,
+) -> Result<(State, Keys), StateError> {
+    let Some(fleet) = fleet else {
+        return LocalState::open(state_path, keys, access)
+            .map(|(state, keys)| (State::local(state), keys));
+    };
+    let fleet = SharedSettings {
+        create_tables: false,
+        worker_id: format!("command-{}", std::process::id()),
+        ..fleet.clone()
+    };
+    let lease_table = fleet.lease_table.clone();
+    let (state, keys) = SharedState::open(&fleet, keys, move |client| {
+        Arc::new(LeaseCheckpoints {
+            table: LeaseTable::new(client, lease_table),
+            coordinator: None,
+        })
+    })?;
+    Ok((State::Shared(state), keys))
 }
 
 /// This worker's leases, as the supervisor reads them.

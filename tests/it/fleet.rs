@@ -515,15 +515,20 @@ async fn every_command_works_with_the_fleet_s_config_with_or_without_workers() {
     let dynalite = Dynalite::start();
     let client = kinesis.client();
     create_stream(&client, "events", 2).await;
-    // del-user-0 is refused for good: a dead letter.
-    let backend = Backend::with_behaviour(Duration::ZERO, |r, _| {
-        if r.path.contains("/del-user-0/") {
-            400
-        } else {
-            200
-        }
-    })
-    .await;
+    // del-user-0 and del-user-1 are refused (dead letters) until the backend is fixed.
+    let fixed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let backend = {
+        let fixed = fixed.clone();
+        Backend::with_behaviour(Duration::ZERO, move |r, _| {
+            let refused = r.path.contains("/del-user-0/") || r.path.contains("/del-user-1/");
+            if refused && !fixed.load(std::sync::atomic::Ordering::SeqCst) {
+                400
+            } else {
+                200
+            }
+        })
+        .await
+    };
     let ws = fleet(
         &kinesis.endpoint,
         "events",
@@ -545,8 +550,8 @@ async fn every_command_works_with_the_fleet_s_config_with_or_without_workers() {
         assert_eq!(code, 0, "{err}");
         json_lines(&out)
     };
-    wait_until(Duration::from_secs(10), "the dead letter", || {
-        letters().len() == 1
+    wait_until(Duration::from_secs(10), "the dead letters", || {
+        letters().len() == 2
     })
     .await;
     // Paused while workers run: a new request is held, not sent.
@@ -597,7 +602,22 @@ async fn every_command_works_with_the_fleet_s_config_with_or_without_workers() {
     for worker in workers {
         assert!(worker.stop().success());
     }
-    // Without any worker: the letter is discarded, and the trail says who did what.
+    // Without any worker: one letter is retried (the backend fixed), the other discarded,
+    // and the trail says who did what.
+    fixed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let retried = letters()[0]["id"].as_u64().unwrap();
+    let id = retried.to_string();
+    let (code, out, err) = run_command(
+        &ws,
+        &["dead-letters", "retry", "--id", &id, "--config", config],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(letters().len(), 1);
+    assert_eq!(
+        sent_users(&backend).len(),
+        6,
+        "the retried request reached the backend"
+    );
     let id = letters()[0]["id"].as_u64().unwrap().to_string();
     let (code, _, err) = run_command(
         &ws,
@@ -630,6 +650,12 @@ async fn every_command_works_with_the_fleet_s_config_with_or_without_workers() {
             "no {outcome} entry: {out}"
         );
     }
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["outcome"] == "done" && e["dead_letter"] == retried),
+        "the retry is not in the trail: {out}"
+    );
     assert!(entries
         .iter()
         .filter(|e| e["outcome"] == "discarded")

@@ -1140,6 +1140,38 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
         assert!(err.to_string().contains("--state is empty"), "{err}");
     }
 
+    #[test]
+    fn a_fleet_config_that_cannot_work_is_refused_naming_the_key() {
+        let base = "[stream]\nname = \"s\"\n[actions.a]\nurl = \"https://b.example.com/{id}\"\n";
+        let resolve = |state: &str, coordination: &str| {
+            let (_dir, path) = write(&format!(
+                "{base}[state]\n{state}\n[coordination]\n{coordination}\n"
+            ));
+            Settings::resolve(Some(&path), Overrides::default())
+        };
+        let key = "key_env = \"K\"";
+        for (state, coordination, wanted) in [
+            ("", "kind = \"dynamodb\"", "needs [state] key_env"),
+            (key, "kind = \"etcd\"", "kind = \"etcd\""),
+            ("", "lease_table = \"t\"", "only read with kind = \"dynamodb\""),
+            (key, "kind = \"dynamodb\"\nlease_duration_ms = 999", "lease_duration_ms = 999"),
+            (key, "kind = \"dynamodb\"\nlease_table = \"a b\"", "lease_table = \"a b\""),
+            (key, "kind = \"dynamodb\"\nlease_table = \"same\"\nstate_table = \"same\"", "must be two tables"),
+            (key, "kind = \"dynamodb\"\nworker_id = \" \"", "worker_id"),
+            (key, "kind = \"dynamodb\"\nendpoint_url = \"\"", "endpoint_url is empty"),
+        ] {
+            let err = resolve(state, coordination).unwrap_err().to_string();
+            assert!(err.contains(wanted), "{coordination}: {err}");
+        }
+        let fleet = resolve(key, "kind = \"dynamodb\"").unwrap().fleet.unwrap();
+        assert_eq!(fleet.lease_table, "gdpr-consumer");
+        assert_eq!(fleet.state_table, "gdpr-consumer-state");
+        assert_eq!(fleet.lease_duration, Duration::from_secs(10));
+        assert!(!fleet.create_tables);
+        assert!(fleet.worker_id.ends_with(&format!("-{}", std::process::id())));
+        assert!(resolve("", "").unwrap().fleet.is_none());
+    }
+
     /// Every key the code accepts is in the operations guide's reference table (the other
     /// direction is an integration test: the table's examples make a valid config).
     #[test]

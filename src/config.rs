@@ -395,9 +395,14 @@ fn resolve_coordination(
         )));
     }
     let worker_id = match section.worker_id {
-        Some(id) if id.trim().is_empty() || id.len() > 128 || id.chars().any(char::is_control) => {
+        Some(id)
+            if id.trim().is_empty()
+                || id.len() > 128
+                || id.chars().any(char::is_control)
+                || id.starts_with(crate::state::shared::COMMAND_PREFIX) =>
+        {
             return Err(ConfigError::Invalid(format!(
-                "[coordination] worker_id = {id:?}: 1 to 128 printable characters"
+                "[coordination] worker_id = {id:?}: 1 to 128 printable characters, not starting with \"command-\" (the commands' own)"
             )))
         }
         Some(id) => id,
@@ -1153,12 +1158,32 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
         for (state, coordination, wanted) in [
             ("", "kind = \"dynamodb\"", "needs [state] key_env"),
             (key, "kind = \"etcd\"", "kind = \"etcd\""),
-            ("", "lease_table = \"t\"", "only read with kind = \"dynamodb\""),
-            (key, "kind = \"dynamodb\"\nlease_duration_ms = 999", "lease_duration_ms = 999"),
-            (key, "kind = \"dynamodb\"\nlease_table = \"a b\"", "lease_table = \"a b\""),
-            (key, "kind = \"dynamodb\"\nlease_table = \"same\"\nstate_table = \"same\"", "must be two tables"),
+            (
+                "",
+                "lease_table = \"t\"",
+                "only read with kind = \"dynamodb\"",
+            ),
+            (
+                key,
+                "kind = \"dynamodb\"\nlease_duration_ms = 999",
+                "lease_duration_ms = 999",
+            ),
+            (
+                key,
+                "kind = \"dynamodb\"\nlease_table = \"a b\"",
+                "lease_table = \"a b\"",
+            ),
+            (
+                key,
+                "kind = \"dynamodb\"\nlease_table = \"same\"\nstate_table = \"same\"",
+                "must be two tables",
+            ),
             (key, "kind = \"dynamodb\"\nworker_id = \" \"", "worker_id"),
-            (key, "kind = \"dynamodb\"\nendpoint_url = \"\"", "endpoint_url is empty"),
+            (
+                key,
+                "kind = \"dynamodb\"\nendpoint_url = \"\"",
+                "endpoint_url is empty",
+            ),
         ] {
             let err = resolve(state, coordination).unwrap_err().to_string();
             assert!(err.contains(wanted), "{coordination}: {err}");
@@ -1168,7 +1193,9 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
         assert_eq!(fleet.state_table, "gdpr-consumer-state");
         assert_eq!(fleet.lease_duration, Duration::from_secs(10));
         assert!(!fleet.create_tables);
-        assert!(fleet.worker_id.ends_with(&format!("-{}", std::process::id())));
+        assert!(fleet
+            .worker_id
+            .ends_with(&format!("-{}", std::process::id())));
         assert!(resolve("", "").unwrap().fleet.is_none());
     }
 

@@ -601,7 +601,28 @@ pub async fn retry_dead_letters(
         release_lock: Default::default(),
         letters_in_retry: Default::default(),
     };
-    retry_letters(&pipeline, ids, by).await
+    // In a fleet, this command's claims live while it beats, as a worker's do.
+    let beating = match (&*state, &settings.fleet) {
+        (State::Shared(_), Some(fleet)) => {
+            let (state, period) = (state.clone(), fleet.lease_duration / 3);
+            Some(tokio::spawn(async move {
+                let State::Shared(shared) = &*state else {
+                    return;
+                };
+                loop {
+                    let _ = shared.heartbeat(String::new(), 0, false).await;
+                    tokio::time::sleep(period).await;
+                }
+            }))
+        }
+        _ => None,
+    };
+    let retried = retry_letters(&pipeline, ids, by).await;
+    if let (Some(beating), State::Shared(shared)) = (beating, &*state) {
+        beating.abort();
+        let _ = shared.heartbeat(String::new(), 0, true).await;
+    }
+    retried
 }
 
 /// Retries the given dead letters (or all) through `pipeline`: a command's own, or the

@@ -10,7 +10,7 @@ use super::coordinator::Coordinator;
 use super::lease::{LeaseError, LeaseTable};
 use crate::keys::{KeySource, Keys};
 use crate::source::{Checkpoint, ShardInfo, StartPosition};
-use crate::state::shared::{BoxFuture, CheckpointStore, SharedSettings};
+use crate::state::shared::{BoxFuture, CheckpointStore, SharedSettings, COMMAND_PREFIX};
 use crate::state::{Access, LocalState, SharedState, State, StateError};
 use crate::supervisor::Leases;
 
@@ -119,7 +119,7 @@ pub fn open_for_command(
     };
     let fleet = SharedSettings {
         create_tables: false,
-        worker_id: format!("command-{}", std::process::id()),
+        worker_id: format!("{COMMAND_PREFIX}{}", std::process::id()),
         ..fleet.clone()
     };
     let lease_table = fleet.lease_table.clone();

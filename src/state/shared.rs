@@ -100,6 +100,9 @@ pub struct WorkerView {
     pub stopped: bool,
 }
 
+/// What a command's claims are made under (`command-PID`): it beats while it sends.
+pub const COMMAND_PREFIX: &str = "command-";
+
 const PK: &str = "pk";
 const SK: &str = "sk";
 
@@ -1252,11 +1255,20 @@ impl Inner {
             return Ok(true);
         }
         let item = self.get("worker", worker).await?;
-        let Some(item) = item else { return Ok(false) };
-        if item.get("is_stopped").and_then(|v| v.as_bool().ok()) == Some(&true) {
+        // No heartbeat yet (a worker claiming before its first beat): it has a lease
+        // duration from now to show one.
+        if item
+            .as_ref()
+            .and_then(|item| item.get("is_stopped"))
+            .and_then(|v| v.as_bool().ok())
+            == Some(&true)
+        {
             return Ok(false);
         }
-        let beat = get_n(&item, "heart_beats").unwrap_or(0);
+        let beat = item
+            .as_ref()
+            .and_then(|item| get_n(item, "heart_beats"))
+            .unwrap_or(0);
         let mut seen = self.heartbeats.lock().expect("heartbeats lock");
         let now = Instant::now();
         let entry = seen.entry(worker.to_owned()).or_insert((beat, now));
@@ -1271,6 +1283,10 @@ impl Inner {
         let mut out = Vec::new();
         for item in items {
             let worker_id = get_s(&item, SK).unwrap_or_default().to_owned();
+            // A command retrying dead letters beats while it sends: not a worker.
+            if worker_id.starts_with(COMMAND_PREFIX) {
+                continue;
+            }
             let stopped = item.get("is_stopped").and_then(|v| v.as_bool().ok()) == Some(&true);
             let live = !stopped && self.alive(&worker_id).await?;
             out.push(WorkerView {

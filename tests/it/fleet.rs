@@ -65,14 +65,7 @@ fn run_command(ws: &Workspace, args: &[&str]) -> (i32, String, String) {
 }
 
 fn dynamo(endpoint: &str) -> aws_sdk_dynamodb::Client {
-    use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
-    let conf = aws_sdk_dynamodb::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .credentials_provider(Credentials::new("AKIDTEST", "secret", None, None, "test"))
-        .build();
-    aws_sdk_dynamodb::Client::from_conf(conf)
+    dynamodb_client_for(endpoint)
 }
 
 /// Every item of the lease table.
@@ -797,4 +790,108 @@ fn held_by_worker_blocking(endpoint: &str) -> BTreeMap<String, usize> {
     })
     .join()
     .unwrap()
+}
+
+/// Two workers' shared states on one table, claiming the same request: one sends, the
+/// other waits; a claim outlives its worker only by a lease duration without heartbeat.
+#[test]
+fn a_request_is_claimed_by_one_worker_and_taken_over_only_from_a_dead_one() {
+    use gdpr_consumer::state::shared::{BoxFuture, CheckpointStore, SharedSettings, SharedState};
+    use gdpr_consumer::state::{ClaimOutcome, StateError, Writes};
+
+    struct NoCheckpoints;
+    impl CheckpointStore for NoCheckpoints {
+        fn read(
+            &self,
+            _: &str,
+        ) -> BoxFuture<'_, Result<Option<gdpr_consumer::source::Checkpoint>, StateError>> {
+            Box::pin(async { Ok(None) })
+        }
+        fn read_all(
+            &self,
+        ) -> BoxFuture<'_, Result<Vec<(String, gdpr_consumer::source::Checkpoint)>, StateError>>
+        {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+        fn write(
+            &self,
+            _: String,
+            _: gdpr_consumer::source::Checkpoint,
+        ) -> BoxFuture<'_, Result<(), StateError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn reset(&self, _: Option<String>) -> BoxFuture<'_, Result<usize, StateError>> {
+            Box::pin(async { Ok(0) })
+        }
+        fn holds(&self, _: &str) -> bool {
+            true
+        }
+    }
+    let dynalite = Dynalite::start();
+    std::env::set_var("GDPR_CLAIM_TEST_KEY", STATE_KEY);
+    let open = |worker: &str| {
+        let settings = SharedSettings {
+            region: Some("us-east-1".into()),
+            endpoint_url: Some(dynalite.endpoint.clone()),
+            state_table: "claims-state".into(),
+            lease_table: "claims-leases".into(),
+            create_tables: true,
+            worker_id: worker.into(),
+            lease_duration: Duration::from_millis(800),
+            call_timeout: Duration::from_secs(5),
+        };
+        let source = gdpr_consumer::keys::KeySource {
+            env: Some("GDPR_CLAIM_TEST_KEY"),
+            file: std::path::Path::new("unused.key"),
+        };
+        SharedState::open(&settings, source, |_| std::sync::Arc::new(NoCheckpoints))
+            .unwrap()
+            .0
+    };
+    let a = open("worker-a");
+    let b = open("worker-b");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let id = [7u8; 32];
+        a.heartbeat("h".into(), 1, false).await.unwrap();
+        assert_eq!(a.claim(id, "shard-1").await.unwrap(), ClaimOutcome::Claimed);
+        // a beats: b waits for a's outcome, however long.
+        for _ in 0..6 {
+            assert!(matches!(
+                b.claim(id, "shard-2").await.unwrap(),
+                ClaimOutcome::Busy { .. }
+            ));
+            a.heartbeat("h".into(), 1, false).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        // a lets go (its call failed into a dead letter): b may claim.
+        a.release_claim(id).await.unwrap();
+        assert_eq!(b.claim(id, "shard-2").await.unwrap(), ClaimOutcome::Claimed);
+        // b's call is done: done is permanent, whoever asks.
+        b.commit_shared(Writes {
+            done: vec![id],
+            ..Writes::default()
+        })
+        .await
+        .unwrap();
+        assert_eq!(a.claim(id, "shard-1").await.unwrap(), ClaimOutcome::Done);
+        // a claims another request, then stops beating (killed): after a lease duration
+        // without a beat, b takes the claim over.
+        let other = [8u8; 32];
+        assert_eq!(
+            a.claim(other, "shard-1").await.unwrap(),
+            ClaimOutcome::Claimed
+        );
+        assert!(matches!(
+            b.claim(other, "shard-2").await.unwrap(),
+            ClaimOutcome::Busy { .. }
+        ));
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(
+            b.claim(other, "shard-2").await.unwrap(),
+            ClaimOutcome::TakenOver {
+                from: "worker-a".into()
+            }
+        );
+    });
 }

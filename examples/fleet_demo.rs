@@ -305,7 +305,7 @@ async fn main() {
     for line in config[coordination..].lines() {
         println!("  {line}");
     }
-    println!("  (and [stream], [rules], [actions] as for one daemon)");
+    println!("  (and [stream], [rules], [actions], [metrics] as for one daemon)");
     let db = dynalite.client();
 
     println!("\n== 1. three workers: `gdpr-consumer run --config config.toml`, three times");
@@ -398,6 +398,11 @@ async fn main() {
     let users = sent_users(&backend);
     let repeated: BTreeMap<&String, &usize> = users.iter().filter(|(_, n)| **n > 1).collect();
     let repeats: usize = users.values().map(|n| n - 1).sum();
+    let keys: BTreeSet<Option<String>> = backend
+        .received()
+        .into_iter()
+        .map(|r| r.idempotency_key)
+        .collect();
     println!(
         "{} calls for {} requests; sent again: {repeated:?}",
         backend.count(),
@@ -462,6 +467,10 @@ async fn main() {
          shards when killed, {sent_at_kill} calls made by then)",
         backend.count()
     );
+    println!(
+        "distinct Idempotency-Keys:          {} (a call sent again carries its request's)",
+        keys.len()
+    );
     println!("done in the shared audit trail:     {done}");
     println!(
         "requests remembered as done:        {}",
@@ -502,6 +511,7 @@ async fn main() {
         "{repeats} requests sent again; at most the killed worker's calls in flight \
          (one per shard it held: {victim_shards})"
     );
+    assert_eq!(keys.len(), DELETIONS, "one Idempotency-Key per request");
     assert_eq!(done, DELETIONS, "done in the audit trail");
     assert_eq!(state["dedup_entries"], DELETIONS, "the shared ledger");
     assert_eq!(workers_listed, 3, "workers in the shared state");

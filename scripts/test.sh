@@ -17,6 +17,6 @@ npm ci --prefix tools/dynalite --no-audit --no-fund --loglevel=error
 cargo test --all-targets
 # The demos check their own reports against the data they wrote.
 bash scripts/demo.sh | tail -n 9
-bash scripts/fleet-demo.sh | tail -n 12
+bash scripts/fleet-demo.sh | tail -n 13
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings

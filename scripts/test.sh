@@ -15,7 +15,8 @@ npm ci --prefix tools/kinesalite --no-audit --no-fund --loglevel=error
 npm ci --prefix tools/kinesis-mock --no-audit --no-fund --loglevel=error
 npm ci --prefix tools/dynalite --no-audit --no-fund --loglevel=error
 cargo test --all-targets
-# The demo checks its own report against the data it wrote.
+# The demos check their own reports against the data they wrote.
 bash scripts/demo.sh | tail -n 9
+bash scripts/fleet-demo.sh | tail -n 13
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings

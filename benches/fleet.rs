@@ -25,6 +25,7 @@ mod replay;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -219,6 +220,8 @@ struct Count {
     wru: f64,
     /// Conditional writes refused.
     refused: u64,
+    /// The calls' times, summed: from the proxy taking the call to dynalite's answer.
+    busy: Duration,
 }
 
 type Counts = BTreeMap<(&'static str, String), Count>;
@@ -230,11 +233,19 @@ struct Proxy {
     target: String,
     client: reqwest::Client,
     counts: Mutex<Counts>,
+    /// Calls in flight now, and the most there were since [`Proxy::reset_peak`].
+    in_flight: AtomicU64,
+    peak: AtomicU64,
 }
 
 impl Proxy {
     fn router(self: Arc<Self>) -> Router {
         Router::new().fallback(proxy).with_state(self)
+    }
+
+    fn reset_peak(&self) {
+        self.peak
+            .store(self.in_flight.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
     fn snapshot(&self) -> Counts {
@@ -274,6 +285,9 @@ fn is_read(operation: &str) -> bool {
 }
 
 async fn proxy(State(proxy): State<Arc<Proxy>>, headers: HeaderMap, body: Bytes) -> Response {
+    let taken = Instant::now();
+    let now = proxy.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+    proxy.peak.fetch_max(now, Ordering::Relaxed);
     let operation = headers
         .get("x-amz-target")
         .and_then(|v| v.to_str().ok())
@@ -298,16 +312,21 @@ async fn proxy(State(proxy): State<Arc<Proxy>>, headers: HeaderMap, body: Bytes)
     }
     let answer = match call.send().await {
         Ok(answer) => answer,
-        Err(e) => return (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+        Err(e) => {
+            proxy.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return (StatusCode::BAD_GATEWAY, e.to_string()).into_response();
+        }
     };
     let status = answer.status();
     let answer_headers = answer.headers().clone();
     let answer_body = answer.bytes().await.unwrap_or_default();
+    proxy.in_flight.fetch_sub(1, Ordering::Relaxed);
     {
         let parsed: Value = serde_json::from_slice(&answer_body).unwrap_or(Value::Null);
         let mut counts = proxy.counts.lock().unwrap();
         let count = counts.entry((table, operation)).or_default();
         count.calls += 1;
+        count.busy += taken.elapsed();
         let reported = parsed["ConsumedCapacity"]["CapacityUnits"].as_f64();
         let refused = parsed["__type"]
             .as_str()
@@ -343,6 +362,7 @@ fn minus(after: &Counts, before: &Counts) -> Counts {
                 rru: a.rru - b.rru,
                 wru: a.wru - b.wru,
                 refused: a.refused - b.refused,
+                busy: a.busy - b.busy,
             };
             (key.clone(), count)
         })
@@ -600,6 +620,8 @@ struct Run {
     dynalite_cpu: Duration,
     peak_rss_kib: Vec<u64>,
     records_read: u64,
+    /// The most DynamoDB calls in flight at once while the records were read.
+    peak_in_flight: u64,
     /// DynamoDB calls while the leases spread, and while the records were read.
     start_up: Counts,
     counts: Counts,
@@ -620,6 +642,8 @@ async fn run(plan: &Plan, workers: usize) -> Run {
         target: dynalite.endpoint.clone(),
         client: reqwest::Client::new(),
         counts: Mutex::default(),
+        in_flight: AtomicU64::new(0),
+        peak: AtomicU64::new(0),
     });
     let dynamo = Server::start(counter.clone().router()).await;
     let direct = dynalite.client();
@@ -649,6 +673,7 @@ async fn run(plan: &Plan, workers: usize) -> Run {
     let before_counts = counter.snapshot();
     let before_cpu: Vec<Duration> = fleet.iter().map(|w| w.usage().0).collect();
     let before_dynalite = cpu_time(dynalite.child.id());
+    counter.reset_peak();
     let opened = Instant::now();
     endpoint.epoch.set(opened).unwrap();
 
@@ -702,6 +727,7 @@ async fn run(plan: &Plan, workers: usize) -> Run {
     }
     let wall = opened.elapsed();
     let after_counts = counter.snapshot();
+    let peak_in_flight = counter.peak.load(Ordering::Relaxed);
     let dynalite_cpu = cpu_time(dynalite.child.id()) - before_dynalite;
     let usage: Vec<(Duration, u64)> = fleet.iter().map(Worker::usage).collect();
     let cpu = usage
@@ -765,6 +791,7 @@ async fn run(plan: &Plan, workers: usize) -> Run {
         dynalite_cpu,
         peak_rss_kib: usage.iter().map(|(_, rss)| *rss).collect(),
         records_read,
+        peak_in_flight,
         start_up: minus(&before_counts, &Counts::default()),
         counts: minus(&after_counts, &before_counts),
     }
@@ -809,12 +836,13 @@ impl Run {
             "table  operation        calls  /1k events  /request    per s  RRU/1k ev  WRU/1k ev  \
              RRU/req  WRU/req  refused"
         );
-        let (mut rru, mut wru, mut total) = (0.0, 0.0, 0);
+        let (mut rru, mut wru, mut total, mut busy) = (0.0, 0.0, 0, Duration::ZERO);
         for ((table, operation), c) in &self.counts {
             let (r, w) = (c.rru, c.wru);
             rru += r;
             wru += w;
             total += c.calls;
+            busy += c.busy;
             println!(
                 "{table:<6} {operation:<14} {:>7} {:>11.2} {:>9.2} {:>8.1} {:>10.2} {:>10.2} {:>8.2} {:>8.2} {:>8}",
                 c.calls,
@@ -838,6 +866,13 @@ impl Run {
             wru * 1e3 / events,
             rru / requests,
             wru / requests,
+        );
+        println!(
+            "DynamoDB calls in flight (through the proxy): {:.2} on average (the calls' summed \
+             time over the wall time), {} at most; a call took {:.2} ms on average",
+            busy.as_secs_f64() / wall,
+            self.peak_in_flight,
+            busy.as_secs_f64() * 1e3 / total.max(1) as f64,
         );
         let start_up: Vec<String> = self
             .start_up

@@ -58,8 +58,14 @@ impl<W: Write + Send + 'static> Capture<W> {
 }
 
 impl<W: Write + Send + 'static> ShardWork for Capture<W> {
-    fn checkpoint(&self, shard_id: &str) -> Result<Option<Checkpoint>, StateError> {
-        Ok(self.checkpoints.lock().unwrap().get(shard_id).cloned())
+    fn checkpoints(&self) -> Result<std::collections::HashMap<String, Checkpoint>, StateError> {
+        Ok(self
+            .checkpoints
+            .lock()
+            .unwrap()
+            .clone()
+            .into_iter()
+            .collect())
     }
 
     async fn run_shard(

@@ -799,8 +799,8 @@ fn spawn_signal_handler(shutdown: Shutdown) {
 }
 
 impl ShardWork for Pipeline {
-    fn checkpoint(&self, shard_id: &str) -> Result<Option<Checkpoint>, StateError> {
-        Pipeline::checkpoint(self, shard_id)
+    fn checkpoints(&self) -> Result<std::collections::HashMap<String, Checkpoint>, StateError> {
+        Pipeline::checkpoints(self)
     }
 
     async fn run_shard(

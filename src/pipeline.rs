@@ -228,10 +228,11 @@ pub enum Retried {
 }
 
 impl Pipeline {
-    pub fn checkpoint(&self, shard_id: &str) -> Result<Option<Checkpoint>, StateError> {
+    /// Every shard's checkpoint (in dry-run, those it keeps in memory).
+    pub fn checkpoints(&self) -> Result<std::collections::HashMap<String, Checkpoint>, StateError> {
         match &self.sink {
-            Sink::Live { state, .. } => state.checkpoint(shard_id),
-            Sink::Preview(preview) => Ok(preview.checkpoint(shard_id)),
+            Sink::Live { state, .. } => Ok(state.checkpoints()?.into_iter().collect()),
+            Sink::Preview(preview) => Ok(preview.checkpoints()),
         }
     }
 

@@ -116,8 +116,13 @@ impl Preview {
         self.follow
     }
 
-    pub fn checkpoint(&self, shard_id: &str) -> Option<Checkpoint> {
-        self.checkpoints.lock().unwrap().get(shard_id).cloned()
+    pub fn checkpoints(&self) -> std::collections::HashMap<String, Checkpoint> {
+        self.checkpoints
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(shard, c)| (shard.clone(), c.clone()))
+            .collect()
     }
 
     pub fn set_checkpoint(&self, shard_id: &str, checkpoint: Checkpoint) {

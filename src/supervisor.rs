@@ -58,8 +58,8 @@ pub enum ShardExit {
 
 /// What is done with each shard's records: the pipeline (daemon, dry-run) or a capture.
 pub trait ShardWork: Send + Sync + 'static {
-    /// The shard's stored progress.
-    fn checkpoint(&self, shard_id: &str) -> Result<Option<Checkpoint>, StateError>;
+    /// Every shard's stored progress.
+    fn checkpoints(&self) -> Result<HashMap<String, Checkpoint>, StateError>;
     /// Reads and handles one shard until it ends, catches up (when the run ends there) or
     /// shutdown.
     fn run_shard(
@@ -153,18 +153,17 @@ pub async fn supervise<W: ShardWork>(
                 telemetry.shard_recovered(shard_id);
             }
         }
-        let mut state_error = None;
+        // Every shard's progress, read once a round (in a fleet, one scan of the lease
+        // table, not a read per shard).
+        let (checkpoints, state_error) = match work.checkpoints() {
+            Ok(checkpoints) => (checkpoints, None),
+            Err(e) => (HashMap::new(), Some(e)),
+        };
         let ready = ready_shards(
             &shards,
             &started,
             &at_start,
-            |id| match work.checkpoint(id) {
-                Ok(cp) => cp,
-                Err(e) => {
-                    state_error.get_or_insert(e);
-                    None
-                }
-            },
+            |id| checkpoints.get(id).cloned(),
             &settings.start,
         );
         // A fleet's worker reads the shards it holds, and stops those it no longer holds.
@@ -199,7 +198,7 @@ pub async fn supervise<W: ShardWork>(
             &shards,
             &started,
             &ready,
-            |id| work.checkpoint(id).ok().flatten(),
+            |id| checkpoints.get(id).cloned(),
             source.read_mode(),
             held.as_ref(),
         ));

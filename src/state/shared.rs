@@ -172,6 +172,9 @@ struct Inner {
     /// Each worker's heartbeat as last seen, and since when (by this clock): a claim's
     /// holder is dead when its heartbeat has not moved for a lease duration.
     heartbeats: Mutex<HashMap<String, (u64, Instant)>>,
+    /// A day the table's first audit day is known not to be after: appends of later days
+    /// need not ask again.
+    audit_first_day: Mutex<Option<String>>,
 }
 
 impl Drop for SharedState {
@@ -245,6 +248,7 @@ impl SharedState {
             checkpoints,
             next_audit: AtomicU64::new(0),
             heartbeats: Mutex::default(),
+            audit_first_day: Mutex::default(),
         });
         let state = SharedState {
             inner,
@@ -1074,6 +1078,10 @@ impl Inner {
         let sk = format!("{:013}#{}#{n_:08}", entry.time_ms, self.worker);
         let body = serde_json::to_string(entry).expect("an audit entry serializes");
         self.put(&format!("audit#{day}"), &sk, body).await?;
+        let known = self.audit_first_day.lock().expect("first day lock").clone();
+        if known.is_some_and(|known| known <= day) {
+            return Ok(());
+        }
         // The first day with entries bounds every read by window from below.
         let first = self
             .client
@@ -1083,19 +1091,19 @@ impl Inner {
             .update_expression("SET #d = :d")
             .condition_expression("attribute_not_exists(#d) OR #d > :d")
             .expression_attribute_names("#d", "day")
-            .expression_attribute_values(":d", s(day))
+            .expression_attribute_values(":d", s(day.clone()))
             .send()
             .await;
         match first {
-            Ok(_) => Ok(()),
+            Ok(_) => {}
+            // Set to an earlier day already.
             Err(e)
                 if e.as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(self.err("cannot commit", e)),
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) => {}
+            Err(e) => return Err(self.err("cannot commit", e)),
         }
+        *self.audit_first_day.lock().expect("first day lock") = Some(day);
+        Ok(())
     }
 
     async fn first_audit_day(&self) -> Result<Option<u64>, StateError> {
@@ -1288,7 +1296,12 @@ impl Inner {
                 continue;
             }
             let stopped = item.get("is_stopped").and_then(|v| v.as_bool().ok()) == Some(&true);
-            let live = !stopped && self.alive(&worker_id).await?;
+            // Seen beating by this process, and (for a command that looks once) a beat
+            // recent by the worker's own clock, with room for some skew.
+            let seen_at_ms = get_n(&item, "seen_at").unwrap_or(0);
+            let recent = now_ms().saturating_sub(seen_at_ms)
+                < (3 * self.lease_duration.as_millis() as u64).max(60_000);
+            let live = !stopped && recent && self.alive(&worker_id).await?;
             out.push(WorkerView {
                 rules_hash: get_s(&item, "rules_hash").unwrap_or_default().to_owned(),
                 leases: get_n(&item, "lease_count").unwrap_or(0),

@@ -35,11 +35,7 @@ pub struct LeaseCheckpoints {
 fn state_error(e: LeaseError) -> StateError {
     match e {
         LeaseError::Lost { shard } => StateError::LeaseLost { shard_id: shard },
-        other => StateError::Leases {
-            table: String::new(),
-            context: "lease table",
-            message: other.to_string(),
-        },
+        other => StateError::Leases(other.to_string()),
     }
 }
 

@@ -74,12 +74,9 @@ pub enum StateError {
     },
     #[error("state table {table} does not exist: set `[coordination] create_tables = true`, or create it with `{create}` (see docs/operations.md for the IAM policy)")]
     SharedMissing { table: String, create: String },
-    #[error("lease table {table}: {context}: {message}")]
-    Leases {
-        table: String,
-        context: &'static str,
-        message: String,
-    },
+    /// A lease table call failed (its message names the table).
+    #[error("{0}")]
+    Leases(String),
     #[error("lease of shard {shard_id} lost: another worker reads it now; the checkpoint was not written (its records are read again there, and found done)")]
     LeaseLost { shard_id: String },
     #[error("state file {path}: no dead letter {id}")]

@@ -126,15 +126,27 @@ impl Coordinator {
     /// before awaiting it.
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
         let period = self.lease_duration / 3;
+        let mut renew_at = Instant::now();
         loop {
-            self.renew_all().await;
+            if Instant::now() >= renew_at {
+                self.renew_all().await;
+                renew_at = Instant::now() + period;
+            }
             if shutdown.is_triggered() {
                 break;
             }
-            if let Err(e) = self.take_round().await {
-                self.telemetry.lease_table_error(&self.worker_id, &e);
-            }
-            if shutdown.sleep(period).await.is_err() {
+            // One lease stolen a round; while still short of its share, a worker's next
+            // round comes sooner, so a new worker reaches its share within a few lease
+            // durations even of many shards.
+            let pause = match self.take_round().await {
+                Ok(true) => period / 4,
+                Ok(false) => renew_at.saturating_duration_since(Instant::now()),
+                Err(e) => {
+                    self.telemetry.lease_table_error(&self.worker_id, &e);
+                    renew_at.saturating_duration_since(Instant::now())
+                }
+            };
+            if shutdown.sleep(pause).await.is_err() {
                 break;
             }
         }
@@ -232,8 +244,8 @@ impl Coordinator {
     }
 
     /// One taking round: list the table, then take expired and free leases up to the fair
-    /// share, or steal one.
-    pub async fn take_round(&self) -> Result<(), LeaseError> {
+    /// share, or steal one. Whether it stole one (it may still be short of its share).
+    pub async fn take_round(&self) -> Result<bool, LeaseError> {
         let leases = self.table.list().await?;
         let now = Instant::now();
         let held: BTreeSet<String> = self.held.lock().unwrap().keys().cloned().collect();
@@ -273,7 +285,7 @@ impl Coordinator {
         if let Some(shard) = &plan.steal {
             self.take(by_shard[shard.as_str()], true).await?;
         }
-        Ok(())
+        Ok(plan.steal.is_some())
     }
 
     async fn take(&self, lease: &Lease, steal: bool) -> Result<(), LeaseError> {

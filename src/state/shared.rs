@@ -526,10 +526,8 @@ impl SharedState {
                 "#st = :claimed AND claimed_by = :me",
                 [(":claimed", s("claimed")), (":me", s(inner.worker.clone()))],
             );
-            match inner.delete(&pk, "ledger", Some(condition)).await {
-                Err(StateError::Shared { .. }) | Ok(()) => Ok(()),
-                Err(e) => Err(e),
-            }
+            // Not ours any more (done, or taken over): nothing to let go.
+            inner.delete(&pk, "ledger", Some(condition)).await
         })
         .await
     }
@@ -777,7 +775,7 @@ impl Inner {
             .map(drop)
     }
 
-    /// Deletes an item; with a condition, one that fails is [`StateError::Shared`] too.
+    /// Deletes an item; with a condition that fails, nothing is deleted and that is no error.
     async fn delete<const N: usize>(
         &self,
         pk: &str,
@@ -798,10 +796,16 @@ impl Inner {
                 call = call.expression_attribute_values(name, value);
             }
         }
-        call.send()
-            .await
-            .map_err(|e| self.err("cannot delete", e))
-            .map(drop)
+        match call.send().await {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(self.err("cannot delete", e)),
+        }
     }
 
     /// Items of one partition, in key order (or reversed), from `after` (exclusive) up to

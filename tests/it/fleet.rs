@@ -724,13 +724,19 @@ async fn status_and_metrics_show_leases_and_workers_that_disagree_on_rules() {
         held.len() == 2
     })
     .await;
+    // Settled: both beating, and this worker's view of the shards caught up with the spread.
+    let count = |seen: &serde_json::Value, state: &str| {
+        seen["shards"]
+            .as_array()
+            .map_or(0, |s| s.iter().filter(|s| s["state"] == state).count())
+    };
     let mut seen = serde_json::Value::Null;
-    for _ in 0..100 {
+    for _ in 0..150 {
         seen = status().await;
         let live = seen["fleet"]["workers"]
             .as_array()
             .map_or(0, |w| w.iter().filter(|w| w["live"] == true).count());
-        if live == 2 {
+        if live == 2 && count(&seen, "reading") == 2 && count(&seen, "other_worker") == 2 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

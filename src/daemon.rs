@@ -68,6 +68,8 @@ pub enum RunError {
     Console(#[from] console::ConsoleError),
     #[error(transparent)]
     Leases(#[from] LeaseError),
+    #[error("{0}")]
+    TablesMissing(String),
 }
 
 impl RunError {
@@ -78,7 +80,8 @@ impl RunError {
             RunError::Config(_) | RunError::Rules(..) => 2,
             // A fleet's table missing: created by the operator, or by `create_tables`.
             RunError::Leases(LeaseError::MissingTable { .. })
-            | RunError::State(StateError::SharedMissing { .. }) => 2,
+            | RunError::State(StateError::SharedMissing { .. })
+            | RunError::TablesMissing(_) => 2,
             RunError::Console(e) if e.is_usage() => 2,
             RunError::State(StateError::Key(
                 KeyError::MissingEnv { .. } | KeyError::BadEnv { .. },
@@ -334,7 +337,13 @@ async fn join_fleet(
     telemetry: &Arc<Telemetry>,
 ) -> Result<(SharedState, crate::keys::Keys, FleetWorker), RunError> {
     let table = LeaseTable::new(dynamodb_client(fleet).await, fleet.lease_table.clone());
-    table.ensure(fleet.create_tables).await?;
+    let lease_table_missing = match table.ensure(fleet.create_tables).await {
+        Err(e @ LeaseError::MissingTable { .. }) => Some(e),
+        other => {
+            other?;
+            None
+        }
+    };
     let coordinator = Arc::new(Coordinator::new(
         table,
         fleet.worker_id.clone(),
@@ -343,12 +352,20 @@ async fn join_fleet(
     ));
     let lease_table = fleet.lease_table.clone();
     let writer = coordinator.clone();
-    let (state, keys) = SharedState::open(fleet, key_source(settings), move |client| {
+    let opened = SharedState::open(fleet, key_source(settings), move |client| {
         Arc::new(LeaseCheckpoints {
             table: LeaseTable::new(client, lease_table),
             coordinator: Some(writer),
         })
-    })?;
+    });
+    // Both tables missing: both named at once.
+    let (state, keys) = match (opened, lease_table_missing) {
+        (Err(state @ StateError::SharedMissing { .. }), Some(leases)) => {
+            return Err(RunError::TablesMissing(format!("{leases}\n{state}")))
+        }
+        (_, Some(leases)) => return Err(leases.into()),
+        (opened, None) => opened?,
+    };
     tracing::info!(
         worker_id = %fleet.worker_id,
         lease_table = %fleet.lease_table,

@@ -669,8 +669,11 @@ async fn missing_tables_or_a_missing_shared_key_are_refused_with_exit_2() {
     let config = config.to_str().unwrap();
     let (code, _, err) = run_command(&ws, &["run", "--config", config]);
     assert_eq!(code, 2, "{err}");
+    // Both tables named, each with the command that creates it.
     assert!(
-        err.contains("gdpr-consumer") && err.contains("create-table"),
+        err.contains("lease table gdpr-consumer does not exist")
+            && err.contains("state table gdpr-consumer-state does not exist")
+            && err.matches("create-table").count() == 2,
         "{err}"
     );
     let (code, _, err) = run_command(&ws, &["dead-letters", "list", "--config", config]);

@@ -856,31 +856,10 @@ impl Telemetry {
                 "resuming": pause.resuming_since_ms.is_some(),
             })).collect::<Vec<_>>()),
             "requests_held": state.held_counts().ok(),
-            "fleet": fleet_json(state),
+            "fleet": self.fleet_json(state),
             "state": {"writable": self.state_fault().is_none(), "last_error": self.state_fault()},
         })
     }
-}
-
-/// A fleet worker's view of the fleet for `/status` (none for a single daemon): itself,
-/// and every worker with its rule-set hash, so workers running different rules show.
-fn fleet_json(state: &State) -> Option<serde_json::Value> {
-    let crate::state::State::Shared(shared) = state else {
-        return None;
-    };
-    let workers = shared.workers().ok();
-    let hashes: Option<std::collections::BTreeSet<String>> = workers.as_ref().map(|workers| {
-        workers
-            .iter()
-            .filter(|w| w.live)
-            .map(|w| w.rules_hash.clone())
-            .collect()
-    });
-    Some(serde_json::json!({
-        "worker_id": shared.worker_id(),
-        "workers": workers,
-        "rules_agree": hashes.as_ref().map(|h| h.len() <= 1),
-    }))
 }
 
 /// What the listener serves from.
@@ -1149,6 +1128,36 @@ impl Telemetry {
             from_worker,
             "a request claimed by a worker that stopped beating is taken over; its call may be repeated"
         );
+    }
+
+    /// A fleet worker's view of the fleet for `/status` (none for a single daemon): its
+    /// leases, and every worker with its rule-set hash, so workers running different rules
+    /// show.
+    fn fleet_json(&self, state: &State) -> Option<serde_json::Value> {
+        let crate::state::State::Shared(shared) = state else {
+            return None;
+        };
+        let workers = shared.workers().ok();
+        let hashes: Option<std::collections::BTreeSet<&str>> = workers.as_ref().map(|workers| {
+            workers
+                .iter()
+                .filter(|w| w.live)
+                .map(|w| w.rules_hash.as_str())
+                .collect()
+        });
+        let leases = &self.leases;
+        Some(serde_json::json!({
+            "worker_id": shared.worker_id(),
+            "leases": {
+                "owned": leases.owned.get(),
+                "taken": leases.taken.get(),
+                "stolen": leases.stolen.get(),
+                "lost": leases.lost.get(),
+                "released": leases.released.get(),
+            },
+            "workers": workers,
+            "rules_agree": hashes.as_ref().map(|h| h.len() <= 1),
+        }))
     }
 
     /// The fleet's workers, as their heartbeats say (on each scrape).

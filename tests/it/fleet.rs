@@ -769,6 +769,11 @@ async fn status_and_metrics_show_leases_and_workers_that_disagree_on_rules() {
         2,
         "{seen}"
     );
+    assert_eq!(seen["fleet"]["leases"]["owned"], 2, "{seen}");
+    let leases = &seen["fleet"]["leases"];
+    let got = leases["taken"].as_u64().unwrap() + leases["stolen"].as_u64().unwrap();
+    assert!(got >= 2, "{seen}");
+    assert!(seen["fleet"]["leases"]["lost"].is_u64(), "{seen}");
     let (_, metrics) = get(&address, "/metrics").await;
     assert!(
         metrics.contains("gdpr_consumer_fleet_rules_hashes 2"),

@@ -420,7 +420,16 @@ async fn a_failing_shard_worker_restarts_with_backoff_and_says_why() {
         !proxy.injected().is_empty()
     })
     .await;
-    let (code, body) = get(&address, "/readyz").await;
+    // The worker's failure reaches the supervisor a moment after the proxy answered.
+    let mut answer = get(&address, "/readyz").await;
+    for _ in 0..50 {
+        if answer.0 == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        answer = get(&address, "/readyz").await;
+    }
+    let (code, body) = answer;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("AccessDenied"), "{body}");
     let (_, status) = get(&address, "/status").await;

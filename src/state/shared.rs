@@ -269,10 +269,17 @@ impl SharedState {
         F: Future<Output = T> + Send + 'static,
         T: Send + 'static,
     {
-        block_on(
-            self.runtime.as_ref().expect("open until dropped"),
-            call(self.inner.clone()),
-        )
+        let runtime = self.runtime.as_ref().expect("open until dropped");
+        let wait = || block_on(runtime, call(self.inner.clone()));
+        // Called from the daemon's async code: its other tasks (a backend answer being
+        // read, the metrics listener) move to another thread while this one waits, so a
+        // slow table holds up only what needs it.
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            _ => wait(),
+        }
     }
 
     /// Runs a call on the state's runtime, awaited by async code.
@@ -704,11 +711,26 @@ impl Inner {
     }
 
     /// Every key the state was written with must be in the ring; the current one is added.
+    /// Workers starting together on a new table race here: the list is written only over
+    /// the one read (a conditional write), and read again when another worker wrote first,
+    /// so a worker with another key is refused whichever wrote first.
     async fn check_keys(&self, ring: Vec<String>, key_names: String) -> Result<(), StateError> {
-        let known = self.get("meta", "keys").await?;
-        let known: Vec<String> = known
+        loop {
+            if self.check_keys_once(&ring, &key_names).await? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// `Ok(false)`: another worker recorded a key meanwhile; check again.
+    async fn check_keys_once(&self, ring: &[String], key_names: &str) -> Result<bool, StateError> {
+        let item = self.get("meta", "keys").await?;
+        let recorded = item
             .as_ref()
             .and_then(|item| get_s(item, "key_fingerprints"))
+            .map(str::to_owned);
+        let known: Vec<String> = recorded
+            .as_deref()
             .map(|all| {
                 all.split(',')
                     .filter(|f| !f.is_empty())
@@ -724,26 +746,40 @@ impl Inner {
         if !missing.is_empty() {
             return Err(StateError::KeyMismatch {
                 path: self.name(),
-                keys: key_names,
+                keys: key_names.to_owned(),
                 missing: missing.join(", "),
             });
         }
-        if !known.contains(&ring[0]) {
-            let mut all = known;
-            all.push(ring[0].clone());
-            let item = with(
-                self.key("meta", "keys"),
-                [("key_fingerprints", s(all.join(",")))],
-            );
-            self.client
-                .put_item()
-                .table_name(&self.table)
-                .set_item(Some(item))
-                .send()
-                .await
-                .map_err(|e| self.err("cannot record the key", e))?;
+        if known.contains(&ring[0]) {
+            return Ok(true);
         }
-        Ok(())
+        let mut all = known;
+        all.push(ring[0].clone());
+        let item = with(
+            self.key("meta", "keys"),
+            [("key_fingerprints", s(all.join(",")))],
+        );
+        let put = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item));
+        let put = match recorded {
+            None => put.condition_expression("attribute_not_exists(pk)"),
+            Some(before) => put
+                .condition_expression("key_fingerprints = :before")
+                .expression_attribute_values(":before", s(before)),
+        };
+        match put.send().await {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(self.err("cannot record the key", e)),
+        }
     }
 
     async fn get(

@@ -806,41 +806,53 @@ fn held_by_worker_blocking(endpoint: &str) -> BTreeMap<String, usize> {
     .unwrap()
 }
 
+/// A checkpoint store for tests of the shared state alone.
+struct NoCheckpoints;
+impl gdpr_consumer::state::shared::CheckpointStore for NoCheckpoints {
+    fn read(
+        &self,
+        _: &str,
+    ) -> gdpr_consumer::state::shared::BoxFuture<
+        '_,
+        Result<Option<gdpr_consumer::source::Checkpoint>, gdpr_consumer::state::StateError>,
+    > {
+        Box::pin(async { Ok(None) })
+    }
+    fn read_all(
+        &self,
+    ) -> gdpr_consumer::state::shared::BoxFuture<
+        '_,
+        Result<Vec<(String, gdpr_consumer::source::Checkpoint)>, gdpr_consumer::state::StateError>,
+    > {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    fn write(
+        &self,
+        _: String,
+        _: gdpr_consumer::source::Checkpoint,
+    ) -> gdpr_consumer::state::shared::BoxFuture<'_, Result<(), gdpr_consumer::state::StateError>>
+    {
+        Box::pin(async { Ok(()) })
+    }
+    fn reset(
+        &self,
+        _: Option<String>,
+    ) -> gdpr_consumer::state::shared::BoxFuture<'_, Result<usize, gdpr_consumer::state::StateError>>
+    {
+        Box::pin(async { Ok(0) })
+    }
+    fn holds(&self, _: &str) -> bool {
+        true
+    }
+}
+
 /// Two workers' shared states on one table, claiming the same request: one sends, the
 /// other waits; a claim outlives its worker only by a lease duration without heartbeat.
 #[test]
 fn a_request_is_claimed_by_one_worker_and_taken_over_only_from_a_dead_one() {
-    use gdpr_consumer::state::shared::{BoxFuture, CheckpointStore, SharedSettings, SharedState};
-    use gdpr_consumer::state::{ClaimOutcome, StateError, Writes};
+    use gdpr_consumer::state::shared::{SharedSettings, SharedState};
+    use gdpr_consumer::state::{ClaimOutcome, Writes};
 
-    struct NoCheckpoints;
-    impl CheckpointStore for NoCheckpoints {
-        fn read(
-            &self,
-            _: &str,
-        ) -> BoxFuture<'_, Result<Option<gdpr_consumer::source::Checkpoint>, StateError>> {
-            Box::pin(async { Ok(None) })
-        }
-        fn read_all(
-            &self,
-        ) -> BoxFuture<'_, Result<Vec<(String, gdpr_consumer::source::Checkpoint)>, StateError>>
-        {
-            Box::pin(async { Ok(Vec::new()) })
-        }
-        fn write(
-            &self,
-            _: String,
-            _: gdpr_consumer::source::Checkpoint,
-        ) -> BoxFuture<'_, Result<(), StateError>> {
-            Box::pin(async { Ok(()) })
-        }
-        fn reset(&self, _: Option<String>) -> BoxFuture<'_, Result<usize, StateError>> {
-            Box::pin(async { Ok(0) })
-        }
-        fn holds(&self, _: &str) -> bool {
-            true
-        }
-    }
     let dynalite = Dynalite::start();
     std::env::set_var("GDPR_CLAIM_TEST_KEY", STATE_KEY);
     let open = |worker: &str| {
@@ -908,4 +920,47 @@ fn a_request_is_claimed_by_one_worker_and_taken_over_only_from_a_dead_one() {
             }
         );
     });
+}
+
+/// Workers starting together on new tables with different keys: exactly one key is the
+/// fleet's, the other worker is refused (its dead letters could open with no key).
+#[test]
+fn workers_racing_to_record_different_keys_on_a_new_table_cannot_both_join() {
+    use gdpr_consumer::state::shared::{SharedSettings, SharedState};
+    let dynalite = Dynalite::start();
+    std::env::set_var("GDPR_RACE_KEY_1", STATE_KEY);
+    std::env::set_var(
+        "GDPR_RACE_KEY_2",
+        "0f1e2d3c4b5a69788796a5b4c3d2e1f05f0c6a1e9b2d4c3f8a7e6d5c4b3a2918",
+    );
+    for round in 0..6 {
+        let open = |key: &'static str, worker: &'static str| {
+            let endpoint = dynalite.endpoint.clone();
+            std::thread::spawn(move || {
+                let settings = SharedSettings {
+                    region: Some("us-east-1".into()),
+                    endpoint_url: Some(endpoint),
+                    state_table: format!("race-{round}"),
+                    lease_table: format!("race-{round}-leases"),
+                    create_tables: true,
+                    worker_id: worker.into(),
+                    lease_duration: Duration::from_secs(1),
+                    call_timeout: Duration::from_secs(5),
+                };
+                let source = gdpr_consumer::keys::KeySource {
+                    env: Some(key),
+                    file: std::path::Path::new("unused.key"),
+                };
+                SharedState::open(&settings, source, |_| std::sync::Arc::new(NoCheckpoints))
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            })
+        };
+        let (a, b) = (open("GDPR_RACE_KEY_1", "a"), open("GDPR_RACE_KEY_2", "b"));
+        let results = [a.join().unwrap(), b.join().unwrap()];
+        let joined = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(joined, 1, "round {round}: {results:?}");
+        let refused = results.iter().find_map(|r| r.as_ref().err()).unwrap();
+        assert!(refused.contains("fingerprint"), "{refused}");
+    }
 }

@@ -125,6 +125,9 @@ struct Pending {
     releasing: Option<u64>,
     /// Who asked for what this batch does (an operator's retry), for its audit entries.
     by: Option<String>,
+    /// The shard's own stop (a fleet's worker losing the lease stops retrying a call for
+    /// it, as shutdown does); none outside a shard's worker.
+    stop: Option<Shutdown>,
 }
 
 /// Records a rule saw, and decided on.
@@ -289,6 +292,7 @@ impl Pipeline {
         stop: Shutdown,
     ) -> Result<ShardExit, PipelineError> {
         let mut progress = ShardProgress::new(&self.stream, shard_id, start);
+        progress.pending.stop = Some(stop.clone());
         let mut caught_up = false;
         let mut first = true;
         loop {
@@ -908,7 +912,8 @@ impl Pipeline {
             }
         }
         let started = Instant::now();
-        let outcome = self.actions.send(request, &self.shutdown).await;
+        let stop = pending.stop.as_ref().unwrap_or(&self.shutdown);
+        let outcome = self.actions.send(request, stop).await;
         match &outcome {
             Outcome::Done { attempts, .. } => report(
                 ActionOutcome::Done,
@@ -982,9 +987,10 @@ impl Pipeline {
                 }
                 ClaimOutcome::Done => return duplicate(None),
                 ClaimOutcome::Busy { .. } => {
+                    let stop = pending.stop.as_ref().unwrap_or(&self.shutdown);
                     tokio::select! {
                         _ = tokio::time::sleep(CLAIM_WAIT) => {}
-                        _ = self.shutdown.triggered() => {
+                        _ = stop.triggered() => {
                             return Ok(Some(Carried::Sent(Outcome::Interrupted)));
                         }
                     }

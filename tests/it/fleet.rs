@@ -964,3 +964,74 @@ fn workers_racing_to_record_different_keys_on_a_new_table_cannot_both_join() {
         assert!(refused.contains("fingerprint"), "{refused}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_loses_the_lease_stops_retrying_the_shard_s_request() {
+    let kinesis = Kinesalite::start();
+    let dynalite = Dynalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    // The backend fails (a fault, retried) until it is fixed.
+    let fixed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let backend = {
+        let fixed = fixed.clone();
+        Backend::with_behaviour(Duration::ZERO, move |_, _| {
+            if fixed.load(std::sync::atomic::Ordering::SeqCst) {
+                200
+            } else {
+                503
+            }
+        })
+        .await
+    };
+    let ws = fleet(
+        &kinesis.endpoint,
+        "events",
+        &backend.url,
+        &dynalite.endpoint,
+    );
+    ws.edit_config("max_attempts = 4", "max_attempts = 1000");
+    ws.edit_config("max_backoff_ms = 200", "max_backoff_ms = 100");
+    let db = dynamo(&dynalite.endpoint);
+    let worker = start_worker(&ws);
+    wait_spread(&db, 1, 1).await;
+    let shard = "shardId-000000000000";
+    put(&client, "events", &traffic(10, 1, 0)).await;
+    wait_until(Duration::from_secs(30), "the request retried", || {
+        backend.count() >= 3
+    })
+    .await;
+    // Another worker takes the lease and keeps it.
+    let renewing = {
+        let db = db.clone();
+        tokio::spawn(async move {
+            loop {
+                steal(&db, shard, "thief").await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    wait_until(Duration::from_secs(10), "the lease loss noticed", || {
+        worker.stderr().contains("lease lost")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after_loss = backend.count();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        backend.count(),
+        after_loss,
+        "attempts went on for a shard whose lease was lost"
+    );
+    // The thief goes away: the worker takes the shard back and the request goes through.
+    fixed.store(true, std::sync::atomic::Ordering::SeqCst);
+    renewing.abort();
+    wait_until(Duration::from_secs(30), "the request done", || {
+        backend.received().last().is_some() && {
+            let log = worker.stderr();
+            log.contains("event=\"done\"")
+        }
+    })
+    .await;
+    assert!(worker.stop().success());
+}

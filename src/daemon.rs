@@ -366,6 +366,12 @@ async fn join_fleet(
         (_, Some(leases)) => return Err(leases.into()),
         (opened, None) => opened?,
     };
+    if state.id_in_use()? {
+        tracing::warn!(
+            worker_id = %fleet.worker_id,
+            "a worker with this worker_id beat moments ago: if it still runs (not a restart after a kill), stop one of them; two workers under one id take leases from each other"
+        );
+    }
     tracing::info!(
         worker_id = %fleet.worker_id,
         lease_table = %fleet.lease_table,

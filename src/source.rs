@@ -145,6 +145,8 @@ pub struct ShardInfo {
     pub parents: Vec<String>,
     /// A closed shard takes no new records; it ends after its last one.
     pub closed: bool,
+    /// Its hash key range (decimal), for a fleet's lease item.
+    pub hash_range: Option<(String, String)>,
 }
 
 /// Where a shard reader starts.
@@ -407,6 +409,12 @@ impl KinesisSource {
                         .sequence_number_range()
                         .and_then(|r| r.ending_sequence_number())
                         .is_some(),
+                    hash_range: shard.hash_key_range().map(|r| {
+                        (
+                            r.starting_hash_key().to_owned(),
+                            r.ending_hash_key().to_owned(),
+                        )
+                    }),
                 });
             }
             match output.next_token() {
@@ -793,6 +801,7 @@ mod tests {
             id: id.into(),
             parents: parents.iter().map(|s| s.to_string()).collect(),
             closed,
+            hash_range: None,
         }
     }
 

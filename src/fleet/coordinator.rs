@@ -398,6 +398,10 @@ impl Coordinator {
                     let mut lease = Lease::new(shard.id.clone(), shard.parents.clone(), initial);
                     lease.parents.sort();
                     lease.children = kids;
+                    if let Some((start, end)) = &shard.hash_range {
+                        lease.starting_hash_key = Some(start.clone());
+                        lease.ending_hash_key = Some(end.clone());
+                    }
                     self.table.create(&lease).await?;
                 }
                 Some(lease) => {

@@ -20,7 +20,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use aws_sdk_dynamodb::error::DisplayErrorContext;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue,
     ScalarAttributeType, TableStatus,
@@ -340,7 +339,7 @@ impl LeaseTable {
             table: self.name.clone(),
             call,
             shard: shard.map(str::to_owned),
-            message: DisplayErrorContext(error).to_string(),
+            message: crate::telemetry::chain(&error),
         }
     }
 

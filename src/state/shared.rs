@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
     ScalarAttributeType, Select,
@@ -554,19 +554,34 @@ impl SharedState {
                 .table_name(&inner.table)
                 .set_key(Some(key))
                 .update_expression(
-                    "ADD heart_beats :one SET rules_hash = :h, lease_count = :l, seen_at = :t, is_stopped = :s",
+                    "ADD heart_beats :one SET rules_hash = :h, lease_count = :l, seen_at = :t, is_stopped = :s, lease_ms = :d",
                 )
                 .expression_attribute_values(":one", n(1))
                 .expression_attribute_values(":h", s(rules_hash))
                 .expression_attribute_values(":l", n(leases))
                 .expression_attribute_values(":t", n(now_ms()))
                 .expression_attribute_values(":s", AttributeValue::Bool(stopped))
+                .expression_attribute_values(":d", n(inner.lease_duration.as_millis() as u64))
                 .send()
                 .await
                 .map_err(|e| inner.err("cannot write the worker's heartbeat", e))
                 .map(drop)
         })
         .await
+    }
+
+    /// Whether a worker under this worker's id beat within two lease durations (by its
+    /// clock) without saying it stopped: another worker may run under the same id.
+    pub fn id_in_use(&self) -> Result<bool, StateError> {
+        self.run(|inner| async move {
+            let Some(item) = inner.get("worker", &inner.worker).await? else {
+                return Ok(false);
+            };
+            let stopped = item.get("is_stopped").and_then(|v| v.as_bool().ok()) == Some(&true);
+            let seen_at = get_n(&item, "seen_at").unwrap_or(0);
+            let window = 2 * inner.lease_duration.as_millis() as u64;
+            Ok(!stopped && now_ms().saturating_sub(seen_at) < window)
+        })
     }
 
     /// The fleet's workers, as their heartbeats say.
@@ -606,13 +621,13 @@ impl Inner {
 
     fn err<E, R>(&self, context: &'static str, e: SdkError<E, R>) -> StateError
     where
-        E: std::error::Error + Send + Sync + 'static,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
         R: std::fmt::Debug + Send + Sync + 'static,
     {
         StateError::Shared {
             table: self.table.clone(),
             context,
-            message: DisplayErrorContext(&e).to_string(),
+            message: crate::source::describe(&e),
         }
     }
 
@@ -1317,13 +1332,20 @@ impl Inner {
             .as_ref()
             .and_then(|item| get_n(item, "heart_beats"))
             .unwrap_or(0);
+        // It beats every third of its own lease duration (a rolling change of the setting
+        // runs workers with two): judged by the longer of the two.
+        let patience = item
+            .as_ref()
+            .and_then(|item| get_n(item, "lease_ms"))
+            .map_or(self.lease_duration, Duration::from_millis)
+            .max(self.lease_duration);
         let mut seen = self.heartbeats.lock().expect("heartbeats lock");
         let now = Instant::now();
         let entry = seen.entry(worker.to_owned()).or_insert((beat, now));
         if entry.0 != beat {
             *entry = (beat, now);
         }
-        Ok(entry.1.elapsed() < self.lease_duration)
+        Ok(entry.1.elapsed() < patience)
     }
 
     async fn workers(&self) -> Result<Vec<WorkerView>, StateError> {
@@ -1339,6 +1361,10 @@ impl Inner {
             // Seen beating by this process, and (for a command that looks once) a beat
             // recent by the worker's own clock, with room for some skew.
             let seen_at_ms = get_n(&item, "seen_at").unwrap_or(0);
+            // A worker gone for a day (a restart under a new pid, say) is no longer listed.
+            if now_ms().saturating_sub(seen_at_ms) > DAY_MS {
+                continue;
+            }
             let recent = now_ms().saturating_sub(seen_at_ms)
                 < (3 * self.lease_duration.as_millis() as u64).max(60_000);
             let live = !stopped && recent && self.alive(&worker_id).await?;

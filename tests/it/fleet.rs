@@ -189,10 +189,20 @@ async fn three_workers_share_eight_shards_and_send_each_request_once() {
         let log = worker.stderr();
         assert!(worker.stop().success(), "{log}");
     }
-    // Stopped gracefully: every lease handed off (no owner), checkpoints kept.
+    // Stopped gracefully: every lease handed off (no owner), checkpoints kept; the items
+    // in the KCL's format, hash key ranges included.
     for item in leases(&db).await {
         assert_eq!(text(&item, "leaseOwner"), None, "{item:?}");
         assert!(text(&item, "checkpoint").is_some(), "{item:?}");
+        assert!(item.contains_key("leaseCounter"), "{item:?}");
+        assert!(
+            item.contains_key("ownerSwitchesSinceCheckpoint"),
+            "{item:?}"
+        );
+        assert!(item.contains_key("checkpointSubSequenceNumber"), "{item:?}");
+        let start: u128 = text(&item, "startingHashKey").unwrap().parse().unwrap();
+        let end: u128 = text(&item, "endingHashKey").unwrap().parse().unwrap();
+        assert!(start < end, "{item:?}");
     }
     // The shared state answers the commands without any worker: the audit trail holds
     // each request once as done, and the rest as duplicates.

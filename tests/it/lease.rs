@@ -43,6 +43,7 @@ fn shards(ids: &[(usize, &[usize])]) -> Vec<ShardInfo> {
             id: shard(*id),
             parents: parents.iter().map(|p| shard(*p)).collect(),
             closed: false,
+            hash_range: Some((format!("{id}0"), format!("{id}9"))),
         })
         .collect()
 }

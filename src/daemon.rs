@@ -309,11 +309,19 @@ pub async fn run(
         Sink::Live { .. } => Ok(()),
     };
     let live = matches!(pipeline.sink, Sink::Live { .. });
+    // Said only when true: a state that could not be written at the end kept the
+    // checkpoints where they were (their records are read again, and found done).
+    let unwritten = pipeline.telemetry.state_fault();
     // The last holder of the state: the file is closed and its lock let go here, so a
     // command run right after the daemon said it stopped finds it free.
     drop(pipeline);
-    if live {
-        tracing::info!("stopped; checkpoints flushed");
+    match (live, unwritten) {
+        (true, None) => tracing::info!("stopped; checkpoints flushed"),
+        (true, Some(error)) => tracing::warn!(
+            %error,
+            "stopped; the last checkpoints could not be written (the state is not writable): their records are read again at the next start, and found done"
+        ),
+        (false, _) => {}
     }
     drop(hangup);
     result?;

@@ -429,6 +429,7 @@ impl FleetWorker {
                 if let Err(e) = shared.heartbeat(hash, held, false).await {
                     pipeline.telemetry.state_write(Some(&e));
                 }
+                pipeline.telemetry.refresh_state(state);
                 // An action resumed from another host: its held requests are sent now,
                 // not at the next scheduled retry.
                 let resuming = state

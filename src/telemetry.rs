@@ -758,8 +758,10 @@ impl Telemetry {
         reasons
     }
 
-    /// Brings the gauges computed from the state and the rules up to date.
-    fn refresh(&self, rules: &Rules, state: &State) {
+    /// Brings the gauges computed from the state up to date: at each scrape for a state
+    /// file; for a fleet's table, at each heartbeat instead, so a scrape never waits on
+    /// DynamoDB (a slow table would cost the metrics just when they are needed).
+    pub fn refresh_state(&self, state: &State) {
         if let (Ok(pauses), Ok(held)) = (state.pauses(), state.held_counts()) {
             let configured = self.configured_actions.lock().unwrap();
             let names = configured
@@ -776,6 +778,20 @@ impl Telemetry {
                     .set(held.get(name).copied().unwrap_or(0) as i64);
             }
         }
+        if let crate::state::State::Shared(shared) = state {
+            if let Ok(workers) = shared.workers() {
+                self.fleet(&workers);
+            }
+        }
+        if let Ok((pending, oldest)) = state.dead_letter_stats() {
+            self.dead_letters_pending.set(pending as i64);
+            let age = oldest.map_or(0, |created| now_ms().saturating_sub(created) / 1000);
+            self.oldest_dead_letter_age_seconds.set(age as i64);
+        }
+    }
+
+    /// Brings the gauges computed from the rules up to date.
+    fn refresh_rules(&self, rules: &Rules) {
         let status = rules.status();
         self.rules_stale.set(i64::from(status.stale));
         self.rules_watch_lost
@@ -792,20 +808,13 @@ impl Telemetry {
             .get_or_create(&label("result", "refused"))
             .inner()
             .store(status.reloads_failed, Ordering::Relaxed);
-        if let crate::state::State::Shared(shared) = state {
-            if let Ok(workers) = shared.workers() {
-                self.fleet(&workers);
-            }
-        }
-        if let Ok((pending, oldest)) = state.dead_letter_stats() {
-            self.dead_letters_pending.set(pending as i64);
-            let age = oldest.map_or(0, |created| now_ms().saturating_sub(created) / 1000);
-            self.oldest_dead_letter_age_seconds.set(age as i64);
-        }
     }
 
     fn metrics_text(&self, served: &Served) -> String {
-        self.refresh(&served.rules, &served.state);
+        self.refresh_rules(&served.rules);
+        if !served.state.is_shared() {
+            self.refresh_state(&served.state);
+        }
         let mut text = String::new();
         let _ = encode(&mut text, &self.registry);
         text

@@ -451,18 +451,32 @@ impl FleetWorker {
     /// SIGTERM's last step: the shards have checkpointed; the leases are released for the
     /// other workers to take at once, and the heartbeat says this worker stopped.
     async fn hand_off(&self, pipeline: &Arc<Pipeline>, tasks: [tokio::task::JoinHandle<()>; 2]) {
-        if let Err(e) = self.coordinator.release_all().await {
-            tracing::warn!(error = %telemetry::chain(&e), "cannot release every lease; the others take them when they expire");
+        // Bounded: a table that does not answer within a lease duration lets the leases
+        // expire instead, and the others take them then.
+        let patience = self.lease_duration;
+        match tokio::time::timeout(patience, self.coordinator.release_all()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %telemetry::chain(&e), "cannot release every lease; the others take them when they expire")
+            }
+            Err(_) => tracing::warn!(
+                "the lease table did not answer in time; the others take the leases when they expire"
+            ),
         }
         self.stop.trigger();
-        for task in tasks {
-            let _ = task.await;
+        for mut task in tasks {
+            if tokio::time::timeout(patience, &mut task).await.is_err() {
+                task.abort();
+            }
         }
         if let Sink::Live { state, .. } = &pipeline.sink {
             if let State::Shared(shared) = &**state {
                 let hash = pipeline.rules.load().hash().to_owned();
-                if let Err(e) = shared.heartbeat(hash, 0, true).await {
-                    tracing::warn!(error = %telemetry::chain(&e), "cannot say this worker stopped");
+                let said = tokio::time::timeout(patience, shared.heartbeat(hash, 0, true)).await;
+                if !matches!(said, Ok(Ok(()))) {
+                    tracing::warn!(
+                        "cannot say this worker stopped; the others see it stopped beating"
+                    );
                 }
             }
         }

@@ -7,6 +7,7 @@
 //! [`daemon`].
 
 pub mod actions;
+pub mod aws;
 pub mod capture;
 pub mod cli;
 pub mod clock;

@@ -7,8 +7,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aws_config::BehaviorVersion;
-use aws_sdk_kinesis::config::{Credentials, ProvideCredentials, Region};
 use aws_sdk_kinesis::error::ProvideErrorMetadata;
 use aws_sdk_kinesis::types::ShardIteratorType;
 use aws_sdk_kinesis::Client;
@@ -266,52 +264,19 @@ impl KinesisSource {
     /// `AWS_ENDPOINT_URL_KINESIS` / `AWS_ENDPOINT_URL` (or a profile's `endpoint_url`), and
     /// all of them are treated alike.
     pub async fn connect(settings: &StreamSettings) -> Self {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest());
-        if let Some(region) = &settings.region {
-            loader = loader.region(Region::new(region.clone()));
+        let chain = crate::aws::chain(
+            settings.region.as_deref(),
+            settings.endpoint_url.as_deref(),
+            settings.call_timeout,
+            "AWS_ENDPOINT_URL_KINESIS",
+        )
+        .await;
+        let mut builder = aws_sdk_kinesis::config::Builder::from(&chain.sdk);
+        if let Some(region) = chain.region {
+            builder = builder.region(region);
         }
-        if let Some(url) = &settings.endpoint_url {
-            loader = loader.endpoint_url(url);
-        }
-        // Without limits, an endpoint that accepts and never answers stalls a call forever,
-        // unseen: a call that times out is a fault like any other (retried, reported).
-        loader = loader.timeout_config(
-            aws_config::timeout::TimeoutConfig::builder()
-                .connect_timeout(settings.call_timeout.min(Duration::from_secs(3)))
-                .operation_attempt_timeout(settings.call_timeout)
-                .operation_timeout(settings.call_timeout * 3)
-                .build(),
-        );
-        let sdk = loader.load().await;
-        let mut builder = aws_sdk_kinesis::config::Builder::from(&sdk);
-        // The SDK resolves the service-specific variable itself (`Builder::from`), and the
-        // global one into `sdk.endpoint_url()`; this only asks whether one is set.
-        let service_endpoint =
-            std::env::var("AWS_ENDPOINT_URL_KINESIS").is_ok_and(|url| !url.trim().is_empty());
-        let endpoint = settings.endpoint_url.is_some()
-            || service_endpoint
-            || sdk.endpoint_url().is_some_and(|url| !url.trim().is_empty());
-        if endpoint {
-            if sdk.region().is_none() {
-                tracing::warn!("no AWS region configured; using us-east-1 for the endpoint");
-                builder = builder.region(Region::new("us-east-1"));
-            }
-            let found = match sdk.credentials_provider() {
-                Some(provider) => provider.provide_credentials().await.is_ok(),
-                None => false,
-            };
-            if !found {
-                tracing::warn!(
-                    "no AWS credentials found; signing with placeholder credentials for the configured endpoint"
-                );
-                builder = builder.credentials_provider(Credentials::new(
-                    "placeholder",
-                    "placeholder",
-                    None,
-                    None,
-                    "gdpr-consumer-placeholder",
-                ));
-            }
+        if let Some(credentials) = chain.credentials {
+            builder = builder.credentials_provider(credentials);
         }
         KinesisSource {
             client: Client::from_conf(builder.build()),

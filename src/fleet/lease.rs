@@ -26,6 +26,8 @@ use aws_sdk_dynamodb::types::{
 };
 use aws_sdk_dynamodb::Client;
 
+use crate::state::shared::refused;
+
 use crate::source::Checkpoint;
 
 pub const TRIM_HORIZON: &str = "TRIM_HORIZON";
@@ -491,12 +493,7 @@ impl LeaseTable {
             .await
         {
             Ok(_) => Ok(true),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(false)
-            }
+            Err(e) if refused(&e) => Ok(false),
             Err(e) => Err(self.call_error("PutItem", Some(&lease.shard_id), e)),
         }
     }
@@ -530,12 +527,7 @@ impl LeaseTable {
                     reason: format!("{call} returned no item"),
                 }),
             },
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(Fenced::Lost)
-            }
+            Err(e) if refused(&e) => Ok(Fenced::Lost),
             Err(e) => Err(self.call_error(call, Some(shard), e)),
         }
     }
@@ -625,12 +617,7 @@ impl LeaseTable {
             .await
         {
             Ok(_) => Ok(true),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(false)
-            }
+            Err(e) if refused(&e) => Ok(false),
             Err(e) => Err(self.call_error("DeleteItem", Some(shard), e)),
         }
     }
@@ -677,12 +664,7 @@ impl LeaseTable {
             .await
         {
             Ok(_) => Ok(()),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(())
-            }
+            Err(e) if refused(&e) => Ok(()),
             Err(e) => Err(self.call_error("UpdateItem childShardIds", Some(shard), e)),
         }
     }

@@ -110,44 +110,19 @@ const SK: &str = "sk";
 /// endpoint on top; with an endpoint and no credentials, signs with placeholders (local
 /// emulators), as the Kinesis client does.
 pub async fn dynamodb_client(settings: &SharedSettings) -> Client {
-    use aws_config::BehaviorVersion;
-    use aws_sdk_dynamodb::config::{Credentials, ProvideCredentials, Region};
-    let mut loader = aws_config::defaults(BehaviorVersion::latest());
-    if let Some(region) = &settings.region {
-        loader = loader.region(Region::new(region.clone()));
+    let chain = crate::aws::chain(
+        settings.region.as_deref(),
+        settings.endpoint_url.as_deref(),
+        settings.call_timeout,
+        "AWS_ENDPOINT_URL_DYNAMODB",
+    )
+    .await;
+    let mut builder = aws_sdk_dynamodb::config::Builder::from(&chain.sdk);
+    if let Some(region) = chain.region {
+        builder = builder.region(region);
     }
-    if let Some(url) = &settings.endpoint_url {
-        loader = loader.endpoint_url(url);
-    }
-    loader = loader.timeout_config(
-        aws_config::timeout::TimeoutConfig::builder()
-            .connect_timeout(settings.call_timeout.min(Duration::from_secs(3)))
-            .operation_attempt_timeout(settings.call_timeout)
-            .operation_timeout(settings.call_timeout * 3)
-            .build(),
-    );
-    let sdk = loader.load().await;
-    let mut builder = aws_sdk_dynamodb::config::Builder::from(&sdk);
-    let endpoint = settings.endpoint_url.is_some()
-        || std::env::var("AWS_ENDPOINT_URL_DYNAMODB").is_ok_and(|url| !url.trim().is_empty())
-        || sdk.endpoint_url().is_some_and(|url| !url.trim().is_empty());
-    if endpoint {
-        if sdk.region().is_none() {
-            builder = builder.region(Region::new("us-east-1"));
-        }
-        let found = match sdk.credentials_provider() {
-            Some(provider) => provider.provide_credentials().await.is_ok(),
-            None => false,
-        };
-        if !found {
-            builder = builder.credentials_provider(Credentials::new(
-                "placeholder",
-                "placeholder",
-                None,
-                None,
-                "gdpr-consumer-placeholder",
-            ));
-        }
+    if let Some(credentials) = chain.credentials {
+        builder = builder.credentials_provider(credentials);
     }
     Client::from_conf(builder.build())
 }
@@ -655,12 +630,28 @@ impl Inner {
             .table_name(&self.table)
             .send()
             .await;
-        match described {
-            Ok(_) => return Ok(()),
+        let exists = match described {
+            Ok(out) => {
+                let active = out
+                    .table()
+                    .and_then(|t| t.table_status())
+                    .is_some_and(|s| s.as_str() == "ACTIVE");
+                if active {
+                    return Ok(());
+                }
+                // Being created (by another worker starting at the same moment).
+                true
+            }
             Err(e)
                 if e.as_service_error()
-                    .is_some_and(|e| e.is_resource_not_found_exception()) => {}
+                    .is_some_and(|e| e.is_resource_not_found_exception()) =>
+            {
+                false
+            }
             Err(e) => return Err(self.err("cannot describe the table", e)),
+        };
+        if exists {
+            return self.wait_active().await;
         }
         if !create {
             return Err(StateError::SharedMissing {
@@ -705,7 +696,12 @@ impl Inner {
             Err(e) => return Err(self.err("cannot create the table", e)),
         }
         tracing::info!(table = %self.table, "state table created");
-        for _ in 0..60 {
+        self.wait_active().await
+    }
+
+    /// Waits (a minute at most) until the table is ACTIVE.
+    async fn wait_active(&self) -> Result<(), StateError> {
+        for _ in 0..300 {
             let described = self
                 .client
                 .describe_table()
@@ -720,7 +716,7 @@ impl Inner {
             if active {
                 return Ok(());
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         Ok(())
     }
@@ -787,12 +783,7 @@ impl Inner {
         };
         match put.send().await {
             Ok(_) => Ok(true),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(false)
-            }
+            Err(e) if refused(&e) => Ok(false),
             Err(e) => Err(self.err("cannot record the key", e)),
         }
     }
@@ -849,12 +840,7 @@ impl Inner {
         }
         match call.send().await {
             Ok(_) => Ok(()),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(())
-            }
+            Err(e) if refused(&e) => Ok(()),
             Err(e) => Err(self.err("cannot delete", e)),
         }
     }
@@ -1045,9 +1031,7 @@ impl Inner {
             match put {
                 Ok(_) => {}
                 // Discarded meanwhile: stays discarded.
-                Err(e)
-                    if e.as_service_error()
-                        .is_some_and(|e| e.is_conditional_check_failed_exception()) => {}
+                Err(e) if refused(&e) => {}
                 Err(e) => return Err(self.err("cannot commit", e)),
             }
         }
@@ -1117,12 +1101,7 @@ impl Inner {
             .await;
         match deleted {
             Ok(_) => Ok(()),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(())
-            }
+            Err(e) if refused(&e) => Ok(()),
             Err(e) => Err(self.err("cannot commit", e)),
         }
     }
@@ -1152,9 +1131,7 @@ impl Inner {
         match first {
             Ok(_) => {}
             // Set to an earlier day already.
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) => {}
+            Err(e) if refused(&e) => {}
             Err(e) => return Err(self.err("cannot commit", e)),
         }
         *self.audit_first_day.lock().expect("first day lock") = Some(day);
@@ -1260,9 +1237,7 @@ impl Inner {
                 .await;
             match claimed {
                 Ok(_) => return Ok(ClaimOutcome::Claimed),
-                Err(e)
-                    if e.as_service_error()
-                        .is_some_and(|e| e.is_conditional_check_failed_exception()) => {}
+                Err(e) if refused(&e) => {}
                 Err(e) => return Err(self.err("cannot claim a request", e)),
             }
             let Some(item) = self.get(&pk, "ledger").await? else {
@@ -1300,12 +1275,7 @@ impl Inner {
                 Ok(_) => {
                     return Ok(ClaimOutcome::TakenOver { from: holder });
                 }
-                Err(e)
-                    if e.as_service_error()
-                        .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-                {
-                    continue
-                }
+                Err(e) if refused(&e) => continue,
                 Err(e) => return Err(self.err("cannot claim a request", e)),
             }
         }
@@ -1379,6 +1349,12 @@ impl Inner {
         }
         Ok(out)
     }
+}
+
+/// Whether a conditional write was refused: its condition did not hold (the item changed,
+/// or is there already), which the caller handles; not a fault.
+pub(crate) fn refused<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
+    e.as_service_error().and_then(|e| e.code()) == Some("ConditionalCheckFailedException")
 }
 
 fn fallback_id() -> u64 {

@@ -423,6 +423,7 @@ impl FleetWorker {
             let State::Shared(shared) = &**state else {
                 return;
             };
+            let mut releasing: Option<tokio::task::JoinHandle<()>> = None;
             loop {
                 let hash = pipeline.rules.load().hash().to_owned();
                 let held = coordinator.owned().borrow().len() as u64;
@@ -431,16 +432,24 @@ impl FleetWorker {
                 }
                 pipeline.telemetry.refresh_state(state);
                 // An action resumed from another host: its held requests are sent now,
-                // not at the next scheduled retry.
+                // not at the next scheduled retry — beside the heartbeat, never in its way
+                // (a worker that stops beating while it sends has its claims taken over).
                 let resuming = state
                     .pauses()
                     .is_ok_and(|pauses| pauses.iter().any(|(_, p)| p.resuming_since_ms.is_some()));
-                if resuming && !pipeline.shutdown.is_triggered() {
-                    if let Err(e) = pipeline.release_held().await {
-                        tracing::error!(error = %telemetry::chain(&e), "cannot send held requests");
-                    }
+                let idle = releasing.as_ref().is_none_or(|task| task.is_finished());
+                if resuming && idle && !pipeline.shutdown.is_triggered() {
+                    let pipeline = pipeline.clone();
+                    releasing = Some(tokio::spawn(async move {
+                        if let Err(e) = pipeline.release_held().await {
+                            tracing::error!(error = %telemetry::chain(&e), "cannot send held requests");
+                        }
+                    }));
                 }
                 if stop.sleep(period).await.is_err() {
+                    if let Some(task) = releasing {
+                        let _ = task.await;
+                    }
                     return;
                 }
             }

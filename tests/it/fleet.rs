@@ -1045,3 +1045,67 @@ async fn a_worker_that_loses_the_lease_stops_retrying_the_shard_s_request() {
     .await;
     assert!(worker.stop().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_resume_in_a_fleet_sends_each_held_request_once() {
+    let kinesis = Kinesalite::start();
+    let dynalite = Dynalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 2).await;
+    // Slow enough that sending the backlog outlasts a lease duration (1.5 s).
+    let backend = Backend::with_behaviour(Duration::from_millis(150), |_, _| 200).await;
+    let ws = fleet(
+        &kinesis.endpoint,
+        "events",
+        &backend.url,
+        &dynalite.endpoint,
+    );
+    let config = ws.config();
+    let config = config.to_str().unwrap();
+    let db = dynamo(&dynalite.endpoint);
+    let workers: Vec<Daemon> = (0..2).map(|_| start_worker(&ws)).collect();
+    wait_spread(&db, 2, 2).await;
+    let (code, _, err) = run_command(
+        &ws,
+        &[
+            "actions",
+            "pause",
+            "anonymize_user",
+            "--reason",
+            "legal review",
+            "--config",
+            config,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    put(&client, "events", &traffic(300, 30, 0)).await;
+    wait_fleet(&workers, 60, "30 requests held", || {
+        let (_, out, _) = run_command(&ws, &["actions", "list", "--config", config]);
+        json_lines(&out).iter().any(|a| a["held"] == 30)
+    })
+    .await;
+    assert_eq!(backend.count(), 0);
+    let (code, out, err) = run_command(
+        &ws,
+        &["actions", "resume", "anonymize_user", "--config", config],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    wait_fleet(&workers, 60, "30 requests sent", || {
+        sent_users(&backend).len() == 30
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let twice: Vec<_> = sent_users(&backend)
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .collect();
+    assert!(twice.is_empty(), "sent more than once: {twice:?}");
+    for worker in workers {
+        assert!(
+            !worker.stderr().contains("claim_taken_over"),
+            "{}",
+            worker.stderr()
+        );
+        assert!(worker.stop().success());
+    }
+}

@@ -316,8 +316,9 @@ enum CheckpointsCommand {
 enum DeadLettersCommand {
     /// List dead letters as JSON lines (what they hold sealed is not shown).
     List(StateArgs),
-    /// Retry dead letters now with the current rules and config (the daemon stopped; it
-    /// also retries backend faults on its own schedule).
+    /// Retry dead letters now with the current rules and config (served by the running
+    /// daemon if there is one, which also retries backend faults on its own schedule; in a
+    /// fleet, from any host).
     Retry {
         #[command(flatten)]
         config: ConfigArgs,

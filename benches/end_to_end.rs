@@ -295,47 +295,17 @@ listen = "{metrics}"
     fn usage(&self) -> Usage {
         let wall = self.spawned.elapsed();
         let pid = self.child.id();
-        // CPU time of every thread, in nanoseconds (the scheduler's count).
-        let cpu_nanos: u64 = std::fs::read_dir(format!("/proc/{pid}/task"))
-            .unwrap()
-            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok())
-            .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
-            .sum();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let peak_rss_kib = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-            .unwrap();
         Usage {
             wall,
-            cpu: Duration::from_nanos(cpu_nanos),
-            peak_rss_kib,
+            cpu: common::cpu_time(pid),
+            peak_rss_kib: common::peak_rss_kib(pid),
         }
     }
 
     /// SIGTERM, then the clean exit (0) the daemon promises.
     async fn stop(mut self) {
-        let pid = self.child.id().to_string();
-        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        assert!(sent.success());
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the daemon did not stop:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        assert!(
-            status.success(),
-            "the daemon exited {status}:\n{}",
-            self.log()
-        );
+        let log = self.dir.path().join("daemon.log");
+        common::stop(&mut self.child, &log, "the daemon").await;
     }
 }
 

@@ -9,8 +9,8 @@
 //! its fair share), then open the stream (every record readable at once) and measure until
 //! the backend got every request and every shard is checkpointed at its last record; then
 //! SIGTERM every worker. Printed per run: wall time and events/s over that window, the
-//! workers' CPU time per event (utime + stime of every thread of every worker, from
-//! /proc/PID/stat), dynalite's, each worker's peak RSS, and the DynamoDB calls per event
+//! workers' CPU time per event (the scheduler's CPU time of every thread of every worker, from
+//! /proc/PID/task/*/schedstat), dynalite's, each worker's peak RSS, and the DynamoDB calls per event
 //! and per request by table and operation, counted by a proxy in front of dynalite, with
 //! the read and write request units an on-demand table would bill for them.
 //!
@@ -488,34 +488,16 @@ lease_duration_ms = {lease_ms}
             .sum()
     }
 
-    /// utime + stime of every thread of the process (/proc/PID/stat), and its peak RSS.
+    /// CPU time of every thread of the process, and its peak RSS.
     fn usage(&self) -> (Duration, u64) {
         let pid = self.child.id();
-        (cpu_time(pid), peak_rss_kib(pid))
+        (common::cpu_time(pid), common::peak_rss_kib(pid))
     }
 
     /// SIGTERM, then the clean exit (0) the daemon promises.
     async fn stop(mut self) {
-        let pid = self.child.id().to_string();
-        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        assert!(sent.success());
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "a worker did not stop:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        assert!(
-            status.success(),
-            "a worker exited {status}:\n{}",
-            self.log()
-        );
+        let log = self.dir.path().join("daemon.log");
+        common::stop(&mut self.child, &log, "a worker").await;
     }
 }
 
@@ -525,39 +507,6 @@ impl Drop for Worker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Clock ticks per second, the unit of /proc/PID/stat's times.
-fn clock_ticks() -> u64 {
-    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
-            .unwrap_or(100)
-    })
-}
-
-/// utime + stime of a process (every thread), from /proc/PID/stat.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which may hold spaces), from field 3 on.
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64)
-}
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-        .unwrap()
 }
 
 /// Every item of the lease table, read straight from dynalite.
@@ -672,7 +621,7 @@ async fn run(plan: &Plan, workers: usize) -> Run {
     let spread_took = started.elapsed();
     let before_counts = counter.snapshot();
     let before_cpu: Vec<Duration> = fleet.iter().map(|w| w.usage().0).collect();
-    let before_dynalite = cpu_time(dynalite.child.id());
+    let before_dynalite = common::cpu_time(dynalite.child.id());
     counter.reset_peak();
     let opened = Instant::now();
     endpoint.epoch.set(opened).unwrap();
@@ -728,7 +677,7 @@ async fn run(plan: &Plan, workers: usize) -> Run {
     let wall = opened.elapsed();
     let after_counts = counter.snapshot();
     let peak_in_flight = counter.peak.load(Ordering::Relaxed);
-    let dynalite_cpu = cpu_time(dynalite.child.id()) - before_dynalite;
+    let dynalite_cpu = common::cpu_time(dynalite.child.id()) - before_dynalite;
     let usage: Vec<(Duration, u64)> = fleet.iter().map(Worker::usage).collect();
     let cpu = usage
         .iter()

@@ -158,3 +158,49 @@ pub fn write_rules(dir: &Path, n: u64, shape: Shape) {
         std::fs::write(dir.join(format!("client_{c}.rhai")), text).unwrap();
     }
 }
+
+/// CPU time of every thread of a process, from the scheduler's count (nanoseconds in
+/// /proc/PID/task/*/schedstat): "per core" counts every thread.
+pub fn cpu_time(pid: u32) -> std::time::Duration {
+    let nanos: u64 = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    std::time::Duration::from_nanos(nanos)
+}
+
+/// A process's peak resident memory (VmHWM), KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap()
+}
+
+/// SIGTERM, then the clean exit (0) the daemon promises, within a minute; fails with the
+/// log otherwise.
+pub async fn stop(child: &mut std::process::Child, log: &Path, who: &str) {
+    let log = || std::fs::read_to_string(log).unwrap_or_default();
+    let pid = child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{who} did not stop:\n{}",
+            log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{who} exited {status}:\n{}", log());
+}

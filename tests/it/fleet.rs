@@ -1081,7 +1081,10 @@ async fn a_long_resume_in_a_fleet_sends_each_held_request_once() {
     put(&client, "events", &traffic(300, 30, 0)).await;
     wait_fleet(&workers, 60, "30 requests held", || {
         let (_, out, _) = run_command(&ws, &["actions", "list", "--config", config]);
-        json_lines(&out).iter().any(|a| a["held"] == 30)
+        // At least: a record read again after its lease moved may be held twice (sent once).
+        json_lines(&out)
+            .iter()
+            .any(|a| a["held"].as_u64().is_some_and(|n| n >= 30))
     })
     .await;
     assert_eq!(backend.count(), 0);

@@ -35,35 +35,39 @@ pub struct Kinesalite {
 
 impl Kinesalite {
     pub fn start() -> Self {
-        let dir = repo().join("tools/kinesalite");
-        assert!(
-            dir.join("node_modules/kinesalite").exists(),
-            "kinesalite is not installed: run `npm ci --prefix tools/kinesalite` (scripts/test.sh does)"
-        );
-        let mut child = Command::new("node")
-            .arg(dir.join("start-loopback.js"))
-            .env("KINESALITE_PORT", "0")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start node (is Node.js installed?)");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port = line
-            .trim()
-            .strip_prefix("listening ")
-            .unwrap_or_else(|| panic!("unexpected kinesalite output {line:?}"));
-        Kinesalite {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-        }
+        let (child, endpoint) = start_emulator("kinesalite", "KINESALITE_PORT");
+        Kinesalite { child, endpoint }
     }
 
     pub fn client(&self) -> Client {
         client_for(&self.endpoint)
     }
+}
+
+/// Starts a pinned Node.js emulator (`tools/NAME/start-loopback.js`) on a free loopback
+/// port (`port_env` = 0; it prints `listening PORT`): the process and its endpoint.
+fn start_emulator(name: &str, port_env: &str) -> (Child, String) {
+    let dir = repo().join("tools").join(name);
+    assert!(
+        dir.join("node_modules").join(name).exists(),
+        "{name} is not installed: run `npm ci --prefix tools/{name}` (scripts/test.sh does)"
+    );
+    let mut child = Command::new("node")
+        .arg(dir.join("start-loopback.js"))
+        .env(port_env, "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start node (is Node.js installed?)");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line
+        .trim()
+        .strip_prefix("listening ")
+        .unwrap_or_else(|| panic!("unexpected {name} output {line:?}"));
+    (child, format!("http://127.0.0.1:{port}"))
 }
 
 /// A test client for a local Kinesis endpoint.
@@ -1190,30 +1194,8 @@ pub struct Dynalite {
 
 impl Dynalite {
     pub fn start() -> Self {
-        let dir = repo().join("tools/dynalite");
-        assert!(
-            dir.join("node_modules/dynalite").exists(),
-            "dynalite is not installed: run `npm ci --prefix tools/dynalite` (scripts/test.sh does)"
-        );
-        let mut child = Command::new("node")
-            .arg(dir.join("start-loopback.js"))
-            .env("DYNALITE_PORT", "0")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start node (is Node.js installed?)");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port = line
-            .trim()
-            .strip_prefix("listening ")
-            .unwrap_or_else(|| panic!("unexpected dynalite output {line:?}"));
-        Dynalite {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-        }
+        let (child, endpoint) = start_emulator("dynalite", "DYNALITE_PORT");
+        Dynalite { child, endpoint }
     }
 
     pub fn client(&self) -> aws_sdk_dynamodb::Client {

@@ -486,6 +486,43 @@ async fn an_operator_extends_holds_and_denies_requests_in_the_console() {
         "{refusal}"
     );
 
+    // A form without its CSRF token, or without a reason, changes nothing; a script with
+    // the token gets the refusal as JSON.
+    let http = http_client();
+    let session = browser.client.get_named_cookie("gc_session").await.unwrap();
+    let cookie = format!("gc_session={}", session.value());
+    let answer = http
+        .post(format!("{console}/requests/hold"))
+        .header("cookie", &cookie)
+        .form(&[("key", DENIED), ("reason", "forged")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 403);
+    let answer = http
+        .post(format!("{console}/requests/hold"))
+        .bearer_auth(CONSOLE_TOKEN)
+        .form(&[("key", DENIED), ("reason", " ")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 400);
+    assert_eq!(shown(DENIED)["status"], "failed");
+    let answer = http
+        .post(format!("{console}/requests/extend"))
+        .bearer_auth(CONSOLE_TOKEN)
+        .form(&[("key", EXTENDED), ("reason", "a third time")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 409);
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(body["exit"], 1, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("extended already"),
+        "{body}"
+    );
+
     // The other request: on legal hold, then denied.
     browser.fill("#lookup input[name=key]", DENIED).await;
     browser.submit("#lookup button").await;

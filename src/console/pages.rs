@@ -254,6 +254,7 @@ fn looked_up(frame: &Frame, lookup: &Lookup) -> Markup {
         @match &lookup.request {
             Err(error) => p #request-none { (error) },
             Ok(r) => {
+                h3 { "The request" }
                 table #request {
                     tbody {
                         tr { th { "Request" } td.mono #request-hash { (text(&r["request"])) } }

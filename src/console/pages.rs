@@ -702,3 +702,119 @@ fn age(ms: u64) -> String {
         _ => format!("{} days", s / 86_400),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::requests::Status;
+    use crate::state::{OpenRequest, RequestGauges};
+
+    const DAY_MS: u64 = 24 * 3600 * 1000;
+
+    fn frame() -> Frame {
+        Frame {
+            csrf: "c".into(),
+            message: None,
+        }
+    }
+
+    fn view(open: Vec<(String, OpenRequest)>, more: usize) -> RequestsView {
+        RequestsView {
+            open,
+            more,
+            counts: RequestGauges::default(),
+            per_day: Vec::new(),
+            actions: vec!["purge_db".into()],
+        }
+    }
+
+    fn open(id: &str, status: Status, due_ms: u64) -> (String, OpenRequest) {
+        (id.repeat(64), OpenRequest { status, due_ms })
+    }
+
+    #[test]
+    fn open_requests_past_due_are_marked_overdue_and_those_due_soon_stand_out() {
+        let now = crate::clock::now_ms();
+        let page = requests(
+            &frame(),
+            &view(
+                vec![
+                    open("a", Status::Failed, now - DAY_MS),
+                    open("b", Status::Held, now + DAY_MS),
+                    open("c", Status::Open, now + 20 * DAY_MS),
+                ],
+                3,
+            ),
+            None,
+        )
+        .into_string();
+        let row = |id: &str| {
+            let at = page.find(&id.repeat(16)).unwrap();
+            let start = page[..at].rfind("<tr").unwrap();
+            page[start..at + page[at..].find("</tr>").unwrap()].to_owned()
+        };
+        assert!(row("a").contains(r#"class="overdue""#), "{}", row("a"));
+        assert!(row("a").contains("(overdue)") && row("a").contains("failed"));
+        assert!(row("b").contains(r#"class="due-soon""#), "{}", row("b"));
+        assert!(!row("c").contains("overdue") && !row("c").contains("due-soon"));
+        assert!(page.contains("3 more"), "{page}");
+    }
+
+    fn shown(status: &str, hold: bool) -> Value {
+        serde_json::json!({
+            "request": "ab".repeat(32), "status": status, "regulation": "GDPR", "rule": "r",
+            "arrival_time": "2026-01-01T00:00:00Z", "due_date": "2026-01-31T00:00:00Z",
+            "original_due_date": "2026-01-31T00:00:00Z", "overdue": false, "completed_at": null,
+            "extension": null, "denial": null,
+            "hold": if hold { serde_json::json!({"since": "2026-01-02T00:00:00Z", "by": "console", "reason": "law"}) } else { Value::Null },
+            "actions": {"purge_db": {"status": "held", "attempts": 0}}, "timeline": [],
+        })
+    }
+
+    fn page_of(lookup: Lookup) -> String {
+        requests(&frame(), &view(Vec::new(), 0), Some(&lookup)).into_string()
+    }
+
+    #[test]
+    fn an_open_request_offers_its_changes_an_answered_one_none() {
+        let held = page_of(Lookup {
+            request: Ok(shown("held", true)),
+            audit: None,
+            change: None,
+        });
+        for form in [r#"id="extend""#, r#"id="release""#, r#"id="deny""#] {
+            assert!(held.contains(form), "{form}");
+        }
+        assert!(!held.contains(r#"id="hold""#));
+        let open = page_of(Lookup {
+            request: Ok(shown("failed", false)),
+            audit: None,
+            change: None,
+        });
+        assert!(open.contains(r#"id="hold""#) && !open.contains(r#"id="release""#));
+        for status in ["complete", "denied"] {
+            let page = page_of(Lookup {
+                request: Ok(shown(status, false)),
+                audit: None,
+                change: None,
+            });
+            assert!(!page.contains("request-changes"), "{status}");
+        }
+    }
+
+    #[test]
+    fn a_refused_change_shows_as_an_error_and_an_unknown_key_says_so() {
+        let page = page_of(Lookup {
+            request: Ok(shown("failed", false)),
+            audit: None,
+            change: Some((false, "the request was extended already".into())),
+        });
+        assert!(page.contains(r#"id="change-error""#) && !page.contains("change-done"));
+        let page = page_of(Lookup {
+            request: Err("no request with this key has been seen".into()),
+            audit: None,
+            change: None,
+        });
+        assert!(page.contains(r#"id="request-none""#) && !page.contains(r#"id="request""#));
+    }
+}

@@ -1624,12 +1624,13 @@ impl Pipeline {
         let denied = state
             .request(std::slice::from_ref(&job.request))
             .map_err(PipelineError::Jobs)?
-            .is_some_and(|(_, request)| request.denial.is_some());
+            .and_then(|(_, request)| request.denial)
+            .map(|denial| denial.code);
         // A poll asks and changes nothing: cut short at shutdown, it is asked after the
         // restart.
-        let poll = match denied {
-            true => None,
-            false => Some(tokio::select! {
+        let poll = match &denied {
+            Some(_) => None,
+            None => Some(tokio::select! {
                 poll = self.actions.poll(&decision, &sealed.job_id, &self.shutdown) => poll,
                 _ = self.shutdown.triggered() => Poll::Interrupted,
             }),
@@ -1672,6 +1673,7 @@ impl Pipeline {
                     note: Some(format!(
                         "job {id} no longer followed: the request was denied"
                     )),
+                    denial_code: denied.clone(),
                     ..audit(ActionOutcome::Denied)
                 });
                 pending.writes.requests.push((

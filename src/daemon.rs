@@ -553,18 +553,40 @@ async fn check_ledger_retention(
     }
 }
 
-/// Polls the backend's jobs until shutdown, a round every `round` (the shortest poll
-/// interval): each job is asked when its own interval is up.
+/// Polls the backend's jobs until shutdown: every `round` (the shortest poll interval),
+/// the jobs whose own interval is up are asked, each in its own task; a poll still under
+/// way is not started twice. At shutdown the polls under way end (cut short: asked again
+/// after the restart).
 async fn follow_jobs(pipeline: Arc<Pipeline>, round: Duration) {
+    let mut polls = tokio::task::JoinSet::new();
+    let mut in_poll = std::collections::HashSet::new();
     loop {
-        match pipeline.poll_jobs().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(finished = n, "jobs finished"),
-            Err(e) => tracing::error!(error = %telemetry::chain(&e), "cannot poll jobs"),
+        while let Some(joined) = polls.try_join_next() {
+            poll_ended(joined, &mut in_poll);
+        }
+        if let Err(e) = pipeline.start_due_polls(&mut polls, &mut in_poll) {
+            tracing::error!(error = %telemetry::chain(&e), "cannot poll jobs");
         }
         if pipeline.shutdown.sleep(round).await.is_err() {
+            while let Some(joined) = polls.join_next().await {
+                poll_ended(joined, &mut in_poll);
+            }
             return;
         }
+    }
+}
+
+/// A job's poll ended: said when the job finished or the poll failed.
+fn poll_ended(
+    joined: Result<(u64, Result<bool, PipelineError>), tokio::task::JoinError>,
+    in_poll: &mut std::collections::HashSet<u64>,
+) {
+    let (id, polled) = joined.expect("a job's poll does not panic");
+    in_poll.remove(&id);
+    match polled {
+        Ok(false) => {}
+        Ok(true) => tracing::info!(job = id, "job finished"),
+        Err(e) => tracing::error!(job = id, error = %telemetry::chain(&e), "cannot poll a job"),
     }
 }
 

@@ -1540,28 +1540,30 @@ impl Pipeline {
         Ok(settled)
     }
 
-    /// Polls the jobs that are due, one round: a job whose status is done marks its
-    /// request done; failed, or past its give-up time, it becomes an `action_failed` dead
-    /// letter that says so (retrying it submits the request again, with the same
-    /// Idempotency-Key). Returns how many finished; stops at shutdown. Each job's state is
+    /// Starts a poll of each job that is due and not being polled already (`in_poll`),
+    /// each in its own task on `polls`, without waiting for any: one slow status URL holds
+    /// up no other job. A job whose status is done marks its request done; failed, or past
+    /// its give-up time, it becomes an `action_failed` dead letter that says so (retrying
+    /// it submits the request again, with the same Idempotency-Key). Each job's state is
     /// written back, so polling resumes where it was after a restart.
-    pub async fn poll_jobs(self: &Arc<Self>) -> Result<usize, PipelineError> {
+    pub fn start_due_polls(
+        self: &Arc<Self>,
+        polls: &mut tokio::task::JoinSet<(u64, Result<bool, PipelineError>)>,
+        in_poll: &mut HashSet<u64>,
+    ) -> Result<(), PipelineError> {
         let Sink::Live { state, .. } = &self.sink else {
-            return Ok(0);
+            return Ok(());
         };
-        let (mut after, mut finished) = (0, 0);
+        let mut after = 0;
         loop {
             let page = state
                 .jobs_after(after, DEAD_LETTER_PAGE)
                 .map_err(PipelineError::Jobs)?;
             let Some((last, _)) = page.last() else { break };
             after = *last;
-            // The page's due jobs are asked at once (each action's limits apply): one slow
-            // status URL holds up no other job.
-            let mut polls = tokio::task::JoinSet::new();
             for (id, job) in page {
                 let now = crate::clock::now_ms();
-                if job.next_poll_ms > now || self.shutdown.is_triggered() {
+                if job.next_poll_ms > now || in_poll.contains(&id) || self.shutdown.is_triggered() {
                     continue;
                 }
                 let interval = self
@@ -1575,25 +1577,12 @@ impl Pipeline {
                 {
                     continue;
                 }
+                in_poll.insert(id);
                 let pipeline = self.clone();
-                polls.spawn(async move { pipeline.poll_job(id, job, now + interval).await });
-            }
-            // Every poll ends (none is cut off mid-commit); the first error is returned.
-            let mut error = None;
-            while let Some(joined) = polls.join_next().await {
-                match joined.expect("a job's poll does not panic") {
-                    Ok(true) => finished += 1,
-                    Ok(false) => {}
-                    Err(e) => {
-                        error.get_or_insert(e);
-                    }
-                }
-            }
-            if let Some(e) = error {
-                return Err(e);
+                polls.spawn(async move { (id, pipeline.poll_job(id, job, now + interval).await) });
             }
         }
-        Ok(finished)
+        Ok(())
     }
 
     /// Polls one job once and records what it said. `true`: it finished (done, or a dead

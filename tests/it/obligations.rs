@@ -189,7 +189,13 @@ impl JobBackend {
     }
 
     fn unstick_all(&self) {
-        self.state.lock().unwrap().stuck.clear();
+        self.stuck_only(&[]);
+    }
+
+    /// Only jobs whose path holds one of `fragments` stay pending (at once: no poll sees
+    /// a state in between).
+    fn stuck_only(&self, fragments: &[&str]) {
+        self.state.lock().unwrap().stuck = fragments.iter().map(|f| f.to_string()).collect();
     }
 }
 
@@ -498,8 +504,7 @@ async fn a_request_fanned_out_to_two_jobs_is_complete_only_when_both_are_done() 
     }
 
     // One job done, the other still pending: still waiting.
-    s.jobs.unstick_all();
-    s.jobs.stick("/mail/");
+    s.jobs.stuck_only(&["/mail/"]);
     let shown = cli
         .wait_show("r-1", "purge_db done", |s| {
             s["actions"]["purge_db"]["status"] == "done"

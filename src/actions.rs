@@ -424,6 +424,31 @@ pub struct ActionSpec {
     pub max_retry_duration: Duration,
     pub concurrency: usize,
     pub rate_limit_per_second: Option<f64>,
+    pub completion: Option<Completion>,
+}
+
+/// How to follow a job the backend accepts and finishes later (`[actions.NAME.completion]`).
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// The job's status URL: `{job_id}` and the decision's params.
+    pub url: UrlTemplate,
+    pub job_id_pointer: String,
+    pub status_pointer: String,
+    pub done: Vec<String>,
+    pub failed: Vec<String>,
+    pub poll_interval: Duration,
+    pub give_up_after: Duration,
+}
+
+/// What a poll of a job found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Poll {
+    Done(String),
+    Failed(String),
+    /// Not finished (its status), or the status could not be read now (why): asked
+    /// again at the next poll.
+    Pending(String),
+    Interrupted,
 }
 
 /// The `Idempotency-Key` for a decision: lowercase hex SHA-256 of `action \n key`.
@@ -478,6 +503,12 @@ impl PreparedRequest {
 pub enum Outcome {
     /// The backend accepted it (2xx, or a status the config declares success).
     Done { status: u16, attempts: u32 },
+    /// The backend accepted it as a job it finishes later (the action has a `completion`).
+    Accepted {
+        status: u16,
+        attempts: u32,
+        job_id: String,
+    },
     /// The backend refused it or could not be reached within the retry budget.
     Failed {
         error: String,
@@ -562,6 +593,11 @@ impl ActionSet {
         })
     }
 
+    /// How a job of `action` is followed, if its backend answers with jobs.
+    pub fn completion(&self, action: &str) -> Option<&Completion> {
+        self.actions.get(action)?.spec.completion.as_ref()
+    }
+
     /// The configured actions' names.
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.actions.keys()
@@ -641,15 +677,31 @@ impl ActionSet {
             attempt += 1;
             let (error, status, retry_after) = match self.attempt(action, request, shutdown).await {
                 None => return Outcome::Interrupted,
-                Some(Ok(status))
+                Some(Ok((status, body)))
                     if status.is_success() || spec.success_statuses.contains(&status.as_u16()) =>
                 {
-                    return Outcome::Done {
-                        status: status.as_u16(),
-                        attempts: attempt,
-                    }
+                    let (status, attempts) = (status.as_u16(), attempt);
+                    let Some(completion) = &spec.completion else {
+                        return Outcome::Done { status, attempts };
+                    };
+                    return match read_pointer(&body, &completion.job_id_pointer) {
+                        Some(job_id) => Outcome::Accepted {
+                            status,
+                            attempts,
+                            job_id,
+                        },
+                        None => Outcome::Failed {
+                            error: format!(
+                                "the backend answered {status} but its answer holds no job id at {} (the request may be under way: retrying sends it again with the same Idempotency-Key)",
+                                completion.job_id_pointer
+                            ),
+                            status: Some(status),
+                            attempts,
+                            retryable: false,
+                        },
+                    };
                 }
-                Some(Ok(status)) => {
+                Some(Ok((status, _))) => {
                     // A 409 is a refusal unless the config says the backend means "the
                     // same Idempotency-Key is still in flight" by it (retry_statuses).
                     let retryable = is_backend_fault(status.as_u16())
@@ -689,6 +741,58 @@ impl ActionSet {
         }
     }
 
+    /// Asks the backend once how a job of `action` stands (GET of the completion URL, with
+    /// the action's auth, limits and Idempotency-Key).
+    pub async fn poll(&self, decision: &Decision, job_id: &str, shutdown: &Shutdown) -> Poll {
+        let Some(action) = self.actions.get(&decision.action) else {
+            return Poll::Pending(format!(
+                "action {:?} is no longer configured",
+                decision.action
+            ));
+        };
+        let Some(completion) = &action.spec.completion else {
+            return Poll::Pending(format!(
+                "action {:?} no longer has a [completion] to poll",
+                decision.action
+            ));
+        };
+        let mut params = decision.params.clone();
+        params.insert("job_id".into(), Value::String(job_id.to_owned()));
+        let url = match completion
+            .url
+            .render(&params)
+            .and_then(|rendered| completion.url.parse_rendered(&rendered))
+        {
+            Ok(url) => url,
+            Err(e) => return Poll::Pending(format!("cannot build the status URL: {e}")),
+        };
+        let request = PreparedRequest {
+            action: decision.action.clone(),
+            method: reqwest::Method::GET,
+            url,
+            idempotency_key: idempotency_key(&decision.action, &decision.key),
+            headers: action.spec.headers.clone(),
+            body: String::new(),
+            shown_headers: Vec::new(),
+        };
+        match self.attempt(action, &request, shutdown).await {
+            None => Poll::Interrupted,
+            Some(Ok((status, body))) if status.is_success() => {
+                match read_pointer(&body, &completion.status_pointer) {
+                    Some(s) if completion.done.contains(&s) => Poll::Done(s),
+                    Some(s) if completion.failed.contains(&s) => Poll::Failed(s),
+                    Some(s) => Poll::Pending(s),
+                    None => Poll::Pending(format!(
+                        "the status answer holds no status at {}",
+                        completion.status_pointer
+                    )),
+                }
+            }
+            Some(Ok((status, _))) => Poll::Pending(format!("the status URL answered {status}")),
+            Some(Err(e)) => Poll::Pending(e.error),
+        }
+    }
+
     /// One attempt, within the action's concurrency and rate limits. `None`: shutdown came
     /// while waiting for a slot.
     async fn attempt(
@@ -696,7 +800,7 @@ impl ActionSet {
         action: &Action,
         request: &PreparedRequest,
         shutdown: &Shutdown,
-    ) -> Option<Result<reqwest::StatusCode, AttemptError>> {
+    ) -> Option<Result<(reqwest::StatusCode, Vec<u8>), AttemptError>> {
         let _permit = tokio::select! {
             permit = action.in_flight.acquire() => permit.ok()?,
             _ = shutdown.triggered() => return None,
@@ -741,14 +845,20 @@ impl ActionSet {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .map(|s| Duration::from_secs(s).min(action.spec.max_backoff));
-                // Read (and drop) a short answer to its end, so the connection goes back to
-                // the pool instead of being closed; a long one is cut off.
+                // Read a short answer to its end (kept when a job id or status is to be
+                // read from it), so the connection goes back to the pool instead of being
+                // closed; a long one is cut off.
+                let keep = action.spec.completion.is_some();
+                let mut body = Vec::new();
                 let mut left = MAX_DRAINED_BODY;
                 while let Ok(Some(chunk)) = response.chunk().await {
                     left = match left.checked_sub(chunk.len()) {
                         Some(left) => left,
                         None => break,
                     };
+                    if keep {
+                        body.extend_from_slice(&chunk);
+                    }
                 }
                 match retry_after {
                     Some(retry_after)
@@ -761,7 +871,7 @@ impl ActionSet {
                             retry_after: Some(retry_after),
                         })
                     }
-                    _ => Ok(status),
+                    _ => Ok((status, body)),
                 }
             }
             Err(e) => Err(AttemptError {
@@ -770,6 +880,16 @@ impl ActionSet {
                 retry_after: None,
             }),
         })
+    }
+}
+
+/// The text at a JSON pointer of an answer (a string, or a number written out).
+fn read_pointer(body: &[u8], pointer: &str) -> Option<String> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    match value.pointer(pointer)? {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
     }
 }
 

@@ -98,6 +98,22 @@ enum Command {
     /// The audit trail: one entry per decision outcome.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Privacy requests and their legal clock: show one, extend its due date, put it on
+    /// legal hold, release it, or deny it with a reason.
+    #[command(subcommand)]
+    Requests(RequestsCommand),
+    /// The regulator's report for a year: per regulation, requests received, complied with
+    /// (in whole or in part), denied (by reason), median and mean days to complete, open
+    /// and overdue (CCPA §7102).
+    Report {
+        #[command(flatten)]
+        state: StateArgs,
+        /// The calendar year (UTC) the requests arrived in.
+        #[arg(long)]
+        year: i16,
+        #[arg(long, value_enum, default_value = "human")]
+        format: ReportFormat,
+    },
     /// The enhanced fan-out consumer (`[stream] consumer_name`) that fan-out mode registers.
     #[command(subcommand)]
     Consumer(ConsumerCommand),
@@ -435,6 +451,76 @@ enum AuditCommand {
         #[arg(long, num_args = 1.., required = true)]
         ids: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum RequestsCommand {
+    /// A request's timeline: arrival, rule, regulation, due date, each action's status,
+    /// attempts and job, extension, hold, denial, and its overall status.
+    Show {
+        #[command(flatten)]
+        state: StateArgs,
+        /// The request's key, as the rules return it (hashed for the lookup).
+        #[arg(long)]
+        key: String,
+        /// Only this action.
+        #[arg(long)]
+        action: Option<String>,
+        #[arg(long, value_enum, default_value = "human")]
+        format: ShowFormat,
+    },
+    /// Extend the due date, once: GDPR by two months (Art. 12(3)), CCPA by 45 days
+    /// (§7021). Tell the person, with the reason.
+    Extend {
+        #[command(flatten)]
+        state: StateArgs,
+        #[arg(long)]
+        key: String,
+        #[arg(long, value_parser = parse_reason)]
+        reason: String,
+    },
+    /// Put a request on legal hold: its actions are not sent until it is released.
+    Hold {
+        #[command(flatten)]
+        state: StateArgs,
+        #[arg(long)]
+        key: String,
+        #[arg(long, value_parser = parse_reason)]
+        reason: String,
+    },
+    /// Release a legal hold: the held actions are sent (by the running daemon at once;
+    /// else at its next start).
+    Release {
+        #[command(flatten)]
+        state: StateArgs,
+        #[arg(long)]
+        key: String,
+    },
+    /// Deny a request, with the basis of the denial: nothing more is sent for it.
+    Deny {
+        #[command(flatten)]
+        state: StateArgs,
+        #[arg(long)]
+        key: String,
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::requests::DENIAL_CODES))]
+        reason_code: String,
+        /// What the person is told, in words.
+        #[arg(long, value_parser = parse_reason)]
+        note: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ShowFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ReportFormat {
+    Human,
+    Json,
+    Csv,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -1299,11 +1385,14 @@ fn audit(cmd: AuditCommand, s: &mut Session) -> Result<u8, Failure> {
                     for entry in entries {
                         let mut line = serde_json::to_value(&entry).unwrap_or_default();
                         line["time"] = crate::clock::rfc3339(entry.time_ms as i64).into();
+                        if entry.request.is_some() {
+                            line["nature"] = crate::requests::NATURE.into();
+                        }
                         out!(out, "{line}");
                     }
                 }
                 AuditFormat::Csv => {
-                    out!(out, "time,rule,rules_hash,action,request_id,outcome,http_status,attempts,arrival_time,regulation,due_date,note,by");
+                    out!(out, "time,rule,rules_hash,action,request_id,outcome,http_status,attempts,arrival_time,regulation,due_date,note,by,request,nature,denial_code");
                     for e in entries {
                         let fields = [
                             crate::clock::rfc3339(e.time_ms as i64),
@@ -1319,6 +1408,12 @@ fn audit(cmd: AuditCommand, s: &mut Session) -> Result<u8, Failure> {
                             e.due_date,
                             e.note.unwrap_or_default(),
                             e.by.unwrap_or_default(),
+                            e.request.clone().unwrap_or_default(),
+                            match e.request {
+                                Some(_) => crate::requests::NATURE.to_owned(),
+                                None => String::new(),
+                            },
+                            e.denial_code.unwrap_or_default(),
                         ];
                         let row: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
                         out!(out, "{}", row.join(","));
@@ -1444,6 +1539,12 @@ fn dispatch_state_command(command: Command, s: &mut Session) -> Result<u8, Failu
         Command::DeadLetters(cmd) => dead_letters(cmd, s),
         Command::Audit(cmd) => audit(cmd, s),
         Command::Actions(cmd) => actions(cmd, s),
+        Command::Requests(cmd) => requests(cmd, s),
+        Command::Report {
+            state,
+            year,
+            format,
+        } => report(state, year, format, s),
         _ => Err(Failure::usage(anyhow::anyhow!(
             "not a command the daemon serves"
         ))),
@@ -1468,6 +1569,12 @@ fn state_path_of(command: &Command) -> Option<PathBuf> {
         | Command::Actions(ActionsCommand::Pause { state: args, .. })
         | Command::Actions(ActionsCommand::Resume { state: args, .. })
         | Command::Audit(AuditCommand::Done { state: args, .. })
+        | Command::Requests(RequestsCommand::Show { state: args, .. })
+        | Command::Requests(RequestsCommand::Extend { state: args, .. })
+        | Command::Requests(RequestsCommand::Hold { state: args, .. })
+        | Command::Requests(RequestsCommand::Release { state: args, .. })
+        | Command::Requests(RequestsCommand::Deny { state: args, .. })
+        | Command::Report { state: args, .. }
         | Command::Audit(AuditCommand::Lookup { config: args, .. }) => {
             (args.config.clone(), args.state.clone())
         }
@@ -1673,6 +1780,202 @@ fn actions(cmd: ActionsCommand, s: &mut Session) -> Result<u8, Failure> {
             Ok(0)
         }
     }
+}
+
+fn requests(cmd: RequestsCommand, s: &mut Session) -> Result<u8, Failure> {
+    use crate::requests::Change;
+    let (args, key) = match &cmd {
+        RequestsCommand::Show { state, key, .. }
+        | RequestsCommand::Extend { state, key, .. }
+        | RequestsCommand::Hold { state, key, .. }
+        | RequestsCommand::Release { state, key }
+        | RequestsCommand::Deny { state, key, .. } => (state, key.clone()),
+    };
+    let access = match cmd {
+        RequestsCommand::Show { .. } => Access::Read,
+        _ => Access::Write,
+    };
+    let (state, keys) = s.open_state(args, access)?;
+    let ids: Vec<String> = keys.request_key_ids(&key).iter().map(hex::encode).collect();
+    let Some((id, request)) = state.request(&ids).map_err(Failure::runtime)? else {
+        return Err(Failure::runtime(anyhow::anyhow!(
+            "no request with this key has been seen (keys are matched exactly, as the rules return them)"
+        )));
+    };
+    let by = s.by.to_owned();
+    let change = match cmd {
+        RequestsCommand::Show { action, format, .. } => {
+            if let Some(action) = action.as_deref() {
+                if !request.actions.contains_key(action) {
+                    return Err(Failure::runtime(anyhow::anyhow!(
+                        "the request has no action {action:?} (it has: {})",
+                        request
+                            .actions
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+            }
+            let shown = request.shown(&id, action.as_deref(), |action, sealed| {
+                let context = crate::requests::job_seal_context(&id, action);
+                keys.unseal(sealed, &context)
+                    .ok()
+                    .and_then(|bytes| String::from_utf8(bytes).ok())
+            });
+            match format {
+                ShowFormat::Json => out!(s.out, "{shown}"),
+                ShowFormat::Human => out!(s.out, "{}", show_human(&shown)),
+            }
+            return Ok(0);
+        }
+        RequestsCommand::Extend { reason, .. } => Change::Extend { by, reason },
+        RequestsCommand::Hold { reason, .. } => Change::Hold { by, reason },
+        RequestsCommand::Release { .. } => Change::Release { by },
+        RequestsCommand::Deny {
+            reason_code, note, ..
+        } => Change::Deny {
+            by,
+            code: reason_code,
+            note,
+        },
+    };
+    let changed = match state.change_request(&id, change.clone()) {
+        Ok(Ok(changed)) => changed,
+        Ok(Err(refused)) => return Err(Failure::runtime(anyhow::anyhow!("{refused}"))),
+        Err(e) => return Err(Failure::runtime(e)),
+    };
+    let due = |ms: u64| crate::clock::rfc3339(ms as i64);
+    match change {
+        Change::Extend { .. } => out!(
+            s.out,
+            "request extended: due {} (was {}); tell the person, with the reason",
+            due(changed.due_in_force_ms()),
+            due(changed.due_ms)
+        ),
+        Change::Hold { .. } => out!(
+            s.out,
+            "request on legal hold: its actions are not sent until it is released"
+        ),
+        Change::Release { .. } | Change::Deny { .. } => {
+            let what = match change {
+                Change::Release { .. } => "request released: its held actions are sent",
+                _ => "request denied: nothing more is sent for it",
+            };
+            // Held actions settle now: sent once released, or recorded as denied.
+            match s.daemon {
+                Some(pipeline) => {
+                    tokio::runtime::Handle::current()
+                        .block_on(pipeline.release_held())
+                        .map_err(Failure::runtime)?;
+                    out!(s.out, "{what}");
+                }
+                None if state.is_shared() => out!(s.out, "{what} (by the fleet's workers)"),
+                None => out!(s.out, "{what} (when the daemon starts)"),
+            }
+        }
+        Change::Decided { .. } | Change::Action { .. } => {}
+    }
+    Ok(0)
+}
+
+/// `requests show` for people: the request, its actions, its timeline.
+fn show_human(shown: &serde_json::Value) -> String {
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let mut out = format!(
+        "request {}\n  status      {}\n  regulation  {}\n  rule        {}\n  arrived     {}\n  due         {}{}\n",
+        text(&shown["request"]),
+        text(&shown["status"]),
+        text(&shown["regulation"]),
+        text(&shown["rule"]),
+        text(&shown["arrival_time"]),
+        text(&shown["due_date"]),
+        if shown["overdue"] == true { " (overdue)" } else { "" },
+    );
+    if !shown["completed_at"].is_null() {
+        out += &format!("  complete    {}\n", text(&shown["completed_at"]));
+    }
+    for (what, field, detail) in [
+        ("extended", "extension", "reason"),
+        ("on hold", "hold", "reason"),
+        ("denied", "denial", "code"),
+    ] {
+        let v = &shown[field];
+        if !v.is_null() {
+            out += &format!("  {what:<11} {} by {}\n", text(&v[detail]), text(&v["by"]));
+        }
+    }
+    out += "actions\n";
+    if let Some(actions) = shown["actions"].as_object() {
+        for (name, a) in actions {
+            out += &format!(
+                "  {name}: {}, {} attempt(s){}{}{}\n",
+                text(&a["status"]),
+                a["attempts"],
+                match &a["job_id"] {
+                    serde_json::Value::Null => String::new(),
+                    job => format!(", job {}", text(job)),
+                },
+                match &a["dead_letter"] {
+                    serde_json::Value::Null => String::new(),
+                    id => format!(", dead letter {id}"),
+                },
+                match &a["error"] {
+                    serde_json::Value::Null => String::new(),
+                    e => format!(": {}", text(e)),
+                },
+            );
+        }
+    }
+    out += "timeline";
+    for e in shown["timeline"].as_array().into_iter().flatten() {
+        out += &format!("\n  {}  {}", text(&e["time"]), text(&e["event"]));
+        if !e["action"].is_null() {
+            out += &format!(" {}", text(&e["action"]));
+        }
+        if !e["note"].is_null() {
+            out += &format!(": {}", text(&e["note"]));
+        }
+        if !e["by"].is_null() {
+            out += &format!(" (by {})", text(&e["by"]));
+        }
+    }
+    out
+}
+
+/// `report`: the figures of every request that arrived in `year`, a page at a time.
+fn report(
+    args: StateArgs,
+    year: i16,
+    format: ReportFormat,
+    s: &mut Session,
+) -> Result<u8, Failure> {
+    let (state, _) = s.open_state(&args, Access::Read)?;
+    let now = crate::clock::now_ms();
+    let mut report = crate::requests::Report::new(year);
+    let mut after = String::new();
+    loop {
+        let page = state
+            .requests_after(&after, 1000)
+            .map_err(Failure::runtime)?;
+        let Some((last, _)) = page.last() else { break };
+        after = last.clone();
+        for (_, request) in &page {
+            report.add(request, now);
+        }
+    }
+    let report = report.finish();
+    match format {
+        ReportFormat::Json => out!(s.out, "{}", report.to_json()),
+        ReportFormat::Csv => out!(s.out, "{}", report.to_csv().trim_end()),
+        ReportFormat::Human => out!(s.out, "{}", report.to_human().trim_end()),
+    }
+    Ok(0)
 }
 
 /// Runs a command that reads the state file. redb may panic on pages a damaged file holds

@@ -12,7 +12,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::actions::{
-    check_header, is_backend_fault, ActionSpec, BodyTemplate, Secret, Signing, UrlTemplate,
+    check_header, is_backend_fault, ActionSpec, BodyTemplate, Completion, Secret, Signing,
+    UrlTemplate,
 };
 pub use crate::source::{ReadMode, StartPosition, StreamSettings};
 pub use crate::state::shared::SharedSettings;
@@ -177,6 +178,23 @@ pub struct ActionSection {
     pub concurrency: Option<usize>,
     /// Requests of this action per second.
     pub rate_limit_per_second: Option<f64>,
+    /// The backend answers "accepted, job N" and deletes later: poll the job until done.
+    pub completion: Option<CompletionSection>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompletionSection {
+    /// The job's status URL (GET): `{job_id}` and the decision's params as placeholders.
+    pub url: String,
+    /// JSON pointer to the job id in the answer to the request (e.g. `/job/id`).
+    pub job_id_pointer: String,
+    /// JSON pointer to the status in the answer to a poll (e.g. `/status`).
+    pub status_pointer: String,
+    pub done: Vec<String>,
+    pub failed: Vec<String>,
+    pub poll_interval_ms: Option<u64>,
+    pub give_up_after_ms: Option<u64>,
 }
 
 /// Flags of `run` that override the file.
@@ -576,6 +594,11 @@ fn resolve_action(
     {
         return Err(invalid("rate_limit_per_second must be above 0".into()));
     }
+    let completion = raw
+        .completion
+        .map(|c| resolve_completion(c, raw.allow_insecure_http))
+        .transpose()
+        .map_err(|e| invalid(format!("completion: {e}")))?;
     Ok(ActionSpec {
         method,
         url,
@@ -597,6 +620,57 @@ fn resolve_action(
         max_retry_duration: Duration::from_millis(max_retry_duration_ms),
         concurrency: raw.concurrency.unwrap_or(8),
         rate_limit_per_second: raw.rate_limit_per_second,
+        completion,
+    })
+}
+
+fn resolve_completion(
+    raw: CompletionSection,
+    allow_insecure_http: bool,
+) -> Result<Completion, String> {
+    let url = UrlTemplate::parse(&raw.url).map_err(|e| e.to_string())?;
+    if url.is_insecure() && !allow_insecure_http {
+        return Err(format!(
+            "url {:?} is plain http: a job's status would travel unencrypted (set allow_insecure_http = true in the action for local testing only)",
+            raw.url
+        ));
+    }
+    for (name, pointer) in [
+        ("job_id_pointer", &raw.job_id_pointer),
+        ("status_pointer", &raw.status_pointer),
+    ] {
+        if !pointer.starts_with('/') {
+            return Err(format!(
+                "{name} = {pointer:?} is not a JSON pointer (it starts with /, e.g. \"/job/id\")"
+            ));
+        }
+    }
+    if raw.done.is_empty() {
+        return Err("done lists no status: a job could never finish".into());
+    }
+    if let Some(both) = raw.done.iter().find(|s| raw.failed.contains(s)) {
+        return Err(format!("{both:?} is in both done and failed"));
+    }
+    let poll_interval_ms = raw.poll_interval_ms.unwrap_or(60_000);
+    if poll_interval_ms < 100 {
+        return Err(format!(
+            "poll_interval_ms = {poll_interval_ms} is below 100"
+        ));
+    }
+    let give_up_after_ms = raw.give_up_after_ms.unwrap_or(7 * 24 * 3600 * 1000);
+    if give_up_after_ms < poll_interval_ms {
+        return Err(format!(
+            "give_up_after_ms = {give_up_after_ms} is below poll_interval_ms = {poll_interval_ms}: the job would be given up before its first poll"
+        ));
+    }
+    Ok(Completion {
+        url,
+        job_id_pointer: raw.job_id_pointer,
+        status_pointer: raw.status_pointer,
+        done: raw.done,
+        failed: raw.failed,
+        poll_interval: Duration::from_millis(poll_interval_ms),
+        give_up_after: Duration::from_millis(give_up_after_ms),
     })
 }
 
@@ -1256,6 +1330,15 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
                     max_retry_duration_ms: Some(1),
                     concurrency: Some(1),
                     rate_limit_per_second: Some(1.0),
+                    completion: Some(CompletionSection {
+                        url: "https://h/jobs/{job_id}".into(),
+                        job_id_pointer: "/id".into(),
+                        status_pointer: "/status".into(),
+                        done: vec!["done".into()],
+                        failed: vec!["failed".into()],
+                        poll_interval_ms: Some(1000),
+                        give_up_after_ms: Some(1000),
+                    }),
                 },
             )]),
             metrics: MetricsSection {
@@ -1283,7 +1366,13 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
             for (key, inner) in table.as_table().unwrap() {
                 match inner.as_table() {
                     Some(action) if section == "actions" => {
-                        keys.extend(action.keys().map(|k| format!("[actions.{key}] {k}")))
+                        for (k, v) in action {
+                            match v.as_table() {
+                                Some(sub) => keys
+                                    .extend(sub.keys().map(|s| format!("[actions.{key}.{k}] {s}"))),
+                                None => keys.push(format!("[actions.{key}] {k}")),
+                            }
+                        }
                     }
                     _ => keys.push(format!("[{section}] {key}")),
                 }

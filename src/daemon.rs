@@ -252,6 +252,12 @@ pub async fn run(
         ))),
         Sink::Preview(_) => None,
     };
+    let jobs = match (&pipeline.sink, pipeline.job_round()) {
+        (Sink::Live { .. }, Some(round)) => {
+            Some(tokio::spawn(follow_jobs(pipeline.clone(), round)))
+        }
+        _ => None,
+    };
     let progress = match &pipeline.sink {
         Sink::Preview(_) if std::io::stderr().is_terminal() => {
             Some(spawn_progress(pipeline.clone(), shutdown.clone()))
@@ -277,6 +283,11 @@ pub async fn run(
     if let Some(housekeeping) = housekeeping {
         if let Err(e) = housekeeping.await {
             tracing::error!(error = %e, "dead letter retries panicked");
+        }
+    }
+    if let Some(jobs) = jobs {
+        if let Err(e) = jobs.await {
+            tracing::error!(error = %e, "job polling panicked");
         }
     }
     if let Some(progress) = progress {
@@ -529,6 +540,21 @@ async fn check_ledger_retention(
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the stream's retention (kinesis:DescribeStreamSummary); ledger retention not checked, no retention alarm");
             Ok(())
+        }
+    }
+}
+
+/// Polls the backend's jobs until shutdown, a round every `round` (the shortest poll
+/// interval): each job is asked when its own interval is up.
+async fn follow_jobs(pipeline: Arc<Pipeline>, round: Duration) {
+    loop {
+        match pipeline.poll_jobs().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(finished = n, "jobs finished"),
+            Err(e) => tracing::error!(error = %telemetry::chain(&e), "cannot poll jobs"),
+        }
+        if pipeline.shutdown.sleep(round).await.is_err() {
+            return;
         }
     }
 }

@@ -178,6 +178,14 @@ impl Keys {
     }
 }
 
+impl Keys {
+    /// The keyed hash of a request's key under every key of the ring, current first: a
+    /// request's record (all its actions) is kept under it.
+    pub fn request_key_ids(&self, key: &str) -> Vec<[u8; 32]> {
+        self.request_ids("\u{0}request", key)
+    }
+}
+
 fn new_secret() -> Vec<u8> {
     let mut secret = vec![0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut secret);

@@ -23,6 +23,7 @@ pub mod fleet;
 pub mod keys;
 pub mod pipeline;
 pub mod preview;
+pub mod requests;
 pub mod rules;
 pub mod shutdown;
 pub mod source;

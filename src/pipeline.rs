@@ -13,18 +13,20 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::actions::{ActionSet, Outcome, PreparedRequest};
+use crate::actions::{ActionSet, Outcome, Poll, PreparedRequest};
 use crate::decode::{self, DecodeError, Record, Undecodable, Unreadable};
 use crate::dedup::{self, Claim, Claims};
 use crate::keys::{KeyError, Keys};
 use crate::preview::Preview;
+use crate::requests::{ActionStatus, Arrival, Change, Request};
 use crate::rules::reload::Rules;
 use crate::rules::{Decision, Rule, RuleError, RuleSet, Verdict};
 use crate::shutdown::Shutdown;
 use crate::source::{Batch, Checkpoint, Position, RawRecord, ShardReader, SourceError};
 use crate::state::{
-    held_index_key, record_index_key, request_index_key, AuditEntry, ClaimOutcome, DeadLetter,
-    DeadLetterReason, Held, Origin, Pause, State, StateError, Writes, DEAD_LETTER_PAGE,
+    held_index_key, job_index_key, record_index_key, request_index_key, AuditEntry, ClaimOutcome,
+    DeadLetter, DeadLetterReason, Held, Job, Origin, Pause, State, StateError, Writes,
+    DEAD_LETTER_PAGE,
 };
 
 /// How often a fleet's worker asks again about a request another worker is sending.
@@ -44,6 +46,8 @@ pub enum PipelineError {
     },
     #[error("held requests")]
     Held(#[source] StateError),
+    #[error("jobs")]
+    Jobs(#[source] StateError),
     #[error("dead letter {id}")]
     Unseal { id: u64, source: KeyError },
 }
@@ -210,6 +214,15 @@ pub enum BatchEnd {
 struct SealedDecision {
     key: String,
     params: serde_json::Map<String, serde_json::Value>,
+}
+
+/// What a waiting job keeps sealed: the decision (its params fill the status URL) and the
+/// backend's job id.
+#[derive(Serialize, Deserialize)]
+struct SealedJob {
+    key: String,
+    params: serde_json::Map<String, serde_json::Value>,
+    job_id: String,
 }
 
 /// What a dead letter keeps sealed for a failed rule: the record and the full error.
@@ -530,6 +543,26 @@ impl Pipeline {
             return Ok(Settled::Yes);
         };
         let rules = &outcome.rules;
+        // Every action decided for a request is registered before any is sent: a request
+        // is complete only when all of them are done.
+        for (index, verdict) in &outcome.verdicts {
+            let Verdict::Decided(decisions) = verdict else {
+                continue;
+            };
+            let origin = origin(record, rules, &rules.rules()[*index]);
+            for decision in decisions.iter() {
+                if self.actions.prepare(decision).is_ok() {
+                    let id = self.request_key(state, keys, &decision.key, record)?;
+                    pending.writes.requests.push((
+                        id,
+                        Change::Decided {
+                            arrival: arrival(&origin, decision),
+                            action: decision.action.clone(),
+                        },
+                    ));
+                }
+            }
+        }
         for (index, verdict) in outcome.verdicts {
             let rule = &rules.rules()[index];
             let origin = origin(record, rules, rule);
@@ -691,12 +724,16 @@ impl Pipeline {
             }
         };
         let record = origin.record;
-        let (carried, _claim) = self.carry_out(origin, &decision, &request, pending).await?;
+        let (request_key, recorded) = self.find_request(state, keys, &decision.key, record)?;
+        let (carried, _claim) = self
+            .carry_out(origin, &decision, &request, recorded.as_ref(), pending)
+            .await?;
         let id = keys.request_id(&decision.action, &decision.key);
         let request_id = hex::encode(id);
         let regulation = regulation(&decision);
-        let audit = |outcome: ActionOutcome| {
-            AuditEntry::new(
+        let audit = |outcome: ActionOutcome| AuditEntry {
+            request: Some(request_key.clone()),
+            ..AuditEntry::new(
                 origin,
                 &decision.action,
                 &request_id,
@@ -704,23 +741,25 @@ impl Pipeline {
                 regulation,
             )
         };
+        let change = |status, attempts, http_status| {
+            action_change(origin, &decision, status, attempts, http_status)
+        };
         let let_go = matches!(
             carried,
-            Carried::Sent(Outcome::Failed { .. } | Outcome::Interrupted)
+            Carried::Sent(Outcome::Failed { .. } | Outcome::Interrupted | Outcome::Accepted { .. })
         );
         match carried {
             Carried::Sent(Outcome::Interrupted) => {
                 self.let_go(id, record).await?;
                 return Ok(Settled::No);
             }
-            Carried::Paused(pause) => {
-                // Held durably: settled for the checkpoint, sent when the action resumes.
+            Carried::Paused { pause, legal } => {
+                // Held durably: settled for the checkpoint, sent when released.
                 let held_id = state.new_held_id();
                 let sealed = SealedDecision {
                     key: decision.key.clone(),
                     params: decision.params.clone(),
                 };
-                let record = origin.record;
                 pending.writes.held.push((
                     held_id,
                     Held {
@@ -742,28 +781,54 @@ impl Pipeline {
                         rules_hash: origin.rules_hash.to_owned(),
                     },
                 ));
-                self.telemetry.action(
-                    ActionOutcome::Held,
-                    &record.shard_id,
-                    &record.sequence_number,
-                    origin.rule,
-                    origin.rules_hash,
-                    &decision.action,
-                    0,
-                    None,
-                    None,
-                );
+                self.report(ActionOutcome::Held, origin, &decision.action, 0, None);
+                let note = match legal {
+                    true => format!("request on legal hold: {}", pause.reason),
+                    false => format!("action paused: {}", pause.reason),
+                };
                 pending.writes.audit.push(AuditEntry {
-                    note: Some(format!("action paused: {}", pause.reason)),
+                    note: Some(note),
                     ..audit(ActionOutcome::Held)
                 });
+                pending
+                    .writes
+                    .requests
+                    .push((request_key.clone(), change(ActionStatus::Held, 0, None)));
                 return Ok(Settled::Yes);
             }
-            Carried::Duplicate { letter } => {
+            Carried::Duplicate(holder) => {
+                let letter = match holder {
+                    Holder::Letter(letter) => Some(letter),
+                    _ => None,
+                };
                 pending.writes.audit.push(AuditEntry {
                     dead_letter: letter,
                     ..audit(ActionOutcome::Duplicate)
                 });
+                let status = match holder {
+                    Holder::Done => ActionStatus::Done,
+                    Holder::Letter(_) => ActionStatus::Failed,
+                    Holder::Held => ActionStatus::Held,
+                    Holder::Job => ActionStatus::Waiting,
+                };
+                let mut change = change(status, 0, None);
+                if let Change::Action { dead_letter, .. } = &mut change {
+                    *dead_letter = letter;
+                }
+                pending.writes.requests.push((request_key.clone(), change));
+                return Ok(Settled::Yes);
+            }
+            Carried::Denied(code) => {
+                self.report(ActionOutcome::Denied, origin, &decision.action, 0, None);
+                pending.writes.audit.push(AuditEntry {
+                    note: Some("not sent: the request was denied".into()),
+                    denial_code: Some(code),
+                    ..audit(ActionOutcome::Denied)
+                });
+                pending
+                    .writes
+                    .requests
+                    .push((request_key.clone(), change(ActionStatus::Denied, 0, None)));
                 return Ok(Settled::Yes);
             }
             Carried::Sent(Outcome::Done { status, attempts }) => {
@@ -774,6 +839,25 @@ impl Pipeline {
                     attempts,
                     ..audit(ActionOutcome::Done)
                 });
+                pending.writes.requests.push((
+                    request_key.clone(),
+                    change(ActionStatus::Done, attempts, Some(status)),
+                ));
+            }
+            Carried::Sent(Outcome::Accepted {
+                status,
+                attempts,
+                job_id,
+            }) => {
+                self.new_job(
+                    state,
+                    keys,
+                    origin,
+                    &decision,
+                    &request_key,
+                    (status, attempts, job_id),
+                    pending,
+                );
             }
             Carried::Sent(Outcome::Failed { error, status, .. }) if pending.retrying.is_some() => {
                 let error = with_status(error, status);
@@ -785,34 +869,31 @@ impl Pipeline {
                 attempts,
                 retryable,
             }) => {
-                let letter_id = state.new_dead_letter_id();
-                let sealed = SealedDecision {
-                    key: decision.key.clone(),
-                    params: decision.params.clone(),
-                };
-                let mut letter = DeadLetter::new(
+                let letter_id = self.new_action_letter(
+                    state,
+                    keys,
                     origin,
-                    DeadLetterReason::ActionFailed {
-                        action: decision.action.clone(),
-                        request_id: request_id.clone(),
-                        sealed_decision: String::new(),
-                        error,
-                        http_status: status,
-                        attempts,
-                        retryable,
-                        regulation: regulation.to_owned(),
-                    },
+                    &decision,
+                    (error.clone(), status, attempts, retryable),
+                    pending,
                 );
-                let context = DeadLetter::seal_context(letter_id, letter.reason.kind());
-                *letter.reason.sealed_mut() =
-                    keys.seal(&serde_json::to_vec(&sealed).expect("serializes"), &context);
                 pending.writes.audit.push(AuditEntry {
                     http_status: status,
                     attempts,
                     dead_letter: Some(letter_id),
                     ..audit(ActionOutcome::DeadLettered)
                 });
-                pending.writes.dead_letters.push((letter_id, letter));
+                let mut change = change(ActionStatus::Failed, attempts, status);
+                if let Change::Action {
+                    dead_letter,
+                    error: why,
+                    ..
+                } = &mut change
+                {
+                    *dead_letter = Some(letter_id);
+                    *why = Some(with_status(error, status));
+                }
+                pending.writes.requests.push((request_key.clone(), change));
             }
         }
         // A backend call happened: make its outcome durable before anything else (and
@@ -824,6 +905,185 @@ impl Pipeline {
         Ok(Settled::Yes)
     }
 
+    /// Counts and logs what became of a decision.
+    fn report(
+        &self,
+        outcome: ActionOutcome,
+        origin: &Origin<'_>,
+        action: &str,
+        attempts: u32,
+        error: Option<&str>,
+    ) {
+        self.telemetry.action(
+            outcome,
+            &origin.record.shard_id,
+            &origin.record.sequence_number,
+            origin.rule,
+            origin.rules_hash,
+            action,
+            attempts,
+            None,
+            error,
+        );
+    }
+
+    /// A new `action_failed` dead letter for a decision the backend did not take (its
+    /// decision sealed); returns its id.
+    fn new_action_letter(
+        &self,
+        state: &State,
+        keys: &Keys,
+        origin: &Origin<'_>,
+        decision: &Decision,
+        (error, status, attempts, retryable): (String, Option<u16>, u32, bool),
+        pending: &mut Pending,
+    ) -> u64 {
+        let letter_id = state.new_dead_letter_id();
+        let sealed = SealedDecision {
+            key: decision.key.clone(),
+            params: decision.params.clone(),
+        };
+        let mut letter = DeadLetter::new(
+            origin,
+            DeadLetterReason::ActionFailed {
+                action: decision.action.clone(),
+                request_id: hex::encode(keys.request_id(&decision.action, &decision.key)),
+                sealed_decision: String::new(),
+                error,
+                http_status: status,
+                attempts,
+                retryable,
+                regulation: regulation(decision).to_owned(),
+            },
+        );
+        let context = DeadLetter::seal_context(letter_id, letter.reason.kind());
+        *letter.reason.sealed_mut() =
+            keys.seal(&serde_json::to_vec(&sealed).expect("serializes"), &context);
+        pending.writes.dead_letters.push((letter_id, letter));
+        letter_id
+    }
+
+    /// The backend took a request as a job: it waits, durably, polled until it finishes
+    /// (the shard moves on; the job holds the request as a dead letter would).
+    #[allow(clippy::too_many_arguments)]
+    fn new_job(
+        &self,
+        state: &State,
+        keys: &Keys,
+        origin: &Origin<'_>,
+        decision: &Decision,
+        request_key: &str,
+        (status, attempts, job_id): (u16, u32, String),
+        pending: &mut Pending,
+    ) {
+        let now = crate::clock::now_ms();
+        let (poll, give_up) = self
+            .actions
+            .completion(&decision.action)
+            .map(|c| (c.poll_interval, c.give_up_after))
+            .unwrap_or_default();
+        let id = state.new_job_id();
+        let sealed = SealedJob {
+            key: decision.key.clone(),
+            params: decision.params.clone(),
+            job_id: job_id.clone(),
+        };
+        let record = origin.record;
+        let request_id = hex::encode(keys.request_id(&decision.action, &decision.key));
+        pending.writes.jobs.push((
+            id,
+            Job {
+                action: decision.action.clone(),
+                request_id: request_id.clone(),
+                request: request_key.to_owned(),
+                sealed: keys.seal(
+                    &serde_json::to_vec(&sealed).expect("serializes"),
+                    &Job::seal_context(id),
+                ),
+                regulation: regulation(decision).to_owned(),
+                submitted_at_ms: now,
+                next_poll_ms: now + poll.as_millis() as u64,
+                give_up_at_ms: now + give_up.as_millis() as u64,
+                polls: 0,
+                last_status: None,
+                attempts,
+                http_status: Some(status),
+                stream: record.stream.to_string(),
+                shard_id: record.shard_id.to_string(),
+                sequence_number: record.sequence_number.to_string(),
+                sub_sequence_number: record.sub_sequence_number,
+                arrival_time: record.arrival_time.to_string(),
+                rule: origin.rule.to_owned(),
+                rule_file: origin.rule_file.display().to_string(),
+                rules_hash: origin.rules_hash.to_owned(),
+            },
+        ));
+        self.report(
+            ActionOutcome::Accepted,
+            origin,
+            &decision.action,
+            attempts,
+            None,
+        );
+        pending.writes.audit.push(AuditEntry {
+            http_status: Some(status),
+            attempts,
+            request: Some(request_key.to_owned()),
+            note: Some(format!("job {id} polled until it finishes")),
+            ..AuditEntry::new(
+                origin,
+                &decision.action,
+                &request_id,
+                ActionOutcome::Accepted.as_str(),
+                regulation(decision),
+            )
+        });
+        let mut change = action_change(
+            origin,
+            decision,
+            ActionStatus::Waiting,
+            attempts,
+            Some(status),
+        );
+        if let Change::Action { sealed_job, .. } = &mut change {
+            *sealed_job = Some(keys.seal(
+                job_id.as_bytes(),
+                &crate::requests::job_seal_context(request_key, &decision.action),
+            ));
+        }
+        pending
+            .writes
+            .requests
+            .push((request_key.to_owned(), change));
+    }
+
+    /// The keyed hash a request (its key) is recorded under: the one found under any key
+    /// of the ring, or the current key's for a new request.
+    fn request_key(
+        &self,
+        state: &State,
+        keys: &Keys,
+        key: &str,
+        record: &Record,
+    ) -> Result<String, PipelineError> {
+        Ok(self.find_request(state, keys, key, record)?.0)
+    }
+
+    /// The request recorded for `key` (if any), and the keyed hash it is recorded under.
+    fn find_request(
+        &self,
+        state: &State,
+        keys: &Keys,
+        key: &str,
+        record: &Record,
+    ) -> Result<(String, Option<Request>), PipelineError> {
+        let ids: Vec<String> = keys.request_key_ids(key).iter().map(hex::encode).collect();
+        match state.request(&ids).map_err(|s| state_error(record, s))? {
+            Some((id, request)) => Ok((id, Some(request))),
+            None => Ok((ids[0].clone(), None)),
+        }
+    }
+
     /// Sends a request unless it was done already or a pending dead letter holds it. The
     /// claim returned must be held until the outcome is committed.
     async fn carry_out(
@@ -831,6 +1091,7 @@ impl Pipeline {
         origin: &Origin<'_>,
         decision: &Decision,
         request: &PreparedRequest,
+        recorded: Option<&Request>,
         pending: &Pending,
     ) -> Result<(Carried, Claim<'_>), PipelineError> {
         let Sink::Live { state, keys } = &self.sink else {
@@ -856,7 +1117,7 @@ impl Pipeline {
             .map_err(|source| state_error(record, source))?;
         if done {
             report(ActionOutcome::Duplicate, 0, None, None);
-            return Ok((Carried::Duplicate { letter: None }, claim));
+            return Ok((Carried::Duplicate(Holder::Done), claim));
         }
         // A pending letter holds the request (under any key of the ring): it is settled
         // there, by its own retries.
@@ -868,12 +1129,7 @@ impl Pipeline {
         }
         if let Some(letter) = held.filter(|held| Some(*held) != pending.retrying) {
             report(ActionOutcome::Duplicate, 0, None, None);
-            return Ok((
-                Carried::Duplicate {
-                    letter: Some(letter),
-                },
-                claim,
-            ));
+            return Ok((Carried::Duplicate(Holder::Letter(letter)), claim));
         }
         // Held already for a paused action (read again after a checkpoint reset, say).
         let mut on_hold = None;
@@ -884,7 +1140,22 @@ impl Pipeline {
         }
         if on_hold.is_some_and(|held| Some(held) != pending.releasing) {
             report(ActionOutcome::Duplicate, 0, None, None);
-            return Ok((Carried::Duplicate { letter: None }, claim));
+            return Ok((Carried::Duplicate(Holder::Held), claim));
+        }
+        // Accepted already as a job that has not finished: polled, not sent again.
+        for id in keys.request_ids(&decision.action, &decision.key) {
+            if state
+                .pending_letter(&job_index_key(&hex::encode(id)))
+                .map_err(|source| state_error(record, source))?
+                .is_some()
+            {
+                report(ActionOutcome::Duplicate, 0, None, None);
+                return Ok((Carried::Duplicate(Holder::Job), claim));
+            }
+        }
+        // An operator denied the request: nothing is sent.
+        if let Some(denial) = recorded.and_then(|r| r.denial.as_ref()) {
+            return Ok((Carried::Denied(denial.code.clone()), claim));
         }
         // Paused, or resuming with held requests still ahead of this one: held (queued).
         // A held request being released under a resume goes out.
@@ -893,7 +1164,22 @@ impl Pipeline {
             .map_err(|source| state_error(record, source))?
             .filter(|pause| pause.resuming_since_ms.is_none() || pending.releasing.is_none())
         {
-            return Ok((Carried::Paused(pause), claim));
+            return Ok((
+                Carried::Paused {
+                    pause,
+                    legal: false,
+                },
+                claim,
+            ));
+        }
+        // On legal hold: held until an operator releases it.
+        if let Some(hold) = recorded.and_then(|r| r.hold.as_ref()) {
+            let pause = Pause {
+                reason: hold.reason.clone(),
+                since_ms: hold.since_ms,
+                resuming_since_ms: None,
+            };
+            return Ok((Carried::Paused { pause, legal: true }, claim));
         }
         // Never call the backend for a request whose outcome could not be recorded: after
         // a failed commit, a write must succeed first.
@@ -915,7 +1201,7 @@ impl Pipeline {
         let stop = pending.stop.as_ref().unwrap_or(&self.shutdown);
         let outcome = self.actions.send(request, stop).await;
         match &outcome {
-            Outcome::Done { attempts, .. } => report(
+            Outcome::Done { attempts, .. } | Outcome::Accepted { attempts, .. } => report(
                 ActionOutcome::Done,
                 *attempts,
                 Some(started.elapsed()),
@@ -966,7 +1252,10 @@ impl Pipeline {
                 None,
                 None,
             );
-            Ok(Some(Carried::Duplicate { letter }))
+            Ok(Some(Carried::Duplicate(match letter {
+                Some(letter) => Holder::Letter(letter),
+                None => Holder::Done,
+            })))
         };
         // A record read from a shard is sent only while this worker holds the shard's lease;
         // a dead letter's retry or a held request's release is no shard's.
@@ -1007,6 +1296,15 @@ impl Pipeline {
             if letter.is_some() {
                 self.let_go(id, record).await?;
                 return duplicate(letter);
+            }
+            // Or the job it started holds it.
+            let job = state
+                .pending_letter(&job_index_key(&hex::encode(other)))
+                .map_err(|source| state_error(record, source))?;
+            if job.is_some() {
+                self.let_go(id, record).await?;
+                self.report(ActionOutcome::Duplicate, origin, &decision.action, 0, None);
+                return Ok(Some(Carried::Duplicate(Holder::Job)));
             }
         }
         Ok(None)
@@ -1198,6 +1496,11 @@ impl Pipeline {
                     params: sealed.params,
                     regulation: Some(held.regulation.clone()),
                 };
+                // On legal hold: stays held until an operator releases it (or denies it).
+                let (_, recorded) = self.find_request(state, keys, &decision.key, &record)?;
+                if recorded.is_some_and(|r| r.hold.is_some() && r.denial.is_none()) {
+                    continue;
+                }
                 // A request the config can no longer build stays held (never lost): said
                 // so, and tried again at the next round.
                 if let Err(e) = self.actions.prepare(&decision) {
@@ -1229,6 +1532,170 @@ impl Pipeline {
         }
         self.end_resumed_pauses(state).await?;
         Ok(settled)
+    }
+
+    /// Polls the jobs that are due, one round: a job whose status is done marks its
+    /// request done; failed, or past its give-up time, it becomes an `action_failed` dead
+    /// letter that says so (retrying it submits the request again, with the same
+    /// Idempotency-Key). Returns how many finished; stops at shutdown. Each job's state is
+    /// written back, so polling resumes where it was after a restart.
+    pub async fn poll_jobs(&self) -> Result<usize, PipelineError> {
+        let Sink::Live { state, keys } = &self.sink else {
+            return Ok(0);
+        };
+        let (mut after, mut finished) = (0, 0);
+        loop {
+            let page = state
+                .jobs_after(after, DEAD_LETTER_PAGE)
+                .map_err(PipelineError::Jobs)?;
+            let Some((last, _)) = page.last() else { break };
+            after = *last;
+            for (id, mut job) in page {
+                let now = crate::clock::now_ms();
+                if job.next_poll_ms > now {
+                    continue;
+                }
+                let interval = self
+                    .actions
+                    .completion(&job.action)
+                    .map_or(60_000, |c| c.poll_interval.as_millis() as u64);
+                // In a fleet, the worker whose write lands polls it this time.
+                if !state
+                    .take_job_poll(id, &job, now + interval)
+                    .map_err(PipelineError::Jobs)?
+                {
+                    continue;
+                }
+                let sealed: SealedJob = open(keys, id, &job.sealed, &Job::seal_context(id))?;
+                let decision = Decision {
+                    action: job.action.clone(),
+                    key: sealed.key,
+                    params: sealed.params,
+                    regulation: Some(job.regulation.clone()),
+                };
+                let poll = self
+                    .actions
+                    .poll(&decision, &sealed.job_id, &self.shutdown)
+                    .await;
+                job.polls += 1;
+                job.next_poll_ms = now + interval;
+                let record = Record {
+                    stream: job.stream.as_str().into(),
+                    shard_id: job.shard_id.as_str().into(),
+                    sequence_number: job.sequence_number.as_str().into(),
+                    sub_sequence_number: job.sub_sequence_number,
+                    partition_key: "".into(),
+                    arrival_time: job.arrival_time.as_str().into(),
+                    bytes: Default::default(),
+                    unreadable: None,
+                };
+                let rule_file = PathBuf::from(&job.rule_file);
+                let origin = Origin {
+                    record: &record,
+                    rule: &job.rule,
+                    rule_file: &rule_file,
+                    rules_hash: &job.rules_hash,
+                };
+                let mut pending = Pending::default();
+                let audit = |outcome: ActionOutcome| AuditEntry {
+                    request: Some(job.request.clone()),
+                    note: Some(format!("job {id}, {} poll(s)", job.polls)),
+                    ..AuditEntry::new(
+                        &origin,
+                        &job.action,
+                        &job.request_id,
+                        outcome.as_str(),
+                        &job.regulation,
+                    )
+                };
+                let failure = match poll {
+                    Poll::Interrupted => return Ok(finished),
+                    Poll::Done(_) => {
+                        let done: [u8; 32] = hex::decode(&job.request_id)
+                            .ok()
+                            .and_then(|id| id.try_into().ok())
+                            .unwrap_or_else(|| keys.request_id(&job.action, &decision.key));
+                        pending.writes.done.push(done);
+                        pending.writes.jobs_finished.push(id);
+                        pending.writes.audit.push(audit(ActionOutcome::JobDone));
+                        pending.writes.requests.push((
+                            job.request.clone(),
+                            action_change(&origin, &decision, ActionStatus::Done, 0, None),
+                        ));
+                        self.report(
+                            ActionOutcome::JobDone,
+                            &origin,
+                            &job.action,
+                            job.attempts,
+                            None,
+                        );
+                        None
+                    }
+                    Poll::Failed(status) => Some(format!(
+                        "the backend's job failed (status {status:?} after {} poll(s)); retrying submits the request again with the same Idempotency-Key",
+                        job.polls
+                    )),
+                    Poll::Pending(status) if now >= job.give_up_at_ms => Some(format!(
+                        "gave up on the backend's job after {} s (last status: {status}); retrying submits the request again with the same Idempotency-Key",
+                        now.saturating_sub(job.submitted_at_ms) / 1000
+                    )),
+                    Poll::Pending(status) => {
+                        job.last_status = Some(status);
+                        pending.writes.jobs.push((id, job.clone()));
+                        None
+                    }
+                };
+                if let Some(error) = failure {
+                    self.report(
+                        ActionOutcome::JobFailed,
+                        &origin,
+                        &job.action,
+                        job.attempts,
+                        Some(&error),
+                    );
+                    let letter_id = self.new_action_letter(
+                        state,
+                        keys,
+                        &origin,
+                        &decision,
+                        (error.clone(), job.http_status, job.attempts, false),
+                        &mut pending,
+                    );
+                    pending.writes.jobs_finished.push(id);
+                    pending.writes.audit.push(AuditEntry {
+                        dead_letter: Some(letter_id),
+                        ..audit(ActionOutcome::JobFailed)
+                    });
+                    let mut change =
+                        action_change(&origin, &decision, ActionStatus::Failed, 0, None);
+                    if let Change::Action {
+                        dead_letter,
+                        error: why,
+                        ..
+                    } = &mut change
+                    {
+                        *dead_letter = Some(letter_id);
+                        *why = Some(error);
+                    }
+                    pending.writes.requests.push((job.request.clone(), change));
+                }
+                if !pending.writes.jobs_finished.is_empty() {
+                    finished += 1;
+                }
+                self.flush(&mut pending, &job.shard_id).await?;
+            }
+        }
+        Ok(finished)
+    }
+
+    /// How long to wait between rounds of [`Pipeline::poll_jobs`]: the shortest poll
+    /// interval of any action (at most a second, so a restart resumes promptly).
+    pub fn job_round(&self) -> Option<std::time::Duration> {
+        self.actions
+            .names()
+            .filter_map(|name| self.actions.completion(name))
+            .map(|c| c.poll_interval.min(std::time::Duration::from_secs(1)))
+            .min()
     }
 
     /// A resumed action whose held requests are all sent is no longer paused: its new
@@ -1285,38 +1752,65 @@ impl Pipeline {
                 return Ok(Retried::StillFailing(error));
             }
         };
+        let Sink::Live { state, .. } = &self.sink else {
+            return Ok(Retried::Interrupted);
+        };
+        let (request_key, recorded) =
+            self.find_request(state, keys, &decision.key, origin.record)?;
         let (carried, _claim) = self
-            .carry_out(origin, &decision, &request, &pending)
+            .carry_out(origin, &decision, &request, recorded.as_ref(), &pending)
             .await?;
         let id_now = keys.request_id(&decision.action, &decision.key);
         let request_id = hex::encode(id_now);
-        let let_go = matches!(carried, Carried::Sent(Outcome::Failed { .. }));
+        let let_go = matches!(
+            carried,
+            Carried::Sent(Outcome::Failed { .. } | Outcome::Accepted { .. })
+        );
+        let resolved = |pending: &mut Pending, note: &str| {
+            pending.writes.resolved_dead_letters.push(id);
+            pending
+                .writes
+                .audit
+                .push(AuditEntry::of_letter(id, &letter, "resolved", note.into()));
+        };
         let retried = match carried {
             Carried::Sent(Outcome::Interrupted) => {
                 self.let_go(id_now, origin.record).await?;
                 return Ok(Retried::Interrupted);
             }
             // Not sent, not a failure: the letter waits as it was.
-            Carried::Paused(pause) => {
-                let why = match pause.resuming_since_ms {
-                    Some(_) => {
-                        "is being resumed: its held requests go first; retry when they are sent"
-                            .to_owned()
-                    }
-                    None => format!("is paused ({}): resume it to retry", pause.reason),
+            Carried::Paused { pause, legal } => {
+                let why = match (legal, pause.resuming_since_ms) {
+                    (true, _) => format!(
+                        "its request is on legal hold ({}): release it to retry",
+                        pause.reason
+                    ),
+                    (false, Some(_)) => format!(
+                        "action {:?} is being resumed: its held requests go first; retry when they are sent",
+                        decision.action
+                    ),
+                    (false, None) => format!(
+                        "action {:?} is paused ({}): resume it to retry",
+                        decision.action, pause.reason
+                    ),
                 };
-                return Ok(Retried::StillFailing(format!(
-                    "action {:?} {why}",
-                    decision.action
-                )));
+                return Ok(Retried::StillFailing(why));
             }
-            Carried::Duplicate { .. } => {
-                pending.writes.resolved_dead_letters.push(id);
-                pending.writes.audit.push(AuditEntry::of_letter(
-                    id,
-                    &letter,
-                    "resolved",
-                    "the request was done meanwhile".into(),
+            Carried::Duplicate(holder) => {
+                resolved(&mut pending, "the request was done meanwhile");
+                if let Holder::Done = holder {
+                    pending.writes.requests.push((
+                        request_key,
+                        action_change(origin, &decision, ActionStatus::Done, 0, None),
+                    ));
+                }
+                Retried::Resolved
+            }
+            Carried::Denied(_) => {
+                resolved(&mut pending, "not sent: the request was denied");
+                pending.writes.requests.push((
+                    request_key,
+                    action_change(origin, &decision, ActionStatus::Denied, 0, None),
                 ));
                 Retried::Resolved
             }
@@ -1330,6 +1824,7 @@ impl Pipeline {
                     http_status: Some(status),
                     attempts,
                     dead_letter: Some(id),
+                    request: Some(request_key.clone()),
                     ..AuditEntry::new(
                         origin,
                         &decision.action,
@@ -1338,13 +1833,43 @@ impl Pipeline {
                         regulation(&decision),
                     )
                 });
+                pending.writes.requests.push((
+                    request_key,
+                    action_change(
+                        origin,
+                        &decision,
+                        ActionStatus::Done,
+                        attempts,
+                        Some(status),
+                    ),
+                ));
+                Retried::Resolved
+            }
+            Carried::Sent(Outcome::Accepted {
+                status,
+                attempts,
+                job_id,
+            }) => {
+                resolved(
+                    &mut pending,
+                    "submitted again: the backend accepted it as a job",
+                );
+                self.new_job(
+                    state,
+                    keys,
+                    origin,
+                    &decision,
+                    &request_key,
+                    (status, attempts, job_id),
+                    &mut pending,
+                );
                 Retried::Resolved
             }
             Carried::Sent(Outcome::Failed {
                 error,
                 status,
                 retryable,
-                ..
+                attempts,
             }) => {
                 let error = with_status(error, status);
                 letter.retried(error.clone());
@@ -1360,6 +1885,18 @@ impl Pipeline {
                     .writes
                     .retried_dead_letters
                     .push((id, letter.clone()));
+                let mut change =
+                    action_change(origin, &decision, ActionStatus::Failed, attempts, status);
+                if let Change::Action {
+                    dead_letter,
+                    error: why,
+                    ..
+                } = &mut change
+                {
+                    *dead_letter = Some(id);
+                    *why = Some(error.clone());
+                }
+                pending.writes.requests.push((request_key, change));
                 Retried::StillFailing(error)
             }
         };
@@ -1438,11 +1975,25 @@ fn origin<'a>(record: &'a Record, rules: &'a RuleSet, rule: &'a Rule) -> Origin<
 enum Carried {
     /// Sent to the backend: how it ended.
     Sent(Outcome),
-    /// Done already, or held by a pending dead letter (its id), or held while its action
-    /// is paused.
-    Duplicate { letter: Option<u64> },
-    /// Its action is paused: not sent.
-    Paused(Pause),
+    /// Not sent again: something holds the request already.
+    Duplicate(Holder),
+    /// Its action is paused, or (`legal`) its request is on legal hold: held, not sent.
+    Paused { pause: Pause, legal: bool },
+    /// An operator denied its request (the reason code): not sent.
+    Denied(String),
+}
+
+/// What holds a request that is not sent again.
+#[derive(Debug, Clone, Copy)]
+enum Holder {
+    /// The ledger: done.
+    Done,
+    /// A pending dead letter (its id).
+    Letter(u64),
+    /// A held request (a paused action's, or under a legal hold).
+    Held,
+    /// A job the backend accepted and has not finished.
+    Job,
 }
 
 /// A backend's error with its HTTP status, for a letter's `last_error`.
@@ -1506,6 +2057,35 @@ fn state_error(record: &Record, source: StateError) -> PipelineError {
 
 fn regulation(decision: &Decision) -> &str {
     decision.regulation.as_deref().unwrap_or("GDPR")
+}
+
+/// Where a request's record starts, from the decision that made it.
+fn arrival(origin: &Origin<'_>, decision: &Decision) -> Arrival {
+    Arrival {
+        arrival_time: origin.record.arrival_time.to_string(),
+        rule: origin.rule.to_owned(),
+        regulation: regulation(decision).to_owned(),
+    }
+}
+
+/// What became of a decision's action, for its request's record.
+fn action_change(
+    origin: &Origin<'_>,
+    decision: &Decision,
+    status: ActionStatus,
+    attempts: u32,
+    http_status: Option<u16>,
+) -> Change {
+    Change::Action {
+        arrival: arrival(origin, decision),
+        action: decision.action.clone(),
+        status,
+        attempts,
+        http_status,
+        sealed_job: None,
+        dead_letter: None,
+        error: None,
+    }
 }
 
 #[cfg(test)]

@@ -46,8 +46,16 @@ pub enum ActionOutcome {
     DeadLettered,
     /// A dead letter's retry failed: the letter stays (no new one).
     StillFailing,
-    /// Its action is paused: held, sent when the action resumes.
+    /// Its action is paused or its request is on legal hold: held, sent when released.
     Held,
+    /// The backend took it as a job that finishes later: polled until it does.
+    Accepted,
+    /// Its request was denied: not sent.
+    Denied,
+    /// A job the backend accepted finished.
+    JobDone,
+    /// A job failed, or was given up: dead-lettered.
+    JobFailed,
 }
 
 impl ActionOutcome {
@@ -58,6 +66,10 @@ impl ActionOutcome {
             ActionOutcome::DeadLettered => "dead_lettered",
             ActionOutcome::StillFailing => "still_failing",
             ActionOutcome::Held => "held",
+            ActionOutcome::Accepted => "accepted",
+            ActionOutcome::Denied => "denied",
+            ActionOutcome::JobDone => "job_done",
+            ActionOutcome::JobFailed => "job_failed",
         }
     }
 }
@@ -114,6 +126,9 @@ pub struct Telemetry {
     action_seconds: Family<Labels, Histogram>,
     dead_letters_pending: Gauge,
     oldest_dead_letter_age_seconds: Gauge,
+    requests_by_status: Family<Labels, Gauge>,
+    requests_overdue: Gauge,
+    oldest_open_request_overdue_seconds: Gauge,
     millis_behind_latest: Family<Labels, Gauge>,
     retention_risk: Family<Labels, Gauge>,
     /// Lag beyond which unread records risk expiring (retention minus the margin).
@@ -175,6 +190,9 @@ impl Telemetry {
             action_seconds: Family::new_with_constructor(histogram),
             dead_letters_pending: Gauge::default(),
             oldest_dead_letter_age_seconds: Gauge::default(),
+            requests_by_status: Family::default(),
+            requests_overdue: Gauge::default(),
+            oldest_open_request_overdue_seconds: Gauge::default(),
             millis_behind_latest: Family::default(),
             retention_risk: Family::default(),
             risk_threshold: Mutex::new(None),
@@ -277,6 +295,21 @@ impl Telemetry {
             "oldest_dead_letter_age_seconds",
             "Age of the oldest pending dead letter",
             t.oldest_dead_letter_age_seconds.clone(),
+        );
+        r.register(
+            "requests",
+            "Privacy requests by status (open, waiting, failed, held: owed an answer; complete, denied: answered)",
+            t.requests_by_status.clone(),
+        );
+        r.register(
+            "requests_overdue",
+            "Open requests past their due date (after any extension)",
+            t.requests_overdue.clone(),
+        );
+        r.register(
+            "oldest_open_request_overdue_seconds",
+            "Now minus the due date of the open request due first (negative: time left; 0 when none is open)",
+            t.oldest_open_request_overdue_seconds.clone(),
         );
         r.register(
             "millis_behind_latest",
@@ -535,7 +568,44 @@ impl Telemetry {
                 sequence_number,
                 rule,
                 action,
-                "action paused; request held until it is resumed"
+                "request held (action paused, or request on legal hold) until released"
+            ),
+            ActionOutcome::Accepted => tracing::info!(
+                event,
+                shard_id,
+                sequence_number,
+                rule,
+                rules_hash,
+                action,
+                attempts,
+                "backend accepted the request as a job; polling it until it finishes"
+            ),
+            ActionOutcome::Denied => tracing::info!(
+                event,
+                shard_id,
+                sequence_number,
+                rule,
+                action,
+                "request denied by an operator; not sent"
+            ),
+            ActionOutcome::JobDone => tracing::info!(
+                event,
+                shard_id,
+                sequence_number,
+                rule,
+                action,
+                attempts,
+                "job finished: action done"
+            ),
+            ActionOutcome::JobFailed => tracing::warn!(
+                event,
+                shard_id,
+                sequence_number,
+                rule,
+                action,
+                attempts,
+                error = error.unwrap_or(""),
+                "job failed or given up; dead-lettering it"
             ),
             ActionOutcome::StillFailing => tracing::warn!(
                 event,
@@ -787,6 +857,16 @@ impl Telemetry {
             self.dead_letters_pending.set(pending as i64);
             let age = oldest.map_or(0, |created| now_ms().saturating_sub(created) / 1000);
             self.oldest_dead_letter_age_seconds.set(age as i64);
+        }
+        if let Ok(gauges) = state.request_gauges(now_ms()) {
+            for (status, count) in &gauges.by_status {
+                self.requests_by_status
+                    .get_or_create(&label("status", status))
+                    .set(*count as i64);
+            }
+            self.requests_overdue.set(gauges.overdue as i64);
+            self.oldest_open_request_overdue_seconds
+                .set(gauges.oldest_overdue_ms / 1000);
         }
     }
 

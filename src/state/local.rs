@@ -42,7 +42,14 @@ const LETTER_INDEX: TableDefinition<&str, u64> = TableDefinition::new("letter_in
 const PAUSES: TableDefinition<&str, &[u8]> = TableDefinition::new("pauses");
 /// id (in arrival order) → JSON [`Held`]: requests of paused actions, held until resumed.
 const HELD: TableDefinition<u64, &[u8]> = TableDefinition::new("held");
-/// id (in order of writing) → JSON [`AuditEntry`]. Append-only.
+/// keyed hash of a request's key (hex) → JSON [`Request`]: the legal record of each
+/// request, kept for good (CCPA §7101 asks for 24 months; nothing expires it).
+const REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("requests");
+/// keyed hash (hex) → JSON [`OpenRequest`]: the requests still owed an answer.
+const OPEN_REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("open_requests");
+/// id → JSON [`Job`]: jobs the backend accepted and has not finished.
+const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
+/// id (in order of writing) → JSON [`AuditEntry`]. Append-only, never expired.
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 
 /// The daemon's file, or a read-only view of one (inspection commands, a backup).
@@ -63,6 +70,7 @@ pub struct LocalState {
     /// bound to its id) and never reused.
     next_dead_letter_id: AtomicU64,
     next_held_id: AtomicU64,
+    next_job_id: AtomicU64,
     /// Set by an I/O error: the file must be closed and opened again before it is used.
     needs_reopen: AtomicBool,
 }
@@ -171,6 +179,7 @@ impl LocalState {
             group: Mutex::default(),
             next_dead_letter_id: AtomicU64::new(0),
             next_held_id: AtomicU64::new(0),
+            next_job_id: AtomicU64::new(0),
             needs_reopen: AtomicBool::new(false),
         };
         state.init(&keys, &source.to_string())?;
@@ -310,6 +319,12 @@ impl LocalState {
                 .map_or(0, |v| v.value())
                 + 1;
             self.next_held_id.store(next_held, Ordering::SeqCst);
+            let next_job = meta
+                .get("job_ids")
+                .map_err(|e| err(e.into()))?
+                .map_or(0, |v| v.value())
+                + 1;
+            self.next_job_id.store(next_job, Ordering::SeqCst);
             let mut text = tx.open_table(META_TEXT).map_err(|e| err(e.into()))?;
             let read = |text: &redb::Table<&str, &str>, name| {
                 text.get(name)
@@ -612,8 +627,39 @@ impl LocalState {
             if highest > self.meta_counter(tx, "held_ids")? {
                 self.set_meta_counter(tx, "held_ids", highest)?;
             }
+            let mut jobs = tx.open_table(JOBS).map_err(|e| err(e.into()))?;
+            let mut highest = 0;
+            for (id, job) in &writes.jobs {
+                let bytes = serde_json::to_vec(job).expect("a job serializes");
+                jobs.insert(id, bytes.as_slice())
+                    .map_err(|e| err(e.into()))?;
+                index
+                    .insert(job_index_key(&job.request_id).as_str(), id)
+                    .map_err(|e| err(e.into()))?;
+                highest = highest.max(*id);
+            }
+            for id in &writes.jobs_finished {
+                if let Some(job) = jobs.remove(id).map_err(|e| err(e.into()))? {
+                    let job: Job = self.parse("job", job.value())?;
+                    index
+                        .remove(job_index_key(&job.request_id).as_str())
+                        .map_err(|e| err(e.into()))?;
+                }
+            }
+            if highest > self.meta_counter(tx, "job_ids")? {
+                self.set_meta_counter(tx, "job_ids", highest)?;
+            }
+            let mut milestones = Vec::new();
+            for (id, change) in &writes.requests {
+                match self.change_in(tx, id, change)? {
+                    Ok((_, entry)) => milestones.extend(entry),
+                    Err(refused) => {
+                        tracing::warn!(request = %id, %refused, "a request change does not apply")
+                    }
+                }
+            }
             let mut audit = tx.open_table(AUDIT).map_err(|e| err(e.into()))?;
-            for entry in &writes.audit {
+            for entry in writes.audit.iter().chain(&milestones) {
                 let next = audit
                     .last()
                     .map_err(|e| err(e.into()))?
@@ -625,6 +671,163 @@ impl LocalState {
             }
         }
         Ok(())
+    }
+
+    /// Applies one change to a request inside `tx`, keeping the open index and the
+    /// answered counts with it.
+    fn change_in(
+        &self,
+        tx: &redb::WriteTransaction,
+        id: &str,
+        change: &Change,
+    ) -> Result<Result<(Request, Option<AuditEntry>), String>, StateError> {
+        let err = self.db_err("cannot record a request");
+        let mut requests = tx.open_table(REQUESTS).map_err(|e| err(e.into()))?;
+        let current: Option<Request> = match requests.get(id).map_err(|e| err(e.into()))? {
+            Some(v) => Some(self.parse("request", v.value())?),
+            None => None,
+        };
+        let was = current.as_ref().map(Request::status);
+        let (request, entry) = match super::change(id, current, change) {
+            Ok(changed) => changed,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        let bytes = serde_json::to_vec(&request).expect("a request serializes");
+        requests
+            .insert(id, bytes.as_slice())
+            .map_err(|e| err(e.into()))?;
+        let mut open = tx.open_table(OPEN_REQUESTS).map_err(|e| err(e.into()))?;
+        match OpenRequest::of(&request) {
+            Some(entry) => {
+                let bytes = serde_json::to_vec(&entry).expect("serializes");
+                open.insert(id, bytes.as_slice())
+                    .map_err(|e| err(e.into()))?;
+            }
+            None => {
+                open.remove(id).map_err(|e| err(e.into()))?;
+            }
+        }
+        drop((requests, open));
+        let now = request.status();
+        if was != Some(now) {
+            for (status, step) in [(was, -1i64), (Some(now), 1)] {
+                if let Some(counter) = status.and_then(answered_counter) {
+                    let value = self.meta_counter(tx, counter)?;
+                    self.set_meta_counter(tx, counter, value.saturating_add_signed(step))?;
+                }
+            }
+        }
+        Ok(Ok((request, entry)))
+    }
+
+    pub fn request(&self, id: &str) -> Result<Option<Request>, StateError> {
+        let err = self.db_err("cannot read the requests");
+        let tx = self.read_tx(&err)?;
+        let table = match tx.open_table(REQUESTS) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(err(e.into())),
+        };
+        let value = table.get(id).map_err(|e| err(e.into()))?;
+        value.map(|v| self.parse("request", v.value())).transpose()
+    }
+
+    pub fn requests_after(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Request)>, StateError> {
+        let err = self.db_err("cannot read the requests");
+        let tx = self.read_tx(&err)?;
+        let table = match tx.open_table(REQUESTS) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(err(e.into())),
+        };
+        let mut out = Vec::new();
+        for entry in table.range(after..).map_err(|e| err(e.into()))? {
+            let (k, v) = entry.map_err(|e| err(e.into()))?;
+            if k.value() == after {
+                continue;
+            }
+            out.push((k.value().to_owned(), self.parse("request", v.value())?));
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn change_request(
+        &self,
+        id: &str,
+        change: Change,
+    ) -> Result<Result<Request, String>, StateError> {
+        let err = self.db_err("cannot record a request");
+        let tx = self.write_tx(&err)?;
+        let (request, entry) = match self.change_in(&tx, id, &change)? {
+            Ok(changed) => changed,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        self.apply(
+            &tx,
+            &Writes {
+                audit: entry.into_iter().collect(),
+                ..Writes::default()
+            },
+        )?;
+        tx.commit().map_err(|e| err(e.into()))?;
+        Ok(Ok(request))
+    }
+
+    /// The open requests, and how many were completed and denied.
+    pub fn request_counts(&self) -> Result<(Vec<OpenRequest>, u64, u64), StateError> {
+        let err = self.db_err("cannot read the requests");
+        let tx = self.read_tx(&err)?;
+        let meta = tx.open_table(META).map_err(|e| err(e.into()))?;
+        let counter = |name| -> Result<u64, StateError> {
+            Ok(meta
+                .get(name)
+                .map_err(|e| err(e.into()))?
+                .map_or(0, |v| v.value()))
+        };
+        let (complete, denied) = (counter("requests_complete")?, counter("requests_denied")?);
+        let mut open = Vec::new();
+        match tx.open_table(OPEN_REQUESTS) {
+            Ok(table) => {
+                for entry in table.iter().map_err(|e| err(e.into()))? {
+                    let (_, v) = entry.map_err(|e| err(e.into()))?;
+                    open.push(self.parse("open request", v.value())?);
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(err(e.into())),
+        }
+        Ok((open, complete, denied))
+    }
+
+    pub fn new_job_id(&self) -> u64 {
+        self.next_job_id.fetch_add(1, Ordering::SeqCst)
+    }
+
+    pub fn jobs_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, Job)>, StateError> {
+        let err = self.db_err("cannot read the jobs");
+        let tx = self.read_tx(&err)?;
+        let table = match tx.open_table(JOBS) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(err(e.into())),
+        };
+        let mut out = Vec::new();
+        for entry in table
+            .range(after.saturating_add(1)..)
+            .map_err(|e| err(e.into()))?
+            .take(limit)
+        {
+            let (k, v) = entry.map_err(|e| err(e.into()))?;
+            out.push((k.value(), self.parse("job", v.value())?));
+        }
+        Ok(out)
     }
 
     fn meta_counter(&self, tx: &redb::WriteTransaction, name: &str) -> Result<u64, StateError> {
@@ -941,6 +1144,15 @@ impl LocalState {
             what,
             message: e.to_string(),
         })
+    }
+}
+
+/// The meta counter of requests answered with `status` (complete, denied), if any.
+fn answered_counter(status: Status) -> Option<&'static str> {
+    match status {
+        Status::Complete => Some("requests_complete"),
+        Status::Denied => Some("requests_denied"),
+        _ => None,
     }
 }
 

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::now_ms;
 use crate::decode::Record;
 use crate::keys::KeyError;
+use crate::requests::{Change, Milestone, Request, Status};
 use crate::source::Checkpoint;
 pub use local::{Access, LocalState};
 pub use shared::{ClaimOutcome, SharedState};
@@ -282,6 +283,8 @@ impl AuditEntry {
             note: None,
             dead_letter: None,
             by: None,
+            request: None,
+            denial_code: None,
         }
     }
 
@@ -302,6 +305,8 @@ impl AuditEntry {
             note,
             dead_letter: None,
             by: None,
+            request: None,
+            denial_code: None,
         }
     }
 
@@ -339,6 +344,8 @@ impl AuditEntry {
             note: Some(note),
             dead_letter: Some(id),
             by: None,
+            request: None,
+            denial_code: None,
         }
     }
 }
@@ -386,6 +393,121 @@ pub struct AuditEntry {
     /// daemon does by itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by: Option<String>,
+    /// The request (keyed hash of its key, hex): every action of one person's request
+    /// shares it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    /// The basis of a denial (`denied` entries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denial_code: Option<String>,
+}
+
+impl AuditEntry {
+    /// An entry for a step of a whole request (`complete`, `extended`, `denied`, ...), now.
+    pub fn of_request(id: &str, request: &Request, milestone: &Milestone) -> Self {
+        AuditEntry {
+            time_ms: now_ms(),
+            rule: request.rule.clone(),
+            rules_hash: String::new(),
+            action: String::new(),
+            request_id: String::new(),
+            outcome: milestone.outcome.to_owned(),
+            http_status: None,
+            attempts: 0,
+            arrival_time: crate::clock::rfc3339(request.arrival_ms as i64),
+            regulation: request.regulation.clone(),
+            due_date: crate::clock::rfc3339(request.due_in_force_ms() as i64),
+            note: milestone.note.clone(),
+            dead_letter: None,
+            by: milestone.by.clone(),
+            request: Some(id.to_owned()),
+            denial_code: milestone.denial_code.clone(),
+        }
+    }
+}
+
+/// An open request as the open index knows it: enough for the gauges (by status, overdue)
+/// without reading every request ever made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpenRequest {
+    pub status: Status,
+    pub due_ms: u64,
+}
+
+impl OpenRequest {
+    /// `None` once the request is answered (complete or denied).
+    pub fn of(request: &Request) -> Option<Self> {
+        let status = request.status();
+        status.is_open().then(|| OpenRequest {
+            status,
+            due_ms: request.due_in_force_ms(),
+        })
+    }
+}
+
+/// Requests by status and how late the open ones are, for the metrics.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestGauges {
+    pub by_status: std::collections::BTreeMap<&'static str, u64>,
+    pub overdue: u64,
+    /// Now minus the due date of the open request due first (negative: time left).
+    pub oldest_overdue_ms: i64,
+}
+
+/// An action's job the backend accepted and has not finished: polled durably until a
+/// terminal status (it holds the request as a dead letter would: a record read again
+/// finds it waiting).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub action: String,
+    /// The keyed hash of (action, key), hex: the ledger's id once the job is done.
+    pub request_id: String,
+    /// The request (keyed hash of its key, hex).
+    pub request: String,
+    /// The decision (key, params) and the job id, sealed, bound to [`Job::seal_context`].
+    pub sealed: String,
+    pub regulation: String,
+    pub submitted_at_ms: u64,
+    pub next_poll_ms: u64,
+    pub give_up_at_ms: u64,
+    #[serde(default)]
+    pub polls: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_status: Option<String>,
+    pub attempts: u32,
+    pub http_status: Option<u16>,
+    pub stream: String,
+    pub shard_id: String,
+    pub sequence_number: String,
+    pub sub_sequence_number: u64,
+    pub arrival_time: String,
+    pub rule: String,
+    pub rule_file: String,
+    pub rules_hash: String,
+}
+
+impl Job {
+    pub fn seal_context(id: u64) -> Vec<u8> {
+        format!("job {id}").into_bytes()
+    }
+}
+
+/// The letter index's key of a waiting job.
+pub fn job_index_key(request_id: &str) -> String {
+    format!("job {request_id}")
+}
+
+/// Applies request changes in a commit, one at a time; what an operator's change cannot
+/// apply to is refused (`Err`), the pipeline's changes always apply. Returns the request
+/// as it is now, with the audit entry of any step of the whole request it reached.
+pub(crate) fn change(
+    id: &str,
+    current: Option<Request>,
+    change: &Change,
+) -> Result<(Request, Option<AuditEntry>), String> {
+    let (request, milestone) = crate::requests::apply(current, change, now_ms())?;
+    let entry = milestone.map(|m| AuditEntry::of_request(id, &request, &m));
+    Ok((request, entry))
 }
 
 /// An action an operator paused: its requests are held, not sent, until it is resumed.
@@ -449,6 +571,11 @@ pub struct Writes {
     /// Requests held, by id ([`State::new_held_id`]), and held requests sent.
     pub held: Vec<(u64, Held)>,
     pub released: Vec<u64>,
+    /// Changes to requests (by the keyed hash of their key, hex), applied in order.
+    pub requests: Vec<(String, Change)>,
+    /// Jobs accepted or polled (written whole), and jobs finished.
+    pub jobs: Vec<(u64, Job)>,
+    pub jobs_finished: Vec<u64>,
 }
 
 impl Writes {
@@ -460,6 +587,9 @@ impl Writes {
             && self.pauses.is_empty()
             && self.held.is_empty()
             && self.released.is_empty()
+            && self.requests.is_empty()
+            && self.jobs.is_empty()
+            && self.jobs_finished.is_empty()
             && self.resolved_dead_letters.is_empty()
             && self.audit.is_empty()
     }
@@ -623,6 +753,74 @@ impl State {
     /// Sizes and version, for `gdpr-consumer state`.
     pub fn summary(&self) -> Result<serde_json::Value, StateError> {
         each!(self, s => s.summary())
+    }
+
+    /// The request recorded under any of these keyed hashes of its key (one per key of the
+    /// ring), with the hash it is recorded under.
+    pub fn request(&self, ids: &[String]) -> Result<Option<(String, Request)>, StateError> {
+        for id in ids {
+            if let Some(request) = each!(self, s => s.request(id))? {
+                return Ok(Some((id.clone(), request)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Up to `limit` requests recorded under hashes above `after`, in hash order.
+    pub fn requests_after(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Request)>, StateError> {
+        each!(self, s => s.requests_after(after, limit))
+    }
+
+    /// Applies an operator's change to a request at once (with its audit entry); `Ok(Err)`:
+    /// refused, and why.
+    pub fn change_request(
+        &self,
+        id: &str,
+        change: Change,
+    ) -> Result<Result<Request, String>, StateError> {
+        each!(self, s => s.change_request(id, change))
+    }
+
+    /// Requests by status, and how late the open ones are.
+    pub fn request_gauges(&self, now_ms: u64) -> Result<RequestGauges, StateError> {
+        let (open, complete, denied) = each!(self, s => s.request_counts())?;
+        let mut gauges = RequestGauges::default();
+        for status in Status::ALL {
+            gauges.by_status.insert(status.as_str(), 0);
+        }
+        gauges.by_status.insert(Status::Complete.as_str(), complete);
+        gauges.by_status.insert(Status::Denied.as_str(), denied);
+        let mut first_due = None::<u64>;
+        for request in open {
+            *gauges.by_status.entry(request.status.as_str()).or_default() += 1;
+            if now_ms > request.due_ms {
+                gauges.overdue += 1;
+            }
+            first_due = Some(first_due.map_or(request.due_ms, |d| d.min(request.due_ms)));
+        }
+        gauges.oldest_overdue_ms = first_due.map_or(0, |due| now_ms as i64 - due as i64);
+        Ok(gauges)
+    }
+
+    pub fn new_job_id(&self) -> u64 {
+        each!(self, s => s.new_job_id())
+    }
+
+    /// Up to `limit` waiting jobs with ids above `after`, by id.
+    pub fn jobs_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, Job)>, StateError> {
+        each!(self, s => s.jobs_after(after, limit))
+    }
+
+    /// Takes the next poll of a job (as read): in a fleet, one worker polls it each time.
+    pub fn take_job_poll(&self, id: u64, job: &Job, next_poll_ms: u64) -> Result<bool, StateError> {
+        match self {
+            State::Local(_) => Ok(true),
+            State::Shared(s) => s.take_job_poll(id, job, next_poll_ms),
+        }
     }
 
     /// Claims a request before its backend call. A single daemon's claims are in memory

@@ -299,6 +299,119 @@ impl SharedState {
         self.run(|inner| async move { inner.commit(writes).await })
     }
 
+    pub fn request(&self, id: &str) -> Result<Option<Request>, StateError> {
+        let id = id.to_owned();
+        self.run(|inner| async move {
+            inner
+                .get("requests", &id)
+                .await?
+                .map(|item| inner.body(&item, "request"))
+                .transpose()
+        })
+    }
+
+    pub fn requests_after(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Request)>, StateError> {
+        let after = after.to_owned();
+        self.run(|inner| async move {
+            let items = inner
+                .query("requests", Some(after), None, limit, true)
+                .await?;
+            items
+                .iter()
+                .map(|item| {
+                    let id = get_s(item, SK).unwrap_or_default().to_owned();
+                    Ok((id, inner.body(item, "request")?))
+                })
+                .collect()
+        })
+    }
+
+    pub fn change_request(
+        &self,
+        id: &str,
+        change: Change,
+    ) -> Result<Result<Request, String>, StateError> {
+        let id = id.to_owned();
+        self.run(|inner| async move {
+            Ok(match inner.change_request(&id, &change).await? {
+                Ok((request, entry)) => {
+                    if let Some(entry) = entry {
+                        inner.append_audit(&entry).await?;
+                    }
+                    Ok(request)
+                }
+                Err(refused) => Err(refused),
+            })
+        })
+    }
+
+    /// The open requests, and how many were completed and denied.
+    pub fn request_counts(&self) -> Result<(Vec<OpenRequest>, u64, u64), StateError> {
+        self.run(|inner| async move {
+            let mut open = Vec::new();
+            for item in inner.query("open", None, None, usize::MAX, true).await? {
+                open.push(inner.body(&item, "open request")?);
+            }
+            let counter = |item: Option<HashMap<String, AttributeValue>>| {
+                item.and_then(|item| get_n(&item, "next_n")).unwrap_or(0)
+            };
+            let complete = counter(inner.get("meta", "counter#requests_complete").await?);
+            let denied = counter(inner.get("meta", "counter#requests_denied").await?);
+            Ok((open, complete, denied))
+        })
+    }
+
+    pub fn new_job_id(&self) -> u64 {
+        self.run(|inner| async move { inner.next_id("counter#job").await })
+            .unwrap_or_else(|_| fallback_id())
+    }
+
+    pub fn jobs_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, Job)>, StateError> {
+        self.run(|inner| async move {
+            let items = inner
+                .query("job", Some(padded(after)), None, limit, true)
+                .await?;
+            items
+                .iter()
+                .map(|item| {
+                    let id = get_s(item, SK).and_then(|sk| sk.parse().ok()).unwrap_or(0);
+                    let mut job: Job = inner.body(item, "job")?;
+                    // A poll taken by a worker that stopped before writing the job back.
+                    job.next_poll_ms = get_n(item, "next_poll").unwrap_or(job.next_poll_ms);
+                    Ok((id, job))
+                })
+                .collect()
+        })
+    }
+
+    /// Moves a job's next poll from what was read to `next_poll_ms`, if no other worker
+    /// did first: the one whose write lands polls.
+    pub fn take_job_poll(&self, id: u64, job: &Job, next_poll_ms: u64) -> Result<bool, StateError> {
+        let seen = job.next_poll_ms;
+        self.run(move |inner| async move {
+            let updated = inner
+                .client
+                .update_item()
+                .table_name(&inner.table)
+                .set_key(Some(inner.key("job", &padded(id))))
+                .update_expression("SET next_poll = :next")
+                .condition_expression("next_poll = :seen")
+                .expression_attribute_values(":next", n(next_poll_ms))
+                .expression_attribute_values(":seen", n(seen))
+                .send()
+                .await;
+            match updated {
+                Ok(_) => Ok(true),
+                Err(e) if refused(&e) => Ok(false),
+                Err(e) => Err(inner.err("cannot take a job's poll", e)),
+            }
+        })
+    }
+
     pub async fn commit_shared(&self, writes: Writes) -> Result<(), StateError> {
         self.run_async(|inner| async move { inner.commit(writes).await })
             .await
@@ -1067,13 +1180,115 @@ impl Inner {
                     .await?;
             }
         }
+        for (id, job) in &writes.jobs {
+            let body = serde_json::to_string(job).expect("a job serializes");
+            let item = with(
+                self.key("job", &padded(*id)),
+                [("body", s(body)), ("next_poll", n(job.next_poll_ms))],
+            );
+            self.client
+                .put_item()
+                .table_name(&self.table)
+                .set_item(Some(item))
+                .send()
+                .await
+                .map_err(|e| self.err("cannot commit", e))?;
+            self.put_index(&job_index_key(&job.request_id), *id).await?;
+        }
+        for id in &writes.jobs_finished {
+            if let Some(item) = self.get("job", &padded(*id)).await? {
+                let job: Job = self.body(&item, "job")?;
+                self.delete("job", &padded(*id), None::<Condition<0>>)
+                    .await?;
+                self.delete_index(&job_index_key(&job.request_id), *id)
+                    .await?;
+            }
+        }
         for entry in &writes.audit {
             self.append_audit(entry).await?;
+        }
+        for (id, change) in &writes.requests {
+            match self.change_request(id, change).await? {
+                Ok((_, Some(entry))) => self.append_audit(&entry).await?,
+                Ok((_, None)) => {}
+                Err(refused) => {
+                    tracing::warn!(request = %id, %refused, "a request change does not apply")
+                }
+            }
         }
         for (shard_id, checkpoint) in writes.checkpoints {
             self.checkpoints.write(shard_id, checkpoint).await?;
         }
         Ok(())
+    }
+
+    /// Applies one change to a request: read, change, and write back only if no other
+    /// worker wrote it meanwhile (its version), else again. Keeps the open index and the
+    /// answered counts with it.
+    async fn change_request(
+        &self,
+        id: &str,
+        change: &Change,
+    ) -> Result<Result<(Request, Option<AuditEntry>), String>, StateError> {
+        loop {
+            let item = self.get("requests", id).await?;
+            let version = item.as_ref().and_then(|item| get_n(item, "version"));
+            let current: Option<Request> =
+                item.map(|item| self.body(&item, "request")).transpose()?;
+            let was = current.as_ref().map(Request::status);
+            let (request, entry) = match super::change(id, current, change) {
+                Ok(changed) => changed,
+                Err(refused) => return Ok(Err(refused)),
+            };
+            let body = serde_json::to_string(&request).expect("a request serializes");
+            let item = with(
+                self.key("requests", id),
+                [("body", s(body)), ("version", n(version.unwrap_or(0) + 1))],
+            );
+            let put = self
+                .client
+                .put_item()
+                .table_name(&self.table)
+                .set_item(Some(item));
+            let put = match version {
+                Some(version) => put
+                    .condition_expression("version = :v")
+                    .expression_attribute_values(":v", n(version)),
+                None => put.condition_expression("attribute_not_exists(pk)"),
+            };
+            match put.send().await {
+                Ok(_) => {}
+                Err(e) if refused(&e) => continue,
+                Err(e) => return Err(self.err("cannot record a request", e)),
+            }
+            match OpenRequest::of(&request) {
+                Some(open) => {
+                    let body = serde_json::to_string(&open).expect("serializes");
+                    self.put("open", id, body).await?;
+                }
+                None => self.delete("open", id, None::<Condition<0>>).await?,
+            }
+            let now = request.status();
+            if was != Some(now) {
+                for (status, step) in [(was, -1i64), (Some(now), 1)] {
+                    let counter = match status {
+                        Some(Status::Complete) => "counter#requests_complete",
+                        Some(Status::Denied) => "counter#requests_denied",
+                        _ => continue,
+                    };
+                    self.client
+                        .update_item()
+                        .table_name(&self.table)
+                        .set_key(Some(self.key("meta", counter)))
+                        .update_expression("ADD next_n :step")
+                        .expression_attribute_values(":step", AttributeValue::N(step.to_string()))
+                        .send()
+                        .await
+                        .map_err(|e| self.err("cannot count requests", e))?;
+                }
+            }
+            return Ok(Ok((request, entry)));
+        }
     }
 
     async fn put_index(&self, index_key: &str, id: u64) -> Result<(), StateError> {

@@ -174,6 +174,17 @@ impl JobBackend {
             .sum()
     }
 
+    /// Polls of the jobs submitted at `path`.
+    fn polls_at(&self, path: &str) -> usize {
+        let state = self.state.lock().unwrap();
+        state
+            .jobs
+            .values()
+            .filter(|j| j.path == path)
+            .map(|j| j.polls)
+            .sum()
+    }
+
     /// The job id given to the (last) submission at `path`.
     fn job_of(&self, path: &str) -> Option<String> {
         self.submissions()
@@ -374,13 +385,24 @@ impl Cli<'_> {
     async fn wait_show(&self, key: &str, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let shown = self.show(key);
-            if cond(&shown) {
+            let (code, out, err) =
+                self.run(&["requests", "show", "--key", key, "--format", "json"]);
+            // Exit 1: not seen yet.
+            assert!(
+                code == 0 || code == 1,
+                "show {key}: exit {code}\n{out}\n{err}"
+            );
+            let shown: Value = if code == 0 {
+                serde_json::from_str(&out).unwrap_or_else(|e| panic!("show {key}: {e}: {out}"))
+            } else {
+                Value::Null
+            };
+            if code == 0 && cond(&shown) {
                 return shown;
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "timed out waiting for {key}: {what}; last shown:\n{shown:#}"
+                "timed out waiting for {key}: {what}; last shown:\n{shown:#}{err}"
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -484,13 +506,12 @@ async fn a_request_fanned_out_to_two_jobs_is_complete_only_when_both_are_done() 
     })
     .await;
     // Both jobs pending: the request waits, each action with the job it started.
-    let shown = cli
-        .wait_show("r-1", "both polled", |s| {
-            ["purge_db", "purge_mail"]
-                .iter()
-                .all(|a| s["actions"][a]["polls"].as_u64() >= Some(1))
-        })
-        .await;
+    wait_until(Duration::from_secs(30), "both polled", || {
+        s.jobs.polls_at("/db/alice") >= 1 && s.jobs.polls_at("/mail/alice") >= 1
+    })
+    .await;
+    let pending = cli.show("r-1");
+    let shown = &pending;
     assert_eq!(shown["status"], "waiting", "{shown:#}");
     assert_eq!(shown["regulation"], "GDPR");
     assert!(shown["completed_at"].is_null(), "{shown:#}");
@@ -597,6 +618,17 @@ async fn a_request_fanned_out_to_two_jobs_is_complete_only_when_both_are_done() 
     for column in ["request", "nature", "denial_code"] {
         assert!(header.contains(&column), "{header:?}");
     }
+    // Each action says how often its job was polled.
+    for action in ["purge_db", "purge_mail"] {
+        assert!(
+            pending["actions"][action]["polls"].as_u64() >= Some(1),
+            "{pending:#}"
+        );
+        assert!(
+            stopped["actions"][action]["polls"].as_u64() >= Some(1),
+            "{stopped:#}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -618,14 +650,15 @@ async fn polling_survives_a_restart_and_a_crash_and_nothing_is_submitted_twice()
         s.jobs.count("/") >= 4
     })
     .await;
+    wait_until(Duration::from_secs(30), "all polled", || {
+        ["/db/alice", "/mail/alice", "/db/bob", "/mail/bob"]
+            .iter()
+            .all(|p| s.jobs.polls_at(p) >= 1)
+    })
+    .await;
     for key in ["r-1", "r-2"] {
-        cli.wait_show(key, "both polled", |s| {
-            s["status"] == "waiting"
-                && ["purge_db", "purge_mail"]
-                    .iter()
-                    .all(|a| s["actions"][a]["polls"].as_u64() >= Some(1))
-        })
-        .await;
+        let shown = cli.show(key);
+        assert_eq!(shown["status"], "waiting", "{shown:#}");
     }
 
     // SIGTERM while the jobs are pending.
@@ -1447,14 +1480,21 @@ async fn a_fleet_polls_jobs_to_their_end_across_restarts_and_submits_each_once()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !(0..4).all(|n| {
+        jobs.polls_at(&format!("/db/user-{n}")) >= 1
+            && jobs.polls_at(&format!("/mail/user-{n}")) >= 1
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not all jobs polled\n{}",
+            logs(&[&first, &second])
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for key in &keys {
-        cli.wait_show(key, "both polled", |s| {
-            s["status"] == "waiting"
-                && ["purge_db", "purge_mail"]
-                    .iter()
-                    .all(|a| s["actions"][a]["polls"].as_u64() >= Some(1))
-        })
-        .await;
+        let shown = cli.show(key);
+        assert_eq!(shown["status"], "waiting", "{shown:#}");
     }
 
     // One worker stops (SIGTERM), the other crashes (kill -9); two new ones take over.

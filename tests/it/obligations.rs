@@ -41,7 +41,8 @@ struct JobsState {
 /// /mail/{user}` answer 202 `{"job":{"id":"N"}}`; `GET /jobs/N` answers `pending` for the
 /// first `pending_polls` polls (or as long as the job's path holds a stuck fragment), then
 /// `completed`, or `failed` for users whose name holds "fail" (until `fixed`).
-/// `POST /plain/{user}` is a synchronous deletion: 200 at once.
+/// `POST /plain/{user}` is a synchronous deletion: 200 at once; `POST /nojob/{user}` answers
+/// 202 without a job id.
 struct JobBackend {
     url: String,
     state: Arc<Mutex<JobsState>>,
@@ -104,6 +105,14 @@ impl JobBackend {
                             job: None,
                         });
                         return reply(200, json!({}));
+                    }
+                    if path.starts_with("/nojob/") {
+                        state.submissions.push(Submission {
+                            path,
+                            idempotency_key,
+                            job: None,
+                        });
+                        return reply(202, json!({"accepted": true}));
                     }
                     if path.starts_with("/db/") || path.starts_with("/mail/") {
                         state.next_id += 1;
@@ -256,8 +265,8 @@ fn decide(record) {
 
 const POLL_MS: u64 = 150;
 
-/// Replaces the shipped rules with `RULE` and adds the actions: `purge_db` and
-/// `purge_mail` (jobs, with completion) and `notify` (done on its 2xx).
+/// Replaces the shipped rules with `RULE` and adds the actions: `purge_db`, `purge_mail`
+/// and `purge_nojob` (jobs, with completion) and `notify` (done on its 2xx).
 fn add_obligations(ws: &Workspace, jobs: &str) {
     for entry in std::fs::read_dir(ws.path("rules")).unwrap() {
         let path = entry.unwrap().path();
@@ -301,6 +310,8 @@ give_up_after_ms = 31536000000
     text += &action("purge_mail", "mail");
     text += &completion("purge_mail");
     text += &action("notify", "plain");
+    text += &action("purge_nojob", "nojob");
+    text += &completion("purge_nojob");
     std::fs::write(ws.config(), text).unwrap();
 }
 
@@ -792,6 +803,59 @@ async fn a_failed_job_is_a_dead_letter_and_its_retry_submits_again_with_the_same
     assert_eq!(outcomes(&audit, "job_failed"), 2, "{audit:#?}");
     assert_eq!(outcomes(&audit, "job_done"), 2, "{audit:#?}");
     assert_eq!(outcomes(&audit, "complete"), 2, "{audit:#?}");
+}
+
+/// A job still pending past `give_up_after_ms` is given up; an accepted submission without
+/// a job id cannot be followed: both are dead letters at once, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_never_ending_is_given_up_and_one_without_an_id_is_a_dead_letter() {
+    let s = setup(1).await;
+    // purge_db's (the first completion in the config).
+    s.ws.edit_config("give_up_after_ms = 31536000000", "give_up_after_ms = 1000");
+    let cli = Cli::new(&s.ws);
+    s.jobs.stick("/db/");
+    let daemon = start(&s.ws).await;
+    put(
+        &s.client,
+        "events",
+        &[
+            erase("r-s", "sam", "GDPR", &["purge_db"]),
+            erase("r-n", "nina", "GDPR", &["purge_nojob"]),
+        ],
+    )
+    .await;
+    let slow = cli.wait_status("r-s", "failed").await;
+    let nojob = cli.wait_status("r-n", "failed").await;
+    assert!(s.jobs.polls_at("/db/sam") >= 1, "given up unpolled");
+    assert_eq!(slow["actions"]["purge_db"]["status"], "failed", "{slow:#}");
+    assert_eq!(
+        nojob["actions"]["purge_nojob"]["status"], "failed",
+        "{nojob:#}"
+    );
+    let letters = cli.letters();
+    stop(daemon);
+    assert_eq!(letters.len(), 2, "{letters:#?}");
+    let letter = |action: &str| {
+        letters
+            .iter()
+            .find(|l| l["action"] == action)
+            .unwrap_or_else(|| panic!("no letter for {action}: {letters:#?}"))
+            .clone()
+    };
+    let gave_up = letter("purge_db");
+    assert_eq!(gave_up["kind"], "action_failed");
+    assert!(
+        gave_up["error"].as_str().unwrap().contains("gave up"),
+        "{gave_up}"
+    );
+    assert_eq!(slow["actions"]["purge_db"]["dead_letter"], gave_up["id"]);
+    let no_id = letter("purge_nojob");
+    assert_eq!(no_id["kind"], "action_failed");
+    assert_eq!(nojob["actions"]["purge_nojob"]["dead_letter"], no_id["id"]);
+    assert!(
+        nojob["actions"]["purge_nojob"]["job_id"].is_null(),
+        "{nojob:#}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -781,7 +781,7 @@ impl LocalState {
     }
 
     /// The open requests, and how many were completed and denied.
-    pub fn request_counts(&self) -> Result<(Vec<OpenRequest>, u64, u64), StateError> {
+    pub fn request_counts(&self) -> Result<(Vec<(String, OpenRequest)>, u64, u64), StateError> {
         let err = self.db_err("cannot read the requests");
         let tx = self.read_tx(&err)?;
         let meta = tx.open_table(META).map_err(|e| err(e.into()))?;
@@ -796,8 +796,8 @@ impl LocalState {
         match tx.open_table(OPEN_REQUESTS) {
             Ok(table) => {
                 for entry in table.iter().map_err(|e| err(e.into()))? {
-                    let (_, v) = entry.map_err(|e| err(e.into()))?;
-                    open.push(self.parse("open request", v.value())?);
+                    let (k, v) = entry.map_err(|e| err(e.into()))?;
+                    open.push((k.value().to_owned(), self.parse("open request", v.value())?));
                 }
             }
             Err(redb::TableError::TableDoesNotExist(_)) => {}

@@ -795,7 +795,7 @@ impl State {
         gauges.by_status.insert(Status::Complete.as_str(), complete);
         gauges.by_status.insert(Status::Denied.as_str(), denied);
         let mut first_due = None::<u64>;
-        for request in open {
+        for (_, request) in open {
             *gauges.by_status.entry(request.status.as_str()).or_default() += 1;
             if now_ms > request.due_ms {
                 gauges.overdue += 1;
@@ -804,6 +804,13 @@ impl State {
         }
         gauges.oldest_overdue_ms = first_due.map_or(0, |due| now_ms as i64 - due as i64);
         Ok(gauges)
+    }
+
+    /// The requests still owed an answer (keyed hash, status, due date), soonest due first.
+    pub fn open_requests(&self) -> Result<Vec<(String, OpenRequest)>, StateError> {
+        let (mut open, _, _) = each!(self, s => s.request_counts())?;
+        open.sort_by_key(|(_, r)| r.due_ms);
+        Ok(open)
     }
 
     pub fn new_job_id(&self) -> u64 {

@@ -350,11 +350,12 @@ impl SharedState {
     }
 
     /// The open requests, and how many were completed and denied.
-    pub fn request_counts(&self) -> Result<(Vec<OpenRequest>, u64, u64), StateError> {
+    pub fn request_counts(&self) -> Result<(Vec<(String, OpenRequest)>, u64, u64), StateError> {
         self.run(|inner| async move {
             let mut open = Vec::new();
             for item in inner.query("open", None, None, usize::MAX, true).await? {
-                open.push(inner.body(&item, "open request")?);
+                let id = get_s(&item, SK).unwrap_or_default().to_owned();
+                open.push((id, inner.body(&item, "open request")?));
             }
             let counter = |item: Option<HashMap<String, AttributeValue>>| {
                 item.and_then(|item| get_n(&item, "next_n")).unwrap_or(0)

@@ -238,8 +238,10 @@ async fn the_state_and_the_audit_trail_hold_no_identifier() {
         }
     }
     let audit = json_lines(&jsonl);
-    assert_eq!(audit.len(), 8, "{jsonl}");
+    // 8 decisions, and each of the 7 requests done is complete (one action each).
+    assert_eq!(audit.len(), 15, "{jsonl}");
     assert_eq!(audit.iter().filter(|e| e["outcome"] == "done").count(), 7);
+    assert_eq!(audit.iter().filter(|e| e["outcome"] == "complete").count(), 7);
     let refused = audit
         .iter()
         .find(|e| e["outcome"] == "dead_lettered")
@@ -346,9 +348,11 @@ async fn a_refusal_waits_for_an_operator_and_retry_completes_it() {
         outcomes,
         [
             "done",
+            "complete",
             "dead_lettered",
             "dead_lettered",
             "done",
+            "complete",
             "discarded"
         ],
         "{jsonl}"

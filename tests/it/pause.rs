@@ -133,9 +133,13 @@ async fn a_paused_action_holds_its_requests_across_a_restart_and_sends_them_on_r
             "duplicate",
             "duplicate",
             "resumed",
+            // Each request has one action: done, it is complete.
             "done",
+            "complete",
             "done",
-            "done"
+            "complete",
+            "done",
+            "complete"
         ],
         "{jsonl}"
     );

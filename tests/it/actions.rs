@@ -241,7 +241,10 @@ async fn the_state_and_the_audit_trail_hold_no_identifier() {
     // 8 decisions, and each of the 7 requests done is complete (one action each).
     assert_eq!(audit.len(), 15, "{jsonl}");
     assert_eq!(audit.iter().filter(|e| e["outcome"] == "done").count(), 7);
-    assert_eq!(audit.iter().filter(|e| e["outcome"] == "complete").count(), 7);
+    assert_eq!(
+        audit.iter().filter(|e| e["outcome"] == "complete").count(),
+        7
+    );
     let refused = audit
         .iter()
         .find(|e| e["outcome"] == "dead_lettered")

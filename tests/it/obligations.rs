@@ -1565,9 +1565,10 @@ async fn the_report_and_the_metrics_count_what_each_request_shows() {
 }
 
 /// Two workers on a shared state (dynalite): jobs started by one are polled to their end
-/// by whichever runs, across a SIGTERM and a kill -9; each submitted once.
+/// by whichever runs, across a SIGTERM and a kill -9; each submitted once. Holds and
+/// denials made with the fleet's config bind every worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fleet_polls_jobs_to_their_end_across_restarts_and_submits_each_once() {
+async fn a_fleet_polls_jobs_across_restarts_submits_each_once_and_honours_holds_and_denials() {
     const STATE_KEY: &str = "5f0c6a1e9b2d4c3f8a7e6d5c4b3a29180f1e2d3c4b5a69788796a5b4c3d2e1f0";
     let kinesis = Kinesalite::start();
     let dynalite = Dynalite::start();
@@ -1659,16 +1660,75 @@ async fn a_fleet_polls_jobs_to_their_end_across_restarts_and_submits_each_once()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    jobs.unstick_all();
+    jobs.stuck_only(&["user-8", "user-9"]);
     for key in &keys {
         cli.wait_status(key, "complete").await;
     }
+
+    // Held and denied in the fleet: a later record's actions are not sent (denied), or
+    // not until released (held). One partition key: one shard, in order.
+    let one_shard = |key: &str, user: &str, actions: &[&str]| {
+        let (_, data) = erase(key, user, "GDPR", actions);
+        ("same-shard".to_owned(), data)
+    };
+    put(
+        &client,
+        "events",
+        &[
+            one_shard("r-8", "user-8", &["purge_db"]),
+            one_shard("r-9", "user-9", &["purge_db"]),
+        ],
+    )
+    .await;
+    for key in ["r-8", "r-9"] {
+        cli.wait_status(key, "waiting").await;
+    }
+    cli.expect(
+        0,
+        &[
+            "requests",
+            "deny",
+            "--key",
+            "r-9",
+            "--reason-code",
+            "outside_jurisdiction",
+        ],
+    );
+    cli.expect(
+        0,
+        &["requests", "hold", "--key", "r-8", "--reason", "litigation"],
+    );
+    put(
+        &client,
+        "events",
+        &[
+            one_shard("r-8", "user-8", &["purge_mail"]),
+            one_shard("r-9", "user-9", &["purge_mail", "notify"]),
+            one_shard("r-m", "marker", &["notify"]),
+        ],
+    )
+    .await;
+    wait_until(Duration::from_secs(60), "the marker sent", || {
+        jobs.count("/plain/marker") == 1
+    })
+    .await;
+    let held = cli
+        .wait_show("r-8", "purge_mail held", |s| {
+            s["actions"]["purge_mail"]["status"] == "held"
+        })
+        .await;
+    assert_eq!(held["status"], "held", "{held:#}");
+    assert_eq!(jobs.count("/mail/user-8"), 0, "a held action was sent");
+    cli.expect(0, &["requests", "release", "--key", "r-8"]);
+    jobs.unstick_all();
+    cli.wait_status("r-8", "complete").await;
+    assert_eq!(cli.show("r-9")["status"], "denied");
     // Time for a second submission, were there to be one.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop(third);
     stop(fourth);
     let per_key = jobs.per_key();
-    let expected: BTreeMap<(String, String), usize> = keys
+    let mut expected: BTreeMap<(String, String), usize> = keys
         .iter()
         .enumerate()
         .flat_map(|(n, key)| {
@@ -1680,8 +1740,25 @@ async fn a_fleet_polls_jobs_to_their_end_across_restarts_and_submits_each_once()
             })
         })
         .collect();
+    for (path, action, key) in [
+        ("/db/user-8", "purge_db", "r-8"),
+        ("/mail/user-8", "purge_mail", "r-8"),
+        ("/db/user-9", "purge_db", "r-9"),
+        ("/plain/marker", "notify", "r-m"),
+    ] {
+        expected.insert((path.to_owned(), idempotency_key(action, key)), 1);
+    }
     assert_eq!(per_key, expected);
-    let audit = cli.audit();
+    // The trail of the first four requests.
+    let first_four: BTreeSet<String> = keys
+        .iter()
+        .map(|k| cli.show(k)["request"].as_str().unwrap().to_owned())
+        .collect();
+    let audit: Vec<Value> = cli
+        .audit()
+        .into_iter()
+        .filter(|e| first_four.contains(e["request"].as_str().unwrap_or("")))
+        .collect();
     assert_eq!(outcomes(&audit, "accepted"), 8, "{audit:#?}");
     assert_eq!(outcomes(&audit, "job_done"), 8, "{audit:#?}");
     assert_eq!(outcomes(&audit, "complete"), 4, "{audit:#?}");

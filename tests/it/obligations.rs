@@ -35,6 +35,10 @@ struct JobsState {
     next_id: u64,
     /// Path fragments whose jobs stay pending whatever the polls.
     stuck: Vec<String>,
+    /// Every poll: path and query, Authorization header.
+    polls_seen: Vec<(String, Option<String>)>,
+    /// Polls still to be answered 500 (a backend's passing trouble).
+    poll_errors: usize,
 }
 
 /// A backend whose deletions are asynchronous jobs: `POST /db/{user}` and `POST
@@ -75,6 +79,19 @@ impl JobBackend {
                         let Some(id) = path.strip_prefix("/jobs/") else {
                             return reply(404, json!({}));
                         };
+                        let authorization = headers
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned);
+                        let seen = uri
+                            .path_and_query()
+                            .map(|p| p.to_string())
+                            .unwrap_or_default();
+                        state.polls_seen.push((seen, authorization));
+                        if state.poll_errors > 0 {
+                            state.poll_errors -= 1;
+                            return reply(500, json!({"error": "try later"}));
+                        }
                         let stuck = state.stuck.clone();
                         let Some(job) = state.jobs.get_mut(id) else {
                             return reply(404, json!({"error": "no such job"}));
@@ -181,6 +198,16 @@ impl JobBackend {
             .values()
             .map(|j| j.polls)
             .sum()
+    }
+
+    /// The polls seen: (path and query, Authorization header).
+    fn polls_seen(&self) -> Vec<(String, Option<String>)> {
+        self.state.lock().unwrap().polls_seen.clone()
+    }
+
+    /// The next `n` polls are answered 500.
+    fn fail_polls(&self, n: usize) {
+        self.state.lock().unwrap().poll_errors = n;
     }
 
     /// Polls of the jobs submitted at `path`.
@@ -291,10 +318,16 @@ timeout_ms = 5000
         )
     };
     let completion = |name: &str| {
+        // purge_mail's status URL carries a param of the decision too.
+        let query = if name == "purge_mail" {
+            "?user={user_id}"
+        } else {
+            ""
+        };
         format!(
             r#"
 [actions.{name}.completion]
-url = "{jobs}/jobs/{{job_id}}"
+url = "{jobs}/jobs/{{job_id}}{query}"
 job_id_pointer = "/job/id"
 status_pointer = "/status"
 done = ["completed"]
@@ -521,6 +554,27 @@ async fn a_request_fanned_out_to_two_jobs_is_complete_only_when_both_are_done() 
         s.jobs.polls_at("/db/alice") >= 1 && s.jobs.polls_at("/mail/alice") >= 1
     })
     .await;
+    // Polled with the action's auth, at the URL built from the job id and the params.
+    let (db_job, mail_job) = (
+        s.jobs.job_of("/db/alice").unwrap(),
+        s.jobs.job_of("/mail/alice").unwrap(),
+    );
+    let seen = s.jobs.polls_seen();
+    let bearer = format!("Bearer {TOKEN}");
+    assert!(
+        seen.iter()
+            .all(|(_, auth)| auth.as_deref() == Some(bearer.as_str())),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(|(p, _)| *p == format!("/jobs/{db_job}")),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|(p, _)| *p == format!("/jobs/{mail_job}?user=alice")),
+        "{seen:?}"
+    );
     let pending = cli.show("r-1");
     let shown = &pending;
     assert_eq!(shown["status"], "waiting", "{shown:#}");
@@ -572,7 +626,8 @@ async fn a_request_fanned_out_to_two_jobs_is_complete_only_when_both_are_done() 
         "{narrowed:#}"
     );
 
-    // Both done: complete.
+    // Both done (after a few polls the backend failed to answer): complete.
+    s.jobs.fail_polls(3);
     s.jobs.unstick_all();
     let shown = cli.wait_status("r-1", "complete").await;
     for action in ["purge_db", "purge_mail"] {
@@ -614,6 +669,10 @@ async fn a_request_fanned_out_to_two_jobs_is_complete_only_when_both_are_done() 
     let stopped = cli.show("r-1");
     assert_eq!(stopped["status"], "complete");
     assert_eq!(stopped["completed_at_ms"], completed);
+    assert!(
+        cli.letters().is_empty(),
+        "a poll answered 500 made a dead letter"
+    );
     let audit = cli.audit();
     assert_eq!(outcomes(&audit, "accepted"), 2, "{audit:#?}");
     assert_eq!(outcomes(&audit, "job_done"), 2, "{audit:#?}");
@@ -1385,6 +1444,19 @@ async fn the_report_and_the_metrics_count_what_each_request_shows() {
     s.jobs.stick("wait-");
     let daemon = start(&s.ws).await;
     let address = metrics_address(&daemon).await;
+    // Nothing open yet: nothing overdue.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = metrics(&address).await;
+        let zero = |name: &str| m.get(name) == Some(&0.0);
+        if zero("gdpr_consumer_oldest_open_request_overdue_seconds")
+            && zero("gdpr_consumer_requests_overdue")
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{m:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     let (db, mail, notify) = ("purge_db", "purge_mail", "notify");
     let requests = [
         erase_aged(10, "g1", "g1", "GDPR", &[notify]),

@@ -1818,12 +1818,35 @@ fn requests(cmd: RequestsCommand, s: &mut Session) -> Result<u8, Failure> {
                     )));
                 }
             }
-            let shown = request.shown(&id, action.as_deref(), |action, sealed| {
+            let mut shown = request.shown(&id, action.as_deref(), |action, sealed| {
                 let context = crate::requests::job_seal_context(&id, action);
                 keys.unseal(sealed, &context)
                     .ok()
                     .and_then(|bytes| String::from_utf8(bytes).ok())
             });
+            // A job still waiting: how often it was polled, what it said, when next.
+            if let Some(actions) = shown["actions"].as_object_mut() {
+                for (name, shown) in actions.iter_mut() {
+                    shown["polls"] = 0.into();
+                    for request_id in keys.request_ids(name, &key) {
+                        let index = crate::state::job_index_key(&hex::encode(request_id));
+                        let Some(job_id) =
+                            state.pending_letter(&index).map_err(Failure::runtime)?
+                        else {
+                            continue;
+                        };
+                        let job = state
+                            .jobs_after(job_id.saturating_sub(1), 1)
+                            .map_err(Failure::runtime)?;
+                        if let Some((_, job)) = job.into_iter().find(|(id, _)| *id == job_id) {
+                            shown["polls"] = job.polls.into();
+                            shown["last_status"] = job.last_status.into();
+                            shown["next_poll"] =
+                                crate::clock::rfc3339(job.next_poll_ms as i64).into();
+                        }
+                    }
+                }
+            }
             match format {
                 ShowFormat::Json => out!(s.out, "{shown}"),
                 ShowFormat::Human => out!(s.out, "{}", show_human(&shown)),
@@ -1919,7 +1942,7 @@ fn show_human(shown: &serde_json::Value) -> String {
                 a["attempts"],
                 match &a["job_id"] {
                     serde_json::Value::Null => String::new(),
-                    job => format!(", job {}", text(job)),
+                    job => format!(", job {} ({} poll(s))", text(job), a["polls"]),
                 },
                 match &a["dead_letter"] {
                     serde_json::Value::Null => String::new(),

@@ -1368,9 +1368,9 @@ bearer_token_env = "BACKEND_TOKEN"        # the token is read from this environm
                     Some(action) if section == "actions" => {
                         for (k, v) in action {
                             match v.as_table() {
-                                Some(sub) => keys
+                                Some(sub) if k == "completion" => keys
                                     .extend(sub.keys().map(|s| format!("[actions.{key}.{k}] {s}"))),
-                                None => keys.push(format!("[actions.{key}] {k}")),
+                                _ => keys.push(format!("[actions.{key}] {k}")),
                             }
                         }
                     }

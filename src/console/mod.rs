@@ -106,6 +106,10 @@ pub async fn serve(
         .route("/", get(overview))
         .route("/requests", get(requests))
         .route("/requests/lookup", post(lookup))
+        .route("/requests/extend", post(extend))
+        .route("/requests/hold", post(hold))
+        .route("/requests/release", post(release))
+        .route("/requests/deny", post(deny))
         .route("/dead-letters", get(dead_letters))
         .route("/dead-letters/:id/retry", post(retry))
         .route("/dead-letters/:id/discard", post(discard))
@@ -449,9 +453,17 @@ async fn requests(State(console): State<Shared>, Extension(caller): Extension<Ca
     }
 }
 
-/// The requests page's data: what is open, and the outcomes of the last 30 days.
+/// Open requests the page lists at most (soonest due first): the rest are counted.
+const OPEN_SHOWN: usize = 200;
+
+/// The requests page's data: the requests still owed an answer, the counts by status, and
+/// the outcomes of the last 30 days.
 pub struct RequestsView {
-    pub open: Vec<pages::OpenRequest>,
+    /// Keyed hash of the request's key, and its status and due date in force.
+    pub open: Vec<(String, crate::state::OpenRequest)>,
+    /// Open requests beyond [`OPEN_SHOWN`].
+    pub more: usize,
+    pub counts: crate::state::RequestGauges,
     pub per_day: Vec<(String, std::collections::BTreeMap<String, u64>)>,
     pub actions: Vec<String>,
 }
@@ -459,23 +471,12 @@ pub struct RequestsView {
 fn gather_requests(console: &Console) -> Result<RequestsView, crate::state::StateError> {
     // The daemon's state (the console runs only beside a live one).
     let state = &console.served.state;
-    let mut open = Vec::new();
-    for (id, letter) in state.dead_letters()? {
-        open.push(pages::OpenRequest::of_letter(id, &letter));
-    }
-    let mut after = 0;
-    loop {
-        let page = state.held_after(after, 1000)?;
-        let Some((last, _)) = page.last() else { break };
-        after = *last;
-        open.extend(
-            page.iter()
-                .map(|(_, held)| pages::OpenRequest::of_held(held)),
-        );
-    }
-    open.sort_by(|a, b| a.due_date.cmp(&b.due_date));
-    let days = 30;
     let now = crate::clock::now_ms();
+    let mut open = state.open_requests()?;
+    let more = open.len().saturating_sub(OPEN_SHOWN);
+    open.truncate(OPEN_SHOWN);
+    let counts = state.request_gauges(now)?;
+    let days = 30;
     let since = now.saturating_sub(days * 24 * 3600 * 1000);
     let mut per_day: Vec<(String, std::collections::BTreeMap<String, u64>)> = (0..days)
         .rev()
@@ -489,6 +490,8 @@ fn gather_requests(console: &Console) -> Result<RequestsView, crate::state::Stat
     }
     Ok(RequestsView {
         open,
+        more,
+        counts,
         per_day,
         actions: console.pipeline.actions.names().cloned().collect(),
     })
@@ -498,6 +501,17 @@ fn day_of(ms: u64) -> String {
     crate::clock::rfc3339(ms as i64)[..10].to_owned()
 }
 
+/// The key as the operator typed it (spaces may be part of it, as the CLI takes it). It
+/// travels in form bodies only: never in a URL, a log or a page.
+fn key(form: &HashMap<String, String>) -> Result<String, &'static str> {
+    match form.get("key") {
+        Some(key) if !key.is_empty() => Ok(key.clone()),
+        _ => Err("the request's key is required"),
+    }
+}
+
+/// A lookup: the request as `requests show` gives it, and, for an action, its audit trail
+/// as `audit lookup` gives it.
 async fn lookup(
     State(console): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -506,34 +520,145 @@ async fn lookup(
     if let Some(refused) = forged(&caller, &form) {
         return refused;
     }
-    // The key as typed, as the CLI takes it: spaces may be part of it.
-    let field = |name: &str| form.get(name).cloned().unwrap_or_default();
-    let (action, key) = (field("action"), field("key"));
-    if action.is_empty() || key.is_empty() {
-        return (
-            StatusCode::BAD_REQUEST,
-            "a lookup needs an action and a key",
-        )
-            .into_response();
-    }
-    let ran = console
-        .command(vec![
-            "audit".into(),
-            "lookup".into(),
-            format!("--action={action}"),
-            format!("--key={key}"),
-        ])
-        .await;
+    let key = match key(&form) {
+        Ok(key) => key,
+        Err(missing) => return (StatusCode::BAD_REQUEST, missing).into_response(),
+    };
+    let action = form.get("action").cloned().unwrap_or_default();
+    let audit = match action.is_empty() {
+        true => None,
+        false => Some(
+            console
+                .command(vec![
+                    "audit".into(),
+                    "lookup".into(),
+                    format!("--action={action}"),
+                    format!("--key={key}"),
+                ])
+                .await,
+        ),
+    };
+    request_page(&console, &caller, &key, audit, None).await
+}
+
+/// The requests page with the request of `key` (after `change`, if one was asked), or, for
+/// a script, the same as JSON.
+async fn request_page(
+    console: &Console,
+    caller: &Caller,
+    key: &str,
+    audit: Option<Ran>,
+    change: Option<Ran>,
+) -> Response {
+    let shown = console.command(show(key)).await;
+    let request = match shown.code {
+        0 => serde_json::from_str::<Value>(shown.out.trim()).map_err(|e| e.to_string()),
+        _ => Err(shown.error_text()),
+    };
     if let Caller::Bearer = caller {
-        return Json(
-            serde_json::json!({"exit": ran.code, "lines": ran.lines(), "error": ran.error}),
-        )
+        let (exit, lines, error) = match &audit {
+            Some(ran) => (ran.code, ran.lines(), ran.error_text()),
+            None => (shown.code, Vec::new(), shown.error_text()),
+        };
+        return Json(serde_json::json!({
+            "exit": exit,
+            "lines": lines,
+            "error": error,
+            "request": request.as_ref().ok(),
+        }))
         .into_response();
     }
-    let frame = console.frame(&caller);
-    match gather_requests(&console) {
-        Ok(view) => pages::requests(&frame, &view, Some(&ran.lines())).into_response(),
+    let lookup = pages::Lookup {
+        request,
+        audit: audit.map(|ran| ran.lines()),
+        change: change.map(|ran| (ran.code == 0, ran.summary())),
+    };
+    match gather_requests(console) {
+        Ok(view) => pages::requests(&console.frame(caller), &view, Some(&lookup)).into_response(),
         Err(e) => unavailable(e),
+    }
+}
+
+fn show(key: &str) -> Vec<String> {
+    vec![
+        "requests".into(),
+        "show".into(),
+        "--format=json".into(),
+        format!("--key={key}"),
+    ]
+}
+
+async fn extend(
+    State(console): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    let argv = reason(&form).map(|reason| vec!["extend".into(), format!("--reason={reason}")]);
+    request_change(&console, &caller, &form, argv).await
+}
+
+async fn hold(
+    State(console): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    let argv = reason(&form).map(|reason| vec!["hold".into(), format!("--reason={reason}")]);
+    request_change(&console, &caller, &form, argv).await
+}
+
+async fn release(
+    State(console): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    request_change(&console, &caller, &form, Ok(vec!["release".into()])).await
+}
+
+async fn deny(
+    State(console): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    let code = form
+        .get("reason_code")
+        .map(String::as_str)
+        .unwrap_or_default();
+    let argv = match crate::requests::DENIAL_CODES.contains(&code) {
+        false => Err("the basis of the denial (reason code) is required"),
+        true => {
+            let mut argv = vec!["deny".into(), format!("--reason-code={code}")];
+            if let Some(note) = form.get("note").map(|n| n.trim()).filter(|n| !n.is_empty()) {
+                argv.push(format!("--note={note}"));
+            }
+            Ok(argv)
+        }
+    };
+    request_change(&console, &caller, &form, argv).await
+}
+
+/// A change to a request asked by a form (`requests <argv> --key K`): refused without its
+/// CSRF token or when the form is incomplete; else the CLI's command, run by this daemon.
+/// A browser sees the request as it is now, with what the command said (a refusal as an
+/// error); a script gets the outcome as JSON.
+async fn request_change(
+    console: &Console,
+    caller: &Caller,
+    form: &HashMap<String, String>,
+    argv: Result<Vec<String>, &'static str>,
+) -> Response {
+    if let Some(refused) = forged(caller, form) {
+        return refused;
+    }
+    let (key, mut argv) = match key(form).and_then(|key| Ok((key, argv?))) {
+        Ok(both) => both,
+        Err(missing) => return (StatusCode::BAD_REQUEST, missing).into_response(),
+    };
+    argv.insert(0, "requests".into());
+    argv.push(format!("--key={key}"));
+    let ran = console.command(argv).await;
+    match caller {
+        Caller::Bearer => console.changed(caller, "/requests", ran),
+        Caller::Session { .. } => request_page(console, caller, &key, None, Some(ran)).await,
     }
 }
 

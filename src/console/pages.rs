@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::{Frame, RequestsView};
 use crate::rules::explain::RuleTrace;
-use crate::state::{AuditEntry, DeadLetter, DeadLetterReason, Held};
+use crate::state::{AuditEntry, DeadLetter, DeadLetterReason};
 
 pub const STYLESHEET: &str = include_str!("console.css");
 
@@ -147,74 +147,30 @@ pub fn overview(frame: &Frame, status: &Value, rule_files: &[String]) -> Markup 
     )
 }
 
-/// A request not done yet: a dead letter, or held while its action is paused.
-pub struct OpenRequest {
-    pub what: String,
-    pub action: String,
-    pub request_id: String,
-    pub regulation: String,
-    pub arrival_time: String,
-    pub due_date: String,
-}
-
-impl OpenRequest {
-    pub fn of_letter(id: u64, letter: &DeadLetter) -> Self {
-        let (action, request_id, regulation) = match &letter.reason {
-            DeadLetterReason::ActionFailed {
-                action,
-                request_id,
-                regulation,
-                ..
-            } => (action.clone(), request_id.clone(), regulation.clone()),
-            // Not a request yet (a rule or the reading failed): counted from its arrival
-            // with the shorter deadline.
-            _ => (String::new(), String::new(), String::new()),
-        };
-        let due = crate::state::due_date(
-            &letter.arrival_time,
-            if regulation.is_empty() {
-                "GDPR"
-            } else {
-                &regulation
-            },
-        );
-        OpenRequest {
-            what: format!("dead letter {id} ({})", letter.reason.kind()),
-            action,
-            request_id,
-            regulation,
-            arrival_time: letter.arrival_time.clone(),
-            due_date: due,
-        }
-    }
-
-    pub fn of_held(held: &Held) -> Self {
-        OpenRequest {
-            what: "held (action paused)".into(),
-            action: held.action.clone(),
-            request_id: held.request_id.clone(),
-            regulation: held.regulation.clone(),
-            arrival_time: held.arrival_time.clone(),
-            due_date: crate::state::due_date(&held.arrival_time, &held.regulation),
-        }
-    }
-
-    fn urgency(&self, now: jiff::Timestamp) -> &'static str {
-        let Ok(due) = self.due_date.parse::<jiff::Timestamp>() else {
-            return "";
-        };
-        if due <= now {
-            "overdue"
-        } else if due.duration_since(now).as_hours() < DUE_SOON_DAYS * 24 {
-            "due-soon"
-        } else {
-            ""
-        }
+/// How a due date stands against now: "overdue", "due-soon" (the rows' classes), or "".
+fn urgency(due_ms: u64, now_ms: u64) -> &'static str {
+    if now_ms > due_ms {
+        "overdue"
+    } else if due_ms - now_ms < DUE_SOON_DAYS as u64 * 24 * 3600 * 1000 {
+        "due-soon"
+    } else {
+        ""
     }
 }
 
-pub fn requests(frame: &Frame, view: &RequestsView, lookup: Option<&[Value]>) -> Markup {
-    let now = jiff::Timestamp::now();
+/// A request looked up by its key, and what was just done to it.
+pub struct Lookup {
+    /// `requests show --format json`, or the command's error (no such request).
+    pub request: Result<Value, String>,
+    /// `audit lookup`'s lines, when an action was chosen.
+    pub audit: Option<Vec<Value>>,
+    /// A change just asked: whether it was done, and what the command said.
+    pub change: Option<(bool, String)>,
+}
+
+pub fn requests(frame: &Frame, view: &RequestsView, lookup: Option<&Lookup>) -> Markup {
+    let now = crate::clock::now_ms();
+    let time = |ms: u64| crate::clock::rfc3339(ms as i64);
     layout(
         "Requests",
         Some(frame),
@@ -224,35 +180,48 @@ pub fn requests(frame: &Frame, view: &RequestsView, lookup: Option<&[Value]>) ->
                 p.hint { "The key is hashed by the daemon; it is neither stored nor shown." }
                 form #lookup method="post" action="/requests/lookup" {
                     (csrf(frame))
-                    label for="lookup-action" { "Action" }
+                    label for="lookup-key" { "Key (the rule's decision key)" }
+                    (key_field("lookup-key"))
+                    label for="lookup-action" { "Audit trail of" }
                     select #lookup-action name="action" {
+                        option value="" { "(no action)" }
                         @for action in &view.actions { option value=(action) { (action) } }
                     }
-                    label for="lookup-key" { "Key (the rule's decision key)" }
-                    input #lookup-key name="key" type="text" autocomplete="off" required;
                     button #lookup-submit type="submit" { "Look up" }
                 }
-                @if let Some(lines) = lookup { (lookup_result(lines)) }
+                @if let Some(lookup) = lookup { (looked_up(frame, lookup)) }
+            }
+            section {
+                h2 { "Requests by status" }
+                table #request-counts {
+                    thead { tr {
+                        @for status in view.counts.by_status.keys() { th { (status) } }
+                        th { "overdue" }
+                    } }
+                    tbody { tr {
+                        @for n in view.counts.by_status.values() { td.num { (n) } }
+                        td.num.overdue { (view.counts.overdue) }
+                    } }
+                }
             }
             section {
                 h2 { "Open requests, by due date" }
-                @if view.open.is_empty() { p { "None: every request is done." } }
+                @if view.open.is_empty() { p { "None: every request is answered." } }
                 @else {
                     table #open-requests {
-                        thead { tr { th { "Due" } th { "What" } th { "Action" } th { "Regulation" } th { "Arrived" } th { "Request id" } } }
+                        thead { tr { th { "Due" } th { "Status" } th { "Request" } } }
                         tbody {
-                            @for request in &view.open {
-                                tr class=(request.urgency(now)) {
-                                    td { (request.due_date) }
-                                    td { (request.what) }
-                                    td { (request.action) }
-                                    td { (request.regulation) }
-                                    td { (request.arrival_time) }
-                                    td.mono { (short(&request.request_id)) }
+                            @for (id, request) in &view.open {
+                                @let urgency = urgency(request.due_ms, now);
+                                tr class=(urgency) {
+                                    td { (time(request.due_ms)) @if urgency == "overdue" { " (overdue)" } }
+                                    td.status { (request.status.as_str()) }
+                                    td.mono { (short(id)) }
                                 }
                             }
                         }
                     }
+                    @if view.more > 0 { p.hint { (view.more) " more, due later, not listed." } }
                 }
             }
             section {
@@ -263,6 +232,143 @@ pub fn requests(frame: &Frame, view: &RequestsView, lookup: Option<&[Value]>) ->
     )
 }
 
+/// The field an operator types a request's key into: never filled in by the console.
+fn key_field(id: &str) -> Markup {
+    html! { input id=(id) name="key" type="text" autocomplete="off" required; }
+}
+
+/// A looked-up request: what was just done to it, the request as `requests show` tells
+/// it, the forms that change it, and the chosen action's audit trail.
+fn looked_up(frame: &Frame, lookup: &Lookup) -> Markup {
+    let text = |v: &Value| match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    html! {
+        @match &lookup.change {
+            Some((true, said)) => p #change-done .ok { (said) },
+            Some((false, said)) => p #change-error .error { (said) },
+            None => {},
+        }
+        @match &lookup.request {
+            Err(error) => p #request-none { (error) },
+            Ok(r) => {
+                h3 { "The request" }
+                table #request {
+                    tbody {
+                        tr { th { "Request" } td.mono #request-hash { (text(&r["request"])) } }
+                        tr { th { "Status" } td #request-status { (text(&r["status"])) } }
+                        tr { th { "Regulation" } td { (text(&r["regulation"])) } }
+                        tr { th { "Rule" } td { (text(&r["rule"])) } }
+                        tr { th { "Arrived" } td { (text(&r["arrival_time"])) } }
+                        tr.overdue[r["overdue"] == true] {
+                            th { "Due" }
+                            td #request-due { (text(&r["due_date"])) @if r["overdue"] == true { " (overdue)" } }
+                        }
+                        @if r["due_date"] != r["original_due_date"] {
+                            tr { th { "Due before extension" } td { (text(&r["original_due_date"])) } }
+                        }
+                        @if !r["completed_at"].is_null() {
+                            tr { th { "Complete" } td { (text(&r["completed_at"])) } }
+                        }
+                        @let e = &r["extension"];
+                        @if !e.is_null() {
+                            tr #request-extension { th { "Extended" } td { (text(&e["at"])) " by " (text(&e["by"])) ": " (text(&e["reason"])) } }
+                        }
+                        @let h = &r["hold"];
+                        @if !h.is_null() {
+                            tr #request-hold { th { "Legal hold" } td { "since " (text(&h["since"])) " by " (text(&h["by"])) ": " (text(&h["reason"])) } }
+                        }
+                        @let d = &r["denial"];
+                        @if !d.is_null() {
+                            tr #request-denial { th { "Denied" } td { (text(&d["at"])) " by " (text(&d["by"])) ": " (text(&d["code"]))
+                                @if !d["note"].is_null() { " (" (text(&d["note"])) ")" } } }
+                        }
+                    }
+                }
+                h3 { "Actions" }
+                table #request-actions {
+                    thead { tr { th { "Action" } th { "Status" } th { "Attempts" } th { "HTTP" } th { "Job" } th { "Dead letter" } th { "Done" } th { "Error" } } }
+                    tbody {
+                        @for (name, a) in r["actions"].as_object().into_iter().flatten() {
+                            tr {
+                                td { (name) }
+                                td.status { (text(&a["status"])) }
+                                td.num { (text(&a["attempts"])) }
+                                td { (text(&a["http_status"])) }
+                                td { (text(&a["job_id"])) }
+                                td { @if let Some(id) = a["dead_letter"].as_u64() { a href=(format!("/dead-letters#letter-{id}")) { (id) } } }
+                                td { (text(&a["done_at"])) }
+                                td.error { (text(&a["error"])) }
+                            }
+                        }
+                    }
+                }
+                h3 { "Timeline" }
+                table #request-timeline {
+                    thead { tr { th { "Time" } th { "Event" } th { "Action" } th { "Note" } th { "By" } } }
+                    tbody {
+                        @for e in r["timeline"].as_array().into_iter().flatten() {
+                            tr {
+                                td { (text(&e["time"])) }
+                                td.event { (text(&e["event"])) }
+                                td { (text(&e["action"])) }
+                                td { (text(&e["note"])) }
+                                td.by { (text(&e["by"])) }
+                            }
+                        }
+                    }
+                }
+                @let status = r["status"].as_str().unwrap_or_default();
+                @if !["complete", "denied"].contains(&status) { (change_forms(frame, !r["hold"].is_null())) }
+            }
+        }
+        @if let Some(lines) = &lookup.audit { (lookup_result(lines)) }
+    }
+}
+
+/// The changes an open request takes. Each form asks for the key again: the console never
+/// writes it into a page.
+fn change_forms(frame: &Frame, held: bool) -> Markup {
+    html! {
+        h3 { "Change this request" }
+        p.hint { "Type the request's key again in the form you use." }
+        div #request-changes {
+            form #extend method="post" action="/requests/extend" {
+                (csrf(frame))
+                (key_field("extend-key"))
+                input name="reason" type="text" placeholder="reason (required)" required;
+                button type="submit" { "Extend the due date (once)" }
+            }
+            @if held {
+                form #release method="post" action="/requests/release" {
+                    (csrf(frame))
+                    (key_field("release-key"))
+                    button type="submit" { "Release the legal hold" }
+                }
+            } @else {
+                form #hold method="post" action="/requests/hold" {
+                    (csrf(frame))
+                    (key_field("hold-key"))
+                    input name="reason" type="text" placeholder="reason (required)" required;
+                    button type="submit" { "Put on legal hold" }
+                }
+            }
+            form #deny method="post" action="/requests/deny" {
+                (csrf(frame))
+                (key_field("deny-key"))
+                select name="reason_code" required {
+                    option value="" { "basis of the denial…" }
+                    @for code in crate::requests::DENIAL_CODES { option value=(code) { (code.replace('_', " ")) } }
+                }
+                input name="note" type="text" placeholder="note to the person (optional)";
+                button type="submit" { "Deny" }
+            }
+        }
+    }
+}
+
 fn lookup_result(lines: &[Value]) -> Markup {
     let entries: Vec<&Value> = lines
         .iter()
@@ -270,6 +376,7 @@ fn lookup_result(lines: &[Value]) -> Markup {
         .collect();
     let summary = lines.iter().find(|l| l.get("found").is_some());
     html! {
+        h3 { "Audit trail of the action" }
         @if entries.is_empty() {
             p #lookup-none { "No request with that action and key is in the audit trail." }
         } @else {
@@ -593,5 +700,121 @@ fn age(ms: u64) -> String {
         120..=7199 => format!("{} min", s / 60),
         7200..=172_799 => format!("{} h", s / 3600),
         _ => format!("{} days", s / 86_400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::requests::Status;
+    use crate::state::{OpenRequest, RequestGauges};
+
+    const DAY_MS: u64 = 24 * 3600 * 1000;
+
+    fn frame() -> Frame {
+        Frame {
+            csrf: "c".into(),
+            message: None,
+        }
+    }
+
+    fn view(open: Vec<(String, OpenRequest)>, more: usize) -> RequestsView {
+        RequestsView {
+            open,
+            more,
+            counts: RequestGauges::default(),
+            per_day: Vec::new(),
+            actions: vec!["purge_db".into()],
+        }
+    }
+
+    fn open(id: &str, status: Status, due_ms: u64) -> (String, OpenRequest) {
+        (id.repeat(64), OpenRequest { status, due_ms })
+    }
+
+    #[test]
+    fn open_requests_past_due_are_marked_overdue_and_those_due_soon_stand_out() {
+        let now = crate::clock::now_ms();
+        let page = requests(
+            &frame(),
+            &view(
+                vec![
+                    open("a", Status::Failed, now - DAY_MS),
+                    open("b", Status::Held, now + DAY_MS),
+                    open("c", Status::Open, now + 20 * DAY_MS),
+                ],
+                3,
+            ),
+            None,
+        )
+        .into_string();
+        let row = |id: &str| {
+            let at = page.find(&id.repeat(16)).unwrap();
+            let start = page[..at].rfind("<tr").unwrap();
+            page[start..at + page[at..].find("</tr>").unwrap()].to_owned()
+        };
+        assert!(row("a").contains(r#"class="overdue""#), "{}", row("a"));
+        assert!(row("a").contains("(overdue)") && row("a").contains("failed"));
+        assert!(row("b").contains(r#"class="due-soon""#), "{}", row("b"));
+        assert!(!row("c").contains("overdue") && !row("c").contains("due-soon"));
+        assert!(page.contains("3 more"), "{page}");
+    }
+
+    fn shown(status: &str, hold: bool) -> Value {
+        serde_json::json!({
+            "request": "ab".repeat(32), "status": status, "regulation": "GDPR", "rule": "r",
+            "arrival_time": "2026-01-01T00:00:00Z", "due_date": "2026-01-31T00:00:00Z",
+            "original_due_date": "2026-01-31T00:00:00Z", "overdue": false, "completed_at": null,
+            "extension": null, "denial": null,
+            "hold": if hold { serde_json::json!({"since": "2026-01-02T00:00:00Z", "by": "console", "reason": "law"}) } else { Value::Null },
+            "actions": {"purge_db": {"status": "held", "attempts": 0}}, "timeline": [],
+        })
+    }
+
+    fn page_of(lookup: Lookup) -> String {
+        requests(&frame(), &view(Vec::new(), 0), Some(&lookup)).into_string()
+    }
+
+    #[test]
+    fn an_open_request_offers_its_changes_an_answered_one_none() {
+        let held = page_of(Lookup {
+            request: Ok(shown("held", true)),
+            audit: None,
+            change: None,
+        });
+        for form in [r#"id="extend""#, r#"id="release""#, r#"id="deny""#] {
+            assert!(held.contains(form), "{form}");
+        }
+        assert!(!held.contains(r#"id="hold""#));
+        let open = page_of(Lookup {
+            request: Ok(shown("failed", false)),
+            audit: None,
+            change: None,
+        });
+        assert!(open.contains(r#"id="hold""#) && !open.contains(r#"id="release""#));
+        for status in ["complete", "denied"] {
+            let page = page_of(Lookup {
+                request: Ok(shown(status, false)),
+                audit: None,
+                change: None,
+            });
+            assert!(!page.contains("request-changes"), "{status}");
+        }
+    }
+
+    #[test]
+    fn a_refused_change_shows_as_an_error_and_an_unknown_key_says_so() {
+        let page = page_of(Lookup {
+            request: Ok(shown("failed", false)),
+            audit: None,
+            change: Some((false, "the request was extended already".into())),
+        });
+        assert!(page.contains(r#"id="change-error""#) && !page.contains("change-done"));
+        let page = page_of(Lookup {
+            request: Err("no request with this key has been seen".into()),
+            audit: None,
+            change: None,
+        });
+        assert!(page.contains(r#"id="request-none""#) && !page.contains(r#"id="request""#));
     }
 }

@@ -781,7 +781,7 @@ impl LocalState {
     }
 
     /// The open requests, and how many were completed and denied.
-    pub fn request_counts(&self) -> Result<(Vec<(String, OpenRequest)>, u64, u64), StateError> {
+    pub fn request_counts(&self) -> Result<RequestCounts, StateError> {
         let err = self.db_err("cannot read the requests");
         let tx = self.read_tx(&err)?;
         let meta = tx.open_table(META).map_err(|e| err(e.into()))?;
@@ -803,7 +803,11 @@ impl LocalState {
             Err(redb::TableError::TableDoesNotExist(_)) => {}
             Err(e) => return Err(err(e.into())),
         }
-        Ok((open, complete, denied))
+        Ok(RequestCounts {
+            open,
+            complete,
+            denied,
+        })
     }
 
     pub fn new_job_id(&self) -> u64 {

@@ -445,6 +445,13 @@ impl OpenRequest {
     }
 }
 
+/// The open requests (keyed hash, what the open index keeps), and how many were answered.
+pub struct RequestCounts {
+    pub open: Vec<(String, OpenRequest)>,
+    pub complete: u64,
+    pub denied: u64,
+}
+
 /// Requests by status and how late the open ones are, for the metrics.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RequestGauges {
@@ -787,7 +794,11 @@ impl State {
 
     /// Requests by status, and how late the open ones are.
     pub fn request_gauges(&self, now_ms: u64) -> Result<RequestGauges, StateError> {
-        let (open, complete, denied) = each!(self, s => s.request_counts())?;
+        let RequestCounts {
+            open,
+            complete,
+            denied,
+        } = each!(self, s => s.request_counts())?;
         let mut gauges = RequestGauges::default();
         for status in Status::ALL {
             gauges.by_status.insert(status.as_str(), 0);
@@ -808,7 +819,7 @@ impl State {
 
     /// The requests still owed an answer (keyed hash, status, due date), soonest due first.
     pub fn open_requests(&self) -> Result<Vec<(String, OpenRequest)>, StateError> {
-        let (mut open, _, _) = each!(self, s => s.request_counts())?;
+        let mut open = each!(self, s => s.request_counts())?.open;
         open.sort_by_key(|(_, r)| r.due_ms);
         Ok(open)
     }

@@ -350,7 +350,7 @@ impl SharedState {
     }
 
     /// The open requests, and how many were completed and denied.
-    pub fn request_counts(&self) -> Result<(Vec<(String, OpenRequest)>, u64, u64), StateError> {
+    pub fn request_counts(&self) -> Result<RequestCounts, StateError> {
         self.run(|inner| async move {
             let mut open = Vec::new();
             for item in inner.query("open", None, None, usize::MAX, true).await? {
@@ -362,7 +362,11 @@ impl SharedState {
             };
             let complete = counter(inner.get("meta", "counter#requests_complete").await?);
             let denied = counter(inner.get("meta", "counter#requests_denied").await?);
-            Ok((open, complete, denied))
+            Ok(RequestCounts {
+                open,
+                complete,
+                denied,
+            })
         })
     }
 

@@ -253,7 +253,7 @@ async fn the_state_and_the_audit_trail_hold_no_identifier() {
     assert_eq!(refused["regulation"], "GDPR");
     assert_eq!(refused["rule"], "acme_gdpr_delete_user");
     assert!(refused["due_date"].as_str().unwrap().ends_with('Z'));
-    assert_eq!(csv.lines().count(), 9);
+    assert_eq!(csv.lines().count(), 16);
     assert!(csv.starts_with("time,rule,rules_hash,action,request_id,outcome,"));
 
     // The lookup hashes the key it is given and finds the request.
@@ -360,8 +360,8 @@ async fn a_refusal_waits_for_an_operator_and_retry_completes_it() {
         ],
         "{jsonl}"
     );
-    assert_eq!(audit[3]["request_id"], letters[0]["request_id"]);
-    assert_eq!(audit[4]["note"], "user re-activated the account");
+    assert_eq!(audit[4]["request_id"], letters[0]["request_id"]);
+    assert_eq!(audit[6]["note"], "user re-activated the account");
     // A time window.
     let (_, none, _) = ws.run(&[
         "audit",

@@ -361,6 +361,232 @@ async fn an_operator_works_through_the_console_in_chromium() {
     );
 }
 
+/// The requests page over the obligations: the open requests with their status and due
+/// date; a request looked up by its key as `requests show` tells it; extended (once: a
+/// second extension is refused), put on legal hold and denied from its forms, each change
+/// the CLI's command, audited as by the console. The key is typed, never shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_extends_holds_and_denies_requests_in_the_console() {
+    const EXTENDED: &str = "obl-extend-k4p8";
+    const DENIED: &str = "obl-deny-w2m6";
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    // Every call refused: both requests stay open (failed, in dead letters).
+    let backend = Backend::with_behaviour(Duration::ZERO, |_, _| 400).await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    ws.with_console();
+    let config = ws.config();
+    let config = config.to_str().unwrap();
+    let run = |args: &[&str]| tokio::task::block_in_place(|| ws.run(args));
+    let shown = |key: &str| {
+        let (code, out, err) = run(&[
+            "requests", "show", "--config", config, "--format", "json", "--key", key,
+        ]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<Value>(&out).unwrap()
+    };
+    let daemon = ws.start_daemon_with_env(&[], &[("CONSOLE_TOKEN", CONSOLE_TOKEN)]);
+    let console = format!("http://{}", console_address(&daemon).await);
+    let records: Vec<(String, Vec<u8>)> = [(EXTENDED, "obl-user-1"), (DENIED, "obl-user-2")]
+        .iter()
+        .map(|(key, user)| {
+            (
+                key.to_string(),
+                deletion(key, user).to_string().into_bytes(),
+            )
+        })
+        .collect();
+    put(&client, "events", &records).await;
+    wait_until(Duration::from_secs(30), "2 dead letters", || {
+        ws.dead_letters().len() == 2
+    })
+    .await;
+    let (first, second) = (shown(EXTENDED), shown(DENIED));
+    let hash = |r: &Value| r["request"].as_str().unwrap().to_owned();
+
+    let browser = Browser::start().await;
+    browser.goto(&format!("{console}/login")).await;
+    browser.fill("#token", CONSOLE_TOKEN).await;
+    browser.submit("#login-submit").await;
+    browser.goto(&format!("{console}/requests")).await;
+    // Both open, soonest due first, with their status and due date; counted by status.
+    let rows = browser.find_all("#open-requests tbody tr").await;
+    assert_eq!(rows.len(), 2);
+    let listed = browser.text("#open-requests").await;
+    for r in [&first, &second] {
+        assert_eq!(r["status"], "failed", "{r}");
+        let row = listed
+            .lines()
+            .find(|l| l.contains(&hash(r)[..16]))
+            .unwrap_or_else(|| panic!("{} not listed: {listed}", hash(r)));
+        assert!(row.contains(r["due_date"].as_str().unwrap()), "{row}");
+        assert!(row.contains("failed"), "{row}");
+    }
+    let counts = browser.find_all("#request-counts td").await;
+    let mut texts = Vec::new();
+    for cell in counts {
+        texts.push(cell.text().await.unwrap());
+    }
+    let heads = browser.find_all("#request-counts th").await;
+    let failed = {
+        let mut at = None;
+        for (i, head) in heads.iter().enumerate() {
+            if head.text().await.unwrap() == "failed" {
+                at = Some(i);
+            }
+        }
+        at.expect("no failed count")
+    };
+    assert_eq!(texts[failed], "2", "{texts:?}");
+
+    // Looked up: what `requests show` says; then extended from its form.
+    browser.fill("#lookup input[name=key]", EXTENDED).await;
+    browser.submit("#lookup button").await;
+    assert_eq!(browser.text("#request-hash").await, hash(&first));
+    assert_eq!(browser.text("#request-status").await, "failed");
+    assert_eq!(
+        browser.text("#request-due").await,
+        first["due_date"].as_str().unwrap()
+    );
+    assert!(
+        !browser.source().await.contains(EXTENDED),
+        "the key is shown"
+    );
+    browser.fill("#extend input[name=key]", EXTENDED).await;
+    browser
+        .fill(
+            "#extend input[name=reason]",
+            "complex request: many systems",
+        )
+        .await;
+    browser.submit("#extend button").await;
+    assert_eq!(browser.path().await, "/requests/extend");
+    let extended = shown(EXTENDED);
+    let due = extended["due_date"].as_str().unwrap();
+    assert_ne!(due, first["due_date"].as_str().unwrap());
+    assert!(browser.text("#change-done").await.contains(due));
+    assert_eq!(browser.text("#request-due").await, due);
+    assert!(browser.exists("#request-extension").await);
+    assert!(
+        !browser.source().await.contains(EXTENDED),
+        "the key is shown"
+    );
+    browser.screenshot("request").await;
+    // Once only: the second is refused, and the page says so.
+    browser.fill("#extend input[name=key]", EXTENDED).await;
+    browser.fill("#extend input[name=reason]", "again").await;
+    browser.submit("#extend button").await;
+    let refusal = browser.text("#change-error").await;
+    assert!(refusal.contains("extended already"), "{refusal}");
+    assert!(!browser.exists("#change-done").await);
+    assert_eq!(
+        shown(EXTENDED)["due_date"],
+        extended["due_date"],
+        "{refusal}"
+    );
+
+    // A form without its CSRF token, or without a reason, changes nothing; a script with
+    // the token gets the refusal as JSON.
+    let http = http_client();
+    let session = browser.client.get_named_cookie("gc_session").await.unwrap();
+    let cookie = format!("gc_session={}", session.value());
+    let answer = http
+        .post(format!("{console}/requests/hold"))
+        .header("cookie", &cookie)
+        .form(&[("key", DENIED), ("reason", "forged")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 403);
+    let answer = http
+        .post(format!("{console}/requests/hold"))
+        .bearer_auth(CONSOLE_TOKEN)
+        .form(&[("key", DENIED), ("reason", " ")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 400);
+    assert_eq!(shown(DENIED)["status"], "failed");
+    let answer = http
+        .post(format!("{console}/requests/extend"))
+        .bearer_auth(CONSOLE_TOKEN)
+        .form(&[("key", EXTENDED), ("reason", "a third time")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 409);
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(body["exit"], 1, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("extended already"),
+        "{body}"
+    );
+
+    // The other request: on legal hold, then denied.
+    browser.fill("#lookup input[name=key]", DENIED).await;
+    browser.submit("#lookup button").await;
+    assert_eq!(browser.text("#request-hash").await, hash(&second));
+    browser.fill("#hold input[name=key]", DENIED).await;
+    browser
+        .fill("#hold input[name=reason]", "litigation hold 2026-17")
+        .await;
+    browser.submit("#hold button").await;
+    browser.wait_for("#change-done").await;
+    assert_eq!(browser.text("#request-status").await, "held");
+    assert!(browser.exists("#request-hold").await && browser.exists("#release").await);
+    assert_eq!(shown(DENIED)["status"], "held");
+    browser.fill("#deny input[name=key]", DENIED).await;
+    browser
+        .select("#deny select[name=reason_code]", "legal_obligation")
+        .await;
+    browser.fill("#deny input[name=note]", "kept by law").await;
+    browser.submit("#deny button").await;
+    browser.wait_for("#change-done").await;
+    assert_eq!(browser.text("#request-status").await, "denied");
+    assert!(browser
+        .text("#request-denial")
+        .await
+        .contains("legal_obligation"));
+    assert!(
+        !browser.exists("#deny").await,
+        "a denied request offers changes"
+    );
+    assert_eq!(shown(DENIED)["status"], "denied");
+    // Answered: no longer listed as open.
+    browser.goto(&format!("{console}/requests")).await;
+    let listed = browser.text("#open-requests").await;
+    assert!(listed.contains(&hash(&first)[..16]), "{listed}");
+    assert!(!listed.contains(&hash(&second)[..16]), "{listed}");
+    browser.close().await;
+
+    // The audit trail: each change by the console.
+    let (code, jsonl, err) = run(&["audit", "export", "--format", "jsonl", "--config", config]);
+    assert_eq!(code, 0, "{err}");
+    let entries = json_lines(&jsonl);
+    let by_console = |outcome: &str, r: &Value| -> Vec<Value> {
+        entries
+            .iter()
+            .filter(|e| e["outcome"] == outcome && e["request"] == r["request"])
+            .cloned()
+            .collect()
+    };
+    for (outcome, r) in [
+        ("extended", &first),
+        ("legal_hold", &second),
+        ("denied", &second),
+    ] {
+        let found = by_console(outcome, r);
+        assert_eq!(found.len(), 1, "{outcome}: {jsonl}");
+        assert_eq!(found[0]["by"], "console", "{outcome}: {jsonl}");
+    }
+    assert_eq!(
+        by_console("denied", &second)[0]["denial_code"],
+        "legal_obligation"
+    );
+    assert!(daemon.stop().success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_refuses_no_auth_a_missing_csrf_token_and_guessed_tokens() {
     let kinesis = Kinesalite::start();

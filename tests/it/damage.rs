@@ -109,7 +109,10 @@ async fn a_retry_that_cannot_build_its_request_keeps_the_letter_as_it_was() {
     assert_eq!(received[1].idempotency_key, received[0].idempotency_key);
     assert!(ws.dead_letters().is_empty());
     let (_, jsonl, _) = ws.run(&["audit", "export", "--config", config]);
-    let last = json_lines(&jsonl).pop().unwrap();
+    let mut audit = json_lines(&jsonl);
+    // Its one action done, the request is complete.
+    assert_eq!(audit.pop().unwrap()["outcome"], "complete");
+    let last = audit.pop().unwrap();
     assert_eq!(last["outcome"], "done");
     assert_eq!(last["dead_letter"].to_string(), id);
 }

@@ -82,7 +82,11 @@ async fn every_state_command_works_while_the_daemon_runs() {
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!((a.0, b.0), (0, 0));
     assert_eq!(a.1, b.1);
-    assert_eq!(json_lines(&a.1).len(), 3);
+    let decisions = json_lines(&a.1)
+        .into_iter()
+        .filter(|e| e["outcome"] != "complete")
+        .count();
+    assert_eq!(decisions, 3, "{}", a.1);
 
     // What the running daemon will not do, it says.
     let (code, _, err) = run(&["checkpoints", "reset", "--all", "--config", config]);

@@ -688,16 +688,17 @@ async fn a_request_fanned_out_to_two_jobs_is_complete_only_when_both_are_done() 
     for column in ["request", "nature", "denial_code"] {
         assert!(header.contains(&column), "{header:?}");
     }
-    // Each action says how often its job was polled.
+    // A waiting job: how often it was polled, what it last said; none once done.
     for action in ["purge_db", "purge_mail"] {
         assert!(
             pending["actions"][action]["polls"].as_u64() >= Some(1),
             "{pending:#}"
         );
-        assert!(
-            stopped["actions"][action]["polls"].as_u64() >= Some(1),
-            "{stopped:#}"
+        assert_eq!(
+            pending["actions"][action]["last_status"], "pending",
+            "{pending:#}"
         );
+        assert_eq!(stopped["actions"][action]["polls"], 0, "{stopped:#}");
     }
 }
 

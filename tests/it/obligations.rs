@@ -45,6 +45,7 @@ struct JobsState {
 /// /mail/{user}` answer 202 `{"job":{"id":"N"}}` (`/mail/`: the number N); `GET /jobs/N`
 /// answers `pending` for the first `pending_polls` polls (or while the job's path holds a
 /// stuck fragment), then `completed`, or `failed` for users whose name holds "fail" (until
+/// `fixed`); submissions for users whose name holds "busy" are answered 503 (until
 /// `fixed`). `POST /plain/{user}` is a synchronous deletion: 200 at once; `POST
 /// /nojob/{user}` answers 202 without a job id.
 struct JobBackend {
@@ -130,6 +131,14 @@ impl JobBackend {
                             job: None,
                         });
                         return reply(202, json!({"accepted": true}));
+                    }
+                    if path.contains("busy") && !fixed.load(SeqCst) {
+                        state.submissions.push(Submission {
+                            path,
+                            idempotency_key,
+                            job: None,
+                        });
+                        return reply(503, json!({"error": "busy"}));
                     }
                     if path.starts_with("/db/") || path.starts_with("/mail/") {
                         state.next_id += 1;
@@ -921,6 +930,102 @@ async fn a_job_never_ending_is_given_up_and_one_without_an_id_is_a_dead_letter()
         nojob["actions"]["purge_nojob"]["job_id"].is_null(),
         "{nojob:#}"
     );
+}
+
+/// Retrying a dead letter sends an action: not for a denied request (nothing more is
+/// sent for it), nor for a held one until it is released; neither the daemon's own retries
+/// nor an operator's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_send_nothing_for_a_denied_request_nor_for_a_held_one_until_released() {
+    let s = setup(1).await;
+    // One attempt each, then a dead letter the daemon retries every second.
+    let text = std::fs::read_to_string(s.ws.config()).unwrap();
+    let text = text
+        .replace("max_attempts = 4", "max_attempts = 1")
+        .replace(
+            "[state]\n",
+            "[state]\ndead_letter_retry_interval_ms = 1000\n",
+        );
+    std::fs::write(s.ws.config(), text).unwrap();
+    let cli = Cli::new(&s.ws);
+    let daemon = start(&s.ws).await;
+    put(
+        &s.client,
+        "events",
+        &[
+            erase("r-b1", "busy-1", "GDPR", &["purge_db"]), // to deny
+            erase("r-b2", "busy-2", "GDPR", &["purge_db"]), // to hold
+            erase("r-f3", "fail-3", "GDPR", &["purge_db"]), // to deny
+            erase("r-b4", "busy-4", "GDPR", &["purge_db"]), // left alone
+        ],
+    )
+    .await;
+    for key in ["r-b1", "r-b2", "r-f3", "r-b4"] {
+        cli.wait_status(key, "failed").await;
+    }
+    let letters = cli.letters();
+    assert_eq!(letters.len(), 4, "{letters:#?}");
+    for (key, code) in [("r-b1", "insufficient_verification"), ("r-f3", "other")] {
+        cli.expect(
+            0,
+            &["requests", "deny", "--key", key, "--reason-code", code],
+        );
+    }
+    cli.expect(
+        0,
+        &[
+            "requests",
+            "hold",
+            "--key",
+            "r-b2",
+            "--reason",
+            "litigation",
+        ],
+    );
+    let before = |path: &str| s.jobs.count(path);
+    let (b1, b2, f3) = (
+        before("/db/busy-1"),
+        before("/db/busy-2"),
+        before("/db/fail-3"),
+    );
+    s.jobs.fixed.store(true, SeqCst);
+
+    // The daemon's retries: the request left alone is sent and completes...
+    cli.wait_status("r-b4", "complete").await;
+    // ... and an operator's, of every letter.
+    for letter in &letters {
+        let id = letter["id"].as_u64().unwrap().to_string();
+        let _ = cli.run(&["dead-letters", "retry", "--id", &id]);
+    }
+    // Another round of the daemon's retries after the operator's.
+    let polls = s.jobs.polls();
+    put(
+        &s.client,
+        "events",
+        &[erase("r-m", "marker", "GDPR", &["purge_db"])],
+    )
+    .await;
+    cli.wait_status("r-m", "complete").await;
+    wait_until(Duration::from_secs(30), "polls", || s.jobs.polls() > polls).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(s.jobs.count("/db/busy-1"), b1, "a denied request was sent");
+    assert_eq!(s.jobs.count("/db/fail-3"), f3, "a denied request was sent");
+    assert_eq!(s.jobs.count("/db/busy-2"), b2, "a held request was sent");
+    assert_eq!(cli.show("r-b1")["status"], "denied");
+    assert_eq!(cli.show("r-b2")["status"], "held");
+
+    // Released: its letter is retried (by the daemon, or an operator's retry of every
+    // letter, which still sends nothing for the denied ones) and the request completes.
+    cli.expect(0, &["requests", "release", "--key", "r-b2"]);
+    for letter in cli.letters() {
+        let id = letter["id"].as_u64().unwrap().to_string();
+        let _ = cli.run(&["dead-letters", "retry", "--id", &id]);
+    }
+    let shown = cli.wait_status("r-b2", "complete").await;
+    assert!(shown["hold"].is_null(), "{shown:#}");
+    stop(daemon);
+    assert_eq!(s.jobs.count("/db/busy-1"), b1, "a denied request was sent");
+    assert_eq!(s.jobs.count("/db/fail-3"), f3, "a denied request was sent");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

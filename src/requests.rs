@@ -726,6 +726,19 @@ impl Report {
         self
     }
 
+    /// The regulations in the order reports list them: GDPR, CCPA, then any other.
+    fn in_order(&self) -> impl Iterator<Item = (&String, &Figures)> {
+        let rank = |name: &str| {
+            REGULATIONS
+                .iter()
+                .position(|r| *r == name)
+                .unwrap_or(usize::MAX)
+        };
+        let mut all: Vec<_> = self.regulations.iter().collect();
+        all.sort_by_key(|(name, _)| rank(name));
+        all.into_iter()
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
         let regulations: serde_json::Map<String, serde_json::Value> = self
             .regulations
@@ -761,7 +774,7 @@ impl Report {
         }
         out += ",median_days,mean_days,open,overdue\n";
         let number = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
-        for (name, f) in &self.regulations {
+        for (name, f) in self.in_order() {
             out += &format!(
                 "{name},{},{},{}",
                 f.received,
@@ -785,7 +798,7 @@ impl Report {
     pub fn to_human(&self) -> String {
         let mut out = format!("Privacy requests received in {}\n", self.year);
         let days = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
-        for (name, f) in &self.regulations {
+        for (name, f) in self.in_order() {
             let denied: u64 = f.denied.values().sum();
             out += &format!(
                 "\n{name}\n  received   {}\n  complied   {} (in whole or in part)\n  denied     {denied}\n",
@@ -961,6 +974,8 @@ mod tests {
         let ccpa = &report.regulations["CCPA"];
         assert_eq!((ccpa.received, ccpa.open, ccpa.overdue), (2, 1, 0));
         let csv = report.to_csv();
-        assert!(csv.contains("\nGDPR,5,3,1,1,0,0,0,0,2,3,1,1\n"), "{csv}");
+        let rows: Vec<&str> = csv.lines().collect();
+        assert_eq!(rows[1], "GDPR,5,3,1,1,0,0,0,0,2,3,1,1", "{csv}");
+        assert!(rows[2].starts_with("CCPA,2,1,0,"), "{csv}");
     }
 }

@@ -945,6 +945,12 @@ impl Telemetry {
                 "resuming": pause.resuming_since_ms.is_some(),
             })).collect::<Vec<_>>()),
             "requests_held": state.held_counts().ok(),
+            // Privacy requests by status, and how many are past their due date.
+            "requests": state.request_gauges(now_ms()).ok().map(|g| serde_json::json!({
+                "by_status": g.by_status,
+                "overdue": g.overdue,
+                "oldest_open_request_overdue_s": g.oldest_overdue_ms / 1000,
+            })),
             "fleet": self.fleet_json(state),
             "state": {"writable": self.state_fault().is_none(), "last_error": self.state_fault()},
         })

@@ -1347,6 +1347,45 @@ mod tests {
         assert!(!s.is_done(&[1; 32]).unwrap());
     }
 
+    /// CCPA §7101 asks for every request's record for 24 months: expiring the ledger (by
+    /// `ledger_retention_days`) leaves the audit trail and the request records whole.
+    #[test]
+    fn the_ledger_expires_the_audit_trail_and_the_requests_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir.path().join("s.redb"), Access::Run).unwrap();
+        let arrival = crate::requests::Arrival {
+            arrival_time: "2020-01-01T00:00:00Z".into(),
+            rule: "r".into(),
+            regulation: "CCPA".into(),
+        };
+        let done = crate::requests::Change::Action {
+            arrival,
+            action: "a".into(),
+            status: crate::requests::ActionStatus::Done,
+            attempts: 1,
+            http_status: Some(200),
+            sealed_job: None,
+            dead_letter: None,
+            error: None,
+        };
+        s.commit(Writes {
+            done: vec![[1; 32]],
+            requests: vec![("ab".into(), done)],
+            ..Writes::default()
+        })
+        .unwrap();
+        assert_eq!(s.expire_done(u64::MAX).unwrap(), 1);
+        let (_, request) = s.request(&["ab".into()]).unwrap().unwrap();
+        assert_eq!(request.status(), Status::Complete);
+        let audit = s.audit(0, u64::MAX).unwrap();
+        assert_eq!(audit.len(), 1, "{audit:?}");
+        assert_eq!(audit[0].outcome, "complete");
+        assert_eq!(audit[0].request.as_deref(), Some("ab"));
+        let gauges = s.request_gauges(crate::clock::now_ms()).unwrap();
+        assert_eq!(gauges.by_status["complete"], 1);
+        assert_eq!(gauges.overdue, 0);
+    }
+
     #[test]
     fn dead_letters_are_read_a_page_at_a_time() {
         let dir = tempfile::tempdir().unwrap();

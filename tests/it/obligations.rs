@@ -1497,11 +1497,8 @@ fn csv_as_json(csv: &str, year: i16) -> Value {
     let mut regulations = serde_json::Map::new();
     let rows: Vec<&str> = lines.collect();
     assert_eq!(rows.len(), 2, "{csv}");
-    for regulation in ["GDPR", "CCPA"] {
-        let row = rows
-            .iter()
-            .find(|r| r.starts_with(&format!("{regulation},")))
-            .unwrap_or_else(|| panic!("no {regulation} row: {csv}"));
+    for (row, regulation) in rows.iter().zip(["GDPR", "CCPA"]) {
+        assert!(row.starts_with(&format!("{regulation},")), "{csv}");
         let cells: Vec<&str> = row.split(',').collect();
         assert_eq!(cells.len(), 13, "{row}");
         let n = |i: usize| json!(cells[i].parse::<u64>().unwrap_or_else(|_| panic!("{row}")));
@@ -1713,6 +1710,22 @@ async fn the_report_and_the_metrics_count_what_each_request_shows() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    // The same on /status.
+    let (_, status) = get(&address, "/status").await;
+    let status: Value = serde_json::from_str(&status).unwrap();
+    let requests = &status["requests"];
+    for (name, value) in &want {
+        if let Some(label) = name.strip_prefix("gdpr_consumer_requests{status=\"") {
+            let label = label.trim_end_matches("\"}");
+            let got = requests["by_status"][label].as_u64().unwrap_or(0);
+            assert_eq!(got as f64, *value, "{label}: {status:#}");
+        }
+    }
+    assert_eq!(
+        requests["overdue"].as_u64().map(|n| n as f64),
+        Some(want["gdpr_consumer_requests_overdue"]),
+        "{status:#}"
+    );
     // The open request due first: how long past due it is.
     let oldest_due = shown
         .iter()

@@ -1541,6 +1541,31 @@ fn expected_metrics(shown: &[Value], now: jiff::Timestamp) -> BTreeMap<String, f
     out
 }
 
+/// Waits (30 s at most) for the metrics to say `want` (refreshed on their own schedule).
+async fn wait_metrics(address: &str, want: &BTreeMap<String, f64>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = metrics(address).await;
+        let got: BTreeMap<String, f64> = want
+            .keys()
+            .map(|k| (k.clone(), m.get(k).copied().unwrap_or(f64::NAN)))
+            .collect();
+        // A status no request has may be absent or 0; one some request has must show.
+        let matches = want.iter().all(|(k, v)| {
+            let g = got[k];
+            g == *v || (*v == 0.0 && g.is_nan() && k.contains("status"))
+        });
+        if matches {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics {got:?}, expected {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 /// The report against a scenario of both regulations, computed independently from each
 /// request; and the request metrics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1689,27 +1714,7 @@ async fn the_report_and_the_metrics_count_what_each_request_shows() {
     // The metrics, while the daemon runs (refreshed on their own schedule).
     let want = expected_metrics(&shown, now);
     assert!(want["gdpr_consumer_requests_overdue"] >= 2.0, "{want:?}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let m = metrics(&address).await;
-        let got: BTreeMap<String, f64> = want
-            .keys()
-            .map(|k| (k.clone(), m.get(k).copied().unwrap_or(f64::NAN)))
-            .collect();
-        // A status no request has may be absent or 0; one some request has must show.
-        let matches = want.iter().all(|(k, v)| {
-            let g = got[k];
-            g == *v || (*v == 0.0 && g.is_nan() && k.contains("status"))
-        });
-        if matches {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "metrics {got:?}, expected {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    wait_metrics(&address, &want).await;
     // The same on /status.
     let (_, status) = get(&address, "/status").await;
     let status: Value = serde_json::from_str(&status).unwrap();
@@ -1789,6 +1794,7 @@ async fn a_fleet_polls_jobs_across_restarts_submits_each_once_and_honours_holds_
     let jobs = JobBackend::start(1).await;
     let ws = Workspace::new(&kinesis.endpoint, "events", &jobs.url);
     add_obligations(&ws, &jobs.url);
+    ws.with_metrics();
     ws.edit_config("[state]\n", "[state]\nkey_env = \"GDPR_TEST_STATE_KEY\"\n");
     let text = std::fs::read_to_string(ws.config()).unwrap();
     std::fs::write(
@@ -1935,6 +1941,21 @@ async fn a_fleet_polls_jobs_across_restarts_submits_each_once_and_honours_holds_
     jobs.unstick_all();
     cli.wait_status("r-8", "complete").await;
     assert_eq!(cli.show("r-9")["status"], "denied");
+    // Each worker's gauges count the fleet's requests.
+    let all: Vec<Value> = keys
+        .iter()
+        .map(String::as_str)
+        .chain(["r-8", "r-9", "r-m"])
+        .map(|k| cli.show(k))
+        .collect();
+    let want = expected_metrics(&all, jiff::Timestamp::now());
+    assert_eq!(
+        want[r#"gdpr_consumer_requests{status="complete"}"#], 6.0,
+        "{want:?}"
+    );
+    for worker in [&third, &fourth] {
+        wait_metrics(&metrics_address(worker).await, &want).await;
+    }
     // Time for a second submission, were there to be one.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop(third);

@@ -481,6 +481,23 @@ impl Cli<'_> {
     }
 }
 
+/// The timeline's events of this name, each said to be by someone.
+fn by_someone(shown: &Value, event: &str) -> usize {
+    let events: Vec<&Value> = shown["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == event)
+        .collect();
+    for e in &events {
+        assert!(
+            e["by"].as_str().is_some_and(|b| !b.is_empty()),
+            "{event} by no one: {shown:#}"
+        );
+    }
+    events.len()
+}
+
 /// How many audit entries have this outcome.
 fn outcomes(audit: &[Value], outcome: &str) -> usize {
     audit.iter().filter(|e| e["outcome"] == outcome).count()
@@ -1131,10 +1148,18 @@ async fn an_extension_moves_the_due_date_once_by_the_regulation() {
         1,
         &["requests", "extend", "--key", "ccpa:r-c", "--reason", "x"],
     );
-    assert_eq!(parse_time(&cli.show("ccpa:r-c")["due_date"]), extended);
+    let ccpa = cli.show("ccpa:r-c");
+    assert_eq!(parse_time(&ccpa["due_date"]), extended);
+    assert_eq!(by_someone(&ccpa, "extended"), 1, "{ccpa:#}");
     stop(daemon);
     let audit = cli.audit();
     assert_eq!(outcomes(&audit, "extended"), 2, "{audit:#?}");
+    for entry in audit.iter().filter(|e| e["outcome"] == "extended") {
+        assert!(
+            entry["by"].as_str().is_some_and(|b| !b.is_empty()),
+            "{entry}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1232,6 +1257,8 @@ async fn a_held_request_sends_nothing_until_released() {
     for key in ["r-h1", "r-h2"] {
         let shown = cli.wait_status(key, "complete").await;
         assert!(shown["hold"].is_null(), "{shown:#}");
+        assert_eq!(by_someone(&shown, "legal_hold"), 1, "{shown:#}");
+        assert_eq!(by_someone(&shown, "hold_released"), 1, "{shown:#}");
     }
     stop(daemon);
     assert_eq!(s.jobs.count("/mail/"), 2);
@@ -1360,6 +1387,19 @@ async fn a_denied_request_sends_nothing_more() {
         }
     }
     assert_eq!(d1["denial"]["note"], "tax records kept 10 years");
+    for shown in [&d1, &d2] {
+        assert_eq!(
+            shown["timeline"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["event"] == "denied" && e["action"].is_null())
+                .inspect(|e| assert!(e["by"].as_str().is_some_and(|b| !b.is_empty()), "{e}"))
+                .count(),
+            1,
+            "{shown:#}"
+        );
+    }
     let audit = cli.audit();
     let denied: Vec<&Value> = audit.iter().filter(|e| e["outcome"] == "denied").collect();
     // The operators' denials, by whom; then each action a later record decided, not sent.

@@ -608,6 +608,12 @@ async fn a_request_fanned_out_to_two_jobs_is_complete_only_when_both_are_done() 
     );
     let pending = cli.show("r-1");
     let shown = &pending;
+    // Not done in the ledger while its job runs.
+    let lookup = |action: &str| {
+        let out = cli.expect(0, &["audit", "lookup", "--action", action, "--key", "r-1"]);
+        json_lines(&out).last().unwrap()["done"].clone()
+    };
+    assert_eq!(lookup("purge_db"), false);
     assert_eq!(shown["status"], "waiting", "{shown:#}");
     assert_eq!(shown["regulation"], "GDPR");
     assert!(shown["completed_at"].is_null(), "{shown:#}");
@@ -682,8 +688,13 @@ async fn a_request_fanned_out_to_two_jobs_is_complete_only_when_both_are_done() 
     // Human output names the request's status too.
     let human = cli.expect(0, &["requests", "show", "--key", "r-1"]);
     assert!(human.contains("complete"), "{human}");
-    // Unknown key: exit 1.
+    // Unknown key: exit 1; usage: 2.
     cli.expect(1, &["requests", "show", "--key", "never-seen"]);
+    cli.expect(2, &["requests", "show"]);
+    cli.expect(2, &["requests", "show", "--key", "r-1", "--format", "xml"]);
+    for action in ["purge_db", "purge_mail"] {
+        assert_eq!(lookup(action), true, "{action}");
+    }
     stop(daemon);
 
     // Each submitted once, with the key the backend dedups on.

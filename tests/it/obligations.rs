@@ -1962,9 +1962,12 @@ async fn a_fleet_polls_jobs_across_restarts_submits_each_once_and_honours_holds_
         &[
             one_shard("r-8", "user-8", &["purge_db"]),
             one_shard("r-9", "user-9", &["purge_db"]),
+            one_shard("r-7", "fail-7", &["purge_db"]),
         ],
     )
     .await;
+    // A failed job: one dead letter, whichever worker saw it fail.
+    cli.wait_status("r-7", "failed").await;
     for key in ["r-8", "r-9"] {
         cli.wait_status(key, "waiting").await;
     }
@@ -2012,7 +2015,7 @@ async fn a_fleet_polls_jobs_across_restarts_submits_each_once_and_honours_holds_
     let all: Vec<Value> = keys
         .iter()
         .map(String::as_str)
-        .chain(["r-8", "r-9", "r-m"])
+        .chain(["r-7", "r-8", "r-9", "r-m"])
         .map(|k| cli.show(k))
         .collect();
     let want = expected_metrics(&all, jiff::Timestamp::now());
@@ -2044,11 +2047,25 @@ async fn a_fleet_polls_jobs_across_restarts_submits_each_once_and_honours_holds_
         ("/db/user-8", "purge_db", "r-8"),
         ("/mail/user-8", "purge_mail", "r-8"),
         ("/db/user-9", "purge_db", "r-9"),
+        ("/db/fail-7", "purge_db", "r-7"),
         ("/plain/marker", "notify", "r-m"),
     ] {
         expected.insert((path.to_owned(), idempotency_key(action, key)), 1);
     }
     assert_eq!(per_key, expected);
+    let letters = cli.letters();
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    assert_eq!(letters[0]["action"], "purge_db");
+    let failed = cli.show("r-7")["request"].clone();
+    let trail = cli.audit();
+    assert_eq!(
+        trail
+            .iter()
+            .filter(|e| e["request"] == failed && e["outcome"] == "job_failed")
+            .count(),
+        1,
+        "{trail:#?}"
+    );
     // The trail of the first four requests.
     let first_four: BTreeSet<String> = keys
         .iter()

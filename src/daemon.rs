@@ -442,14 +442,21 @@ impl FleetWorker {
                     pipeline.telemetry.state_write(Some(&e));
                 }
                 pipeline.telemetry.refresh_state(state);
-                // An action resumed from another host: its held requests are sent now,
-                // not at the next scheduled retry — beside the heartbeat, never in its way
-                // (a worker that stops beating while it sends has its claims taken over).
-                let resuming = state
-                    .pauses()
-                    .is_ok_and(|pauses| pauses.iter().any(|(_, p)| p.resuming_since_ms.is_some()));
+                // Held requests no pause holds back (an action resumed, a legal hold
+                // released or a request denied from another host) are settled now, not at
+                // the next scheduled retry — beside the heartbeat, never in its way (a
+                // worker that stops beating while it sends has its claims taken over).
+                // Those still on legal hold are passed over by the release.
+                let releasable = match (state.held_counts(), state.pauses()) {
+                    (Ok(held), Ok(pauses)) => held.keys().any(|action| {
+                        !pauses
+                            .iter()
+                            .any(|(a, p)| a == action && p.resuming_since_ms.is_none())
+                    }),
+                    _ => false,
+                };
                 let idle = releasing.as_ref().is_none_or(|task| task.is_finished());
-                if resuming && idle && !pipeline.shutdown.is_triggered() {
+                if releasable && idle && !pipeline.shutdown.is_triggered() {
                     let pipeline = pipeline.clone();
                     releasing = Some(tokio::spawn(async move {
                         if let Err(e) = pipeline.release_held().await {

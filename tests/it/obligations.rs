@@ -1063,6 +1063,53 @@ async fn retries_send_nothing_for_a_denied_request_nor_for_a_held_one_until_rele
     assert_eq!(s.jobs.count("/db/fail-3"), f3, "a denied request was sent");
 }
 
+/// More jobs waiting than the daemon reads in one page (64): every one is polled to its
+/// end, across a restart, and each submitted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_jobs_than_a_page_are_all_polled_to_their_end() {
+    const N: usize = 70;
+    let s = setup(1).await;
+    let cli = Cli::new(&s.ws);
+    s.jobs.stick("/");
+    let daemon = start(&s.ws).await;
+    let records: Vec<(String, Vec<u8>)> = (0..N)
+        .map(|n| {
+            erase(
+                &format!("r-{n}"),
+                &format!("user-{n}"),
+                "GDPR",
+                &["purge_db"],
+            )
+        })
+        .collect();
+    put(&s.client, "events", &records).await;
+    wait_until(
+        Duration::from_secs(60),
+        "every job submitted and polled",
+        || (0..N).all(|n| s.jobs.polls_at(&format!("/db/user-{n}")) >= 1),
+    )
+    .await;
+    stop(daemon);
+    s.jobs.unstick_all();
+    let daemon = start(&s.ws).await;
+    wait_until(
+        Duration::from_secs(60),
+        "every job polled to its end",
+        || (0..N).all(|n| s.jobs.polls_at(&format!("/db/user-{n}")) >= 2),
+    )
+    .await;
+    for n in [0, 63, 64, N - 1] {
+        cli.wait_status(&format!("r-{n}"), "complete").await;
+    }
+    stop(daemon);
+    let audit = cli.audit();
+    assert_eq!(outcomes(&audit, "job_done"), N, "{audit:#?}");
+    assert_eq!(outcomes(&audit, "complete"), N);
+    let per_key = s.jobs.per_key();
+    assert_eq!(per_key.len(), N);
+    assert!(per_key.values().all(|n| *n == 1), "{per_key:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_extension_moves_the_due_date_once_by_the_regulation() {
     let s = setup(1).await;

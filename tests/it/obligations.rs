@@ -1886,35 +1886,42 @@ async fn the_report_and_the_metrics_count_what_each_request_shows() {
     cli.expect(2, &["report", "--year", "2026", "--format", "xml"]);
 }
 
-/// Two workers on a shared state (dynalite): jobs started by one are polled to their end
-/// by whichever runs, across a SIGTERM and a kill -9; each submitted once. Holds and
-/// denials made with the fleet's config bind every worker.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fleet_polls_jobs_across_restarts_submits_each_once_and_honours_holds_and_denials() {
-    const STATE_KEY: &str = "5f0c6a1e9b2d4c3f8a7e6d5c4b3a29180f1e2d3c4b5a69788796a5b4c3d2e1f0";
-    let kinesis = Kinesalite::start();
-    let dynalite = Dynalite::start();
-    let client = kinesis.client();
-    create_stream(&client, "events", 2).await;
-    let jobs = JobBackend::start(1).await;
-    let ws = Workspace::new(&kinesis.endpoint, "events", &jobs.url);
-    add_obligations(&ws, &jobs.url);
-    ws.with_metrics();
+/// The state key a fleet's workers share.
+const FLEET_KEY: &str = "5f0c6a1e9b2d4c3f8a7e6d5c4b3a29180f1e2d3c4b5a69788796a5b4c3d2e1f0";
+
+/// A workspace with the obligations' actions whose config runs a fleet on `dynamo`.
+fn fleet_workspace(kinesis: &str, jobs: &str, dynamo: &str) -> Workspace {
+    let ws = Workspace::new(kinesis, "events", jobs);
+    add_obligations(&ws, jobs);
     ws.edit_config("[state]\n", "[state]\nkey_env = \"GDPR_TEST_STATE_KEY\"\n");
     let text = std::fs::read_to_string(ws.config()).unwrap();
     std::fs::write(
         ws.config(),
         format!(
-            "{text}\n[coordination]\nkind = \"dynamodb\"\nendpoint_url = \"{}\"\ncreate_tables = true\nlease_duration_ms = 1500\n",
-            dynalite.endpoint
+            "{text}\n[coordination]\nkind = \"dynamodb\"\nendpoint_url = \"{dynamo}\"\ncreate_tables = true\nlease_duration_ms = 1500\n"
         ),
     )
     .unwrap();
+    ws
+}
+
+/// Two workers on a shared state (dynalite): jobs started by one are polled to their end
+/// by whichever runs, across a SIGTERM and a kill -9; each submitted once. Holds and
+/// denials made with the fleet's config bind every worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_polls_jobs_across_restarts_submits_each_once_and_honours_holds_and_denials() {
+    let kinesis = Kinesalite::start();
+    let dynalite = Dynalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 2).await;
+    let jobs = JobBackend::start(1).await;
+    let ws = fleet_workspace(&kinesis.endpoint, &jobs.url, &dynalite.endpoint);
+    ws.with_metrics();
     let cli = Cli {
         ws: &ws,
-        env: vec![("GDPR_TEST_STATE_KEY", STATE_KEY)],
+        env: vec![("GDPR_TEST_STATE_KEY", FLEET_KEY)],
     };
-    let worker = || ws.start_daemon_with_env(&[], &[("GDPR_TEST_STATE_KEY", STATE_KEY)]);
+    let worker = || ws.start_daemon_with_env(&[], &[("GDPR_TEST_STATE_KEY", FLEET_KEY)]);
     jobs.stick("/");
     let first = worker();
     let second = worker();
@@ -2117,4 +2124,76 @@ async fn a_fleet_polls_jobs_across_restarts_submits_each_once_and_honours_holds_
     assert_eq!(outcomes(&audit, "accepted"), 8, "{audit:#?}");
     assert_eq!(outcomes(&audit, "job_done"), 8, "{audit:#?}");
     assert_eq!(outcomes(&audit, "complete"), 4, "{audit:#?}");
+}
+
+/// A fleet's workers page through the shared jobs too: more than a page (64) waiting,
+/// each polled to its end by one worker or the other, each submitted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_polls_more_jobs_than_a_page_to_their_end() {
+    const N: usize = 70;
+    let kinesis = Kinesalite::start();
+    let dynalite = Dynalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 2).await;
+    let jobs = JobBackend::start(1).await;
+    let ws = fleet_workspace(&kinesis.endpoint, &jobs.url, &dynalite.endpoint);
+    let cli = Cli {
+        ws: &ws,
+        env: vec![("GDPR_TEST_STATE_KEY", FLEET_KEY)],
+    };
+    let worker = || ws.start_daemon_with_env(&[], &[("GDPR_TEST_STATE_KEY", FLEET_KEY)]);
+    jobs.stick("/");
+    let workers = [worker(), worker()];
+    let records: Vec<(String, Vec<u8>)> = (0..N)
+        .map(|n| {
+            let (_, data) = erase(
+                &format!("r-{n}"),
+                &format!("user-{n}"),
+                "GDPR",
+                &["purge_db"],
+            );
+            (format!("pk-{n}"), data)
+        })
+        .collect();
+    put(&client, "events", &records).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !(0..N).all(|n| jobs.polls_at(&format!("/db/user-{n}")) >= 1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every job polled: {} submitted\n{}",
+            jobs.count("/db/"),
+            workers
+                .iter()
+                .map(|w| w.stderr())
+                .collect::<Vec<_>>()
+                .join("\n-----\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    jobs.unstick_all();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !(0..N).all(|n| jobs.polls_at(&format!("/db/user-{n}")) >= 2) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every job polled to its end\n{}",
+            workers
+                .iter()
+                .map(|w| w.stderr())
+                .collect::<Vec<_>>()
+                .join("\n-----\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for n in [0, 63, 64, N - 1] {
+        cli.wait_status(&format!("r-{n}"), "complete").await;
+    }
+    for worker in workers {
+        stop(worker);
+    }
+    let audit = cli.audit();
+    assert_eq!(outcomes(&audit, "job_done"), N);
+    assert_eq!(outcomes(&audit, "complete"), N);
+    let per_key = jobs.per_key();
+    assert_eq!(per_key.len(), N);
+    assert!(per_key.values().all(|n| *n == 1), "{per_key:?}");
 }

@@ -1110,6 +1110,43 @@ async fn more_jobs_than_a_page_are_all_polled_to_their_end() {
     assert!(per_key.values().all(|n| *n == 1), "{per_key:?}");
 }
 
+/// A completion's settings are checked before anything starts: polls no more often than
+/// every 100 ms, give-ups no sooner than a second, pointers that are JSON pointers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_out_of_bounds_is_refused_at_start_naming_the_setting() {
+    let jobs = JobBackend::start(1).await;
+    // Nothing listens there: the config is refused before any connection.
+    let ws = Workspace::new("http://127.0.0.1:9", "events", &jobs.url);
+    add_obligations(&ws, &jobs.url);
+    let good = std::fs::read_to_string(ws.config()).unwrap();
+    for (from, to, named) in [
+        (
+            format!("poll_interval_ms = {POLL_MS}"),
+            "poll_interval_ms = 50".to_owned(),
+            "poll_interval_ms",
+        ),
+        (
+            "job_id_pointer = \"/job/id\"".to_owned(),
+            "job_id_pointer = \"job.id\"".to_owned(),
+            "job_id_pointer",
+        ),
+        (
+            "give_up_after_ms = 31536000000".to_owned(),
+            "give_up_after_ms = 500".to_owned(),
+            "give_up_after_ms",
+        ),
+    ] {
+        std::fs::write(ws.config(), &good).unwrap();
+        ws.edit_config(&from, &to);
+        let config = ws.config();
+        let (code, out, err) =
+            tokio::task::block_in_place(|| ws.run(&["run", "--config", config.to_str().unwrap()]));
+        assert_ne!(code, 0, "{to}: started\n{out}{err}");
+        assert!(err.contains(named), "{to}: {err}");
+        assert_eq!(jobs.count("/"), 0);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_extension_moves_the_due_date_once_by_the_regulation() {
     let s = setup(1).await;

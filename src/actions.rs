@@ -445,9 +445,10 @@ pub struct Completion {
 pub enum Poll {
     Done(String),
     Failed(String),
-    /// Not finished (its status), or the status could not be read now (why): asked
-    /// again at the next poll.
+    /// Not finished (its status): asked again at the next poll.
     Pending(String),
+    /// The status could not be read now (why): asked again at the next poll.
+    Fault(String),
     Interrupted,
 }
 
@@ -629,6 +630,16 @@ impl ActionSet {
         };
         let rendered = action.spec.url.render(&decision.params).map_err(reject)?;
         let url = action.spec.url.parse_rendered(&rendered).map_err(reject)?;
+        // A job it starts must be followable: its status URL is built from the same params
+        // (a param it lacks is the decision's fault now, not a silent poll failure later).
+        if let Some(completion) = &action.spec.completion {
+            let mut params = decision.params.clone();
+            params.insert("job_id".into(), Value::String("job".into()));
+            completion
+                .url
+                .render(&params)
+                .map_err(|e| reject(format!("the completion URL: {e}")))?;
+        }
         let body = match &action.spec.body {
             Some(template) => template.render(&decision.params).map_err(reject)?,
             None => Value::Object(decision.params.clone()),
@@ -680,20 +691,22 @@ impl ActionSet {
                 Some(Ok((status, body)))
                     if status.is_success() || spec.success_statuses.contains(&status.as_u16()) =>
                 {
-                    let (status, attempts) = (status.as_u16(), attempt);
-                    let Some(completion) = &spec.completion else {
+                    let (started_job, status, attempts) =
+                        (status.is_success(), status.as_u16(), attempt);
+                    // Only a 2xx starts a job; a status listed as success (404: already
+                    // gone) is done at once.
+                    let Some(completion) = spec.completion.as_ref().filter(|_| started_job) else {
                         return Outcome::Done { status, attempts };
                     };
                     return match read_pointer(&body, &completion.job_id_pointer) {
-                        Some(job_id) => Outcome::Accepted {
+                        Ok(job_id) => Outcome::Accepted {
                             status,
                             attempts,
                             job_id,
                         },
-                        None => Outcome::Failed {
+                        Err(why) => Outcome::Failed {
                             error: format!(
-                                "the backend answered {status} but its answer holds no job id at {} (the request may be under way: retrying sends it again with the same Idempotency-Key)",
-                                completion.job_id_pointer
+                                "the backend answered {status}, but its answer {why}: no job id to follow (the request may be under way: retrying sends it again with the same Idempotency-Key)"
                             ),
                             status: Some(status),
                             attempts,
@@ -745,13 +758,13 @@ impl ActionSet {
     /// the action's auth, limits and Idempotency-Key).
     pub async fn poll(&self, decision: &Decision, job_id: &str, shutdown: &Shutdown) -> Poll {
         let Some(action) = self.actions.get(&decision.action) else {
-            return Poll::Pending(format!(
+            return Poll::Fault(format!(
                 "action {:?} is no longer configured",
                 decision.action
             ));
         };
         let Some(completion) = &action.spec.completion else {
-            return Poll::Pending(format!(
+            return Poll::Fault(format!(
                 "action {:?} no longer has a [completion] to poll",
                 decision.action
             ));
@@ -764,7 +777,7 @@ impl ActionSet {
             .and_then(|rendered| completion.url.parse_rendered(&rendered))
         {
             Ok(url) => url,
-            Err(e) => return Poll::Pending(format!("cannot build the status URL: {e}")),
+            Err(e) => return Poll::Fault(format!("cannot build the status URL: {e}")),
         };
         let request = PreparedRequest {
             action: decision.action.clone(),
@@ -779,17 +792,14 @@ impl ActionSet {
             None => Poll::Interrupted,
             Some(Ok((status, body))) if status.is_success() => {
                 match read_pointer(&body, &completion.status_pointer) {
-                    Some(s) if completion.done.contains(&s) => Poll::Done(s),
-                    Some(s) if completion.failed.contains(&s) => Poll::Failed(s),
-                    Some(s) => Poll::Pending(s),
-                    None => Poll::Pending(format!(
-                        "the status answer holds no status at {}",
-                        completion.status_pointer
-                    )),
+                    Ok(s) if completion.done.contains(&s) => Poll::Done(s),
+                    Ok(s) if completion.failed.contains(&s) => Poll::Failed(s),
+                    Ok(s) => Poll::Pending(s),
+                    Err(why) => Poll::Fault(format!("the status answer {why}")),
                 }
             }
-            Some(Ok((status, _))) => Poll::Pending(format!("the status URL answered {status}")),
-            Some(Err(e)) => Poll::Pending(e.error),
+            Some(Ok((status, _))) => Poll::Fault(format!("the status URL answered {status}")),
+            Some(Err(e)) => Poll::Fault(e.error),
         }
     }
 
@@ -883,13 +893,27 @@ impl ActionSet {
     }
 }
 
-/// The text at a JSON pointer of an answer (a string, or a number written out).
-fn read_pointer(body: &[u8], pointer: &str) -> Option<String> {
-    let value: Value = serde_json::from_slice(body).ok()?;
-    match value.pointer(pointer)? {
-        Value::String(s) if !s.is_empty() => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
+/// The longest job id or status kept (a backend's answer could hold anything).
+const MAX_POINTED_TEXT: usize = 256;
+
+/// The text at a JSON pointer of an answer (a string, or a number written out), or what
+/// is wrong with it.
+fn read_pointer(body: &[u8], pointer: &str) -> Result<String, String> {
+    let value: Value = serde_json::from_slice(body).map_err(|_| "is not JSON".to_owned())?;
+    match value.pointer(pointer) {
+        None | Some(Value::Null) => Err(format!("holds nothing at {pointer}")),
+        Some(Value::String(s)) if s.is_empty() => {
+            Err(format!("holds an empty string at {pointer}"))
+        }
+        Some(Value::String(s)) if s.len() > MAX_POINTED_TEXT => Err(format!(
+            "holds a string of {} bytes at {pointer} (at most {MAX_POINTED_TEXT})",
+            s.len()
+        )),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Number(n)) => Ok(n.to_string()),
+        Some(_) => Err(format!(
+            "holds a map, an array or a boolean at {pointer}, not a string or a number"
+        )),
     }
 }
 

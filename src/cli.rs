@@ -109,7 +109,7 @@ enum Command {
         #[command(flatten)]
         state: StateArgs,
         /// The calendar year (UTC) the requests arrived in.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(i16).range(1970..=9999))]
         year: i16,
         #[arg(long, value_enum, default_value = "human")]
         format: ReportFormat,
@@ -1882,6 +1882,9 @@ fn requests(cmd: RequestsCommand, s: &mut Session) -> Result<u8, Failure> {
             "request on legal hold: its actions are not sent until it is released"
         ),
         Change::Release { .. } | Change::Deny { .. } => {
+            if let Change::Deny { .. } = change {
+                settle_denied(&state, &keys, &key, &id, &changed, s)?;
+            }
             let what = match change {
                 Change::Release { .. } => "request released: its held actions are sent",
                 _ => "request denied: nothing more is sent for it",
@@ -1901,6 +1904,65 @@ fn requests(cmd: RequestsCommand, s: &mut Session) -> Result<u8, Failure> {
         Change::Decided { .. } | Change::Action { .. } => {}
     }
     Ok(0)
+}
+
+/// A denied request's pending dead letters are settled as denied (audited): nothing more
+/// is sent for it, and it waits for no retry. Its waiting jobs end at their next poll.
+fn settle_denied(
+    state: &State,
+    keys: &Keys,
+    key: &str,
+    id: &str,
+    request: &crate::requests::Request,
+    s: &mut Session,
+) -> Result<(), Failure> {
+    use crate::requests::{ActionStatus, Arrival, Change};
+    let mut writes = Writes::default();
+    for action in request.actions.keys() {
+        for request_id in keys.request_ids(action, key) {
+            let index = crate::state::request_index_key(&hex::encode(request_id));
+            let Some(letter_id) = state.pending_letter(&index).map_err(Failure::runtime)? else {
+                continue;
+            };
+            if s.daemon
+                .is_some_and(|p| p.letters_in_retry.lock().unwrap().contains(&letter_id))
+            {
+                continue; // Its retry ends on the denial by itself.
+            }
+            let letter = state.dead_letter(letter_id).map_err(Failure::runtime)?;
+            writes.resolved_dead_letters.push(letter_id);
+            writes.audit.push(
+                AuditEntry::of_letter(
+                    letter_id,
+                    &letter,
+                    "resolved",
+                    "not sent: the request was denied".into(),
+                )
+                .by(s.by),
+            );
+            writes.requests.push((
+                id.to_owned(),
+                Change::Action {
+                    arrival: Arrival {
+                        arrival_time: crate::clock::rfc3339(request.arrival_ms as i64),
+                        rule: request.rule.clone(),
+                        regulation: request.regulation.clone(),
+                    },
+                    action: action.clone(),
+                    status: ActionStatus::Denied,
+                    attempts: 0,
+                    http_status: None,
+                    sealed_job: None,
+                    dead_letter: None,
+                    error: None,
+                },
+            ));
+        }
+    }
+    if !writes.is_empty() {
+        state.commit(writes).map_err(Failure::runtime)?;
+    }
+    Ok(())
 }
 
 /// `requests show` for people: the request, its actions, its timeline.
@@ -1942,7 +2004,14 @@ fn show_human(shown: &serde_json::Value) -> String {
                 a["attempts"],
                 match &a["job_id"] {
                     serde_json::Value::Null => String::new(),
-                    job => format!(", job {} ({} poll(s))", text(job), a["polls"]),
+                    job if a["next_poll"].is_null() => format!(", job {}", text(job)),
+                    job => format!(
+                        ", job {} ({} poll(s), last: {}, next {})",
+                        text(job),
+                        a["polls"],
+                        text(&a["last_status"]),
+                        text(&a["next_poll"])
+                    ),
                 },
                 match &a["dead_letter"] {
                     serde_json::Value::Null => String::new(),

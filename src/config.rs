@@ -192,6 +192,7 @@ pub struct CompletionSection {
     /// JSON pointer to the status in the answer to a poll (e.g. `/status`).
     pub status_pointer: String,
     pub done: Vec<String>,
+    #[serde(default)]
     pub failed: Vec<String>,
     pub poll_interval_ms: Option<u64>,
     pub give_up_after_ms: Option<u64>,
@@ -647,6 +648,9 @@ fn resolve_completion(
     }
     if raw.done.is_empty() {
         return Err("done lists no status: a job could never finish".into());
+    }
+    if raw.done.iter().chain(&raw.failed).any(|s| s.is_empty()) {
+        return Err("done and failed list statuses, and \"\" is none".into());
     }
     if let Some(both) = raw.done.iter().find(|s| raw.failed.contains(s)) {
         return Err(format!("{both:?} is in both done and failed"));

@@ -454,7 +454,9 @@ impl FleetWorker {
                             .any(|(a, p)| a == action && p.resuming_since_ms.is_none())
                     }),
                     _ => false,
-                };
+                } || state
+                    .held_counts_by(true)
+                    .is_ok_and(|legal| !legal.is_empty());
                 let idle = releasing.as_ref().is_none_or(|task| task.is_finished());
                 if releasable && idle && !pipeline.shutdown.is_triggered() {
                     let pipeline = pipeline.clone();

@@ -779,6 +779,7 @@ impl Pipeline {
                         rule: origin.rule.to_owned(),
                         rule_file: origin.rule_file.display().to_string(),
                         rules_hash: origin.rules_hash.to_owned(),
+                        legal_hold: legal,
                     },
                 ));
                 self.report(ActionOutcome::Held, origin, &decision.action, 0, None);
@@ -1018,13 +1019,6 @@ impl Pipeline {
                 rules_hash: origin.rules_hash.to_owned(),
             },
         ));
-        self.report(
-            ActionOutcome::Accepted,
-            origin,
-            &decision.action,
-            attempts,
-            None,
-        );
         pending.writes.audit.push(AuditEntry {
             http_status: Some(status),
             attempts,
@@ -1201,7 +1195,13 @@ impl Pipeline {
         let stop = pending.stop.as_ref().unwrap_or(&self.shutdown);
         let outcome = self.actions.send(request, stop).await;
         match &outcome {
-            Outcome::Done { attempts, .. } | Outcome::Accepted { attempts, .. } => report(
+            Outcome::Accepted { attempts, .. } => report(
+                ActionOutcome::Accepted,
+                *attempts,
+                Some(started.elapsed()),
+                None,
+            ),
+            Outcome::Done { attempts, .. } => report(
                 ActionOutcome::Done,
                 *attempts,
                 Some(started.elapsed()),
@@ -1467,16 +1467,9 @@ impl Pipeline {
                 .map_err(PipelineError::Held)?;
             let Some((last, _)) = page.last() else { break };
             after = *last;
-            for (id, held) in page {
+            for (id, mut held) in page {
                 if self.shutdown.is_triggered() {
                     return Ok(settled);
-                }
-                if state
-                    .pause(&held.action)
-                    .map_err(PipelineError::Held)?
-                    .is_some_and(|pause| pause.resuming_since_ms.is_none())
-                {
-                    continue;
                 }
                 let record = Record {
                     stream: held.stream.as_str().into(),
@@ -1496,9 +1489,28 @@ impl Pipeline {
                     params: sealed.params,
                     regulation: Some(held.regulation.clone()),
                 };
-                // On legal hold: stays held until an operator releases it (or denies it).
+                // On legal hold: stays held until an operator releases it (or denies it),
+                // marked so, so that a paused action's resume does not wait for it.
                 let (_, recorded) = self.find_request(state, keys, &decision.key, &record)?;
-                if recorded.is_some_and(|r| r.hold.is_some() && r.denial.is_none()) {
+                let legal = recorded.is_some_and(|r| r.hold.is_some() && r.denial.is_none());
+                if legal != held.legal_hold {
+                    held.legal_hold = legal;
+                    state
+                        .commit_shared(Writes {
+                            held: vec![(id, held.clone())],
+                            ..Writes::default()
+                        })
+                        .await
+                        .map_err(PipelineError::Held)?;
+                }
+                if legal {
+                    continue;
+                }
+                if state
+                    .pause(&held.action)
+                    .map_err(PipelineError::Held)?
+                    .is_some_and(|pause| pause.resuming_since_ms.is_none())
+                {
                     continue;
                 }
                 // A request the config can no longer build stays held (never lost): said
@@ -1539,8 +1551,8 @@ impl Pipeline {
     /// letter that says so (retrying it submits the request again, with the same
     /// Idempotency-Key). Returns how many finished; stops at shutdown. Each job's state is
     /// written back, so polling resumes where it was after a restart.
-    pub async fn poll_jobs(&self) -> Result<usize, PipelineError> {
-        let Sink::Live { state, keys } = &self.sink else {
+    pub async fn poll_jobs(self: &Arc<Self>) -> Result<usize, PipelineError> {
+        let Sink::Live { state, .. } = &self.sink else {
             return Ok(0);
         };
         let (mut after, mut finished) = (0, 0);
@@ -1550,9 +1562,12 @@ impl Pipeline {
                 .map_err(PipelineError::Jobs)?;
             let Some((last, _)) = page.last() else { break };
             after = *last;
-            for (id, mut job) in page {
+            // The page's due jobs are asked at once (each action's limits apply): one slow
+            // status URL holds up no other job.
+            let mut polls = tokio::task::JoinSet::new();
+            for (id, job) in page {
                 let now = crate::clock::now_ms();
-                if job.next_poll_ms > now {
+                if job.next_poll_ms > now || self.shutdown.is_triggered() {
                     continue;
                 }
                 let interval = self
@@ -1566,125 +1581,185 @@ impl Pipeline {
                 {
                     continue;
                 }
-                let sealed: SealedJob = open(keys, id, &job.sealed, &Job::seal_context(id))?;
-                let decision = Decision {
-                    action: job.action.clone(),
-                    key: sealed.key,
-                    params: sealed.params,
-                    regulation: Some(job.regulation.clone()),
-                };
-                let poll = self
-                    .actions
-                    .poll(&decision, &sealed.job_id, &self.shutdown)
-                    .await;
-                job.polls += 1;
-                job.next_poll_ms = now + interval;
-                let record = Record {
-                    stream: job.stream.as_str().into(),
-                    shard_id: job.shard_id.as_str().into(),
-                    sequence_number: job.sequence_number.as_str().into(),
-                    sub_sequence_number: job.sub_sequence_number,
-                    partition_key: "".into(),
-                    arrival_time: job.arrival_time.as_str().into(),
-                    bytes: Default::default(),
-                    unreadable: None,
-                };
-                let rule_file = PathBuf::from(&job.rule_file);
-                let origin = Origin {
-                    record: &record,
-                    rule: &job.rule,
-                    rule_file: &rule_file,
-                    rules_hash: &job.rules_hash,
-                };
-                let mut pending = Pending::default();
-                let audit = |outcome: ActionOutcome| AuditEntry {
-                    request: Some(job.request.clone()),
-                    note: Some(format!("job {id}, {} poll(s)", job.polls)),
-                    ..AuditEntry::new(
-                        &origin,
-                        &job.action,
-                        &job.request_id,
-                        outcome.as_str(),
-                        &job.regulation,
-                    )
-                };
-                let failure = match poll {
-                    Poll::Interrupted => return Ok(finished),
-                    Poll::Done(_) => {
-                        let done: [u8; 32] = hex::decode(&job.request_id)
-                            .ok()
-                            .and_then(|id| id.try_into().ok())
-                            .unwrap_or_else(|| keys.request_id(&job.action, &decision.key));
-                        pending.writes.done.push(done);
-                        pending.writes.jobs_finished.push(id);
-                        pending.writes.audit.push(audit(ActionOutcome::JobDone));
-                        pending.writes.requests.push((
-                            job.request.clone(),
-                            action_change(&origin, &decision, ActionStatus::Done, 0, None),
-                        ));
-                        self.report(
-                            ActionOutcome::JobDone,
-                            &origin,
-                            &job.action,
-                            job.attempts,
-                            None,
-                        );
-                        None
+                let pipeline = self.clone();
+                polls.spawn(async move { pipeline.poll_job(id, job, now + interval).await });
+            }
+            // Every poll ends (none is cut off mid-commit); the first error is returned.
+            let mut error = None;
+            while let Some(joined) = polls.join_next().await {
+                match joined.expect("a job's poll does not panic") {
+                    Ok(true) => finished += 1,
+                    Ok(false) => {}
+                    Err(e) => {
+                        error.get_or_insert(e);
                     }
-                    Poll::Failed(status) => Some(format!(
-                        "the backend's job failed (status {status:?} after {} poll(s)); retrying submits the request again with the same Idempotency-Key",
-                        job.polls
-                    )),
-                    Poll::Pending(status) if now >= job.give_up_at_ms => Some(format!(
-                        "gave up on the backend's job after {} s (last status: {status}); retrying submits the request again with the same Idempotency-Key",
-                        now.saturating_sub(job.submitted_at_ms) / 1000
-                    )),
-                    Poll::Pending(status) => {
-                        job.last_status = Some(status);
-                        pending.writes.jobs.push((id, job.clone()));
-                        None
-                    }
-                };
-                if let Some(error) = failure {
-                    self.report(
-                        ActionOutcome::JobFailed,
-                        &origin,
-                        &job.action,
-                        job.attempts,
-                        Some(&error),
-                    );
-                    let letter_id = self.new_action_letter(
-                        state,
-                        keys,
-                        &origin,
-                        &decision,
-                        (error.clone(), job.http_status, job.attempts, false),
-                        &mut pending,
-                    );
-                    pending.writes.jobs_finished.push(id);
-                    pending.writes.audit.push(AuditEntry {
-                        dead_letter: Some(letter_id),
-                        ..audit(ActionOutcome::JobFailed)
-                    });
-                    let mut change =
-                        action_change(&origin, &decision, ActionStatus::Failed, 0, None);
-                    if let Change::Action {
-                        dead_letter,
-                        error: why,
-                        ..
-                    } = &mut change
-                    {
-                        *dead_letter = Some(letter_id);
-                        *why = Some(error);
-                    }
-                    pending.writes.requests.push((job.request.clone(), change));
                 }
-                if !pending.writes.jobs_finished.is_empty() {
-                    finished += 1;
-                }
-                self.flush(&mut pending, &job.shard_id).await?;
+            }
+            if let Some(e) = error {
+                return Err(e);
             }
         }
+        Ok(finished)
+    }
+
+    /// Polls one job once and records what it said. `true`: it finished (done, or a dead
+    /// letter). A request denied meanwhile ends its job: nothing more is asked.
+    async fn poll_job(
+        &self,
+        id: u64,
+        mut job: Job,
+        next_poll_ms: u64,
+    ) -> Result<bool, PipelineError> {
+        let Sink::Live { state, keys } = &self.sink else {
+            return Ok(false);
+        };
+        let now = crate::clock::now_ms();
+        let sealed: SealedJob = open(keys, id, &job.sealed, &Job::seal_context(id))?;
+        let decision = Decision {
+            action: job.action.clone(),
+            key: sealed.key,
+            params: sealed.params,
+            regulation: Some(job.regulation.clone()),
+        };
+        let denied = state
+            .request(std::slice::from_ref(&job.request))
+            .map_err(PipelineError::Jobs)?
+            .is_some_and(|(_, request)| request.denial.is_some());
+        // A poll asks and changes nothing: cut short at shutdown, it is asked after the
+        // restart.
+        let poll = match denied {
+            true => None,
+            false => Some(tokio::select! {
+                poll = self.actions.poll(&decision, &sealed.job_id, &self.shutdown) => poll,
+                _ = self.shutdown.triggered() => Poll::Interrupted,
+            }),
+        };
+        job.polls += 1;
+        job.next_poll_ms = next_poll_ms;
+        let record = Record {
+            stream: job.stream.as_str().into(),
+            shard_id: job.shard_id.as_str().into(),
+            sequence_number: job.sequence_number.as_str().into(),
+            sub_sequence_number: job.sub_sequence_number,
+            partition_key: "".into(),
+            arrival_time: job.arrival_time.as_str().into(),
+            bytes: Default::default(),
+            unreadable: None,
+        };
+        let rule_file = PathBuf::from(&job.rule_file);
+        let origin = Origin {
+            record: &record,
+            rule: &job.rule,
+            rule_file: &rule_file,
+            rules_hash: &job.rules_hash,
+        };
+        let mut pending = Pending::default();
+        let audit = |outcome: ActionOutcome| AuditEntry {
+            request: Some(job.request.clone()),
+            note: Some(format!("job {id}, {} poll(s)", job.polls)),
+            ..AuditEntry::new(
+                &origin,
+                &job.action,
+                &job.request_id,
+                outcome.as_str(),
+                &job.regulation,
+            )
+        };
+        let failure = match poll {
+            None => {
+                pending.writes.jobs_finished.push(id);
+                pending.writes.audit.push(AuditEntry {
+                    note: Some(format!(
+                        "job {id} no longer followed: the request was denied"
+                    )),
+                    ..audit(ActionOutcome::Denied)
+                });
+                pending.writes.requests.push((
+                    job.request.clone(),
+                    action_change(&origin, &decision, ActionStatus::Denied, 0, None),
+                ));
+                None
+            }
+            Some(Poll::Interrupted) => return Ok(false),
+            Some(Poll::Done(_)) => {
+                let done: [u8; 32] = hex::decode(&job.request_id)
+                    .ok()
+                    .and_then(|id| id.try_into().ok())
+                    .unwrap_or_else(|| keys.request_id(&job.action, &decision.key));
+                pending.writes.done.push(done);
+                pending.writes.jobs_finished.push(id);
+                pending.writes.audit.push(audit(ActionOutcome::JobDone));
+                pending.writes.requests.push((
+                    job.request.clone(),
+                    action_change(&origin, &decision, ActionStatus::Done, 0, None),
+                ));
+                self.report(
+                    ActionOutcome::JobDone,
+                    &origin,
+                    &job.action,
+                    job.attempts,
+                    None,
+                );
+                None
+            }
+            Some(Poll::Failed(status)) => Some(format!(
+                "the backend's job failed (status {status:?} after {} poll(s)); retrying submits the request again with the same Idempotency-Key",
+                job.polls
+            )),
+            Some(Poll::Pending(status) | Poll::Fault(status)) if now >= job.give_up_at_ms => {
+                Some(format!(
+                    "gave up on the backend's job after {} s (last status: {status}); retrying submits the request again with the same Idempotency-Key",
+                    now.saturating_sub(job.submitted_at_ms) / 1000
+                ))
+            }
+            Some(poll @ (Poll::Pending(_) | Poll::Fault(_))) => {
+                if let Poll::Fault(error) = &poll {
+                    // Asked again at the next poll; said so, as a slow job is not.
+                    self.telemetry.job_poll_failed(&job.action, id, error);
+                }
+                let (Poll::Pending(status) | Poll::Fault(status)) = poll else {
+                    unreachable!()
+                };
+                job.last_status = Some(status);
+                pending.writes.jobs.push((id, job.clone()));
+                None
+            }
+        };
+        if let Some(error) = failure {
+            self.report(
+                ActionOutcome::JobFailed,
+                &origin,
+                &job.action,
+                job.attempts,
+                Some(&error),
+            );
+            let letter_id = self.new_action_letter(
+                state,
+                keys,
+                &origin,
+                &decision,
+                (error.clone(), job.http_status, job.attempts, false),
+                &mut pending,
+            );
+            pending.writes.jobs_finished.push(id);
+            pending.writes.audit.push(AuditEntry {
+                dead_letter: Some(letter_id),
+                ..audit(ActionOutcome::JobFailed)
+            });
+            let mut change = action_change(&origin, &decision, ActionStatus::Failed, 0, None);
+            if let Change::Action {
+                dead_letter,
+                error: why,
+                ..
+            } = &mut change
+            {
+                *dead_letter = Some(letter_id);
+                *why = Some(error);
+            }
+            pending.writes.requests.push((job.request.clone(), change));
+        }
+        let finished = !pending.writes.jobs_finished.is_empty();
+        self.flush(&mut pending, &job.shard_id).await?;
         Ok(finished)
     }
 

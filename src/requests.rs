@@ -472,6 +472,13 @@ pub fn apply(
                     request.status().as_str()
                 ));
             }
+            // The person must be told of an extension within the first period.
+            if now_ms > request.due_ms {
+                return Err(format!(
+                    "the request is overdue since {}: a due date can only be extended before it passes (the person must be told within the first period)",
+                    rfc3339(request.due_ms as i64)
+                ));
+            }
             let due_ms = extended_due_ms(request.due_ms, &request.regulation);
             request.extension = Some(Extension {
                 at_ms: now_ms,
@@ -882,6 +889,10 @@ mod tests {
             by: "cli:ann".into(),
             reason: "complex".into(),
         };
+        let late = r.due_ms + 1;
+        assert!(apply(Some(r.clone()), &extend, late)
+            .unwrap_err()
+            .contains("overdue"));
         let (r, m) = apply(Some(r), &extend, 2).unwrap();
         assert_eq!(rfc3339(r.due_in_force_ms() as i64), "2026-04-28T10:00:00Z");
         assert_eq!(m.unwrap().by.as_deref(), Some("cli:ann"));

@@ -150,6 +150,7 @@ pub struct Telemetry {
     state_write_errors: Counter,
     already_dead_lettered: Counter,
     held_unsendable: Counter,
+    job_poll_errors: Family<Labels, Counter>,
     /// The actions of the config, for their pause gauges.
     configured_actions: Mutex<std::collections::BTreeSet<String>>,
     action_paused: Family<Labels, Gauge>,
@@ -211,6 +212,7 @@ impl Telemetry {
             state_write_errors: Counter::default(),
             already_dead_lettered: Counter::default(),
             held_unsendable: Counter::default(),
+            job_poll_errors: Family::default(),
             configured_actions: Mutex::default(),
             action_paused: Family::default(),
             requests_held: Family::default(),
@@ -375,6 +377,11 @@ impl Telemetry {
             "held_unsendable",
             "Held requests the config can no longer turn into a request (they stay held)",
             t.held_unsendable.clone(),
+        );
+        r.register(
+            "job_poll_errors",
+            "Polls of a job whose status could not be read, by action (asked again at the next poll)",
+            t.job_poll_errors.clone(),
         );
         r.register(
             "action_paused",
@@ -691,9 +698,25 @@ impl Telemetry {
         );
     }
 
+    /// A job's status could not be read (a fault, an answer without a status): asked
+    /// again at the next poll, until the job is given up.
+    pub fn job_poll_failed(&self, action: &str, job: u64, error: &str) {
+        self.job_poll_errors
+            .get_or_create(&label("action", action))
+            .inc();
+        tracing::warn!(
+            event = "job_poll_failed",
+            action,
+            job,
+            error,
+            "cannot read a job's status; asked again at the next poll"
+        );
+    }
+
     /// An action the daemon may call: its retries are counted from zero.
     pub fn action_configured(&self, action: &str) {
         drop(self.action_retries.get_or_create(&label("action", action)));
+        drop(self.job_poll_errors.get_or_create(&label("action", action)));
         self.configured_actions
             .lock()
             .unwrap()

@@ -548,6 +548,10 @@ pub struct Held {
     pub rule: String,
     pub rule_file: String,
     pub rules_hash: String,
+    /// Held for its request's legal hold (not, or no longer, for a pause): it does not
+    /// keep a paused action from ending its resume.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub legal_hold: bool,
 }
 
 impl Held {
@@ -727,15 +731,24 @@ impl State {
         each!(self, s => s.held_after(after, limit))
     }
 
-    /// How many requests are held, by action.
+    /// How many requests are held for a paused action, by action (those on legal hold
+    /// aside: they wait for their release, not the action's resume).
     pub fn held_counts(&self) -> Result<std::collections::BTreeMap<String, u64>, StateError> {
+        self.held_counts_by(false)
+    }
+
+    /// How many requests are held, by action: on legal hold (`legal`), or for a pause.
+    pub fn held_counts_by(
+        &self,
+        legal: bool,
+    ) -> Result<std::collections::BTreeMap<String, u64>, StateError> {
         let mut counts = std::collections::BTreeMap::new();
         let mut after = 0;
         loop {
             let page = self.held_after(after, 1024)?;
             let Some((last, _)) = page.last() else { break };
             after = *last;
-            for (_, request) in page {
+            for (_, request) in page.into_iter().filter(|(_, r)| r.legal_hold == legal) {
                 *counts.entry(request.action).or_default() += 1;
             }
         }

@@ -581,8 +581,11 @@ async fn a_request_fanned_out_to_two_jobs_is_complete_only_when_both_are_done() 
     })
     .await;
     // Both jobs pending: the request waits, each action with the job it started.
-    wait_until(Duration::from_secs(30), "both polled", || {
-        s.jobs.polls_at("/db/alice") >= 1 && s.jobs.polls_at("/mail/alice") >= 1
+    cli.wait_show("r-1", "both polled", |s| {
+        ["purge_db", "purge_mail"].iter().all(|a| {
+            s["actions"][a]["polls"].as_u64() >= Some(1)
+                && s["actions"][a]["last_status"] == "pending"
+        })
     })
     .await;
     // Polled with the action's auth, at the URL built from the job id and the params.
@@ -1152,14 +1155,28 @@ async fn an_extension_moves_the_due_date_once_by_the_regulation() {
     let s = setup(1).await;
     let cli = Cli::new(&s.ws);
     s.jobs.stick("/");
-    // The last day of January: a month later is the last day of February.
-    let gdpr_at: jiff::Timestamp = "2026-01-31T10:00:00Z".parse().unwrap();
-    let ccpa_at: jiff::Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+    // The last day of January: a month later is the last day of February, long past.
+    let old_at: jiff::Timestamp = "2026-01-31T10:00:00Z".parse().unwrap();
+    // Recent requests, their due dates still ahead.
+    let day = |days: i64| {
+        jiff::Timestamp::from_millisecond(
+            jiff::Timestamp::now().as_millisecond() - days * 86_400_000,
+        )
+        .unwrap()
+    };
+    let (gdpr_at, ccpa_at) = (day(2), day(10));
     let daemon = start(&s.ws).await;
     put(
         &s.client,
         "events",
         &[
+            erase_at(
+                format!("at-{}", old_at.as_millisecond()),
+                "r-old",
+                "olga",
+                "GDPR",
+                &["purge_db"],
+            ),
             erase_at(
                 format!("at-{}", gdpr_at.as_millisecond()),
                 "r-g",
@@ -1177,6 +1194,15 @@ async fn an_extension_moves_the_due_date_once_by_the_regulation() {
         ],
     )
     .await;
+    let old = cli.wait_status("r-old", "waiting").await;
+    assert_eq!(old["arrival_ms"], old_at.as_millisecond(), "{old:#}");
+    let feb_28: jiff::Timestamp = "2026-02-28T10:00:00Z".parse().unwrap();
+    assert_eq!(plus(old_at, jiff::Span::new().months(1)), feb_28);
+    assert_eq!(parse_time(&old["original_due_date"]), feb_28, "{old:#}");
+    // Past its due date: too late to extend.
+    let (code, _, err) = cli.run(&["requests", "extend", "--key", "r-old", "--reason", "late"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(cli.show("r-old")["extension"].is_null());
     let gdpr = cli.wait_status("r-g", "waiting").await;
     let ccpa = cli.wait_status("ccpa:r-c", "waiting").await;
     assert_eq!(gdpr["arrival_ms"], gdpr_at.as_millisecond(), "{gdpr:#}");
@@ -1516,16 +1542,19 @@ async fn a_denied_request_sends_nothing_more() {
         .collect();
     assert_eq!(codes, BTreeSet::from(["legal_obligation", "no_match"]));
     for entry in &denied {
-        assert!(
-            ["legal_obligation", "no_match"].contains(&entry["denial_code"].as_str().unwrap()),
-            "{entry}"
-        );
         assert_eq!(entry["nature"], "deletion");
     }
     assert!(
-        denied.len() <= 6,
-        "more denied entries than denials and suppressed actions: {audit:#?}"
+        denied.len() <= 8,
+        "more denied entries than denials, suppressed actions and ended jobs: {audit:#?}"
     );
+    // Each says on what basis.
+    for entry in &denied {
+        assert!(
+            ["legal_obligation", "no_match"].contains(&entry["denial_code"].as_str().unwrap_or("")),
+            "a denied entry without its basis: {entry}"
+        );
+    }
 }
 
 const DENIAL_CODES: [&str; 5] = [
@@ -1745,7 +1774,7 @@ async fn the_report_and_the_metrics_count_what_each_request_shows() {
         erase_aged(3, "g2", "g2", "GDPR", &[notify, db]),
         erase_aged(20, "g9", "g9", "GDPR", &[notify]),
         erase_aged(40, "g3", "wait-g3", "GDPR", &[db]), // overdue
-        erase_aged(40, "g4", "wait-g4", "GDPR", &[db]), // extended: not overdue
+        erase_aged(25, "g4", "wait-g4", "GDPR", &[db]), // extended before its due date
         erase_aged(1, "g5", "wait-g5", "GDPR", &[db]),  // denied
         erase_aged(2, "g6", "wait-g6", "GDPR", &[notify, mail]), // in part
         erase_aged(2, "g7", "wait-g7", "GDPR", &[db]),  // held

@@ -39,6 +39,10 @@ struct JobsState {
     polls_seen: Vec<(String, Option<String>)>,
     /// Polls still to be answered 500 (a backend's passing trouble).
     poll_errors: usize,
+    /// Path fragments whose jobs' polls take a minute to answer.
+    slow: Vec<String>,
+    /// Slow polls begun.
+    slow_polls: usize,
 }
 
 /// A backend whose deletions are asynchronous jobs: `POST /db/{user}` and `POST
@@ -75,6 +79,21 @@ impl JobBackend {
                             .body(axum::body::Body::from(body.to_string()))
                             .unwrap()
                     };
+                    // A slow status URL: the answer takes a minute.
+                    let slow = method == axum::http::Method::GET && {
+                        let mut state = state.lock().unwrap();
+                        let slow = path
+                            .strip_prefix("/jobs/")
+                            .and_then(|id| state.jobs.get(id))
+                            .is_some_and(|j| {
+                                state.slow.iter().any(|s| j.path.contains(s.as_str()))
+                            });
+                        state.slow_polls += usize::from(slow);
+                        slow
+                    };
+                    if slow {
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                    }
                     let mut state = state.lock().unwrap();
                     if method == axum::http::Method::GET {
                         let Some(id) = path.strip_prefix("/jobs/") else {
@@ -224,6 +243,16 @@ impl JobBackend {
         self.state.lock().unwrap().poll_errors = n;
     }
 
+    /// Polls of the jobs whose path holds `fragment` take a minute to answer (until
+    /// `unstick_all`).
+    fn slow_down(&self, fragment: &str) {
+        self.state.lock().unwrap().slow.push(fragment.to_owned());
+    }
+
+    fn slow_polls(&self) -> usize {
+        self.state.lock().unwrap().slow_polls
+    }
+
     /// Polls of the jobs submitted at `path`.
     fn polls_at(&self, path: &str) -> usize {
         let state = self.state.lock().unwrap();
@@ -256,7 +285,9 @@ impl JobBackend {
     /// Only jobs whose path holds one of `fragments` stay pending (at once: no poll sees
     /// a state in between).
     fn stuck_only(&self, fragments: &[&str]) {
-        self.state.lock().unwrap().stuck = fragments.iter().map(|f| f.to_string()).collect();
+        let mut state = self.state.lock().unwrap();
+        state.stuck = fragments.iter().map(|f| f.to_string()).collect();
+        state.slow.clear();
     }
 }
 
@@ -1148,6 +1179,58 @@ async fn a_completion_out_of_bounds_is_refused_at_start_naming_the_setting() {
         assert!(err.contains(named), "{to}: {err}");
         assert_eq!(jobs.count("/"), 0);
     }
+}
+
+/// A status URL that fails is asked again (and counted); one that answers slowly holds
+/// up neither the other jobs nor a shutdown, and its job is asked again after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_and_slow_status_urls_hold_up_nothing() {
+    let s = setup(1).await;
+    s.ws.with_metrics();
+    // Long enough for a slow poll to outlast any wait for the shutdown.
+    let text = std::fs::read_to_string(s.ws.config()).unwrap();
+    std::fs::write(
+        s.ws.config(),
+        text.replace("timeout_ms = 5000", "timeout_ms = 120000"),
+    )
+    .unwrap();
+    let cli = Cli::new(&s.ws);
+    s.jobs.slow_down("slow-");
+    s.jobs.fail_polls(2);
+    let daemon = start(&s.ws).await;
+    let address = metrics_address(&daemon).await;
+    put(
+        &s.client,
+        "events",
+        &[
+            erase("r-1", "slow-1", "GDPR", &["purge_db"]),
+            erase("r-2", "quick-2", "GDPR", &["purge_db"]),
+        ],
+    )
+    .await;
+    wait_until(Duration::from_secs(30), "a slow poll under way", || {
+        s.jobs.slow_polls() >= 1
+    })
+    .await;
+    // The other job is polled (through two failing polls) to its end meanwhile.
+    cli.wait_status("r-2", "complete").await;
+    assert_eq!(cli.show("r-1")["status"], "waiting");
+    let m = metrics(&address).await;
+    assert_eq!(
+        m.get(r#"gdpr_consumer_job_poll_errors_total{action="purge_db"}"#),
+        Some(&2.0),
+        "{m:?}"
+    );
+    // SIGTERM while the slow poll is unanswered: the daemon does not wait for it.
+    stop(daemon);
+    s.jobs.unstick_all();
+    let daemon = start(&s.ws).await;
+    cli.wait_status("r-1", "complete").await;
+    stop(daemon);
+    let per_key = s.jobs.per_key();
+    assert_eq!(per_key.len(), 2, "{per_key:?}");
+    assert!(per_key.values().all(|n| *n == 1), "{per_key:?}");
+    assert!(cli.letters().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,7 +50,7 @@ struct JobsState {
 /// answers `pending` for the first `pending_polls` polls (or while the job's path holds a
 /// stuck fragment), then `completed`, or `failed` for users whose name holds "fail" (until
 /// `fixed`); submissions for users whose name holds "busy" are answered 503 (until
-/// `fixed`). `POST /plain/{user}` is a synchronous deletion: 200 at once; `POST
+/// `fixed`), for those whose name holds "gone" 404. `POST /plain/{user}` is a synchronous deletion: 200 at once; `POST
 /// /nojob/{user}` answers 202 without a job id.
 struct JobBackend {
     url: String,
@@ -150,6 +150,14 @@ impl JobBackend {
                             job: None,
                         });
                         return reply(202, json!({"accepted": true}));
+                    }
+                    if path.contains("gone") {
+                        state.submissions.push(Submission {
+                            path,
+                            idempotency_key,
+                            job: None,
+                        });
+                        return reply(404, json!({"error": "no such user"}));
                     }
                     if path.contains("busy") && !fixed.load(SeqCst) {
                         state.submissions.push(Submission {
@@ -1231,6 +1239,36 @@ async fn failing_and_slow_status_urls_hold_up_nothing() {
     assert_eq!(per_key.len(), 2, "{per_key:?}");
     assert!(per_key.values().all(|n| *n == 1), "{per_key:?}");
     assert!(cli.letters().is_empty());
+}
+
+/// A status the action counts as done (404 "already gone") starts no job: done at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_success_status_that_is_no_job_is_done_at_once() {
+    let s = setup(1).await;
+    s.ws.edit_config(
+        "[actions.purge_mail]\n",
+        "[actions.purge_mail]\nsuccess_statuses = [404, 410]\n",
+    );
+    let cli = Cli::new(&s.ws);
+    let daemon = start(&s.ws).await;
+    put(
+        &s.client,
+        "events",
+        &[erase("r-g", "gone-1", "GDPR", &["purge_mail"])],
+    )
+    .await;
+    let shown = cli.wait_status("r-g", "complete").await;
+    stop(daemon);
+    let mail = &shown["actions"]["purge_mail"];
+    assert_eq!(mail["status"], "done", "{shown:#}");
+    assert_eq!(mail["http_status"], 404, "{shown:#}");
+    assert!(mail["job_id"].is_null(), "{shown:#}");
+    assert!(s.jobs.polls_seen().is_empty());
+    assert_eq!(s.jobs.count("/mail/gone-1"), 1);
+    assert!(cli.letters().is_empty());
+    let audit = cli.audit();
+    assert_eq!(outcomes(&audit, "accepted"), 0, "{audit:#?}");
+    assert_eq!(outcomes(&audit, "complete"), 1, "{audit:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

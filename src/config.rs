@@ -662,6 +662,11 @@ fn resolve_completion(
         ));
     }
     let give_up_after_ms = raw.give_up_after_ms.unwrap_or(7 * 24 * 3600 * 1000);
+    if give_up_after_ms < 1000 {
+        return Err(format!(
+            "give_up_after_ms = {give_up_after_ms} is below 1000"
+        ));
+    }
     if give_up_after_ms < poll_interval_ms {
         return Err(format!(
             "give_up_after_ms = {give_up_after_ms} is below poll_interval_ms = {poll_interval_ms}: the job would be given up before its first poll"

@@ -1338,16 +1338,13 @@ impl Pipeline {
             return Ok(Retried::Interrupted);
         };
         let _in_retry = InRetry::new(&self.letters_in_retry, id);
-        let record = Record {
-            stream: letter.stream.as_str().into(),
-            shard_id: letter.shard_id.as_str().into(),
-            sequence_number: letter.sequence_number.as_str().into(),
-            sub_sequence_number: letter.sub_sequence_number,
-            partition_key: "".into(),
-            arrival_time: letter.arrival_time.as_str().into(),
-            bytes: Default::default(),
-            unreadable: None,
-        };
+        let record = stored_record(
+            &letter.stream,
+            &letter.shard_id,
+            &letter.sequence_number,
+            letter.sub_sequence_number,
+            &letter.arrival_time,
+        );
         let context = DeadLetter::seal_context(id, letter.reason.kind());
         let mut pending = Pending {
             retrying: Some(id),
@@ -1471,16 +1468,13 @@ impl Pipeline {
                 if self.shutdown.is_triggered() {
                     return Ok(settled);
                 }
-                let record = Record {
-                    stream: held.stream.as_str().into(),
-                    shard_id: held.shard_id.as_str().into(),
-                    sequence_number: held.sequence_number.as_str().into(),
-                    sub_sequence_number: held.sub_sequence_number,
-                    partition_key: "".into(),
-                    arrival_time: held.arrival_time.as_str().into(),
-                    bytes: Default::default(),
-                    unreadable: None,
-                };
+                let record = stored_record(
+                    &held.stream,
+                    &held.shard_id,
+                    &held.sequence_number,
+                    held.sub_sequence_number,
+                    &held.arrival_time,
+                );
                 let sealed: SealedDecision =
                     open(keys, id, &held.sealed_decision, &Held::seal_context(id))?;
                 let decision = Decision {
@@ -1624,28 +1618,26 @@ impl Pipeline {
         let denied = state
             .request(std::slice::from_ref(&job.request))
             .map_err(PipelineError::Jobs)?
-            .is_some_and(|(_, request)| request.denial.is_some());
+            .and_then(|(_, request)| request.denial)
+            .map(|denial| denial.code);
         // A poll asks and changes nothing: cut short at shutdown, it is asked after the
         // restart.
-        let poll = match denied {
-            true => None,
-            false => Some(tokio::select! {
+        let poll = match &denied {
+            Some(_) => None,
+            None => Some(tokio::select! {
                 poll = self.actions.poll(&decision, &sealed.job_id, &self.shutdown) => poll,
                 _ = self.shutdown.triggered() => Poll::Interrupted,
             }),
         };
         job.polls += 1;
         job.next_poll_ms = next_poll_ms;
-        let record = Record {
-            stream: job.stream.as_str().into(),
-            shard_id: job.shard_id.as_str().into(),
-            sequence_number: job.sequence_number.as_str().into(),
-            sub_sequence_number: job.sub_sequence_number,
-            partition_key: "".into(),
-            arrival_time: job.arrival_time.as_str().into(),
-            bytes: Default::default(),
-            unreadable: None,
-        };
+        let record = stored_record(
+            &job.stream,
+            &job.shard_id,
+            &job.sequence_number,
+            job.sub_sequence_number,
+            &job.arrival_time,
+        );
         let rule_file = PathBuf::from(&job.rule_file);
         let origin = Origin {
             record: &record,
@@ -1672,6 +1664,7 @@ impl Pipeline {
                     note: Some(format!(
                         "job {id} no longer followed: the request was denied"
                     )),
+                    denial_code: denied.clone(),
                     ..audit(ActionOutcome::Denied)
                 });
                 pending.writes.requests.push((
@@ -2132,6 +2125,27 @@ fn state_error(record: &Record, source: StateError) -> PipelineError {
 
 fn regulation(decision: &Decision) -> &str {
     decision.regulation.as_deref().unwrap_or("GDPR")
+}
+
+/// The record a dead letter, a held request or a job came from, as far as it keeps it
+/// (no payload): where its outcomes are reported and audited.
+fn stored_record(
+    stream: &str,
+    shard_id: &str,
+    sequence_number: &str,
+    sub_sequence_number: u64,
+    arrival_time: &str,
+) -> Record {
+    Record {
+        stream: stream.into(),
+        shard_id: shard_id.into(),
+        sequence_number: sequence_number.into(),
+        sub_sequence_number,
+        partition_key: "".into(),
+        arrival_time: arrival_time.into(),
+        bytes: Default::default(),
+        unreadable: None,
+    }
 }
 
 /// Where a request's record starts, from the decision that made it.

@@ -475,3 +475,69 @@ async fn concurrency_and_rate_limits_hold_across_shards() {
     // ...and at most 10 a second: 12 calls need at least 1.1 s.
     assert!(took >= Duration::from_millis(1_100), "{took:?}");
 }
+
+/// Denying a request settles what waits for it: its dead letter is resolved (audited, by
+/// the operator) and nothing is sent for it again, even when its records are read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_request_s_dead_letter_is_settled_and_nothing_more_is_sent() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    let backend = Backend::with_behaviour(Duration::ZERO, |_, _| 400).await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    let config = ws.config();
+    let config = config.to_str().unwrap();
+    put(&client, "events", &traffic(10, 1, 0)).await;
+    ws.run_until(&backend, 1).await;
+    assert_eq!(ws.dead_letters().len(), 1);
+
+    let (code, out, err) = ws.run(&[
+        "requests",
+        "deny",
+        "--key",
+        "r-0",
+        "--reason-code",
+        "no_match",
+        "--note",
+        "no such account",
+        "--config",
+        config,
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(ws.dead_letters().is_empty(), "{:?}", ws.dead_letters());
+    let (_, out, _) = ws.run(&[
+        "requests", "show", "--key", "r-0", "--format", "json", "--config", config,
+    ]);
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["status"], "denied", "{shown:#}");
+    assert_eq!(shown["denial"]["code"], "no_match", "{shown:#}");
+    assert_eq!(
+        shown["actions"]["anonymize_user"]["status"], "denied",
+        "{shown:#}"
+    );
+
+    // Read again from the start: denied, not sent.
+    let (code, _, err) = ws.run(&["checkpoints", "reset", "--all", "--config", config]);
+    assert_eq!(code, 0, "{err}");
+    ws.run_until(&backend, 1).await;
+    assert_eq!(backend.count(), 1, "a denied request was sent");
+    let (_, jsonl, _) = ws.run(&["audit", "export", "--config", config]);
+    let audit = json_lines(&jsonl);
+    let outcomes: Vec<&str> = audit
+        .iter()
+        .map(|e| e["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["dead_lettered", "denied", "resolved", "denied"],
+        "{jsonl}"
+    );
+    assert_eq!(audit[1]["denial_code"], "no_match");
+    assert_eq!(audit[1]["note"], "no such account");
+    assert!(
+        audit[1]["by"].as_str().unwrap().starts_with("cli:"),
+        "{jsonl}"
+    );
+    assert_eq!(audit[2]["by"], audit[1]["by"]);
+    assert_eq!(audit[3]["action"], "anonymize_user", "{jsonl}");
+}

@@ -276,3 +276,89 @@ async fn requests_arriving_during_a_resume_wait_behind_the_held_ones() {
     let (_, out, _) = ws.run(&["actions", "list", "--config", &config]);
     assert_eq!(json_lines(&out)[0]["paused"], false, "{out}");
 }
+
+/// A request on legal hold while its action is paused stays held after the resume, and
+/// does not keep the action resuming: the action's other requests go out, and the held one
+/// when its hold is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legal_hold_does_not_keep_a_resumed_action_paused() {
+    let kinesis = Kinesalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 1).await;
+    let backend = Backend::start().await;
+    let ws = Workspace::new(&kinesis.endpoint, "events", &backend.url);
+    let config = ws.config();
+    let config = config.to_str().unwrap();
+    let run = |args: &[&str]| tokio::task::block_in_place(|| ws.run(args));
+    let daemon = ws.start_daemon(&[]);
+    wait_until(Duration::from_secs(30), "caught up", || {
+        caught_up_count(&daemon.stderr()) >= 1
+    })
+    .await;
+    let (code, _, err) = run(&[
+        "actions",
+        "pause",
+        "anonymize_user",
+        "--reason",
+        "incident",
+        "--config",
+        config,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let request = |n: usize| {
+        let user = format!("del-user-{n}");
+        let data = deletion(&format!("r-{n}"), &user).to_string().into_bytes();
+        vec![(user, data)]
+    };
+    put(&client, "events", &request(0)).await;
+    wait_until(Duration::from_secs(30), "held", || {
+        daemon.stderr().contains("request held")
+    })
+    .await;
+    let (code, _, err) = run(&[
+        "requests",
+        "hold",
+        "--key",
+        "r-0",
+        "--reason",
+        "litigation",
+        "--config",
+        config,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = run(&["actions", "resume", "anonymize_user", "--config", config]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(backend.count(), 0, "a request on legal hold was sent");
+    let (_, out, _) = run(&["actions", "list", "--config", config]);
+    let listed = &json_lines(&out)[0];
+    assert_eq!(listed["paused"], false, "{out}");
+    assert_eq!(listed["held"], 0, "{out}");
+
+    // The action's other requests are not held behind the legal hold.
+    put(&client, "events", &request(1)).await;
+    wait_until(Duration::from_secs(30), "r-1 sent", || backend.count() == 1).await;
+    let (_, out, _) = run(&[
+        "requests", "show", "--key", "r-0", "--format", "json", "--config", config,
+    ]);
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["status"], "held", "{shown:#}");
+    assert_eq!(shown["hold"]["reason"], "litigation", "{shown:#}");
+
+    let (code, out, err) = run(&["requests", "release", "--key", "r-0", "--config", config]);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_until(Duration::from_secs(30), "r-0 sent", || backend.count() == 2).await;
+    let (_, out, _) = run(&[
+        "requests", "show", "--key", "r-0", "--format", "json", "--config", config,
+    ]);
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["status"], "complete", "{shown:#}");
+    assert!(daemon.stop().success());
+    let paths: Vec<String> = backend.received().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/v1/users/del-user-1/anonymize",
+            "/v1/users/del-user-0/anonymize"
+        ]
+    );
+}

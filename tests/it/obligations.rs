@@ -1271,6 +1271,37 @@ async fn a_success_status_that_is_no_job_is_done_at_once() {
     assert_eq!(outcomes(&audit, "complete"), 1, "{audit:#?}");
 }
 
+/// A decision whose params cannot fill the status URL is refused before it is sent (a job
+/// that could never be followed must not be started): a dead letter, nothing submitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_that_cannot_fill_the_status_url_is_not_sent() {
+    let s = setup(1).await;
+    s.ws.edit_config("?user={user_id}", "?tenant={tenant}");
+    let cli = Cli::new(&s.ws);
+    let daemon = start(&s.ws).await;
+    put(
+        &s.client,
+        "events",
+        &[
+            erase("r-t", "tina", "GDPR", &["purge_mail"]),
+            erase("r-m", "marker", "GDPR", &["notify"]),
+        ],
+    )
+    .await;
+    cli.wait_status("r-m", "complete").await;
+    let letters = cli.letters();
+    stop(daemon);
+    assert_eq!(s.jobs.count("/mail/"), 0, "sent a job it could not follow");
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    assert!(
+        letters[0]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("tenant"),
+        "{letters:#?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_extension_moves_the_due_date_once_by_the_regulation() {
     let s = setup(1).await;

@@ -2102,6 +2102,7 @@ async fn the_report_and_the_metrics_count_what_each_request_shows() {
     let empty: Value = serde_json::from_str(&empty).unwrap();
     assert_figures(&empty, &expected_report(&[], 2001, now), "report 2001");
     cli.expect(2, &["report", "--year", "2026", "--format", "xml"]);
+    cli.expect(2, &["report", "--year", "99999", "--format", "json"]);
 }
 
 /// The state key a fleet's workers share.

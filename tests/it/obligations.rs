@@ -603,6 +603,8 @@ fn plus(ts: jiff::Timestamp, span: jiff::Span) -> jiff::Timestamp {
         .timestamp()
 }
 
+/// One rule, two decisions with the same key: one request, two jobs; `waiting` while
+/// either runs, `complete` only when both are done; the trail says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_fanned_out_to_two_jobs_is_complete_only_when_both_are_done() {
     let s = setup(1).await;
@@ -786,6 +788,8 @@ async fn a_request_fanned_out_to_two_jobs_is_complete_only_when_both_are_done() 
     }
 }
 
+/// Jobs pending across a SIGTERM and a kill -9: polled again after each start, to their
+/// end; each submission made once, the same request written again included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn polling_survives_a_restart_and_a_crash_and_nothing_is_submitted_twice() {
     let s = setup(1).await;
@@ -876,6 +880,8 @@ async fn polling_survives_a_restart_and_a_crash_and_nothing_is_submitted_twice()
     assert_eq!(outcomes(&audit, "complete"), 3, "{audit:#?}");
 }
 
+/// A job the backend says failed: the action `failed`, an `action_failed` letter saying
+/// so; a retry (daemon running, or stopped) submits again with the same Idempotency-Key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_job_is_a_dead_letter_and_its_retry_submits_again_with_the_same_key() {
     let s = setup(1).await;
@@ -1302,6 +1308,7 @@ async fn a_decision_that_cannot_fill_the_status_url_is_not_sent() {
     );
 }
 
+/// `requests extend`: once, before the due date; GDPR two calendar months, CCPA 45 days.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_extension_moves_the_due_date_once_by_the_regulation() {
     let s = setup(1).await;
@@ -1442,6 +1449,8 @@ async fn an_extension_moves_the_due_date_once_by_the_regulation() {
     }
 }
 
+/// A legal hold keeps a request's later actions unsent until it is released (made and
+/// lifted with the daemon running and stopped).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_request_sends_nothing_until_released() {
     let s = setup(1).await;
@@ -1548,6 +1557,7 @@ async fn a_held_request_sends_nothing_until_released() {
     assert_eq!(outcomes(&audit, "hold_released"), 2, "{audit:#?}");
 }
 
+/// A denied request: nothing more is sent for its key; show and the trail give the basis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_denied_request_sends_nothing_more() {
     let s = setup(1).await;

@@ -15,6 +15,7 @@ mod fleet;
 mod idle;
 mod lease;
 mod live;
+mod obligations;
 mod operate;
 mod pause;
 mod pipeline;

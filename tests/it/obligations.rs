@@ -406,6 +406,12 @@ fn erase(key: &str, user: &str, regulation: &str, actions: &[&str]) -> (String, 
     erase_at("now".to_owned(), key, user, regulation, actions)
 }
 
+/// `days` ago, in ms, to the second: an arrival time passes through the proxy as float
+/// seconds, exact only for whole ones.
+fn whole_seconds_ago(days: i64) -> i64 {
+    (jiff::Timestamp::now().as_second() - days * 86_400) * 1000
+}
+
 /// An `erase` record that arrived `days` ago (through `arrival_proxy`).
 fn erase_aged(
     days: i64,
@@ -414,7 +420,7 @@ fn erase_aged(
     regulation: &str,
     actions: &[&str],
 ) -> (String, Vec<u8>) {
-    let at = jiff::Timestamp::now().as_millisecond() - days * 86_400_000;
+    let at = whole_seconds_ago(days);
     erase_at(format!("at-{at}"), key, user, regulation, actions)
 }
 
@@ -1317,12 +1323,7 @@ async fn an_extension_moves_the_due_date_once_by_the_regulation() {
     // The last day of January: a month later is the last day of February, long past.
     let old_at: jiff::Timestamp = "2026-01-31T10:00:00Z".parse().unwrap();
     // Recent requests, their due dates still ahead.
-    let day = |days: i64| {
-        jiff::Timestamp::from_millisecond(
-            jiff::Timestamp::now().as_millisecond() - days * 86_400_000,
-        )
-        .unwrap()
-    };
+    let day = |days: i64| jiff::Timestamp::from_millisecond(whole_seconds_ago(days)).unwrap();
     let (gdpr_at, ccpa_at) = (day(2), day(10));
     let daemon = start(&s.ws).await;
     put(

@@ -2242,7 +2242,19 @@ async fn a_fleet_polls_jobs_across_restarts_submits_each_once_and_honours_holds_
     )
     .await;
     // A failed job: one dead letter, whichever worker saw it fail.
-    cli.wait_status("r-7", "failed").await;
+    let failed = cli.wait_status("r-7", "failed").await;
+    // Extended with the fleet's config, once.
+    cli.expect(
+        0,
+        &["requests", "extend", "--key", "r-7", "--reason", "complex"],
+    );
+    cli.expect(1, &["requests", "extend", "--key", "r-7", "--reason", "x"]);
+    let extended = cli.show("r-7");
+    assert_eq!(
+        parse_time(&extended["due_date"]),
+        plus(parse_time(&failed["due_date"]), jiff::Span::new().months(2)),
+        "{extended:#}"
+    );
     for key in ["r-8", "r-9"] {
         cli.wait_status(key, "waiting").await;
     }
@@ -2300,6 +2312,24 @@ async fn a_fleet_polls_jobs_across_restarts_submits_each_once_and_honours_holds_
     );
     for worker in [&third, &fourth] {
         wait_metrics(&metrics_address(worker).await, &want).await;
+    }
+    // The report, read from the shared state, counts them too.
+    let now = jiff::Timestamp::now();
+    let years: BTreeSet<i16> = all
+        .iter()
+        .map(|s| year_of(s["arrival_ms"].as_i64().unwrap()))
+        .collect();
+    for year in &years {
+        let out = cli.expect(
+            0,
+            &["report", "--year", &year.to_string(), "--format", "json"],
+        );
+        let got: Value = serde_json::from_str(&out).unwrap();
+        assert_figures(
+            &got,
+            &expected_report(&all, *year, now),
+            &format!("fleet report {year}"),
+        );
     }
     // Time for a second submission, were there to be one.
     tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -1315,6 +1315,66 @@ async fn a_decision_that_cannot_fill_the_status_url_is_not_sent() {
 }
 
 /// `requests extend`: once, before the due date; GDPR two calendar months, CCPA 45 days.
+/// A paused action's request is held; resumed, it is submitted and its job followed like
+/// any other: waiting until the job is done, not done at the 202.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_of_a_paused_action_starts_its_job_when_resumed() {
+    let s = setup(1).await;
+    let cli = Cli::new(&s.ws);
+    s.jobs.stick("/");
+    let daemon = start(&s.ws).await;
+    cli.expect(
+        0,
+        &["actions", "pause", "purge_db", "--reason", "migration"],
+    );
+    put(
+        &s.client,
+        "events",
+        &[erase("r-p", "paula", "GDPR", &["purge_db", "notify"])],
+    )
+    .await;
+    let shown = cli
+        .wait_show("r-p", "purge_db held", |s| {
+            s["actions"]["purge_db"]["status"] == "held"
+                && s["actions"]["notify"]["status"] == "done"
+        })
+        .await;
+    assert_eq!(shown["status"], "held", "{shown:#}");
+    assert_eq!(s.jobs.count("/db/"), 0);
+    cli.expect(0, &["actions", "resume", "purge_db"]);
+    wait_until(Duration::from_secs(30), "submitted", || {
+        s.jobs.count("/db/paula") == 1
+    })
+    .await;
+    let shown = cli
+        .wait_show("r-p", "its job polled", |s| {
+            s["actions"]["purge_db"]["polls"].as_u64() >= Some(1)
+        })
+        .await;
+    assert_eq!(shown["status"], "waiting", "{shown:#}");
+    assert_eq!(shown["actions"]["purge_db"]["status"], "waiting");
+    assert_eq!(
+        shown["actions"]["purge_db"]["job_id"].as_str(),
+        s.jobs.job_of("/db/paula").as_deref()
+    );
+    let lookup = cli.expect(
+        0,
+        &["audit", "lookup", "--action", "purge_db", "--key", "r-p"],
+    );
+    assert_eq!(
+        json_lines(&lookup).last().unwrap()["done"],
+        false,
+        "{lookup}"
+    );
+    s.jobs.unstick_all();
+    cli.wait_status("r-p", "complete").await;
+    stop(daemon);
+    assert_eq!(s.jobs.count("/db/paula"), 1);
+    let audit = cli.audit();
+    assert_eq!(outcomes(&audit, "job_done"), 1, "{audit:#?}");
+    assert_eq!(outcomes(&audit, "complete"), 1, "{audit:#?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_extension_moves_the_due_date_once_by_the_regulation() {
     let s = setup(1).await;

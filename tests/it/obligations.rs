@@ -1783,6 +1783,25 @@ async fn a_denied_request_sends_nothing_more() {
         denied.len() <= 8,
         "more denied entries than denials, suppressed actions and ended jobs: {audit:#?}"
     );
+    // In CSV too.
+    let csv = cli.expect(0, &["audit", "export", "--format", "csv"]);
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let (outcome, code, nature) = (column("outcome"), column("denial_code"), column("nature"));
+    let rows: Vec<Vec<&str>> = lines
+        .filter(|l| !l.contains('"'))
+        .map(|l| l.split(',').collect())
+        .filter(|r: &Vec<&str>| r.len() == header.len() && r[outcome] == "denied")
+        .collect();
+    assert!(!rows.is_empty(), "{csv}");
+    for row in rows {
+        assert!(
+            ["legal_obligation", "no_match"].contains(&row[code]),
+            "{row:?}"
+        );
+        assert_eq!(row[nature], "deletion");
+    }
     // Each says on what basis.
     for entry in &denied {
         assert!(

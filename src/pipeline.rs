@@ -552,7 +552,7 @@ impl Pipeline {
             let origin = origin(record, rules, &rules.rules()[*index]);
             for decision in decisions.iter() {
                 if self.actions.prepare(decision).is_ok() {
-                    let id = self.request_key(state, keys, &decision.key, record)?;
+                    let (id, _) = self.find_request(state, keys, &decision.key, record)?;
                     pending.writes.requests.push((
                         id,
                         Change::Decided {
@@ -1051,19 +1051,8 @@ impl Pipeline {
             .push((request_key.to_owned(), change));
     }
 
-    /// The keyed hash a request (its key) is recorded under: the one found under any key
-    /// of the ring, or the current key's for a new request.
-    fn request_key(
-        &self,
-        state: &State,
-        keys: &Keys,
-        key: &str,
-        record: &Record,
-    ) -> Result<String, PipelineError> {
-        Ok(self.find_request(state, keys, key, record)?.0)
-    }
-
-    /// The request recorded for `key` (if any), and the keyed hash it is recorded under.
+    /// The request recorded for `key` (if any), and the keyed hash it is recorded under:
+    /// the one found under any key of the ring, or the current key's for a new request.
     fn find_request(
         &self,
         state: &State,

@@ -647,7 +647,7 @@ pub fn extended_due_ms(due_ms: u64, regulation: &str) -> u64 {
 }
 
 /// The figures of one regulation for one year (CCPA §7102).
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Figures {
     pub received: u64,
     /// Complied with in whole or in part: at least one action done, not denied.
@@ -657,12 +657,12 @@ pub struct Figures {
     pub mean_days: Option<f64>,
     pub open: u64,
     pub overdue: u64,
-    #[serde(skip)]
+    /// Days from arrival to completion of each complete request.
     days: Vec<f64>,
 }
 
 /// The regulator's report: figures per regulation for the requests that arrived in a year.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Report {
     pub year: i16,
     pub regulations: BTreeMap<String, Figures>,

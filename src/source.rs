@@ -468,10 +468,11 @@ impl KinesisSource {
 /// each) move on without a copy.
 pub(crate) fn raw_record(r: aws_sdk_kinesis::types::Record) -> RawRecord {
     RawRecord {
-        arrival_time_millis: r
-            .approximate_arrival_timestamp
-            .and_then(|t| t.to_millis().ok())
-            .unwrap_or(0),
+        // Kinesis sends seconds with a fraction, parsed as a float: rounded to the
+        // nearest millisecond (truncating would turn .616 into .615 now and then).
+        arrival_time_millis: r.approximate_arrival_timestamp.map_or(0, |t| {
+            t.secs() * 1000 + (i64::from(t.subsec_nanos()) + 500_000) / 1_000_000
+        }),
         sequence_number: r.sequence_number.into(),
         partition_key: r.partition_key.unwrap_or_default(),
         data: r.data.into_inner(),
@@ -760,6 +761,24 @@ pub fn ready_shards(
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    /// The legal clock counts from the arrival time: a float of seconds from Kinesis is
+    /// rounded to its millisecond, not truncated below it.
+    #[test]
+    fn an_arrival_time_keeps_its_millisecond() {
+        for millis in [1_795_906_796_616_i64, 1_795_906_796_615, 1_700_000_000_001] {
+            let record = aws_sdk_kinesis::types::Record::builder()
+                .sequence_number("1")
+                .partition_key("p")
+                .data(aws_sdk_kinesis::primitives::Blob::new(b"x".to_vec()))
+                .approximate_arrival_timestamp(aws_smithy_types::DateTime::from_secs_f64(
+                    millis as f64 / 1000.0,
+                ))
+                .build()
+                .unwrap();
+            assert_eq!(raw_record(record).arrival_time_millis, millis);
+        }
+    }
 
     fn shard(id: &str, parents: &[&str], closed: bool) -> ShardInfo {
         ShardInfo {

@@ -1396,7 +1396,17 @@ async fn an_extension_moves_the_due_date_once_by_the_regulation() {
     let old_at: jiff::Timestamp = "2026-01-31T10:00:00Z".parse().unwrap();
     // Recent requests, their due dates still ahead.
     let day = |days: i64| jiff::Timestamp::from_millisecond(whole_seconds_ago(days)).unwrap();
-    let (gdpr_at, ccpa_at) = (day(2), day(10));
+    // An arrival with a millisecond a float of seconds holds just below (….685 as
+    // ….68499…): kept to the millisecond, not truncated.
+    let gdpr_ms = (1..1000)
+        .map(|ms| day(2).as_millisecond() + ms)
+        .find(|ms| {
+            let seconds = *ms as f64 / 1000.0;
+            ((seconds - seconds.floor()) * 1000.0).floor() as i64 != ms % 1000
+        })
+        .unwrap();
+    let gdpr_at = jiff::Timestamp::from_millisecond(gdpr_ms).unwrap();
+    let ccpa_at = day(10);
     let daemon = start(&s.ws).await;
     put(
         &s.client,

@@ -594,6 +594,16 @@ impl ActionSet {
         })
     }
 
+    /// The longest one poll of a job of `action` may take: its timeout, and a wait for
+    /// one of its slots (bounded by a second timeout).
+    pub fn poll_budget(&self, action: &str) -> Duration {
+        let timeout = self
+            .actions
+            .get(action)
+            .map_or(Duration::from_secs(10), |a| a.spec.timeout);
+        timeout * 2 + Duration::from_secs(5)
+    }
+
     /// How a job of `action` is followed, if its backend answers with jobs.
     pub fn completion(&self, action: &str) -> Option<&Completion> {
         self.actions.get(action)?.spec.completion.as_ref()

@@ -252,11 +252,12 @@ pub async fn run(
         ))),
         Sink::Preview(_) => None,
     };
-    let jobs = match (&pipeline.sink, pipeline.job_round()) {
-        (Sink::Live { .. }, Some(round)) => {
-            Some(tokio::spawn(follow_jobs(pipeline.clone(), round)))
-        }
-        _ => None,
+    let jobs = match &pipeline.sink {
+        Sink::Live { .. } => Some(tokio::spawn(follow_jobs(
+            pipeline.clone(),
+            pipeline.job_round(),
+        ))),
+        Sink::Preview(_) => None,
     };
     let progress = match &pipeline.sink {
         Sink::Preview(_) if std::io::stderr().is_terminal() => {

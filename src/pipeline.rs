@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -551,16 +551,14 @@ impl Pipeline {
             };
             let origin = origin(record, rules, &rules.rules()[*index]);
             for decision in decisions.iter() {
-                if self.actions.prepare(decision).is_ok() {
-                    let (id, _) = self.find_request(state, keys, &decision.key, record)?;
-                    pending.writes.requests.push((
-                        id,
-                        Change::Decided {
-                            arrival: arrival(&origin, decision),
-                            action: decision.action.clone(),
-                        },
-                    ));
-                }
+                let (id, _) = self.find_request(state, keys, &decision.key, record)?;
+                pending.writes.requests.push((
+                    id,
+                    Change::Decided {
+                        arrival: arrival(&origin, decision),
+                        action: decision.action.clone(),
+                    },
+                ));
             }
         }
         for (index, verdict) in outcome.verdicts {
@@ -711,20 +709,32 @@ impl Pipeline {
         decision: Decision,
         pending: &mut Pending,
     ) -> Result<Settled, PipelineError> {
+        let record = origin.record;
+        let (request_key, recorded) = self.find_request(state, keys, &decision.key, record)?;
         let request = match self.actions.prepare(&decision) {
             Ok(request) => request,
             Err(e) => {
+                // The rule's fault: its record is dead-lettered, and the request is not
+                // complete while this action waits there.
+                let letters = pending.writes.dead_letters.len();
                 let error = RuleError::Unsendable {
                     rule: origin.rule.to_owned(),
                     file: origin.rule_file.to_owned(),
                     reason: e.to_string(),
                 };
                 self.rule_failed(state, keys, origin, error, pending);
+                let mut change = action_change(origin, &decision, ActionStatus::Failed, 0, None);
+                if let Change::Action {
+                    dead_letter, error, ..
+                } = &mut change
+                {
+                    *dead_letter = pending.writes.dead_letters.get(letters).map(|(id, _)| *id);
+                    *error = Some(format!("the request cannot be built: {e}"));
+                }
+                pending.writes.requests.push((request_key, change));
                 return Ok(Settled::Yes);
             }
         };
-        let record = origin.record;
-        let (request_key, recorded) = self.find_request(state, keys, &decision.key, record)?;
         let (carried, _claim) = self
             .carry_out(origin, &decision, &request, recorded.as_ref(), pending)
             .await?;
@@ -1555,20 +1565,19 @@ impl Pipeline {
                 if job.next_poll_ms > now || in_poll.contains(&id) || self.shutdown.is_triggered() {
                     continue;
                 }
-                let interval = self
-                    .actions
-                    .completion(&job.action)
-                    .map_or(60_000, |c| c.poll_interval.as_millis() as u64);
-                // In a fleet, the worker whose write lands polls it this time.
+                // In a fleet, the worker whose write lands polls it this time; the take
+                // outlasts the longest poll (the action's timeout, and a wait for a slot),
+                // so no other worker polls it meanwhile. Its answer sets the next poll.
+                let taken_until = now + self.actions.poll_budget(&job.action).as_millis() as u64;
                 if !state
-                    .take_job_poll(id, &job, now + interval)
+                    .take_job_poll(id, &job, taken_until)
                     .map_err(PipelineError::Jobs)?
                 {
                     continue;
                 }
                 in_poll.insert(id);
                 let pipeline = self.clone();
-                polls.spawn(async move { (id, pipeline.poll_job(id, job, now + interval).await) });
+                polls.spawn(async move { (id, pipeline.poll_job(id, job, taken_until).await) });
             }
         }
         Ok(())
@@ -1580,7 +1589,7 @@ impl Pipeline {
         &self,
         id: u64,
         mut job: Job,
-        next_poll_ms: u64,
+        taken_until: u64,
     ) -> Result<bool, PipelineError> {
         let Sink::Live { state, keys } = &self.sink else {
             return Ok(false);
@@ -1602,13 +1611,24 @@ impl Pipeline {
         // restart.
         let poll = match &denied {
             Some(_) => None,
-            None => Some(tokio::select! {
-                poll = self.actions.poll(&decision, &sealed.job_id, &self.shutdown) => poll,
-                _ = self.shutdown.triggered() => Poll::Interrupted,
-            }),
+            None => {
+                // Bounded, so that it ends before its take does (see `poll_budget`).
+                let limit = self.actions.poll_budget(&job.action) - Duration::from_secs(5);
+                let poll = self.actions.poll(&decision, &sealed.job_id, &self.shutdown);
+                Some(tokio::select! {
+                    poll = tokio::time::timeout(limit, poll) => poll.unwrap_or_else(|_| {
+                        Poll::Fault(format!("no answer within {} s", limit.as_secs()))
+                    }),
+                    _ = self.shutdown.triggered() => Poll::Interrupted,
+                })
+            }
         };
         job.polls += 1;
-        job.next_poll_ms = next_poll_ms;
+        let interval = self
+            .actions
+            .completion(&job.action)
+            .map_or(60_000, |c| c.poll_interval.as_millis() as u64);
+        job.next_poll_ms = crate::clock::now_ms() + interval;
         let record = stored_record(
             &job.stream,
             &job.shard_id,
@@ -1692,7 +1712,7 @@ impl Pipeline {
                     unreachable!()
                 };
                 job.last_status = Some(status);
-                pending.writes.jobs.push((id, job.clone()));
+                pending.writes.polled_jobs.push((id, job.clone(), taken_until));
                 None
             }
         };
@@ -1734,14 +1754,17 @@ impl Pipeline {
         Ok(finished)
     }
 
-    /// How long to wait between rounds of [`Pipeline::poll_jobs`]: the shortest poll
-    /// interval of any action (at most a second, so a restart resumes promptly).
-    pub fn job_round(&self) -> Option<std::time::Duration> {
+    /// How long to wait between rounds of [`Pipeline::start_due_polls`]: the shortest
+    /// poll interval of any action, at most a second (so a restart resumes promptly);
+    /// five seconds when no action has a completion (jobs of an action that lost it are
+    /// still asked, said to fail, and given up in time: never forgotten).
+    pub fn job_round(&self) -> Duration {
         self.actions
             .names()
             .filter_map(|name| self.actions.completion(name))
-            .map(|c| c.poll_interval.min(std::time::Duration::from_secs(1)))
+            .map(|c| c.poll_interval.min(Duration::from_secs(1)))
             .min()
+            .unwrap_or(Duration::from_secs(5))
     }
 
     /// A resumed action whose held requests are all sent is no longer paused: its new

@@ -443,12 +443,14 @@ pub fn apply(
                     entry.dead_letter = dead_letter.or(entry.dead_letter);
                     entry.error = error.clone().or(entry.error.take());
                 }
-                ActionStatus::Done => {
-                    entry.done_at_ms.get_or_insert(now_ms);
+                // No dead letter holds it any more (a retry went on with it).
+                _ => {
                     entry.dead_letter = None;
                     entry.error = None;
+                    if *status == ActionStatus::Done {
+                        entry.done_at_ms.get_or_insert(now_ms);
+                    }
                 }
-                _ => {}
             }
             if changed {
                 let event = match status {
@@ -517,6 +519,9 @@ pub fn apply(
             milestone = Some(("legal_hold", Some(reason.clone()), None));
         }
         Change::Release { .. } => {
+            if request.denial.is_some() {
+                return Err("the request was denied: nothing is held for it".into());
+            }
             if request.hold.take().is_none() {
                 return Err("the request is not on hold".into());
             }

@@ -638,6 +638,14 @@ impl LocalState {
                     .map_err(|e| err(e.into()))?;
                 highest = highest.max(*id);
             }
+            for (id, job, _) in &writes.polled_jobs {
+                // One poller at a time here: only a job finished meanwhile is not brought back.
+                if jobs.get(id).map_err(|e| err(e.into()))?.is_some() {
+                    let bytes = serde_json::to_vec(job).expect("a job serializes");
+                    jobs.insert(id, bytes.as_slice())
+                        .map_err(|e| err(e.into()))?;
+                }
+            }
             for id in &writes.jobs_finished {
                 if let Some(job) = jobs.remove(id).map_err(|e| err(e.into()))? {
                     let job: Job = self.parse("job", job.value())?;

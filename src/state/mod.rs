@@ -584,9 +584,12 @@ pub struct Writes {
     pub released: Vec<u64>,
     /// Changes to requests (by the keyed hash of their key, hex), applied in order.
     pub requests: Vec<(String, Change)>,
-    /// Jobs accepted or polled (written whole), and jobs finished.
+    /// Jobs accepted (written whole), and jobs finished.
     pub jobs: Vec<(u64, Job)>,
     pub jobs_finished: Vec<u64>,
+    /// Jobs polled and not finished, with the next poll time their poll was taken until:
+    /// written back only if no one else took or finished them meanwhile.
+    pub polled_jobs: Vec<(u64, Job, u64)>,
 }
 
 impl Writes {
@@ -601,6 +604,7 @@ impl Writes {
             && self.requests.is_empty()
             && self.jobs.is_empty()
             && self.jobs_finished.is_empty()
+            && self.polled_jobs.is_empty()
             && self.resolved_dead_letters.is_empty()
             && self.audit.is_empty()
     }

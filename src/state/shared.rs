@@ -1200,6 +1200,29 @@ impl Inner {
                 .map_err(|e| self.err("cannot commit", e))?;
             self.put_index(&job_index_key(&job.request_id), *id).await?;
         }
+        for (id, job, taken_until) in &writes.polled_jobs {
+            let body = serde_json::to_string(job).expect("a job serializes");
+            let item = with(
+                self.key("job", &padded(*id)),
+                [("body", s(body)), ("next_poll", n(job.next_poll_ms))],
+            );
+            // Only by the worker whose take is still in force: a job finished or taken by
+            // another worker meanwhile is not brought back.
+            let put = self
+                .client
+                .put_item()
+                .table_name(&self.table)
+                .set_item(Some(item))
+                .condition_expression("next_poll = :taken")
+                .expression_attribute_values(":taken", n(*taken_until))
+                .send()
+                .await;
+            match put {
+                Ok(_) => {}
+                Err(e) if refused(&e) => {}
+                Err(e) => return Err(self.err("cannot commit", e)),
+            }
+        }
         for id in &writes.jobs_finished {
             if let Some(item) = self.get("job", &padded(*id)).await? {
                 let job: Job = self.body(&item, "job")?;

@@ -1309,20 +1309,29 @@ async fn a_decision_that_cannot_fill_the_status_url_is_not_sent() {
         &[
             erase("r-t", "tina", "GDPR", &["purge_mail"]),
             erase("r-m", "marker", "GDPR", &["notify"]),
+            // One request, one action that cannot be built: not complete.
+            erase("r-2", "two", "GDPR", &["notify", "purge_mail"]),
         ],
     )
     .await;
     cli.wait_status("r-m", "complete").await;
+    let two = cli.wait_status("r-2", "failed").await;
+    assert_eq!(two["actions"]["notify"]["status"], "done", "{two:#}");
+    assert_eq!(two["actions"]["purge_mail"]["status"], "failed", "{two:#}");
+    assert!(two["completed_at"].is_null(), "{two:#}");
     let letters = cli.letters();
     stop(daemon);
     assert_eq!(s.jobs.count("/mail/"), 0, "sent a job it could not follow");
-    assert_eq!(letters.len(), 1, "{letters:#?}");
-    assert!(
-        letters[0]["error"]
-            .as_str()
-            .unwrap_or("")
-            .contains("tenant"),
-        "{letters:#?}"
+    assert_eq!(letters.len(), 2, "{letters:#?}");
+    for letter in &letters {
+        assert!(
+            letter["error"].as_str().unwrap_or("").contains("tenant"),
+            "{letters:#?}"
+        );
+    }
+    assert_eq!(
+        two["actions"]["purge_mail"]["dead_letter"],
+        letters[1]["id"]
     );
 }
 

@@ -1396,6 +1396,69 @@ async fn a_request_of_a_paused_action_starts_its_job_when_resumed() {
     assert_eq!(outcomes(&audit, "complete"), 1, "{audit:#?}");
 }
 
+/// A job whose action lost its completion (the config changed while it waited) is not
+/// forgotten: still asked, and given up in time, a dead letter saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_action_lost_its_completion_is_given_up_not_forgotten() {
+    let s = setup(1).await;
+    // purge_db's (the first completion in the config).
+    s.ws.edit_config("give_up_after_ms = 31536000000", "give_up_after_ms = 5000");
+    let cli = Cli::new(&s.ws);
+    s.jobs.stick("/");
+    let daemon = start(&s.ws).await;
+    put(
+        &s.client,
+        "events",
+        &[erase("r-l", "lou", "GDPR", &["purge_db"])],
+    )
+    .await;
+    wait_until(Duration::from_secs(30), "polled", || {
+        s.jobs.polls_at("/db/lou") >= 1
+    })
+    .await;
+    stop(daemon);
+    let text = std::fs::read_to_string(s.ws.config()).unwrap();
+    let start_at = text.find("[actions.purge_db.completion]").unwrap();
+    let end_at = start_at + text[start_at..].find("\n\n[").unwrap();
+    std::fs::write(
+        s.ws.config(),
+        format!("{}{}", &text[..start_at], &text[end_at + 2..]),
+    )
+    .unwrap();
+    assert!(!std::fs::read_to_string(s.ws.config())
+        .unwrap()
+        .contains("[actions.purge_db.completion]"));
+    // Started again once its give-up time has passed (a job is given up at its first poll
+    // after that time).
+    let waiting = cli.show("r-l");
+    let accepted = waiting["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"] == "accepted")
+        .map(|e| parse_time(&e["time"]))
+        .unwrap_or_else(|| panic!("{waiting:#}"));
+    let give_up = accepted.as_millisecond() + 5000 + 500;
+    let left = give_up - jiff::Timestamp::now().as_millisecond();
+    if left > 0 {
+        tokio::time::sleep(Duration::from_millis(left as u64)).await;
+    }
+    let daemon = start(&s.ws).await;
+    let shown = cli.wait_status("r-l", "failed").await;
+    let letters = cli.letters();
+    stop(daemon);
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    assert!(
+        letters[0]["error"].as_str().unwrap().contains("gave up"),
+        "{letters:#?}"
+    );
+    assert_eq!(
+        shown["actions"]["purge_db"]["dead_letter"],
+        letters[0]["id"]
+    );
+    assert_eq!(s.jobs.count("/db/lou"), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_extension_moves_the_due_date_once_by_the_regulation() {
     let s = setup(1).await;

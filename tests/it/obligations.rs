@@ -447,6 +447,12 @@ fn erase(key: &str, user: &str, regulation: &str, actions: &[&str]) -> (String, 
     erase_at("now".to_owned(), key, user, regulation, actions)
 }
 
+/// `days` ago, in ms, to the second: an arrival time passes through the proxy as float
+/// seconds, exact only for whole ones.
+fn whole_seconds_ago(days: i64) -> i64 {
+    (jiff::Timestamp::now().as_second() - days * 86_400) * 1000
+}
+
 /// An `erase` record that arrived `days` ago (through `arrival_proxy`).
 fn erase_aged(
     days: i64,
@@ -455,7 +461,7 @@ fn erase_aged(
     regulation: &str,
     actions: &[&str],
 ) -> (String, Vec<u8>) {
-    let at = jiff::Timestamp::now().as_millisecond() - days * 86_400_000;
+    let at = whole_seconds_ago(days);
     erase_at(format!("at-{at}"), key, user, regulation, actions)
 }
 
@@ -842,7 +848,13 @@ async fn polling_survives_a_restart_and_a_crash_and_nothing_is_submitted_twice()
         "events",
         &[
             erase("r-1", "alice", "GDPR", &["purge_db", "purge_mail"]),
-            erase("r-2", "bob", "CCPA", &["purge_db", "purge_mail"]),
+            // One action decided twice by one record: one submission.
+            erase(
+                "r-2",
+                "bob",
+                "CCPA",
+                &["purge_db", "purge_mail", "purge_db"],
+            ),
         ],
     )
     .await;
@@ -882,12 +894,18 @@ async fn polling_survives_a_restart_and_a_crash_and_nothing_is_submitted_twice()
         s.jobs.polls() >= polls + 4
     })
     .await;
-    // The same requests written again (a producer's retry): already under way.
+    // The same requests written again (a producer's retry; one deciding an action twice):
+    // already under way.
     put(
         &s.client,
         "events",
         &[
-            erase("r-1", "alice", "GDPR", &["purge_db", "purge_mail"]),
+            erase(
+                "r-1",
+                "alice",
+                "GDPR",
+                &["purge_db", "purge_db", "purge_mail"],
+            ),
             erase("r-2", "bob", "CCPA", &["purge_db", "purge_mail"]),
             erase("r-m", "marker", "GDPR", &["notify"]),
         ],
@@ -1359,6 +1377,66 @@ async fn a_decision_that_cannot_fill_the_status_url_is_not_sent() {
 }
 
 /// `requests extend`: once, before the due date; GDPR two calendar months, CCPA 45 days.
+/// A paused action's request is held; resumed, it is submitted and its job followed like
+/// any other: waiting until the job is done, not done at the 202.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_of_a_paused_action_starts_its_job_when_resumed() {
+    let s = setup(1).await;
+    let cli = Cli::new(&s.ws);
+    s.jobs.stick("/");
+    let daemon = start(&s.ws).await;
+    cli.expect(
+        0,
+        &["actions", "pause", "purge_db", "--reason", "migration"],
+    );
+    put(
+        &s.client,
+        "events",
+        &[erase("r-p", "paula", "GDPR", &["purge_db", "notify"])],
+    )
+    .await;
+    let shown = cli
+        .wait_show("r-p", "purge_db held", |s| {
+            s["actions"]["purge_db"]["status"] == "held"
+                && s["actions"]["notify"]["status"] == "done"
+        })
+        .await;
+    assert_eq!(shown["status"], "held", "{shown:#}");
+    assert_eq!(s.jobs.count("/db/"), 0);
+    cli.expect(0, &["actions", "resume", "purge_db"]);
+    wait_until(Duration::from_secs(30), "submitted", || {
+        s.jobs.count("/db/paula") == 1
+    })
+    .await;
+    let shown = cli
+        .wait_show("r-p", "its job polled", |s| {
+            s["actions"]["purge_db"]["polls"].as_u64() >= Some(1)
+        })
+        .await;
+    assert_eq!(shown["status"], "waiting", "{shown:#}");
+    assert_eq!(shown["actions"]["purge_db"]["status"], "waiting");
+    assert_eq!(
+        shown["actions"]["purge_db"]["job_id"].as_str(),
+        s.jobs.job_of("/db/paula").as_deref()
+    );
+    let lookup = cli.expect(
+        0,
+        &["audit", "lookup", "--action", "purge_db", "--key", "r-p"],
+    );
+    assert_eq!(
+        json_lines(&lookup).last().unwrap()["done"],
+        false,
+        "{lookup}"
+    );
+    s.jobs.unstick_all();
+    cli.wait_status("r-p", "complete").await;
+    stop(daemon);
+    assert_eq!(s.jobs.count("/db/paula"), 1);
+    let audit = cli.audit();
+    assert_eq!(outcomes(&audit, "job_done"), 1, "{audit:#?}");
+    assert_eq!(outcomes(&audit, "complete"), 1, "{audit:#?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_extension_moves_the_due_date_once_by_the_regulation() {
     let s = setup(1).await;
@@ -1367,13 +1445,18 @@ async fn an_extension_moves_the_due_date_once_by_the_regulation() {
     // The last day of January: a month later is the last day of February, long past.
     let old_at: jiff::Timestamp = "2026-01-31T10:00:00Z".parse().unwrap();
     // Recent requests, their due dates still ahead.
-    let day = |days: i64| {
-        jiff::Timestamp::from_millisecond(
-            jiff::Timestamp::now().as_millisecond() - days * 86_400_000,
-        )
-        .unwrap()
-    };
-    let (gdpr_at, ccpa_at) = (day(2), day(10));
+    let day = |days: i64| jiff::Timestamp::from_millisecond(whole_seconds_ago(days)).unwrap();
+    // An arrival with a millisecond a float of seconds holds just below (….685 as
+    // ….68499…): kept to the millisecond, not truncated.
+    let gdpr_ms = (1..1000)
+        .map(|ms| day(2).as_millisecond() + ms)
+        .find(|ms| {
+            let seconds = *ms as f64 / 1000.0;
+            ((seconds - seconds.floor()) * 1000.0).floor() as i64 != ms % 1000
+        })
+        .unwrap();
+    let gdpr_at = jiff::Timestamp::from_millisecond(gdpr_ms).unwrap();
+    let ccpa_at = day(10);
     let daemon = start(&s.ws).await;
     put(
         &s.client,
@@ -1760,6 +1843,25 @@ async fn a_denied_request_sends_nothing_more() {
         denied.len() <= 8,
         "more denied entries than denials, suppressed actions and ended jobs: {audit:#?}"
     );
+    // In CSV too.
+    let csv = cli.expect(0, &["audit", "export", "--format", "csv"]);
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let (outcome, code, nature) = (column("outcome"), column("denial_code"), column("nature"));
+    let rows: Vec<Vec<&str>> = lines
+        .filter(|l| !l.contains('"'))
+        .map(|l| l.split(',').collect())
+        .filter(|r: &Vec<&str>| r.len() == header.len() && r[outcome] == "denied")
+        .collect();
+    assert!(!rows.is_empty(), "{csv}");
+    for row in rows {
+        assert!(
+            ["legal_obligation", "no_match"].contains(&row[code]),
+            "{row:?}"
+        );
+        assert_eq!(row[nature], "deletion");
+    }
     // Each says on what basis.
     for entry in &denied {
         assert!(
@@ -2291,7 +2393,19 @@ async fn a_fleet_polls_jobs_across_restarts_submits_each_once_and_honours_holds_
     )
     .await;
     // A failed job: one dead letter, whichever worker saw it fail.
-    cli.wait_status("r-7", "failed").await;
+    let failed = cli.wait_status("r-7", "failed").await;
+    // Extended with the fleet's config, once.
+    cli.expect(
+        0,
+        &["requests", "extend", "--key", "r-7", "--reason", "complex"],
+    );
+    cli.expect(1, &["requests", "extend", "--key", "r-7", "--reason", "x"]);
+    let extended = cli.show("r-7");
+    assert_eq!(
+        parse_time(&extended["due_date"]),
+        plus(parse_time(&failed["due_date"]), jiff::Span::new().months(2)),
+        "{extended:#}"
+    );
     for key in ["r-8", "r-9"] {
         cli.wait_status(key, "waiting").await;
     }
@@ -2349,6 +2463,24 @@ async fn a_fleet_polls_jobs_across_restarts_submits_each_once_and_honours_holds_
     );
     for worker in [&third, &fourth] {
         wait_metrics(&metrics_address(worker).await, &want).await;
+    }
+    // The report, read from the shared state, counts them too.
+    let now = jiff::Timestamp::now();
+    let years: BTreeSet<i16> = all
+        .iter()
+        .map(|s| year_of(s["arrival_ms"].as_i64().unwrap()))
+        .collect();
+    for year in &years {
+        let out = cli.expect(
+            0,
+            &["report", "--year", &year.to_string(), "--format", "json"],
+        );
+        let got: Value = serde_json::from_str(&out).unwrap();
+        assert_figures(
+            &got,
+            &expected_report(&all, *year, now),
+            &format!("fleet report {year}"),
+        );
     }
     // Time for a second submission, were there to be one.
     tokio::time::sleep(Duration::from_millis(1500)).await;

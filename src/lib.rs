@@ -4,7 +4,8 @@
 //! Data flows one way:
 //! [`source`] → [`decode`] → [`rules`] → dedup ([`state`]) → [`actions`] → [`state`],
 //! wired per shard by [`pipeline`], one worker per shard run by [`supervisor`], set up by
-//! [`daemon`].
+//! [`daemon`]. What each outcome means for the person's request (its actions, jobs and
+//! legal clock) is [`requests`], kept by the [`state`].
 
 pub mod actions;
 pub mod aws;

@@ -1628,7 +1628,8 @@ impl Pipeline {
             .actions
             .completion(&job.action)
             .map_or(60_000, |c| c.poll_interval.as_millis() as u64);
-        job.next_poll_ms = crate::clock::now_ms() + interval;
+        // Asked again after its interval, or when it is due to be given up if sooner.
+        job.next_poll_ms = (crate::clock::now_ms() + interval).min(job.give_up_at_ms);
         let record = stored_record(
             &job.stream,
             &job.shard_id,

@@ -43,6 +43,33 @@ struct JobsState {
     slow: Vec<String>,
     /// Slow polls begun.
     slow_polls: usize,
+    /// How long a slow poll takes to answer (a minute unless said).
+    slow_for: Option<Duration>,
+    /// Polls of one job under way at once now, by job id, and the most ever seen.
+    in_flight: HashMap<String, usize>,
+    most_in_flight: usize,
+}
+
+/// A poll under way, counted while it lives (answered, or dropped with its connection).
+struct PollInFlight(Arc<Mutex<JobsState>>, String);
+
+impl PollInFlight {
+    fn enter(state: &Arc<Mutex<JobsState>>, job: &str) -> Self {
+        let mut s = state.lock().unwrap();
+        let now = s.in_flight.entry(job.to_owned()).or_default();
+        *now += 1;
+        let now = *now;
+        s.most_in_flight = s.most_in_flight.max(now);
+        PollInFlight(state.clone(), job.to_owned())
+    }
+}
+
+impl Drop for PollInFlight {
+    fn drop(&mut self) {
+        if let Some(n) = self.0.lock().unwrap().in_flight.get_mut(&self.1) {
+            *n -= 1;
+        }
+    }
 }
 
 /// A backend whose deletions are asynchronous jobs: `POST /db/{user}` and `POST
@@ -91,8 +118,12 @@ impl JobBackend {
                         state.slow_polls += usize::from(slow);
                         slow
                     };
+                    let _in_flight = path
+                        .strip_prefix("/jobs/")
+                        .map(|id| PollInFlight::enter(&state, id));
                     if slow {
-                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        let slow_for = state.lock().unwrap().slow_for;
+                        tokio::time::sleep(slow_for.unwrap_or(Duration::from_secs(60))).await;
                     }
                     let mut state = state.lock().unwrap();
                     if method == axum::http::Method::GET {
@@ -259,6 +290,16 @@ impl JobBackend {
 
     fn slow_polls(&self) -> usize {
         self.state.lock().unwrap().slow_polls
+    }
+
+    /// Slow polls take `time` to answer.
+    fn slow_for(&self, time: Duration) {
+        self.state.lock().unwrap().slow_for = Some(time);
+    }
+
+    /// The most polls of one job ever under way at once.
+    fn most_in_flight(&self) -> usize {
+        self.state.lock().unwrap().most_in_flight
     }
 
     /// Polls of the jobs submitted at `path`.
@@ -2629,4 +2670,51 @@ async fn a_fleet_polls_more_jobs_than_a_page_to_their_end() {
     let per_key = jobs.per_key();
     assert_eq!(per_key.len(), N);
     assert!(per_key.values().all(|n| *n == 1), "{per_key:?}");
+}
+
+/// In a fleet, one worker polls a job at a time, even when a poll outlasts the poll
+/// interval; and a job finished by one worker is not brought back by another's late answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_polls_a_slow_job_one_worker_at_a_time() {
+    let kinesis = Kinesalite::start();
+    let dynalite = Dynalite::start();
+    let client = kinesis.client();
+    create_stream(&client, "events", 2).await;
+    let jobs = JobBackend::start(1).await;
+    let ws = fleet_workspace(&kinesis.endpoint, &jobs.url, &dynalite.endpoint);
+    let cli = Cli {
+        ws: &ws,
+        env: vec![("GDPR_TEST_STATE_KEY", FLEET_KEY)],
+    };
+    let worker = || ws.start_daemon_with_env(&[], &[("GDPR_TEST_STATE_KEY", FLEET_KEY)]);
+    jobs.stick("/");
+    // Each poll takes a second and a half: several poll intervals.
+    jobs.slow_down("slow-");
+    jobs.slow_for(Duration::from_millis(1500));
+    let workers = [worker(), worker()];
+    put(
+        &client,
+        "events",
+        &[erase("r-s", "slow-1", "GDPR", &["purge_db"])],
+    )
+    .await;
+    wait_until(Duration::from_secs(60), "four slow polls", || {
+        jobs.slow_polls() >= 4
+    })
+    .await;
+    jobs.stuck_only(&[]);
+    cli.wait_status("r-s", "complete").await;
+    for worker in workers {
+        stop(worker);
+    }
+    assert_eq!(
+        jobs.most_in_flight(),
+        1,
+        "a job polled by two workers at once"
+    );
+    assert_eq!(jobs.count("/db/"), 1);
+    let audit = cli.audit();
+    let done = audit.iter().filter(|e| e["outcome"] == "job_done").count();
+    assert_eq!(done, 1, "{audit:#?}");
+    assert!(cli.letters().is_empty());
 }

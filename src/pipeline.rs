@@ -132,6 +132,9 @@ struct Pending {
     /// The shard's own stop (a fleet's worker losing the lease stops retrying a call for
     /// it, as shutdown does); none outside a shard's worker.
     stop: Option<Shutdown>,
+    /// The requests (by key) the record being settled decided on, as read once before its
+    /// decisions are carried out: each is read once per record, not once per decision.
+    requests_read: std::collections::HashMap<String, (String, Option<Request>)>,
 }
 
 /// Records a rule saw, and decided on.
@@ -543,6 +546,7 @@ impl Pipeline {
             return Ok(Settled::Yes);
         };
         let rules = &outcome.rules;
+        pending.requests_read.clear();
         // Every action decided for a request is registered before any is sent: a request
         // is complete only when all of them are done.
         for (index, verdict) in &outcome.verdicts {
@@ -551,7 +555,15 @@ impl Pipeline {
             };
             let origin = origin(record, rules, &rules.rules()[*index]);
             for decision in decisions.iter() {
-                let (id, _) = self.find_request(state, keys, &decision.key, record)?;
+                let id = match pending.requests_read.get(&decision.key) {
+                    Some((id, _)) => id.clone(),
+                    None => {
+                        let found = self.find_request(state, keys, &decision.key, record)?;
+                        let id = found.0.clone();
+                        pending.requests_read.insert(decision.key.clone(), found);
+                        id
+                    }
+                };
                 pending.writes.requests.push((
                     id,
                     Change::Decided {
@@ -580,6 +592,7 @@ impl Pipeline {
                 }
             }
         }
+        pending.requests_read.clear();
         Ok(Settled::Yes)
     }
 
@@ -710,7 +723,10 @@ impl Pipeline {
         pending: &mut Pending,
     ) -> Result<Settled, PipelineError> {
         let record = origin.record;
-        let (request_key, recorded) = self.find_request(state, keys, &decision.key, record)?;
+        let (request_key, recorded) = match pending.requests_read.get(&decision.key) {
+            Some(read) => read.clone(),
+            None => self.find_request(state, keys, &decision.key, record)?,
+        };
         let request = match self.actions.prepare(&decision) {
             Ok(request) => request,
             Err(e) => {

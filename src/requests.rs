@@ -82,6 +82,21 @@ pub struct ActionRecord {
     pub done_at_ms: Option<u64>,
 }
 
+impl ActionRecord {
+    /// Decided, nothing known of it yet.
+    fn pending() -> Self {
+        ActionRecord {
+            status: ActionStatus::Pending,
+            attempts: 0,
+            http_status: None,
+            sealed_job: None,
+            dead_letter: None,
+            error: None,
+            done_at_ms: None,
+        }
+    }
+}
+
 /// What the seal of a request's job id is bound to.
 pub fn job_seal_context(request: &str, action: &str) -> Vec<u8> {
     format!("job of {request} {action}").into_bytes()
@@ -389,18 +404,9 @@ pub fn apply(
     match change {
         Change::Decided { action, .. } => {
             if !request.actions.contains_key(action) {
-                request.actions.insert(
-                    action.clone(),
-                    ActionRecord {
-                        status: ActionStatus::Pending,
-                        attempts: 0,
-                        http_status: None,
-                        sealed_job: None,
-                        dead_letter: None,
-                        error: None,
-                        done_at_ms: None,
-                    },
-                );
+                request
+                    .actions
+                    .insert(action.clone(), ActionRecord::pending());
                 request.event(now_ms, "decided", Some(action), None);
             }
         }
@@ -417,15 +423,7 @@ pub fn apply(
             let entry = request
                 .actions
                 .entry(action.clone())
-                .or_insert(ActionRecord {
-                    status: ActionStatus::Pending,
-                    attempts: 0,
-                    http_status: None,
-                    sealed_job: None,
-                    dead_letter: None,
-                    error: None,
-                    done_at_ms: None,
-                });
+                .or_insert(ActionRecord::pending());
             let changed = entry.status != *status || *attempts > 0;
             // Done stays done: a duplicate seen later changes nothing.
             if entry.status != ActionStatus::Done {

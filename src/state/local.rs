@@ -823,9 +823,22 @@ impl LocalState {
     }
 
     pub fn jobs_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, Job)>, StateError> {
-        let err = self.db_err("cannot read the jobs");
+        self.page(JOBS, after, limit, "job", "cannot read the jobs")
+    }
+
+    /// Up to `limit` items of a table keyed by id, with ids above `after`, in id order
+    /// (none when the table was never written).
+    fn page<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<u64, &[u8]>,
+        after: u64,
+        limit: usize,
+        what: &'static str,
+        context: &'static str,
+    ) -> Result<Vec<(u64, T)>, StateError> {
+        let err = self.db_err(context);
         let tx = self.read_tx(&err)?;
-        let table = match tx.open_table(JOBS) {
+        let table = match tx.open_table(table) {
             Ok(table) => table,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
             Err(e) => return Err(err(e.into())),
@@ -837,7 +850,7 @@ impl LocalState {
             .take(limit)
         {
             let (k, v) = entry.map_err(|e| err(e.into()))?;
-            out.push((k.value(), self.parse("job", v.value())?));
+            out.push((k.value(), self.parse(what, v.value())?));
         }
         Ok(out)
     }
@@ -946,19 +959,13 @@ impl LocalState {
         after: u64,
         limit: usize,
     ) -> Result<Vec<(u64, DeadLetter)>, StateError> {
-        let err = self.db_err("cannot read dead letters");
-        let tx = self.read_tx(&err)?;
-        let table = tx.open_table(DEAD_LETTERS).map_err(|e| err(e.into()))?;
-        let mut out = Vec::new();
-        for entry in table
-            .range(after.saturating_add(1)..)
-            .map_err(|e| err(e.into()))?
-            .take(limit)
-        {
-            let (k, v) = entry.map_err(|e| err(e.into()))?;
-            out.push((k.value(), self.parse("dead letter", v.value())?));
-        }
-        Ok(out)
+        self.page(
+            DEAD_LETTERS,
+            after,
+            limit,
+            "dead letter",
+            "cannot read dead letters",
+        )
     }
 
     pub fn dead_letter(&self, id: u64) -> Result<DeadLetter, StateError> {
@@ -1025,23 +1032,13 @@ impl LocalState {
 
     /// Up to `limit` held requests with ids above `after`, in arrival order.
     pub fn held_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, Held)>, StateError> {
-        let err = self.db_err("cannot read the held requests");
-        let tx = self.read_tx(&err)?;
-        let table = match tx.open_table(HELD) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(err(e.into())),
-        };
-        let mut out = Vec::new();
-        for entry in table
-            .range(after.saturating_add(1)..)
-            .map_err(|e| err(e.into()))?
-            .take(limit)
-        {
-            let (k, v) = entry.map_err(|e| err(e.into()))?;
-            out.push((k.value(), self.parse("held request", v.value())?));
-        }
-        Ok(out)
+        self.page(
+            HELD,
+            after,
+            limit,
+            "held request",
+            "cannot read the held requests",
+        )
     }
 
     /// How many dead letters are pending, and when the oldest was stored (ms).

@@ -923,12 +923,14 @@ async fn every_documented_exit_code_is_the_real_one() {
     // The inspection commands: 0 on the state the daemon left, 1 for a state file that does
     // not exist, 2 for a config file that cannot be used.
     let missing = ws.path("no-such-state.redb").to_str().unwrap().to_owned();
-    let inspections: [(&str, &[&str]); 5] = [
+    let inspections: [(&str, &[&str]); 7] = [
         ("state", &["state"]),
         ("checkpoints", &["checkpoints", "list"]),
         ("dead-letters", &["dead-letters", "list"]),
         ("audit", &["audit", "export"]),
         ("actions", &["actions", "list"]),
+        ("requests", &["requests", "show", "--key", "r-0"]),
+        ("report", &["report", "--year", "2026"]),
     ];
     for (command, args) in inspections {
         let with = |flag: &str, value: &str| {
@@ -940,6 +942,34 @@ async fn every_documented_exit_code_is_the_real_one() {
         check(command, 1, with("--state", &missing));
         check(command, 2, with("--config", "bad.toml"));
     }
+    // The legal clock: an extension once (then 1), a reason code not in the list (2), a
+    // year out of range (2).
+    let extend = || {
+        ws.run(&[
+            "requests", "extend", "--config", &config, "--key", "r-1", "--reason", "complex",
+        ])
+    };
+    check("requests", 0, extend());
+    check("requests", 1, extend());
+    check(
+        "requests",
+        2,
+        ws.run(&[
+            "requests",
+            "deny",
+            "--config",
+            &config,
+            "--key",
+            "r-1",
+            "--reason-code",
+            "because",
+        ]),
+    );
+    check(
+        "report",
+        2,
+        ws.run(&["report", "--config", &config, "--year", "1969"]),
+    );
     let letters = ws.dead_letters();
     assert_eq!(letters.len(), 1, "{letters:?}");
     check(
